@@ -1,0 +1,136 @@
+"""The OpenAI-compatible routes: chat completions, models, health.
+
+Views capture everything they need from ``request`` before a streaming
+response is returned; the generator itself never touches the request.
+"""
+from __future__ import annotations
+
+import hmac
+import logging
+
+import orjson
+from flask import Blueprint, Response, current_app, g, request
+
+from .errors import BadRequest, PayloadTooLarge, Unauthorized
+from .executor import Call, client_headers, execute
+from .fold import fold_chat_chunks
+from .relay import to_response, with_keepalive
+from .runtime import ConfigHolder, Runtime
+from .settings import ClientKey
+
+bp = Blueprint("openai", __name__)
+access_log = logging.getLogger("streamfold.access")
+
+
+def holder() -> ConfigHolder:
+    return current_app.extensions["streamfold"]
+
+
+@bp.get("/healthz")
+def healthz() -> Response:
+    return Response(b'{"status":"ok"}', 200, {"Content-Type": "application/json"})
+
+
+@bp.get("/v1/models")
+def models() -> Response:
+    runtime = holder().current()
+    authenticate(runtime)
+    body = {"object": "list", "data": runtime.router.listing()}
+    return Response(orjson.dumps(body), 200, {"Content-Type": "application/json"})
+
+
+@bp.post("/v1/chat/completions")
+def chat_completions() -> Response:
+    return proxy_request("/chat/completions", fold_chat_chunks, required="messages")
+
+
+def proxy_request(path: str, fold, required: str | None) -> Response:
+    """Authenticate, validate, route and run one request; shared by every proxied route."""
+    config = holder()
+    runtime = config.current()
+    settings = runtime.settings
+    g.log["client"] = authenticate(runtime)
+    body = read_json_body(settings.max_request_bytes)
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise BadRequest("you must provide a model parameter" if model is None
+                         else "model must be a non-empty string", param="model")
+    g.log["model"] = model
+    if required is not None and required not in body:
+        raise BadRequest(f"Missing required parameter: '{required}'.", param=required)
+    if required == "messages" and (not isinstance(body["messages"], list) or not body["messages"]):
+        raise BadRequest("messages must be a non-empty array", param="messages")
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise BadRequest("stream must be a boolean", param="stream")
+    targets = runtime.router.resolve(model)
+    call = Call(path, body, bool(stream), g.request_id, client_headers(request.environ), fold, g.log)
+
+    def run():
+        return execute(settings, config.sessions, config.keys, targets, call)
+
+    on_end = end_logger(g.log)
+    if not stream and fold is not None and settings.nonstream_keepalive_interval > 0:
+        g.log["deferred"] = True
+        return with_keepalive(settings.nonstream_keepalive_interval, run, on_end)
+    outcome = run()
+    if outcome.stream is not None:
+        g.log["deferred"] = True  # logged when the stream ends
+    g.log["status"] = outcome.status
+    return to_response(outcome, on_end)
+
+
+def authenticate(runtime: Runtime) -> str:
+    """The client key's label (its name or ``...abcd``), or ``-`` for an open proxy."""
+    keys: tuple[ClientKey, ...] = runtime.settings.api_keys
+    if not keys:
+        return "-"
+    auth = request.headers.get("Authorization", "")
+    token = auth[7:].strip() if auth[:7].lower() == "bearer " else request.headers.get("x-api-key", "")
+    if not token:
+        raise Unauthorized("You didn't provide an API key. Send it as 'Authorization: Bearer <key>' "
+                           "or 'x-api-key: <key>'.")
+    given = token.encode()
+    found = None
+    for key in keys:  # compare with every key, in constant time each
+        if hmac.compare_digest(given, key.key.encode()):
+            found = key
+    if found is None:
+        raise Unauthorized("Incorrect API key provided.")
+    return found.name
+
+
+def read_json_body(limit: int) -> dict:
+    length = request.content_length
+    if length is not None and length > limit:
+        raise PayloadTooLarge(f"Request body is {length} bytes; the limit is {limit} bytes.")
+    raw = request.stream.read(limit + 1)
+    if len(raw) > limit:
+        raise PayloadTooLarge(f"Request body exceeds the limit of {limit} bytes.")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise BadRequest("We could not parse the JSON body of your request. "
+                         "(HINT: This likely means you aren't using your HTTP library correctly.)") from None
+    if not isinstance(body, dict):
+        raise BadRequest("The request body must be a JSON object.")
+    return body
+
+
+def end_logger(fields: dict):
+    """A callback that writes the deferred access-log line once a stream has ended."""
+    def on_end(result: str) -> None:
+        fields["result"] = result
+        write_access_log(fields)
+    return on_end
+
+
+def write_access_log(fields: dict) -> None:
+    access_log.info(
+        "request_id=%s route=%s model=%s provider=%s status=%s upstream_ms=%s forced_stream=%s "
+        "folded=%s attempts=%s keys=%s client=%s result=%s",
+        fields.get("request_id"), fields.get("route"), fields.get("model", "-"),
+        fields.get("provider", "-"), fields.get("status", "-"), fields.get("upstream_ms", "-"),
+        "yes" if fields.get("forced") else "no", "yes" if fields.get("folded") else "no",
+        fields.get("attempts", 0), ",".join(fields.get("keys", ())) or "-",
+        fields.get("client", "-"), fields.get("result", "-"))

@@ -1,0 +1,104 @@
+"""The exception tree of streamfold, and the OpenAI-shaped body each one renders to.
+
+Every failure the proxy reports is a ``ProxyError`` (or a subclass) carrying the
+HTTP status, the OpenAI error ``type`` and optional ``code``/``param``. One Flask
+handler (``proxy.web``) turns them into ``{"error": {...}}``; this module stays
+free of Flask so the pure parts (settings, fold) can raise these too.
+"""
+from __future__ import annotations
+
+import orjson
+
+
+class ProxyError(Exception):
+    """Root of every error the client may see; rendered as an OpenAI error."""
+
+    status = 500
+    type = "server_error"
+    code: str | int | None = None
+
+    def __init__(self, message: str, *, status: int | None = None,
+                 type: str | None = None, code: str | int | None = None,
+                 param: str | None = None, headers: dict | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if status is not None:
+            self.status = status
+        if type is not None:
+            self.type = type
+        if code is not None:
+            self.code = code
+        self.param = param
+        self.headers = headers or {}
+
+    def body(self) -> bytes:
+        return error_body(self.message, self.type, self.code, self.param)
+
+
+class BadRequest(ProxyError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class Unauthorized(ProxyError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class ModelNotFound(ProxyError):
+    status = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class PayloadTooLarge(ProxyError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class RateLimited(ProxyError):
+    """Every key that could serve the request is cooling down (or the upstream said 429)."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+
+class UpstreamUnavailable(ProxyError):
+    """The upstream could not be reached or refused the provider's credentials."""
+
+    status = 502
+    type = "upstream_error"
+    code = "upstream_unavailable"
+
+
+class UpstreamTimeout(ProxyError):
+    status = 504
+    type = "upstream_error"
+    code = "upstream_timeout"
+
+
+class StreamError(ProxyError):
+    """An upstream event stream that cannot be folded into an honest answer.
+
+    ``retryable`` tells the executor whether another attempt could succeed
+    (a stream cut off or an in-stream rate limit) or not (malformed data, a
+    folded answer over ``max-aggregate-bytes``).
+    """
+
+    status = 502
+    type = "upstream_error"
+    code = "upstream_stream_error"
+
+    def __init__(self, message: str, *, retryable: bool = False, **kwargs) -> None:
+        super().__init__(message, **kwargs)
+        self.retryable = retryable
+
+
+def error_body(message: str, type: str = "server_error",
+               code: str | int | None = None, param: str | None = None) -> bytes:
+    """Serialise an OpenAI error object."""
+    return orjson.dumps({"error": {"message": message, "type": type,
+                                   "param": param, "code": code}})

@@ -1,0 +1,210 @@
+"""Run one client request against its upstreams: attempts, failover, cooldowns, fold or relay.
+
+Nothing here has reached the client yet, so every failure before the first
+byte may move on to the next key or provider (up to ``request-retry`` extra
+attempts). What comes back is an ``Outcome``: either a live upstream stream to
+relay (its first bytes already read, so an empty stream could still fail over)
+or a complete body: relayed JSON, a folded ``chat.completion``, or an
+upstream error passed through.
+"""
+from __future__ import annotations
+
+import email.utils
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import orjson
+import requests
+
+from . import upstream
+from .errors import ProxyError, RateLimited, UpstreamUnavailable, error_body
+from .keys import RATE_LIMIT_DEFAULT, REFUSED_KEY_COOLDOWN, KeyPool
+from .routing import Target
+from .settings import KeyEntry, Settings, redact
+
+RETRY_STATUSES = frozenset((429, 500, 502, 503, 504))
+REFUSED_STATUSES = frozenset((401, 403))
+ERROR_BODY_LIMIT = 1024 * 1024
+# Client headers never sent upstream: its credentials, cookies, hop-by-hop
+# headers, and what the proxy sets itself.
+DROP_HEADERS = frozenset((
+    "authorization", "x-api-key", "cookie", "host", "content-length", "content-type",
+    "accept", "accept-encoding", "connection", "keep-alive", "proxy-authenticate",
+    "proxy-authorization", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade",
+    "x-management-key", "x-request-id", "forwarded", "x-forwarded-for", "x-forwarded-host",
+    "x-forwarded-proto", "x-real-ip",
+))
+
+
+@dataclass(slots=True)
+class Call:
+    """What the view asks for: the client's body and how the answer must come back."""
+
+    path: str                      # appended to the provider's base-url, e.g. "/chat/completions"
+    body: dict
+    client_stream: bool
+    request_id: str
+    client_headers: dict[str, str]
+    fold: Callable[..., dict] | None = None  # how to fold a stream for this route, None = never
+    log: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Outcome:
+    status: int
+    content_type: str
+    body: bytes = b""
+    stream: requests.Response | None = None  # set for a live stream: relay ``first`` then the rest
+    first: bytes = b""
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def execute(settings: Settings, sessions: upstream.Sessions, keys: KeyPool,
+            targets: tuple[Target, ...], call: Call) -> Outcome:
+    """Try the targets' keys in turn until one answers; raise the last failure otherwise."""
+    retry = targets[0].provider.request_retry
+    budget = 1 + (settings.request_retry if retry < 0 else retry)
+    log = call.log
+    log["attempts"], log["keys"] = 0, []
+    failure: ProxyError | Outcome | None = None
+    for target, entry in keys.plan(targets):
+        if log["attempts"] >= budget:
+            break
+        log["attempts"] += 1
+        log["provider"] = target.provider.name
+        log["keys"].append(redact(entry.api_key, short=True) or "-")
+        try:
+            outcome = _attempt(settings, sessions, keys, target, entry, call)
+        except ProxyError as exc:
+            if not getattr(exc, "retryable", True):
+                raise
+            failure = exc
+            continue
+        if outcome.status in RETRY_STATUSES or outcome.status in REFUSED_STATUSES:
+            failure = outcome
+            continue
+        return outcome
+    if failure is None:
+        wait = keys.soonest_recovery(targets)
+        raise RateLimited("every upstream key for this model is cooling down after rate limits; retry later",
+                          headers={"Retry-After": str(int(wait + 0.999))})
+    if isinstance(failure, ProxyError):
+        raise failure
+    if failure.status in REFUSED_STATUSES:
+        raise UpstreamUnavailable(f"provider {log['provider']!r} refused its API key "
+                                  f"(upstream HTTP {failure.status}); check api-key-entries",
+                                  code="upstream_auth_failed")
+    if failure.status == 429 and "Retry-After" not in failure.headers:
+        failure.headers["Retry-After"] = str(int(keys.soonest_recovery(targets) + 0.999))
+    return failure
+
+
+def _attempt(settings: Settings, sessions: upstream.Sessions, keys: KeyPool,
+             target: Target, entry: KeyEntry, call: Call) -> Outcome:
+    provider = target.provider
+    forced = call.fold is not None and not call.client_stream and provider.force_upstream_stream
+    call.log["forced"] = forced
+    body = dict(call.body)
+    body["model"] = target.model
+    if forced:
+        body["stream"] = True
+        options = body.get("stream_options")
+        body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+    headers = dict(call.client_headers)
+    headers.update(provider.headers)
+    headers["Content-Type"] = "application/json"
+    headers["Accept"] = "text/event-stream" if (forced or call.client_stream) else "application/json"
+    headers["Accept-Encoding"] = "identity"  # relay bytes as sent; no decompression per chunk
+    headers["X-Request-Id"] = call.request_id
+    if entry.api_key:
+        headers["Authorization"] = f"Bearer {entry.api_key}"
+    started = time.perf_counter()
+    try:
+        response = upstream.post(sessions.get(provider), provider.base_url + call.path,
+                                 orjson.dumps(body), headers, entry, settings.timeouts)
+    except UpstreamUnavailable:
+        keys.connect_failed(provider.name)
+        raise
+    finally:
+        call.log["upstream_ms"] = round((time.perf_counter() - started) * 1000, 1)
+    keys.connected(provider.name)
+    status = response.status_code
+    if status >= 400 or status < 200:
+        with response:
+            if status == 429:
+                keys.cool(provider.name, entry, retry_after(response.headers.get("Retry-After")))
+            elif status in REFUSED_STATUSES:
+                keys.cool(provider.name, entry, REFUSED_KEY_COOLDOWN)
+            return passthrough_error(response)
+    try:
+        return _success(settings, response, call, forced)
+    except BaseException:
+        response.close()
+        raise
+
+
+def _success(settings: Settings, response: requests.Response, call: Call, forced: bool) -> Outcome:
+    content_type = response.headers.get("Content-Type", "")
+    first = upstream.read_first(response)
+    if not first.strip():
+        raise UpstreamUnavailable("upstream answered 200 and closed without sending anything")
+    if call.client_stream:
+        return Outcome(200, content_type or "text/event-stream", stream=response, first=first)
+    head = first.lstrip()[:5]
+    is_sse = ("text/event-stream" in content_type or head == b"data:" or head[:1] == b":"
+              or (forced and "json" not in content_type))
+    if call.fold is not None and is_sse:
+        call.log["folded"] = True
+        with response:
+            folded = call.fold(upstream.read_chunks(response, first), settings.max_aggregate_bytes)
+        return Outcome(200, "application/json", orjson.dumps(folded))
+    with response:
+        body = upstream.read_body(response, first, settings.max_aggregate_bytes)
+    return Outcome(response.status_code, content_type or "application/json", body)
+
+
+def passthrough_error(response: requests.Response) -> Outcome:
+    """An upstream error answer, relayed with its status; non-JSON bodies are wrapped OpenAI-style."""
+    status = response.status_code
+    try:
+        body = upstream.read_body(response, b"", ERROR_BODY_LIMIT)
+    except ProxyError:
+        body = b""
+    content_type = response.headers.get("Content-Type", "")
+    if "json" not in content_type or not body.lstrip().startswith(b"{"):
+        text = body[:300].decode("utf-8", "replace").strip()
+        body = error_body(f"upstream returned HTTP {status}" + (f": {text}" if text else ""),
+                          "rate_limit_error" if status == 429 else "upstream_error", status)
+    headers = {}
+    if status == 429 and response.headers.get("Retry-After"):
+        headers["Retry-After"] = response.headers["Retry-After"]
+    return Outcome(status, "application/json", body, headers=headers)
+
+
+def retry_after(value: str | None) -> float:
+    """Seconds from a ``Retry-After`` header (delta-seconds or HTTP date); 30 s when absent."""
+    if not value:
+        return RATE_LIMIT_DEFAULT
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return RATE_LIMIT_DEFAULT
+    return max(0.0, when.timestamp() - time.time())
+
+
+def client_headers(environ: dict) -> dict[str, str]:
+    """The client's headers that may go upstream, from the WSGI environ."""
+    out = {}
+    for key, value in environ.items():
+        if key.startswith("HTTP_"):
+            name = key[5:].replace("_", "-").lower()
+            if name not in DROP_HEADERS:
+                out[name] = value
+    return out
+

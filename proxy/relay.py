@@ -1,0 +1,93 @@
+"""Turn an executor ``Outcome`` into the Flask response the client gets.
+
+Streams are relayed read by read as they arrive (never re-serialised, never
+split per line); the upstream response is closed in ``finally``, which runs
+when the stream ends, fails, or the client goes away (the server closes the
+generator on a failed write). A non-stream answer may be padded with blank
+lines while a long fold runs (``nonstream-keepalive-interval``).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Callable
+
+from flask import Response
+
+from . import upstream
+from .errors import ProxyError
+from .executor import Outcome
+
+log = logging.getLogger(__name__)
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def to_response(outcome: Outcome, on_end: Callable[[str], None]) -> Response:
+    if outcome.stream is None:
+        headers = {"Content-Type": outcome.content_type, **outcome.headers}
+        return Response(outcome.body, outcome.status, headers)
+    return Response(_relay(outcome, on_end), 200,
+                    {"Content-Type": outcome.content_type, **SSE_HEADERS}, direct_passthrough=True)
+
+
+def _relay(outcome: Outcome, on_end: Callable[[str], None]):
+    response, result = outcome.stream, "client closed"
+    try:
+        yield from upstream.read_chunks(response, outcome.first)
+        result = "complete"
+    except ProxyError as exc:
+        # Headers are gone; say it in the stream so SDKs raise instead of
+        # silently returning a truncated answer.
+        result = f"upstream failed mid-stream: {exc.message}"
+        yield b"data: " + exc.body() + b"\n\n"
+    finally:
+        response.close()
+        on_end(result)
+
+
+def with_keepalive(interval: float, run: Callable[[], Outcome],
+                   on_end: Callable[[str], None]) -> Response:
+    """Run ``run`` in a helper thread; if it takes longer than ``interval``, commit 200 and pad.
+
+    JSON parsers skip leading whitespace, so the client sees blank lines and
+    then the answer. Once 200 is committed, an error can only be reported in
+    the body: it goes out as an OpenAI error object after the padding.
+    """
+    done = threading.Event()
+    box: dict = {}
+
+    def work() -> None:
+        try:
+            box["outcome"] = run()
+        except ProxyError as exc:
+            box["error"] = exc
+        except Exception as exc:  # noqa: BLE001 - reported to the client as a 500 body
+            log.exception("fold failed")
+            box["error"] = ProxyError(f"internal error: {type(exc).__name__}")
+        finally:
+            done.set()
+
+    threading.Thread(target=work, name="streamfold-fold", daemon=True).start()
+    if done.wait(interval):
+        if "error" in box:
+            raise box["error"]
+        return to_response(box["outcome"], on_end)
+
+    def padded():
+        result = "client closed"
+        try:
+            yield b"\n"  # commit the 200 now: the interval has already passed once
+            while not done.wait(interval):
+                yield b"\n"
+            if "error" in box:
+                result = f"error after keep-alive: {box['error'].status}"
+                yield box["error"].body()
+            else:
+                outcome = box["outcome"]
+                result = "complete" if outcome.status < 400 else f"upstream {outcome.status} after keep-alive"
+                yield outcome.body
+        finally:
+            on_end(result)
+
+    return Response(padded(), 200, {"Content-Type": "application/json", "Cache-Control": "no-cache",
+                                    "X-Accel-Buffering": "no"}, direct_passthrough=True)

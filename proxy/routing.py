@@ -1,0 +1,78 @@
+"""Map a client's ``model`` to the upstreams that can serve it.
+
+A client may ask for a model's ``alias``, its upstream ``name``, or
+``<provider-name>/<model>``; a provider with a ``prefix`` is reached only as
+``<prefix>/<alias or name>``. Disabled providers route nothing. One name served
+by several providers is balanced round-robin; the caller walks the returned
+list in order for failover. Built once per loaded config; read-only afterwards
+except for the round-robin counters (``itertools.count`` is atomic under the GIL).
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+from .errors import ModelNotFound
+from .settings import Provider, Settings
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One way to serve a request: a provider and the model id it knows."""
+
+    provider: Provider
+    model: str
+
+
+class Router:
+    def __init__(self, settings: Settings) -> None:
+        table: dict[str, list[Target]] = {}
+        listed: dict[str, list[Target]] = {}  # the names /v1/models shows, in file order
+
+        def add(name: str, target: Target, listing: bool) -> None:
+            targets = table.setdefault(name, [])
+            if target not in targets:
+                targets.append(target)
+            if listing:
+                listed.setdefault(name, []).append(target)
+
+        for provider in settings.providers:
+            if provider.disabled:
+                continue
+            for model in provider.models:
+                target = Target(provider, model.name)
+                public = model.alias or model.name
+                if provider.prefix:
+                    add(f"{provider.prefix}/{public}", target, True)
+                    if model.alias:
+                        add(f"{provider.prefix}/{model.name}", target, False)
+                else:
+                    add(public, target, True)
+                    if model.alias:
+                        add(model.name, target, False)
+                add(f"{provider.name}/{model.name}", target, False)
+                if model.alias:
+                    add(f"{provider.name}/{model.alias}", target, False)
+        self._table = {name: tuple(targets) for name, targets in table.items()}
+        self._listed = {name: tuple(targets) for name, targets in listed.items()}
+        self._turns = {name: itertools.count() for name, targets in table.items() if len(targets) > 1}
+
+    def resolve(self, model: str) -> tuple[Target, ...]:
+        """Targets for ``model``, rotated so each call starts at the next provider."""
+        targets = self._table.get(model)
+        if targets is None:
+            raise ModelNotFound(f"The model `{model}` does not exist or you do not have access to it.",
+                                param="model")
+        turns = self._turns.get(model)
+        if turns is None:
+            return targets
+        start = next(turns) % len(targets)
+        return targets[start:] + targets[:start]
+
+    def listing(self) -> list[dict]:
+        """The OpenAI ``model`` objects for ``GET /v1/models``."""
+        return [{"id": name, "object": "model", "created": 0,
+                 "owned_by": targets[0].provider.name,
+                 "providers": [t.provider.name for t in targets],
+                 "force_upstream_stream": any(t.provider.force_upstream_stream for t in targets)}
+                for name, targets in self._listed.items()]

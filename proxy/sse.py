@@ -1,0 +1,111 @@
+"""Server-Sent Events framing: network reads in, ``(event, data)`` pairs out.
+
+Pure functions over bytes (no Flask, no requests), used by the fold. Following
+the WHATWG spec (https://html.spec.whatwg.org/multipage/server-sent-events.html):
+
+    "Lines must be separated by either a U+000D CARRIAGE RETURN U+000A LINE
+    FEED (CRLF) character pair, a single U+000A LINE FEED (LF) character, or a
+    single U+000D CARRIAGE RETURN (CR) character."
+
+Lines are split on those *bytes* before anything is decoded, so a U+2028 or a
+multi-byte UTF-8 character split across two network reads never breaks a line
+(``str.splitlines`` would). Payloads stay bytes; ``orjson`` parses bytes.
+
+For speed the work is done per network read, not per line: CRs are
+normalised with two ``bytes.replace`` calls and the read is split once.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Iterator
+
+
+def _line_batches(chunks: Iterable[bytes]) -> Iterator[list[bytes]]:
+    """Turn reads split anywhere into lists of complete lines (terminators removed).
+
+    A partial line is kept as a list of pieces and joined once its end arrives,
+    so one huge line spread over many reads costs linear time, not quadratic.
+    A CR at the very end of a read is held back: it may be half of a CRLF.
+    """
+    pending: list[bytes] = []
+    held_cr = False
+    for chunk in chunks:
+        if held_cr:
+            chunk = b"\r" + chunk
+            held_cr = False
+        if b"\r" in chunk:
+            if chunk[-1] == 13:
+                held_cr = True
+                chunk = chunk[:-1]
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        if b"\n" not in chunk:
+            if chunk:
+                pending.append(chunk)
+            continue
+        if pending:
+            pending.append(chunk)
+            chunk = b"".join(pending)
+            pending = []
+        lines = chunk.split(b"\n")
+        tail = lines.pop()
+        if tail:
+            pending.append(tail)
+        yield lines
+    if pending:
+        yield [b"".join(pending)]
+
+
+def iter_events(chunks: Iterable[bytes]) -> Iterator[tuple[bytes, bytes]]:
+    """Parse raw network reads into ``(event_name, data)``; ``event_name`` is ``b""`` by default.
+
+    Spec rules kept: ``:`` lines are comments (keep-alives such as OpenRouter's
+    ``: OPENROUTER PROCESSING``); ``id:``/``retry:`` are ignored; several
+    ``data:`` lines in one event are joined with ``\\n``; one space after the
+    colon is dropped, and ``data:{...}`` without it is accepted. An event is
+    dispatched at a blank line, or at the end of the stream.
+
+    One deliberate deviation: a line that is no field at all, directly after a
+    ``data:`` line of the same event, continues that data. llama.cpp's verbose
+    mode writes raw newlines inside its JSON, so the spec's reading (ignore the
+    line) would cut the payload in half; the fold re-joins it instead.
+    """
+    data: bytes | None = None
+    more: list[bytes] | None = None
+    event = b""
+    for lines in _line_batches(chunks):
+        for line in lines:
+            if not line:
+                if data is not None:
+                    if more:
+                        data = b"\n".join([data, *more])
+                        more = None
+                    yield event, data
+                    data = None
+                event = b""
+            elif line[:5] == b"data:":
+                value = line[5:]
+                if value[:1] == b" ":
+                    value = value[1:]
+                if data is None:
+                    data = value
+                elif more is None:
+                    more = [value]
+                else:
+                    more.append(value)
+            elif line[0] == 58:  # ":" starts a comment
+                continue
+            elif line[:6] == b"event:":
+                event = line[6:].strip()
+            elif data is not None and line[:3] != b"id:" and line[:6] != b"retry:":
+                if more is None:
+                    more = [line]
+                else:
+                    more.append(line)
+    if data is not None:
+        if more:
+            data = b"\n".join([data, *more])
+        yield event, data
+
+
+def events_from_lines(lines: Iterable[bytes]) -> Iterator[tuple[bytes, bytes]]:
+    """Like ``iter_events`` for input already split into lines (terminators removed)."""
+    return iter_events(line + b"\n" for line in lines)
