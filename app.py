@@ -1,6 +1,6 @@
-from proxy import create_app
-app = create_app()
+from proxy import create_app, run_dev_server
 
 if __name__ == "__main__":
-    import os
-    app.run(host="127.0.0.1", port=int(os.environ.get("PORT", "8317")), threaded=True)
+    run_dev_server()  # python app.py: development server on the same settings
+else:
+    app = create_app()

@@ -5,7 +5,6 @@ variables named below. Capacity: each in-flight request, and so each open
 stream, holds one thread, so concurrent streams = workers x threads.
 """
 import os
-import sys
 
 # Heroku-style: bind the platform's $PORT on all interfaces, else loopback only.
 bind = f"0.0.0.0:{os.environ['PORT']}" if os.environ.get("PORT") else "127.0.0.1:8317"
@@ -44,12 +43,6 @@ def on_starting(server):
     A worker whose app import fails prints a traceback and is retried forever;
     this prints one line per problem instead and stops with exit status 1.
     """
-    from proxy.settings import SettingsError, load_settings
+    from proxy.settings import load_or_exit
 
-    try:
-        load_settings()
-    except SettingsError as exc:
-        print("streamfold: invalid settings, not starting:", file=sys.stderr)
-        for problem in exc.problems:
-            print(f"  {problem}", file=sys.stderr)
-        sys.exit(1)
+    load_or_exit()

@@ -44,6 +44,16 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     return app
 
 
+def run_dev_server() -> None:
+    """``python app.py``: werkzeug's threaded server on the settings gunicorn would use."""
+    from .settings import load_or_exit
+
+    load_or_exit()
+    port = int(os.environ.get("PORT", "8317"))
+    host = "0.0.0.0" if os.environ.get("PORT") else "127.0.0.1"
+    create_app().run(host=host, port=port, threaded=True)
+
+
 def _start_request() -> None:
     g.request_id = request.headers.get("X-Request-Id") or os.urandom(12).hex()
     g.started = time.perf_counter()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 from urllib.parse import urlsplit
@@ -375,3 +376,14 @@ def redact(secret: str, short: bool = False) -> str:
         return f"...{tail}"
     head = secret[:3] if len(secret) > 12 else ""
     return f"{head}...{tail}"
+
+
+def load_or_exit(path: str | None = None) -> Settings:
+    """Load the settings or stop the process with one line per problem (exit status 1, no traceback)."""
+    try:
+        return load_settings(path)
+    except SettingsError as exc:
+        print("streamfold: invalid settings, not starting:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,98 @@
+"""Fixtures: the app from the factory, a real loopback upstream, a real proxy server."""
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import pytest
+from werkzeug.serving import make_server
+
+from proxy import create_app
+from proxy.settings import build_settings
+from tests.upstream import FakeUpstream
+
+CLIENT_KEY = "sk-client-test-0001"
+PROVIDER_KEY = "sk-provider-secret-aaaa"
+AUTH = {"Authorization": f"Bearer {CLIENT_KEY}"}
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def provider(upstream: FakeUpstream | str, name: str = "up", **extra: Any) -> dict:
+    entry = {"name": name, "base-url": upstream if isinstance(upstream, str) else upstream.url,
+             "api-key-entries": [{"api-key": PROVIDER_KEY}],
+             "models": [{"name": "upstream-model", "alias": "m"}]}
+    entry.update(extra)
+    return entry
+
+
+def settings_doc(*providers: dict, **top: Any) -> dict:
+    doc = {"api-keys": [CLIENT_KEY], "request-retry": 2, "timeouts": {"connect": 2, "read": 10},
+           "openai-compatibility": list(providers)}
+    doc.update(top)
+    return doc
+
+
+def make_app(doc: dict):
+    return create_app({"SETTINGS": build_settings(doc, {}), "TESTING": True})
+
+
+@pytest.fixture
+def upstream():
+    fake = FakeUpstream()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture
+def app(upstream):
+    return make_app(settings_doc(provider(upstream)))
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+class LiveServer:
+    """The proxy served by werkzeug's threaded server on a loopback port."""
+
+    def __init__(self, app) -> None:
+        self.server = make_server("127.0.0.1", 0, app, threaded=True)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def serve():
+    """``serve(app)`` starts a real server for the app and returns it (stopped at teardown)."""
+    servers = []
+
+    def start(app) -> LiveServer:
+        server = LiveServer(app)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def live(app, serve):
+    return serve(app)
+
+
+@pytest.fixture(autouse=True)
+def _no_secrets_in_logs(caplog):
+    """Every test: no provider or client key may appear in any log record."""
+    caplog.set_level(logging.INFO)
+    yield
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert PROVIDER_KEY not in text
+    assert CLIENT_KEY not in text

@@ -1,0 +1,254 @@
+"""The core proxy through its HTTP surface: relay, auth, routing and every error row."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import AUTH, CHAT, CLIENT_KEY, PROVIDER_KEY, make_app, provider, settings_doc
+from tests.upstream import Reply, completion, free_port, sse, text_chunks
+
+
+def error_of(response) -> dict:
+    assert response.headers["Content-Type"].startswith("application/json")
+    body = response.get_json()
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    return body["error"]
+
+
+def test_json_answer_is_relayed_byte_for_byte(client, upstream):
+    odd = b'{ "id":"x",  "object":"chat.completion", "choices":[], "extra": 1.50 }'
+    upstream.handler = lambda rec: Reply(body=odd)
+    response = client.post("/v1/chat/completions", json=CHAT, headers=AUTH)
+    assert response.status_code == 200
+    assert response.data == odd
+
+
+def test_upstream_gets_its_model_id_and_provider_key_but_not_client_credentials(upstream):
+    app = make_app(settings_doc(provider(upstream, headers={"X-Team": "ml"})))
+    response = app.test_client().post(
+        "/v1/chat/completions", json=dict(CHAT, temperature=0.2),
+        headers={**AUTH, "Cookie": "session=abc", "Connection": "keep-alive", "X-Custom": "kept",
+                 "X-Request-Id": "req-42"})
+    assert response.status_code == 200
+    rec = upstream.requests[0]
+    assert rec.path == "/v1/chat/completions"
+    assert rec.body == {"model": "upstream-model", "messages": CHAT["messages"], "temperature": 0.2}
+    assert rec.headers["authorization"] == f"Bearer {PROVIDER_KEY}"
+    assert CLIENT_KEY not in json.dumps(rec.headers)
+    assert "cookie" not in rec.headers
+    assert rec.headers["x-team"] == "ml"
+    assert rec.headers["x-custom"] == "kept"
+    assert rec.headers["x-request-id"] == "req-42"
+    assert response.headers["X-Request-Id"] == "req-42"
+
+
+def test_request_id_is_generated_when_absent(client):
+    response = client.get("/healthz")
+    assert len(response.headers["X-Request-Id"]) >= 16
+
+
+def test_x_api_key_header_authenticates(client):
+    response = client.post("/v1/chat/completions", json=CHAT, headers={"x-api-key": CLIENT_KEY})
+    assert response.status_code == 200
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"x-api-key": "wrong"},
+                                     {"Authorization": CLIENT_KEY}])
+def test_missing_or_wrong_client_key_is_401(client, upstream, headers):
+    response = client.post("/v1/chat/completions", json=CHAT, headers=headers)
+    assert response.status_code == 401
+    err = error_of(response)
+    assert err["code"] == "invalid_api_key"
+    assert "wrong" not in err["message"]
+    assert upstream.requests == []
+
+
+def test_open_proxy_without_api_keys(upstream):
+    app = make_app(settings_doc(provider(upstream), **{"api-keys": []}))
+    assert app.test_client().post("/v1/chat/completions", json=CHAT).status_code == 200
+
+
+def test_healthz_needs_no_key(client):
+    response = client.get("/healthz")
+    assert response.status_code == 200 and response.get_json() == {"status": "ok"}
+
+
+def test_models_lists_what_clients_may_ask_for(upstream):
+    other = provider(upstream, name="other", prefix="team",
+                     models=[{"name": "llama-3"}, {"name": "qwen-72b", "alias": "qwen"}])
+    off = provider(upstream, name="off", disabled=True, models=[{"name": "hidden"}])
+    app = make_app(settings_doc(provider(upstream, **{"force-upstream-stream": True}), other, off))
+    body = app.test_client().get("/v1/models", headers=AUTH).get_json()
+    assert body["object"] == "list"
+    ids = [m["id"] for m in body["data"]]
+    assert ids == ["m", "team/llama-3", "team/qwen"]
+    assert body["data"][0]["force_upstream_stream"] is True
+    assert all(m["object"] == "model" for m in body["data"])
+
+
+def test_models_needs_a_key(client):
+    assert client.get("/v1/models").status_code == 401
+
+
+@pytest.mark.parametrize("asked", ["m", "upstream-model", "up/upstream-model", "up/m"])
+def test_alias_name_and_provider_forms_route_to_the_upstream_id(client, upstream, asked):
+    response = client.post("/v1/chat/completions", json=dict(CHAT, model=asked), headers=AUTH)
+    assert response.status_code == 200
+    assert upstream.requests[-1].body["model"] == "upstream-model"
+
+
+def test_prefixed_provider_is_reached_only_with_its_prefix(upstream):
+    app = make_app(settings_doc(provider(upstream, prefix="lab")))
+    client = app.test_client()
+    assert client.post("/v1/chat/completions", json=dict(CHAT, model="lab/m"), headers=AUTH).status_code == 200
+    assert client.post("/v1/chat/completions", json=dict(CHAT, model="m"), headers=AUTH).status_code == 404
+
+
+def test_one_alias_on_two_providers_goes_round_robin(upstream):
+    app = make_app(settings_doc(provider(upstream, name="a"),
+                                provider(upstream, name="b", **{"api-key-entries": [{"api-key": "sk-b-key-0000"}]})))
+    client = app.test_client()
+    for _ in range(4):
+        assert client.post("/v1/chat/completions", json=CHAT, headers=AUTH).status_code == 200
+    keys = [rec.key for rec in upstream.requests]
+    assert keys == [PROVIDER_KEY, "sk-b-key-0000", PROVIDER_KEY, "sk-b-key-0000"]
+
+
+def test_unknown_model_is_404_and_names_no_keys(client, upstream):
+    response = client.post("/v1/chat/completions", json=dict(CHAT, model="gpt-9"), headers=AUTH)
+    assert response.status_code == 404
+    err = error_of(response)
+    assert err["code"] == "model_not_found" and "gpt-9" in err["message"]
+    assert PROVIDER_KEY not in err["message"] and CLIENT_KEY not in err["message"]
+    assert upstream.requests == []
+
+
+def test_disabled_provider_routes_nothing(upstream):
+    app = make_app(settings_doc(provider(upstream, disabled=True)))
+    assert app.test_client().post("/v1/chat/completions", json=CHAT, headers=AUTH).status_code == 404
+
+
+@pytest.mark.parametrize("body, param", [
+    (b"{not json", None),
+    (b"", None),
+    (b"[1, 2]", None),
+    (b'"just a string"', None),
+    (json.dumps({"messages": CHAT["messages"]}).encode(), "model"),
+    (json.dumps(dict(CHAT, model=42)).encode(), "model"),
+    (json.dumps({"model": "m"}).encode(), "messages"),
+    (json.dumps(dict(CHAT, messages="hi")).encode(), "messages"),
+    (json.dumps(dict(CHAT, stream="yes")).encode(), "stream"),
+    (b"\xff\xfe garbage", None),
+])
+def test_bad_request_bodies_are_400(client, upstream, body, param):
+    response = client.post("/v1/chat/completions", data=body, headers={**AUTH, "Content-Type": "application/json"})
+    assert response.status_code == 400
+    err = error_of(response)
+    assert err["type"] == "invalid_request_error" and err["param"] == param
+    assert upstream.requests == []
+    # the worker is still healthy
+    assert client.post("/v1/chat/completions", json=CHAT, headers=AUTH).status_code == 200
+
+
+def test_body_over_max_request_bytes_is_413(upstream):
+    app = make_app(settings_doc(provider(upstream), **{"max-request-bytes": 1000}))
+    big = dict(CHAT, messages=[{"role": "user", "content": "x" * 2000}])
+    response = app.test_client().post("/v1/chat/completions", json=big, headers=AUTH)
+    assert response.status_code == 413
+    assert error_of(response)["code"] == "request_too_large"
+    assert upstream.requests == []
+
+
+def test_unknown_route_is_404_json(client):
+    response = client.get("/v1/nothing-here", headers=AUTH)
+    assert response.status_code == 404
+    assert error_of(response)["type"] == "invalid_request_error"
+
+
+def test_wrong_method_is_405_json(client):
+    response = client.get("/v1/chat/completions", headers=AUTH)
+    assert response.status_code == 405
+    assert "POST" in response.headers["Allow"]
+    error_of(response)
+
+
+def test_upstream_connect_failure_is_502(upstream):
+    app = make_app(settings_doc(provider(f"http://127.0.0.1:{free_port()}/v1")))
+    response = app.test_client().post("/v1/chat/completions", json=CHAT, headers=AUTH)
+    assert response.status_code == 502
+    assert error_of(response)["type"] == "upstream_error"
+
+
+def test_upstream_timeout_is_504(upstream):
+    upstream.handler = lambda rec: Reply(hang=5)
+    app = make_app(settings_doc(provider(upstream), timeouts={"connect": 1, "read": 0.3}, **{"request-retry": 0}))
+    response = app.test_client().post("/v1/chat/completions", json=CHAT, headers=AUTH)
+    assert response.status_code == 504
+    assert error_of(response)["code"] == "upstream_timeout"
+
+
+@pytest.mark.parametrize("status", [400, 404, 413, 422])
+def test_upstream_client_errors_pass_through_at_once(client, upstream, status):
+    body = json.dumps({"error": {"message": "bad thing", "type": "invalid_request_error",
+                                 "param": None, "code": None}}).encode()
+    upstream.handler = lambda rec: Reply(status=status, body=body)
+    response = client.post("/v1/chat/completions", json=CHAT, headers=AUTH)
+    assert response.status_code == status
+    assert response.data == body
+    assert len(upstream.requests) == 1
+
+
+def test_upstream_5xx_passes_through_with_its_body(client, upstream):
+    body = b'{"error": {"message": "engine overloaded", "type": "server_error", "param": null, "code": null}}'
+    upstream.handler = lambda rec: Reply(status=503, body=body)
+    response = client.post("/v1/chat/completions", json=CHAT, headers=AUTH)
+    assert response.status_code == 503
+    assert response.data == body
+
+
+def test_upstream_html_error_page_becomes_openai_error(client, upstream):
+    upstream.handler = lambda rec: Reply(status=500, body=b"<html>oops</html>", content_type="text/html")
+    response = client.post("/v1/chat/completions", json=CHAT, headers=AUTH)
+    assert response.status_code == 500
+    assert "oops" in error_of(response)["message"]
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_upstream_refusing_the_provider_key_is_502_naming_the_provider(client, upstream, status):
+    upstream.handler = lambda rec: Reply(status=status, body=b'{"error": {"message": "bad key"}}')
+    response = client.post("/v1/chat/completions", json=CHAT, headers=AUTH)
+    assert response.status_code == 502
+    err = error_of(response)
+    assert "'up'" in err["message"] and PROVIDER_KEY not in err["message"]
+
+
+def test_stream_request_is_relayed_with_sse_headers(client, upstream):
+    events = sse(*text_chunks(["Hel", "lo"]))
+    upstream.handler = lambda rec: Reply(events=events)
+    response = client.post("/v1/chat/completions", json=dict(CHAT, stream=True), headers=AUTH)
+    assert response.status_code == 200
+    assert response.headers["Content-Type"].startswith("text/event-stream")
+    assert response.headers["Cache-Control"] == "no-cache"
+    assert response.headers["X-Accel-Buffering"] == "no"
+    assert response.data == b"".join(events)
+    assert upstream.requests[0].body["stream"] is True
+
+
+def test_log_line_has_route_model_provider_status_and_no_content(client, upstream, caplog):
+    secret_text = "my private message 12345"
+    client.post("/v1/chat/completions", json=dict(CHAT, messages=[{"role": "user", "content": secret_text}]),
+                headers=AUTH)
+    lines = [r.getMessage() for r in caplog.records if r.name == "streamfold.access"]
+    assert len(lines) == 1
+    line = lines[0]
+    for part in ("route=/v1/chat/completions", "model=m", "provider=up", "status=200", "forced_stream=no"):
+        assert part in line
+    assert secret_text not in "\n".join(r.getMessage() for r in caplog.records)
+
+
+def test_upstream_answer_json_via_completion_helper(client, upstream):
+    upstream.handler = lambda rec: Reply(body=json.dumps(completion("hey")).encode())
+    assert client.post("/v1/chat/completions", json=CHAT, headers=AUTH).get_json()["choices"][0][
+        "message"]["content"] == "hey"
