@@ -1,0 +1,60 @@
+"""Start the proxy under real gunicorn (the shipped gunicorn.conf.py) for deployment-level tests."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+import yaml
+
+from tests.upstream import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Gunicorn:
+    def __init__(self, settings_path: Path, workers: int = 2, threads: int = 8, env: dict | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.settings_path = settings_path
+        environ = dict(os.environ, PROXY_SETTINGS=str(settings_path), WEB_CONCURRENCY=str(workers),
+                       GUNICORN_THREADS=str(threads), PYTHONUNBUFFERED="1", **(env or {}))
+        environ.pop("PORT", None)
+        self.log_path = settings_path.with_suffix(f".{self.port}.log")
+        self.log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "app:app", "--bind",
+                                      f"127.0.0.1:{self.port}"], cwd=ROOT, env=environ,
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(self.url + "/healthz", timeout=1).status_code == 200:
+                    return
+            except requests.ConnectionError:
+                time.sleep(0.05)
+            if self.proc.poll() is not None:
+                break
+        self.stop()
+        raise RuntimeError("gunicorn did not start:\n" + self.output())
+
+    def output(self) -> str:
+        self.log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.log.close()
+
+
+def write_settings(path: Path, doc: dict) -> Path:
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
