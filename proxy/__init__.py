@@ -27,11 +27,13 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     if test_config:
         app.config.update(test_config)
     environ = app.config["ENVIRON"] if app.config["ENVIRON"] is not None else os.environ
-    settings: Settings | None = app.config["SETTINGS"]
-    path = None if settings is not None else (app.config["PROXY_SETTINGS"] or settings_path(environ))
-    app.extensions["streamfold"] = ConfigHolder(path, environ, settings=settings)
+    given: Settings | None = app.config["SETTINGS"]
+    path = None if given is not None else (app.config["PROXY_SETTINGS"] or settings_path(environ))
+    app.extensions["streamfold"] = ConfigHolder(path, environ, settings=given)
     _configure_logging()
-    _warn_about(app.extensions["streamfold"].runtime.settings)
+    settings = app.extensions["streamfold"].runtime.settings
+    _warn_about(settings)
+    log.info("streamfold ready: %d providers, settings %s", len(settings.providers), path or "(in memory)")
 
     from . import api, management
     app.register_blueprint(api.bp)
@@ -104,7 +106,7 @@ def _configure_logging() -> None:
     for logger in (root, package):
         if not logger.handlers and not logging.getLogger().handlers:
             handler = logging.StreamHandler()
-            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+            handler.setFormatter(logging.Formatter("%(asctime)s [%(process)d] %(levelname)s %(name)s %(message)s"))
             logger.addHandler(handler)
         if logger.level == logging.NOTSET:
             logger.setLevel(logging.INFO)

@@ -1,4 +1,201 @@
-"""Management API (placeholder until the management issue lands)."""
-from flask import Blueprint
+"""Management API under ``/v0/management`` (CLIProxyAPI-style).
+
+Off (404, as if absent) unless ``remote-management.secret-key`` or env
+``MANAGEMENT_SECRET`` is set. The secret comes as ``Authorization: Bearer``
+or ``X-Management-Key`` and is compared in constant time. Only loopback
+clients are served unless ``allow-remote: true`` (behind a reverse proxy the
+proxy's address is what counts). Five bad secrets from one address within a
+minute lock that address out for a minute (per worker process).
+
+Writes go through ``store.update``: validated like the file at startup (400
+naming each problem, running config untouched), then written atomically. This
+worker installs the new config at once; the others see the file change within
+about a second (``runtime.ConfigHolder``).
+"""
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import threading
+import time
+
+import orjson
+from flask import Blueprint, Response, current_app, g, request
+
+from . import store
+from .errors import BadRequest, ProxyError, RateLimited
+from .runtime import ConfigHolder
+from .settings import SettingsError
 
 bp = Blueprint("management", __name__, url_prefix="/v0/management")
+LOCKOUT_FAILURES, LOCKOUT_WINDOW, LOCKOUT_SECONDS = 5, 60.0, 60.0
+
+
+class NotFound(ProxyError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class Forbidden(ProxyError):
+    status = 403
+    type = "invalid_request_error"
+    code = "forbidden"
+
+
+class ManagementUnauthorized(ProxyError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_management_key"
+
+
+class _Lockout:
+    """Failed secrets per client address; thread-safe within one worker."""
+
+    def __init__(self) -> None:
+        self.failures: dict[str, list[float]] = {}
+        self.locked_until: dict[str, float] = {}
+        self.lock = threading.Lock()
+
+    def check(self, address: str) -> None:
+        until = self.locked_until.get(address, 0.0)
+        if until > time.monotonic():
+            raise RateLimited("too many failed management logins; try again later",
+                              headers={"Retry-After": str(int(until - time.monotonic()) + 1)})
+
+    def failed(self, address: str) -> None:
+        now = time.monotonic()
+        with self.lock:
+            recent = [t for t in self.failures.get(address, []) if now - t < LOCKOUT_WINDOW] + [now]
+            self.failures[address] = recent
+            if len(recent) >= LOCKOUT_FAILURES:
+                self.locked_until[address] = now + LOCKOUT_SECONDS
+                self.failures.pop(address, None)
+
+
+def _holder() -> ConfigHolder:
+    return current_app.extensions["streamfold"]
+
+
+@bp.before_request
+def _guard() -> None:
+    management = _holder().current().settings.management
+    if not management.secret_key:
+        raise NotFound(f"Unknown request URL: {request.method} {request.path}.")
+    address = request.remote_addr or ""
+    if not management.allow_remote and not _is_loopback(address):
+        raise Forbidden("remote management is disabled; connect from loopback or set allow-remote")
+    lockout = current_app.extensions.setdefault("streamfold.lockout", _Lockout())
+    lockout.check(address)
+    auth = request.headers.get("Authorization", "")
+    given = auth[7:].strip() if auth[:7].lower() == "bearer " else request.headers.get("X-Management-Key", "")
+    if not given or not hmac.compare_digest(given.encode(), management.secret_key.encode()):
+        lockout.failed(address)
+        raise ManagementUnauthorized("missing or wrong management key")
+    g.log["client"] = "management"
+
+
+def _is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def _json(body, status: int = 200) -> Response:
+    return Response(orjson.dumps(body), status, {"Content-Type": "application/json"})
+
+
+@bp.get("/config")
+def get_config() -> Response:
+    return _json(store.public_config(_holder().current().settings))
+
+
+@bp.get("/openai-compatibility")
+def get_providers() -> Response:
+    providers = _holder().current().settings.providers
+    return _json({"openai-compatibility": [store.public_provider(p) for p in providers]})
+
+
+@bp.put("/openai-compatibility")
+def put_providers() -> Response:
+    body = _body()
+    items = body.get("items", body.get("openai-compatibility")) if isinstance(body, dict) else body
+    if not isinstance(items, list):
+        raise BadRequest("send a JSON array of providers (or {\"items\": [...]})")
+
+    def change(document: dict) -> None:
+        document["openai-compatibility"] = items
+
+    return _write(change)
+
+
+@bp.patch("/openai-compatibility")
+def patch_provider() -> Response:
+    body = _body()
+    if not isinstance(body, dict) or not isinstance(body.get("value"), dict):
+        raise BadRequest('send {"name": ..., "value": {...}} or {"index": ..., "value": {...}}')
+    value = body["value"]
+
+    def change(document: dict) -> None:
+        entry = _find(document, body.get("name"), body.get("index"))
+        for key, new in value.items():
+            if new is None:
+                entry.pop(key, None)
+            else:
+                entry[key] = new
+
+    return _write(change)
+
+
+@bp.delete("/openai-compatibility")
+def delete_provider() -> Response:
+    name = request.args.get("name")
+    index = request.args.get("index")
+    if name is None and index is None:
+        raise BadRequest("give ?name=<provider> or ?index=<n>")
+    if index is not None and not index.isdigit():
+        raise BadRequest("index must be a non-negative integer")
+
+    def change(document: dict) -> None:
+        entry = _find(document, name, int(index) if index is not None else None)
+        document["openai-compatibility"].remove(entry)
+
+    return _write(change)
+
+
+def _find(document: dict, name, index) -> dict:
+    providers = document.get("openai-compatibility")
+    if not isinstance(providers, list):
+        raise NotFound("no providers are configured")
+    if name is not None:
+        for entry in providers:
+            if isinstance(entry, dict) and entry.get("name") == name:
+                return entry
+        raise NotFound(f"no provider named {name!r}")
+    if isinstance(index, int) and not isinstance(index, bool) and 0 <= index < len(providers) \
+            and isinstance(providers[index], dict):
+        return providers[index]
+    raise NotFound(f"no provider at index {index!r}")
+
+
+def _body():
+    try:
+        return orjson.loads(request.get_data(cache=False))
+    except orjson.JSONDecodeError:
+        raise BadRequest("the body is not valid JSON") from None
+
+
+def _write(change) -> Response:
+    holder = _holder()
+    if holder.path is None:
+        raise ProxyError("this instance was started without a settings file; nothing to write", status=409,
+                         type="invalid_request_error", code="no_settings_file")
+    try:
+        settings, document, fingerprint = store.update(holder.path, holder.environ, change)
+    except SettingsError as exc:
+        return _json({"error": {"message": "the change does not validate: " + "; ".join(exc.problems),
+                                "type": "invalid_request_error", "param": None, "code": "invalid_settings",
+                                "problems": exc.problems}}, 400)
+    holder.install(settings, document, fingerprint)
+    return _json({"status": "ok", "openai-compatibility": [store.public_provider(p) for p in settings.providers]})

@@ -96,10 +96,16 @@ class ConfigHolder:
         finally:
             self._lock.release()
 
-    def install(self, settings: Settings, document: Any) -> None:
-        """Swap in a validated config and log what changed."""
+    def install(self, settings: Settings, document: Any, fingerprint: tuple | None = None) -> None:
+        """Swap in a validated config and log what changed.
+
+        ``fingerprint`` is given by a writer that just wrote the file, so the
+        next file check does not load the same content again.
+        """
         old = self.runtime.settings
         self.runtime = Runtime(settings, Router(settings), document)
+        if fingerprint is not None:
+            self._fingerprint = fingerprint
         log.info("settings reloaded: %s", describe_changes(old, settings))
 
     def _read(self) -> bytes | None:

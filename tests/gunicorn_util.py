@@ -31,7 +31,8 @@ class Gunicorn:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             try:
-                if requests.get(self.url + "/healthz", timeout=1).status_code == 200:
+                if (requests.get(self.url + "/healthz", timeout=1).status_code == 200
+                        and self.output().count("streamfold ready") >= workers):
                     return
             except requests.ConnectionError:
                 time.sleep(0.05)

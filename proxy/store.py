@@ -1,0 +1,159 @@
+"""Writing the settings file: read-modify-write under a lock, atomically, secrets kept as written.
+
+Management writes work on the *document* (the YAML as written, ``${VAR}``
+references unresolved), never on resolved settings, so a secret taken from the
+environment never lands on disk and entries a request didn't touch are
+written back as they were (comments are not preserved: PyYAML drops them).
+
+Concurrency: an ``flock`` on ``<settings>.lock`` serialises writers across
+gunicorn workers and threads; each writer re-reads the file under the lock,
+so two concurrent PATCHes both land. The write is a temp file in the same
+directory, fsync, rename: a reader sees the old file or the new one, never half.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import fcntl
+import hashlib
+import os
+import tempfile
+from typing import Any, Callable, Iterator, Mapping
+
+import yaml
+
+from .settings import Settings, SettingsError, build_settings, read_document, redact
+
+SECRET_HEADER_WORDS = ("key", "token", "auth", "secret", "password")
+
+
+@contextlib.contextmanager
+def locked(path: str) -> Iterator[None]:
+    with open(path + ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def update(path: str, environ: Mapping[str, str],
+           change: Callable[[dict], None]) -> tuple[Settings, dict, tuple]:
+    """Apply ``change`` to the file's document, validate, write atomically.
+
+    Returns the new settings, the document written, and the file's
+    fingerprint (mtime, size, sha256) as written, taken under the lock.
+    Raises ``SettingsError`` (nothing written) when the result does not validate.
+    """
+    with locked(path):
+        document = read_document(path) or {}
+        if not isinstance(document, dict):
+            raise SettingsError(["(top level): the settings file is not a mapping; fix it by hand"])
+        old_resolved = _resolved_keys(document, environ)
+        new = copy.deepcopy(document)
+        change(new)
+        _restore_redacted_keys(new, old_resolved)
+        settings = build_settings(new, environ)
+        data = yaml.safe_dump(new, sort_keys=False, allow_unicode=True).encode()
+        write_atomically(path, data)
+        stat = os.stat(path)
+        return settings, new, (stat.st_mtime_ns, stat.st_size, hashlib.sha256(data).digest())
+
+
+def write_atomically(path: str, data: bytes) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".settings-", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        with contextlib.suppress(OSError):
+            os.chmod(tmp, os.stat(path).st_mode & 0o777)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _resolved_keys(document: dict, environ: Mapping[str, str]) -> dict[str, list[tuple[str, str]]]:
+    """Per provider name: (key as written, key as resolved) for each api-key entry."""
+    try:
+        settings = build_settings(document, environ)
+    except SettingsError:
+        return {}
+    out: dict[str, list[tuple[str, str]]] = {}
+    raw_entries = {p.get("name"): p.get("api-key-entries") or [] for p in document.get("openai-compatibility") or []
+                   if isinstance(p, dict)}
+    for provider in settings.providers:
+        written = raw_entries.get(provider.name, [])
+        pairs = []
+        for i, entry in enumerate(provider.api_key_entries):
+            raw = written[i].get("api-key") if i < len(written) and isinstance(written[i], dict) else entry.api_key
+            pairs.append((raw, entry.api_key))
+        out[provider.name] = pairs
+    return out
+
+
+def _restore_redacted_keys(document: dict, old: dict[str, list[tuple[str, str]]]) -> None:
+    """A key sent back in its redacted form (``sk-...abcd``) means "keep the stored key"."""
+    for provider in document.get("openai-compatibility") or []:
+        if not isinstance(provider, dict):
+            continue
+        known = old.get(provider.get("name"), [])
+        for entry in provider.get("api-key-entries") or []:
+            if not isinstance(entry, dict) or not isinstance(entry.get("api-key"), str):
+                continue
+            given = entry["api-key"]
+            if "..." not in given:
+                continue
+            for raw, resolved in known:
+                if redact(resolved) == given:
+                    entry["api-key"] = raw
+                    break
+
+
+def public_config(settings: Settings) -> dict[str, Any]:
+    """The effective config with every key and secret redacted."""
+    return {
+        "api-keys": [{"key": redact(k.key), "name": k.name} for k in settings.api_keys],
+        "request-retry": settings.request_retry,
+        "timeouts": {"connect": settings.timeouts.connect, "read": settings.timeouts.read},
+        "max-request-bytes": settings.max_request_bytes,
+        "max-aggregate-bytes": settings.max_aggregate_bytes,
+        "nonstream-keepalive-interval": settings.nonstream_keepalive_interval,
+        "remote-management": {"secret-key": redact(settings.management.secret_key),
+                              "allow-remote": settings.management.allow_remote},
+        "redis-url": redact_url(settings.redis_url),
+        "openai-compatibility": [public_provider(p) for p in settings.providers],
+    }
+
+
+def public_provider(provider) -> dict[str, Any]:
+    return {
+        "name": provider.name, "base-url": provider.base_url, "disabled": provider.disabled,
+        "prefix": provider.prefix, "request-retry": provider.request_retry,
+        "api-key-entries": [{"api-key": redact(e.api_key), "proxy-url": redact_url(e.proxy_url)}
+                            for e in provider.api_key_entries],
+        "headers": {k: redact(v) if any(w in k.lower() for w in SECRET_HEADER_WORDS) else v
+                    for k, v in provider.headers},
+        "ca-bundle": provider.ca_bundle, "verify-tls": provider.verify_tls,
+        "force-upstream-stream": provider.force_upstream_stream,
+        "models": [{"name": m.name, "alias": m.alias} for m in provider.models],
+    }
+
+
+def redact_url(url: str) -> str:
+    """A URL without its password (``redis://:***@host``)."""
+    if "@" not in url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    creds, host = rest.rsplit("@", 1)
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}"
