@@ -5,6 +5,8 @@ variables named below. Capacity: each in-flight request, and so each open
 stream, holds one thread, so concurrent streams = workers x threads.
 """
 import os
+import shutil
+import tempfile
 
 # Heroku-style: bind the platform's $PORT on all interfaces, else loopback only.
 bind = f"0.0.0.0:{os.environ['PORT']}" if os.environ.get("PORT") else "127.0.0.1:8317"
@@ -37,12 +39,40 @@ errorlog = "-"
 loglevel = os.environ.get("LOG_LEVEL", "info")
 
 
+_metrics_dir_made = None  # the metrics directory this master created (removed on exit)
+
+
 def on_starting(server):
-    """Validate the settings file in the master, before any worker forks.
+    """Validate settings and prepare the metrics directory in the master, before workers fork.
 
     A worker whose app import fails prints a traceback and is retried forever;
-    this prints one line per problem instead and stops with exit status 1.
+    load_or_exit prints one line per problem instead and stops with status 1.
     """
+    global _metrics_dir_made
     from proxy.settings import load_or_exit
 
     load_or_exit()
+    # prometheus-client's multiprocess mode: every worker writes its values
+    # under this directory and /metrics sums them. It must be set before a
+    # worker imports prometheus_client, and start empty.
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if directory:
+        os.makedirs(directory, exist_ok=True)
+        for name in os.listdir(directory):
+            if name.endswith(".db"):
+                os.unlink(os.path.join(directory, name))
+    else:
+        _metrics_dir_made = tempfile.mkdtemp(prefix="streamfold-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir_made
+
+
+def child_exit(server, worker):
+    """A dead worker's live gauges (active streams) must stop counting."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    if _metrics_dir_made:
+        shutil.rmtree(_metrics_dir_made, ignore_errors=True)

@@ -35,9 +35,10 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     _warn_about(settings)
     log.info("streamfold ready: %d providers, settings %s", len(settings.providers), path or "(in memory)")
 
-    from . import api, management
+    from . import api, management, metrics
     app.register_blueprint(api.bp)
     app.register_blueprint(management.bp)
+    app.register_blueprint(metrics.bp)
     app.before_request(_start_request)
     app.after_request(_finish_request)
     app.register_error_handler(ProxyError, _render_proxy_error)
@@ -59,7 +60,8 @@ def run_dev_server() -> None:
 def _start_request() -> None:
     g.request_id = request.headers.get("X-Request-Id") or os.urandom(12).hex()
     g.started = time.perf_counter()
-    g.log = {"request_id": g.request_id, "route": request.path}
+    rule = request.url_rule
+    g.log = {"request_id": g.request_id, "route": request.path, "rule": rule.rule if rule else "unmatched"}
 
 
 def _finish_request(response: Response) -> Response:

@@ -7,13 +7,19 @@ from __future__ import annotations
 
 import hmac
 import logging
+import time
+from dataclasses import dataclass
+from typing import Callable
 
 import orjson
 from flask import Blueprint, Response, current_app, g, request
 
+from . import metrics
 from .errors import BadRequest, PayloadTooLarge, Unauthorized
 from .executor import Call, client_headers, execute
 from .fold import fold_chat_chunks
+from .fold_responses import fold_responses_chunks
+from .fold_text import fold_text_chunks
 from .relay import to_response, with_keepalive
 from .runtime import ConfigHolder, Runtime
 from .settings import ClientKey
@@ -39,12 +45,52 @@ def models() -> Response:
     return Response(orjson.dumps(body), 200, {"Content-Type": "application/json"})
 
 
+@dataclass(frozen=True, slots=True)
+class Route:
+    """How one OpenAI endpoint is proxied."""
+
+    path: str                         # appended to the provider's base-url
+    fold: Callable[..., dict] | None  # folds a stream into this endpoint's JSON; None = never forced
+    required: str | None              # a body field the endpoint cannot do without
+    usage_option: bool = True         # forced requests add stream_options.include_usage
+    streams: bool = True              # False: the client's "stream" field is removed (never streamed)
+
+
+# /v1/responses has no stream_options.include_usage (upstreams reject it) and
+# always reports usage in its final event, so forcing it adds only stream: true.
+CHAT = Route("/chat/completions", fold_chat_chunks, "messages")
+COMPLETIONS = Route("/completions", fold_text_chunks, "prompt")
+RESPONSES = Route("/responses", fold_responses_chunks, None, usage_option=False)
+COMPACT = Route("/responses/compact", None, None, streams=False)
+EMBEDDINGS = Route("/embeddings", None, "input", streams=False)
+
+
 @bp.post("/v1/chat/completions")
 def chat_completions() -> Response:
-    return proxy_request("/chat/completions", fold_chat_chunks, required="messages")
+    return proxy_request(CHAT)
 
 
-def proxy_request(path: str, fold, required: str | None) -> Response:
+@bp.post("/v1/completions")
+def completions() -> Response:
+    return proxy_request(COMPLETIONS)
+
+
+@bp.post("/v1/responses")
+def responses() -> Response:
+    return proxy_request(RESPONSES)
+
+
+@bp.post("/v1/responses/compact")
+def responses_compact() -> Response:
+    return proxy_request(COMPACT)
+
+
+@bp.post("/v1/embeddings")
+def embeddings() -> Response:
+    return proxy_request(EMBEDDINGS)
+
+
+def proxy_request(route: Route) -> Response:
     """Authenticate, validate, route and run one request; shared by every proxied route."""
     config = holder()
     runtime = config.current()
@@ -56,27 +102,33 @@ def proxy_request(path: str, fold, required: str | None) -> Response:
         raise BadRequest("you must provide a model parameter" if model is None
                          else "model must be a non-empty string", param="model")
     g.log["model"] = model
+    required = route.required
     if required is not None and required not in body:
         raise BadRequest(f"Missing required parameter: '{required}'.", param=required)
     if required == "messages" and (not isinstance(body["messages"], list) or not body["messages"]):
         raise BadRequest("messages must be a non-empty array", param="messages")
+    if not route.streams:
+        body.pop("stream", None)
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise BadRequest("stream must be a boolean", param="stream")
     targets = runtime.router.resolve(model)
-    call = Call(path, body, bool(stream), g.request_id, client_headers(request.environ), fold, g.log)
+    fold = route.fold
+    call = Call(route.path, body, bool(stream), g.request_id, client_headers(request.environ), fold,
+                route.usage_option, g.log)
 
     def run():
         return execute(settings, config.sessions, config.keys, targets, call)
 
     on_end = end_logger(g.log)
     if not stream and fold is not None and settings.nonstream_keepalive_interval > 0:
-        g.log["deferred"] = True
-        return with_keepalive(settings.nonstream_keepalive_interval, run, on_end)
+        response = with_keepalive(settings.nonstream_keepalive_interval, run, on_end)
+        if response.is_streamed:
+            g.log["deferred"] = True  # padded: logged when the JSON has gone out
+        return response
     outcome = run()
     if outcome.stream is not None:
         g.log["deferred"] = True  # logged when the stream ends
-    g.log["status"] = outcome.status
     return to_response(outcome, on_end)
 
 
@@ -118,14 +170,25 @@ def read_json_body(limit: int) -> dict:
 
 
 def end_logger(fields: dict):
-    """A callback that writes the deferred access-log line once a stream has ended."""
-    def on_end(result: str) -> None:
-        fields["result"] = result
-        write_access_log(fields)
+    """A callback for when the answer has gone out: token metrics, and the deferred log line of a stream."""
+    def on_end(status: int, result: str, usage_bytes: bytes) -> None:
+        fields["status"] = status
+        fields.setdefault("result", result)
+        if usage_bytes:
+            metrics.count_tokens(fields.get("client", "-"), metrics.usage_in(usage_bytes))
+        if fields.get("deferred"):
+            started = fields.get("started")
+            if started is not None and fields.get("provider"):
+                metrics.UPSTREAM_SECONDS.labels(fields["provider"]).observe(time.perf_counter() - started)
+            write_access_log(fields)
     return on_end
 
 
 def write_access_log(fields: dict) -> None:
+    """The one log line per request (no keys, no content), and the request counter."""
+    provider = fields.get("provider", "-")
+    metrics.REQUESTS.labels(fields.get("rule", "unmatched"), fields.get("model", "-") if provider != "-" else "-",
+                            provider, str(fields.get("status", "-"))).inc()
     access_log.info(
         "request_id=%s route=%s model=%s provider=%s status=%s upstream_ms=%s forced_stream=%s "
         "folded=%s attempts=%s keys=%s client=%s result=%s",

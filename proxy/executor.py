@@ -17,7 +17,7 @@ from typing import Any, Callable
 import orjson
 import requests
 
-from . import upstream
+from . import metrics, upstream
 from .errors import ProxyError, RateLimited, UpstreamUnavailable, error_body
 from .keys import RATE_LIMIT_DEFAULT, REFUSED_KEY_COOLDOWN, KeyPool
 from .routing import Target
@@ -47,6 +47,7 @@ class Call:
     request_id: str
     client_headers: dict[str, str]
     fold: Callable[..., dict] | None = None  # how to fold a stream for this route, None = never
+    usage_option: bool = True  # a forced request also asks for stream_options.include_usage
     log: dict[str, Any] = field(default_factory=dict)
 
 
@@ -80,9 +81,11 @@ def execute(settings: Settings, sessions: upstream.Sessions, keys: KeyPool,
             if not getattr(exc, "retryable", True):
                 raise
             failure = exc
+            metrics.RETRIES.labels(target.provider.name, str(exc.code or exc.status)).inc()
             continue
         if outcome.status in RETRY_STATUSES or outcome.status in REFUSED_STATUSES:
             failure = outcome
+            metrics.RETRIES.labels(target.provider.name, str(outcome.status)).inc()
             continue
         return outcome
     if failure is None:
@@ -109,8 +112,9 @@ def _attempt(settings: Settings, sessions: upstream.Sessions, keys: KeyPool,
     body["model"] = target.model
     if forced:
         body["stream"] = True
-        options = body.get("stream_options")
-        body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+        if call.usage_option:
+            options = body.get("stream_options")
+            body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
     headers = dict(call.client_headers)
     headers.update(provider.headers)
     headers["Content-Type"] = "application/json"
@@ -128,20 +132,27 @@ def _attempt(settings: Settings, sessions: upstream.Sessions, keys: KeyPool,
         raise
     finally:
         call.log["upstream_ms"] = round((time.perf_counter() - started) * 1000, 1)
+    metrics.UPSTREAM_TTFB.labels(provider.name).observe(time.perf_counter() - started)
     keys.connected(provider.name)
     status = response.status_code
     if status >= 400 or status < 200:
         with response:
             if status == 429:
                 keys.cool(provider.name, entry, retry_after(response.headers.get("Retry-After")))
+                metrics.COOLDOWNS.labels(provider.name, "rate_limited").inc()
             elif status in REFUSED_STATUSES:
                 keys.cool(provider.name, entry, REFUSED_KEY_COOLDOWN)
+                metrics.COOLDOWNS.labels(provider.name, "key_refused").inc()
             return passthrough_error(response)
     try:
-        return _success(settings, response, call, forced)
+        outcome = _success(settings, response, call, forced)
     except BaseException:
         response.close()
         raise
+    call.log["started"] = started
+    if outcome.stream is None:
+        metrics.UPSTREAM_SECONDS.labels(provider.name).observe(time.perf_counter() - started)
+    return outcome
 
 
 def _success(settings: Settings, response: requests.Response, call: Call, forced: bool) -> Outcome:
@@ -156,8 +167,14 @@ def _success(settings: Settings, response: requests.Response, call: Call, forced
               or (forced and "json" not in content_type))
     if call.fold is not None and is_sse:
         call.log["folded"] = True
-        with response:
-            folded = call.fold(upstream.read_chunks(response, first), settings.max_aggregate_bytes)
+        provider = call.log["provider"]
+        try:
+            with response:
+                folded = call.fold(upstream.read_chunks(response, first), settings.max_aggregate_bytes)
+        except ProxyError as exc:
+            metrics.FOLDS.labels(provider, str(exc.code or exc.status)).inc()
+            raise
+        metrics.FOLDS.labels(provider, "ok").inc()
         return Outcome(200, "application/json", orjson.dumps(folded))
     with response:
         body = upstream.read_body(response, first, settings.max_aggregate_bytes)

@@ -253,17 +253,23 @@ class ChatFold:
     def result(self) -> dict:
         """The folded ``chat.completion``, or ``StreamError`` if the stream was not complete."""
         states = self.choices
+        return self._envelope("chat.completion", "chatcmpl-",
+                              [_render_choice(index, states[index]) for index in sorted(states)])
+
+    def _envelope(self, kind: str, id_prefix: str, choices: list[dict]) -> dict:
+        """Check the stream was complete, then wrap rendered choices with the top-level fields."""
+        states = self.choices
         if not self.done and not (states and all(s.finish for s in states.values())):
             raise StreamError("upstream stream ended early", retryable=True, code="upstream_stream_ended_early")
         if not states:
             raise StreamError("upstream stream carried no choices", code="upstream_stream_empty")
         first = self.first
         out = {
-            "id": first.get("id") or f"chatcmpl-{os.urandom(12).hex()}",
-            "object": "chat.completion",
+            "id": first.get("id") or f"{id_prefix}{os.urandom(12).hex()}",
+            "object": kind,
             "created": first["created"] if "created" in first else int(time.time()),
             "model": first.get("model") or "",
-            "choices": [_render_choice(index, states[index]) for index in sorted(states)],
+            "choices": choices,
         }
         if "system_fingerprint" in first:
             out["system_fingerprint"] = first["system_fingerprint"]
@@ -320,9 +326,8 @@ def _preview(data: bytes) -> str:
     return repr(text + ("..." if len(data) > 80 else ""))
 
 
-def fold_events(events: Iterable[tuple[bytes, bytes]], max_bytes: int = DEFAULT_MAX_BYTES) -> dict:
-    """Fold ``(event, data)`` pairs, stopping at ``[DONE]``."""
-    fold = ChatFold(max_bytes)
+def run_fold(fold, events: Iterable[tuple[bytes, bytes]]) -> dict:
+    """Feed ``(event, data)`` pairs to a fold until it is done or the stream ends; return its result."""
     feed = fold.feed
     for event, data in events:
         feed(event, data)
@@ -333,9 +338,9 @@ def fold_events(events: Iterable[tuple[bytes, bytes]], max_bytes: int = DEFAULT_
 
 def fold_chat(lines: Iterable[bytes], max_bytes: int = DEFAULT_MAX_BYTES) -> dict:
     """Fold SSE lines (bytes, without terminators) into a ``chat.completion`` dict."""
-    return fold_events(events_from_lines(lines), max_bytes)
+    return run_fold(ChatFold(max_bytes), events_from_lines(lines))
 
 
 def fold_chat_chunks(chunks: Iterable[bytes], max_bytes: int = DEFAULT_MAX_BYTES) -> dict:
     """Fold raw network reads (split anywhere) into a ``chat.completion`` dict."""
-    return fold_events(iter_events(chunks), max_bytes)
+    return run_fold(ChatFold(max_bytes), iter_events(chunks))

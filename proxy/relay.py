@@ -14,7 +14,7 @@ from typing import Callable
 
 from flask import Response
 
-from . import upstream
+from . import metrics, upstream
 from .errors import ProxyError
 from .executor import Outcome
 
@@ -22,18 +22,24 @@ log = logging.getLogger(__name__)
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def to_response(outcome: Outcome, on_end: Callable[[str], None]) -> Response:
+def to_response(outcome: Outcome, on_end: Callable[[int, str, bytes], None]) -> Response:
+    """The client's response; ``on_end(status, result, usage_bytes)`` runs once the body is out or cut."""
     if outcome.stream is None:
         headers = {"Content-Type": outcome.content_type, **outcome.headers}
+        on_end(outcome.status, "complete", outcome.body if outcome.status < 300 else b"")
         return Response(outcome.body, outcome.status, headers)
     return Response(_relay(outcome, on_end), 200,
                     {"Content-Type": outcome.content_type, **SSE_HEADERS}, direct_passthrough=True)
 
 
-def _relay(outcome: Outcome, on_end: Callable[[str], None]):
-    response, result = outcome.stream, "client closed"
+def _relay(outcome: Outcome, on_end: Callable[[int, str, bytes], None]):
+    response, result, usage = outcome.stream, "client closed", b""
+    metrics.ACTIVE_STREAMS.inc()
     try:
-        yield from upstream.read_chunks(response, outcome.first)
+        for data in upstream.read_chunks(response, outcome.first):
+            if b'_tokens"' in data:  # keep the read that carries usage, for the token metrics
+                usage = data
+            yield data
         result = "complete"
     except ProxyError as exc:
         # Headers are gone; say it in the stream so SDKs raise instead of
@@ -42,11 +48,12 @@ def _relay(outcome: Outcome, on_end: Callable[[str], None]):
         yield b"data: " + exc.body() + b"\n\n"
     finally:
         response.close()
-        on_end(result)
+        metrics.ACTIVE_STREAMS.dec()
+        on_end(200, result, usage)
 
 
 def with_keepalive(interval: float, run: Callable[[], Outcome],
-                   on_end: Callable[[str], None]) -> Response:
+                   on_end: Callable[[int, str, bytes], None]) -> Response:
     """Run ``run`` in a helper thread; if it takes longer than ``interval``, commit 200 and pad.
 
     JSON parsers skip leading whitespace, so the client sees blank lines and
@@ -74,7 +81,7 @@ def with_keepalive(interval: float, run: Callable[[], Outcome],
         return to_response(box["outcome"], on_end)
 
     def padded():
-        result = "client closed"
+        result, body = "client closed", b""
         try:
             yield b"\n"  # commit the 200 now: the interval has already passed once
             while not done.wait(interval):
@@ -85,9 +92,10 @@ def with_keepalive(interval: float, run: Callable[[], Outcome],
             else:
                 outcome = box["outcome"]
                 result = "complete" if outcome.status < 400 else f"upstream {outcome.status} after keep-alive"
+                body = outcome.body if outcome.status < 300 else b""
                 yield outcome.body
         finally:
-            on_end(result)
+            on_end(200, result, body)
 
     return Response(padded(), 200, {"Content-Type": "application/json", "Cache-Control": "no-cache",
                                     "X-Accel-Buffering": "no"}, direct_passthrough=True)

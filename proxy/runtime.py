@@ -56,45 +56,50 @@ class ConfigHolder:
 
     def current(self) -> Runtime:
         if self.path is not None and time.monotonic() >= self._next_check:
-            self.check_file()
+            self.check_file(force=False)
         return self.runtime
 
-    def check_file(self) -> bool:
-        """Reload if the file changed and validates; True when a new config was installed."""
-        if not self._lock.acquire(blocking=False):
-            return False  # another thread is already looking
+    def check_file(self, force: bool = True) -> bool:
+        """Reload if the file changed and validates; True when a new config was installed.
+
+        Threads that arrive while another one is reloading wait for it, so no
+        request that starts after the check is served by the old config.
+        """
+        with self._lock:
+            if not force and time.monotonic() < self._next_check:
+                return False  # another thread checked while we waited
+            return self._check_file()
+
+    def _check_file(self) -> bool:
+        self._next_check = time.monotonic() + CHECK_INTERVAL
         try:
-            self._next_check = time.monotonic() + CHECK_INTERVAL
-            try:
-                stat = os.stat(self.path)
-            except OSError:
-                return False
-            stamp = (stat.st_mtime_ns, stat.st_size)
-            if self._fingerprint is not None and self._fingerprint[:2] == stamp:
-                return False
-            raw = self._read()
-            if raw is None:
-                return False
-            digest = hashlib.sha256(raw).digest()
-            if self._fingerprint is not None and self._fingerprint[2] == digest:
-                self._fingerprint = (*stamp, digest)
-                return False
-            self._fingerprint = (*stamp, digest)
-            try:
-                document = yaml.safe_load(raw)
-                settings = build_settings(document, self.environ)
-            except yaml.YAMLError as exc:
-                log.error("settings file %s changed but is not valid YAML; keeping the running config: %s",
-                          self.path, str(exc).replace("\n", " "))
-                return False
-            except SettingsError as exc:
-                log.error("settings file %s changed but does not validate; keeping the running config: %s",
-                          self.path, "; ".join(exc.problems))
-                return False
-            self.install(settings, document)
-            return True
-        finally:
-            self._lock.release()
+            stat = os.stat(self.path)
+        except OSError:
+            return False
+        stamp = (stat.st_mtime_ns, stat.st_size)
+        if self._fingerprint is not None and self._fingerprint[:2] == stamp:
+            return False
+        raw = self._read()
+        if raw is None:
+            return False
+        digest = hashlib.sha256(raw).digest()
+        unchanged = self._fingerprint is not None and self._fingerprint[2] == digest
+        self._fingerprint = (*stamp, digest)
+        if unchanged:
+            return False
+        try:
+            document = yaml.safe_load(raw)
+            settings = build_settings(document, self.environ)
+        except yaml.YAMLError as exc:
+            log.error("settings file %s changed but is not valid YAML; keeping the running config: %s",
+                      self.path, str(exc).replace("\n", " "))
+            return False
+        except SettingsError as exc:
+            log.error("settings file %s changed but does not validate; keeping the running config: %s",
+                      self.path, "; ".join(exc.problems))
+            return False
+        self.install(settings, document)
+        return True
 
     def install(self, settings: Settings, document: Any, fingerprint: tuple | None = None) -> None:
         """Swap in a validated config and log what changed.

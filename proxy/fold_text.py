@@ -1,0 +1,64 @@
+"""Fold a legacy ``/v1/completions`` event stream into one ``text_completion``.
+
+Same framing and top-level rules as the chat fold (it reuses ``ChatFold``);
+per choice ``text`` is concatenated, ``finish_reason`` is the last explicit
+value (``stop`` after ``[DONE]`` when none was sent), and the legacy
+``logprobs`` lists (``tokens``, ``token_logprobs``, ``top_logprobs``,
+``text_offset``) are appended.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+from .fold import DEFAULT_MAX_BYTES, ChatFold, _Choice, run_fold
+from .sse import iter_events
+
+
+class TextFold(ChatFold):
+    def _choices(self, choices: list) -> None:
+        states = self.choices
+        for raw in choices:
+            index = raw.get("index", 0)
+            state = states.get(index)
+            if state is None:
+                state = states[index] = _Choice()
+            for key, value in raw.items():
+                if key == "text":
+                    if value:
+                        state.content.append(value)
+                        self.size += len(value)
+                elif key == "finish_reason":
+                    if value:
+                        state.finish = value
+                elif key == "logprobs":
+                    if value:
+                        self._legacy_logprobs(state, value)
+                elif key != "index" and (value is not None or key not in state.extra):
+                    state.extra[key] = value
+
+    def _legacy_logprobs(self, state: _Choice, logprobs: dict) -> None:
+        if state.logprobs is None:
+            state.logprobs = {}
+        for key, items in logprobs.items():
+            if isinstance(items, list):
+                state.logprobs.setdefault(key, []).extend(items)
+                self.size += 16 * len(items)
+            elif items is not None:
+                state.logprobs[key] = items
+
+    def result(self) -> dict:
+        states = self.choices
+        choices = []
+        for index in sorted(states):
+            state = states[index]
+            choice = {"index": index, "text": "".join(state.content), "logprobs": state.logprobs,
+                      "finish_reason": state.finish or "stop"}
+            for key, value in state.extra.items():
+                choice.setdefault(key, value)
+            choices.append(choice)
+        return self._envelope("text_completion", "cmpl-", choices)
+
+
+def fold_text_chunks(chunks: Iterable[bytes], max_bytes: int = DEFAULT_MAX_BYTES) -> dict:
+    """Fold raw reads of a ``/v1/completions`` stream into a ``text_completion`` dict."""
+    return run_fold(TextFold(max_bytes), iter_events(chunks))

@@ -1,0 +1,72 @@
+"""Prometheus metrics, correct under several gunicorn workers.
+
+With ``PROMETHEUS_MULTIPROC_DIR`` set (``gunicorn.conf.py`` creates and
+cleans one), each worker writes its values to files there and ``/metrics``
+sums them with ``MultiProcessCollector``; without it (tests, ``python app.py``)
+the process's own registry is served. Labels never carry a key: clients are
+labelled by their configured name or ``...abcd``, and the model label is only
+the routed name (an unknown model is ``-``, so clients cannot grow the series).
+"""
+from __future__ import annotations
+
+import os
+import re
+
+from flask import Blueprint, Response
+from prometheus_client import (CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Gauge, Histogram,
+                               generate_latest)
+from prometheus_client.multiprocess import MultiProcessCollector
+
+bp = Blueprint("metrics", __name__)
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+REQUESTS = Counter("streamfold_requests_total", "Client requests by route, model, provider and status",
+                   ["route", "model", "provider", "status"])
+UPSTREAM_SECONDS = Histogram("streamfold_upstream_seconds", "Upstream time until its answer was complete",
+                             ["provider"], buckets=_LATENCY_BUCKETS)
+UPSTREAM_TTFB = Histogram("streamfold_upstream_ttfb_seconds", "Upstream time until its response headers",
+                          ["provider"], buckets=_LATENCY_BUCKETS)
+FOLDS = Counter("streamfold_folded_streams_total", "Upstream event streams folded into one JSON answer",
+                ["provider", "result"])
+RETRIES = Counter("streamfold_retries_total", "Attempts that failed over to another key or provider",
+                  ["provider", "reason"])
+COOLDOWNS = Counter("streamfold_cooldowns_total", "Keys put on cooldown (429 or a refused key)",
+                    ["provider", "reason"])
+ACTIVE_STREAMS = Gauge("streamfold_active_streams", "Streams being relayed right now", multiprocess_mode="livesum")
+TOKENS = Counter("streamfold_tokens_total", "Tokens reported by upstream usage, by client key label",
+                 ["client", "kind"])
+
+_PROMPT = re.compile(rb'"(?:prompt_tokens|input_tokens)"\s*:\s*(\d+)')
+_COMPLETION = re.compile(rb'"(?:completion_tokens|output_tokens)"\s*:\s*(\d+)')
+
+
+def usage_in(data: bytes) -> tuple[int, int] | None:
+    """(prompt, completion) tokens from the last ``usage`` object in raw JSON or SSE bytes.
+
+    A targeted scan instead of a parse: relayed answers are never decoded.
+    """
+    at = data.rfind(b'"usage"')
+    if at < 0:
+        return None
+    tail = data[at:]
+    prompt, completion = _PROMPT.search(tail), _COMPLETION.search(tail)
+    if prompt is None and completion is None:
+        return None
+    return (int(prompt.group(1)) if prompt else 0, int(completion.group(1)) if completion else 0)
+
+
+def count_tokens(client: str, usage: tuple[int, int] | None) -> None:
+    if usage is not None:
+        TOKENS.labels(client, "prompt").inc(usage[0])
+        TOKENS.labels(client, "completion").inc(usage[1])
+
+
+@bp.get("/metrics")
+def metrics() -> Response:
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+    else:
+        registry = REGISTRY
+    return Response(generate_latest(registry), 200, {"Content-Type": CONTENT_TYPE_LATEST})
