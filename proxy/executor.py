@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import email.utils
 import time
+from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import orjson
-import requests
+from urllib3 import HTTPResponse
 
 from . import metrics, upstream
 from .errors import ProxyError, RateLimited, UpstreamUnavailable, error_body
@@ -56,7 +57,7 @@ class Outcome:
     status: int
     content_type: str
     body: bytes = b""
-    stream: requests.Response | None = None  # set for a live stream: relay ``first`` then the rest
+    stream: HTTPResponse | None = None  # set for a live stream: relay ``first`` then the rest
     first: bytes = b""
     headers: dict[str, str] = field(default_factory=dict)
 
@@ -125,7 +126,7 @@ def _attempt(settings: Settings, sessions: upstream.Sessions, keys: KeyPool,
         headers["Authorization"] = f"Bearer {entry.api_key}"
     started = time.perf_counter()
     try:
-        response = upstream.post(sessions.get(provider), provider.base_url + call.path,
+        response = upstream.post(sessions, provider, provider.base_url + call.path,
                                  orjson.dumps(body), headers, entry, settings.timeouts)
     except UpstreamUnavailable:
         keys.connect_failed(provider.name)
@@ -134,9 +135,9 @@ def _attempt(settings: Settings, sessions: upstream.Sessions, keys: KeyPool,
         call.log["upstream_ms"] = round((time.perf_counter() - started) * 1000, 1)
     metrics.UPSTREAM_TTFB.labels(provider.name).observe(time.perf_counter() - started)
     keys.connected(provider.name)
-    status = response.status_code
+    status = response.status
     if status >= 400 or status < 200:
-        with response:
+        with closing(response):
             if status == 429:
                 keys.cool(provider.name, entry, retry_after(response.headers.get("Retry-After")))
                 metrics.COOLDOWNS.labels(provider.name, "rate_limited").inc()
@@ -155,7 +156,7 @@ def _attempt(settings: Settings, sessions: upstream.Sessions, keys: KeyPool,
     return outcome
 
 
-def _success(settings: Settings, response: requests.Response, call: Call, forced: bool) -> Outcome:
+def _success(settings: Settings, response: HTTPResponse, call: Call, forced: bool) -> Outcome:
     content_type = response.headers.get("Content-Type", "")
     first = upstream.read_first(response)
     if not first.strip():
@@ -169,21 +170,21 @@ def _success(settings: Settings, response: requests.Response, call: Call, forced
         call.log["folded"] = True
         provider = call.log["provider"]
         try:
-            with response:
+            with closing(response):
                 folded = call.fold(upstream.read_chunks(response, first), settings.max_aggregate_bytes)
         except ProxyError as exc:
             metrics.FOLDS.labels(provider, str(exc.code or exc.status)).inc()
             raise
         metrics.FOLDS.labels(provider, "ok").inc()
         return Outcome(200, "application/json", orjson.dumps(folded))
-    with response:
+    with closing(response):
         body = upstream.read_body(response, first, settings.max_aggregate_bytes)
-    return Outcome(response.status_code, content_type or "application/json", body)
+    return Outcome(response.status, content_type or "application/json", body)
 
 
-def passthrough_error(response: requests.Response) -> Outcome:
+def passthrough_error(response: HTTPResponse) -> Outcome:
     """An upstream error answer, relayed with its status; non-JSON bodies are wrapped OpenAI-style."""
-    status = response.status_code
+    status = response.status
     try:
         body = upstream.read_body(response, b"", ERROR_BODY_LIMIT)
     except ProxyError:

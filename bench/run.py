@@ -1,0 +1,274 @@
+"""streamfold benchmark: the proxy against the same upstream called directly, one table.
+
+    bench/run.sh [--seconds 5] [--smoke] [--with-litellm] [--only json,fold,...]
+
+Starts nginx (a static upstream that is never the bottleneck) serving fixture
+answers, the proxy under gunicorn with the shipped gunicorn.conf.py, and wrk as
+the load generator; runs each scenario for a fixed time; stops all it started;
+prints scenario / proxy / direct / ratio and writes bench/results.json.
+Load generator, upstream and proxy share the machine's cores, as they would on
+one box; the ratios are what matter.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+WORK = HERE / ".work"
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(HERE))
+
+from fold_bench import make_stream  # noqa: E402
+
+import endurance  # noqa: E402
+
+KEY = "sk-bench-client-key"
+BODY = {"model": "{model}", "messages": [{"role": "user", "content": "Say hello in one word."}],
+        "max_tokens": 16}
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- fixtures and servers ---------------------------------------------------------------------
+def completion_json() -> bytes:
+    return json.dumps({
+        "id": "chatcmpl-bench", "object": "chat.completion", "created": 1764000000, "model": "bench-model",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello! " * 40},
+                     "logprobs": None, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 14, "completion_tokens": 80, "total_tokens": 94}}).encode()
+
+
+def stream_200() -> bytes:
+    head = {"id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 1764000000, "model": "bench"}
+    events = [dict(head, choices=[{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                   "logprobs": None, "finish_reason": None}])]
+    events += [dict(head, choices=[{"index": 0, "delta": {"content": f" token{i}"}, "logprobs": None,
+                                    "finish_reason": None}]) for i in range(197)]
+    events.append(dict(head, choices=[{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}]))
+    events.append(dict(head, choices=[], usage={"prompt_tokens": 14, "completion_tokens": 198,
+                                                "total_tokens": 212}))
+    return b"".join(b"data: " + json.dumps(e, separators=(",", ":")).encode() + b"\n\n" for e in events) \
+        + b"data: [DONE]\n\n"
+
+
+def write_fixtures() -> Path:
+    www = WORK / "www"
+    for name, content in (("json", completion_json()), ("sse200", stream_200()), ("sse2000", make_stream())):
+        target = www / name / "v1" / "chat" / "completions"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(content)
+    return www
+
+
+def start_nginx(www: Path, port: int) -> subprocess.Popen:
+    conf = WORK / "nginx.conf"
+    conf.write_text(f"""
+worker_processes 1;
+daemon off;
+pid {WORK}/nginx.pid;
+error_log {WORK}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    keepalive_requests 1000000;
+    client_body_temp_path {WORK}/nginx-body;
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        root {www};
+        # Static files answer POST with 405; serve the file instead.
+        error_page 405 =200 $uri;
+        location /json/ {{ default_type application/json; }}
+        location /sse200/ {{ default_type text/event-stream; }}
+        location /sse2000/ {{ default_type text/event-stream; }}
+    }}
+}}
+""")
+    proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(WORK)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    wait_port(port)
+    return proc
+
+
+def settings(nginx_port: int, slow_port: int) -> Path:
+    import yaml
+    base = f"http://127.0.0.1:{nginx_port}"
+    providers = [
+        {"name": "json", "base-url": f"{base}/json/v1", "models": [{"name": "bench-model", "alias": "bench-json"}]},
+        {"name": "fold", "base-url": f"{base}/sse200/v1", "force-upstream-stream": True,
+         "models": [{"name": "bench-model", "alias": "bench-fold"}]},
+        {"name": "stream", "base-url": f"{base}/sse200/v1", "models": [{"name": "bench-model", "alias": "bench-stream"}]},
+        {"name": "slow", "base-url": f"http://127.0.0.1:{slow_port}/v1",
+         "models": [{"name": "bench-model", "alias": "bench-slow"}]},
+    ]
+    path = WORK / "settings.yaml"
+    path.write_text(yaml.safe_dump({"api-keys": [KEY], "timeouts": {"connect": 5, "read": 60},
+                                    "openai-compatibility": providers}, sort_keys=False))
+    return path
+
+
+def start_proxy(settings_path: Path, port: int, env: dict | None = None) -> subprocess.Popen:
+    environ = dict(os.environ, PROXY_SETTINGS=str(settings_path), LOG_LEVEL="warning", **(env or {}))
+    environ.pop("PORT", None)
+    log = open(WORK / "proxy.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "app:app", "--bind", f"127.0.0.1:{port}"],
+                            cwd=ROOT, env=environ, stdout=log, stderr=subprocess.STDOUT)
+    wait_port(port, path="/healthz")
+    return proc
+
+
+def wait_port(port: int, path: str | None = None, timeout: float = 30) -> None:
+    import socket
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+                if path is None:
+                    return
+                sock.sendall(f"GET {path} HTTP/1.0\r\n\r\n".encode())
+                if b" 200 " in sock.recv(1024):
+                    time.sleep(0.5)  # let every worker finish booting
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"nothing answered on port {port}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+# -- wrk --------------------------------------------------------------------------------------
+def wrk(url: str, model: str, connections: int, seconds: float, stream: bool = False) -> dict:
+    body = json.dumps({**BODY, "model": model, "stream": stream})
+    script = WORK / f"post-{model}-{int(stream)}.lua"
+    script.write_text(f"""
+wrk.method = "POST"
+wrk.body = {json.dumps(body)}
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer {KEY}"
+""")
+    threads = max(1, min(2, connections))
+    out = subprocess.run(["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{seconds:g}s", "--latency",
+                          "-s", str(script), url], capture_output=True, text=True, check=True).stdout
+    result = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))}
+    for pct in ("50", "99"):
+        match = re.search(rf"\s{pct}%\s+([\d.]+)(us|ms|s)", out)
+        value, unit = float(match.group(1)), match.group(2)
+        result[f"p{pct}_ms"] = value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    result["errors"] = int(errors.group(1)) if errors else 0
+    return result
+
+
+# -- scenarios --------------------------------------------------------------------------------
+def run(args) -> list[dict]:
+    WORK.mkdir(exist_ok=True)
+    www = write_fixtures()
+    nginx_port, proxy_port, slow_port = free_port(), free_port(), free_port()
+    nginx = start_nginx(www, nginx_port)
+    slow = endurance.start_slow_upstream(slow_port, args.endurance_seconds)
+    proxy = start_proxy(settings(nginx_port, slow_port), proxy_port)
+    rows: list[dict] = []
+    seconds = args.seconds
+    direct = f"http://127.0.0.1:{nginx_port}"
+    via = f"http://127.0.0.1:{proxy_port}/v1/chat/completions"
+    try:
+        if "json" in args.only:
+            for c in (8, 32):
+                p, d = wrk(via, "bench-json", c, seconds), wrk(f"{direct}/json/v1/chat/completions", "x", c, seconds)
+                rows.append(row(f"JSON relay, c{c}", p["rps"], d["rps"], "req/s", p["errors"]))
+            p, d = wrk(via, "bench-json", 1, seconds), wrk(f"{direct}/json/v1/chat/completions", "x", 1, seconds)
+            rows.append(row("JSON relay, c1, p50 added", p["p50_ms"] - d["p50_ms"], None, "ms", p["errors"]))
+            rows.append(row("JSON relay, c1, p99 added", p["p99_ms"] - d["p99_ms"], None, "ms", p["errors"]))
+        if "fold" in args.only:
+            p, d = wrk(via, "bench-fold", 8, seconds), wrk(f"{direct}/sse200/v1/chat/completions", "x", 8, seconds)
+            rows.append(row("forced-stream fold, 200 events, c8", p["rps"], d["rps"], "req/s", p["errors"]))
+        if "stream" in args.only:
+            p = wrk(via, "bench-stream", 8, seconds, stream=True)
+            d = wrk(f"{direct}/sse200/v1/chat/completions", "x", 8, seconds, stream=True)
+            rows.append(row("streaming relay, 200 events, c8", p["rps"], d["rps"], "req/s", p["errors"]))
+            rows.append(row("streaming relay, events/s", p["rps"] * 200, d["rps"] * 200, "events/s", p["errors"]))
+        if "endurance" in args.only:
+            result = endurance.run_clients(proxy_port, KEY, args.streams, args.endurance_seconds, proxy.pid)
+            rows.append(row(f"{args.streams} slow streams: completed", result["completed"], args.streams, "streams"))
+            rows.append(row(f"{args.streams} slow streams: first event p99", result["ttfe_p99_ms"], None, "ms"))
+            rows.append(row(f"{args.streams} slow streams: added delay/event p99", result["delay_p99_ms"], None, "ms"))
+            rows.append(row(f"{args.streams} slow streams: proxy peak RSS", result["peak_rss_mb"], None, "MB"))
+        if args.with_litellm:
+            import litellm_bench
+            rows += litellm_bench.run(direct, seconds, wrk, row)
+    finally:
+        stop(proxy)
+        stop(slow)
+        stop(nginx)
+    if "fold" in args.only:
+        fold = subprocess.run([sys.executable, str(HERE / "fold_bench.py"), "--json",
+                               "--seconds", str(min(seconds, 3))], capture_output=True, text=True, check=True)
+        result = json.loads(fold.stdout)
+        rows.append(row("fold alone, 2,000-chunk stream", result["streamfold_chunks_per_s"],
+                        result["litellm_chunks_per_s"], "chunks/s"))
+    return rows
+
+
+def row(name: str, proxy: float, direct: float | None, unit: str, errors: int = 0) -> dict:
+    ratio = round(proxy / direct, 3) if direct else None
+    return {"scenario": name, "proxy": round(proxy, 2), "direct": round(direct, 2) if direct else None,
+            "ratio": ratio, "unit": unit, "errors": errors}
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"{'scenario':48} {'streamfold':>14} {'direct/other':>14} {'ratio':>7}  unit")
+    for r in rows:
+        direct = "" if r["direct"] is None else f"{r['direct']:,.2f}"
+        ratio = "" if r["ratio"] is None else f"{r['ratio']:.3f}"
+        errors = f"  ({r['errors']} errors)" if r["errors"] else ""
+        print(f"{r['scenario']:48} {r['proxy']:>14,.2f} {direct:>14} {ratio:>7}  {r['unit']}{errors}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="streamfold benchmark")
+    parser.add_argument("--seconds", type=float, default=5, help="duration of each wrk run")
+    parser.add_argument("--smoke", action="store_true", help="a few seconds in all, to check the harness works")
+    parser.add_argument("--with-litellm", action="store_true", help="also run LiteLLM's proxy on scenarios 1-3")
+    parser.add_argument("--only", default="json,fold,stream,endurance")
+    parser.add_argument("--streams", type=int, default=1000, help="concurrent slow streams (endurance)")
+    parser.add_argument("--endurance-seconds", type=float, default=10, help="length of each slow stream")
+    parser.add_argument("--output", default=str(HERE / "results.json"))
+    args = parser.parse_args()
+    if args.smoke:
+        args.seconds, args.streams, args.endurance_seconds = 1, 20, 1
+    args.only = set(args.only.split(","))
+    for tool in ("wrk", "nginx"):
+        if shutil.which(tool) is None:
+            sys.exit(f"{tool} is not installed: run bench/run.sh, which installs it")
+    rows = run(args)
+    print_table(rows)
+    Path(args.output).write_text(json.dumps({
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "cores": os.cpu_count(), "python": platform.python_version(),
+        "smoke": args.smoke, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
