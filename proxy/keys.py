@@ -1,18 +1,24 @@
 """Which provider key to use next, and which keys and providers are sitting out.
 
-State lives in the worker process (each gunicorn worker has its own; see the
-README): round-robin counters per provider, cooldowns per ``(provider, key)``
-after a 429 or a refused key, and a short back-off per provider after a
-connect failure. It survives config reloads because it is keyed by name and
-key value, not by the config objects. Plain dict operations are atomic under
-the GIL; the lock only guards the read-modify-write of back-off doubling.
+State lives in the worker process: round-robin counters per provider,
+cooldowns per ``(provider, key id)`` after a 429 or a refused key, and a short
+back-off per provider after a connect failure. It survives config reloads
+because it is keyed by names and key ids, not by config objects. A key id is a
+hash of the key, so cooldowns can be shared through Redis (``shared.py``)
+without the key ever leaving the process. Without Redis each gunicorn worker
+has its own; with it, every cooldown is also announced to all workers of all
+instances (``publish``) and theirs arrive through ``apply_remote``.
+
+Plain dict operations are atomic under the GIL; the lock only guards the
+read-modify-write of back-off doubling.
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 import threading
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
 from .routing import Target
 from .settings import KeyEntry
@@ -23,9 +29,18 @@ BACKOFF_START, BACKOFF_MAX = 1.0, 30.0
 _NO_KEY = KeyEntry(api_key="")
 
 
+def key_id(api_key: str, _cache: dict[str, str] = {}) -> str:  # noqa: B006 - deliberate memo
+    """A stable, non-reversible id for a key (safe to share and to log)."""
+    found = _cache.get(api_key)
+    if found is None:
+        found = _cache[api_key] = hashlib.sha256(api_key.encode()).hexdigest()[:16]
+    return found
+
+
 class KeyPool:
     def __init__(self, clock=time.monotonic) -> None:
         self.clock = clock
+        self.publish: Callable[[str, str, float, str], None] | None = None  # set when Redis is on
         self._turns: dict[str, itertools.count] = {}
         self._cooling: dict[tuple[str, str], float] = {}
         self._backoff: dict[str, tuple[float, float]] = {}  # provider -> (until, current step)
@@ -50,24 +65,45 @@ class KeyPool:
         start = next(turns) % len(entries)
         ordered = entries[start:] + entries[:start]
         now, cooling = self.clock(), self._cooling
-        return [e for e in ordered if cooling.get((provider, e.api_key), 0.0) <= now]
+        if not cooling:
+            return list(ordered)
+        return [e for e in ordered if cooling.get((provider, key_id(e.api_key)), 0.0) <= now]
 
     def soonest_recovery(self, targets: tuple[Target, ...]) -> float:
         """Seconds until the first cooling key of these targets is usable again."""
         now = self.clock()
-        waits = [self._cooling.get((t.provider.name, e.api_key), now) - now
+        waits = [self._cooling.get((t.provider.name, key_id(e.api_key)), now) - now
                  for t in targets for e in t.provider.api_key_entries]
         return max(1.0, min(waits, default=1.0))
 
     def cool(self, provider: str, entry: KeyEntry, seconds: float) -> None:
-        self._cooling[(provider, entry.api_key)] = self.clock() + seconds
+        ident = key_id(entry.api_key)
+        self._cooling[(provider, ident)] = self.clock() + seconds
+        if self.publish is not None:
+            self.publish(provider, ident, seconds, "key")
 
     def connect_failed(self, provider: str) -> None:
         with self._lock:
             _, step = self._backoff.get(provider, (0.0, BACKOFF_START / 2))
             step = min(step * 2, BACKOFF_MAX)
             self._backoff[provider] = (self.clock() + step, step)
+        if self.publish is not None:
+            self.publish(provider, "", step, "backoff")
 
     def connected(self, provider: str) -> None:
         if provider in self._backoff:
             self._backoff.pop(provider, None)
+
+    def apply_remote(self, kind: str, provider: str, ident: str, until_epoch: float) -> None:
+        """A cooldown or back-off announced by another worker or instance (wall-clock ``until``)."""
+        remaining = until_epoch - time.time()
+        if remaining <= 0:
+            return
+        until = self.clock() + remaining
+        if kind == "key":
+            if self._cooling.get((provider, ident), 0.0) < until:
+                self._cooling[(provider, ident)] = until
+        elif kind == "backoff":
+            with self._lock:
+                _, step = self._backoff.get(provider, (0.0, remaining))
+                self._backoff[provider] = (max(until, self._backoff.get(provider, (0.0, 0.0))[0]), step)

@@ -26,6 +26,7 @@ from . import store
 from .errors import BadRequest, ProxyError, RateLimited
 from .runtime import ConfigHolder
 from .settings import SettingsError
+from .shared import SharedUnavailable
 
 bp = Blueprint("management", __name__, url_prefix="/v0/management")
 LOCKOUT_FAILURES, LOCKOUT_WINDOW, LOCKOUT_SECONDS = 5, 60.0, 60.0
@@ -108,7 +109,13 @@ def _json(body, status: int = 200) -> Response:
 
 @bp.get("/config")
 def get_config() -> Response:
-    return _json(store.public_config(_holder().current().settings))
+    holder = _holder()
+    runtime = holder.current()
+    body = store.public_config(runtime.settings)
+    body["provider-sources"] = runtime.sources
+    body["shared-state"] = ("off" if holder.shared is None else
+                            f"redis {'up' if holder.shared.up else 'DOWN'}, providers version {holder.shared.version}")
+    return _json(body)
 
 
 @bp.get("/openai-compatibility")
@@ -188,14 +195,44 @@ def _body():
 
 def _write(change) -> Response:
     holder = _holder()
+    if holder.shared is not None:
+        return _write_shared(holder, change)
     if holder.path is None:
         raise ProxyError("this instance was started without a settings file; nothing to write", status=409,
                          type="invalid_request_error", code="no_settings_file")
     try:
         settings, document, fingerprint = store.update(holder.path, holder.environ, change)
     except SettingsError as exc:
-        return _json({"error": {"message": "the change does not validate: " + "; ".join(exc.problems),
-                                "type": "invalid_request_error", "param": None, "code": "invalid_settings",
-                                "problems": exc.problems}}, 400)
+        return _invalid(exc)
+    holder.file_document = document
     holder.install(settings, document, fingerprint)
     return _json({"status": "ok", "openai-compatibility": [store.public_provider(p) for p in settings.providers]})
+
+
+def _write_shared(holder: ConfigHolder, change) -> Response:
+    """With Redis: the new provider list becomes the shared runtime version, for every instance."""
+    try:
+        settings, document = store.apply_change(holder.runtime.document, holder.environ, change)
+    except SettingsError as exc:
+        return _invalid(exc)
+    providers = document.get("openai-compatibility") or []
+    try:
+        version = holder.shared.store_providers(providers)
+    except SharedUnavailable as exc:
+        raise ProxyError(f"shared state is unavailable, nothing was changed: {exc}", status=503,
+                         type="server_error", code="shared_state_unavailable") from None
+    holder.apply_runtime_providers(version, providers)
+    return _json({"status": "ok", "version": version,
+                  "openai-compatibility": [store.public_provider(p) for p in settings.providers]})
+
+
+def _invalid(exc: SettingsError) -> Response:
+    return _json({"error": {"message": "the change does not validate: " + "; ".join(exc.problems),
+                            "type": "invalid_request_error", "param": None, "code": "invalid_settings",
+                            "problems": exc.problems}}, 400)
+
+
+@bp.get("/config.yaml")
+def export_yaml() -> Response:
+    """The effective settings as YAML (``${VAR}`` kept): how runtime changes go back into the file."""
+    return Response(store.to_yaml(_holder().runtime.document), 200, {"Content-Type": "application/yaml"})

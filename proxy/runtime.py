@@ -15,7 +15,7 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import yaml
@@ -23,6 +23,7 @@ import yaml
 from .keys import KeyPool
 from .routing import Router
 from .settings import Settings, SettingsError, build_settings
+from .shared import Shared
 from .upstream import Sessions
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,8 @@ CHECK_INTERVAL = 1.0
 class Runtime:
     settings: Settings
     router: Router
-    document: Any  # the file as written, ${VAR} unresolved: what management writes back
+    document: Any  # the effective document as written (${VAR} unresolved): what management edits
+    sources: dict[str, str] = field(default_factory=dict)  # provider name -> "file" or "runtime"
 
 
 class ConfigHolder:
@@ -45,14 +47,21 @@ class ConfigHolder:
         self.environ = environ
         self.sessions = Sessions()
         self.keys = KeyPool()
+        self.shared: Shared | None = None
+        self.file_document = document
+        self.runtime_providers: list | None = None  # the shared runtime list (Redis), when there is one
         self._lock = threading.Lock()
         self._next_check = time.monotonic() + CHECK_INTERVAL
         self._fingerprint: tuple | None = None
         if settings is None:
             raw = self._read()
-            document = yaml.safe_load(raw) if raw is not None else None
-            settings = build_settings(document, environ)
-        self.runtime = Runtime(settings, Router(settings), document)
+            self.file_document = yaml.safe_load(raw) if raw is not None else None
+            settings = build_settings(self.file_document, environ)
+        self.runtime = Runtime(settings, Router(settings), self.file_document, _sources(self.file_document, None))
+        if settings.redis_url:
+            self.shared = Shared(settings.redis_url, self.apply_runtime_providers, self.keys.apply_remote)
+            self.keys.publish = self.shared.publish_cooldown
+            self.shared.start()
 
     def current(self) -> Runtime:
         if self.path is not None and time.monotonic() >= self._next_check:
@@ -68,10 +77,14 @@ class ConfigHolder:
         with self._lock:
             if not force and time.monotonic() < self._next_check:
                 return False  # another thread checked while we waited
-            return self._check_file()
+            try:
+                return self._check_file()
+            finally:
+                # Only now: a thread arriving mid-check must wait for it, not
+                # skip it and serve the old config.
+                self._next_check = time.monotonic() + CHECK_INTERVAL
 
     def _check_file(self) -> bool:
-        self._next_check = time.monotonic() + CHECK_INTERVAL
         try:
             stat = os.stat(self.path)
         except OSError:
@@ -89,7 +102,7 @@ class ConfigHolder:
             return False
         try:
             document = yaml.safe_load(raw)
-            settings = build_settings(document, self.environ)
+            settings = build_settings(layer(document, self.runtime_providers), self.environ)
         except yaml.YAMLError as exc:
             log.error("settings file %s changed but is not valid YAML; keeping the running config: %s",
                       self.path, str(exc).replace("\n", " "))
@@ -98,8 +111,22 @@ class ConfigHolder:
             log.error("settings file %s changed but does not validate; keeping the running config: %s",
                       self.path, "; ".join(exc.problems))
             return False
-        self.install(settings, document)
+        self.file_document = document
+        self.install(settings, layer(document, self.runtime_providers))
         return True
+
+    def apply_runtime_providers(self, version: int, providers: list | None) -> None:
+        """A new shared provider list (or none): layer it over the file and install it if it validates."""
+        with self._lock:
+            document = layer(self.file_document, providers)
+            try:
+                settings = build_settings(document, self.environ)
+            except SettingsError as exc:
+                log.error("shared providers version %d does not validate here; keeping the running config: %s",
+                          version, "; ".join(exc.problems))
+                return
+            self.runtime_providers = providers
+            self.install(settings, document)
 
     def install(self, settings: Settings, document: Any, fingerprint: tuple | None = None) -> None:
         """Swap in a validated config and log what changed.
@@ -108,7 +135,8 @@ class ConfigHolder:
         next file check does not load the same content again.
         """
         old = self.runtime.settings
-        self.runtime = Runtime(settings, Router(settings), document)
+        self.runtime = Runtime(settings, Router(settings), document,
+                               _sources(self.file_document, self.runtime_providers))
         if fingerprint is not None:
             self._fingerprint = fingerprint
         log.info("settings reloaded: %s", describe_changes(old, settings))
@@ -123,6 +151,26 @@ class ConfigHolder:
             stat = os.stat(self.path)
             self._fingerprint = (stat.st_mtime_ns, stat.st_size, hashlib.sha256(raw).digest())
         return raw
+
+
+def layer(file_document: Any, providers: list | None) -> Any:
+    """The file's document with its provider list replaced by the shared runtime list, if any."""
+    if providers is None:
+        return file_document
+    document = dict(file_document) if isinstance(file_document, dict) else {}
+    document["openai-compatibility"] = providers
+    return document
+
+
+def _sources(file_document: Any, providers: list | None) -> dict[str, str]:
+    """Where each provider comes from: "file", or "runtime" when the shared list changed or added it."""
+    in_file = {}
+    if isinstance(file_document, dict) and isinstance(file_document.get("openai-compatibility"), list):
+        in_file = {p.get("name"): p for p in file_document["openai-compatibility"] if isinstance(p, dict)}
+    if providers is None:
+        return {name: "file" for name in in_file}
+    return {p.get("name"): "file" if in_file.get(p.get("name")) == p else "runtime"
+            for p in providers if isinstance(p, dict)}
 
 
 def describe_changes(old: Settings, new: Settings) -> str:

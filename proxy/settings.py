@@ -141,7 +141,7 @@ def build_settings(document: Any, environ: Mapping[str, str] | None = None) -> S
         max_aggregate_bytes=v.integer(doc, "", "max-aggregate-bytes", 64 * 1024 * 1024, minimum=1),
         nonstream_keepalive_interval=v.number(doc, "", "nonstream-keepalive-interval", 0.0, minimum=0),
         management=v.management(doc.get("remote-management"), "remote-management", environ),
-        redis_url=v.string(doc, "", "redis-url", ""),
+        redis_url=v.string(doc, "", "redis-url", "") or environ.get("REDIS_URL", ""),
         providers=v.providers(doc.get("openai-compatibility"), "openai-compatibility"),
     )
     if problems:

@@ -46,18 +46,27 @@ def update(path: str, environ: Mapping[str, str],
     Raises ``SettingsError`` (nothing written) when the result does not validate.
     """
     with locked(path):
-        document = read_document(path) or {}
-        if not isinstance(document, dict):
-            raise SettingsError(["(top level): the settings file is not a mapping; fix it by hand"])
-        old_resolved = _resolved_keys(document, environ)
-        new = copy.deepcopy(document)
-        change(new)
-        _restore_redacted_keys(new, old_resolved)
-        settings = build_settings(new, environ)
-        data = yaml.safe_dump(new, sort_keys=False, allow_unicode=True).encode()
+        settings, new = apply_change(read_document(path) or {}, environ, change)
+        data = to_yaml(new)
         write_atomically(path, data)
         stat = os.stat(path)
         return settings, new, (stat.st_mtime_ns, stat.st_size, hashlib.sha256(data).digest())
+
+
+def apply_change(document: Any, environ: Mapping[str, str],
+                 change: Callable[[dict], None]) -> tuple[Settings, dict]:
+    """Apply ``change`` to a copy of the document, keep redacted keys, validate; the document is untouched."""
+    if not isinstance(document, dict):
+        raise SettingsError(["(top level): the settings file is not a mapping; fix it by hand"])
+    old_resolved = _resolved_keys(document, environ)
+    new = copy.deepcopy(document)
+    change(new)
+    _restore_redacted_keys(new, old_resolved)
+    return build_settings(new, environ), new
+
+
+def to_yaml(document: Any) -> bytes:
+    return yaml.safe_dump(document, sort_keys=False, allow_unicode=True).encode()
 
 
 def write_atomically(path: str, data: bytes) -> None:

@@ -280,7 +280,8 @@ def test_patch_under_gunicorn_reaches_every_worker(upstream, tmp_path):
             return requests.post(server.url + "/v1/chat/completions", json=CHAT,
                                  headers={**AUTH, "Connection": "close"}, timeout=10).status_code
 
-        with ThreadPoolExecutor(5) as pool:
+        # 10 at once, each ~0.1 s, against 2 workers that accept 4 connections each: both must serve
+        with ThreadPoolExecutor(10) as pool:
             assert list(pool.map(one, range(20))) == [200] * 20
         seen = upstream.requests[first:]
         assert len(seen) == 20 and all(rec.body["stream"] is True for rec in seen)

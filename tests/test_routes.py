@@ -181,13 +181,14 @@ def test_metrics_are_summed_across_gunicorn_workers(upstream, tmp_path):
     server = Gunicorn(path, workers=2, threads=4)
     try:
         from concurrent.futures import ThreadPoolExecutor
-        upstream.handler = lambda rec: Reply(body=json.dumps(TEXT_COMPLETION).encode())
+        upstream.handler = lambda rec: Reply(body=json.dumps(TEXT_COMPLETION).encode(), hang=0.05)
 
         def one(_):
             return requests.post(server.url + "/v1/completions", json={"model": "m", "prompt": "x"},
                                  headers={**AUTH, "Connection": "close"}, timeout=10).status_code
 
-        with ThreadPoolExecutor(5) as pool:
+        # 10 at once, each >= 50 ms, against 2 workers that accept 4 connections each: both must serve
+        with ThreadPoolExecutor(10) as pool:
             assert list(pool.map(one, range(30))) == [200] * 30
         output = server.output()
         pids = {line.split("[")[1].split("]")[0] for line in output.splitlines() if "route=/v1/completions" in line}

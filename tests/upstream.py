@@ -106,7 +106,7 @@ class FakeUpstream:
                 upstream.requests.append(rec)
                 upstream.answer(self, rec, upstream.handler(rec))
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = _QuietServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
@@ -161,13 +161,18 @@ class FakeUpstream:
             pause = reply.delays.get(i, reply.delay if i else 0.0)
             if pause and self.release.wait(pause):
                 return
+            rec.sent_at.append(time.monotonic())  # before the write: the client may read it at once
             h.wfile.write(b"%x\r\n%s\r\n" % (len(event), event) if reply.chunked else event)
             h.wfile.flush()
             rec.events_sent += 1
-            rec.sent_at.append(time.monotonic())
         if reply.chunked:
             h.wfile.write(b"0\r\n\r\n")
             h.wfile.flush()
+
+
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request, client_address) -> None:
+        """A client (the proxy) dropping a pooled connection is normal here, not a traceback."""
 
 
 def free_port() -> int:
