@@ -19,9 +19,11 @@ workers = int(os.environ.get("WEB_CONCURRENCY", str((os.cpu_count() or 1) + 1)))
 # Sized for long-lived streams (a 2-core box relays 1,000 slow streams at once
 # with 3 x 512, ~200 MB RSS); raise it if you hold more streams open than that.
 threads = int(os.environ.get("GUNICORN_THREADS", "512"))
-# Connections a worker accepts at once: no more than it has threads, so a
-# burst of streams spreads over the workers instead of queueing in one.
-worker_connections = int(os.environ.get("GUNICORN_WORKER_CONNECTIONS", str(threads)))
+# Connections a worker holds at once. gthread parks idle keep-alive
+# connections beyond its threads; only 128 of those, so a burst of streams
+# spreads over the workers instead of queueing behind one worker's threads.
+# (Equal to threads would turn keep-alive off altogether.)
+worker_connections = int(os.environ.get("GUNICORN_WORKER_CONNECTIONS", str(threads + 128)))
 backlog = 2048
 
 # The worker heartbeat, not a request limit: gthread workers keep beating

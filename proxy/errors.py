@@ -46,6 +46,24 @@ class Unauthorized(ProxyError):
     code = "invalid_api_key"
 
 
+class ManagementUnauthorized(ProxyError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_management_key"
+
+
+class Forbidden(ProxyError):
+    status = 403
+    type = "invalid_request_error"
+    code = "forbidden"
+
+
+class NotFound(ProxyError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
 class ModelNotFound(ProxyError):
     status = 404
     type = "invalid_request_error"

@@ -143,24 +143,27 @@ class ChatFold:
             state = states.get(index)
             if state is None:
                 state = states[index] = _Choice()
-            extra = state.extra
-            for key, value in raw.items():
-                if key == "delta":
-                    if not value:
-                        continue
+            self._choice(state, raw)
+
+    def _choice(self, state: _Choice, raw: dict) -> None:
+        """Take one chunk's fields for one choice (``TextFold`` overrides this)."""
+        extra = state.extra
+        for key, value in raw.items():
+            if key == "delta":
+                if value:
                     self._delta(state, value)
-                elif key == "index":
-                    continue
-                elif key == "finish_reason":
-                    if value:  # Ollama sends "" on every non-final chunk
-                        state.finish = value
-                elif key == "logprobs":
-                    if value:
-                        self._logprobs(state, value)
-                elif key in _DROP:
-                    continue
-                elif value is not None or key not in extra:
-                    extra[key] = value
+            elif key == "index":
+                continue
+            elif key == "finish_reason":
+                if value:  # Ollama sends "" on every non-final chunk
+                    state.finish = value
+            elif key == "logprobs":
+                if value:
+                    self._logprobs(state, value)
+            elif key in _DROP:
+                continue
+            elif value is not None or key not in extra:
+                extra[key] = value
 
     def _delta(self, state: _Choice, delta: dict) -> None:
         for key, value in delta.items():

@@ -15,26 +15,20 @@ from .sse import iter_events
 
 
 class TextFold(ChatFold):
-    def _choices(self, choices: list) -> None:
-        states = self.choices
-        for raw in choices:
-            index = raw.get("index", 0)
-            state = states.get(index)
-            if state is None:
-                state = states[index] = _Choice()
-            for key, value in raw.items():
-                if key == "text":
-                    if value:
-                        state.content.append(value)
-                        self.size += len(value)
-                elif key == "finish_reason":
-                    if value:
-                        state.finish = value
-                elif key == "logprobs":
-                    if value:
-                        self._legacy_logprobs(state, value)
-                elif key != "index" and (value is not None or key not in state.extra):
-                    state.extra[key] = value
+    def _choice(self, state: _Choice, raw: dict) -> None:
+        for key, value in raw.items():
+            if key == "text":
+                if value:
+                    state.content.append(value)
+                    self.size += len(value)
+            elif key == "finish_reason":
+                if value:
+                    state.finish = value
+            elif key == "logprobs":
+                if value:
+                    self._legacy_logprobs(state, value)
+            elif key != "index" and (value is not None or key not in state.extra):
+                state.extra[key] = value
 
     def _legacy_logprobs(self, state: _Choice, logprobs: dict) -> None:
         if state.logprobs is None:

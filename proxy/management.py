@@ -23,31 +23,13 @@ import orjson
 from flask import Blueprint, Response, current_app, g, request
 
 from . import store
-from .errors import BadRequest, ProxyError, RateLimited
+from .errors import BadRequest, Forbidden, ManagementUnauthorized, NotFound, ProxyError, RateLimited
 from .runtime import ConfigHolder
 from .settings import SettingsError
 from .shared import SharedUnavailable
 
 bp = Blueprint("management", __name__, url_prefix="/v0/management")
 LOCKOUT_FAILURES, LOCKOUT_WINDOW, LOCKOUT_SECONDS = 5, 60.0, 60.0
-
-
-class NotFound(ProxyError):
-    status = 404
-    type = "invalid_request_error"
-    code = "not_found"
-
-
-class Forbidden(ProxyError):
-    status = 403
-    type = "invalid_request_error"
-    code = "forbidden"
-
-
-class ManagementUnauthorized(ProxyError):
-    status = 401
-    type = "invalid_request_error"
-    code = "invalid_management_key"
 
 
 class _Lockout:

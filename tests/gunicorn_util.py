@@ -20,8 +20,11 @@ class Gunicorn:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.settings_path = settings_path
+        # A worker holds no more connections than it has threads here, so
+        # concurrent test requests are spread over all workers.
         environ = dict(os.environ, PROXY_SETTINGS=str(settings_path), WEB_CONCURRENCY=str(workers),
-                       GUNICORN_THREADS=str(threads), PYTHONUNBUFFERED="1", **(env or {}))
+                       GUNICORN_THREADS=str(threads), GUNICORN_WORKER_CONNECTIONS=str(threads),
+                       PYTHONUNBUFFERED="1", **(env or {}))
         environ.pop("PORT", None)
         self.log_path = settings_path.with_suffix(f".{self.port}.log")
         self.log = open(self.log_path, "wb")

@@ -110,7 +110,8 @@ def test_losing_redis_never_fails_a_request_and_changes_flow_again_after_it_retu
     upstream.handler = fold_or_json
     requests.patch(a.url + "/v0/management/openai-compatibility", headers=MGMT, timeout=10,
                    json={"name": "up", "value": {"force-upstream-stream": True}})
-    wait_until(lambda: all_folded_via(b, upstream), 2.0)
+    # every worker of both instances has applied it before Redis goes away
+    wait_until(lambda: all(i.output().count("force-upstream-stream: false -> true") == 2 for i in (a, b)), 2.0)
     redis_server.stop()
     for instance in (a, b):
         for _ in range(10):
