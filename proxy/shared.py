@@ -115,15 +115,13 @@ class Shared:
             try:
                 pubsub = self.client.pubsub(ignore_subscribe_messages=True)
                 pubsub.subscribe(CHANNEL)
-                # A change published before this subscription took effect would
-                # be missed until the next poll: look once now.
+                # What was announced before this subscription took effect would
+                # be missed: read the current version and cooldowns once now.
+                self._catch_up()
                 if not self.up:
-                    self._catch_up()
                     self.up = True
                     log.warning("shared state: redis at %s is reachable again; caught up to providers version %d",
                                 self.safe_url, self.version)
-                else:
-                    self._poll_version()
                 backoff = 0.5
                 next_poll = time.monotonic() + POLL_INTERVAL
                 while not self._stop.is_set():
