@@ -29,9 +29,8 @@ WORK = HERE / ".work"
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
-from fold_bench import make_stream  # noqa: E402
-
 import endurance  # noqa: E402
+from fold_bench import make_stream  # noqa: E402
 
 KEY = "sk-bench-client-key"
 BODY = {"model": "{model}", "messages": [{"role": "user", "content": "Say hello in one word."}],
@@ -112,7 +111,8 @@ def settings(nginx_port: int, slow_port: int) -> Path:
         {"name": "json", "base-url": f"{base}/json/v1", "models": [{"name": "bench-model", "alias": "bench-json"}]},
         {"name": "fold", "base-url": f"{base}/sse200/v1", "force-upstream-stream": True,
          "models": [{"name": "bench-model", "alias": "bench-fold"}]},
-        {"name": "stream", "base-url": f"{base}/sse200/v1", "models": [{"name": "bench-model", "alias": "bench-stream"}]},
+        {"name": "stream", "base-url": f"{base}/sse200/v1",
+         "models": [{"name": "bench-model", "alias": "bench-stream"}]},
         {"name": "slow", "base-url": f"http://127.0.0.1:{slow_port}/v1",
          "models": [{"name": "bench-model", "alias": "bench-slow"}]},
     ]
@@ -195,6 +195,8 @@ def run(args) -> list[dict]:
     direct = f"http://127.0.0.1:{nginx_port}"
     via = f"http://127.0.0.1:{proxy_port}/v1/chat/completions"
     try:
+        for model, stream in (("bench-json", False), ("bench-fold", False), ("bench-stream", True)):
+            wrk(via, model, 8, 1, stream=stream)  # warm-up: workers' first requests open pools, fill caches
         if "json" in args.only:
             for c in (8, 32):
                 p, d = wrk(via, "bench-json", c, seconds), wrk(f"{direct}/json/v1/chat/completions", "x", c, seconds)

@@ -184,11 +184,11 @@ def describe_changes(old: Settings, new: Settings) -> str:
             parts.append(f"{name}: {', '.join(_provider_diff(before[name], after[name]))}")
     if len(old.api_keys) != len(new.api_keys) or old.api_keys != new.api_keys:
         parts.append(f"api-keys: {len(old.api_keys)} -> {len(new.api_keys)}")
-    for field, label in (("request_retry", "request-retry"), ("timeouts", "timeouts"),
+    for attribute, label in (("request_retry", "request-retry"), ("timeouts", "timeouts"),
                          ("max_request_bytes", "max-request-bytes"),
                          ("max_aggregate_bytes", "max-aggregate-bytes"),
                          ("nonstream_keepalive_interval", "nonstream-keepalive-interval")):
-        if getattr(old, field) != getattr(new, field):
+        if getattr(old, attribute) != getattr(new, attribute):
             parts.append(f"{label} changed")
     if old.management != new.management:
         parts.append("remote-management changed")
@@ -197,11 +197,13 @@ def describe_changes(old: Settings, new: Settings) -> str:
 
 def _provider_diff(old, new) -> list[str]:
     out = []
-    for field in ("base_url", "disabled", "prefix", "request_retry", "verify_tls", "force_upstream_stream"):
-        a, b = getattr(old, field), getattr(new, field)
+    for attribute in ("base_url", "disabled", "prefix", "request_retry", "verify_tls", "force_upstream_stream"):
+        a, b = getattr(old, attribute), getattr(new, attribute)
         if a != b:
-            out.append(f"{field.replace('_', '-')}: {a} -> {b}".lower() if isinstance(a, bool)
-                       else f"{field.replace('_', '-')}: {a} -> {b}")
+            label = attribute.replace("_", "-")
+            # booleans as YAML writes them: "false -> true"
+            out.append(f"{label}: {str(a).lower()} -> {str(b).lower()}" if isinstance(a, bool)
+                       else f"{label}: {a} -> {b}")
     if old.models != new.models:
         added = len(set(new.models) - set(old.models))
         removed = len(set(old.models) - set(new.models))

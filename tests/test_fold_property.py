@@ -41,7 +41,7 @@ def completions(draw):
 def pieces(draw, text: str) -> list[str]:
     cuts = sorted(draw(st.lists(st.integers(0, len(text)), max_size=4)))
     bounds = [0, *cuts, len(text)]
-    return [text[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
+    return [text[a:b] for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
 
 
 @st.composite
@@ -82,7 +82,7 @@ def streamed(draw):
         body += prefix + b"[DONE]" + sep
     cuts = sorted(set(draw(st.lists(st.integers(1, max(1, len(body) - 1)), max_size=30))))
     bounds = [0, *cuts, len(body)]
-    return expected, [body[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
+    return expected, [body[a:b] for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -176,8 +176,8 @@ def test_invalid_change_is_refused_and_the_old_config_keeps_serving(mclient, set
 
 @pytest.mark.parametrize("raw", [b"{nope", b'"a string"', b'{"value": 3}'])
 def test_malformed_management_bodies_are_400(mclient, raw):
-    response = mclient.patch("/v0/management/openai-compatibility", headers={**MGMT, "Content-Type": "application/json"},
-                             data=raw)
+    response = mclient.patch("/v0/management/openai-compatibility",
+                             headers={**MGMT, "Content-Type": "application/json"}, data=raw)
     assert response.status_code == 400
 
 
@@ -232,7 +232,8 @@ def test_hand_edit_is_noticed_within_about_a_second(mapp, settings_file):
 
 def test_ten_concurrent_patches_all_land_and_the_file_is_always_valid(upstream, tmp_path, serve):
     providers = [provider(upstream, name=f"p{i}", models=[{"name": f"m{i}"}]) for i in range(10)]
-    path = write_settings(tmp_path / "c.yaml", settings_doc(*providers, **{"remote-management": {"secret-key": SECRET}}))
+    doc = settings_doc(*providers, **{"remote-management": {"secret-key": SECRET}})
+    path = write_settings(tmp_path / "c.yaml", doc)
     live = serve(create_app({"PROXY_SETTINGS": str(path), "ENVIRON": {}}))
     stop, bad_reads = threading.Event(), []
 

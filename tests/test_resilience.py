@@ -48,8 +48,8 @@ def test_keys_rotate_round_robin(upstream):
 
 
 def test_429_cools_the_key_for_retry_after_and_moves_on(upstream):
-    upstream.handler = lambda rec: (Reply(status=429, body=b'{"error":{"message":"slow"}}', headers={"Retry-After": "30"})
-                                    if rec.key == KEYS[0] else Reply(body=OK))
+    limited = Reply(status=429, body=b'{"error":{"message":"slow"}}', headers={"Retry-After": "30"})
+    upstream.handler = lambda rec: limited if rec.key == KEYS[0] else Reply(body=OK)
     client = app_with(keyed(upstream))
     assert post(client).status_code == 200
     assert used_keys(upstream) == [KEYS[0], KEYS[1]]

@@ -1,0 +1,206 @@
+"""Validation of a settings document: typed getters that name every problem by its key path.
+
+``Validator`` records a problem (``openai-compatibility[1].base-url: required``)
+instead of raising, so one pass reports everything wrong with a file;
+``settings.build_settings`` raises ``SettingsError`` with the whole list.
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, Mapping
+from urllib.parse import urlsplit
+
+from .settings import ClientKey, KeyEntry, Management, Model, Provider, Timeouts, _join, redact
+
+_NAME = re.compile(r"^[a-z0-9_-]+$")
+_PROXY_SCHEMES = ("http", "https", "socks5", "socks5h", "socks4", "socks4a")
+
+TOP_KEYS = {"api-keys", "request-retry", "timeouts", "max-request-bytes", "max-aggregate-bytes",
+            "nonstream-keepalive-interval", "remote-management", "redis-url", "openai-compatibility"}
+PROVIDER_KEYS = {"name", "base-url", "disabled", "prefix", "request-retry", "api-key-entries",
+                 "headers", "ca-bundle", "verify-tls", "force-upstream-stream", "models"}
+
+
+class Validator:
+    """Typed getters that record a problem (with its key path) instead of raising."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+
+    def problem(self, path: str, message: str) -> None:
+        self.problems.append(f"{path}: {message}")
+
+    def unknown(self, mapping: dict, path: str, allowed: set[str]) -> None:
+        for key in mapping:
+            if key not in allowed:
+                self.problem(_join(path, key), "unknown key")
+
+    def mapping(self, node: Any, path: str) -> dict:
+        if node is None:
+            return {}
+        if not isinstance(node, dict):
+            self.problem(path, "must be a mapping")
+            return {}
+        return node
+
+    def sequence(self, node: Any, path: str) -> list:
+        if node is None:
+            return []
+        if not isinstance(node, list):
+            self.problem(path, "must be a list")
+            return []
+        return node
+
+    def string(self, mapping: dict, path: str, key: str, default: str | None) -> str:
+        value = mapping.get(key)
+        if value is None:
+            if default is None:
+                self.problem(_join(path, key), "required")
+                return ""
+            return default
+        if not isinstance(value, str):
+            self.problem(_join(path, key), f"must be a string, not {_kind(value)}")
+            return default or ""
+        return value
+
+    def boolean(self, mapping: dict, path: str, key: str, default: bool) -> bool:
+        value = mapping.get(key, default)
+        if not isinstance(value, bool):
+            self.problem(_join(path, key), f"must be true or false, not {_kind(value)}")
+            return default
+        return value
+
+    def integer(self, mapping: dict, path: str, key: str, default: int, minimum: int) -> int:
+        value = mapping.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.problem(_join(path, key), f"must be an integer, not {_kind(value)}")
+            return default
+        if value < minimum:
+            self.problem(_join(path, key), f"must be >= {minimum}")
+            return default
+        return value
+
+    def number(self, mapping: dict, path: str, key: str, default: float, minimum: float,
+               exclusive: bool = False) -> float:
+        value = mapping.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            self.problem(_join(path, key), f"must be a number, not {_kind(value)}")
+            return default
+        if value < minimum or (exclusive and value == minimum):
+            self.problem(_join(path, key), f"must be {'>' if exclusive else '>='} {minimum}")
+            return default
+        return float(value)
+
+    def client_keys(self, node: Any, path: str) -> tuple[ClientKey, ...]:
+        keys = []
+        for i, item in enumerate(self.sequence(node, path)):
+            where = f"{path}[{i}]"
+            if isinstance(item, str):
+                key, name = item, ""
+            elif isinstance(item, dict):
+                self.unknown(item, where, {"key", "name"})
+                key, name = self.string(item, where, "key", None), self.string(item, where, "name", "")
+            else:
+                self.problem(where, "must be a key string or {key, name}")
+                continue
+            if not key:
+                self.problem(where, "empty key")
+                continue
+            keys.append(ClientKey(key=key, name=name or redact(key, short=True)))
+        return tuple(keys)
+
+    def timeouts(self, node: Any, path: str) -> Timeouts:
+        mapping = self.mapping(node, path)
+        self.unknown(mapping, path, {"connect", "read"})
+        return Timeouts(connect=self.number(mapping, path, "connect", 5.0, 0, exclusive=True),
+                        read=self.number(mapping, path, "read", 600.0, 0, exclusive=True))
+
+    def management(self, node: Any, path: str, environ: Mapping[str, str]) -> Management:
+        mapping = self.mapping(node, path)
+        self.unknown(mapping, path, {"secret-key", "allow-remote"})
+        secret = self.string(mapping, path, "secret-key", "") or environ.get("MANAGEMENT_SECRET", "")
+        return Management(secret_key=secret,
+                          allow_remote=self.boolean(mapping, path, "allow-remote", False))
+
+    def providers(self, node: Any, path: str) -> tuple[Provider, ...]:
+        providers, seen = [], set()
+        for i, item in enumerate(self.sequence(node, path)):
+            where = f"{path}[{i}]"
+            if not isinstance(item, dict):
+                self.problem(where, "must be a mapping")
+                continue
+            provider = self.provider(item, where)
+            if provider.name in seen:
+                self.problem(f"{where}.name", f"duplicate provider name {provider.name!r}")
+            seen.add(provider.name)
+            providers.append(provider)
+        return tuple(providers)
+
+    def provider(self, item: dict, where: str) -> Provider:
+        self.unknown(item, where, PROVIDER_KEYS)
+        name = self.string(item, where, "name", None)
+        if name and not _NAME.match(name):
+            self.problem(f"{where}.name", "use only a-z, 0-9, '-' and '_'")
+        base_url = self.string(item, where, "base-url", None).rstrip("/")
+        if base_url:
+            parts = urlsplit(base_url)
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                self.problem(f"{where}.base-url", "must be an http:// or https:// URL")
+        ca_bundle = self.string(item, where, "ca-bundle", "")
+        if ca_bundle and not os.path.isfile(ca_bundle):
+            self.problem(f"{where}.ca-bundle", f"file not found: {ca_bundle}")
+        return Provider(
+            name=name, base_url=base_url,
+            disabled=self.boolean(item, where, "disabled", False),
+            prefix=self.string(item, where, "prefix", "").strip("/"),
+            request_retry=self.integer(item, where, "request-retry", -1, minimum=-1),
+            api_key_entries=self.key_entries(item.get("api-key-entries"), f"{where}.api-key-entries"),
+            headers=self.headers(item.get("headers"), f"{where}.headers"),
+            ca_bundle=ca_bundle,
+            verify_tls=self.boolean(item, where, "verify-tls", True),
+            force_upstream_stream=self.boolean(item, where, "force-upstream-stream", False),
+            models=self.models(item.get("models"), f"{where}.models"),
+        )
+
+    def key_entries(self, node: Any, path: str) -> tuple[KeyEntry, ...]:
+        entries = []
+        for i, item in enumerate(self.sequence(node, path)):
+            where = f"{path}[{i}]"
+            if not isinstance(item, dict):
+                self.problem(where, "must be a mapping with api-key")
+                continue
+            self.unknown(item, where, {"api-key", "proxy-url"})
+            proxy_url = self.string(item, where, "proxy-url", "")
+            if proxy_url and urlsplit(proxy_url).scheme not in _PROXY_SCHEMES:
+                self.problem(f"{where}.proxy-url", "must be an http, https or socks5 URL")
+            entries.append(KeyEntry(api_key=self.string(item, where, "api-key", None), proxy_url=proxy_url))
+        return tuple(entries)
+
+    def headers(self, node: Any, path: str) -> tuple[tuple[str, str], ...]:
+        pairs = []
+        for key, value in self.mapping(node, path).items():
+            if not isinstance(key, str) or not isinstance(value, (str, int)) or isinstance(value, bool):
+                self.problem(_join(path, key), "header names and values must be strings")
+                continue
+            pairs.append((key, str(value)))
+        return tuple(pairs)
+
+    def models(self, node: Any, path: str) -> tuple[Model, ...]:
+        models = []
+        for i, item in enumerate(self.sequence(node, path)):
+            where = f"{path}[{i}]"
+            if not isinstance(item, dict):
+                self.problem(where, "must be a mapping with name (and optional alias)")
+                continue
+            self.unknown(item, where, {"name", "alias"})
+            models.append(Model(name=self.string(item, where, "name", None),
+                                alias=self.string(item, where, "alias", "")))
+        return tuple(models)
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+            list: "a list", dict: "a mapping"}.get(type(value), type(value).__name__)
