@@ -23,7 +23,8 @@ import orjson
 from flask import Blueprint, Response, current_app, g, request
 
 from . import store
-from .errors import BadRequest, Forbidden, ManagementUnauthorized, NotFound, ProxyError, RateLimited
+from .errors import (BadRequest, Forbidden, ManagementUnauthorized, NotFound, PayloadTooLarge, ProxyError,
+                     RateLimited)
 from .runtime import ConfigHolder
 from .settings import SettingsError
 from .shared import SharedUnavailable
@@ -169,6 +170,9 @@ def _find(document: dict, name, index) -> dict:
 
 
 def _body():
+    limit = _holder().runtime.settings.max_request_bytes
+    if (request.content_length or 0) > limit:
+        raise PayloadTooLarge(f"Request body exceeds the limit of {limit} bytes.")
     try:
         return orjson.loads(request.get_data(cache=False))
     except orjson.JSONDecodeError:
