@@ -85,14 +85,14 @@ class ChatFold:
         self.max_bytes = max_bytes
 
     # -- input -------------------------------------------------------------
-    def feed(self, event: bytes, data: bytes) -> None:
-        """Take one SSE event; sets ``done`` on ``[DONE]``."""
+    def feed(self, event: bytes, data: bytes) -> bool:
+        """Take one SSE event; True (and ``done``) once ``[DONE]`` has arrived."""
         try:
             chunk = orjson.loads(data)
         except orjson.JSONDecodeError:
             chunk = self._unusual_data(data)
             if chunk is None:
-                return
+                return self.done
         if type(chunk) is not dict:
             raise StreamError(f"upstream sent an event that is not a JSON object: {_preview(data)}")
         if event == b"error":
@@ -121,6 +121,7 @@ class ChatFold:
         if self.size > self.max_bytes:
             raise StreamError(f"folded answer exceeds max-aggregate-bytes ({self.max_bytes} bytes)",
                               code="aggregate_too_large")
+        return False
 
     def _unusual_data(self, data: bytes) -> dict | None:
         """Handle what orjson refused: blank data, ``[DONE]``, or raw newlines inside JSON strings."""
@@ -140,30 +141,24 @@ class ChatFold:
         states = self.choices
         for raw in choices:
             index = raw.get("index", 0)
-            state = states.get(index)
-            if state is None:
-                state = states[index] = _Choice()
-            self._choice(state, raw)
-
-    def _choice(self, state: _Choice, raw: dict) -> None:
-        """Take one chunk's fields for one choice (``TextFold`` overrides this)."""
-        extra = state.extra
-        for key, value in raw.items():
-            if key == "delta":
-                if value:
-                    self._delta(state, value)
-            elif key == "index":
-                continue
-            elif key == "finish_reason":
-                if value:  # Ollama sends "" on every non-final chunk
-                    state.finish = value
-            elif key == "logprobs":
-                if value:
-                    self._logprobs(state, value)
-            elif key in _DROP:
-                continue
-            elif value is not None or key not in extra:
-                extra[key] = value
+            state = states.get(index) or _new_choice(states, index)
+            extra = state.extra
+            for key, value in raw.items():
+                if key == "delta":
+                    if value:
+                        self._delta(state, value)
+                elif key == "index":
+                    continue
+                elif key == "finish_reason":
+                    if value:  # Ollama sends "" on every non-final chunk
+                        state.finish = value
+                elif key == "logprobs":
+                    if value:
+                        self._logprobs(state, value)
+                elif key in _DROP:
+                    continue
+                elif value is not None or key not in extra:
+                    extra[key] = value
 
     def _delta(self, state: _Choice, delta: dict) -> None:
         for key, value in delta.items():
@@ -283,6 +278,11 @@ class ChatFold:
         return out
 
 
+def _new_choice(states: dict[int, _Choice], index: int) -> _Choice:
+    state = states[index] = _Choice()
+    return state
+
+
 def _render_choice(index: int, state: _Choice) -> dict:
     message: dict[str, Any] = {"role": state.role or "assistant",
                                "content": "".join(state.content) or None}
@@ -333,8 +333,7 @@ def run_fold(fold, events: Iterable[tuple[bytes, bytes]]) -> dict:
     """Feed ``(event, data)`` pairs to a fold until it is done or the stream ends; return its result."""
     feed = fold.feed
     for event, data in events:
-        feed(event, data)
-        if fold.done:
+        if feed(event, data):
             break
     return fold.result()
 

@@ -26,15 +26,16 @@ class ResponsesFold:
         self.done = False
         self.response: dict | None = None
 
-    def feed(self, event: bytes, data: bytes) -> None:
+    def feed(self, event: bytes, data: bytes) -> bool:
+        """Take one event; True once the terminal event has arrived."""
         if event and event not in TERMINAL:
-            return
+            return False
         if len(data) > self.max_bytes:
             raise StreamError(f"folded answer exceeds max-aggregate-bytes ({self.max_bytes} bytes)",
                               code="aggregate_too_large")
         stripped = data.strip()
         if not stripped or stripped == b"[DONE]":
-            return
+            return self.done
         try:
             payload = orjson.loads(data)
         except orjson.JSONDecodeError:
@@ -50,6 +51,7 @@ class ResponsesFold:
         if kind in ("response.completed", "response.incomplete"):
             self.response = payload.get("response")
             self.done = True
+        return self.done
 
     def result(self) -> dict:
         if not isinstance(self.response, dict):

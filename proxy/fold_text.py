@@ -10,25 +10,28 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from .fold import DEFAULT_MAX_BYTES, ChatFold, _Choice, run_fold
+from .fold import DEFAULT_MAX_BYTES, ChatFold, _Choice, _new_choice, run_fold
 from .sse import iter_events
 
 
 class TextFold(ChatFold):
-    def _choice(self, state: _Choice, raw: dict) -> None:
-        for key, value in raw.items():
-            if key == "text":
-                if value:
-                    state.content.append(value)
-                    self.size += len(value)
-            elif key == "finish_reason":
-                if value:
-                    state.finish = value
-            elif key == "logprobs":
-                if value:
-                    self._legacy_logprobs(state, value)
-            elif key != "index" and (value is not None or key not in state.extra):
-                state.extra[key] = value
+    def _choices(self, choices: list) -> None:
+        for raw in choices:
+            index = raw.get("index", 0)
+            state = self.choices.get(index) or _new_choice(self.choices, index)
+            for key, value in raw.items():
+                if key == "text":
+                    if value:
+                        state.content.append(value)
+                        self.size += len(value)
+                elif key == "finish_reason":
+                    if value:
+                        state.finish = value
+                elif key == "logprobs":
+                    if value:
+                        self._legacy_logprobs(state, value)
+                elif key != "index" and (value is not None or key not in state.extra):
+                    state.extra[key] = value
 
     def _legacy_logprobs(self, state: _Choice, logprobs: dict) -> None:
         if state.logprobs is None:

@@ -1,0 +1,123 @@
+"""The Flask app factory: config holder, blueprints, request hooks and the one error renderer."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any, Mapping
+
+from flask import Flask, Response, g, request
+from werkzeug.exceptions import HTTPException
+
+from .errors import ProxyError, error_body
+from .runtime import ConfigHolder
+from .settings import Settings, settings_path
+
+log = logging.getLogger(__name__)
+
+
+def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
+    """Build the WSGI app.
+
+    ``test_config`` may set ``SETTINGS`` (a ``Settings`` object, no file),
+    ``PROXY_SETTINGS`` (a path) and ``ENVIRON`` (the mapping ``${VAR}`` reads).
+    """
+    app = Flask(__name__)
+    app.config.from_mapping(PROXY_SETTINGS=None, SETTINGS=None, ENVIRON=None)
+    if test_config:
+        app.config.update(test_config)
+    environ = app.config["ENVIRON"] if app.config["ENVIRON"] is not None else os.environ
+    given: Settings | None = app.config["SETTINGS"]
+    path = None if given is not None else (app.config["PROXY_SETTINGS"] or settings_path(environ))
+    _configure_logging()  # first: the holder may already log (Redis unreachable, ...)
+    app.extensions["streamfold"] = ConfigHolder(path, environ, settings=given)
+    settings = app.extensions["streamfold"].runtime.settings
+    _warn_about(settings)
+    log.info("streamfold ready: %d providers, settings %s", len(settings.providers), path or "(in memory)")
+
+    from . import api, management, metrics
+    app.register_blueprint(api.bp)
+    app.register_blueprint(management.bp)
+    app.register_blueprint(metrics.bp)
+    app.before_request(_start_request)
+    app.after_request(_finish_request)
+    app.register_error_handler(ProxyError, _render_proxy_error)
+    app.register_error_handler(HTTPException, _render_http_error)
+    app.register_error_handler(Exception, _render_unexpected)
+    return app
+
+
+def run_dev_server() -> None:
+    """``python app.py``: werkzeug's threaded server on the settings gunicorn would use."""
+    from .settings import load_or_exit
+
+    load_or_exit()
+    port = int(os.environ.get("PORT", "8317"))
+    host = "0.0.0.0" if os.environ.get("PORT") else "127.0.0.1"
+    create_app().run(host=host, port=port, threaded=True)
+
+
+def _start_request() -> None:
+    g.request_id = request.headers.get("X-Request-Id") or os.urandom(12).hex()
+    g.started = time.perf_counter()
+    rule = request.url_rule
+    g.log = {"request_id": g.request_id, "route": request.path, "rule": rule.rule if rule else "unmatched"}
+
+
+def _finish_request(response: Response) -> Response:
+    response.headers["X-Request-Id"] = g.request_id
+    fields = g.log
+    fields.setdefault("status", response.status_code)
+    if not fields.get("deferred"):
+        from .api import write_access_log
+        write_access_log(fields)
+    return response
+
+
+def _render_proxy_error(exc: ProxyError) -> Response:
+    g.log["status"] = exc.status
+    g.log["result"] = exc.code or exc.type
+    return Response(exc.body(), exc.status, {"Content-Type": "application/json", **exc.headers})
+
+
+def _render_http_error(exc: HTTPException) -> Response:
+    status = exc.code or 500
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    messages = {404: f"Unknown request URL: {request.method} {request.path}.",
+                405: f"Method {request.method} is not allowed for {request.path}.",
+                413: "Request body too large."}
+    body = error_body(messages.get(status, exc.description or exc.name), kind,
+                      exc.name.lower().replace(" ", "_"))
+    headers = {"Content-Type": "application/json"}
+    valid = getattr(exc, "valid_methods", None)
+    if status == 405 and valid:
+        headers["Allow"] = ", ".join(valid)
+    return Response(body, status, headers)
+
+
+def _render_unexpected(exc: Exception) -> Response:
+    # Log the type and where, never the request body (it holds message content).
+    log.error("unhandled %s in %s", type(exc).__name__, request.path, exc_info=exc)
+    return Response(error_body("The proxy hit an internal error; see its log for details.", "server_error"),
+                    500, {"Content-Type": "application/json"})
+
+
+def _configure_logging() -> None:
+    """Give streamfold's loggers ("streamfold.*" and the "proxy" package) a handler unless the host did."""
+    for name in ("streamfold", "proxy"):
+        logger = logging.getLogger(name)
+        if not logger.handlers and not logging.getLogger().handlers:
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("%(asctime)s [%(process)d] %(levelname)s %(name)s %(message)s"))
+            logger.addHandler(handler)
+        if logger.level == logging.NOTSET:
+            logger.setLevel(logging.INFO)
+
+
+def _warn_about(settings: Settings) -> None:
+    if not settings.api_keys:
+        log.warning("api-keys is empty: this proxy is open to anyone who can reach it")
+    for provider in settings.providers:
+        if not provider.verify_tls:
+            log.warning("provider %s: verify-tls is false, upstream certificates are not checked",
+                        provider.name)
