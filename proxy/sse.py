@@ -59,9 +59,9 @@ def iter_events(chunks: Iterable[bytes]) -> Iterator[tuple[bytes, bytes]]:
 
     Spec rules kept: ``:`` lines are comments (keep-alives such as OpenRouter's
     ``: OPENROUTER PROCESSING``); ``id:``/``retry:`` are ignored; several
-    ``data:`` lines in one event are joined with ``\\n``; one space after the
-    colon is dropped, and ``data:{...}`` without it is accepted. An event is
-    dispatched at a blank line, or at the end of the stream.
+    ``data:`` lines in one event are joined with ``\\n``; ``data:{...}``
+    without a space is accepted (the optional space is left on the payload, see
+    below). An event is dispatched at a blank line, or at the end of the stream.
 
     One deliberate deviation: a line that is no field at all, directly after a
     ``data:`` line of the same event, continues that data. llama.cpp's verbose
@@ -81,10 +81,12 @@ def iter_events(chunks: Iterable[bytes]) -> Iterator[tuple[bytes, bytes]]:
                     yield event, data
                     data = None
                 event = b""
-            elif line[:5] == b"data:":
+            elif line.startswith(b"data:"):
+                # The spec drops one space after the colon; it is kept here
+                # because payloads only ever go to a JSON parser (which skips
+                # it) or are compared stripped ([DONE]), and one copy less per
+                # event is measurable.
                 value = line[5:]
-                if value[:1] == b" ":
-                    value = value[1:]
                 if data is None:
                     data = value
                 elif more is None:
@@ -93,9 +95,9 @@ def iter_events(chunks: Iterable[bytes]) -> Iterator[tuple[bytes, bytes]]:
                     more.append(value)
             elif line[0] == 58:  # ":" starts a comment
                 continue
-            elif line[:6] == b"event:":
+            elif line.startswith(b"event:"):
                 event = line[6:].strip()
-            elif data is not None and line[:3] != b"id:" and line[:6] != b"retry:":
+            elif data is not None and not line.startswith((b"id:", b"retry:")):
                 if more is None:
                     more = [line]
                 else:
