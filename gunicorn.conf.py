@@ -44,16 +44,12 @@ errorlog = "-"
 loglevel = os.environ.get("LOG_LEVEL", "info")
 
 
-_metrics_dir_made = None  # the metrics directory this master created (removed on exit)
-
-
 def on_starting(server):
     """Validate settings and prepare the metrics directory in the master, before workers fork.
 
     A worker whose app import fails prints a traceback and is retried forever;
     load_or_exit prints one line per problem instead and stops with status 1.
     """
-    global _metrics_dir_made
     from proxy.settings import load_or_exit
 
     load_or_exit()
@@ -67,8 +63,10 @@ def on_starting(server):
             if name.endswith(".db"):
                 os.unlink(os.path.join(directory, name))
     else:
-        _metrics_dir_made = tempfile.mkdtemp(prefix="streamfold-metrics-")
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir_made
+        made = tempfile.mkdtemp(prefix="streamfold-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = made
+        # In the environment, not a global: a HUP re-reads this file.
+        os.environ["STREAMFOLD_METRICS_DIR_MADE"] = made
 
 
 def child_exit(server, worker):
@@ -79,5 +77,6 @@ def child_exit(server, worker):
 
 
 def on_exit(server):
-    if _metrics_dir_made:
-        shutil.rmtree(_metrics_dir_made, ignore_errors=True)
+    made = os.environ.get("STREAMFOLD_METRICS_DIR_MADE")
+    if made:
+        shutil.rmtree(made, ignore_errors=True)

@@ -15,6 +15,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -46,6 +47,8 @@ class ConfigHolder:
         self.path = path
         self.environ = environ
         self.sessions = Sessions()
+        # Pooled upstream sockets are closed when the holder goes (tests build many apps).
+        weakref.finalize(self, self.sessions.close)
         self.keys = KeyPool()
         self.shared: Shared | None = None
         self.file_document = document

@@ -58,6 +58,13 @@ class Sessions:
                     session = self._sessions[key] = _new_session(provider)
         return session
 
+    def close(self) -> None:
+        """Close every pooled connection (a config holder going away, or a worker exiting)."""
+        with self._lock:
+            sessions, self._sessions, self._routes = list(self._sessions.values()), {}, {}
+        for session in sessions:
+            session.close()
+
     def route(self, provider: Provider, url: str, entry: KeyEntry) -> tuple:
         """``(pool, url to request on it)`` from the provider's adapter, cached while the pool is open."""
         key = (provider.name, provider.verify_tls, provider.ca_bundle, url, entry.proxy_url)

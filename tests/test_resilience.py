@@ -17,7 +17,7 @@ import pytest
 import requests
 
 from tests.conftest import AUTH, CHAT, CLIENT_KEY, make_app, provider, settings_doc
-from tests.forward_proxy import ForwardProxy
+from tests.forward_proxy import ForwardProxy, Socks5Proxy
 from tests.upstream import Reply, completion, free_port, sse, text_chunks
 
 KEYS = ["sk-key-one-1111", "sk-key-two-2222", "sk-key-three-3333"]
@@ -197,6 +197,19 @@ def test_proxy_url_per_key_is_used_without_touching_the_environment(upstream):
         assert "HTTP_PROXY" not in os.environ and "http_proxy" not in os.environ
     finally:
         forward.stop()
+
+
+def test_socks5_proxy_url_per_key(upstream):
+    socks = Socks5Proxy()
+    try:
+        client = app_with(provider(upstream, **{"api-key-entries": [{"api-key": KEYS[0], "proxy-url": socks.url}]}))
+        for _ in range(2):
+            assert post(client).status_code == 200
+            assert post(client, dict(CHAT, stream=True)).status_code == 200
+        assert socks.seen and all(target == ("127.0.0.1", upstream.port) for target in socks.seen)
+        assert used_keys(upstream) == [KEYS[0]] * 4
+    finally:
+        socks.stop()
 
 
 def test_100_concurrent_requests_with_first_key_rate_limited_all_succeed_without_waiting(upstream, serve):

@@ -114,3 +114,20 @@ def test_sdk_stream_cut_by_upstream_raises(live, upstream):
     upstream.handler = lambda rec: Reply(events=sse(*text_chunks(["a", "b", "c"])), drop_after=2)
     with pytest.raises(openai.APIError):
         list(sdk(live).chat.completions.create(model="m", messages=CHAT["messages"], stream=True))
+
+
+def test_chunked_body_over_the_limit_is_413_through_a_real_server(upstream, serve):
+    from tests.conftest import make_app, provider, settings_doc
+    live = serve(make_app(settings_doc(provider(upstream), **{"max-request-bytes": 2000})))
+    big = json.dumps(dict(CHAT, messages=[{"role": "user", "content": "y" * 5000}])).encode()
+
+    def pieces():  # a generator body: requests sends it chunked, without Content-Length
+        for i in range(0, len(big), 1000):
+            yield big[i:i + 1000]
+
+    response = requests.post(live.url + "/v1/chat/completions", data=pieces(), timeout=10,
+                             headers={**AUTH, "Content-Type": "application/json"})
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "request_too_large"
+    assert upstream.requests == []
+    assert requests.post(live.url + "/v1/chat/completions", json=CHAT, headers=AUTH, timeout=10).status_code == 200
