@@ -23,8 +23,7 @@ import orjson
 from flask import Blueprint, Response, current_app, g, request
 
 from . import store
-from .errors import (BadRequest, Forbidden, ManagementUnauthorized, NotFound, PayloadTooLarge, ProxyError,
-                     RateLimited)
+from .errors import BadRequest, Forbidden, ManagementUnauthorized, NotFound, PayloadTooLarge, ProxyError, RateLimited
 from .runtime import ConfigHolder
 from .settings import SettingsError
 from .shared import SharedUnavailable
