@@ -74,6 +74,8 @@ class ChatFold:
     Use ``fold_chat``/``fold_chat_chunks`` unless you feed events yourself.
     """
 
+    __slots__ = ("first", "settled", "extra", "choices", "usage", "done", "size", "max_bytes")
+
     def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         self.first: dict[str, Any] = {}
         self.settled = set(_DROP)  # top-level keys with nothing left to take
