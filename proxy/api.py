@@ -101,7 +101,7 @@ def proxy_request(route: Route) -> Response:
     if not isinstance(model, str) or not model:
         raise BadRequest("you must provide a model parameter" if model is None
                          else "model must be a non-empty string", param="model")
-    g.log["model"] = model
+    g.log["model"] = loggable(model)
     required = route.required
     if required is not None and required not in body:
         raise BadRequest(f"Missing required parameter: '{required}'.", param=required)
@@ -167,6 +167,13 @@ def read_json_body(limit: int) -> dict:
     if not isinstance(body, dict):
         raise BadRequest("The request body must be a JSON object.")
     return body
+
+
+def loggable(text: str, limit: int = 128) -> str:
+    """A client-supplied string made safe for one log line: no control characters, bounded length."""
+    if text.isprintable() and len(text) <= limit:
+        return text
+    return text[:limit].encode("unicode_escape").decode("ascii")[:limit * 4]
 
 
 def end_logger(fields: dict):

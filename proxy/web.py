@@ -58,7 +58,9 @@ def run_dev_server() -> None:
 
 
 def _start_request() -> None:
-    g.request_id = request.headers.get("X-Request-Id") or os.urandom(12).hex()
+    given = request.headers.get("X-Request-Id", "")
+    # echoed and logged: accept a sane id only, else make one
+    g.request_id = given if 0 < len(given) <= 128 and given.isprintable() else os.urandom(12).hex()
     g.started = time.perf_counter()
     rule = request.url_rule
     g.log = {"request_id": g.request_id, "route": request.path, "rule": rule.rule if rule else "unmatched"}

@@ -252,3 +252,14 @@ def test_upstream_answer_json_via_completion_helper(client, upstream):
     upstream.handler = lambda rec: Reply(body=json.dumps(completion("hey")).encode())
     assert client.post("/v1/chat/completions", json=CHAT, headers=AUTH).get_json()["choices"][0][
         "message"]["content"] == "hey"
+
+
+def test_client_strings_cannot_forge_log_lines(client, caplog):
+    forged = "m\nrequest_id=fake route=/admin status=200"
+    response = client.post("/v1/chat/completions", json=dict(CHAT, model=forged), headers=AUTH)
+    assert response.status_code == 404
+    lines = [r.getMessage() for r in caplog.records if r.name == "streamfold.access"]
+    assert len(lines) == 1 and "\n" not in lines[0]
+    huge_id = "r" * 5000
+    response = client.get("/healthz", headers={"X-Request-Id": huge_id})
+    assert response.headers["X-Request-Id"] != huge_id and len(response.headers["X-Request-Id"]) <= 128
