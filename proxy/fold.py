@@ -20,7 +20,7 @@ from typing import Any, Iterable
 import orjson
 
 from .errors import StreamError
-from .sse import events_from_lines, iter_events
+from .sse import batches_from_lines, iter_event_batches
 
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 # Top-level fields taken from the first chunk that has a non-empty value.
@@ -168,12 +168,6 @@ class ChatFold:
                 if value:
                     state.content.append(value)
                     self.size += len(value)
-            elif key == "tool_calls":
-                if value:
-                    self._tool_calls(state, value)
-            elif key == "role":
-                if value and state.role is None:
-                    state.role = value
             elif key in _REASONING:
                 parts = state.texts.get(key)
                 if parts is None:
@@ -181,6 +175,12 @@ class ChatFold:
                 if value:
                     parts.append(value)
                     self.size += len(value)
+            elif key == "tool_calls":
+                if value:
+                    self._tool_calls(state, value)
+            elif key == "role":
+                if value and state.role is None:
+                    state.role = value
             elif key == "refusal":
                 if state.refusal is None:
                     state.refusal = []
@@ -331,20 +331,21 @@ def _preview(data: bytes) -> str:
     return repr(text + ("..." if len(data) > 80 else ""))
 
 
-def run_fold(fold, events: Iterable[tuple[bytes, bytes]]) -> dict:
-    """Feed ``(event, data)`` pairs to a fold until it is done or the stream ends; return its result."""
+def run_fold(fold, batches: Iterable[list[tuple[bytes, bytes]]]) -> dict:
+    """Feed batches of ``(event, data)`` to a fold until it is done or the stream ends; return its result."""
     feed = fold.feed
-    for event, data in events:
-        if feed(event, data):
-            break
+    for batch in batches:
+        for event, data in batch:
+            if feed(event, data):
+                return fold.result()
     return fold.result()
 
 
 def fold_chat(lines: Iterable[bytes], max_bytes: int = DEFAULT_MAX_BYTES) -> dict:
     """Fold SSE lines (bytes, without terminators) into a ``chat.completion`` dict."""
-    return run_fold(ChatFold(max_bytes), events_from_lines(lines))
+    return run_fold(ChatFold(max_bytes), batches_from_lines(lines))
 
 
 def fold_chat_chunks(chunks: Iterable[bytes], max_bytes: int = DEFAULT_MAX_BYTES) -> dict:
     """Fold raw network reads (split anywhere) into a ``chat.completion`` dict."""
-    return run_fold(ChatFold(max_bytes), iter_events(chunks))
+    return run_fold(ChatFold(max_bytes), iter_event_batches(chunks))

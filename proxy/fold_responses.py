@@ -15,7 +15,7 @@ import orjson
 
 from .errors import StreamError
 from .fold import DEFAULT_MAX_BYTES, run_fold, stream_error
-from .sse import iter_events
+from .sse import iter_event_batches
 
 TERMINAL = {b"response.completed", b"response.incomplete", b"response.failed", b"error"}
 
@@ -61,4 +61,4 @@ class ResponsesFold:
 
 def fold_responses_chunks(chunks: Iterable[bytes], max_bytes: int = DEFAULT_MAX_BYTES) -> dict:
     """Fold raw reads of a ``/v1/responses`` stream into its final ``response`` object."""
-    return run_fold(ResponsesFold(max_bytes), iter_events(chunks))
+    return run_fold(ResponsesFold(max_bytes), iter_event_batches(chunks))

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Iterable
 
 from .fold import DEFAULT_MAX_BYTES, ChatFold, _Choice, _new_choice, run_fold
-from .sse import iter_events
+from .sse import iter_event_batches
 
 
 class TextFold(ChatFold):
@@ -58,4 +58,4 @@ class TextFold(ChatFold):
 
 def fold_text_chunks(chunks: Iterable[bytes], max_bytes: int = DEFAULT_MAX_BYTES) -> dict:
     """Fold raw reads of a ``/v1/completions`` stream into a ``text_completion`` dict."""
-    return run_fold(TextFold(max_bytes), iter_events(chunks))
+    return run_fold(TextFold(max_bytes), iter_event_batches(chunks))
