@@ -73,10 +73,14 @@ def measure(fn, seconds: float) -> float:
 
 
 def litellm_rate(stream: bytes, seconds: float) -> float | None:
+    # no network fetch of LiteLLM's price list, no banner per call
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    os.environ.setdefault("LITELLM_LOG", "ERROR")
     try:
         import litellm  # noqa: PLC0415
     except ImportError:
         return None
+    litellm.suppress_debug_info = True
     chunks = []
     for line in stream.split(b"\n"):
         if line.startswith(b"data: ") and line != b"data: [DONE]":
