@@ -261,3 +261,21 @@ def test_keepalive_fast_fold_keeps_its_real_status(upstream):
     upstream.handler = lambda rec: Reply(status=404, body=b'{"error":{"message":"no such model upstream"}}')
     client = app_with(provider(upstream, **{"force-upstream-stream": True}), **{"nonstream-keepalive-interval": 5})
     assert post(client).status_code == 404
+
+
+@pytest.mark.parametrize("failure, expected", [
+    (lambda: Reply(status=503, body=b'{"error":{"message":"restarting"}}'), 503),
+    (lambda: Reply(status=429, body=b'{"error":{"message":"busy"}}', headers={"Retry-After": "1"}), 429),
+    (lambda: Reply(hang=30), 504),
+    (lambda: Reply(events=sse(*text_chunks(["a", "b"]))[:1], drop_after=0), 502),
+], ids=["503", "429", "hang", "empty-stream"])
+def test_after_the_upstream_recovers_the_next_request_succeeds(upstream, failure, expected):
+    broken = {"on": True}
+    upstream.handler = lambda rec: failure() if broken["on"] else Reply(body=OK)
+    client = app_with(provider(upstream, **{"request-retry": 0}), timeouts={"connect": 1, "read": 0.5})
+    assert post(client).status_code == expected
+    broken["on"] = False
+    if expected == 429:
+        time.sleep(1.1)  # the key sits out its Retry-After first
+    assert post(client).status_code == 200
+    assert post(client).json["choices"][0]["message"]["content"] == "fine"
