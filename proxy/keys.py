@@ -105,5 +105,5 @@ class KeyPool:
                 self._cooling[(provider, ident)] = until
         elif kind == "backoff":
             with self._lock:
-                _, step = self._backoff.get(provider, (0.0, remaining))
-                self._backoff[provider] = (max(until, self._backoff.get(provider, (0.0, 0.0))[0]), step)
+                current, step = self._backoff.get(provider, (0.0, remaining))
+                self._backoff[provider] = (max(until, current), step)

@@ -19,6 +19,7 @@ from .errors import ProxyError
 from .executor import Outcome
 
 log = logging.getLogger(__name__)
+# Sent with every response that is written bit by bit (streams, padded folds).
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -97,5 +98,4 @@ def with_keepalive(interval: float, run: Callable[[], Outcome],
         finally:
             on_end(200, result, body)
 
-    return Response(padded(), 200, {"Content-Type": "application/json", "Cache-Control": "no-cache",
-                                    "X-Accel-Buffering": "no"}, direct_passthrough=True)
+    return Response(padded(), 200, {"Content-Type": "application/json", **SSE_HEADERS}, direct_passthrough=True)

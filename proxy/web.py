@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from typing import Any, Mapping
 
 from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
+from . import api, management, metrics
 from .errors import ProxyError, error_body
 from .runtime import ConfigHolder
 from .settings import Settings, settings_path
@@ -35,7 +35,6 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     _warn_about(settings)
     log.info("streamfold ready: %d providers, settings %s", len(settings.providers), path or "(in memory)")
 
-    from . import api, management, metrics
     app.register_blueprint(api.bp)
     app.register_blueprint(management.bp)
     app.register_blueprint(metrics.bp)
@@ -61,7 +60,6 @@ def _start_request() -> None:
     given = request.headers.get("X-Request-Id", "")
     # echoed and logged: accept a sane id only, else make one
     g.request_id = given if 0 < len(given) <= 128 and given.isprintable() else os.urandom(12).hex()
-    g.started = time.perf_counter()
     rule = request.url_rule
     g.log = {"request_id": g.request_id, "route": request.path, "rule": rule.rule if rule else "unmatched"}
 
@@ -71,8 +69,7 @@ def _finish_request(response: Response) -> Response:
     fields = g.log
     fields.setdefault("status", response.status_code)
     if not fields.get("deferred"):
-        from .api import write_access_log
-        write_access_log(fields)
+        api.write_access_log(fields)
     return response
 
 
