@@ -17,7 +17,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from proxy.fold import fold_chat_chunks  # noqa: E402
+from proxy.fold.chat import fold_chat_chunks  # noqa: E402
 
 CHUNKS = 2000
 

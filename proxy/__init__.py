@@ -1,7 +1,7 @@
 """streamfold: an OpenAI-compatible proxy that folds upstream event streams into JSON answers.
 
 The package imports nothing heavy, so the pure parts (``proxy.fold``,
-``proxy.sse``) can be used without Flask; the app lives in ``proxy.web``.
+``proxy.fold.sse``) can be used without Flask; the app lives in ``proxy.web``.
 """
 from __future__ import annotations
 

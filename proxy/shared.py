@@ -30,7 +30,7 @@ from typing import Callable
 import orjson
 import redis
 
-from .store import redact_url
+from .settings_file import redact_url
 
 log = logging.getLogger(__name__)
 PREFIX = "streamfold:"

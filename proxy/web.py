@@ -8,7 +8,8 @@ from typing import Any, Mapping
 from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
-from . import api, management, metrics
+from . import metrics
+from .routes import manage, openai
 from .errors import ProxyError, error_body
 from .runtime import ConfigHolder
 from .settings import Settings, settings_path
@@ -35,8 +36,8 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     _warn_about(settings)
     log.info("streamfold ready: %d providers, settings %s", len(settings.providers), path or "(in memory)")
 
-    app.register_blueprint(api.bp)
-    app.register_blueprint(management.bp)
+    app.register_blueprint(openai.bp)
+    app.register_blueprint(manage.bp)
     app.register_blueprint(metrics.bp)
     app.before_request(_start_request)
     app.after_request(_finish_request)
@@ -69,7 +70,7 @@ def _finish_request(response: Response) -> Response:
     fields = g.log
     fields.setdefault("status", response.status_code)
     if not fields.get("deferred"):
-        api.write_access_log(fields)
+        openai.write_access_log(fields)
     return response
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from proxy.errors import StreamError
-from proxy.fold import fold_chat, fold_chat_chunks
+from proxy.fold.chat import fold_chat, fold_chat_chunks
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

@@ -6,7 +6,7 @@ import json
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.fold import fold_chat_chunks
+from proxy.fold.chat import fold_chat_chunks
 
 # Text with multi-byte UTF-8 (accents, CJK, emoji) and the line separators
 # that break str.splitlines: U+2028, U+0085, plus \r and \n inside JSON strings.

@@ -19,7 +19,7 @@ from typing import Any, Iterable
 
 import orjson
 
-from .errors import StreamError
+from ..errors import StreamError
 from .sse import batches_from_lines, iter_event_batches
 
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024

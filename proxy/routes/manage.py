@@ -7,7 +7,7 @@ clients are served unless ``allow-remote: true`` (behind a reverse proxy the
 proxy's address is what counts). Five bad secrets from one address within a
 minute lock that address out for a minute (per worker process).
 
-Writes go through ``store.update``: validated like the file at startup (400
+Writes go through ``settings_file.update``: validated like the file at startup (400
 naming each problem, running config untouched), then written atomically. This
 worker installs the new config at once; the others see the file change within
 about a second (``runtime.ConfigHolder``).
@@ -22,11 +22,11 @@ import time
 import orjson
 from flask import Blueprint, Response, current_app, g, request
 
-from . import store
-from .errors import BadRequest, Forbidden, ManagementUnauthorized, NotFound, PayloadTooLarge, ProxyError, RateLimited
-from .runtime import ConfigHolder
-from .settings import SettingsError
-from .shared import SharedUnavailable
+from .. import settings_file
+from ..errors import BadRequest, Forbidden, ManagementUnauthorized, NotFound, PayloadTooLarge, ProxyError, RateLimited
+from ..runtime import ConfigHolder
+from ..settings import SettingsError
+from ..shared import SharedUnavailable
 
 bp = Blueprint("management", __name__, url_prefix="/v0/management")
 LOCKOUT_FAILURES, LOCKOUT_WINDOW, LOCKOUT_SECONDS = 5, 60.0, 60.0
@@ -93,7 +93,7 @@ def _json(body, status: int = 200) -> Response:
 def get_config() -> Response:
     holder = _holder()
     runtime = holder.current()
-    body = store.public_config(runtime.settings)
+    body = settings_file.public_config(runtime.settings)
     body["provider-sources"] = runtime.sources
     body["shared-state"] = ("off" if holder.shared is None else
                             f"redis {'up' if holder.shared.up else 'DOWN'}, providers version {holder.shared.version}")
@@ -103,7 +103,7 @@ def get_config() -> Response:
 @bp.get("/openai-compatibility")
 def get_providers() -> Response:
     providers = _holder().current().settings.providers
-    return _json({"openai-compatibility": [store.public_provider(p) for p in providers]})
+    return _json({"openai-compatibility": [settings_file.public_provider(p) for p in providers]})
 
 
 @bp.put("/openai-compatibility")
@@ -186,18 +186,18 @@ def _write(change) -> Response:
         raise ProxyError("this instance was started without a settings file; nothing to write", status=409,
                          type="invalid_request_error", code="no_settings_file")
     try:
-        settings, document, fingerprint = store.update(holder.path, holder.environ, change)
+        settings, document, fingerprint = settings_file.update(holder.path, holder.environ, change)
     except SettingsError as exc:
         return _invalid(exc)
     holder.file_document = document
     holder.install(settings, document, fingerprint)
-    return _json({"status": "ok", "openai-compatibility": [store.public_provider(p) for p in settings.providers]})
+    return _json({"status": "ok", "openai-compatibility": [settings_file.public_provider(p) for p in settings.providers]})
 
 
 def _write_shared(holder: ConfigHolder, change) -> Response:
     """With Redis: the new provider list becomes the shared runtime version, for every instance."""
     try:
-        settings, document = store.apply_change(holder.runtime.document, holder.environ, change)
+        settings, document = settings_file.apply_change(holder.runtime.document, holder.environ, change)
     except SettingsError as exc:
         return _invalid(exc)
     providers = document.get("openai-compatibility") or []
@@ -208,7 +208,7 @@ def _write_shared(holder: ConfigHolder, change) -> Response:
                          type="server_error", code="shared_state_unavailable") from None
     holder.apply_runtime_providers(version, providers)
     return _json({"status": "ok", "version": version,
-                  "openai-compatibility": [store.public_provider(p) for p in settings.providers]})
+                  "openai-compatibility": [settings_file.public_provider(p) for p in settings.providers]})
 
 
 def _invalid(exc: SettingsError) -> Response:
@@ -220,4 +220,4 @@ def _invalid(exc: SettingsError) -> Response:
 @bp.get("/config.yaml")
 def export_yaml() -> Response:
     """The effective settings as YAML (``${VAR}`` kept): how runtime changes go back into the file."""
-    return Response(store.to_yaml(_holder().runtime.document), 200, {"Content-Type": "application/yaml"})
+    return Response(settings_file.to_yaml(_holder().runtime.document), 200, {"Content-Type": "application/yaml"})

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from .fold import DEFAULT_MAX_BYTES, ChatFold, _Choice, _new_choice, run_fold
+from .chat import DEFAULT_MAX_BYTES, ChatFold, _Choice, _new_choice, run_fold
 from .sse import iter_event_batches
 
 

@@ -14,15 +14,13 @@ from typing import Callable
 import orjson
 from flask import Blueprint, Response, current_app, g, request
 
-from . import metrics
-from .errors import BadRequest, PayloadTooLarge, Unauthorized
-from .executor import Call, client_headers, execute
-from .fold import fold_chat_chunks
-from .fold_responses import fold_responses_chunks
-from .fold_text import fold_text_chunks
-from .relay import to_response, with_keepalive
-from .runtime import ConfigHolder, Runtime
-from .settings import ClientKey
+from .. import metrics
+from ..errors import BadRequest, PayloadTooLarge, Unauthorized
+from ..executor import Call, client_headers, execute
+from ..fold import fold_chat_chunks, fold_responses_chunks, fold_text_chunks
+from ..relay import to_response, with_keepalive
+from ..runtime import ConfigHolder, Runtime
+from ..settings import ClientKey
 
 bp = Blueprint("openai", __name__)
 access_log = logging.getLogger("streamfold.access")

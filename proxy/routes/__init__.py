@@ -1,0 +1,1 @@
+"""The HTTP surface, one blueprint per protocol: routes parse, authorise and hand off."""
