@@ -2,7 +2,9 @@
 
 A client may ask for a model's ``alias``, its upstream ``name``, or
 ``<provider-name>/<model>``; a provider with a ``prefix`` is reached only as
-``<prefix>/<alias or name>``. Disabled providers route nothing. One name served
+``<prefix>/<alias or name>``. An alias may be a glob (``claude-*``): exact
+names always win, then the globs in file order (the first that matches; all
+providers that share that glob serve it). Disabled providers route nothing. One name served
 by several providers is balanced round-robin; the caller walks the returned
 list in order for failover. Built once per loaded config; read-only afterwards
 except for the round-robin counters (``itertools.count`` is atomic under the GIL).
@@ -11,9 +13,10 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 
 from .errors import ModelNotFound
-from .settings import Provider, Settings
+from .settings import Model, Provider, Settings
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,12 +25,14 @@ class Target:
 
     provider: Provider
     model: str
+    spec: Model | None = None  # the model entry (max-output-tokens, context-length)
 
 
 class Router:
     def __init__(self, settings: Settings) -> None:
         table: dict[str, list[Target]] = {}
         listed: dict[str, list[Target]] = {}  # the names /v1/models shows, in file order
+        globs: dict[str, list[Target]] = {}   # glob alias -> targets, in file order
 
         def add(name: str, target: Target, listing: bool) -> None:
             targets = table.setdefault(name, [])
@@ -40,7 +45,16 @@ class Router:
             if provider.disabled:
                 continue
             for model in provider.models:
-                target = Target(provider, model.name)
+                target = Target(provider, model.name, model)
+                if model.alias_is_glob:
+                    pattern = f"{provider.prefix}/{model.alias}" if provider.prefix else model.alias
+                    targets = globs.setdefault(pattern, [])
+                    if target not in targets:
+                        targets.append(target)
+                    # a pattern is not a model id: list the upstream name instead
+                    add(f"{provider.prefix}/{model.name}" if provider.prefix else model.name, target, True)
+                    add(f"{provider.name}/{model.name}", target, False)
+                    continue
                 public = model.alias or model.name
                 if provider.prefix:
                     add(f"{provider.prefix}/{public}", target, True)
@@ -55,19 +69,34 @@ class Router:
                     add(f"{provider.name}/{model.alias}", target, False)
         self._table = {name: tuple(targets) for name, targets in table.items()}
         self._listed = {name: tuple(targets) for name, targets in listed.items()}
-        self._turns = {name: itertools.count() for name, targets in table.items() if len(targets) > 1}
+        self._globs = tuple((pattern, tuple(targets)) for pattern, targets in globs.items())
+        self._turns = {name: itertools.count() for name, targets in [*table.items(), *globs.items()]
+                       if len(targets) > 1}
 
     def resolve(self, model: str) -> tuple[Target, ...]:
         """Targets for ``model``, rotated so each call starts at the next provider."""
-        targets = self._table.get(model)
+        key, targets = model, self._table.get(model)
+        if targets is None:
+            key, targets = self.match_glob(model)
         if targets is None:
             raise ModelNotFound(f"The model `{model}` does not exist or you do not have access to it.",
                                 param="model")
-        turns = self._turns.get(model)
+        turns = self._turns.get(key)
         if turns is None:
             return targets
         start = next(turns) % len(targets)
         return targets[start:] + targets[:start]
+
+    def match_glob(self, model: str) -> tuple[str, tuple[Target, ...] | None]:
+        """The first glob alias (in file order) that matches ``model``, and its targets."""
+        for pattern, targets in self._globs:
+            if fnmatchcase(model, pattern):
+                return pattern, targets
+        return "", None
+
+    def knows(self, model: str) -> bool:
+        """True when ``model`` routes somewhere (an exact name or a glob alias)."""
+        return model in self._table or self.match_glob(model)[1] is not None
 
     def listing(self) -> list[dict]:
         """The OpenAI ``model`` objects for ``GET /v1/models``."""

@@ -18,6 +18,7 @@ from typing import Any, Mapping
 import yaml
 
 DEFAULT_PATH = "settings.yaml"
+DEFAULT_STATE_PATH = "streamfold-state.db"
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -31,8 +32,18 @@ class SettingsError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class ClientKey:
+    """A client key and its policy; 0 / () mean "no limit"."""
+
     key: str
     name: str
+    models: tuple[str, ...] = ()   # allowed client model names (globs); () = all
+    rpm: int = 0                   # requests per minute
+    tpm: int = 0                   # tokens per minute (prompt + completion, from usage)
+    max_concurrent: int = 0        # requests in flight
+
+    @property
+    def limited(self) -> bool:
+        return bool(self.models or self.rpm or self.tpm or self.max_concurrent)
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +55,18 @@ class KeyEntry:
 @dataclass(frozen=True, slots=True)
 class Model:
     name: str
-    alias: str = ""
+    alias: str = ""               # may be a glob (* ? [..]): exact names win, then globs in file order
+    max_output_tokens: int = 0    # >0: max_tokens is clamped to this
+    context_length: int = 0       # >0: max_tokens is clamped to this minus the estimated prompt
+
+    @property
+    def alias_is_glob(self) -> bool:
+        return any(c in self.alias for c in "*?[")
+
+
+NATIVE_APIS = ("chat", "completions", "embeddings", "responses", "messages")
+DEFAULT_NATIVE_APIS = frozenset(("chat", "completions", "embeddings", "responses"))
+TOKENIZERS = ("none", "vllm", "llama.cpp")
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +82,12 @@ class Provider:
     verify_tls: bool = True
     force_upstream_stream: bool = False
     models: tuple[Model, ...] = ()
+    # The client APIs the upstream serves itself; /v1/messages without
+    # "messages" and /v1/responses without "responses" are translated to chat.
+    native_apis: frozenset[str] = DEFAULT_NATIVE_APIS
+    tokenizer: str = "none"           # none | vllm | llama.cpp (count_tokens asks the upstream)
+    reasoning_replay: bool = False    # reasoning from history goes back as reasoning_content
+    stream_usage: bool = True         # streamed chat asks for stream_options.include_usage
 
     @property
     def chat_url(self) -> str:
@@ -89,6 +117,11 @@ class Settings:
     management: Management = field(default_factory=Management)
     redis_url: str = ""
     providers: tuple[Provider, ...] = ()
+    state_path: str = DEFAULT_STATE_PATH    # embedded SQLite store (usage, stored responses)
+    responses_store_ttl: int = 3600         # seconds a stored response can be continued
+    demo_upstream: bool = False             # mount the built-in demo upstream (/demo/v1)
+    client_timeout: float = 30.0            # a client must deliver its whole request within this
+    max_cooldown: float = 3600.0            # upper bound on any key cooldown (Retry-After)
 
 
 def settings_path(environ: Mapping[str, str] | None = None) -> str:
@@ -142,6 +175,11 @@ def build_settings(document: Any, environ: Mapping[str, str] | None = None) -> S
         management=v.management(doc.get("remote-management"), "remote-management", environ),
         redis_url=v.string(doc, "", "redis-url", "") or environ.get("REDIS_URL", ""),
         providers=v.providers(doc.get("openai-compatibility"), "openai-compatibility"),
+        state_path=v.string(doc, "", "state-path", DEFAULT_STATE_PATH) or DEFAULT_STATE_PATH,
+        responses_store_ttl=v.integer(doc, "", "responses-store-ttl", 3600, minimum=1),
+        demo_upstream=v.boolean(doc, "", "demo-upstream", False),
+        client_timeout=v.number(doc, "", "client-timeout", 30.0, 0, exclusive=True),
+        max_cooldown=v.number(doc, "", "max-cooldown", 3600.0, 0, exclusive=True),
     )
     if problems:
         raise SettingsError(problems)

@@ -131,7 +131,7 @@ def _restore_redacted_keys(document: dict, old: dict[str, list[tuple[str, str]]]
 def public_config(settings: Settings) -> dict[str, Any]:
     """The effective config with every key and secret redacted."""
     return {
-        "api-keys": [{"key": redact(k.key), "name": k.name} for k in settings.api_keys],
+        "api-keys": [_public_client_key(k) for k in settings.api_keys],
         "request-retry": settings.request_retry,
         "timeouts": {"connect": settings.timeouts.connect, "read": settings.timeouts.read},
         "max-request-bytes": settings.max_request_bytes,
@@ -141,7 +141,22 @@ def public_config(settings: Settings) -> dict[str, Any]:
                               "allow-remote": settings.management.allow_remote},
         "redis-url": redact_url(settings.redis_url),
         "openai-compatibility": [public_provider(p) for p in settings.providers],
+        "state-path": settings.state_path,
+        "responses-store-ttl": settings.responses_store_ttl,
+        "demo-upstream": settings.demo_upstream,
+        "client-timeout": settings.client_timeout,
+        "max-cooldown": settings.max_cooldown,
     }
+
+
+def _public_client_key(key) -> dict[str, Any]:
+    out: dict[str, Any] = {"key": redact(key.key), "name": key.name}
+    if key.models:
+        out["models"] = list(key.models)
+    for attribute, label in (("rpm", "rpm"), ("tpm", "tpm"), ("max_concurrent", "max-concurrent")):
+        if getattr(key, attribute):
+            out[label] = getattr(key, attribute)
+    return out
 
 
 def public_provider(provider) -> dict[str, Any]:
@@ -154,8 +169,19 @@ def public_provider(provider) -> dict[str, Any]:
                     for k, v in provider.headers},
         "ca-bundle": provider.ca_bundle, "verify-tls": provider.verify_tls,
         "force-upstream-stream": provider.force_upstream_stream,
-        "models": [{"name": m.name, "alias": m.alias} for m in provider.models],
+        "models": [_public_model(m) for m in provider.models],
+        "native-apis": sorted(provider.native_apis), "tokenizer": provider.tokenizer,
+        "reasoning-replay": provider.reasoning_replay, "stream-usage": provider.stream_usage,
     }
+
+
+def _public_model(model) -> dict[str, Any]:
+    out: dict[str, Any] = {"name": model.name, "alias": model.alias}
+    if model.max_output_tokens:
+        out["max-output-tokens"] = model.max_output_tokens
+    if model.context_length:
+        out["context-length"] = model.context_length
+    return out
 
 
 def redact_url(url: str) -> str:

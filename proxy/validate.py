@@ -11,15 +11,31 @@ import re
 from typing import Any, Mapping
 from urllib.parse import urlsplit
 
-from .settings import ClientKey, KeyEntry, Management, Model, Provider, Timeouts, _join, redact
+from .settings import (
+    DEFAULT_NATIVE_APIS,
+    NATIVE_APIS,
+    TOKENIZERS,
+    ClientKey,
+    KeyEntry,
+    Management,
+    Model,
+    Provider,
+    Timeouts,
+    _join,
+    redact,
+)
 
-_NAME = re.compile(r"^[a-z0-9_-]+$")
+_NAME = re.compile(r"[a-z0-9_-]+")  # used with fullmatch: "$" would accept a trailing newline
 _PROXY_SCHEMES = ("http", "https", "socks5", "socks5h", "socks4", "socks4a")
 
 TOP_KEYS = {"api-keys", "request-retry", "timeouts", "max-request-bytes", "max-aggregate-bytes",
-            "nonstream-keepalive-interval", "remote-management", "redis-url", "openai-compatibility"}
+            "nonstream-keepalive-interval", "remote-management", "redis-url", "openai-compatibility",
+            "state-path", "responses-store-ttl", "demo-upstream", "client-timeout", "max-cooldown"}
 PROVIDER_KEYS = {"name", "base-url", "disabled", "prefix", "request-retry", "api-key-entries",
-                 "headers", "ca-bundle", "verify-tls", "force-upstream-stream", "models"}
+                 "headers", "ca-bundle", "verify-tls", "force-upstream-stream", "models",
+                 "native-apis", "tokenizer", "reasoning-replay", "stream-usage"}
+CLIENT_KEY_KEYS = {"key", "name", "models", "rpm", "tpm", "max-concurrent"}
+MODEL_KEYS = {"name", "alias", "max-output-tokens", "context-length"}
 
 
 class Validator:
@@ -97,18 +113,32 @@ class Validator:
         for i, item in enumerate(self.sequence(node, path)):
             where = f"{path}[{i}]"
             if isinstance(item, str):
-                key, name = item, ""
+                key, name, policy = item, "", {}
             elif isinstance(item, dict):
-                self.unknown(item, where, {"key", "name"})
+                self.unknown(item, where, CLIENT_KEY_KEYS)
                 key, name = self.string(item, where, "key", None), self.string(item, where, "name", "")
+                policy = {"models": self.globs(item.get("models"), f"{where}.models"),
+                          "rpm": self.integer(item, where, "rpm", 0, minimum=0),
+                          "tpm": self.integer(item, where, "tpm", 0, minimum=0),
+                          "max_concurrent": self.integer(item, where, "max-concurrent", 0, minimum=0)}
             else:
-                self.problem(where, "must be a key string or {key, name}")
+                self.problem(where, "must be a key string or {key, name, ...}")
                 continue
             if not key:
                 self.problem(where, "empty key")
                 continue
-            keys.append(ClientKey(key=key, name=name or redact(key, short=True)))
+            keys.append(ClientKey(key=key, name=name or redact(key, short=True), **policy))
         return tuple(keys)
+
+    def globs(self, node: Any, path: str) -> tuple[str, ...]:
+        """A list of non-empty model-name globs (absent = no restriction)."""
+        out = []
+        for i, item in enumerate(self.sequence(node, path)):
+            if not isinstance(item, str) or not item:
+                self.problem(f"{path}[{i}]", "must be a non-empty string (a model name or glob)")
+                continue
+            out.append(item)
+        return tuple(out)
 
     def timeouts(self, node: Any, path: str) -> Timeouts:
         mapping = self.mapping(node, path)
@@ -140,8 +170,10 @@ class Validator:
     def provider(self, item: dict, where: str) -> Provider:
         self.unknown(item, where, PROVIDER_KEYS)
         name = self.string(item, where, "name", None)
-        if name and not _NAME.match(name):
+        if name and not _NAME.fullmatch(name):
             self.problem(f"{where}.name", "use only a-z, 0-9, '-' and '_'")
+        elif not name and isinstance(item.get("name"), str):
+            self.problem(f"{where}.name", "must not be empty")
         base_url = self.string(item, where, "base-url", None).rstrip("/")
         if base_url:
             parts = urlsplit(base_url)
@@ -161,7 +193,29 @@ class Validator:
             verify_tls=self.boolean(item, where, "verify-tls", True),
             force_upstream_stream=self.boolean(item, where, "force-upstream-stream", False),
             models=self.models(item.get("models"), f"{where}.models"),
+            native_apis=self.native_apis(item.get("native-apis"), f"{where}.native-apis"),
+            tokenizer=self.choice(item, where, "tokenizer", "none", TOKENIZERS),
+            reasoning_replay=self.boolean(item, where, "reasoning-replay", False),
+            stream_usage=self.boolean(item, where, "stream-usage", True),
         )
+
+    def native_apis(self, node: Any, path: str) -> frozenset[str]:
+        if node is None:
+            return DEFAULT_NATIVE_APIS
+        apis = set()
+        for i, item in enumerate(self.sequence(node, path)):
+            if item not in NATIVE_APIS:
+                self.problem(f"{path}[{i}]", f"must be one of {', '.join(NATIVE_APIS)}")
+                continue
+            apis.add(item)
+        return frozenset(apis)
+
+    def choice(self, mapping: dict, path: str, key: str, default: str, allowed: tuple[str, ...]) -> str:
+        value = self.string(mapping, path, key, default)
+        if value not in allowed:
+            self.problem(_join(path, key), f"must be one of {', '.join(allowed)}")
+            return default
+        return value
 
     def key_entries(self, node: Any, path: str) -> tuple[KeyEntry, ...]:
         entries = []
@@ -193,9 +247,11 @@ class Validator:
             if not isinstance(item, dict):
                 self.problem(where, "must be a mapping with name (and optional alias)")
                 continue
-            self.unknown(item, where, {"name", "alias"})
+            self.unknown(item, where, MODEL_KEYS)
             models.append(Model(name=self.string(item, where, "name", None),
-                                alias=self.string(item, where, "alias", "")))
+                                alias=self.string(item, where, "alias", ""),
+                                max_output_tokens=self.integer(item, where, "max-output-tokens", 0, minimum=0),
+                                context_length=self.integer(item, where, "context-length", 0, minimum=0)))
         return tuple(models)
 
 

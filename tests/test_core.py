@@ -263,3 +263,18 @@ def test_client_strings_cannot_forge_log_lines(client, caplog):
     huge_id = "r" * 5000
     response = client.get("/healthz", headers={"X-Request-Id": huge_id})
     assert response.headers["X-Request-Id"] != huge_id and len(response.headers["X-Request-Id"]) <= 128
+
+
+def test_glob_alias_routes_after_exact_names(upstream):
+    upstream.handler = lambda rec: Reply(body=json.dumps(completion(model=rec.body["model"])).encode())
+    doc = settings_doc(provider(upstream, models=[{"name": "small", "alias": "claude-*haiku*"},
+                                                  {"name": "big", "alias": "claude-*"},
+                                                  {"name": "exact", "alias": "claude-special"}]))
+    client = make_app(doc).test_client()
+    for asked, routed in (("claude-3-5-haiku-20241022", "small"), ("claude-sonnet-4-5", "big"),
+                          ("claude-special", "exact")):
+        response = client.post("/v1/chat/completions", headers=AUTH, json={**CHAT, "model": asked})
+        assert response.status_code == 200 and upstream.requests[-1].body["model"] == routed
+    assert client.post("/v1/chat/completions", headers=AUTH, json={**CHAT, "model": "gpt-4"}).status_code == 404
+    listed = [m["id"] for m in client.get("/v1/models", headers=AUTH).get_json()["data"]]
+    assert "small" in listed and "big" in listed and not any("*" in m for m in listed)

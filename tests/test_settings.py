@@ -59,7 +59,7 @@ def test_every_problem_is_reported_at_once_with_its_key_path():
     }
     problems = problems_of(doc)
     expected = [
-        "api-keys[0]: must be a key string or {key, name}",
+        "api-keys[0]: must be a key string or {key, name, ...}",
         "request-retry: must be an integer, not a string",
         "timeouts.connect: must be > 0",
         "timeouts.read: must be a number, not a string",
@@ -138,3 +138,48 @@ def test_invalid_settings_stop_startup_with_lines_not_a_traceback(tmp_path, comm
     assert "Traceback" not in result.stderr
     assert "openai-compatibility[0].name: required" in result.stderr
     assert "openai-compatibility[1].base-url: environment variable UNSET_VAR_Q is not set" in result.stderr
+
+
+def test_part2_settings_are_validated_with_their_key_paths():
+    doc = {
+        "api-keys": [{"key": "k", "rpm": -1, "models": "qwen*", "max-concurrent": "2", "bogus": 1}],
+        "state-path": 5,
+        "responses-store-ttl": 0,
+        "demo-upstream": "yes",
+        "openai-compatibility": [
+            {"name": "raw\n", "base-url": "http://x/v1", "native-apis": ["chat", "soap"], "tokenizer": "bpe",
+             "models": [{"name": "q", "max-output-tokens": -5, "context-length": "big"}]},
+            {"name": "", "base-url": "http://y/v1"},
+        ],
+    }
+    assert sorted(problems_of(doc)) == sorted([
+        "api-keys[0].bogus: unknown key",
+        "api-keys[0].models: must be a list",
+        "api-keys[0].rpm: must be >= 0",
+        "api-keys[0].max-concurrent: must be an integer, not a string",
+        "state-path: must be a string, not an integer",
+        "responses-store-ttl: must be >= 1",
+        "demo-upstream: must be true or false, not a string",
+        "openai-compatibility[0].name: use only a-z, 0-9, '-' and '_'",
+        "openai-compatibility[0].native-apis[1]: must be one of chat, completions, embeddings, responses, messages",
+        "openai-compatibility[0].tokenizer: must be one of none, vllm, llama.cpp",
+        "openai-compatibility[0].models[0].max-output-tokens: must be >= 0",
+        "openai-compatibility[0].models[0].context-length: must be an integer, not a string",
+        "openai-compatibility[1].name: must not be empty",
+    ])
+
+
+def test_client_key_policy_and_model_limits_are_loaded():
+    settings = build_settings({
+        "api-keys": [{"key": "k1", "name": "team-a", "models": ["qwen*"], "rpm": 60, "tpm": 1000,
+                      "max-concurrent": 2}, "k2"],
+        "openai-compatibility": [{"name": "p", "base-url": "http://x/v1", "native-apis": ["chat"],
+                                  "models": [{"name": "q", "alias": "claude-*", "max-output-tokens": 8,
+                                              "context-length": 64}]}],
+    }, {})
+    team, plain = settings.api_keys
+    assert (team.models, team.rpm, team.tpm, team.max_concurrent, team.limited) == (("qwen*",), 60, 1000, 2, True)
+    assert not plain.limited
+    provider = settings.providers[0]
+    assert provider.native_apis == {"chat"} and provider.models[0].alias_is_glob
+    assert (provider.models[0].max_output_tokens, provider.models[0].context_length) == (8, 64)
