@@ -38,6 +38,25 @@ DROP_HEADERS = frozenset((
 ))
 
 
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """How one target is asked, when that depends on the provider (``Call.adapt``).
+
+    A bridged route (Anthropic or Responses clients) talks to a provider that
+    serves its protocol natively by passing the request through, and to any
+    other by translating it to chat; the executor only sends what the plan
+    says and hands the plan back on the ``Outcome``, never knowing which
+    client protocol asked.
+    """
+
+    path: str                                 # appended to the provider's base-url
+    body: dict                                # the upstream body, model already rewritten
+    fold: Callable[..., dict] | None = None   # how to fold a stream on this path, None = never
+    usage_option: bool = True                 # a forced request also asks for include_usage
+    headers: dict[str, str] | None = None     # client headers to send instead of Call.client_headers
+    native: bool = True                       # False: the route must translate the answer back
+
+
 @dataclass(slots=True)
 class Call:
     """What the view asks for: the client's body and how the answer must come back."""
@@ -50,6 +69,7 @@ class Call:
     fold: Callable[..., dict] | None = None  # how to fold a stream for this route, None = never
     usage_option: bool = True  # a forced request also asks for stream_options.include_usage
     log: dict[str, Any] = field(default_factory=dict)
+    adapt: Callable[[Target], Plan] | None = None  # per-target request (bridged routes), else the above
 
 
 @dataclass(slots=True)
@@ -60,6 +80,7 @@ class Outcome:
     stream: HTTPResponse | None = None  # set for a live stream: relay ``first`` then the rest
     first: bytes = b""
     headers: dict[str, str] = field(default_factory=dict)
+    plan: Plan | None = None  # the plan that produced this outcome (bridged routes)
 
 
 def execute(settings: Settings, sessions: upstream.Sessions, keys: KeyPool,
@@ -107,16 +128,23 @@ def execute(settings: Settings, sessions: upstream.Sessions, keys: KeyPool,
 def _attempt(settings: Settings, sessions: upstream.Sessions, keys: KeyPool,
              target: Target, entry: KeyEntry, call: Call) -> Outcome:
     provider = target.provider
-    forced = call.fold is not None and not call.client_stream and provider.force_upstream_stream
+    if call.adapt is None:
+        plan = None
+        path, fold, usage_option, client = call.path, call.fold, call.usage_option, call.client_headers
+        body = dict(call.body)
+        body["model"] = target.model
+    else:
+        plan = call.adapt(target)
+        path, fold, usage_option, body = plan.path, plan.fold, plan.usage_option, plan.body
+        client = call.client_headers if plan.headers is None else plan.headers
+    forced = fold is not None and not call.client_stream and provider.force_upstream_stream
     call.log["forced"] = forced
-    body = dict(call.body)
-    body["model"] = target.model
     if forced:
         body["stream"] = True
-        if call.usage_option:
+        if usage_option:
             options = body.get("stream_options")
             body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
-    headers = dict(call.client_headers)
+    headers = dict(client)
     headers.update(provider.headers)
     headers["Content-Type"] = "application/json"
     headers["Accept"] = "text/event-stream" if (forced or call.client_stream) else "application/json"
@@ -126,7 +154,7 @@ def _attempt(settings: Settings, sessions: upstream.Sessions, keys: KeyPool,
         headers["Authorization"] = f"Bearer {entry.api_key}"
     started = time.perf_counter()
     try:
-        response = upstream.post(sessions, provider, provider.base_url + call.path,
+        response = upstream.post(sessions, provider, provider.base_url + path,
                                  orjson.dumps(body), headers, entry, settings.timeouts)
     except UpstreamUnavailable:
         keys.connect_failed(provider.name)
@@ -144,9 +172,12 @@ def _attempt(settings: Settings, sessions: upstream.Sessions, keys: KeyPool,
             elif status in REFUSED_STATUSES:
                 keys.cool(provider.name, entry, REFUSED_KEY_COOLDOWN)
                 metrics.COOLDOWNS.labels(provider.name, "key_refused").inc()
-            return passthrough_error(response)
+            failed = passthrough_error(response)
+            failed.plan = plan
+            return failed
     try:
-        outcome = _success(settings, response, call, forced)
+        outcome = _success(settings, response, call, fold, forced)
+        outcome.plan = plan
     except BaseException:
         response.close()
         raise
@@ -156,7 +187,8 @@ def _attempt(settings: Settings, sessions: upstream.Sessions, keys: KeyPool,
     return outcome
 
 
-def _success(settings: Settings, response: HTTPResponse, call: Call, forced: bool) -> Outcome:
+def _success(settings: Settings, response: HTTPResponse, call: Call, fold: Callable[..., dict] | None,
+             forced: bool) -> Outcome:
     content_type = response.headers.get("Content-Type", "")
     first = upstream.read_first(response)
     if not first.strip():
@@ -166,12 +198,12 @@ def _success(settings: Settings, response: HTTPResponse, call: Call, forced: boo
     head = first.lstrip()[:5]
     is_sse = ("text/event-stream" in content_type or head == b"data:" or head[:1] == b":"
               or (forced and "json" not in content_type))
-    if call.fold is not None and is_sse:
+    if fold is not None and is_sse:
         call.log["folded"] = True
         provider = call.log["provider"]
         try:
             with closing(response):
-                folded = call.fold(upstream.read_chunks(response, first), settings.max_aggregate_bytes)
+                folded = fold(upstream.read_chunks(response, first), settings.max_aggregate_bytes)
         except ProxyError as exc:
             metrics.FOLDS.labels(provider, str(exc.code or exc.status)).inc()
             raise
