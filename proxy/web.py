@@ -9,8 +9,8 @@ from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
 from . import metrics
-from .routes import manage, openai
 from .errors import ProxyError, error_body
+from .routes import common, manage, openai
 from .runtime import ConfigHolder
 from .settings import Settings, settings_path
 
@@ -70,7 +70,7 @@ def _finish_request(response: Response) -> Response:
     fields = g.log
     fields.setdefault("status", response.status_code)
     if not fields.get("deferred"):
-        openai.write_access_log(fields)
+        common.write_access_log(fields)
     return response
 
 

@@ -191,7 +191,8 @@ def _write(change) -> Response:
         return _invalid(exc)
     holder.file_document = document
     holder.install(settings, document, fingerprint)
-    return _json({"status": "ok", "openai-compatibility": [settings_file.public_provider(p) for p in settings.providers]})
+    return _json({"status": "ok",
+                  "openai-compatibility": [settings_file.public_provider(p) for p in settings.providers]})
 
 
 def _write_shared(holder: ConfigHolder, change) -> Response:

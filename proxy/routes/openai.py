@@ -5,29 +5,19 @@ response is returned; the generator itself never touches the request.
 """
 from __future__ import annotations
 
-import hmac
-import logging
-import time
 from dataclasses import dataclass
 from typing import Callable
 
 import orjson
-from flask import Blueprint, Response, current_app, g, request
+from flask import Blueprint, Response, g, request
 
-from .. import metrics
-from ..errors import BadRequest, PayloadTooLarge, Unauthorized
+from ..errors import BadRequest
 from ..executor import Call, client_headers, execute
 from ..fold import fold_chat_chunks, fold_responses_chunks, fold_text_chunks
 from ..relay import to_response, with_keepalive
-from ..runtime import ConfigHolder, Runtime
-from ..settings import ClientKey
+from .common import authenticate, end_logger, holder, loggable, read_json_body
 
 bp = Blueprint("openai", __name__)
-access_log = logging.getLogger("streamfold.access")
-
-
-def holder() -> ConfigHolder:
-    return current_app.extensions["streamfold"]
 
 
 @bp.get("/healthz")
@@ -128,77 +118,3 @@ def proxy_request(route: Route) -> Response:
     if outcome.stream is not None:
         g.log["deferred"] = True  # logged when the stream ends
     return to_response(outcome, on_end)
-
-
-def authenticate(runtime: Runtime) -> str:
-    """The client key's label (its name or ``...abcd``), or ``-`` for an open proxy."""
-    keys: tuple[ClientKey, ...] = runtime.settings.api_keys
-    if not keys:
-        return "-"
-    auth = request.headers.get("Authorization", "")
-    token = auth[7:].strip() if auth[:7].lower() == "bearer " else request.headers.get("x-api-key", "")
-    if not token:
-        raise Unauthorized("You didn't provide an API key. Send it as 'Authorization: Bearer <key>' "
-                           "or 'x-api-key: <key>'.")
-    given = token.encode()
-    found = None
-    for key in keys:  # compare with every key, in constant time each
-        if hmac.compare_digest(given, key.key.encode()):
-            found = key
-    if found is None:
-        raise Unauthorized("Incorrect API key provided.")
-    return found.name
-
-
-def read_json_body(limit: int) -> dict:
-    length = request.content_length
-    if length is not None and length > limit:
-        raise PayloadTooLarge(f"Request body is {length} bytes; the limit is {limit} bytes.")
-    raw = request.stream.read(limit + 1)
-    if len(raw) > limit:
-        raise PayloadTooLarge(f"Request body exceeds the limit of {limit} bytes.")
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise BadRequest("We could not parse the JSON body of your request. "
-                         "(HINT: This likely means you aren't using your HTTP library correctly.)") from None
-    if not isinstance(body, dict):
-        raise BadRequest("The request body must be a JSON object.")
-    return body
-
-
-def loggable(text: str, limit: int = 128) -> str:
-    """A client-supplied string made safe for one log line: no control characters, bounded length."""
-    if text.isprintable() and len(text) <= limit:
-        return text
-    return text[:limit].encode("unicode_escape").decode("ascii")[:limit * 4]
-
-
-def end_logger(fields: dict):
-    """A callback for when the answer has gone out: token metrics, and the deferred log line of a stream."""
-    def on_end(status: int, result: str, usage_bytes: bytes) -> None:
-        fields["status"] = status
-        fields.setdefault("result", result)
-        if usage_bytes:
-            metrics.count_tokens(fields.get("client", "-"), metrics.usage_in(usage_bytes))
-        if fields.get("deferred"):
-            started = fields.get("started")
-            if started is not None and fields.get("provider"):
-                metrics.UPSTREAM_SECONDS.labels(fields["provider"]).observe(time.perf_counter() - started)
-            write_access_log(fields)
-    return on_end
-
-
-def write_access_log(fields: dict) -> None:
-    """The one log line per request (no keys, no content), and the request counter."""
-    provider = fields.get("provider", "-")
-    metrics.REQUESTS.labels(fields.get("rule", "unmatched"), fields.get("model", "-") if provider != "-" else "-",
-                            provider, str(fields.get("status", "-"))).inc()
-    access_log.info(
-        "request_id=%s route=%s model=%s provider=%s status=%s upstream_ms=%s forced_stream=%s "
-        "folded=%s attempts=%s keys=%s client=%s result=%s",
-        fields.get("request_id"), fields.get("route"), fields.get("model", "-"),
-        fields.get("provider", "-"), fields.get("status", "-"), fields.get("upstream_ms", "-"),
-        "yes" if fields.get("forced") else "no", "yes" if fields.get("folded") else "no",
-        fields.get("attempts", 0), ",".join(fields.get("keys", ())) or "-",
-        fields.get("client", "-"), fields.get("result", "-"))
