@@ -1,0 +1,225 @@
+"""Read a chat-completion event stream as the bridges need it: semantic events, not chunks.
+
+Both bridges (Anthropic Messages, Responses) turn an upstream's chat chunks
+into another protocol's events. What they share lives here: decoding the SSE
+(the same framing and in-stream error rules as the chat fold) and the
+bookkeeping that real servers make hard: tool-call deltas without ``index``,
+indexes that start at 1, a name or id that arrives late or never, a whole
+call in one delta, usage on every chunk or only on a trailer, ``finish_reason:
+""`` on every chunk, content and finish in the same chunk.
+
+Pure: bytes and dicts in, tuples out; no Flask, no requests. Only choice 0 is
+read (the bridged protocols have no ``n``).
+
+Events, in the order a bridge must emit them (within one chunk: reasoning,
+text, tools, finish; usage whenever it comes):
+
+    ("reasoning", text)        ("text", text)
+    ("tool_start", tool)       ("tool_args", tool, fragment)
+    ("finish", reason)         ("usage", usage)
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Iterable, Iterator
+
+import orjson
+
+from ..errors import StreamError
+from ..fold.chat import stream_error
+from ..fold.sse import iter_event_batches
+
+DONE = "[DONE]"
+_REASONING = ("reasoning_content", "reasoning")
+
+
+def iter_chat_chunks(reads: Iterable[bytes], max_bytes: int) -> Iterator[dict | str]:
+    """Upstream network reads -> decoded chunk dicts in order, then ``DONE`` if the upstream sent it.
+
+    An in-stream error (``{"error": ...}`` or ``event: error``) raises
+    ``StreamError`` mapped like the chat fold maps it; so does a data line that
+    is not a JSON object, or one event larger than ``max_bytes``.
+    """
+    for batch in iter_event_batches(reads):
+        for event, data in batch:
+            if len(data) > max_bytes:
+                raise StreamError(f"one upstream event exceeds max-aggregate-bytes ({max_bytes} bytes)",
+                                  code="aggregate_too_large")
+            try:
+                chunk = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                stripped = data.strip()
+                if not stripped:
+                    continue  # blank data: lines are sent by some servers; not an error
+                if stripped == b"[DONE]":
+                    yield DONE
+                    return
+                try:  # llama.cpp verbose mode: raw control characters inside JSON strings
+                    chunk = json.loads(data.decode("utf-8", "replace"), strict=False)
+                except (ValueError, RecursionError):
+                    raise StreamError("upstream sent a data line that is not JSON") from None
+            if type(chunk) is not dict:
+                raise StreamError("upstream sent an event that is not a JSON object")
+            if event == b"error" or chunk.get("error") is not None:
+                raise stream_error(chunk)
+            yield chunk
+
+
+class ToolCall:
+    """One tool call of the answer as it accumulates."""
+
+    __slots__ = ("index", "id", "name", "args", "started")
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.id: str | None = None
+        self.name: str | None = None
+        self.args: list[str] = []
+        self.started = False
+
+    @property
+    def arguments(self) -> str:
+        return "".join(self.args)
+
+
+class ChatStream:
+    """Turns chat chunks (choice 0) into the events both bridges translate; see the module docstring."""
+
+    __slots__ = ("meta", "usage", "finish_reason", "tools", "ended_early", "_calls", "_last", "_pending")
+
+    def __init__(self) -> None:
+        self.meta: dict[str, Any] = {}
+        self.usage: dict | None = None
+        self.finish_reason: str | None = None
+        self.tools: list[ToolCall] = []          # in start order
+        self.ended_early = False
+        self._calls: dict[int, ToolCall] = {}   # by upstream index (or our own for index-less deltas)
+        self._last: ToolCall | None = None
+        self._pending: dict[int, list[str]] = {}  # args that arrived before their call could start
+
+    def feed(self, chunk: dict) -> list[tuple]:
+        """The events one chunk carries."""
+        events: list[tuple] = []
+        meta = self.meta
+        for key in ("id", "model", "created"):
+            if key not in meta and chunk.get(key):
+                meta[key] = chunk[key]
+        choices = chunk.get("choices")
+        if choices:
+            if type(choices) is not list:
+                raise StreamError("upstream chunk has `choices` that is not a list")
+            for choice in choices:
+                if type(choice) is not dict:
+                    raise StreamError("upstream chunk has a choice that is not an object")
+                if choice.get("index", 0) == 0:
+                    self._choice(choice, events)
+        usage = chunk.get("usage")
+        if usage:
+            if type(usage) is not dict:
+                raise StreamError("upstream chunk has `usage` that is not an object")
+            self.usage = usage
+            events.append(("usage", usage))
+        return events
+
+    def close(self, done: bool) -> list[tuple]:
+        """At ``[DONE]`` (``done``) or end of stream: start the calls that never got a name or id."""
+        events: list[tuple] = []
+        for index in sorted(self._calls):
+            call = self._calls[index]
+            if not call.started:
+                call.name = call.name or f"tool_{index}"
+                call.id = call.id or f"call_{os.urandom(8).hex()}"
+                self._start(call, events)
+        self.ended_early = not done and self.finish_reason is None
+        return events
+
+    # -- one choice ----------------------------------------------------------
+    def _choice(self, choice: dict, events: list[tuple]) -> None:
+        delta = choice.get("delta")
+        if delta:
+            if type(delta) is not dict:
+                raise StreamError("upstream chunk has a `delta` that is not an object")
+            for key in _REASONING:
+                text = delta.get(key)
+                if text:
+                    events.append(("reasoning", _text(text, key)))
+                    break
+            text = delta.get("content")
+            if text:
+                events.append(("text", _text(text, "content")))
+            calls = delta.get("tool_calls")
+            if calls:
+                if type(calls) is not list:
+                    raise StreamError("upstream chunk has `tool_calls` that is not a list")
+                for call in calls:
+                    self._tool_delta(call, events)
+            legacy = delta.get("function_call")
+            if legacy:
+                self._tool_delta({"index": -1, "function": legacy}, events)
+        finish = choice.get("finish_reason")
+        if finish and self.finish_reason is None:
+            if type(finish) is not str:
+                raise StreamError("upstream chunk has a `finish_reason` that is not a string")
+            self.finish_reason = finish
+            events.append(("finish", finish))
+
+    def _tool_delta(self, delta: Any, events: list[tuple]) -> None:
+        if type(delta) is not dict:
+            raise StreamError("upstream chunk has a tool call that is not an object")
+        index, call_id = delta.get("index"), delta.get("id")
+        calls = self._calls
+        if index is None:
+            # Gemini/Ollama omit the index: a new id starts a call, no id continues the last (as the fold does).
+            call = self._last
+            if call is None or (call_id and call_id != call.id):
+                call = ToolCall(max((i for i in calls if i >= 0), default=-1) + 1)
+                calls[call.index] = call
+        else:
+            if type(index) is not int:
+                raise StreamError("upstream chunk has a tool-call `index` that is not an integer")
+            call = calls.get(index)
+            if call is None:
+                call = calls[index] = ToolCall(index)
+        self._last = call
+        if call_id and call.id is None:
+            if type(call_id) is not str:
+                raise StreamError("upstream chunk has a tool-call `id` that is not a string")
+            call.id = call_id
+        function = delta.get("function") or {}
+        if type(function) is not dict:
+            raise StreamError("upstream chunk has a tool-call `function` that is not an object")
+        name = function.get("name")
+        if name and call.name is None:
+            if type(name) is not str:
+                raise StreamError("upstream chunk has a tool name that is not a string")
+            call.name = name  # never overwritten once known
+        fragment = function.get("arguments")
+        if fragment:
+            if type(fragment) is not str:
+                # some servers send the arguments as an object; the bridges need JSON text
+                fragment = orjson.dumps(fragment).decode()
+            call.args.append(fragment)
+            if call.started:
+                events.append(("tool_args", call, fragment))
+            else:
+                self._pending.setdefault(call.index, []).append(fragment)
+        if not call.started and call.id and call.name:
+            self._start(call, events)
+
+    def _start(self, call: ToolCall, events: list[tuple]) -> None:
+        call.started = True
+        self.tools.append(call)
+        events.append(("tool_start", call))
+        for fragment in self._pending.pop(call.index, ()):
+            events.append(("tool_args", call, fragment))
+
+
+def _text(value: Any, field: str) -> str:
+    if type(value) is str:
+        return value
+    if type(value) is list:  # some servers send reasoning as a list of {text} parts
+        parts = [p.get("text") if type(p) is dict else p for p in value]
+        if all(type(p) is str for p in parts):
+            return "".join(parts)
+    raise StreamError(f"upstream chunk has `{field}` that is not a string")
