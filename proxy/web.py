@@ -8,7 +8,7 @@ from typing import Any, Mapping
 from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
-from . import metrics
+from . import demo, metrics
 from .errors import ProxyError, error_body
 from .routes import common, manage, openai
 from .runtime import ConfigHolder
@@ -39,6 +39,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(openai.bp)
     app.register_blueprint(manage.bp)
     app.register_blueprint(metrics.bp)
+    app.register_blueprint(demo.bp)  # answers 404 unless demo-upstream is on (checked per request)
     app.before_request(_start_request)
     app.after_request(_finish_request)
     app.register_error_handler(ProxyError, _render_proxy_error)

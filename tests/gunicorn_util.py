@@ -17,7 +17,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 class Gunicorn:
     def __init__(self, settings_path: Path, workers: int = 2, threads: int = 8, env: dict | None = None) -> None:
-        self.port = free_port()
+        # A PORT in env is the port to bind (for settings that read ${PORT}); else any free one.
+        given = (env or {}).get("PORT")
+        self.port = int(given) if given else free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.settings_path = settings_path
         # A worker holds no more connections than it has threads here, so
@@ -25,7 +27,8 @@ class Gunicorn:
         environ = dict(os.environ, PROXY_SETTINGS=str(settings_path), WEB_CONCURRENCY=str(workers),
                        GUNICORN_THREADS=str(threads), GUNICORN_WORKER_CONNECTIONS=str(threads),
                        PYTHONUNBUFFERED="1", **(env or {}))
-        environ.pop("PORT", None)
+        if not given:
+            environ.pop("PORT", None)
         self.log_path = settings_path.with_suffix(f".{self.port}.log")
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "app:app", "--bind",
