@@ -10,10 +10,14 @@ message so it feels live.
 Off unless ``demo-upstream: true``. Each view checks the *current* settings,
 so a hot reload turns it on or off, and with it off everything under /demo is
 the ordinary JSON 404 (for every method, so not even a 405 tells it exists).
+Even on, it answers only the proxy itself: a loopback peer with no forwarding
+header (the executor drops those upstream), so a platform router (Heroku) or
+a reverse proxy that adds X-Forwarded-For gets the same 404.
 It registers no request hook: other routes' request path is unchanged.
 """
 from __future__ import annotations
 
+import ipaddress
 import re
 import time
 from typing import Iterator
@@ -34,12 +38,14 @@ WORD_DELAY = 0.02            # seconds between events: visible streaming, ~0.7 s
 ECHO_LIMIT = 60              # characters of the user's message echoed back
 # Every method, so that with the demo off even a wrong method gets the 404 (not a 405).
 ANY_METHOD = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+# Headers a reverse proxy or platform router adds, and the executor never sends upstream.
+FORWARDED = ("HTTP_FORWARDED", "HTTP_X_FORWARDED_FOR", "HTTP_X_REAL_IP")
 _SPACE = re.compile(r"\s+")
 
 
 def _open_for(method: str) -> None:
-    """404 unless the settings turn the demo on; then 405 for any other method than ``method``."""
-    if not holder().current().settings.demo_upstream:
+    """404 unless the settings turn the demo on and the proxy itself calls; then 405 for another method."""
+    if not holder().current().settings.demo_upstream or not _from_this_host():
         g.log["rule"] = "unmatched"  # logged and counted exactly like an unknown URL
         raise NotFound()
     if request.method != method:
@@ -115,6 +121,16 @@ def _paced(chunks: list[dict]) -> Iterator[bytes]:
             time.sleep(WORD_DELAY)
         yield b"data: " + orjson.dumps(chunk) + b"\n\n"
     yield b"data: [DONE]\n\n"
+
+
+def _from_this_host() -> bool:
+    environ = request.environ
+    if any(name in environ for name in FORWARDED):
+        return False
+    try:
+        return ipaddress.ip_address((request.remote_addr or "").split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
 
 
 def _text(content: object) -> str:

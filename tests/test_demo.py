@@ -165,6 +165,19 @@ def test_demo_is_an_ordinary_404_for_every_method_when_off(serve, upstream, path
     assert not [line for line in metrics if 'route="/demo' in line and 'status="404"' in line]
 
 
+def test_demo_when_on_answers_only_the_proxy_itself(serve, unpaced):
+    app = make_app(settings_doc(**{"demo-upstream": True}))
+    live = serve(app)
+    assert requests.get(live.url + "/demo/v1/models", timeout=10).status_code == 200
+    for forwarded in ({"X-Forwarded-For": "203.0.113.9"}, {"X-Real-IP": "203.0.113.9"},
+                      {"Forwarded": "for=203.0.113.9"}):
+        response = requests.get(live.url + "/demo/v1/models", headers=forwarded, timeout=10)
+        assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
+    remote = app.test_client().post("/demo/v1/chat/completions", environ_base={"REMOTE_ADDR": "198.51.100.7"},
+                                    json={"messages": [{"role": "user", "content": "hi"}]})
+    assert remote.status_code == 404 and remote.get_json()["error"]["code"] == "not_found"
+
+
 def test_hot_reload_turns_the_demo_on_and_off(tmp_path, upstream, unpaced):
     doc = settings_doc(provider(upstream))
     path = write_settings(tmp_path / "settings.yaml", doc)
