@@ -43,18 +43,18 @@ FORWARDED = ("HTTP_FORWARDED", "HTTP_X_FORWARDED_FOR", "HTTP_X_REAL_IP")
 _SPACE = re.compile(r"\s+")
 
 
-def _open_for(method: str) -> None:
-    """404 unless the settings turn the demo on and the proxy itself calls; then 405 for another method."""
+def _open_for(*methods: str) -> None:
+    """404 unless the settings turn the demo on and the proxy itself calls; then 405 for other methods."""
     if not holder().current().settings.demo_upstream or not _from_this_host():
         g.log["rule"] = "unmatched"  # logged and counted exactly like an unknown URL
         raise NotFound()
-    if request.method != method:
-        raise MethodNotAllowed(valid_methods=[method])
+    if request.method not in methods:
+        raise MethodNotAllowed(valid_methods=list(methods))
 
 
 @bp.route("/v1/models", methods=ANY_METHOD)
 def models() -> Response:
-    _open_for("GET")
+    _open_for("GET", "HEAD")
     body = {"object": "list", "data": [{"id": MODEL, "object": "model", "created": CREATED,
                                         "owned_by": "streamfold-demo"}]}
     return Response(orjson.dumps(body), 200, {"Content-Type": "application/json"})
