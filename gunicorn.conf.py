@@ -62,6 +62,8 @@ def on_starting(server):
         for name in os.listdir(directory):
             if name.endswith(".db"):
                 os.unlink(os.path.join(directory, name))
+        # the operator page's per-worker activity files (proxy/activity.py) start empty too
+        shutil.rmtree(os.path.join(directory, "activity"), ignore_errors=True)
     else:
         made = tempfile.mkdtemp(prefix="streamfold-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = made

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+__version__ = "2.0.0.dev0"  # Part 2 in progress; shown on the operator page
+
 
 def create_app(test_config: Mapping[str, Any] | None = None):
     """Build the WSGI app (see ``proxy.web.create_app``)."""

@@ -170,7 +170,7 @@ def _attempt(settings: Settings, sessions: upstream.Sessions, keys: KeyPool,
                 keys.cool(provider.name, entry, retry_after(response.headers.get("Retry-After")))
                 metrics.COOLDOWNS.labels(provider.name, "rate_limited").inc()
             elif status in REFUSED_STATUSES:
-                keys.cool(provider.name, entry, REFUSED_KEY_COOLDOWN)
+                keys.cool(provider.name, entry, REFUSED_KEY_COOLDOWN, "refused")
                 metrics.COOLDOWNS.labels(provider.name, "key_refused").inc()
             failed = passthrough_error(response)
             failed.plan = plan

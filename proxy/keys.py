@@ -41,6 +41,8 @@ class KeyPool:
     def __init__(self, clock=time.monotonic) -> None:
         self.clock = clock
         self.publish: Callable[[str, str, float, str], None] | None = None  # set when Redis is on
+        # (provider, key id, seconds, reason): the operator page's instance-wide key state (activity.py)
+        self.observe: Callable[[str, str, float, str], None] | None = None
         self._turns: dict[str, itertools.count] = {}
         self._cooling: dict[tuple[str, str], float] = {}
         self._backoff: dict[str, tuple[float, float]] = {}  # provider -> (until, current step)
@@ -76,11 +78,13 @@ class KeyPool:
                  for t in targets for e in t.provider.api_key_entries]
         return max(1.0, min(waits, default=1.0))
 
-    def cool(self, provider: str, entry: KeyEntry, seconds: float) -> None:
+    def cool(self, provider: str, entry: KeyEntry, seconds: float, reason: str = "rate_limited") -> None:
         ident = key_id(entry.api_key)
         self._cooling[(provider, ident)] = self.clock() + seconds
         if self.publish is not None:
             self.publish(provider, ident, seconds, "key")
+        if self.observe is not None:
+            self.observe(provider, ident, seconds, reason)
 
     def connect_failed(self, provider: str) -> None:
         with self._lock:
@@ -89,10 +93,17 @@ class KeyPool:
             self._backoff[provider] = (self.clock() + step, step)
         if self.publish is not None:
             self.publish(provider, "", step, "backoff")
+        if self.observe is not None:
+            self.observe(provider, "", step, "backoff")
 
     def connected(self, provider: str) -> None:
         if provider in self._backoff:
             self._backoff.pop(provider, None)
+
+    def cooling(self) -> dict[tuple[str, str], float]:
+        """Read-only: ``(provider, key id)`` -> wall-clock end of each cooldown still running here."""
+        now, wall = self.clock(), time.time()
+        return {k: wall + (until - now) for k, until in list(self._cooling.items()) if until > now}
 
     def apply_remote(self, kind: str, provider: str, ident: str, until_epoch: float) -> None:
         """A cooldown or back-off announced by another worker or instance (wall-clock ``until``)."""

@@ -56,6 +56,8 @@ class ConfigHolder:
         self._lock = threading.Lock()
         self._next_check = time.monotonic() + CHECK_INTERVAL
         self._fingerprint: tuple | None = None
+        self.reloaded_at: float | None = None  # wall clock of the last config installed after start
+        self.reload_error: tuple[float, str] | None = None  # (when, problems) of the last refused file
         if settings is None:
             raw = self._read()
             self.file_document = yaml.safe_load(raw) if raw is not None else None
@@ -109,10 +111,12 @@ class ConfigHolder:
         except yaml.YAMLError as exc:
             log.error("settings file %s changed but is not valid YAML; keeping the running config: %s",
                       self.path, str(exc).replace("\n", " "))
+            self.reload_error = (time.time(), "not valid YAML: " + str(exc).replace("\n", " "))
             return False
         except SettingsError as exc:
             log.error("settings file %s changed but does not validate; keeping the running config: %s",
                       self.path, "; ".join(exc.problems))
+            self.reload_error = (time.time(), "; ".join(exc.problems))
             return False
         self.file_document = document
         self.install(settings, layer(document, self.runtime_providers))
@@ -142,6 +146,7 @@ class ConfigHolder:
                                _sources(self.file_document, self.runtime_providers))
         if fingerprint is not None:
             self._fingerprint = fingerprint
+        self.reloaded_at, self.reload_error = time.time(), None
         log.info("settings reloaded: %s", describe_changes(old, settings))
 
     def _read(self) -> bytes | None:

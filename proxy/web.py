@@ -8,9 +8,9 @@ from typing import Any, Mapping
 from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
-from . import demo, metrics
+from . import activity, demo, metrics
 from .errors import ProxyError, error_body
-from .routes import common, manage, openai
+from .routes import common, manage, openai, page, page_api  # noqa: F401 - page_api adds routes to manage.bp
 from .runtime import ConfigHolder
 from .settings import Settings, settings_path
 from .state import open_store
@@ -44,6 +44,9 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(manage.bp)
     app.register_blueprint(metrics.bp)
     app.register_blueprint(demo.bp)  # answers 404 unless demo-upstream is on (checked per request)
+    app.register_blueprint(page.bp)
+    app.extensions["streamfold"].keys.observe = activity.record_cooldown  # the page's instance-wide key state
+    activity.recorder()  # this worker's start goes on record before its first request
     app.before_request(_start_request)
     app.after_request(_finish_request)
     app.register_error_handler(ProxyError, _render_proxy_error)

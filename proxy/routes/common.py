@@ -13,7 +13,7 @@ import time
 import orjson
 from flask import current_app, request
 
-from .. import metrics
+from .. import activity, metrics
 from ..errors import BadRequest, PayloadTooLarge, Unauthorized
 from ..runtime import ConfigHolder, Runtime
 from ..settings import ClientKey
@@ -97,3 +97,4 @@ def write_access_log(fields: dict) -> None:
         "yes" if fields.get("forced") else "no", "yes" if fields.get("folded") else "no",
         fields.get("attempts", 0), ",".join(fields.get("keys", ())) or "-",
         fields.get("client", "-"), fields.get("result", "-"))
+    activity.record_request(fields)  # the operator page's traffic and recent requests

@@ -1,11 +1,7 @@
 """Management API under ``/v0/management`` (CLIProxyAPI-style).
 
-Off (404, as if absent) unless ``remote-management.secret-key`` or env
-``MANAGEMENT_SECRET`` is set. The secret comes as ``Authorization: Bearer``
-or ``X-Management-Key`` and is compared in constant time. Only loopback
-clients are served unless ``allow-remote: true`` (behind a reverse proxy the
-proxy's address is what counts). Five bad secrets from one address within a
-minute lock that address out for a minute (per worker process).
+Who may call it (on/off, loopback, lockout, secret) is decided in
+``guard.py``, which the operator page shares.
 
 Writes go through ``settings_file.update``: validated like the file at startup (400
 naming each problem, running config untouched), then written atomically. This
@@ -14,46 +10,17 @@ about a second (``runtime.ConfigHolder``).
 """
 from __future__ import annotations
 
-import hmac
-import ipaddress
-import threading
-import time
-
 import orjson
-from flask import Blueprint, Response, current_app, g, request
+from flask import Blueprint, Response, current_app, request
 
 from .. import settings_file
-from ..errors import BadRequest, Forbidden, ManagementUnauthorized, NotFound, PayloadTooLarge, ProxyError, RateLimited
+from ..errors import BadRequest, NotFound, PayloadTooLarge, ProxyError
 from ..runtime import ConfigHolder
 from ..settings import SettingsError
 from ..shared import SharedUnavailable
+from .guard import guard
 
 bp = Blueprint("management", __name__, url_prefix="/v0/management")
-LOCKOUT_FAILURES, LOCKOUT_WINDOW, LOCKOUT_SECONDS = 5, 60.0, 60.0
-
-
-class _Lockout:
-    """Failed secrets per client address; thread-safe within one worker."""
-
-    def __init__(self) -> None:
-        self.failures: dict[str, list[float]] = {}
-        self.locked_until: dict[str, float] = {}
-        self.lock = threading.Lock()
-
-    def check(self, address: str) -> None:
-        until = self.locked_until.get(address, 0.0)
-        if until > time.monotonic():
-            raise RateLimited("too many failed management logins; try again later",
-                              headers={"Retry-After": str(int(until - time.monotonic()) + 1)})
-
-    def failed(self, address: str) -> None:
-        now = time.monotonic()
-        with self.lock:
-            recent = [t for t in self.failures.get(address, []) if now - t < LOCKOUT_WINDOW] + [now]
-            self.failures[address] = recent
-            if len(recent) >= LOCKOUT_FAILURES:
-                self.locked_until[address] = now + LOCKOUT_SECONDS
-                self.failures.pop(address, None)
 
 
 def _holder() -> ConfigHolder:
@@ -62,27 +29,7 @@ def _holder() -> ConfigHolder:
 
 @bp.before_request
 def _guard() -> None:
-    management = _holder().current().settings.management
-    if not management.secret_key:
-        raise NotFound(f"Unknown request URL: {request.method} {request.path}.")
-    address = request.remote_addr or ""
-    if not management.allow_remote and not _is_loopback(address):
-        raise Forbidden("remote management is disabled; connect from loopback or set allow-remote")
-    lockout = current_app.extensions.setdefault("streamfold.lockout", _Lockout())
-    lockout.check(address)
-    auth = request.headers.get("Authorization", "")
-    given = auth[7:].strip() if auth[:7].lower() == "bearer " else request.headers.get("X-Management-Key", "")
-    if not given or not hmac.compare_digest(given.encode(), management.secret_key.encode()):
-        lockout.failed(address)
-        raise ManagementUnauthorized("missing or wrong management key")
-    g.log["client"] = "management"
-
-
-def _is_loopback(address: str) -> bool:
-    try:
-        return ipaddress.ip_address(address.split("%", 1)[0]).is_loopback
-    except ValueError:
-        return False
+    guard(require_secret=True)  # shared with the operator page (routes/page.py)
 
 
 def _json(body, status: int = 200) -> Response:

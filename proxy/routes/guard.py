@@ -1,0 +1,83 @@
+"""Who may use the management API and the operator page: on/off, the loopback rule, the lockout, the secret.
+
+Off (404, as if absent) unless ``remote-management.secret-key`` or env
+``MANAGEMENT_SECRET`` is set. Only loopback clients are served unless
+``allow-remote: true`` (behind a reverse proxy the proxy's address is what
+counts). Five bad secrets from one address within a minute lock that address
+out for a minute; under gunicorn the failures are counted across all workers
+of the instance (``activity``), so the fifth bad try locks the address out
+whichever worker it reached. The secret comes as ``Authorization: Bearer`` or
+``X-Management-Key`` and is compared in constant time.
+"""
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import threading
+import time
+
+from flask import current_app, g, request
+
+from .. import activity
+from ..errors import Forbidden, ManagementUnauthorized, NotFound, RateLimited
+
+LOCKOUT_FAILURES, LOCKOUT_WINDOW, LOCKOUT_SECONDS = 5, 60.0, 60.0
+
+
+class _Lockout:
+    """Failed secrets per address: in the instance's activity files, or (one process) in this app."""
+
+    def __init__(self) -> None:
+        self.failures: list[tuple[str, float]] = []
+        self.lock = threading.Lock()
+
+    def check(self, address: str) -> None:
+        if activity.directory():
+            times = [r["t"] for r in activity.recorder().read("auth") if r.get("address") == address]
+        else:
+            times = [t for a, t in self.failures if a == address]
+        until = activity.locked_until(times, LOCKOUT_FAILURES, LOCKOUT_WINDOW, LOCKOUT_SECONDS)
+        now = time.time()
+        if until > now:
+            raise RateLimited("too many failed management logins; try again later",
+                              headers={"Retry-After": str(int(until - now) + 1)})
+
+    def failed(self, address: str) -> None:
+        if activity.directory():
+            activity.record_auth_failure(address)
+            return
+        now = time.time()
+        with self.lock:
+            keep = LOCKOUT_WINDOW + LOCKOUT_SECONDS
+            self.failures = [(a, t) for a, t in self.failures if now - t < keep] + [(address, now)]
+
+
+def guard(require_secret: bool = True) -> None:
+    """Raise unless this request may use management: 404 off, 403 remote, 429 locked out, 401 bad secret.
+
+    The operator page itself carries no secret (``require_secret=False``); its
+    API calls do.
+    """
+    management = current_app.extensions["streamfold"].current().settings.management
+    if not management.secret_key:
+        raise NotFound(f"Unknown request URL: {request.method} {request.path}.")
+    address = request.remote_addr or ""
+    if not management.allow_remote and not is_loopback(address):
+        raise Forbidden("remote management is disabled; connect from loopback or set allow-remote")
+    lockout = current_app.extensions.setdefault("streamfold.lockout", _Lockout())
+    lockout.check(address)
+    if not require_secret:
+        return
+    auth = request.headers.get("Authorization", "")
+    given = auth[7:].strip() if auth[:7].lower() == "bearer " else request.headers.get("X-Management-Key", "")
+    if not given or not hmac.compare_digest(given.encode(), management.secret_key.encode()):
+        lockout.failed(address)
+        raise ManagementUnauthorized("missing or wrong management key")
+    g.log["client"] = "management"
+
+
+def is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
