@@ -6,7 +6,9 @@ Off (404, as if absent) unless ``remote-management.secret-key`` or env
 counts). Five bad secrets from one address within a minute lock that address
 out for a minute; under gunicorn the failures are counted across all workers
 of the instance (``activity``), so the fifth bad try locks the address out
-whichever worker it reached. The secret comes as ``Authorization: Bearer`` or
+whichever worker it reached. An accepted management request first looks at
+the settings file, so it never answers from a config another worker has
+already replaced. The secret comes as ``Authorization: Bearer`` or
 ``X-Management-Key`` and is compared in constant time.
 """
 from __future__ import annotations
@@ -58,7 +60,8 @@ def guard(require_secret: bool = True) -> None:
     The operator page itself carries no secret (``require_secret=False``); its
     API calls do.
     """
-    management = current_app.extensions["streamfold"].current().settings.management
+    holder = current_app.extensions["streamfold"]
+    management = holder.current().settings.management
     if not management.secret_key:
         raise NotFound(f"Unknown request URL: {request.method} {request.path}.")
     address = request.remote_addr or ""
@@ -74,6 +77,10 @@ def guard(require_secret: bool = True) -> None:
         lockout.failed(address)
         raise ManagementUnauthorized("missing or wrong management key")
     g.log["client"] = "management"
+    if holder.path is not None:
+        # Another worker may have written the file a moment ago; a management read must not show the
+        # old config (the request path may lag up to a second; management answers never do).
+        holder.check_file()
 
 
 def is_loopback(address: str) -> bool:

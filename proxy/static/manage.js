@@ -1,7 +1,7 @@
 // streamfold operator page: signs in with the management secret and draws each panel from /v0/management.
 //
 // Rules this file keeps (the page's Content-Security-Policy allows no inline script or style):
-// * every value from the server reaches the DOM through textContent (el() below), never innerHTML;
+// * every value from the server reaches the DOM as text (el() below: text nodes), never parsed as HTML;
 // * the secret lives in sessionStorage (this tab only) and goes out only as a Bearer header to
 //   /v0/management on this origin; signing out, or any 401, forgets it.
 "use strict";
@@ -121,6 +121,11 @@
 
   function signOut() {
     forget();
+    // Forget what was shown too: another person at this screen sees nothing after sign-out.
+    for (const node of $$("#overview, #workers tbody, #providers tbody, #traffic, #recent tbody, #recent-summary, " +
+                          "#usage, #usage-source, #config")) node.replaceChildren();
+    $("#provider-form").hidden = true;
+    usageStore = null;
     history.replaceState(null, "", location.pathname);
     showSignIn("");
     notice("Signed out; the secret is forgotten.");
@@ -136,6 +141,7 @@
   async function show(name) {
     if (!panels[name]) name = "overview";
     current = name;
+    notice("");
     for (const panel of $$(".panel")) panel.hidden = panel.id !== "panel-" + name;
     for (const button of $$("#nav button")) button.classList.toggle("active", button.dataset.panel === name);
     history.replaceState(null, "", "#" + name);
@@ -403,7 +409,8 @@
           "p95 ms", "folds"].map((h) => el("th", {}, h)))),
         el("tbody", {}, ...rows.map((r) => el("tr", {class: r.provider === "all" ? "total" : "",
           "data-provider": r.provider === "all" ? null : r.provider, "data-model": r.model},
-        el("td", {}, r.provider), el("td", {}, r.model), el("td", {class: "requests"}, r.requests),
+        el("td", {}, r.provider === "-" ? "(no upstream)" : r.provider), el("td", {}, r.model),
+        el("td", {class: "requests"}, r.requests),
         el("td", {}, r.errors), el("td", {}, number(r["p50-ms"])), el("td", {}, number(r["p95-ms"])),
         el("td", {}, r.folds))))));
     });
