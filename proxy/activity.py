@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import collections
 import glob
+import logging
 import os
 import threading
 import time
@@ -38,6 +39,7 @@ from typing import Any, Iterable
 
 import orjson
 
+log = logging.getLogger(__name__)
 SEGMENT_BYTES = 4 * 1024 * 1024
 MEMORY_RECORDS = 20000
 # Routes that are not client traffic: the page and its API would drown the list they show.
@@ -62,8 +64,8 @@ class _Journal:
         self.lock = threading.Lock()
         self.fd = -1
         self.size = 0
+        self.failing = False
         if self.path:
-            os.makedirs(folder, exist_ok=True)
             self._open()
 
     def _open(self) -> None:
@@ -76,18 +78,37 @@ class _Journal:
             self.memory.append(line)
             return
         with self.lock:
-            if self.size + len(line) > SEGMENT_BYTES:
-                os.close(self.fd)
-                os.replace(self.path, self.path + ".1")
-                self._open()
-            os.write(self.fd, line)
-            self.size += len(line)
+            try:
+                if self.size + len(line) > SEGMENT_BYTES:
+                    os.close(self.fd)
+                    os.replace(self.path, self.path + ".1")
+                    self._open()
+                os.write(self.fd, line)
+                self.size += len(line)
+            except OSError as exc:
+                # The page loses a record; the request it describes must not fail (disk full, dir removed).
+                if not self.failing:
+                    log.error("activity file %s cannot be written (%s); the operator page will miss records",
+                              self.path, exc.strerror or type(exc).__name__)
+                self.failing = True
+                return
+            self.failing = False
 
 
 class Recorder:
     """This worker's journals."""
 
     def __init__(self, folder: str | None) -> None:
+        if folder:
+            try:
+                os.makedirs(folder, exist_ok=True)
+                with open(os.path.join(folder, f"{os.getpid()}.probe"), "wb"):
+                    pass
+                os.unlink(os.path.join(folder, f"{os.getpid()}.probe"))
+            except OSError as exc:
+                log.error("activity directory %s is not usable (%s); the operator page shows this worker only",
+                          folder, exc.strerror or type(exc).__name__)
+                folder = None
         self.folder = folder
         self.pid = os.getpid()
         self.started = time.time()

@@ -5,6 +5,7 @@ no browser: when the page exists, who may load it, its headers, and the page API
 """
 from __future__ import annotations
 
+import os
 import re
 from html.parser import HTMLParser
 from pathlib import Path
@@ -243,3 +244,30 @@ def test_client_usage_from_metrics_names_clients_not_keys(pclient, upstream):
     mine = next(c for c in usage["clients"] if c["client"] == "...0001")
     assert usage["source"] == "metrics" and mine["requests-last-hour"] >= 1 and mine["prompt-tokens"] >= 5
     assert "sk-client" not in orjson.dumps(usage).decode()
+
+
+def test_an_unwritable_activity_file_never_fails_a_request(upstream, files, caplog):
+    client = page_app(upstream).test_client()
+    journal = activity.recorder().requests
+    journal.fd = os.open(os.devnull, os.O_RDONLY)  # every write now fails (EBADF), as on a broken disk
+    try:
+        for _ in range(3):
+            assert client.post("/v1/chat/completions", json=CHAT, headers=AUTH).status_code == 200
+    finally:
+        os.close(journal.fd)
+    failures = [r for r in caplog.records if "cannot be written" in r.getMessage()]
+    assert len(failures) == 1  # said once, not per request
+    assert client.get("/v0/management/recent", headers=MGMT).status_code == 200
+
+
+def test_an_unusable_activity_directory_falls_back_to_this_worker(upstream, tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    monkeypatch.setenv("STREAMFOLD_ACTIVITY_DIR", str(blocker / "activity"))
+    monkeypatch.setattr(activity, "_recorder", None)
+    try:
+        client = page_app(upstream).test_client()
+        assert client.post("/v1/chat/completions", json=CHAT, headers=AUTH).status_code == 200
+        assert client.get("/v0/management/recent", headers=MGMT).get_json()["matching"] == 1
+    finally:
+        activity._recorder = None
