@@ -43,7 +43,8 @@ def files(tmp_path, monkeypatch):
 
 
 # -- who may load the page ----------------------------------------------------------------------------
-@pytest.mark.parametrize("path", ["/manage", "/manage/static/manage.js", "/manage/static/manage.css"])
+@pytest.mark.parametrize("path", ["/manage", "/manage/static/manage.js", "/manage/static/dom.js",
+                                  "/manage/static/providers.js", "/manage/static/manage.css"])
 def test_page_and_its_files_carry_a_strict_policy(pclient, path):
     response = pclient.get(path)
     response.close()
@@ -115,14 +116,14 @@ def test_page_markup_needs_nothing_inline_and_the_script_never_writes_html(pclie
     parser = _Markup()
     parser.feed(pclient.get("/manage").get_data(as_text=True))
     assert parser.problems == []
-    script = (STATIC / "manage.js").read_text()
+    script = "\n".join(path.read_text() for path in STATIC.glob("*.js"))
     assert not re.search(r"innerHTML|outerHTML|insertAdjacentHTML|document\.write|eval\(|new Function", script)
 
 
 def test_page_holds_the_stable_hooks(pclient):
     html = pclient.get("/manage").get_data(as_text=True)
     assert 'name="secret"' in html and 'type="password"' in html
-    script = (STATIC / "manage.js").read_text()
+    script = (STATIC / "providers.js").read_text()
     assert '"data-provider": p.name' in script and 'toggle("force-upstream-stream")' in script
     assert 'toggle("disabled")' in script
 
