@@ -188,7 +188,8 @@ def record_request(fields: dict) -> None:
     ms = round((time.perf_counter() - started) * 1000, 1) if started is not None else fields.get("upstream_ms")
     found = recorder()
     found.requests.append({
-        "t": round(time.time(), 3), "worker": found.pid, "id": fields.get("request_id"), "route": route,
+        # route is the path asked for: bounded, since an unmatched one is anything a client sends
+        "t": round(time.time(), 3), "worker": found.pid, "id": fields.get("request_id"), "route": route[:200],
         "model": fields.get("model", "-"), "provider": fields.get("provider", "-"),
         "status": fields.get("status", "-"), "ms": ms, "folded": bool(fields.get("folded")),
         "forced": bool(fields.get("forced")), "client": fields.get("client", "-"),

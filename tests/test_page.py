@@ -272,3 +272,10 @@ def test_an_unusable_activity_directory_falls_back_to_this_worker(upstream, tmp_
         assert client.get("/v0/management/recent", headers=MGMT).get_json()["matching"] == 1
     finally:
         activity._recorder = None
+
+
+def test_overview_tells_the_page_when_the_usage_store_answers(upstream):
+    app = page_app(upstream)
+    app.add_url_rule("/v0/management/usage", "usage_stand_in", lambda: {"object": "usage", "data": []})
+    overview = app.test_client().get("/v0/management/overview", headers=MGMT).get_json()
+    assert overview["usage-store"] is True

@@ -182,7 +182,8 @@ async function loadUsage() {
 
 // The usage store's answer drawn without knowing its exact shape: the first list of objects in it.
 function genericTable(data) {
-  let rows = Array.isArray(data) ? data : null;
+  // the usage store answers {"object": "usage", ..., "data": [rows], "total": {...}}
+  let rows = Array.isArray(data) ? data : data && Array.isArray(data.data) ? data.data : null;
   if (!rows && data && typeof data === "object") {
     rows = Object.values(data).find((v) => Array.isArray(v) && v.every((x) => x && typeof x === "object")) || null;
   }
