@@ -8,7 +8,7 @@ from typing import Any, Mapping
 from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
-from . import activity, demo, metrics
+from . import activity, demo, instances, metrics
 from .errors import ProxyError, error_body
 from .routes import common, manage, openai, page, page_api  # noqa: F401 - page_api adds routes to manage.bp
 from .runtime import ConfigHolder
@@ -47,6 +47,8 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(page.bp)
     app.extensions["streamfold"].keys.observe = activity.record_cooldown  # the page's instance-wide key state
     activity.recorder()  # this worker's start goes on record before its first request
+    if app.extensions["streamfold"].shared is not None:
+        instances.start(app.extensions["streamfold"].shared)  # the page lists the instances sharing Redis
     app.before_request(_start_request)
     app.after_request(_finish_request)
     app.register_error_handler(ProxyError, _render_proxy_error)

@@ -279,3 +279,25 @@ def test_overview_tells_the_page_when_the_usage_store_answers(upstream):
     app.add_url_rule("/v0/management/usage", "usage_stand_in", lambda: {"object": "usage", "data": []})
     overview = app.test_client().get("/v0/management/overview", headers=MGMT).get_json()
     assert overview["usage-store"] is True
+
+
+def test_overview_lists_the_instances_sharing_redis(upstream, tmp_path):
+    from proxy.instances import KEY_PREFIX, TTL, instance_id
+    from tests.redis_util import RedisServer
+
+    server = RedisServer()
+    try:
+        path = write_settings(tmp_path / "s.yaml", settings_doc(provider(upstream), **{
+            "remote-management": {"secret-key": SECRET}, "redis-url": server.url}))
+        app = create_app({"PROXY_SETTINGS": str(path), "ENVIRON": {}})
+        other = {"id": "gpu-host-2:4242", "host": "gpu-host-2", "started": 1.0, "seen": 2.0, "providers-version": 0}
+        app.extensions["streamfold"].shared.client.set(KEY_PREFIX + other["id"], orjson.dumps(other), ex=TTL)
+        found = app.test_client().get("/v0/management/overview", headers=MGMT).get_json()
+        assert found["redis"]["state"] == "up"
+        assert {i["id"]: i["this"] for i in found["instances"]} == {instance_id(): True, "gpu-host-2:4242": False}
+        app.extensions["streamfold"].shared.stop()
+        server.stop()
+        gone = app.test_client().get("/v0/management/overview", headers=MGMT).get_json()
+        assert gone["instances"] is None  # Redis is down: unknown, and the overview still answers
+    finally:
+        server.stop()

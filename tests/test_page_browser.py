@@ -79,7 +79,7 @@ def server(tmp_path_factory, upstream):
 
 
 @pytest.fixture(scope="module")
-def driver():
+def driver(server):  # depends on it so the browser (and its keep-alive connections) goes first
     assert os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER), \
         "the browser tests need Debian's chromium and chromium-driver: run tests/system-deps.sh"
     os.environ["SE_OFFLINE"] = "true"  # Selenium Manager must never go online (the driver path is given anyway)

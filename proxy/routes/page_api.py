@@ -15,7 +15,7 @@ import orjson
 import requests
 from flask import Response, current_app, request
 
-from .. import __version__, activity, metrics
+from .. import __version__, activity, instances, metrics
 from ..errors import BadRequest, NotFound
 from ..keys import key_id
 from ..settings import Provider, redact
@@ -46,6 +46,7 @@ def overview() -> Response:
         "redis": ({"state": "off"} if shared is None else
                   {"state": "up" if shared.up else "down", "url": redact_url(shared.url),
                    "providers-version": shared.version}),
+        "instances": None if shared is None else instances.listing(shared),
         "workers": workers,
         "usage-store": any(rule.rule == bp.url_prefix + "/usage" for rule in current_app.url_map.iter_rules()),
     })

@@ -102,6 +102,10 @@ async function loadOverview() {
     ["last reload", o["last-reload"] ? dateTime(o["last-reload"]) : "none since start"],
     ["reload error", o["reload-error"] ? dateTime(o["reload-error"].at) + ": " + o["reload-error"].message : "none"],
     ["Redis", redis],
+    ["instances", o.redis.state === "off" ? "this one (instances share state only through Redis)"
+      : o.instances === null ? "unknown (Redis cannot be asked)"
+        : o.instances.map((i) => i.id + (i.this ? " (this one)" : "") + ", seen " + time(i.seen) +
+          ", providers version " + i["providers-version"]).join("; ")],
     ["usage source", o["usage-store"] ? "usage store" : "metrics (the usage store is not installed)"],
   ];
   $("#overview").replaceChildren(...rows.flatMap(([k, v]) => [el("dt", {}, k),
