@@ -28,7 +28,7 @@ from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import WebDriverWait
 
 from proxy.runtime import CHECK_INTERVAL
-from tests.conftest import AUTH, PROVIDER_KEY, settings_doc
+from tests.conftest import AUTH, CLIENT_KEY, PROVIDER_KEY, settings_doc
 from tests.gunicorn_util import Gunicorn, write_settings
 from tests.upstream import FakeUpstream, Reply, completion, sse, text_chunks
 
@@ -326,6 +326,27 @@ def test_markup_in_a_model_alias_and_a_model_name_renders_as_text(driver, server
     assert console_errors(driver) == []
 
 
+def test_an_edit_and_the_disabled_toggle_reach_v1_models(driver, server):
+    open_panel(driver, "providers")
+    row(driver, "limited").find_element(By.XPATH, ".//button[text()='Edit']").click()
+    models = driver.find_element(By.ID, "provider-form").find_element(By.NAME, "models")
+    models.send_keys("\nspare-model = spare")
+    driver.find_element(By.CSS_SELECTOR, "#provider-form button[type=submit]").click()
+    wait(driver, lambda d: "spare → spare-model" in row(d, "limited").text)
+    written = server.settings_path.read_text()
+    assert "alias: spare" in written and LIMITED_KEY in written  # the redacted key sent back kept the real one
+    box = row(driver, "limited").find_element(By.NAME, "disabled")
+    box.click()
+    wait(driver, lambda d: row(d, "limited").find_element(By.NAME, "disabled").is_selected())
+    time.sleep(CHECK_INTERVAL + 0.3)
+    assert all("spare" not in ids and "lim" not in ids and "m" in ids for ids in model_ids(server))
+    row(driver, "limited").find_element(By.NAME, "disabled").click()
+    wait(driver, lambda d: not row(d, "limited").find_element(By.NAME, "disabled").is_selected())
+    time.sleep(CHECK_INTERVAL + 0.3)
+    assert all({"spare", "lim"} <= ids for ids in model_ids(server))
+    assert console_errors(driver) == []
+
+
 def test_signing_out_stops_the_page_management_calls_until_signed_in_again(driver, server):
     open_panel(driver, "overview")
     driver.find_element(By.ID, "sign-out").click()
@@ -363,6 +384,9 @@ def test_a_wrong_secret_shows_an_error_and_five_lock_the_address_out(driver, ser
                 for _ in range(6)}
     assert statuses == {429}
     assert console_errors(driver, allowed_statuses=(401, 429)) == []
+    log = server.output()  # the whole module's gunicorn log: no secret, no key, however the page was used
+    for secret in (SECRET, PROVIDER_KEY, LIMITED_KEY, CLIENT_KEY, "sk-gamma-provider-5678"):
+        assert secret not in log
 
 
 def sign_in_attempt(driver, secret: str) -> None:
