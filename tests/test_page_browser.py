@@ -156,7 +156,7 @@ def model_ids(server) -> list[set[str]]:
 def screenshot(driver, name: str) -> None:
     """The README's pictures, taken from the page as the tests leave it."""
     DOCS.mkdir(exist_ok=True)
-    driver.execute_script("window.scrollTo(0, 0)")
+    driver.execute_script("window.scrollTo(0, 0); document.getElementById('notice').hidden = true")  # an old notice
     driver.save_screenshot(str(DOCS / name))
 
 
