@@ -11,8 +11,11 @@ import tempfile
 # Heroku-style: bind the platform's $PORT on all interfaces, else loopback only.
 bind = f"0.0.0.0:{os.environ['PORT']}" if os.environ.get("PORT") else "127.0.0.1:8317"
 
-# gthread: a thread per request, so long streams don't block other clients.
-worker_class = "gthread"
+# gthread (a thread per request, so long streams don't block other clients),
+# subclassed to read each request whole in the event loop first: a slow client
+# costs a buffer, not a thread, and is dropped after `client-timeout` (settings
+# file, default 30 s). Parse errors are answered as OpenAI JSON. See proxy/worker.py.
+worker_class = "proxy.worker.StreamfoldWorker"
 # Default cores + 1: measured by bench/ on 2 cores, 3 workers beat 2 (a worker
 # whose threads wait for the GIL leaves its core idle) and 4 (more switching).
 workers = int(os.environ.get("WEB_CONCURRENCY", str((os.cpu_count() or 1) + 1)))

@@ -27,15 +27,26 @@ from .settings import KeyEntry, Settings, redact
 RETRY_STATUSES = frozenset((429, 500, 502, 503, 504))
 REFUSED_STATUSES = frozenset((401, 403))
 ERROR_BODY_LIMIT = 1024 * 1024
-# Client headers never sent upstream: its credentials, cookies, hop-by-hop
-# headers, and what the proxy sets itself.
+# Client headers never sent upstream (nginx-like): the client's credentials and
+# cookies; hop-by-hop headers (RFC 9110 section 7.6.1, plus those the client's
+# Connection header names); anything describing the client's body, which the
+# proxy re-serialises (Content-Encoding, digests); Expect, Via, Range and
+# conditionals, which make no sense on a re-issued POST; and what the proxy
+# sets itself.
 DROP_HEADERS = frozenset((
-    "authorization", "x-api-key", "cookie", "host", "content-length", "content-type",
+    "authorization", "x-api-key", "api-key", "cookie", "cookie2", "host", "content-length", "content-type",
+    "content-encoding", "content-md5", "digest", "content-digest", "repr-digest", "want-digest",
     "accept", "accept-encoding", "connection", "keep-alive", "proxy-authenticate",
     "proxy-authorization", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade",
+    "expect", "via", "max-forwards", "range", "if-range", "if-match", "if-none-match",
+    "if-modified-since", "if-unmodified-since",
     "x-management-key", "x-request-id", "forwarded", "x-forwarded-for", "x-forwarded-host",
     "x-forwarded-proto", "x-real-ip",
 ))
+# Credential-looking names, whatever their prefix: X-Goog-Api-Key, X-Auth-Token,
+# X-Amz-Security-Token, X-Client-Secret, X-Proxy-Authorization, ...
+CREDENTIAL_SUFFIXES = ("api-key", "apikey", "-token", "-secret", "-password", "-credential",
+                       "-credentials", "-authorization", "-cookie", "-session")
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,7 +175,13 @@ def _attempt(settings: Settings, sessions: upstream.Sessions, keys: KeyPool,
     metrics.UPSTREAM_TTFB.labels(provider.name).observe(time.perf_counter() - started)
     keys.connected(provider.name)
     status = response.status
-    if status >= 400 or status < 200:
+    if status < 200 or 300 <= status < 400:
+        # Like nginx: a redirect is never followed with the key nor relayed as
+        # an answer; an API client cannot use an upstream's internal redirect.
+        with closing(response):
+            raise UpstreamUnavailable(_not_final(provider.name, response),
+                                      code="upstream_redirect" if status >= 300 else "upstream_bad_status")
+    if status >= 400:
         with closing(response):
             if status == 429:
                 keys.cool(provider.name, entry, retry_after(response.headers.get("Retry-After")))
@@ -189,7 +206,7 @@ def _attempt(settings: Settings, sessions: upstream.Sessions, keys: KeyPool,
 
 def _success(settings: Settings, response: HTTPResponse, call: Call, fold: Callable[..., dict] | None,
              forced: bool) -> Outcome:
-    content_type = response.headers.get("Content-Type", "")
+    content_type = upstream.header_value(response.headers.get("Content-Type")) or ""
     first = upstream.read_first(response)
     if not first.strip():
         raise UpstreamUnavailable("upstream answered 200 and closed without sending anything")
@@ -214,6 +231,15 @@ def _success(settings: Settings, response: HTTPResponse, call: Call, fold: Calla
     return Outcome(response.status, content_type or "application/json", body)
 
 
+def _not_final(provider: str, response: HTTPResponse) -> str:
+    status = response.status
+    if status < 300:
+        return f"upstream {provider!r} answered HTTP {status}, which is not a final answer"
+    location = upstream.header_value(response.headers.get("Location"), 300) or "(none)"
+    return (f"upstream {provider!r} answered HTTP {status} redirecting to {location}; the proxy does not "
+            "follow upstream redirects: point base-url at the final address")
+
+
 def passthrough_error(response: HTTPResponse) -> Outcome:
     """An upstream error answer, relayed with its status; non-JSON bodies are wrapped OpenAI-style."""
     status = response.status
@@ -221,13 +247,13 @@ def passthrough_error(response: HTTPResponse) -> Outcome:
         body = upstream.read_body(response, b"", ERROR_BODY_LIMIT)
     except ProxyError:
         body = b""
-    content_type = response.headers.get("Content-Type", "")
+    content_type = upstream.header_value(response.headers.get("Content-Type")) or ""
     if "json" not in content_type or not body.lstrip().startswith(b"{"):
         text = body[:300].decode("utf-8", "replace").strip()
         body = error_body(f"upstream returned HTTP {status}" + (f": {text}" if text else ""),
                           "rate_limit_error" if status == 429 else "upstream_error", status)
     headers = {}
-    if status == 429 and response.headers.get("Retry-After"):
+    if status == 429 and upstream.header_value(response.headers.get("Retry-After")):
         headers["Retry-After"] = response.headers["Retry-After"]
     return Outcome(status, "application/json", body, headers=headers)
 
@@ -250,11 +276,13 @@ def retry_after(value: str | None) -> float:
 
 def client_headers(environ: dict) -> dict[str, str]:
     """The client's headers that may go upstream, from the WSGI environ."""
+    named = environ.get("HTTP_CONNECTION")  # hop-by-hop headers the client declared
+    hop = {n.strip().lower() for n in named.split(",")} if named else ()
     out = {}
     for key, value in environ.items():
         if key.startswith("HTTP_"):
             name = key[5:].replace("_", "-").lower()
-            if name not in DROP_HEADERS:
+            if (name not in DROP_HEADERS and name not in hop and not name.endswith(CREDENTIAL_SUFFIXES)
+                    and not name.startswith("proxy-")):
                 out[name] = value
     return out
-

@@ -17,12 +17,21 @@ call building models, merging settings and parsing cookies we never use,
 more than the rest of the proxy put together. The pool, the request URL for
 a proxy and the timeout are looked up once per provider/key and cached.
 
+Status lines are read like nginx does: interim 1xx answers (``103 Early
+Hints``) are skipped by the connection's response class, so the response
+handed back is the final one. Bodies are decoded here (urllib3 does gzip and
+deflate, br and zstd only when their optional modules are installed); an
+answer in an encoding that cannot be decoded is a 502, never bytes relayed
+without their ``Content-Encoding``.
+
 Reads: ``read1`` returns whatever bytes have arrived (for chunked and
 close-delimited bodies alike), so nothing is held back waiting for a fixed
 ``chunk_size`` and nothing waits for the end of a close-delimited body.
 """
 from __future__ import annotations
 
+import http.client
+import re
 import threading
 from typing import Iterator
 
@@ -38,6 +47,12 @@ READ_SIZE = 65536
 # Connections kept per upstream host; above this, extra connections are
 # opened and closed per request rather than blocking a thread (pool_block=False).
 POOL_SIZE = 64
+# Encodings urllib3 decodes in this environment, besides identity.
+DECODABLE = frozenset(HTTPResponse.CONTENT_DECODERS) | {"identity"}
+# Interim responses skipped before the final one; more is a broken upstream.
+MAX_INTERIM = 16
+_MAX_LINE = 65536
+_UNSAFE = re.compile(r"[^\t\x20-\x7e]")
 
 
 class Sessions:
@@ -78,6 +93,7 @@ class Sessions:
                 pool = adapter.get_connection_with_tls_context(prepared, session.verify, proxies=proxies)
             except (requests.RequestException, urllib3.exceptions.HTTPError, ValueError) as exc:
                 raise UpstreamUnavailable(f"cannot use the upstream or its proxy: {type(exc).__name__}") from None
+            pool.ConnectionCls = _skipping_interim(pool.ConnectionCls)
             route = self._routes[key] = (pool, adapter.request_url(prepared, proxies),
                                          bool(entry.proxy_url) and not entry.proxy_url.startswith("socks"))
         return route
@@ -93,20 +109,72 @@ def _new_session(provider: Provider) -> requests.Session:
     return session
 
 
+class _FinalResponse(http.client.HTTPResponse):
+    """An ``http.client`` response that reads past interim 1xx answers to the final one.
+
+    ``http.client`` skips only ``100 Continue``; a ``103 Early Hints`` would
+    otherwise become the answer (no body) and leave the real one on the
+    pooled connection. ``101`` is final (the proxy never asks to upgrade; the
+    executor reports it).
+    """
+
+    def _read_status(self):
+        for _ in range(MAX_INTERIM):
+            version, status, reason = super()._read_status()
+            if not 100 <= status < 200 or status == 101:
+                return version, status, reason
+            while True:  # the interim answer's header section, discarded
+                line = self.fp.readline(_MAX_LINE + 1)
+                if len(line) > _MAX_LINE:
+                    raise http.client.LineTooLong("interim header line")
+                if line in (b"\r\n", b"\n", b""):
+                    break
+        raise http.client.HTTPException(f"more than {MAX_INTERIM} interim responses")
+
+
+_SKIPPING: dict[type, type] = {}
+
+
+def _skipping_interim(connection_class: type) -> type:
+    """``connection_class`` (plain, TLS or SOCKS) with ``_FinalResponse`` as its response class."""
+    if getattr(connection_class, "response_class", None) is _FinalResponse:
+        return connection_class
+    made = _SKIPPING.get(connection_class)
+    if made is None:
+        made = _SKIPPING[connection_class] = type(connection_class.__name__, (connection_class,),
+                                                  {"response_class": _FinalResponse})
+    return made
+
+
+def header_value(value: str | None, limit: int = 1024) -> str | None:
+    """An upstream header value safe to hand on (visible ASCII, space, tab), else ``None``."""
+    if value is None or len(value) > limit:
+        return None
+    return None if _UNSAFE.search(value) else value
+
+
 def post(sessions: Sessions, provider: Provider, url: str, body: bytes, headers: dict,
          entry: KeyEntry, timeouts: Timeouts) -> HTTPResponse:
     """POST ``body`` and return the response with its body unread."""
     pool, target, via_http_proxy = sessions.route(provider, url, entry)
     try:
-        return pool.urlopen("POST", target, body=body, headers=headers, retries=False, redirect=False,
-                            assert_same_host=not via_http_proxy, preload_content=False,
-                            timeout=urllib3.Timeout(connect=timeouts.connect, read=timeouts.read))
+        response = pool.urlopen("POST", target, body=body, headers=headers, retries=False, redirect=False,
+                                assert_same_host=not via_http_proxy, preload_content=False,
+                                timeout=urllib3.Timeout(connect=timeouts.connect, read=timeouts.read))
     except urllib3.exceptions.NewConnectionError as exc:  # a subclass of ConnectTimeoutError in urllib3
         raise UpstreamUnavailable(f"could not connect to upstream {provider.name!r}: {type(exc).__name__}") from None
     except urllib3.exceptions.TimeoutError:
         raise UpstreamTimeout(f"upstream timed out ({provider.name})") from None
     except (urllib3.exceptions.HTTPError, OSError) as exc:
         raise UpstreamUnavailable(f"could not reach upstream {provider.name!r}: {type(exc).__name__}") from None
+    coding = response.headers.get("Content-Encoding")
+    if coding and not all(c.strip().lower() in DECODABLE for c in coding.split(",")):
+        response.close()
+        shown = header_value(coding[:64]) or "(invalid)"
+        raise UpstreamUnavailable(f"upstream {provider.name!r} answered with Content-Encoding {shown}, which "
+                                  "this proxy cannot decode; have it answer uncompressed or gzip",
+                                  code="upstream_encoding")
+    return response
 
 
 def read_chunks(response: HTTPResponse, first: bytes = b"") -> Iterator[bytes]:
@@ -122,6 +190,9 @@ def read_chunks(response: HTTPResponse, first: bytes = b"") -> Iterator[bytes]:
             yield data
     except urllib3.exceptions.TimeoutError:
         raise UpstreamTimeout("upstream went silent for longer than the read timeout") from None
+    except urllib3.exceptions.DecodeError:
+        raise UpstreamUnavailable("upstream body does not decode as its Content-Encoding says",
+                                  code="upstream_encoding") from None
     except (urllib3.exceptions.HTTPError, OSError) as exc:
         raise UpstreamUnavailable(f"upstream connection dropped mid-response: {type(exc).__name__}") from None
 

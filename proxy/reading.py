@@ -1,0 +1,129 @@
+"""Tell when an HTTP/1.1 request held in a buffer is complete: head, then body by its framing.
+
+The worker (``proxy.worker``) reads requests in its event loop, non-blocking,
+and hands one to a thread only once this says it is whole, so a slow client
+costs a buffer instead of a thread. This is not a parser: anything it does
+not recognise as plainly well-formed (two Content-Lengths, an unknown
+transfer coding, a bad chunk size, an over-long line) is handed over as is,
+and gunicorn's own parser then rejects it with the right status. Pure: bytes
+in, an answer out; no sockets.
+"""
+from __future__ import annotations
+
+HEX = frozenset(b"0123456789abcdefABCDEF")
+
+
+class RequestReader:
+    """The bytes of one request as they arrive; ``feed`` says when to hand them over.
+
+    ``body_limit``: a body larger than this is handed over as soon as that is
+    known (the app answers 413 from what it has, without reading the rest).
+    ``line_limit``/``head_limit``: past these, the head can only be rejected.
+    """
+
+    __slots__ = ("buf", "body_limit", "line_limit", "head_limit", "_body_start", "_length", "_chunk_at",
+                 "_chunked_total", "continue_needed", "error")
+
+    def __init__(self, body_limit: int, line_limit: int = 8192, head_limit: int = 1024 * 1024) -> None:
+        self.buf = bytearray()
+        self.body_limit = body_limit
+        self.line_limit = line_limit
+        self.head_limit = head_limit
+        self._body_start = -1       # index of the first body byte, once the head is complete
+        self._length = -1           # Content-Length, or -1 for chunked
+        self._chunk_at = -1         # chunked: where the next chunk-size line starts
+        self._chunked_total = 0
+        self.continue_needed = False  # the client waits for "100 Continue" before its body
+        self.error = ""             # set when the chunked framing is broken: answer 400, don't parse
+
+    @property
+    def started(self) -> bool:
+        return bool(self.buf)
+
+    def feed(self, data: bytes) -> bool:
+        """Add bytes; True once the request is complete (or can only be rejected) and may go to a thread."""
+        self.buf += data
+        if self._body_start < 0:
+            return self._head()
+        return self._body()
+
+    def _head(self) -> bool:
+        buf = self.buf
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            if len(buf) > self.head_limit or b"\n\n" in buf:
+                return True  # the parser rejects it (431, bare LF) from what is here
+            last = max(buf.rfind(b"\n") + 1, 0)
+            return len(buf) - last > self.line_limit  # an over-long line: 414 or 431
+        framing = self._framing(bytes(buf[:end]))
+        if framing is None:
+            return True
+        self._body_start = end + 4
+        self._length = framing
+        self._chunk_at = self._body_start
+        if framing == 0:
+            return True
+        if framing > self.body_limit:
+            return True
+        return self._body()
+
+    def _framing(self, head: bytes) -> int | None:
+        """Content-Length, -1 for chunked, 0 for no body; None when only the parser can judge."""
+        lengths, codings, expect = [], [], False
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            name = name.lower()
+            if name == b"content-length":
+                lengths.append(value.strip())
+            elif name == b"transfer-encoding":
+                codings += [c.strip().lower() for c in value.split(b",")]
+            elif name == b"expect" and value.strip().lower() == b"100-continue":
+                expect = True
+        if codings:
+            if lengths or codings != [b"chunked"]:
+                return None
+            framing = -1
+        elif not lengths:
+            return 0
+        elif len(lengths) > 1 or not lengths[0].isdigit() or len(lengths[0]) > 18:
+            return None
+        else:
+            framing = int(lengths[0])
+        self.continue_needed = expect and framing != 0 and head.split(b"\r\n", 1)[0].endswith(b"HTTP/1.1")
+        return framing
+
+    def _body(self) -> bool:
+        if self._length >= 0:
+            return len(self.buf) - self._body_start >= self._length
+        buf, at = self.buf, self._chunk_at
+        while True:
+            eol = buf.find(b"\r\n", at)
+            if eol < 0:
+                return len(buf) - at > self.line_limit
+            size = bytes(buf[at:eol]).split(b";", 1)[0].rstrip(b" \t")
+            if not size or len(size) > 16 or not HEX.issuperset(size):
+                self.error = "invalid chunk size"
+                return True
+            size = int(size, 16)
+            if size == 0:  # last chunk, then trailer lines up to an empty one
+                if buf[eol + 2:eol + 4] == b"\r\n":
+                    return True
+                return buf.find(b"\r\n\r\n", eol + 2) >= 0 or len(buf) - eol > self.head_limit
+            # Hand over once more than body_limit bytes of body are here (the
+            # app answers 413 from them), not merely announced.
+            available = len(buf) - eol - 2
+            if self._chunked_total + min(size, available) > self.body_limit:
+                return True
+            following = eol + 2 + size + 2
+            if len(buf) < following:
+                return False
+            if buf[following - 2:following] != b"\r\n":
+                self.error = "chunk data not followed by CRLF"
+                return True
+            self._chunked_total += size
+            at = self._chunk_at = following
+
+    def take(self) -> bytes:
+        """The bytes read so far, for the parser."""
+        data, self.buf = bytes(self.buf), bytearray()
+        return data

@@ -1,0 +1,287 @@
+"""streamfold's gunicorn worker: gthread that reads each request whole before it takes a thread.
+
+Stock gthread hands a connection to a thread as soon as its first byte
+arrives; the thread then reads headers and body with no time limit, so a
+client that sends one header and then nothing (slowloris) holds a thread, and
+a few hundred of them freeze a worker. This worker reads requests in its event
+loop instead, non-blocking, as nginx does: until its head and body are in
+(``proxy.reading`` says when), a connection costs a buffer, not a thread, and
+does not count against ``worker_connections``. A client that has not
+delivered its whole request within ``client-timeout`` seconds is answered 408
+and closed. Requests then reach the thread already in memory; any read the
+parser still makes (a body over ``max-request-bytes``) ends at the same
+deadline.
+
+gunicorn's own parse errors, HTML pages in stock gunicorn, are answered as
+OpenAI JSON errors here (400, 414, 431, ...), and a client that goes away
+before its request is complete is not an error.
+
+TLS and HTTP/2 cleartext connections keep stock gthread behaviour: terminate
+TLS in a front proxy (README, "Deploying").
+"""
+from __future__ import annotations
+
+import errno
+import resource
+import selectors
+import ssl
+import time
+from functools import partial
+
+from gunicorn import util
+from gunicorn.http import errors as http_errors
+from gunicorn.workers.gthread import TConn, ThreadWorker
+
+from .errors import error_body
+from .reading import RequestReader
+
+# Connections still sending their request, per worker, at most (each costs a
+# file descriptor and a small buffer; none costs a thread).
+MAX_READING = 10_000
+READ_SIZE = 65536
+DEFAULTS = (30.0, 10 * 1024 * 1024)  # client-timeout, max-request-bytes before settings load
+
+
+class StreamfoldWorker(ThreadWorker):
+    """gthread with requests read in the event loop, a whole-request deadline and JSON parse errors."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # In arrival order, so in deadline order (``conn.timeout``) while
+        # client-timeout stays the same; after a reload changes it, expiry is
+        # late by the difference at most.
+        self.reading: dict[TConn, RequestReader] = {}
+        self.max_reading = MAX_READING
+        self.buffered = not self.cfg.is_ssl and self.cfg.http2_cleartext == "off"
+
+    def init_process(self) -> None:
+        self.max_reading = min(MAX_READING, _raise_open_files() - self.cfg.worker_connections - 64)
+        super().init_process()
+
+    def _limits(self) -> tuple[float, int]:
+        """``client-timeout`` and ``max-request-bytes`` from the current (hot-reloaded) settings."""
+        try:
+            settings = self.wsgi.extensions["streamfold"].runtime.settings
+            return settings.client_timeout, settings.max_request_bytes
+        except (AttributeError, KeyError):
+            return DEFAULTS
+
+    # -- reading requests in the event loop -------------------------------------------------
+    def accept(self, listener) -> None:
+        if not self.buffered:
+            return super().accept(listener)
+        try:
+            sock, addr = listener.accept()
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
+                raise
+            return
+        self._read(TConn(self.cfg, sock, addr, listener.getsockname()), b"")
+
+    def on_client_socket_readable(self, conn, client) -> None:
+        """A kept-alive connection has sent something: read its next request here, not in a thread."""
+        if not self.buffered:
+            return super().on_client_socket_readable(conn, client)
+        self.poller.unregister(client)
+        self.keepalived_conns.remove(conn)
+        self.nr_conns -= 1
+        self._read(conn, b"")
+
+    def _read(self, conn: TConn, already: bytes) -> None:
+        timeout, body_limit = self._limits()
+        cfg = self.cfg
+        reader = RequestReader(body_limit + 1, max(cfg.limit_request_line, cfg.limit_request_field_size) + 2)
+        conn.sock.setblocking(False)
+        conn.timeout = time.monotonic() + timeout
+        self.reading[conn] = reader
+        self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_readable, conn))
+        if already:
+            self._take(conn, reader, already)
+        if len(self.reading) >= self.max_reading:
+            self.set_accept_enabled(False)
+
+    def _on_readable(self, conn: TConn, _sock) -> None:
+        reader = self.reading[conn]
+        try:
+            data = conn.sock.recv(READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        self._take(conn, reader, data)
+
+    def _take(self, conn: TConn, reader: RequestReader, data: bytes) -> None:
+        if not data:  # the client went away before its request was complete: nothing to answer
+            self._forget(conn)
+            self._close(conn)
+            return
+        if reader.feed(data):
+            self._forget(conn)
+            if reader.error:
+                self.log.warning("invalid request from %s: %s", (conn.client or ("-",))[0], reader.error)
+                _send(conn.sock, _json_response(400, "Bad Request", "The chunked request body is malformed "
+                                                f"({reader.error}).", "invalid_chunked_body"))
+                self._close(conn)
+                return
+            self._dispatch(conn, reader)
+        elif reader.continue_needed:
+            reader.continue_needed = False
+            _send(conn.sock, b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def _forget(self, conn: TConn) -> None:
+        del self.reading[conn]
+        try:
+            self.poller.unregister(conn.sock)
+        except (KeyError, ValueError, OSError):
+            pass
+
+    def _dispatch(self, conn: TConn, reader: RequestReader) -> None:
+        """The request is in memory: give it to a thread, as gthread would have given the socket."""
+        self.nr_conns += 1
+        conn.data_ready = True
+        conn.init()
+        unreader = conn.parser.unreader
+        unreader.unread(reader.take())
+        if isinstance(unreader.sock, _Deadline):
+            unreader.sock.deadline = conn.timeout
+        else:
+            unreader.sock = _Deadline(conn.sock, conn.timeout)
+        self.enqueue_req(conn)
+
+    def finish_request(self, conn, fs) -> None:
+        """As gthread; but a pipelined next request, partly read already, is read on here too."""
+        if (self.buffered and self.alive and not fs.cancelled() and fs.exception() is None
+                and fs.result() is True):
+            leftover = conn.parser.unreader.take_buffered()
+            if leftover:
+                self.nr_conns -= 1
+                self._read(conn, leftover)
+                return
+        super().finish_request(conn, fs)
+
+    def murder_pending(self) -> None:
+        """Also drop connections past their deadline (called by gthread's loop at least every second)."""
+        super().murder_pending()
+        now, expired = time.monotonic(), []
+        for conn, reader in self.reading.items():
+            if conn.timeout > now:
+                break
+            expired.append((conn, reader))
+        for conn, reader in expired:
+            self._forget(conn)
+            if reader.started:
+                _send(conn.sock, _json_response(408, "Request Timeout",
+                                                "The request was not received in time (client-timeout).",
+                                                "request_timeout"))
+            self._close(conn)
+        dropped = len(expired)
+        if dropped:
+            self.log.warning("closed %d connection(s) that did not send a whole request within "
+                             "client-timeout", dropped)
+
+    def set_accept_enabled(self, enabled: bool) -> None:
+        super().set_accept_enabled(enabled and len(self.reading) < self.max_reading)
+
+    @staticmethod
+    def _close(conn: TConn) -> None:
+        try:
+            conn.close()
+        except OSError:
+            pass
+
+    # -- gunicorn's parse errors as JSON ----------------------------------------------------
+    def handle_error(self, req, client, addr, exc) -> None:
+        status, reason, message, code = _client_error(exc)
+        if status >= 500:
+            self.log.exception("Error handling request")
+        else:
+            self.log.warning("invalid request from %s: %s", (addr or ("-",))[0], repr(str(exc))[:200])
+        try:
+            util.write_nonblock(client, _json_response(status, reason, message, code))
+        except Exception:  # noqa: BLE001 - the client is gone; nothing else to do
+            self.log.debug("Failed to send error message.")
+
+
+class _Deadline:
+    """The connection's socket as the request parser sees it: reads end at the client deadline.
+
+    Past it, a read raises ``ConnectionResetError``: gunicorn drops the
+    connection quietly, and the app's error handler treats it as a client
+    that went away.
+    """
+
+    __slots__ = ("sock", "deadline")
+
+    def __init__(self, sock, deadline: float) -> None:
+        self.sock = sock
+        self.deadline = deadline
+
+    def recv(self, size: int) -> bytes:
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise ConnectionResetError(errno.ECONNRESET, "client-timeout passed")
+        prior = self.sock.gettimeout()
+        self.sock.settimeout(remaining if prior is None else min(prior, remaining))
+        try:
+            return self.sock.recv(size)
+        except TimeoutError:
+            raise ConnectionResetError(errno.ECONNRESET, "client-timeout passed") from None
+        finally:
+            self.sock.settimeout(prior)
+
+    def gettimeout(self):
+        return self.sock.gettimeout()
+
+    def settimeout(self, value) -> None:
+        self.sock.settimeout(value)
+
+
+def _client_error(exc: Exception) -> tuple[int, str, str, str]:
+    """(status, reason, message, code) for what gunicorn's parser raised."""
+    e = http_errors
+    if isinstance(exc, (e.InvalidResponseHeader, e.InvalidResponseHeaderName)):
+        return 500, "Internal Server Error", "The proxy hit an internal error; see its log.", "server_error"
+    if isinstance(exc, e.LimitRequestLine):
+        return 414, "URI Too Long", "The request line (method and URL) is too long.", "uri_too_long"
+    if isinstance(exc, e.LimitRequestHeaders):
+        return 431, "Request Header Fields Too Large", "The request's headers are too large.", \
+            "headers_too_large"
+    if isinstance(exc, e.ExpectationFailed):
+        return 417, "Expectation Failed", "Only 'Expect: 100-continue' is supported.", "expectation_failed"
+    if isinstance(exc, e.UnsupportedTransferCoding):
+        return 501, "Not Implemented", "Unsupported Transfer-Encoding.", "unsupported_transfer_coding"
+    if isinstance(exc, e.ForbiddenProxyRequest):
+        return 403, "Forbidden", "Request forbidden.", "forbidden"
+    if isinstance(exc, (e.InvalidChunkSize, e.ChunkMissingTerminator, e.InvalidChunkExtension)):
+        return 400, "Bad Request", "The chunked request body is malformed.", "invalid_chunked_body"
+    if isinstance(exc, (e.ParseException, e.InvalidProxyHeader, ssl.SSLError)):
+        name = exc.__class__.__name__
+        return 400, "Bad Request", f"The HTTP request is malformed ({name}).", "invalid_http_request"
+    return 500, "Internal Server Error", "The proxy hit an internal error; see its log.", "server_error"
+
+
+def _json_response(status: int, reason: str, message: str, code: str) -> bytes:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    body = error_body(message, kind, code)
+    return (b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+            b"Connection: close\r\n\r\n" % (status, reason.encode(), len(body))) + body
+
+
+def _send(sock, data: bytes) -> None:
+    """Best effort on a non-blocking socket: a small answer fits its send buffer."""
+    try:
+        sock.send(data)
+    except OSError:
+        pass
+
+
+def _raise_open_files() -> int:
+    """Raise this process's soft open-files limit to the hard one; return the limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
