@@ -77,7 +77,14 @@ def write_fixtures() -> Path:
 
 def start_nginx(www: Path, port: int) -> subprocess.Popen:
     conf = WORK / "nginx.conf"
+    # Started as root, nginx runs its worker as `nobody`, which cannot read a
+    # checkout in a private directory (a mktemp -d folder, a 0700 home): every
+    # request would be a 403. A root run keeps the worker as root instead (a
+    # static loopback server for the bench); as any other user, nginx cannot
+    # switch users and its worker reads what that user can.
+    user = "user root;" if os.geteuid() == 0 else ""
     conf.write_text(f"""
+{user}
 worker_processes 1;
 daemon off;
 pid {WORK}/nginx.pid;
