@@ -55,7 +55,7 @@ class StreamfoldWorker(ThreadWorker):
         self.buffered = not self.cfg.is_ssl and self.cfg.http2_cleartext == "off"
 
     def init_process(self) -> None:
-        self.max_reading = min(MAX_READING, _raise_open_files() - self.cfg.worker_connections - 64)
+        self.max_reading = max(64, min(MAX_READING, _raise_open_files() - self.cfg.worker_connections - 64))
         super().init_process()
 
     def _limits(self) -> tuple[float, int]:
@@ -94,9 +94,15 @@ class StreamfoldWorker(ThreadWorker):
         conn.sock.setblocking(False)
         conn.timeout = time.monotonic() + timeout
         self.reading[conn] = reader
-        self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_readable, conn))
+        # Read at once: a kept-alive connection is readable, and a new one has
+        # often sent its request by now; saves a trip round the event loop.
         if already:
             self._take(conn, reader, already)
+        else:
+            self._on_readable(conn, None)
+        if conn not in self.reading:
+            return  # handed over or closed already
+        self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_readable, conn))
         if len(self.reading) >= self.max_reading:
             self.set_accept_enabled(False)
 

@@ -313,3 +313,23 @@ def test_invalid_upstream_header_values_are_dropped_and_the_log_tells_the_real_s
     lines = proxy.output().splitlines()
     assert any("request_id=ctl-in-content-type" in line and "status=200" in line for line in lines)
     assert any("request_id=ctl-in-retry-after" in line and "status=429" in line for line in lines)
+
+
+def test_with_stock_gthread_reading_a_client_that_hangs_up_mid_body_is_no_error(tmp_path, raw):
+    """The fallback (TLS configs keep gthread's own reading): the app reads the body, and it breaks."""
+    doc = settings_doc(provider(raw.url), **{"request-retry": 0})
+    server = Gunicorn(write_settings(tmp_path / "settings.yaml", doc), workers=2,
+                      env={"GUNICORN_CMD_ARGS": "--worker-class gthread"})
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(CHAT_HEAD + b"Authorization: Bearer " + CLIENT_KEY.encode()
+                         + b"\r\nTransfer-Encoding: chunked\r\n\r\n40\r\n{\"mo")
+            time.sleep(0.3)  # the view is reading the body by now
+        deadline = time.monotonic() + 5
+        while "status=400" not in server.output() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "Using worker: gthread" in server.output()
+        logged = server.output()
+        assert "status=400" in logged and "ERROR" not in logged and "Traceback" not in logged
+    finally:
+        server.stop()
