@@ -97,7 +97,10 @@ def raw():
 @pytest.fixture(scope="module")
 def proxy(raw, tmp_path_factory):
     doc = settings_doc(provider(raw.url), **{"client-timeout": CLIENT_TIMEOUT, "request-retry": 0})
-    server = Gunicorn(write_settings(tmp_path_factory.mktemp("net") / "settings.yaml", doc), workers=2)
+    # Keep-alive on, as shipped (gunicorn_util turns it off by default): kept-alive
+    # and pipelined requests go through the worker's reading too.
+    server = Gunicorn(write_settings(tmp_path_factory.mktemp("net") / "settings.yaml", doc), workers=2,
+                      env={"GUNICORN_CMD_ARGS": "--worker-connections 64"})
     yield server
     server.stop()
 
@@ -165,6 +168,28 @@ def test_slow_clients_do_not_freeze_the_proxy_and_are_answered_408_after_client_
         for sock in slow:
             sock.close()
     assert_healthy(proxy)
+
+
+def test_requests_arriving_in_fragments_or_pipelined_are_each_answered_once(proxy, raw):
+    raw.reply = lambda seen: http_answer(200, json.dumps(completion("pieced")).encode())
+    body = json.dumps(CHAT).encode()
+    auth = b"Authorization: Bearer " + CLIENT_KEY.encode() + b"\r\n"
+    by_length = CHAT_HEAD + auth + b"Content-Length: %d\r\n\r\n" % len(body) + body
+    chunked = (CHAT_HEAD + auth + b"Transfer-Encoding: chunked\r\n\r\n"
+               + b"".join(b"%x;ext=1\r\n%s\r\n" % (len(body[i:i + 7]), body[i:i + 7]) for i in range(0, len(body), 7))
+               + b"0\r\nX-Trailer: t\r\n\r\n")
+    for request in (by_length, chunked):
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            for cut in range(0, len(request), 23):  # 23-byte pieces, each its own segment
+                sock.sendall(request[cut:cut + 23])
+                time.sleep(0.002)
+            sock.sendall(request + b"GET /healthz HTTP/1.1\r\nHost: proxy\r\nConnection: close\r\n\r\n")
+            answer = b""
+            while more := sock.recv(65536):
+                answer += more
+        assert answer.count(b"HTTP/1.1 200 ") == 3 and answer.count(b'"pieced"') == 2, answer[:300]
+        assert answer.endswith(b'{"status":"ok"}')
 
 
 # -- requirement 11: framing errors ---------------------------------------------------------
