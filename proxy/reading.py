@@ -22,7 +22,7 @@ class RequestReader:
     """
 
     __slots__ = ("buf", "body_limit", "line_limit", "head_limit", "_body_start", "_length", "_chunk_at",
-                 "_chunked_total", "continue_needed", "error")
+                 "_chunked_total", "_scanned", "_line_start", "_trailer_at", "continue_needed", "error")
 
     def __init__(self, body_limit: int, line_limit: int = 8192, head_limit: int = 1024 * 1024) -> None:
         self.buf = bytearray()
@@ -33,6 +33,9 @@ class RequestReader:
         self._length = -1           # Content-Length, or -1 for chunked
         self._chunk_at = -1         # chunked: where the next chunk-size line starts
         self._chunked_total = 0
+        self._scanned = 0           # bytes already searched for the terminator awaited now
+        self._line_start = 0        # head: where its last (incomplete) line starts
+        self._trailer_at = -1       # chunked: where the trailer section starts, once the last chunk is in
         self.continue_needed = False  # the client waits for "100 Continue" before its body
         self.error = ""             # set when the chunked framing is broken: answer 400, don't parse
 
@@ -47,14 +50,28 @@ class RequestReader:
             return self._head()
         return self._body()
 
+    def _find(self, pattern: bytes, start: int) -> int:
+        """``buf.find(pattern, start)``, resuming where the last failed search stopped.
+
+        A client trickling a byte at a time must not make every read rescan
+        everything it sent before (quadratic work in the event loop).
+        """
+        buf = self.buf
+        found = buf.find(pattern, max(start, self._scanned - len(pattern) + 1))
+        self._scanned = len(buf) if found < 0 else 0
+        return found
+
     def _head(self) -> bool:
         buf = self.buf
-        end = buf.find(b"\r\n\r\n")
+        searched = self._scanned
+        end = self._find(b"\r\n\r\n", 0)
         if end < 0:
-            if len(buf) > self.head_limit or b"\n\n" in buf:
+            if len(buf) > self.head_limit or buf.find(b"\n\n", max(0, searched - 1)) >= 0:
                 return True  # the parser rejects it (431, bare LF) from what is here
-            last = max(buf.rfind(b"\n") + 1, 0)
-            return len(buf) - last > self.line_limit  # an over-long line: 414 or 431
+            newline = buf.rfind(b"\n", max(0, searched - 1))
+            if newline >= 0:
+                self._line_start = newline + 1
+            return len(buf) - self._line_start > self.line_limit  # an over-long line: 414 or 431
         framing = self._framing(bytes(buf[:end]))
         if framing is None:
             return True
@@ -96,8 +113,10 @@ class RequestReader:
         if self._length >= 0:
             return len(self.buf) - self._body_start >= self._length
         buf, at = self.buf, self._chunk_at
+        if self._trailer_at >= 0:
+            return self._trailers()
         while True:
-            eol = buf.find(b"\r\n", at)
+            eol = self._find(b"\r\n", at)
             if eol < 0:
                 return len(buf) - at > self.line_limit
             size = bytes(buf[at:eol]).split(b";", 1)[0].rstrip(b" \t")
@@ -106,9 +125,8 @@ class RequestReader:
                 return True
             size = int(size, 16)
             if size == 0:  # last chunk, then trailer lines up to an empty one
-                if buf[eol + 2:eol + 4] == b"\r\n":
-                    return True
-                return buf.find(b"\r\n\r\n", eol + 2) >= 0 or len(buf) - eol > self.head_limit
+                self._trailer_at = eol
+                return self._trailers()
             # Hand over once more than body_limit bytes of body are here (the
             # app answers 413 from them), not merely announced.
             available = len(buf) - eol - 2
@@ -122,6 +140,14 @@ class RequestReader:
                 return True
             self._chunked_total += size
             at = self._chunk_at = following
+
+    def _trailers(self) -> bool:
+        buf, at = self.buf, self._trailer_at  # at: the CRLF ending the last-chunk line
+        if len(buf) < at + 4:
+            return False
+        if buf[at + 2:at + 4] == b"\r\n":
+            return True
+        return self._find(b"\r\n\r\n", at) >= 0 or len(buf) - at > 4 * self.line_limit
 
     def take(self) -> bytes:
         """The bytes read so far, for the parser."""
