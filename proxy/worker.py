@@ -52,7 +52,7 @@ class StreamfoldWorker(ThreadWorker):
         # late by the difference at most.
         self.reading: dict[TConn, RequestReader] = {}
         self.max_reading = MAX_READING
-        self.buffered = not self.cfg.is_ssl and self.cfg.http2_cleartext == "off"
+        self.buffered = not self.cfg.is_ssl and getattr(self.cfg, "http2_cleartext", "off") == "off"
 
     def init_process(self) -> None:
         self.max_reading = max(64, min(MAX_READING, _raise_open_files() - self.cfg.worker_connections - 64))
