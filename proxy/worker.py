@@ -24,6 +24,7 @@ from __future__ import annotations
 import errno
 import resource
 import selectors
+import socket
 import ssl
 import time
 from functools import partial
@@ -40,6 +41,21 @@ from .reading import RequestReader
 MAX_READING = 10_000
 READ_SIZE = 65536
 DEFAULTS = (30.0, 10 * 1024 * 1024)  # client-timeout, max-request-bytes before settings load
+# After the last answer on a connection, how long to wait for the client to
+# close its side (RFC 9112 section 9.6), as gunicorn's close_graceful does.
+LINGER = 2.0
+
+
+class _Conn(TConn):
+    """A connection whose graceful close lingers in the worker's event loop, not blocking it."""
+
+    linger = None  # the worker's StreamfoldWorker._linger
+
+    def close(self, graceful: bool = False) -> None:
+        if graceful and self.linger is not None:
+            self.linger(self)
+        else:
+            super().close(graceful)
 
 
 class StreamfoldWorker(ThreadWorker):
@@ -51,6 +67,10 @@ class StreamfoldWorker(ThreadWorker):
         # client-timeout stays the same; after a reload changes it, expiry is
         # late by the difference at most.
         self.reading: dict[TConn, RequestReader] = {}
+        # Closed for writing, waiting up to LINGER for the client's FIN.
+        # gunicorn's own close_graceful waits in the event loop itself: a
+        # client that never closes stalled the whole worker for 2 s a time.
+        self.lingering: dict[TConn, None] = {}
         self.max_reading = MAX_READING
         self.buffered = not self.cfg.is_ssl and getattr(self.cfg, "http2_cleartext", "off") == "off"
 
@@ -76,7 +96,9 @@ class StreamfoldWorker(ThreadWorker):
             if exc.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
                 raise
             return
-        self._read(TConn(self.cfg, sock, addr, listener.getsockname()), b"")
+        conn = _Conn(self.cfg, sock, addr, listener.getsockname())
+        conn.linger = self._linger
+        self._read(conn, b"")
 
     def on_client_socket_readable(self, conn, client) -> None:
         """A kept-alive connection has sent something: read its next request here, not in a thread."""
@@ -127,7 +149,7 @@ class StreamfoldWorker(ThreadWorker):
                 self.log.warning("invalid request from %s: %s", (conn.client or ("-",))[0], reader.error)
                 _send(conn.sock, _json_response(400, "Bad Request", "The chunked request body is malformed "
                                                 f"({reader.error}).", "invalid_chunked_body"))
-                self._close(conn)
+                self._linger(conn)
                 return
             self._dispatch(conn, reader)
         elif reader.continue_needed:
@@ -179,11 +201,46 @@ class StreamfoldWorker(ThreadWorker):
                 _send(conn.sock, _json_response(408, "Request Timeout",
                                                 "The request was not received in time (client-timeout).",
                                                 "request_timeout"))
-            self._close(conn)
-        dropped = len(expired)
-        if dropped:
+            self._linger(conn)
+        if expired:
             self.log.warning("closed %d connection(s) that did not send a whole request within "
-                             "client-timeout", dropped)
+                             "client-timeout", len(expired))
+        while self.lingering:
+            conn = next(iter(self.lingering))
+            if conn.timeout > now:
+                break
+            self._end_linger(conn)
+
+    def _linger(self, conn: TConn) -> None:
+        """Close for writing; the event loop then watches for the client to close too (or LINGER to pass)."""
+        if len(self.lingering) >= self.max_reading:
+            return self._close(conn)
+        try:
+            conn.sock.shutdown(socket.SHUT_WR)
+            conn.sock.setblocking(False)
+            self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_linger_readable, conn))
+        except (OSError, ValueError, KeyError):
+            return self._close(conn)
+        conn.timeout = time.monotonic() + LINGER
+        self.lingering[conn] = None
+
+    def _on_linger_readable(self, conn: TConn, _sock) -> None:
+        try:
+            if conn.sock.recv(READ_SIZE):
+                return  # the rest of a request nobody will read: discarded
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            pass
+        self._end_linger(conn)
+
+    def _end_linger(self, conn: TConn) -> None:
+        del self.lingering[conn]
+        try:
+            self.poller.unregister(conn.sock)
+        except (KeyError, ValueError, OSError):
+            pass
+        self._close(conn)
 
     def set_accept_enabled(self, enabled: bool) -> None:
         super().set_accept_enabled(enabled and len(self.reading) < self.max_reading)
@@ -191,7 +248,7 @@ class StreamfoldWorker(ThreadWorker):
     @staticmethod
     def _close(conn: TConn) -> None:
         try:
-            conn.close()
+            TConn.close(conn)  # at once (a _Conn's graceful close lingers)
         except OSError:
             pass
 

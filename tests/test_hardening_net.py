@@ -170,6 +170,23 @@ def test_slow_clients_do_not_freeze_the_proxy_and_are_answered_408_after_client_
     assert_healthy(proxy)
 
 
+def test_clients_that_never_close_after_connection_close_do_not_stall_the_workers(proxy):
+    """gthread's lingering close waited in the event loop: 2 s of a frozen worker per such client."""
+    held = []
+    try:
+        for _ in range(20):
+            sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: proxy\r\nConnection: close\r\n\r\n")
+            held.append(sock)
+        for sock in held:  # each is answered; none of them closes its side
+            assert sock.recv(4096).startswith(b"HTTP/1.1 200 ")
+        for _ in range(4):
+            assert requests.get(proxy.url + "/healthz", timeout=1).status_code == 200
+    finally:
+        for sock in held:
+            sock.close()
+
+
 def test_requests_arriving_in_fragments_or_pipelined_are_each_answered_once(proxy, raw):
     raw.reply = lambda seen: http_answer(200, json.dumps(completion("pieced")).encode())
     body = json.dumps(CHAT).encode()
