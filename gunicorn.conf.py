@@ -14,7 +14,7 @@ bind = f"0.0.0.0:{os.environ['PORT']}" if os.environ.get("PORT") else "127.0.0.1
 # gthread (a thread per request, so long streams don't block other clients),
 # subclassed to read each request whole in the event loop first: a slow client
 # costs a buffer, not a thread, and is dropped after `client-timeout` (settings
-# file, default 30 s). Parse errors are answered as OpenAI JSON. See proxy/worker.py.
+# file, default 30 s). Parse errors are answered as OpenAI JSON. See proxy/worker/.
 worker_class = "proxy.worker.StreamfoldWorker"
 # Default cores + 1: measured by bench/ on 2 cores, 3 workers beat 2 (a worker
 # whose threads wait for the GIL leaves its core idle) and 4 (more switching).

@@ -1,40 +1,18 @@
-"""streamfold's gunicorn worker: gthread that reads each request whole before it takes a thread.
-
-Stock gthread hands a connection to a thread as soon as its first byte
-arrives; the thread then reads headers and body with no time limit, so a
-client that sends one header and then nothing (slowloris) holds a thread, and
-a few hundred of them freeze a worker. This worker reads requests in its event
-loop instead, non-blocking, as nginx does: until its head and body are in
-(``proxy.reading`` says when), a connection costs a buffer, not a thread, and
-does not count against ``worker_connections``. A client that has not
-delivered its whole request within ``client-timeout`` seconds is answered 408
-and closed. Requests then reach the thread already in memory; any read the
-parser still makes (a body over ``max-request-bytes``) ends at the same
-deadline.
-
-gunicorn's own parse errors, HTML pages in stock gunicorn, are answered as
-OpenAI JSON errors here (400, 414, 431, ...), and a client that goes away
-before its request is complete is not an error.
-
-TLS and HTTP/2 cleartext connections keep stock gthread behaviour: terminate
-TLS in a front proxy (README, "Deploying").
-"""
+"""StreamfoldWorker: gthread with requests read whole in the event loop, a deadline and lingering closes."""
 from __future__ import annotations
 
 import errno
 import resource
 import selectors
 import socket
-import ssl
 import time
 from functools import partial
 
 from gunicorn import util
-from gunicorn.http import errors as http_errors
 from gunicorn.workers.gthread import TConn, ThreadWorker
 
-from .errors import error_body
 from .reading import RequestReader
+from .replies import json_reply, parse_error
 
 # Connections still sending their request, per worker, at most (each costs a
 # file descriptor and a small buffer; none costs a thread).
@@ -147,7 +125,7 @@ class StreamfoldWorker(ThreadWorker):
             self._forget(conn)
             if reader.error:
                 self.log.warning("invalid request from %s: %s", (conn.client or ("-",))[0], reader.error)
-                _send(conn.sock, _json_response(400, "Bad Request", "The chunked request body is malformed "
+                _send(conn.sock, json_reply(400, "Bad Request", "The chunked request body is malformed "
                                                 f"({reader.error}).", "invalid_chunked_body"))
                 self._linger(conn)
                 return
@@ -198,7 +176,7 @@ class StreamfoldWorker(ThreadWorker):
         for conn, reader in expired:
             self._forget(conn)
             if reader.started:
-                _send(conn.sock, _json_response(408, "Request Timeout",
+                _send(conn.sock, json_reply(408, "Request Timeout",
                                                 "The request was not received in time (client-timeout).",
                                                 "request_timeout"))
             self._linger(conn)
@@ -254,13 +232,13 @@ class StreamfoldWorker(ThreadWorker):
 
     # -- gunicorn's parse errors as JSON ----------------------------------------------------
     def handle_error(self, req, client, addr, exc) -> None:
-        status, reason, message, code = _client_error(exc)
+        status, reason, message, code = parse_error(exc)
         if status >= 500:
             self.log.exception("Error handling request")
         else:
             self.log.warning("invalid request from %s: %s", (addr or ("-",))[0], repr(str(exc))[:200])
         try:
-            util.write_nonblock(client, _json_response(status, reason, message, code))
+            util.write_nonblock(client, json_reply(status, reason, message, code))
         except Exception:  # noqa: BLE001 - the client is gone; nothing else to do
             self.log.debug("Failed to send error message.")
 
@@ -297,37 +275,6 @@ class _Deadline:
 
     def settimeout(self, value) -> None:
         self.sock.settimeout(value)
-
-
-def _client_error(exc: Exception) -> tuple[int, str, str, str]:
-    """(status, reason, message, code) for what gunicorn's parser raised."""
-    e = http_errors
-    if isinstance(exc, (e.InvalidResponseHeader, e.InvalidResponseHeaderName)):
-        return 500, "Internal Server Error", "The proxy hit an internal error; see its log.", "server_error"
-    if isinstance(exc, e.LimitRequestLine):
-        return 414, "URI Too Long", "The request line (method and URL) is too long.", "uri_too_long"
-    if isinstance(exc, e.LimitRequestHeaders):
-        return 431, "Request Header Fields Too Large", "The request's headers are too large.", \
-            "headers_too_large"
-    if isinstance(exc, e.ExpectationFailed):
-        return 417, "Expectation Failed", "Only 'Expect: 100-continue' is supported.", "expectation_failed"
-    if isinstance(exc, e.UnsupportedTransferCoding):
-        return 501, "Not Implemented", "Unsupported Transfer-Encoding.", "unsupported_transfer_coding"
-    if isinstance(exc, e.ForbiddenProxyRequest):
-        return 403, "Forbidden", "Request forbidden.", "forbidden"
-    if isinstance(exc, (e.InvalidChunkSize, e.ChunkMissingTerminator, e.InvalidChunkExtension)):
-        return 400, "Bad Request", "The chunked request body is malformed.", "invalid_chunked_body"
-    if isinstance(exc, (e.ParseException, e.InvalidProxyHeader, ssl.SSLError)):
-        name = exc.__class__.__name__
-        return 400, "Bad Request", f"The HTTP request is malformed ({name}).", "invalid_http_request"
-    return 500, "Internal Server Error", "The proxy hit an internal error; see its log.", "server_error"
-
-
-def _json_response(status: int, reason: str, message: str, code: str) -> bytes:
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    body = error_body(message, kind, code)
-    return (b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
-            b"Connection: close\r\n\r\n" % (status, reason.encode(), len(body))) + body
 
 
 def _send(sock, data: bytes) -> None:
