@@ -270,6 +270,12 @@ def test_early_hints_before_the_answer_are_skipped(proxy, raw, sdk):
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == "streamed after hints"
 
 
+def test_upstream_switching_protocols_is_a_502_not_an_answer(proxy, raw):
+    raw.reply = lambda seen: b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n"
+    response = requests.post(proxy.url + "/v1/chat/completions", json=CHAT, headers=AUTH, timeout=10)
+    assert response.status_code == 502 and response.json()["error"]["code"] == "upstream_bad_status"
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_upstream_redirect_is_a_502_naming_location_and_never_followed(proxy, raw, stream):
     target = "http://127.0.0.1:9/v1/chat/completions"
