@@ -119,7 +119,9 @@ class RequestReader:
             eol = self._find(b"\r\n", at)
             if eol < 0:
                 return len(buf) - at > self.line_limit
-            size = bytes(buf[at:eol]).split(b";", 1)[0].rstrip(b" \t")
+            size, extension, _ = bytes(buf[at:eol]).partition(b";")
+            if extension:  # as gunicorn: blanks only before an extension
+                size = size.rstrip(b" \t")
             if not size or len(size) > 16 or not HEX.issuperset(size):
                 self.error = "invalid chunk size"
                 return True
