@@ -109,7 +109,7 @@ def _render_unexpected(exc: Exception) -> Response:
     if isinstance(exc, ConnectionError) or type(exc).__module__.startswith("gunicorn.http"):
         # The client's request broke while the view read it (it hung up, ran
         # out of client-timeout, or sent a malformed chunked body): its fault.
-        log.info("request body not read: %s in %s", type(exc).__name__, request.path)
+        log.info("request body not read: %s in %s", type(exc).__name__, common.loggable(request.path))
         return Response(error_body("The request body could not be read.", "invalid_request_error",
                                    "invalid_request_body"), 400, {"Content-Type": "application/json"})
     # Log the type and where, never the request body (it holds message content).
