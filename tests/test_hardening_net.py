@@ -25,6 +25,7 @@ from tests.gunicorn_util import Gunicorn, write_settings
 from tests.upstream import completion, sse, text_chunks
 
 CLIENT_TIMEOUT = 5  # seconds; long enough that a test's 1 s wait cannot be a slow client being dropped
+MAX_BODY = 100_000
 
 
 @dataclass
@@ -96,7 +97,8 @@ def raw():
 
 @pytest.fixture(scope="module")
 def proxy(raw, tmp_path_factory):
-    doc = settings_doc(provider(raw.url), **{"client-timeout": CLIENT_TIMEOUT, "request-retry": 0})
+    doc = settings_doc(provider(raw.url), **{"client-timeout": CLIENT_TIMEOUT, "request-retry": 0,
+                                             "max-request-bytes": MAX_BODY})
     # Keep-alive on, as shipped (gunicorn_util turns it off by default): kept-alive
     # and pipelined requests go through the worker's reading too.
     server = Gunicorn(write_settings(tmp_path_factory.mktemp("net") / "settings.yaml", doc), workers=2,
@@ -227,6 +229,22 @@ def test_client_framing_errors_are_openai_json_errors(proxy, request_bytes, stat
     assert got_status == status
     assert body["error"]["type"] == "invalid_request_error" and body["error"]["message"]
     assert_healthy(proxy)
+
+
+@pytest.mark.parametrize("framing", ["announced", "chunked"])
+def test_body_over_max_request_bytes_is_a_413_at_once_and_the_connection_closes(proxy, framing):
+    head = CHAT_HEAD + b"Authorization: Bearer " + CLIENT_KEY.encode() + b"\r\n"
+    if framing == "announced":  # a length over the limit, and then nothing: answered without waiting for it
+        request = head + b"Content-Length: 50000000\r\n\r\n"
+    else:  # more than the limit actually sent, and the body not finished
+        request = head + b"Transfer-Encoding: chunked\r\n\r\n" + b"%x\r\n" % (MAX_BODY * 3) + b" " * (MAX_BODY + 10)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=CLIENT_TIMEOUT - 2) as sock:
+        sock.sendall(request)
+        answer = b""
+        while more := sock.recv(65536):  # closed by the proxy, long before client-timeout
+            answer += more
+    status, body = status_and_json(answer)
+    assert status == 413 and body["error"]["code"] == "request_too_large"
 
 
 def test_client_hanging_up_mid_body_or_mid_head_logs_no_error(proxy):

@@ -145,6 +145,7 @@ class StreamfoldWorker(ThreadWorker):
         """The request is in memory: give it to a thread, as gthread would have given the socket."""
         self.nr_conns += 1
         conn.data_ready = True
+        conn.oversized = reader.oversized
         conn.init()
         unreader = conn.parser.unreader
         unreader.unread(reader.take())
@@ -153,6 +154,13 @@ class StreamfoldWorker(ThreadWorker):
         else:
             unreader.sock = _Deadline(conn.sock, conn.timeout)
         self.enqueue_req(conn)
+
+    def _keepalive_after(self, conn, keepalive: bool) -> bool:
+        """No keep-alive after a body over max-request-bytes: the app has answered 413 without
+        reading it, and gthread would hold a thread for 5 s draining the rest."""
+        if getattr(conn, "oversized", False):
+            return False
+        return super()._keepalive_after(conn, keepalive)
 
     def finish_request(self, conn, fs) -> None:
         """As gthread; but a pipelined next request, partly read already, is read on here too."""

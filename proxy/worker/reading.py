@@ -22,7 +22,8 @@ class RequestReader:
     """
 
     __slots__ = ("buf", "body_limit", "line_limit", "head_limit", "_body_start", "_length", "_chunk_at",
-                 "_chunked_total", "_scanned", "_line_start", "_trailer_at", "continue_needed", "error")
+                 "_chunked_total", "_scanned", "_line_start", "_trailer_at", "continue_needed", "error",
+                 "oversized")
 
     def __init__(self, body_limit: int, line_limit: int = 8192, head_limit: int = 1024 * 1024) -> None:
         self.buf = bytearray()
@@ -38,6 +39,7 @@ class RequestReader:
         self._trailer_at = -1       # chunked: where the trailer section starts, once the last chunk is in
         self.continue_needed = False  # the client waits for "100 Continue" before its body
         self.error = ""             # set when the chunked framing is broken: answer 400, don't parse
+        self.oversized = False      # handed over before the end of a body over body_limit
 
     @property
     def started(self) -> bool:
@@ -81,6 +83,7 @@ class RequestReader:
         if framing == 0:
             return True
         if framing > self.body_limit:
+            self.oversized = True
             return True
         return self._body()
 
@@ -133,6 +136,7 @@ class RequestReader:
             # app answers 413 from them), not merely announced.
             available = len(buf) - eol - 2
             if self._chunked_total + min(size, available) > self.body_limit:
+                self.oversized = True
                 return True
             following = eol + 2 + size + 2
             if len(buf) < following:
