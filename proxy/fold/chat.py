@@ -9,6 +9,14 @@ chunk, llama.cpp's extra blank lines...) are ordinary input here.
 Speed matters (this runs for every forced request): each text fragment is
 appended to a list and joined once at the end, never ``+=``-ed, and the
 per-chunk loop touches each key once.
+
+Untrusted input: ``max-aggregate-bytes`` bounds everything the fold holds (text
+fragments with their overhead, unknown fields, logprobs, usage, one charge per
+choice and tool-call index; ``guard.held`` estimates it), and the SSE framing
+counts the partial line it buffers against the same budget. Valid JSON of the
+wrong shape (``choices: [1]``, ``delta`` as a list...) is a 502 naming the
+problem, never a crash: the loops run unchecked and a ``TypeError`` or
+``AttributeError`` is turned into ``guard.wrong_shape`` afterwards.
 """
 from __future__ import annotations
 
@@ -20,6 +28,7 @@ from typing import Any, Iterable
 import orjson
 
 from ..errors import StreamError
+from .guard import CALL_COST, CHOICE_COST, FRAGMENT, held, repair_surrogates, too_large, wrong_shape
 from .sse import batches_from_lines, iter_event_batches
 
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
@@ -52,7 +61,7 @@ class _Choice:
     """What one choice ``index`` has accumulated so far."""
 
     __slots__ = ("role", "content", "texts", "refusal", "calls", "last_call", "function_call",
-                 "finish", "logprobs", "extra", "message_extra")
+                 "finish", "logprobs", "extra", "message_extra", "audio")
 
     def __init__(self) -> None:
         self.role = None
@@ -66,6 +75,7 @@ class _Choice:
         self.logprobs: dict[str, list | None] | None = None
         self.extra: dict[str, Any] = {}
         self.message_extra: dict[str, Any] = {}
+        self.audio: tuple[dict[str, list[str]], dict[str, Any]] | None = None  # (text parts, other fields)
 
 
 class ChatFold:
@@ -74,7 +84,7 @@ class ChatFold:
     Use ``fold_chat``/``fold_chat_chunks`` unless you feed events yourself.
     """
 
-    __slots__ = ("first", "settled", "extra", "choices", "usage", "done", "size", "max_bytes")
+    __slots__ = ("first", "settled", "extra", "choices", "usage", "done", "size", "max_bytes", "repair")
 
     def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         self.first: dict[str, Any] = {}
@@ -85,6 +95,7 @@ class ChatFold:
         self.done = False
         self.size = 0
         self.max_bytes = max_bytes
+        self.repair = False  # the slow JSON path ran: strings may hold UTF-16 surrogates to join
 
     # -- input -------------------------------------------------------------
     def feed(self, event: bytes, data: bytes) -> bool:
@@ -100,30 +111,47 @@ class ChatFold:
         if event == b"error":
             raise stream_error(chunk)
         settled = self.settled
-        for key, value in chunk.items():
-            if key in settled:
-                continue
-            if key == "choices":
-                if value:
-                    self._choices(value)
-            elif key == "usage":
-                if value is not None:
-                    self.usage = value
-            elif key in _FIRST:
-                if value:
-                    self.first[key] = value
-                    settled.add(key)  # first non-empty value wins; skip this key from now on
+        try:
+            for key, value in chunk.items():
+                if key in settled:
+                    continue
+                if key == "choices":
+                    if value:
+                        self._choices(value)
+                elif key == "usage":
+                    if value is not None:
+                        if self.usage is not None:
+                            self.size -= held(self.usage)
+                        self.usage = value
+                        self.size += held(value)
+                elif key in _FIRST:
+                    if value:
+                        self.first[key] = value
+                        self.size += held(value)
+                        settled.add(key)  # first non-empty value wins; skip this key from now on
+                    else:
+                        self.first.setdefault(key, value)
+                elif key == "error":
+                    if value is not None:
+                        raise stream_error(chunk)
                 else:
-                    self.first.setdefault(key, value)
-            elif key == "error":
-                if value is not None:
-                    raise stream_error(chunk)
-            elif value is not None or key not in self.extra:
-                self.extra[key] = value
+                    self._keep(self.extra, key, value)
+        except (AttributeError, TypeError):
+            raise wrong_shape(chunk) from None
         if self.size > self.max_bytes:
-            raise StreamError(f"folded answer exceeds max-aggregate-bytes ({self.max_bytes} bytes)",
-                              code="aggregate_too_large")
+            raise too_large(self.max_bytes)
         return False
+
+    def _keep(self, extra: dict, key: str, value: Any) -> None:
+        """An unknown field: the last non-null value wins; charge what it holds, credit what it replaces."""
+        if key in extra:
+            if value is None:
+                return
+            self.size -= held(extra[key])
+        else:
+            self.size += FRAGMENT + len(key)
+        extra[key] = value
+        self.size += held(value)
 
     def _unusual_data(self, data: bytes) -> dict | None:
         """Handle what orjson refused: blank data, ``[DONE]``, or raw newlines inside JSON strings."""
@@ -133,9 +161,15 @@ class ChatFold:
         if stripped == b"[DONE]":
             self.done = True
             return None
+        if len(stripped) > 1024 and stripped[:1025].count(b"[") + stripped[:1025].count(b"{") > 1024:
+            raise StreamError("upstream sent JSON nested deeper than 1024 levels", code="upstream_bad_chunk")
+        self.repair = True
         try:
-            # strict=False accepts control characters inside strings (llama.cpp verbose mode).
-            return json.loads(data.decode("utf-8", "replace"), strict=False)
+            # strict=False accepts control characters inside strings (llama.cpp verbose mode);
+            # integers too long for 64 bits become floats, as orjson reads them.
+            return json.loads(data.decode("utf-8", "replace"), strict=False, parse_int=_parse_int)
+        except RecursionError:
+            raise StreamError("upstream sent JSON nested too deeply", code="upstream_bad_chunk") from None
         except ValueError:
             raise StreamError(f"upstream sent a data line that is not JSON: {_preview(data)}") from None
 
@@ -143,7 +177,7 @@ class ChatFold:
         states = self.choices
         for raw in choices:
             index = raw.get("index", 0)
-            state = states.get(index) or _new_choice(states, index)
+            state = states.get(index) or self._new_choice(index)
             extra = state.extra
             for key, value in raw.items():
                 if key == "delta":
@@ -155,26 +189,34 @@ class ChatFold:
                     if value:  # Ollama sends "" on every non-final chunk
                         state.finish = value
                 elif key == "logprobs":
-                    if value:
+                    if value is not None:
                         self._logprobs(state, value)
                 elif key in _DROP:
                     continue
-                elif value is not None or key not in extra:
-                    extra[key] = value
+                else:
+                    self._keep(extra, key, value)
+
+    def _new_choice(self, index: Any) -> _Choice:
+        if type(index) is not int:
+            raise StreamError(f"upstream sent a chunk of the wrong shape: a choice index is {index!r}, "
+                              "not an integer", code="upstream_bad_chunk")
+        self.size += CHOICE_COST
+        state = self.choices[index] = _Choice()
+        return state
 
     def _delta(self, state: _Choice, delta: dict) -> None:
         for key, value in delta.items():
             if key == "content":
                 if value:
                     state.content.append(value)
-                    self.size += len(value)
+                    self.size += len(value) + FRAGMENT
             elif key in _REASONING:
                 parts = state.texts.get(key)
                 if parts is None:
                     parts = state.texts[key] = []
                 if value:
                     parts.append(value)
-                    self.size += len(value)
+                    self.size += len(value) + FRAGMENT
             elif key == "tool_calls":
                 if value:
                     self._tool_calls(state, value)
@@ -186,14 +228,34 @@ class ChatFold:
                     state.refusal = []
                 if value:
                     state.refusal.append(value)
-                    self.size += len(value)
+                    self.size += len(value) + FRAGMENT
             elif key == "function_call":
                 if value:
                     if state.function_call is None:
                         state.function_call = _ToolCall()
                     self._merge_function(state.function_call, value)
-            elif value is not None or key not in state.message_extra:
-                state.message_extra[key] = value
+            elif key == "audio":
+                if value is not None:
+                    self._audio(state, value)
+            else:
+                self._keep(state.message_extra, key, value)
+
+    def _audio(self, state: _Choice, audio: dict) -> None:
+        """``delta.audio`` as the openai SDK accumulates it: strings (id, data, transcript) concatenated."""
+        if state.audio is None:
+            state.audio = ({}, {})
+            self.size += CHOICE_COST
+        texts, other = state.audio
+        for key, value in audio.items():
+            if type(value) is str:
+                parts = texts.get(key)
+                if parts is None:
+                    parts = texts[key] = []
+                    other.pop(key, None)
+                parts.append(value)
+                self.size += len(value) + FRAGMENT
+            elif key not in texts:
+                self._keep(other, key, value)
 
     def _tool_calls(self, state: _Choice, deltas: list) -> None:
         calls = state.calls
@@ -204,12 +266,11 @@ class ChatFold:
                 # Gemini/Ollama omit the index: a new id starts a call, no id continues the last.
                 call = state.last_call
                 if call is None or (call_id and call_id != call.id):
-                    call = _ToolCall()
-                    calls[max(calls) + 1 if calls else 0] = call
+                    call = self._new_call(calls, max(calls) + 1 if calls else 0)
             else:
                 call = calls.get(index)
                 if call is None:
-                    call = calls[index] = _ToolCall()
+                    call = self._new_call(calls, index)
             state.last_call = call
             for key, value in delta.items():
                 if key == "function":
@@ -221,8 +282,16 @@ class ChatFold:
                 elif key == "type":
                     if value and call.type is None:
                         call.type = value
-                elif key != "index" and (value is not None or key not in call.extra):
-                    call.extra[key] = value
+                elif key != "index":
+                    self._keep(call.extra, key, value)
+
+    def _new_call(self, calls: dict[int, _ToolCall], index: Any) -> _ToolCall:
+        if type(index) is not int:
+            raise StreamError(f"upstream sent a chunk of the wrong shape: a tool call index is {index!r}, "
+                              "not an integer", code="upstream_bad_chunk")
+        self.size += CALL_COST
+        call = calls[index] = _ToolCall()
+        return call
 
     def _merge_function(self, call: _ToolCall, function: dict) -> None:
         name = function.get("name")
@@ -231,30 +300,40 @@ class ChatFold:
         arguments = function.get("arguments")
         if arguments:
             call.args.append(arguments)
-            self.size += len(arguments)
+            self.size += len(arguments) + FRAGMENT
 
     def _logprobs(self, state: _Choice, logprobs: dict) -> None:
-        if state.logprobs is None:
+        """As the SDK does: the first logprobs object is taken as sent (``content: []`` stays a list),
+        later ones extend it."""
+        first = state.logprobs is None
+        if first:
             state.logprobs = {"content": None, "refusal": None}
-        for key in ("content", "refusal"):
-            items = logprobs.get(key)
-            if items:
-                have = state.logprobs[key]
-                if have is None:
-                    state.logprobs[key] = list(items)
-                else:
-                    have.extend(items)
-                self.size += 64 * len(items)
-        for key, value in logprobs.items():
-            if key not in ("content", "refusal") and value is not None:
-                state.logprobs[key] = value
+            self.size += CHOICE_COST
+        kept = state.logprobs
+        for key, items in logprobs.items():
+            if key not in ("content", "refusal"):
+                self._keep(kept, key, items)
+                continue
+            if items is None or (not items and not first):
+                continue
+            if type(items) is not list:
+                raise wrong_shape({"choices": [{"logprobs": logprobs}]})
+            have = kept[key]
+            if have is None:
+                have = kept[key] = []
+            have.extend(items)
+            self.size += held(items)
 
     # -- output ------------------------------------------------------------
     def result(self) -> dict:
         """The folded ``chat.completion``, or ``StreamError`` if the stream was not complete."""
         states = self.choices
-        return self._envelope("chat.completion", "chatcmpl-",
-                              [_render_choice(index, states[index]) for index in sorted(states)])
+        try:
+            choices = [_render_choice(index, states[index]) for index in sorted(states)]
+        except TypeError:  # a text field that was a list or an object
+            raise StreamError("upstream sent a chunk of the wrong shape: a text field is not a string",
+                              code="upstream_bad_chunk") from None
+        return self._envelope("chat.completion", "chatcmpl-", choices)
 
     def _envelope(self, kind: str, id_prefix: str, choices: list[dict]) -> dict:
         """Check the stream was complete, then wrap rendered choices with the top-level fields."""
@@ -277,21 +356,28 @@ class ChatFold:
             out["usage"] = self.usage
         for key, value in self.extra.items():
             out.setdefault(key, value)
+        if self.repair:
+            try:
+                out = repair_surrogates(out)
+            except RecursionError:
+                raise StreamError("upstream sent JSON nested too deeply", code="upstream_bad_chunk") from None
         return out
 
 
-def _new_choice(states: dict[int, _Choice], index: int) -> _Choice:
-    state = states[index] = _Choice()
-    return state
+def _parse_int(text: str) -> int | float:
+    return int(text) if len(text) < 19 else float(text)
 
 
 def _render_choice(index: int, state: _Choice) -> dict:
+    # refusal is a required nullable field of the schema: present even when none was streamed
     message: dict[str, Any] = {"role": state.role or "assistant",
-                               "content": "".join(state.content) or None}
+                               "content": "".join(state.content) or None,
+                               "refusal": "".join(state.refusal) or None if state.refusal else None}
     for name, parts in state.texts.items():
         message[name] = "".join(parts) or None
-    if state.refusal is not None:
-        message["refusal"] = "".join(state.refusal) or None
+    if state.audio is not None:
+        texts, other = state.audio
+        message["audio"] = {**other, **{key: "".join(parts) for key, parts in texts.items()}}
     if state.calls:
         message["tool_calls"] = [state.calls[i].render() for i in sorted(state.calls)]
     if state.function_call is not None:
@@ -343,9 +429,11 @@ def run_fold(fold, batches: Iterable[list[tuple[bytes, bytes]]]) -> dict:
 
 def fold_chat(lines: Iterable[bytes], max_bytes: int = DEFAULT_MAX_BYTES) -> dict:
     """Fold SSE lines (bytes, without terminators) into a ``chat.completion`` dict."""
-    return run_fold(ChatFold(max_bytes), batches_from_lines(lines))
+    fold = ChatFold(max_bytes)
+    return run_fold(fold, batches_from_lines(lines, fold))
 
 
 def fold_chat_chunks(chunks: Iterable[bytes], max_bytes: int = DEFAULT_MAX_BYTES) -> dict:
     """Fold raw network reads (split anywhere) into a ``chat.completion`` dict."""
-    return run_fold(ChatFold(max_bytes), iter_event_batches(chunks))
+    fold = ChatFold(max_bytes)
+    return run_fold(fold, iter_event_batches(chunks, fold))
