@@ -97,6 +97,8 @@ def execute(settings: Settings, sessions: upstream.Sessions, keys: KeyPool,
             break
         log["attempts"] += 1
         log["provider"] = target.provider.name
+        # the metrics' model label: the configured alias (a glob stays the glob), never the client's string
+        log["model_label"] = (target.spec.alias or target.spec.name) if target.spec else target.model
         log["keys"].append(redact(entry.api_key, short=True) or "-")
         try:
             outcome = _attempt(settings, sessions, keys, target, entry, call)

@@ -25,6 +25,9 @@ import yaml
 from .settings import Settings, SettingsError, build_settings, read_document, redact
 
 SECRET_HEADER_WORDS = ("key", "token", "auth", "secret", "password")
+# Providers in one management write: 10,000 took seconds to validate and route while
+# chat requests waited; a file edited by hand (and read at startup) is not capped.
+MAX_PROVIDERS = 1000
 
 
 @contextlib.contextmanager
@@ -61,6 +64,14 @@ def apply_change(document: Any, environ: Mapping[str, str],
     old_resolved = _resolved_keys(document, environ)
     new = copy.deepcopy(document)
     change(new)
+    providers = new.get("openai-compatibility")
+    if isinstance(providers, list):
+        if len(providers) > MAX_PROVIDERS:
+            raise SettingsError([f"openai-compatibility: {len(providers)} providers; "
+                                 f"a management write may hold at most {MAX_PROVIDERS}"])
+        if not providers and document.get("openai-compatibility"):
+            raise SettingsError(["openai-compatibility: a management write may not remove every provider "
+                                 "(edit the file and restart to run with none)"])
     _restore_redacted_keys(new, old_resolved)
     return build_settings(new, environ), new
 

@@ -97,7 +97,7 @@ def _render_http_error(exc: HTTPException) -> Response:
 
 def _render_unexpected(exc: Exception) -> Response:
     # Log the type and where, never the request body (it holds message content).
-    log.error("unhandled %s in %s", type(exc).__name__, request.path, exc_info=exc)
+    log.error("unhandled %s in %s", type(exc).__name__, common.logfmt(request.path), exc_info=exc)
     return Response(error_body("The proxy hit an internal error; see its log for details.", "server_error"),
                     500, {"Content-Type": "application/json"})
 

@@ -11,11 +11,19 @@ Writes go through ``settings_file.update``: validated like the file at startup (
 naming each problem, running config untouched), then written atomically. This
 worker installs the new config at once; the others see the file change within
 about a second (``runtime.ConfigHolder``).
+
+Input is read to the letter: a body is read at most ``max-request-bytes`` (with
+or without Content-Length), an ``index`` is ASCII digits only, a write holds at
+most ``settings_file.MAX_PROVIDERS`` providers and may not remove every provider
+(the other workers' reload guard would refuse that file, so they would diverge;
+emptying the list takes a hand edit and a restart). Management writes cannot
+change ``api-keys``, so they cannot turn client auth off.
 """
 from __future__ import annotations
 
 import hmac
 import ipaddress
+import re
 import threading
 import time
 
@@ -30,6 +38,7 @@ from ..shared import SharedUnavailable
 
 bp = Blueprint("management", __name__, url_prefix="/v0/management")
 LOCKOUT_FAILURES, LOCKOUT_WINDOW, LOCKOUT_SECONDS = 5, 60.0, 60.0
+_INDEX = re.compile(r"[0-9]{1,9}")  # str.isdigit() is true for "²", which int() refuses
 
 
 class _Lockout:
@@ -112,6 +121,8 @@ def put_providers() -> Response:
     items = body.get("items", body.get("openai-compatibility")) if isinstance(body, dict) else body
     if not isinstance(items, list):
         raise BadRequest("send a JSON array of providers (or {\"items\": [...]})")
+    if len(items) > settings_file.MAX_PROVIDERS:
+        raise BadRequest(f"{len(items)} providers in one write; at most {settings_file.MAX_PROVIDERS} are allowed")
 
     def change(document: dict) -> None:
         document["openai-compatibility"] = items
@@ -143,7 +154,7 @@ def delete_provider() -> Response:
     index = request.args.get("index")
     if name is None and index is None:
         raise BadRequest("give ?name=<provider> or ?index=<n>")
-    if index is not None and not index.isdigit():
+    if index is not None and not _INDEX.fullmatch(index):
         raise BadRequest("index must be a non-negative integer")
 
     def change(document: dict) -> None:
@@ -172,8 +183,12 @@ def _body():
     limit = _holder().runtime.settings.max_request_bytes
     if (request.content_length or 0) > limit:
         raise PayloadTooLarge(f"Request body exceeds the limit of {limit} bytes.")
+    # Read through the stream with a cap: a chunked body has no Content-Length to check first.
+    raw = request.stream.read(limit + 1)
+    if len(raw) > limit:
+        raise PayloadTooLarge(f"Request body exceeds the limit of {limit} bytes.")
     try:
-        return orjson.loads(request.get_data(cache=False))
+        return orjson.loads(raw)
     except orjson.JSONDecodeError:
         raise BadRequest("the body is not valid JSON") from None
 
