@@ -176,7 +176,7 @@ def _attempt(settings: Settings, sessions: upstream.Sessions, keys: KeyPool,
             elif status in REFUSED_STATUSES:
                 keys.cool(provider.name, entry, REFUSED_KEY_COOLDOWN)
                 metrics.COOLDOWNS.labels(provider.name, "key_refused").inc()
-            failed = passthrough_error(response)
+            failed = passthrough_error(response, settings.max_cooldown)
             failed.plan = plan
             return failed
     try:
@@ -219,7 +219,7 @@ def _success(settings: Settings, response: HTTPResponse, call: Call, fold: Calla
     return Outcome(response.status, content_type or "application/json", body)
 
 
-def passthrough_error(response: HTTPResponse) -> Outcome:
+def passthrough_error(response: HTTPResponse, max_cooldown: float = 3600.0) -> Outcome:
     """An upstream error answer, relayed with its status; non-JSON bodies are wrapped OpenAI-style."""
     status = response.status
     try:
@@ -234,7 +234,7 @@ def passthrough_error(response: HTTPResponse) -> Outcome:
     headers = {}
     if status == 429 and response.headers.get("Retry-After"):
         # normalised: the client gets whole seconds, never the upstream's "inf" or garbage
-        headers["Retry-After"] = str(math.ceil(retry_after(response.headers["Retry-After"])))
+        headers["Retry-After"] = str(math.ceil(retry_after(response.headers["Retry-After"], max_cooldown)))
     return Outcome(status, "application/json", body, headers=headers)
 
 
