@@ -20,7 +20,6 @@ problem, never a crash: the loops run unchecked and a ``TypeError`` or
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any, Iterable
@@ -28,54 +27,20 @@ from typing import Any, Iterable
 import orjson
 
 from ..errors import StreamError
+from .base import DEFAULT_MAX_BYTES, preview, run_fold, slow_json, stream_error
+from .choice import Choice as _Choice
+from .choice import ToolCall as _ToolCall
+from .choice import render_choice as _render_choice
 from .guard import CALL_COST, CHOICE_COST, FRAGMENT, held, repair_surrogates, too_large, wrong_shape
 from .sse import batches_from_lines, iter_event_batches
 
-DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+__all__ = ["DEFAULT_MAX_BYTES", "ChatFold", "fold_chat", "fold_chat_chunks", "run_fold", "stream_error"]
+
 # Top-level fields taken from the first chunk that has a non-empty value.
 _FIRST = frozenset(("id", "created", "model", "system_fingerprint"))
 # Stream-only fields that a JSON answer never has.
 _DROP = frozenset(("object", "obfuscation"))
 _REASONING = ("reasoning_content", "reasoning")
-
-
-class _ToolCall:
-    __slots__ = ("id", "type", "name", "args", "extra")
-
-    def __init__(self) -> None:
-        self.id = None
-        self.type = None
-        self.name = None
-        self.args: list[str] = []
-        self.extra: dict[str, Any] = {}
-
-    def render(self) -> dict:
-        out = {} if self.id is None else {"id": self.id}
-        out["type"] = self.type or "function"
-        out["function"] = {"name": self.name, "arguments": "".join(self.args)}
-        out.update(self.extra)
-        return out
-
-
-class _Choice:
-    """What one choice ``index`` has accumulated so far."""
-
-    __slots__ = ("role", "content", "texts", "refusal", "calls", "last_call", "function_call",
-                 "finish", "logprobs", "extra", "message_extra", "audio")
-
-    def __init__(self) -> None:
-        self.role = None
-        self.content: list[str] = []
-        self.texts: dict[str, list[str]] = {}  # reasoning_content / reasoning, as the upstream named it
-        self.refusal: list[str] | None = None
-        self.calls: dict[int, _ToolCall] = {}
-        self.last_call: _ToolCall | None = None
-        self.function_call: _ToolCall | None = None
-        self.finish = None
-        self.logprobs: dict[str, list | None] | None = None
-        self.extra: dict[str, Any] = {}
-        self.message_extra: dict[str, Any] = {}
-        self.audio: tuple[dict[str, list[str]], dict[str, Any]] | None = None  # (text parts, other fields)
 
 
 class ChatFold:
@@ -107,7 +72,7 @@ class ChatFold:
             if chunk is None:
                 return self.done
         if type(chunk) is not dict:
-            raise StreamError(f"upstream sent an event that is not a JSON object: {_preview(data)}")
+            raise StreamError(f"upstream sent an event that is not a JSON object: {preview(data)}")
         if event == b"error":
             raise stream_error(chunk)
         settled = self.settled
@@ -154,24 +119,15 @@ class ChatFold:
         self.size += held(value)
 
     def _unusual_data(self, data: bytes) -> dict | None:
-        """Handle what orjson refused: blank data, ``[DONE]``, or raw newlines inside JSON strings."""
+        """Handle what orjson refused: blank data, ``[DONE]``, or JSON only the slow parser reads."""
         stripped = data.strip()
         if not stripped:
             return None  # some servers send empty data: lines; not an error
         if stripped == b"[DONE]":
             self.done = True
             return None
-        if len(stripped) > 1024 and stripped[:1025].count(b"[") + stripped[:1025].count(b"{") > 1024:
-            raise StreamError("upstream sent JSON nested deeper than 1024 levels", code="upstream_bad_chunk")
         self.repair = True
-        try:
-            # strict=False accepts control characters inside strings (llama.cpp verbose mode);
-            # integers too long for 64 bits become floats, as orjson reads them.
-            return json.loads(data.decode("utf-8", "replace"), strict=False, parse_int=_parse_int)
-        except RecursionError:
-            raise StreamError("upstream sent JSON nested too deeply", code="upstream_bad_chunk") from None
-        except ValueError:
-            raise StreamError(f"upstream sent a data line that is not JSON: {_preview(data)}") from None
+        return slow_json(data)
 
     def _choices(self, choices: list) -> None:
         states = self.choices
@@ -362,69 +318,6 @@ class ChatFold:
             except RecursionError:
                 raise StreamError("upstream sent JSON nested too deeply", code="upstream_bad_chunk") from None
         return out
-
-
-def _parse_int(text: str) -> int | float:
-    return int(text) if len(text) < 19 else float(text)
-
-
-def _render_choice(index: int, state: _Choice) -> dict:
-    # refusal is a required nullable field of the schema: present even when none was streamed
-    message: dict[str, Any] = {"role": state.role or "assistant",
-                               "content": "".join(state.content) or None,
-                               "refusal": "".join(state.refusal) or None if state.refusal else None}
-    for name, parts in state.texts.items():
-        message[name] = "".join(parts) or None
-    if state.audio is not None:
-        texts, other = state.audio
-        message["audio"] = {**other, **{key: "".join(parts) for key, parts in texts.items()}}
-    if state.calls:
-        message["tool_calls"] = [state.calls[i].render() for i in sorted(state.calls)]
-    if state.function_call is not None:
-        call = state.function_call
-        message["function_call"] = {"name": call.name, "arguments": "".join(call.args)}
-    for key, value in state.message_extra.items():
-        message.setdefault(key, value)
-    finish = state.finish
-    if finish is None:
-        # The SPEC's rule: a choice that only called tools finished with tool_calls, not stop.
-        finish = "tool_calls" if state.calls else "function_call" if state.function_call else "stop"
-    choice = {"index": index, "message": message, "logprobs": state.logprobs, "finish_reason": finish}
-    for key, value in state.extra.items():
-        choice.setdefault(key, value)
-    return choice
-
-
-def stream_error(payload: dict) -> StreamError:
-    """Turn an in-stream error event into the error the client gets (429 stays 429, else 502)."""
-    error = payload.get("error", payload)
-    if isinstance(error, dict):
-        message = error.get("message") or "upstream reported an error in the stream"
-        code, kind = error.get("code"), error.get("type")
-    else:
-        message, code, kind = str(error), None, None
-    if not isinstance(message, str):
-        message = orjson.dumps(message).decode()
-    text = f"{code} {kind} {error.get('status') if isinstance(error, dict) else ''}".lower()
-    if code == 429 or "429" in text or "rate_limit" in text or "resource_exhausted" in text:
-        return StreamError(message, status=429, type="rate_limit_error",
-                           code=code if code is not None else "rate_limit_exceeded", retryable=True)
-    return StreamError(message, code=code if code is not None else "upstream_stream_error", retryable=True)
-
-
-def _preview(data: bytes) -> str:
-    text = data[:80].decode("utf-8", "replace")
-    return repr(text + ("..." if len(data) > 80 else ""))
-
-
-def run_fold(fold, batches: Iterable[list[tuple[bytes, bytes]]]) -> dict:
-    """Feed batches of ``(event, data)`` to a fold until it is done or the stream ends; return its result."""
-    feed = fold.feed
-    for batch in batches:
-        for event, data in batch:
-            if feed(event, data):
-                return fold.result()
-    return fold.result()
 
 
 def fold_chat(lines: Iterable[bytes], max_bytes: int = DEFAULT_MAX_BYTES) -> dict:

@@ -14,7 +14,7 @@ from typing import Iterable
 import orjson
 
 from ..errors import StreamError
-from .chat import DEFAULT_MAX_BYTES, run_fold, stream_error
+from .base import DEFAULT_MAX_BYTES, run_fold, stream_error
 from .sse import iter_event_batches
 
 TERMINAL = {b"response.completed", b"response.incomplete", b"response.failed", b"error"}

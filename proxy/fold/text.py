@@ -11,7 +11,8 @@ from __future__ import annotations
 from typing import Iterable
 
 from ..errors import StreamError
-from .chat import DEFAULT_MAX_BYTES, ChatFold, _Choice, run_fold
+from .chat import DEFAULT_MAX_BYTES, ChatFold, run_fold
+from .choice import Choice
 from .guard import FRAGMENT, held
 from .sse import iter_event_batches
 
@@ -35,7 +36,7 @@ class TextFold(ChatFold):
                 elif key != "index":
                     self._keep(state.extra, key, value)
 
-    def _legacy_logprobs(self, state: _Choice, logprobs: dict) -> None:
+    def _legacy_logprobs(self, state: Choice, logprobs: dict) -> None:
         if state.logprobs is None:
             state.logprobs = {}
         for key, items in logprobs.items():
