@@ -144,6 +144,7 @@ class ChatFold:
                 elif key == "finish_reason":
                     if value:  # Ollama sends "" on every non-final chunk
                         state.finish = value
+                        self.size += held(value)  # set once per choice, normally
                 elif key == "logprobs":
                     if value is not None:
                         self._logprobs(state, value)
@@ -179,6 +180,7 @@ class ChatFold:
             elif key == "role":
                 if value and state.role is None:
                     state.role = value
+                    self.size += held(value)
             elif key == "refusal":
                 if state.refusal is None:
                     state.refusal = []
@@ -235,9 +237,11 @@ class ChatFold:
                 elif key == "id":
                     if value and call.id is None:
                         call.id = value
+                        self.size += held(value)
                 elif key == "type":
                     if value and call.type is None:
                         call.type = value
+                        self.size += held(value)
                 elif key != "index":
                     self._keep(call.extra, key, value)
 
@@ -253,6 +257,7 @@ class ChatFold:
         name = function.get("name")
         if name and call.name is None:
             call.name = name
+            self.size += held(name)
         arguments = function.get("arguments")
         if arguments:
             call.args.append(arguments)

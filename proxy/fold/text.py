@@ -30,6 +30,7 @@ class TextFold(ChatFold):
                 elif key == "finish_reason":
                     if value:
                         state.finish = value
+                        self.size += held(value)  # set once per choice, normally
                 elif key == "logprobs":
                     if value:
                         self._legacy_logprobs(state, value)
