@@ -40,16 +40,20 @@ def locked(path: str) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def update(path: str, environ: Mapping[str, str],
-           change: Callable[[dict], None]) -> tuple[Settings, dict, tuple]:
+def update(path: str, environ: Mapping[str, str], change: Callable[[dict], None],
+           guard: Callable[[Settings], str | None] | None = None) -> tuple[Settings, dict, tuple]:
     """Apply ``change`` to the file's document, validate, write atomically.
 
     Returns the new settings, the document written, and the file's
     fingerprint (mtime, size, sha256) as written, taken under the lock.
-    Raises ``SettingsError`` (nothing written) when the result does not validate.
+    Raises ``SettingsError`` (nothing written) when the result does not
+    validate, or when ``guard`` names a reason to refuse it.
     """
     with locked(path):
         settings, new = apply_change(read_document(path) or {}, environ, change)
+        refusal = guard(settings) if guard is not None else None
+        if refusal is not None:
+            raise SettingsError([f"(top level): the result {refusal}"])
         data = to_yaml(new)
         write_atomically(path, data)
         stat = os.stat(path)

@@ -357,3 +357,17 @@ def test_the_reload_log_line_of_a_1000_provider_write_is_bounded(tmp_path, upstr
     assert management(live, "put", json=many).status_code == 200
     [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("settings reloaded")]
     assert len(line) < 2200 and "more characters" in line
+
+
+def test_a_management_write_on_top_of_a_refused_file_cannot_turn_auth_off(managed, upstream, caplog):
+    path, live = managed
+    doc = yaml.safe_load(path.read_text())
+    doc.pop("api-keys")
+    write_settings(path, doc)  # a hand edit the reload guard refuses
+    deadline = time.monotonic() + 5
+    while not any("RELOAD REFUSED" in r.getMessage() for r in caplog.records) and time.monotonic() < deadline:
+        chat(live.url)
+        time.sleep(0.2)
+    answer = management(live, "patch", json={"name": "up", "value": {"force-upstream-stream": True}})
+    assert answer.status_code == 400 and "client authentication off" in answer.json()["error"]["message"]
+    assert chat(live.url, headers={}).status_code == 401

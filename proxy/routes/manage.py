@@ -32,7 +32,7 @@ from flask import Blueprint, Response, current_app, g, request
 
 from .. import settings_file
 from ..errors import BadRequest, Forbidden, ManagementUnauthorized, NotFound, PayloadTooLarge, ProxyError, RateLimited
-from ..runtime import ConfigHolder
+from ..runtime import ConfigHolder, reload_refusal
 from ..settings import SettingsError
 from ..shared import SharedUnavailable
 
@@ -200,8 +200,12 @@ def _write(change) -> Response:
     if holder.path is None:
         raise ProxyError("this instance was started without a settings file; nothing to write", status=409,
                          type="invalid_request_error", code="no_settings_file")
+    # The file may hold a version the reload guard refused (auth off, say): a write on top of
+    # it must not install that through the back door.
+    running = holder.runtime.settings
     try:
-        settings, document, fingerprint = settings_file.update(holder.path, holder.environ, change)
+        settings, document, fingerprint = settings_file.update(
+            holder.path, holder.environ, change, guard=lambda new: reload_refusal(running, new))
     except SettingsError as exc:
         return _invalid(exc)
     holder.file_document = document
@@ -214,6 +218,9 @@ def _write_shared(holder: ConfigHolder, change) -> Response:
     """With Redis: the new provider list becomes the shared runtime version, for every instance."""
     try:
         settings, document = settings_file.apply_change(holder.runtime.document, holder.environ, change)
+        refusal = reload_refusal(holder.runtime.settings, settings)
+        if refusal is not None:
+            raise SettingsError([f"(top level): the result {refusal}"])
     except SettingsError as exc:
         return _invalid(exc)
     providers = document.get("openai-compatibility") or []
