@@ -175,7 +175,7 @@ def test_a_400_digit_usage_number_breaks_neither_the_answer_nor_the_metrics(upst
     answer = chat(live.url)
     assert answer.status_code == 200
     assert answer.json()["choices"][0]["message"]["content"] == "still here"
-    assert answer.json()["usage"]["completion_tokens"] == 2
+    assert answer.json()["usage"] == {"prompt_tokens": None, "completion_tokens": 2, "total_tokens": None}
     relayed = serve(make_app(settings_doc(provider(upstream))))
     body = json.dumps(completion("plain")).replace('"prompt_tokens": 5', f'"prompt_tokens": {HUGE}').encode()
     upstream.handler = lambda rec: Reply(body=body)

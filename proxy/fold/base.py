@@ -6,6 +6,7 @@ so may the protocol translators that fold a stream before translating it.
 from __future__ import annotations
 
 import json
+import math
 from typing import Iterable
 
 import orjson
@@ -27,16 +28,28 @@ def slow_json(data: bytes) -> dict | list | object:
         raise StreamError("upstream sent JSON nested deeper than 1024 levels", code="upstream_bad_chunk")
     try:
         # strict=False accepts control characters inside strings (llama.cpp verbose mode);
-        # integers too long for 64 bits become floats, as orjson reads them.
-        return json.loads(data.decode("utf-8", "replace"), strict=False, parse_int=_parse_int)
+        # integers too long for 64 bits become floats, as orjson reads them, and numbers
+        # no float can hold (a 400-digit prompt_tokens, 1e400, NaN) become null: an
+        # infinity would break whoever adds the usage up later.
+        return json.loads(data.decode("utf-8", "replace"), strict=False, parse_int=_parse_int,
+                          parse_float=_parse_float, parse_constant=_no_number)
     except RecursionError:
         raise StreamError("upstream sent JSON nested too deeply", code="upstream_bad_chunk") from None
     except ValueError:
         raise StreamError(f"upstream sent a data line that is not JSON: {preview(data)}") from None
 
 
-def _parse_int(text: str) -> int | float:
-    return int(text) if len(text) < 19 else float(text)
+def _parse_int(text: str) -> int | float | None:
+    return int(text) if len(text) < 19 else _parse_float(text)
+
+
+def _parse_float(text: str) -> float | None:
+    value = float(text)
+    return value if math.isfinite(value) else None
+
+
+def _no_number(_: str) -> None:
+    return None
 
 
 def stream_error(payload: dict) -> StreamError:
