@@ -169,7 +169,7 @@ class ConfigHolder:
                 settings = build_settings(document, self.environ)
             except SettingsError as exc:
                 log.error("shared providers version %d does not validate here; keeping the running config: %s",
-                          version, "; ".join(exc.problems))
+                          version, bounded("; ".join(exc.problems)))
                 return
             self.runtime_providers = providers
             self.install(settings, document)
