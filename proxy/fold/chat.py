@@ -31,7 +31,18 @@ from .base import DEFAULT_MAX_BYTES, preview, run_fold, slow_json, stream_error
 from .choice import Choice as _Choice
 from .choice import ToolCall as _ToolCall
 from .choice import render_choice as _render_choice
-from .guard import CALL_COST, CHOICE_COST, FRAGMENT, held, repair_surrogates, too_large, wrong_shape
+from .guard import (
+    CALL_COST,
+    CHOICE_COST,
+    CONTAINER_FACTOR,
+    EXACT_ABOVE,
+    FRAGMENT,
+    SLOT_COST,
+    held,
+    repair_surrogates,
+    too_large,
+    wrong_shape,
+)
 from .sse import batches_from_lines, iter_event_batches
 
 __all__ = ["DEFAULT_MAX_BYTES", "ChatFold", "fold_chat", "fold_chat_chunks", "run_fold", "stream_error"]
@@ -49,7 +60,8 @@ class ChatFold:
     Use ``fold_chat``/``fold_chat_chunks`` unless you feed events yourself.
     """
 
-    __slots__ = ("first", "settled", "extra", "choices", "usage", "done", "size", "max_bytes", "repair")
+    __slots__ = ("first", "settled", "extra", "choices", "usage", "done", "size", "max_bytes", "repair",
+                 "event_size", "costs", "usage_cost")
 
     def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         self.first: dict[str, Any] = {}
@@ -61,10 +73,14 @@ class ChatFold:
         self.size = 0
         self.max_bytes = max_bytes
         self.repair = False  # the slow JSON path ran: strings may hold UTF-16 surrogates to join
+        self.event_size = 0  # bytes of the event being fed: bounds what any one value of it holds
+        self.costs: dict[tuple[int, str], int] = {}  # what each kept unknown field was charged
+        self.usage_cost = 0
 
     # -- input -------------------------------------------------------------
     def feed(self, event: bytes, data: bytes) -> bool:
         """Take one SSE event; True (and ``done``) once ``[DONE]`` has arrived."""
+        self.event_size = len(data)
         try:
             chunk = orjson.loads(data)
         except orjson.JSONDecodeError:
@@ -84,11 +100,12 @@ class ChatFold:
                     if value:
                         self._choices(value)
                 elif key == "usage":
-                    if value is not None:
-                        if self.usage is not None:
-                            self.size -= held(self.usage)
-                        self.usage = value
-                        self.size += held(value)
+                    if value is not None:  # replaced, never accumulated: charge it, credit the old one
+                        # NIM sends it on every chunk: the cheap bound unless the event is big
+                        cost = (CONTAINER_FACTOR * self.event_size if self.event_size <= EXACT_ABOVE
+                                else self._cost(value))
+                        self.size += cost - self.usage_cost
+                        self.usage, self.usage_cost = value, cost
                 elif key in _FIRST:
                     if value:
                         self.first[key] = value
@@ -109,14 +126,38 @@ class ChatFold:
 
     def _keep(self, extra: dict, key: str, value: Any) -> None:
         """An unknown field: the last non-null value wins; charge what it holds, credit what it replaces."""
+        costs = self.costs
+        slot = (id(extra), key)
         if key in extra:
             if value is None:
                 return
-            self.size -= held(extra[key])
+            self.size -= costs[slot]
         else:
-            self.size += FRAGMENT + len(key)
+            self.size += SLOT_COST + len(key)
+        kind = type(value)  # self._cost, inlined: this runs per choice per chunk for Azure
+        if kind is str:
+            cost = FRAGMENT + len(value)
+        elif kind is dict or kind is list:
+            cost = held(value) if self.event_size > EXACT_ABOVE else CONTAINER_FACTOR * self.event_size
+        else:
+            cost = 32
+        costs[slot] = cost
+        self.size += cost
         extra[key] = value
-        self.size += held(value)
+
+    def _cost(self, value: Any) -> int:
+        """What a replaceable value holds: exact for big events, a cheap upper bound for the usual small ones.
+
+        Azure sends content filter results on every choice and NIM usage on
+        every chunk; walking those each time would halve the fold's speed.
+        """
+        kind = type(value)
+        if kind is str:
+            return FRAGMENT + len(value)
+        if kind is dict or kind is list:
+            size = self.event_size
+            return held(value) if size > EXACT_ABOVE else CONTAINER_FACTOR * size
+        return 32
 
     def _unusual_data(self, data: bytes) -> dict | None:
         """Handle what orjson refused: blank data, ``[DONE]``, or JSON only the slow parser reads."""

@@ -19,7 +19,13 @@ from ..errors import StreamError
 FRAGMENT = 50       # per text fragment kept in a list: str header and list slot
 CHOICE_COST = 512   # a new choice index: its state object and empty containers
 CALL_COST = 256     # a new tool call index
+SLOT_COST = 160     # a new unknown field: its key in the dict, and the fold's note of its charge
 _OBJECT = 64        # any other parsed JSON value (dict/list header, float, int)
+# A container from an event of at most EXACT_ABOVE bytes is charged CONTAINER_FACTOR
+# times the event's size instead of being walked: parsed JSON takes up to ~20x its
+# text ([{}, {}] is 64 bytes an element), so this is an upper bound, and cheap.
+EXACT_ABOVE = 16 * 1024
+CONTAINER_FACTOR = 24
 
 
 def held(value: Any) -> int:
