@@ -38,6 +38,7 @@ from .guard import (
     EXACT_ABOVE,
     FRAGMENT,
     SLOT_COST,
+    estimate,
     held,
     repair_surrogates,
     too_large,
@@ -61,7 +62,7 @@ class ChatFold:
     """
 
     __slots__ = ("first", "settled", "extra", "choices", "usage", "done", "size", "max_bytes", "repair",
-                 "event_size", "costs", "usage_cost")
+                 "event", "costs", "usage_cost")
 
     def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         self.first: dict[str, Any] = {}
@@ -73,14 +74,13 @@ class ChatFold:
         self.size = 0
         self.max_bytes = max_bytes
         self.repair = False  # the slow JSON path ran: strings may hold UTF-16 surrogates to join
-        self.event_size = 0  # bytes of the event being fed: bounds what any one value of it holds
+        self.event = b""  # the event being fed, raw: its size bounds what any one value of it holds
         self.costs: dict[tuple[int, str], int] = {}  # what each kept unknown field was charged
         self.usage_cost = 0
 
     # -- input -------------------------------------------------------------
     def feed(self, event: bytes, data: bytes) -> bool:
         """Take one SSE event; True (and ``done``) once ``[DONE]`` has arrived."""
-        self.event_size = len(data)
         try:
             chunk = orjson.loads(data)
         except orjson.JSONDecodeError:
@@ -92,6 +92,7 @@ class ChatFold:
         if event == b"error":
             raise stream_error(chunk)
         settled = self.settled
+        self.event = data
         try:
             for key, value in chunk.items():
                 if key in settled:
@@ -102,8 +103,8 @@ class ChatFold:
                 elif key == "usage":
                     if value is not None:  # replaced, never accumulated: charge it, credit the old one
                         # NIM sends it on every chunk: the cheap bound unless the event is big
-                        cost = (CONTAINER_FACTOR * self.event_size if self.event_size <= EXACT_ABOVE
-                                else self._cost(value))
+                        size = len(data)
+                        cost = CONTAINER_FACTOR * size if size <= EXACT_ABOVE else self._cost(value)
                         self.size += cost - self.usage_cost
                         self.usage, self.usage_cost = value, cost
                 elif key in _FIRST:
@@ -119,8 +120,13 @@ class ChatFold:
                 else:
                     self._keep(self.extra, key, value)
         except (AttributeError, TypeError):
+            self.event = b""  # a failed fold must not keep the line alive (nor should result())
             raise wrong_shape(chunk) from None
+        except StreamError:
+            self.event = b""
+            raise
         if self.size > self.max_bytes:
+            self.event = b""
             raise too_large(self.max_bytes)
         return False
 
@@ -138,12 +144,19 @@ class ChatFold:
         if kind is str:
             cost = FRAGMENT + len(value)
         elif kind is dict or kind is list:
-            cost = held(value) if self.event_size > EXACT_ABOVE else CONTAINER_FACTOR * self.event_size
+            size = len(self.event)
+            cost = held(value) if size > EXACT_ABOVE else CONTAINER_FACTOR * size
         else:
             cost = 32
         costs[slot] = cost
         self.size += cost
         extra[key] = value
+
+    def _accumulated(self, items: list) -> int:
+        """What appending ``items`` (logprobs) holds: counted from the event's text unless the event is big."""
+        if len(self.event) > EXACT_ABOVE:
+            return held(items)
+        return estimate(self.event)
 
     def _cost(self, value: Any) -> int:
         """What a replaceable value holds: exact for big events, a cheap upper bound for the usual small ones.
@@ -155,7 +168,7 @@ class ChatFold:
         if kind is str:
             return FRAGMENT + len(value)
         if kind is dict or kind is list:
-            size = self.event_size
+            size = len(self.event)
             return held(value) if size > EXACT_ABOVE else CONTAINER_FACTOR * size
         return 32
 
@@ -324,7 +337,7 @@ class ChatFold:
             if have is None:
                 have = kept[key] = []
             have.extend(items)
-            self.size += held(items)
+            self.size += self._accumulated(items)
 
     # -- output ------------------------------------------------------------
     def result(self) -> dict:
@@ -339,6 +352,7 @@ class ChatFold:
 
     def _envelope(self, kind: str, id_prefix: str, choices: list[dict]) -> dict:
         """Check the stream was complete, then wrap rendered choices with the top-level fields."""
+        self.event = b""
         states = self.choices
         if not self.done and not (states and all(s.finish for s in states.values())):
             raise StreamError("upstream stream ended early", retryable=True, code="upstream_stream_ended_early")

@@ -53,6 +53,17 @@ def held(value: Any) -> int:
     return total
 
 
+def estimate(raw: bytes) -> int:
+    """An upper bound on what parsing ``raw`` JSON holds, from counting its values (C speed).
+
+    Every value is preceded by one of ``, : [ {`` or starts the text, so
+    counting them (inside strings too: an overcount only) bounds the number of
+    objects; each is charged as ``held`` would charge a small one, plus the text.
+    """
+    values = raw.count(b",") + raw.count(b":") + raw.count(b"[") + raw.count(b"{") + 1
+    return len(raw) + _OBJECT * values
+
+
 def too_large(max_bytes: int) -> StreamError:
     return StreamError(f"folded answer exceeds max-aggregate-bytes ({max_bytes} bytes)",
                        code="aggregate_too_large")

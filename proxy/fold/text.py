@@ -43,7 +43,7 @@ class TextFold(ChatFold):
         for key, items in logprobs.items():
             if isinstance(items, list):
                 state.logprobs.setdefault(key, []).extend(items)
-                self.size += held(items)
+                self.size += self._accumulated(items)
             elif items is not None:
                 self._keep(state.logprobs, key, items)
 
