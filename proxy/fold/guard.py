@@ -54,14 +54,17 @@ def held(value: Any) -> int:
 
 
 def estimate(raw: bytes) -> int:
-    """An upper bound on what parsing ``raw`` JSON holds, from counting its values (C speed).
+    """What parsing ``raw`` JSON holds, estimated by counting its punctuation (C speed, no walk).
 
-    Every value is preceded by one of ``, : [ {`` or starts the text, so
-    counting them (inside strings too: an overcount only) bounds the number of
-    objects; each is charged as ``held`` would charge a small one, plus the text.
+    Containers (``[``, ``{``) as ``held`` charges them, a slot per ``,``
+    (a float or a dict entry), string objects as quote pairs minus keys (the
+    ``:`` count: orjson shares key strings), plus the text itself. Within ~1.6x
+    of the truth for the worst shapes (arrays of floats); charged to logprobs,
+    which accumulate with every token.
     """
-    values = raw.count(b",") + raw.count(b":") + raw.count(b"[") + raw.count(b"{") + 1
-    return len(raw) + _OBJECT * values
+    strings = max(0, raw.count(b'"') // 2 - raw.count(b":"))
+    containers = raw.count(b"[") + raw.count(b"{")
+    return len(raw) + _OBJECT * containers + 24 * raw.count(b",") + FRAGMENT * strings
 
 
 def too_large(max_bytes: int) -> StreamError:
