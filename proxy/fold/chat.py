@@ -27,23 +27,12 @@ from typing import Any, Iterable
 import orjson
 
 from ..errors import StreamError
+from . import guard
 from .base import DEFAULT_MAX_BYTES, preview, run_fold, slow_json, stream_error
 from .choice import Choice as _Choice
 from .choice import ToolCall as _ToolCall
 from .choice import render_choice as _render_choice
-from .guard import (
-    CALL_COST,
-    CHOICE_COST,
-    CONTAINER_FACTOR,
-    EXACT_ABOVE,
-    FRAGMENT,
-    SLOT_COST,
-    estimate,
-    held,
-    repair_surrogates,
-    too_large,
-    wrong_shape,
-)
+from .guard import CONTAINER_FACTOR, EXACT_ABOVE, FRAGMENT, Budget, held
 from .sse import batches_from_lines, iter_event_batches
 
 __all__ = ["DEFAULT_MAX_BYTES", "ChatFold", "fold_chat", "fold_chat_chunks", "run_fold", "stream_error"]
@@ -55,28 +44,23 @@ _DROP = frozenset(("object", "obfuscation"))
 _REASONING = ("reasoning_content", "reasoning")
 
 
-class ChatFold:
+class ChatFold(Budget):
     """Accumulates decoded chunks; ``result()`` gives the ``chat.completion``.
 
     Use ``fold_chat``/``fold_chat_chunks`` unless you feed events yourself.
     """
 
-    __slots__ = ("first", "settled", "extra", "choices", "usage", "done", "size", "max_bytes", "repair",
-                 "event", "costs", "usage_cost")
+    __slots__ = ("first", "settled", "extra", "choices", "usage", "done", "repair")
 
     def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+        super().__init__(max_bytes)
         self.first: dict[str, Any] = {}
         self.settled = set(_DROP)  # top-level keys with nothing left to take
         self.extra: dict[str, Any] = {}
         self.choices: dict[int, _Choice] = {}
         self.usage = None
         self.done = False
-        self.size = 0
-        self.max_bytes = max_bytes
         self.repair = False  # the slow JSON path ran: strings may hold UTF-16 surrogates to join
-        self.event = b""  # the event being fed, raw: its size bounds what any one value of it holds
-        self.costs: dict[tuple[int, str], int] = {}  # what each kept unknown field was charged
-        self.usage_cost = 0
 
     # -- input -------------------------------------------------------------
     def feed(self, event: bytes, data: bytes) -> bool:
@@ -121,56 +105,14 @@ class ChatFold:
                     self._keep(self.extra, key, value)
         except (AttributeError, TypeError):
             self.event = b""  # a failed fold must not keep the line alive (nor should result())
-            raise wrong_shape(chunk) from None
+            raise guard.wrong_shape(chunk) from None
         except StreamError:
             self.event = b""
             raise
         if self.size > self.max_bytes:
             self.event = b""
-            raise too_large(self.max_bytes)
+            raise guard.too_large(self.max_bytes)
         return False
-
-    def _keep(self, extra: dict, key: str, value: Any) -> None:
-        """An unknown field: the last non-null value wins; charge what it holds, credit what it replaces."""
-        costs = self.costs
-        slot = (id(extra), key)
-        if key in extra:
-            if value is None:
-                return
-            self.size -= costs[slot]
-        else:
-            self.size += SLOT_COST + len(key)
-        kind = type(value)  # self._cost, inlined: this runs per choice per chunk for Azure
-        if kind is str:
-            cost = FRAGMENT + len(value)
-        elif kind is dict or kind is list:
-            size = len(self.event)
-            cost = held(value) if size > EXACT_ABOVE else CONTAINER_FACTOR * size
-        else:
-            cost = 32
-        costs[slot] = cost
-        self.size += cost
-        extra[key] = value
-
-    def _accumulated(self, items: list) -> int:
-        """What appending ``items`` (logprobs) holds: counted from the event's text unless the event is big."""
-        if len(self.event) > EXACT_ABOVE:
-            return held(items)
-        return estimate(self.event)
-
-    def _cost(self, value: Any) -> int:
-        """What a replaceable value holds: exact for big events, a cheap upper bound for the usual small ones.
-
-        Azure sends content filter results on every choice and NIM usage on
-        every chunk; walking those each time would halve the fold's speed.
-        """
-        kind = type(value)
-        if kind is str:
-            return FRAGMENT + len(value)
-        if kind is dict or kind is list:
-            size = len(self.event)
-            return held(value) if size > EXACT_ABOVE else CONTAINER_FACTOR * size
-        return 32
 
     def _unusual_data(self, data: bytes) -> dict | None:
         """Handle what orjson refused: blank data, ``[DONE]``, or JSON only the slow parser reads."""
@@ -211,7 +153,7 @@ class ChatFold:
         if type(index) is not int:
             raise StreamError(f"upstream sent a chunk of the wrong shape: a choice index is {index!r}, "
                               "not an integer", code="upstream_bad_chunk")
-        self.size += CHOICE_COST
+        self.size += guard.CHOICE_COST
         state = self.choices[index] = _Choice()
         return state
 
@@ -256,7 +198,7 @@ class ChatFold:
         """``delta.audio`` as the openai SDK accumulates it: strings (id, data, transcript) concatenated."""
         if state.audio is None:
             state.audio = ({}, {})
-            self.size += CHOICE_COST
+            self.size += guard.CHOICE_COST
         texts, other = state.audio
         for key, value in audio.items():
             if type(value) is str:
@@ -303,7 +245,7 @@ class ChatFold:
         if type(index) is not int:
             raise StreamError(f"upstream sent a chunk of the wrong shape: a tool call index is {index!r}, "
                               "not an integer", code="upstream_bad_chunk")
-        self.size += CALL_COST
+        self.size += guard.CALL_COST
         call = calls[index] = _ToolCall()
         return call
 
@@ -323,7 +265,7 @@ class ChatFold:
         first = state.logprobs is None
         if first:
             state.logprobs = {"content": None, "refusal": None}
-            self.size += CHOICE_COST
+            self.size += guard.CHOICE_COST
         kept = state.logprobs
         for key, items in logprobs.items():
             if key not in ("content", "refusal"):
@@ -332,7 +274,7 @@ class ChatFold:
             if items is None or (not items and not first):
                 continue
             if type(items) is not list:
-                raise wrong_shape({"choices": [{"logprobs": logprobs}]})
+                raise guard.wrong_shape({"choices": [{"logprobs": logprobs}]})
             have = kept[key]
             if have is None:
                 have = kept[key] = []
@@ -374,7 +316,7 @@ class ChatFold:
             out.setdefault(key, value)
         if self.repair:
             try:
-                out = repair_surrogates(out)
+                out = guard.repair_surrogates(out)
             except RecursionError:
                 raise StreamError("upstream sent JSON nested too deeply", code="upstream_bad_chunk") from None
         return out

@@ -143,3 +143,63 @@ def repair_surrogates(value: Any) -> Any:
     if kind is list:
         return [repair_surrogates(v) for v in value]
     return value
+
+
+class Budget:
+    """The part of a fold that keeps count of what it holds against ``max_bytes`` (``size``).
+
+    ``event`` is the raw event being fed while its values are charged; its size
+    bounds what any one value from it can hold. ``costs`` remembers what each
+    replaceable unknown field was charged, so a replacement credits it back.
+    """
+
+    __slots__ = ("size", "max_bytes", "event", "costs", "usage_cost")
+
+    def __init__(self, max_bytes: int) -> None:
+        self.size = 0
+        self.max_bytes = max_bytes
+        self.event = b""
+        self.costs: dict[tuple[int, str], int] = {}
+        self.usage_cost = 0
+
+    def _keep(self, extra: dict, key: str, value: Any) -> None:
+        """An unknown field: the last non-null value wins; charge what it holds, credit what it replaces."""
+        costs = self.costs
+        slot = (id(extra), key)
+        if key in extra:
+            if value is None:
+                return
+            self.size -= costs[slot]
+        else:
+            self.size += SLOT_COST + len(key)
+        kind = type(value)  # self._cost, inlined: this runs per choice per chunk for Azure
+        if kind is str:
+            cost = FRAGMENT + len(value)
+        elif kind is dict or kind is list:
+            size = len(self.event)
+            cost = held(value) if size > EXACT_ABOVE else CONTAINER_FACTOR * size
+        else:
+            cost = 32
+        costs[slot] = cost
+        self.size += cost
+        extra[key] = value
+
+    def _accumulated(self, items: list) -> int:
+        """What appending ``items`` (logprobs) holds: counted from the event's text unless the event is big."""
+        if len(self.event) > EXACT_ABOVE:
+            return held(items)
+        return estimate(self.event)
+
+    def _cost(self, value: Any) -> int:
+        """What a replaceable value holds: exact for big events, a cheap upper bound for the usual small ones.
+
+        Azure sends content filter results on every choice and NIM usage on
+        every chunk; walking those each time would halve the fold's speed.
+        """
+        kind = type(value)
+        if kind is str:
+            return FRAGMENT + len(value)
+        if kind is dict or kind is list:
+            size = len(self.event)
+            return held(value) if size > EXACT_ABOVE else CONTAINER_FACTOR * size
+        return 32
