@@ -1,10 +1,10 @@
-"""What a fold may hold and what it refuses: memory estimates, shape problems, surrogate repair.
+"""What a fold may hold and what it refuses: the ``Budget``, memory estimates, shape problems, surrogates.
 
 Pure helpers for the folds (no Flask, no requests), kept apart so the per-chunk
-loops in ``chat.py`` stay short. Nothing here runs per ordinary chunk: the
-estimates are for values a fold keeps besides text fragments (unknown fields,
-logprobs, usage), the shape check runs once a chunk has already failed, and the
-surrogate repair only after the slow JSON path was taken.
+loops in ``chat.py`` stay short. Little here runs per ordinary chunk: the
+``Budget`` charges values a fold keeps besides text fragments (unknown fields,
+logprobs, usage), cheaply for small events; the shape check runs once a chunk
+has already failed, and the surrogate repair only after the slow JSON path.
 
 ``max-aggregate-bytes`` is a bound on memory, so what is charged against it is
 an estimate of what Python holds, not of the JSON text: a parsed ``[{}]``
