@@ -4,8 +4,9 @@ With ``PROMETHEUS_MULTIPROC_DIR`` set (``gunicorn.conf.py`` creates and
 cleans one), each worker writes its values to files there and ``/metrics``
 sums them with ``MultiProcessCollector``; without it (tests, ``python app.py``)
 the process's own registry is served. Labels never carry a key: clients are
-labelled by their configured name or ``...abcd``, and the model label is only
-the routed name (an unknown model is ``-``, so clients cannot grow the series).
+labelled by their configured name or ``...abcd``, and the model label is the
+configured alias of the model served (a glob alias stays the glob; an unknown
+model is ``-``), so clients cannot grow the series.
 Reasons that come from an upstream (an in-stream error ``code``) are mapped to
 a fixed set by ``reason`` (``other`` beyond it), and token counts from upstream
 usage are taken only when they are plausible numbers (at most 15 digits).

@@ -17,7 +17,9 @@ or without Content-Length), an ``index`` is ASCII digits only, a write holds at
 most ``settings_file.MAX_PROVIDERS`` providers and may not remove every provider
 (the other workers' reload guard would refuse that file, so they would diverge;
 emptying the list takes a hand edit and a restart). Management writes cannot
-change ``api-keys``, so they cannot turn client auth off.
+change ``api-keys``; a write on top of a hand edit the reload guard refused
+(``api-keys`` deleted, say) goes through the same guard, so it cannot open the
+proxy either.
 """
 from __future__ import annotations
 
