@@ -321,7 +321,7 @@ def test_a_provider_name_that_is_not_exactly_valid_is_a_400(managed, upstream, n
 def test_delete_with_an_index_that_is_not_ascii_digits_is_a_400(managed, index):
     _, live = managed
     answer = management(live, "delete", params={"index": index})
-    assert answer.status_code in (400, 404) and answer.json()["error"]["type"] == "invalid_request_error"
+    assert answer.status_code == 400 and answer.json()["error"]["message"] == "index must be a non-negative integer"
 
 
 def test_a_chunked_management_body_over_the_limit_is_a_413(managed, upstream):
