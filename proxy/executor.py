@@ -10,6 +10,7 @@ upstream error passed through.
 from __future__ import annotations
 
 import email.utils
+import math
 import time
 from contextlib import closing
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ import orjson
 from urllib3 import HTTPResponse
 
 from . import metrics, upstream
-from .errors import ProxyError, RateLimited, UpstreamUnavailable, error_body
+from .errors import ProxyError, RateLimited, StreamError, UpstreamUnavailable, error_body
 from .keys import RATE_LIMIT_DEFAULT, REFUSED_KEY_COOLDOWN, KeyPool
 from .routing import Target
 from .settings import KeyEntry, Settings, redact
@@ -107,6 +108,8 @@ def execute(settings: Settings, sessions: upstream.Sessions, keys: KeyPool,
             break
         log["attempts"] += 1
         log["provider"] = target.provider.name
+        # the metrics' model label: the configured alias (a glob stays the glob), never the client's string
+        log["model_label"] = (target.spec.alias or target.spec.name) if target.spec else target.model
         log["keys"].append(redact(entry.api_key, short=True) or "-")
         try:
             outcome = _attempt(settings, sessions, keys, target, entry, call)
@@ -114,11 +117,11 @@ def execute(settings: Settings, sessions: upstream.Sessions, keys: KeyPool,
             if not getattr(exc, "retryable", True):
                 raise
             failure = exc
-            metrics.RETRIES.labels(target.provider.name, str(exc.code or exc.status)).inc()
+            metrics.RETRIES.labels(target.provider.name, metrics.reason(exc.code or exc.status)).inc()
             continue
         if outcome.status in RETRY_STATUSES or outcome.status in REFUSED_STATUSES:
             failure = outcome
-            metrics.RETRIES.labels(target.provider.name, str(outcome.status)).inc()
+            metrics.RETRIES.labels(target.provider.name, metrics.reason(outcome.status)).inc()
             continue
         return outcome
     if failure is None:
@@ -184,12 +187,13 @@ def _attempt(settings: Settings, sessions: upstream.Sessions, keys: KeyPool,
     if status >= 400:
         with closing(response):
             if status == 429:
-                keys.cool(provider.name, entry, retry_after(response.headers.get("Retry-After")))
+                keys.cool(provider.name, entry, retry_after(response.headers.get("Retry-After"),
+                                                            settings.max_cooldown))
                 metrics.COOLDOWNS.labels(provider.name, "rate_limited").inc()
             elif status in REFUSED_STATUSES:
                 keys.cool(provider.name, entry, REFUSED_KEY_COOLDOWN, "refused")
                 metrics.COOLDOWNS.labels(provider.name, "key_refused").inc()
-            failed = passthrough_error(response)
+            failed = passthrough_error(response, settings.max_cooldown)
             failed.plan = plan
             return failed
     try:
@@ -221,11 +225,12 @@ def _success(settings: Settings, response: HTTPResponse, call: Call, fold: Calla
         try:
             with closing(response):
                 folded = fold(upstream.read_chunks(response, first), settings.max_aggregate_bytes)
+            body = _serialise(folded)
         except ProxyError as exc:
-            metrics.FOLDS.labels(provider, str(exc.code or exc.status)).inc()
+            metrics.FOLDS.labels(provider, metrics.reason(exc.code or exc.status)).inc()
             raise
         metrics.FOLDS.labels(provider, "ok").inc()
-        return Outcome(200, "application/json", orjson.dumps(folded))
+        return Outcome(200, "application/json", body)
     with closing(response):
         body = upstream.read_body(response, first, settings.max_aggregate_bytes)
     return Outcome(response.status, content_type or "application/json", body)
@@ -240,7 +245,7 @@ def _not_final(provider: str, response: HTTPResponse) -> str:
             "follow upstream redirects: point base-url at the final address")
 
 
-def passthrough_error(response: HTTPResponse) -> Outcome:
+def passthrough_error(response: HTTPResponse, max_cooldown: float = 3600.0) -> Outcome:
     """An upstream error answer, relayed with its status; non-JSON bodies are wrapped OpenAI-style."""
     status = response.status
     try:
@@ -253,25 +258,40 @@ def passthrough_error(response: HTTPResponse) -> Outcome:
         body = error_body(f"upstream returned HTTP {status}" + (f": {text}" if text else ""),
                           "rate_limit_error" if status == 429 else "upstream_error", status)
     headers = {}
-    if status == 429 and upstream.header_value(response.headers.get("Retry-After")):
-        headers["Retry-After"] = response.headers["Retry-After"]
+    if status == 429 and response.headers.get("Retry-After"):
+        # normalised: the client gets whole seconds, never the upstream's "inf" or garbage
+        headers["Retry-After"] = str(math.ceil(retry_after(response.headers["Retry-After"], max_cooldown)))
     return Outcome(status, "application/json", body, headers=headers)
 
 
-def retry_after(value: str | None) -> float:
-    """Seconds from a ``Retry-After`` header (delta-seconds or HTTP date); 30 s when absent."""
+def _serialise(folded: dict) -> bytes:
+    """The folded answer as JSON; what orjson cannot write (nesting over 255 levels) is the upstream's fault."""
+    try:
+        return orjson.dumps(folded)
+    except orjson.JSONEncodeError as exc:
+        raise StreamError(f"upstream sent an answer that cannot be written as JSON ({exc})",
+                          code="upstream_bad_chunk") from None
+
+
+def retry_after(value: str | None, cap: float = 3600.0) -> float:
+    """Seconds from a ``Retry-After`` header (delta-seconds or HTTP date), within ``[0, cap]``.
+
+    The upstream is not trusted: a value that is no number or date (``nan``,
+    garbage) counts as absent (30 s), ``inf`` or a date in 2100 as ``cap``.
+    """
     if not value:
-        return RATE_LIMIT_DEFAULT
+        return min(RATE_LIMIT_DEFAULT, cap)
     value = value.strip()
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return RATE_LIMIT_DEFAULT
-    return max(0.0, when.timestamp() - time.time())
+        try:
+            seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return min(RATE_LIMIT_DEFAULT, cap)
+    if math.isnan(seconds):
+        return min(RATE_LIMIT_DEFAULT, cap)
+    return min(max(0.0, seconds), cap)
 
 
 def client_headers(environ: dict) -> dict[str, str]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import math
 import threading
 import time
 from typing import Callable, Iterator
@@ -43,6 +44,7 @@ class KeyPool:
         self.publish: Callable[[str, str, float, str], None] | None = None  # set when Redis is on
         # (provider, key id, seconds, reason): the operator page's instance-wide key state (activity.py)
         self.observe: Callable[[str, str, float, str], None] | None = None
+        self.max_cooldown = 3600.0  # settings' max-cooldown, kept current by the config holder
         self._turns: dict[str, itertools.count] = {}
         self._cooling: dict[tuple[str, str], float] = {}
         self._backoff: dict[str, tuple[float, float]] = {}  # provider -> (until, current step)
@@ -79,6 +81,7 @@ class KeyPool:
         return max(1.0, min(waits, default=1.0))
 
     def cool(self, provider: str, entry: KeyEntry, seconds: float, reason: str = "rate_limited") -> None:
+        seconds = self._bounded(seconds)
         ident = key_id(entry.api_key)
         self._cooling[(provider, ident)] = self.clock() + seconds
         if self.publish is not None:
@@ -104,10 +107,15 @@ class KeyPool:
         """Read-only: ``(provider, key id)`` -> wall-clock end of each cooldown still running here."""
         now, wall = self.clock(), time.time()
         return {k: wall + (until - now) for k, until in list(self._cooling.items()) if until > now}
+    def _bounded(self, seconds: float) -> float:
+        """Cooldowns are finite and at most ``max-cooldown``, whatever a number from outside says."""
+        if math.isnan(seconds):
+            return 0.0
+        return min(max(0.0, seconds), self.max_cooldown)
 
     def apply_remote(self, kind: str, provider: str, ident: str, until_epoch: float) -> None:
         """A cooldown or back-off announced by another worker or instance (wall-clock ``until``)."""
-        remaining = until_epoch - time.time()
+        remaining = self._bounded(until_epoch - time.time())
         if remaining <= 0:
             return
         until = self.clock() + remaining

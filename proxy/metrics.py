@@ -4,8 +4,12 @@ With ``PROMETHEUS_MULTIPROC_DIR`` set (``gunicorn.conf.py`` creates and
 cleans one), each worker writes its values to files there and ``/metrics``
 sums them with ``MultiProcessCollector``; without it (tests, ``python app.py``)
 the process's own registry is served. Labels never carry a key: clients are
-labelled by their configured name or ``...abcd``, and the model label is only
-the routed name (an unknown model is ``-``, so clients cannot grow the series).
+labelled by their configured name or ``...abcd``, and the model label is the
+configured alias of the model served (a glob alias stays the glob; an unknown
+model is ``-``), so clients cannot grow the series.
+Reasons that come from an upstream (an in-stream error ``code``) are mapped to
+a fixed set by ``reason`` (``other`` beyond it), and token counts from upstream
+usage are taken only when they are plausible numbers (at most 15 digits).
 """
 from __future__ import annotations
 
@@ -44,8 +48,23 @@ ACTIVE_STREAMS = Gauge("streamfold_active_streams", "Streams being relayed right
 TOKENS = Counter("streamfold_tokens_total", "Tokens reported by upstream usage, by client key label",
                  ["client", "kind"])
 
-_PROMPT = re.compile(rb'"(?:prompt_tokens|input_tokens)"\s*:\s*(\d+)')
-_COMPLETION = re.compile(rb'"(?:completion_tokens|output_tokens)"\s*:\s*(\d+)')
+# At most 15 digits and no fraction or exponent after them: a 400-digit count is no count.
+_PROMPT = re.compile(rb'"(?:prompt_tokens|input_tokens)"\s*:\s*(\d{1,15})(?![\d.eE])')
+_COMPLETION = re.compile(rb'"(?:completion_tokens|output_tokens)"\s*:\s*(\d{1,15})(?![\d.eE])')
+# Label values for why an attempt failed or a fold ended: the proxy's own error
+# codes and HTTP statuses; anything else an upstream sent is "other".
+REASONS = frozenset((
+    "upstream_unavailable", "upstream_timeout", "upstream_stream_ended_early", "upstream_stream_error",
+    "upstream_stream_empty", "upstream_bad_chunk", "aggregate_too_large", "rate_limit_exceeded",
+    "upstream_auth_failed", "server_error", "ok",
+))
+_STATUSES = frozenset(str(status) for status in range(100, 600))
+
+
+def reason(code: object) -> str:
+    """A bounded label value for an error code or status that may come from an upstream."""
+    text = code if type(code) is str else str(code) if type(code) is int else ""
+    return text if text in REASONS or text in _STATUSES else "other"
 
 
 def usage_in(data: bytes) -> tuple[int, int] | None:

@@ -7,6 +7,14 @@ hash; a changed file that validates is swapped in (requests already running
 keep the snapshot they started with), one that doesn't is logged and ignored.
 Each gunicorn worker does this on its own, so a write by one worker or a hand
 edit reaches all of them within about a second, without a restart.
+
+A reload never opens or empties the proxy. ``cp``, ``>`` and some editors
+truncate the file and then write it, so a check can see it empty or cut. A
+changed file is therefore taken only when it reads the same twice,
+``STABLE_DELAY`` apart (same mtime, size and bytes), and is not empty; and a
+reload that would turn client auth off (api-keys non-empty -> empty) or remove
+every provider is refused with an ERROR line: that takes a restart, where the
+operator sees the startup warning. An unreadable file is logged once.
 """
 from __future__ import annotations
 
@@ -29,6 +37,8 @@ from .upstream import Sessions
 
 log = logging.getLogger(__name__)
 CHECK_INTERVAL = 1.0
+STABLE_DELAY = 0.2  # a changed file must read the same again after this long before it is taken
+LOG_DETAIL_LIMIT = 2000  # characters of "what changed" in one log line; the rest is counted
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,11 +68,13 @@ class ConfigHolder:
         self._fingerprint: tuple | None = None
         self.reloaded_at: float | None = None  # wall clock of the last config installed after start
         self.reload_error: tuple[float, str] | None = None  # (when, problems) of the last refused file
+        self._unreadable: str | None = None  # the error last logged for an unreadable file
         if settings is None:
             raw = self._read()
             self.file_document = yaml.safe_load(raw) if raw is not None else None
             settings = build_settings(self.file_document, environ)
         self.runtime = Runtime(settings, Router(settings), self.file_document, _sources(self.file_document, None))
+        self.keys.max_cooldown = settings.max_cooldown
         if settings.redis_url:
             self.shared = Shared(settings.redis_url, self.apply_runtime_providers, self.keys.apply_remote)
             self.keys.publish = self.shared.publish_cooldown
@@ -90,37 +102,67 @@ class ConfigHolder:
                 self._next_check = time.monotonic() + CHECK_INTERVAL
 
     def _check_file(self) -> bool:
+        seen = self._stat_and_read()
+        if seen is None:
+            return False
+        fingerprint, raw = seen
+        if self._fingerprint is not None and self._fingerprint[2] == fingerprint[2]:
+            self._fingerprint = fingerprint  # rewritten with the same bytes: nothing to do
+            return False
+        # Maybe half-written (truncate, then write): take it only if it reads the same a moment later.
+        time.sleep(STABLE_DELAY)
+        again = self._stat_and_read()
+        if again is None or again[0] != fingerprint:
+            return False  # still changing; judged at a later check, once it has settled
+        self._fingerprint = fingerprint  # judged now, whatever the verdict: each version is logged once
+        problem = None
         try:
-            stat = os.stat(self.path)
-        except OSError:
-            return False
-        stamp = (stat.st_mtime_ns, stat.st_size)
-        if self._fingerprint is not None and self._fingerprint[:2] == stamp:
-            return False
-        raw = self._read()
-        if raw is None:
-            return False
-        digest = hashlib.sha256(raw).digest()
-        unchanged = self._fingerprint is not None and self._fingerprint[2] == digest
-        self._fingerprint = (*stamp, digest)
-        if unchanged:
-            return False
-        try:
+            if not raw.strip():
+                raise SettingsError(["(top level): the file is empty"])
             document = yaml.safe_load(raw)
             settings = build_settings(layer(document, self.runtime_providers), self.environ)
         except yaml.YAMLError as exc:
-            log.error("settings file %s changed but is not valid YAML; keeping the running config: %s",
-                      self.path, str(exc).replace("\n", " "))
-            self.reload_error = (time.time(), "not valid YAML: " + str(exc).replace("\n", " "))
-            return False
+            problem = "is not valid YAML: " + yaml_problem(exc)
         except SettingsError as exc:
-            log.error("settings file %s changed but does not validate; keeping the running config: %s",
-                      self.path, "; ".join(exc.problems))
-            self.reload_error = (time.time(), "; ".join(exc.problems))
+            problem = "does not validate: " + "; ".join(exc.problems)
+        else:
+            problem = reload_refusal(self.runtime.settings, settings)
+        if problem is not None:
+            log.error("settings file %s changed but %s; keeping the running config",
+                      self.path, bounded(problem))
+            self.reload_error = (time.time(), bounded(problem))
             return False
         self.file_document = document
         self.install(settings, layer(document, self.runtime_providers))
         return True
+
+    def _stat_and_read(self) -> tuple[tuple, bytes] | None:
+        """The file's fingerprint (mtime, size, sha256) and bytes, or None when it cannot be read.
+
+        When only the stamp is needed to see that nothing changed, the file is
+        not read at all (the common case, once a second).
+        """
+        try:
+            stat = os.stat(self.path)
+            stamp = (stat.st_mtime_ns, stat.st_size)
+            if self._fingerprint is not None and self._fingerprint[:2] == stamp:
+                self._readable()
+                return None
+            with open(self.path, "rb") as fh:
+                raw = fh.read()
+        except OSError as exc:
+            error = f"{type(exc).__name__}: {exc.strerror or exc}"
+            if error != self._unreadable:
+                self._unreadable = error
+                log.error("settings file %s cannot be read (%s); keeping the running config", self.path, error)
+            return None
+        self._readable()
+        return (*stamp, hashlib.sha256(raw).digest()), raw
+
+    def _readable(self) -> None:
+        if self._unreadable is not None:
+            self._unreadable = None
+            log.warning("settings file %s is readable again", self.path)
 
     def apply_runtime_providers(self, version: int, providers: list | None) -> None:
         """A new shared provider list (or none): layer it over the file and install it if it validates."""
@@ -130,7 +172,7 @@ class ConfigHolder:
                 settings = build_settings(document, self.environ)
             except SettingsError as exc:
                 log.error("shared providers version %d does not validate here; keeping the running config: %s",
-                          version, "; ".join(exc.problems))
+                          version, bounded("; ".join(exc.problems)))
                 return
             self.runtime_providers = providers
             self.install(settings, document)
@@ -144,10 +186,11 @@ class ConfigHolder:
         old = self.runtime.settings
         self.runtime = Runtime(settings, Router(settings), document,
                                _sources(self.file_document, self.runtime_providers))
+        self.keys.max_cooldown = settings.max_cooldown
         if fingerprint is not None:
             self._fingerprint = fingerprint
         self.reloaded_at, self.reload_error = time.time(), None
-        log.info("settings reloaded: %s", describe_changes(old, settings))
+        log.info("settings reloaded: %s", bounded(describe_changes(old, settings)))
 
     def _read(self) -> bytes | None:
         try:
@@ -159,6 +202,30 @@ class ConfigHolder:
             stat = os.stat(self.path)
             self._fingerprint = (stat.st_mtime_ns, stat.st_size, hashlib.sha256(raw).digest())
         return raw
+
+
+def reload_refusal(old: Settings, new: Settings) -> str | None:
+    """Why a valid new config must not be taken by a reload (a restart may take it), or None."""
+    if old.api_keys and not new.api_keys:
+        return ("would turn client authentication off (api-keys is now empty): RELOAD REFUSED; "
+                "restart the proxy if an open proxy is really meant")
+    if old.providers and not new.providers:
+        return "would remove every provider: RELOAD REFUSED; restart the proxy if that is really meant"
+    return None
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """What is wrong and where, without PyYAML's snippet of the file (it could show a key)."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(exc, 'problem', None) or type(exc).__name__}{where}"
+
+
+def bounded(text: str, limit: int = LOG_DETAIL_LIMIT) -> str:
+    """A log detail cut to ``limit`` characters, saying how much was left out."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit} more characters)"
 
 
 def layer(file_document: Any, providers: list | None) -> Any:

@@ -25,6 +25,9 @@ import yaml
 from .settings import Settings, SettingsError, build_settings, read_document, redact
 
 SECRET_HEADER_WORDS = ("key", "token", "auth", "secret", "password")
+# Providers in one management write: 10,000 took seconds to validate and route while
+# chat requests waited; a file edited by hand (and read at startup) is not capped.
+MAX_PROVIDERS = 1000
 
 
 @contextlib.contextmanager
@@ -37,16 +40,20 @@ def locked(path: str) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def update(path: str, environ: Mapping[str, str],
-           change: Callable[[dict], None]) -> tuple[Settings, dict, tuple]:
+def update(path: str, environ: Mapping[str, str], change: Callable[[dict], None],
+           guard: Callable[[Settings], str | None] | None = None) -> tuple[Settings, dict, tuple]:
     """Apply ``change`` to the file's document, validate, write atomically.
 
     Returns the new settings, the document written, and the file's
     fingerprint (mtime, size, sha256) as written, taken under the lock.
-    Raises ``SettingsError`` (nothing written) when the result does not validate.
+    Raises ``SettingsError`` (nothing written) when the result does not
+    validate, or when ``guard`` names a reason to refuse it.
     """
     with locked(path):
         settings, new = apply_change(read_document(path) or {}, environ, change)
+        refusal = guard(settings) if guard is not None else None
+        if refusal is not None:
+            raise SettingsError([f"(top level): the result {refusal}"])
         data = to_yaml(new)
         write_atomically(path, data)
         stat = os.stat(path)
@@ -61,6 +68,14 @@ def apply_change(document: Any, environ: Mapping[str, str],
     old_resolved = _resolved_keys(document, environ)
     new = copy.deepcopy(document)
     change(new)
+    providers = new.get("openai-compatibility")
+    if isinstance(providers, list):
+        if len(providers) > MAX_PROVIDERS:
+            raise SettingsError([f"openai-compatibility: {len(providers)} providers; "
+                                 f"a management write may hold at most {MAX_PROVIDERS}"])
+        if not providers and document.get("openai-compatibility"):
+            raise SettingsError(["openai-compatibility: a management write may not remove every provider "
+                                 "(edit the file and restart to run with none)"])
     _restore_redacted_keys(new, old_resolved)
     return build_settings(new, environ), new
 

@@ -176,9 +176,14 @@ class Shared:
             message = orjson.loads(data)
         except orjson.JSONDecodeError:
             return
+        if not isinstance(message, dict):
+            return
         kind = message.get("kind")
         if kind == "providers":
             self._poll_version()
         elif kind in ("key", "backoff"):
-            self.on_cooldown(kind, str(message.get("provider")), str(message.get("key", "")),
-                             float(message.get("until", 0)))
+            try:
+                until = float(message.get("until", 0))
+            except (TypeError, ValueError):
+                return  # not a number: ignored (keys.apply_remote bounds the numbers)
+            self.on_cooldown(kind, str(message.get("provider")), str(message.get("key", "")), until)

@@ -113,7 +113,7 @@ def _render_unexpected(exc: Exception) -> Response:
         return Response(error_body("The request body could not be read.", "invalid_request_error",
                                    "invalid_request_body"), 400, {"Content-Type": "application/json"})
     # Log the type and where, never the request body (it holds message content).
-    log.error("unhandled %s in %s", type(exc).__name__, request.path, exc_info=exc)
+    log.error("unhandled %s in %s", type(exc).__name__, common.logfmt(request.path), exc_info=exc)
     return Response(error_body("The proxy hit an internal error; see its log for details.", "server_error"),
                     500, {"Content-Type": "application/json"})
 

@@ -23,7 +23,8 @@ def read(name: str) -> bytes:
 
 
 def msg(content=None, **extra) -> dict:
-    return {"role": "assistant", "content": content, **extra}
+    # refusal is a required nullable field of the schema: null when none was streamed
+    return {"role": "assistant", "content": content, "refusal": None, **extra}
 
 
 def choice(message: dict, finish: str, index: int = 0, logprobs=None, **extra) -> dict:

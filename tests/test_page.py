@@ -236,7 +236,7 @@ def test_overview_names_the_settings_source_and_a_refused_reload(upstream, tmp_p
     assert first["usage-store"] is False and first["workers"][0]["alive"] is True
     path.write_text(path.read_text().replace("request-retry: 2", "request-retry: lots"))
     broken = client.get("/v0/management/overview", headers=MGMT).get_json()
-    assert broken["reload-error"]["message"] == "request-retry: must be an integer, not a string"
+    assert broken["reload-error"]["message"] == "does not validate: request-retry: must be an integer, not a string"
 
 
 def test_client_usage_from_metrics_names_clients_not_keys(pclient, upstream):

@@ -9,10 +9,17 @@ chunk, llama.cpp's extra blank lines...) are ordinary input here.
 Speed matters (this runs for every forced request): each text fragment is
 appended to a list and joined once at the end, never ``+=``-ed, and the
 per-chunk loop touches each key once.
+
+Untrusted input: ``max-aggregate-bytes`` bounds everything the fold holds (text
+fragments with their overhead, unknown fields, logprobs, usage, one charge per
+choice and tool-call index; ``guard.held`` estimates it), and the SSE framing
+counts the partial line it buffers against the same budget. Valid JSON of the
+wrong shape (``choices: [1]``, ``delta`` as a list...) is a 502 naming the
+problem, never a crash: the loops run unchecked and a ``TypeError`` or
+``AttributeError`` is turned into ``guard.wrong_shape`` afterwards.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any, Iterable
@@ -20,9 +27,16 @@ from typing import Any, Iterable
 import orjson
 
 from ..errors import StreamError
+from . import guard
+from .base import DEFAULT_MAX_BYTES, preview, run_fold, slow_json, stream_error
+from .choice import Choice as _Choice
+from .choice import ToolCall as _ToolCall
+from .choice import render_choice as _render_choice
+from .guard import CONTAINER_FACTOR, EXACT_ABOVE, FRAGMENT, Budget, held
 from .sse import batches_from_lines, iter_event_batches
 
-DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+__all__ = ["DEFAULT_MAX_BYTES", "ChatFold", "fold_chat", "fold_chat_chunks", "run_fold", "stream_error"]
+
 # Top-level fields taken from the first chunk that has a non-empty value.
 _FIRST = frozenset(("id", "created", "model", "system_fingerprint"))
 # Stream-only fields that a JSON answer never has.
@@ -30,61 +44,23 @@ _DROP = frozenset(("object", "obfuscation"))
 _REASONING = ("reasoning_content", "reasoning")
 
 
-class _ToolCall:
-    __slots__ = ("id", "type", "name", "args", "extra")
-
-    def __init__(self) -> None:
-        self.id = None
-        self.type = None
-        self.name = None
-        self.args: list[str] = []
-        self.extra: dict[str, Any] = {}
-
-    def render(self) -> dict:
-        out = {} if self.id is None else {"id": self.id}
-        out["type"] = self.type or "function"
-        out["function"] = {"name": self.name, "arguments": "".join(self.args)}
-        out.update(self.extra)
-        return out
-
-
-class _Choice:
-    """What one choice ``index`` has accumulated so far."""
-
-    __slots__ = ("role", "content", "texts", "refusal", "calls", "last_call", "function_call",
-                 "finish", "logprobs", "extra", "message_extra")
-
-    def __init__(self) -> None:
-        self.role = None
-        self.content: list[str] = []
-        self.texts: dict[str, list[str]] = {}  # reasoning_content / reasoning, as the upstream named it
-        self.refusal: list[str] | None = None
-        self.calls: dict[int, _ToolCall] = {}
-        self.last_call: _ToolCall | None = None
-        self.function_call: _ToolCall | None = None
-        self.finish = None
-        self.logprobs: dict[str, list | None] | None = None
-        self.extra: dict[str, Any] = {}
-        self.message_extra: dict[str, Any] = {}
-
-
-class ChatFold:
+class ChatFold(Budget):
     """Accumulates decoded chunks; ``result()`` gives the ``chat.completion``.
 
     Use ``fold_chat``/``fold_chat_chunks`` unless you feed events yourself.
     """
 
-    __slots__ = ("first", "settled", "extra", "choices", "usage", "done", "size", "max_bytes")
+    __slots__ = ("first", "settled", "extra", "choices", "usage", "done", "repair")
 
     def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+        super().__init__(max_bytes)
         self.first: dict[str, Any] = {}
         self.settled = set(_DROP)  # top-level keys with nothing left to take
         self.extra: dict[str, Any] = {}
         self.choices: dict[int, _Choice] = {}
         self.usage = None
         self.done = False
-        self.size = 0
-        self.max_bytes = max_bytes
+        self.repair = False  # the slow JSON path ran: strings may hold UTF-16 surrogates to join
 
     # -- input -------------------------------------------------------------
     def feed(self, event: bytes, data: bytes) -> bool:
@@ -96,54 +72,64 @@ class ChatFold:
             if chunk is None:
                 return self.done
         if type(chunk) is not dict:
-            raise StreamError(f"upstream sent an event that is not a JSON object: {_preview(data)}")
+            raise StreamError(f"upstream sent an event that is not a JSON object: {preview(data)}")
         if event == b"error":
             raise stream_error(chunk)
         settled = self.settled
-        for key, value in chunk.items():
-            if key in settled:
-                continue
-            if key == "choices":
-                if value:
-                    self._choices(value)
-            elif key == "usage":
-                if value is not None:
-                    self.usage = value
-            elif key in _FIRST:
-                if value:
-                    self.first[key] = value
-                    settled.add(key)  # first non-empty value wins; skip this key from now on
+        self.event = data
+        try:
+            for key, value in chunk.items():
+                if key in settled:
+                    continue
+                if key == "choices":
+                    if value:
+                        self._choices(value)
+                elif key == "usage":
+                    if value is not None:  # replaced, never accumulated: charge it, credit the old one
+                        # NIM sends it on every chunk: the cheap bound unless the event is big
+                        size = len(data)
+                        cost = CONTAINER_FACTOR * size if size <= EXACT_ABOVE else self._cost(value)
+                        self.size += cost - self.usage_cost
+                        self.usage, self.usage_cost = value, cost
+                elif key in _FIRST:
+                    if value:
+                        self.first[key] = value
+                        self.size += held(value)
+                        settled.add(key)  # first non-empty value wins; skip this key from now on
+                    else:
+                        self.first.setdefault(key, value)
+                elif key == "error":
+                    if value is not None:
+                        raise stream_error(chunk)
                 else:
-                    self.first.setdefault(key, value)
-            elif key == "error":
-                if value is not None:
-                    raise stream_error(chunk)
-            elif value is not None or key not in self.extra:
-                self.extra[key] = value
+                    self._keep(self.extra, key, value)
+        except (AttributeError, TypeError):
+            self.event = b""  # a failed fold must not keep the line alive (nor should result())
+            raise guard.wrong_shape(chunk) from None
+        except StreamError:
+            self.event = b""
+            raise
         if self.size > self.max_bytes:
-            raise StreamError(f"folded answer exceeds max-aggregate-bytes ({self.max_bytes} bytes)",
-                              code="aggregate_too_large")
+            self.event = b""
+            raise guard.too_large(self.max_bytes)
         return False
 
     def _unusual_data(self, data: bytes) -> dict | None:
-        """Handle what orjson refused: blank data, ``[DONE]``, or raw newlines inside JSON strings."""
+        """Handle what orjson refused: blank data, ``[DONE]``, or JSON only the slow parser reads."""
         stripped = data.strip()
         if not stripped:
             return None  # some servers send empty data: lines; not an error
         if stripped == b"[DONE]":
             self.done = True
             return None
-        try:
-            # strict=False accepts control characters inside strings (llama.cpp verbose mode).
-            return json.loads(data.decode("utf-8", "replace"), strict=False)
-        except ValueError:
-            raise StreamError(f"upstream sent a data line that is not JSON: {_preview(data)}") from None
+        self.repair = True
+        return slow_json(data)
 
     def _choices(self, choices: list) -> None:
         states = self.choices
         for raw in choices:
             index = raw.get("index", 0)
-            state = states.get(index) or _new_choice(states, index)
+            state = states.get(index) or self._new_choice(index)
             extra = state.extra
             for key, value in raw.items():
                 if key == "delta":
@@ -154,46 +140,76 @@ class ChatFold:
                 elif key == "finish_reason":
                     if value:  # Ollama sends "" on every non-final chunk
                         state.finish = value
+                        self.size += held(value)  # set once per choice, normally
                 elif key == "logprobs":
-                    if value:
+                    if value is not None:
                         self._logprobs(state, value)
                 elif key in _DROP:
                     continue
-                elif value is not None or key not in extra:
-                    extra[key] = value
+                else:
+                    self._keep(extra, key, value)
+
+    def _new_choice(self, index: Any) -> _Choice:
+        if type(index) is not int:
+            raise StreamError(f"upstream sent a chunk of the wrong shape: a choice index is {index!r}, "
+                              "not an integer", code="upstream_bad_chunk")
+        self.size += guard.CHOICE_COST
+        state = self.choices[index] = _Choice()
+        return state
 
     def _delta(self, state: _Choice, delta: dict) -> None:
         for key, value in delta.items():
             if key == "content":
                 if value:
                     state.content.append(value)
-                    self.size += len(value)
+                    self.size += len(value) + FRAGMENT
             elif key in _REASONING:
                 parts = state.texts.get(key)
                 if parts is None:
                     parts = state.texts[key] = []
                 if value:
                     parts.append(value)
-                    self.size += len(value)
+                    self.size += len(value) + FRAGMENT
             elif key == "tool_calls":
                 if value:
                     self._tool_calls(state, value)
             elif key == "role":
                 if value and state.role is None:
                     state.role = value
+                    self.size += held(value)
             elif key == "refusal":
                 if state.refusal is None:
                     state.refusal = []
                 if value:
                     state.refusal.append(value)
-                    self.size += len(value)
+                    self.size += len(value) + FRAGMENT
             elif key == "function_call":
                 if value:
                     if state.function_call is None:
                         state.function_call = _ToolCall()
                     self._merge_function(state.function_call, value)
-            elif value is not None or key not in state.message_extra:
-                state.message_extra[key] = value
+            elif key == "audio":
+                if value is not None:
+                    self._audio(state, value)
+            else:
+                self._keep(state.message_extra, key, value)
+
+    def _audio(self, state: _Choice, audio: dict) -> None:
+        """``delta.audio`` as the openai SDK accumulates it: strings (id, data, transcript) concatenated."""
+        if state.audio is None:
+            state.audio = ({}, {})
+            self.size += guard.CHOICE_COST
+        texts, other = state.audio
+        for key, value in audio.items():
+            if type(value) is str:
+                parts = texts.get(key)
+                if parts is None:
+                    parts = texts[key] = []
+                    other.pop(key, None)
+                parts.append(value)
+                self.size += len(value) + FRAGMENT
+            elif key not in texts:
+                self._keep(other, key, value)
 
     def _tool_calls(self, state: _Choice, deltas: list) -> None:
         calls = state.calls
@@ -204,12 +220,11 @@ class ChatFold:
                 # Gemini/Ollama omit the index: a new id starts a call, no id continues the last.
                 call = state.last_call
                 if call is None or (call_id and call_id != call.id):
-                    call = _ToolCall()
-                    calls[max(calls) + 1 if calls else 0] = call
+                    call = self._new_call(calls, max(calls) + 1 if calls else 0)
             else:
                 call = calls.get(index)
                 if call is None:
-                    call = calls[index] = _ToolCall()
+                    call = self._new_call(calls, index)
             state.last_call = call
             for key, value in delta.items():
                 if key == "function":
@@ -218,46 +233,68 @@ class ChatFold:
                 elif key == "id":
                     if value and call.id is None:
                         call.id = value
+                        self.size += held(value)
                 elif key == "type":
                     if value and call.type is None:
                         call.type = value
-                elif key != "index" and (value is not None or key not in call.extra):
-                    call.extra[key] = value
+                        self.size += held(value)
+                elif key != "index":
+                    self._keep(call.extra, key, value)
+
+    def _new_call(self, calls: dict[int, _ToolCall], index: Any) -> _ToolCall:
+        if type(index) is not int:
+            raise StreamError(f"upstream sent a chunk of the wrong shape: a tool call index is {index!r}, "
+                              "not an integer", code="upstream_bad_chunk")
+        self.size += guard.CALL_COST
+        call = calls[index] = _ToolCall()
+        return call
 
     def _merge_function(self, call: _ToolCall, function: dict) -> None:
         name = function.get("name")
         if name and call.name is None:
             call.name = name
+            self.size += held(name)
         arguments = function.get("arguments")
         if arguments:
             call.args.append(arguments)
-            self.size += len(arguments)
+            self.size += len(arguments) + FRAGMENT
 
     def _logprobs(self, state: _Choice, logprobs: dict) -> None:
-        if state.logprobs is None:
+        """As the SDK does: the first logprobs object is taken as sent (``content: []`` stays a list),
+        later ones extend it."""
+        first = state.logprobs is None
+        if first:
             state.logprobs = {"content": None, "refusal": None}
-        for key in ("content", "refusal"):
-            items = logprobs.get(key)
-            if items:
-                have = state.logprobs[key]
-                if have is None:
-                    state.logprobs[key] = list(items)
-                else:
-                    have.extend(items)
-                self.size += 64 * len(items)
-        for key, value in logprobs.items():
-            if key not in ("content", "refusal") and value is not None:
-                state.logprobs[key] = value
+            self.size += guard.CHOICE_COST
+        kept = state.logprobs
+        for key, items in logprobs.items():
+            if key not in ("content", "refusal"):
+                self._keep(kept, key, items)
+                continue
+            if items is None or (not items and not first):
+                continue
+            if type(items) is not list:
+                raise guard.wrong_shape({"choices": [{"logprobs": logprobs}]})
+            have = kept[key]
+            if have is None:
+                have = kept[key] = []
+            have.extend(items)
+            self.size += self._accumulated(items)
 
     # -- output ------------------------------------------------------------
     def result(self) -> dict:
         """The folded ``chat.completion``, or ``StreamError`` if the stream was not complete."""
         states = self.choices
-        return self._envelope("chat.completion", "chatcmpl-",
-                              [_render_choice(index, states[index]) for index in sorted(states)])
+        try:
+            choices = [_render_choice(index, states[index]) for index in sorted(states)]
+        except TypeError:  # a text field that was a list or an object
+            raise StreamError("upstream sent a chunk of the wrong shape: a text field is not a string",
+                              code="upstream_bad_chunk") from None
+        return self._envelope("chat.completion", "chatcmpl-", choices)
 
     def _envelope(self, kind: str, id_prefix: str, choices: list[dict]) -> dict:
         """Check the stream was complete, then wrap rendered choices with the top-level fields."""
+        self.event = b""
         states = self.choices
         if not self.done and not (states and all(s.finish for s in states.values())):
             raise StreamError("upstream stream ended early", retryable=True, code="upstream_stream_ended_early")
@@ -277,75 +314,21 @@ class ChatFold:
             out["usage"] = self.usage
         for key, value in self.extra.items():
             out.setdefault(key, value)
+        if self.repair:
+            try:
+                out = guard.repair_surrogates(out)
+            except RecursionError:
+                raise StreamError("upstream sent JSON nested too deeply", code="upstream_bad_chunk") from None
         return out
-
-
-def _new_choice(states: dict[int, _Choice], index: int) -> _Choice:
-    state = states[index] = _Choice()
-    return state
-
-
-def _render_choice(index: int, state: _Choice) -> dict:
-    message: dict[str, Any] = {"role": state.role or "assistant",
-                               "content": "".join(state.content) or None}
-    for name, parts in state.texts.items():
-        message[name] = "".join(parts) or None
-    if state.refusal is not None:
-        message["refusal"] = "".join(state.refusal) or None
-    if state.calls:
-        message["tool_calls"] = [state.calls[i].render() for i in sorted(state.calls)]
-    if state.function_call is not None:
-        call = state.function_call
-        message["function_call"] = {"name": call.name, "arguments": "".join(call.args)}
-    for key, value in state.message_extra.items():
-        message.setdefault(key, value)
-    finish = state.finish
-    if finish is None:
-        # The SPEC's rule: a choice that only called tools finished with tool_calls, not stop.
-        finish = "tool_calls" if state.calls else "function_call" if state.function_call else "stop"
-    choice = {"index": index, "message": message, "logprobs": state.logprobs, "finish_reason": finish}
-    for key, value in state.extra.items():
-        choice.setdefault(key, value)
-    return choice
-
-
-def stream_error(payload: dict) -> StreamError:
-    """Turn an in-stream error event into the error the client gets (429 stays 429, else 502)."""
-    error = payload.get("error", payload)
-    if isinstance(error, dict):
-        message = error.get("message") or "upstream reported an error in the stream"
-        code, kind = error.get("code"), error.get("type")
-    else:
-        message, code, kind = str(error), None, None
-    if not isinstance(message, str):
-        message = orjson.dumps(message).decode()
-    text = f"{code} {kind} {error.get('status') if isinstance(error, dict) else ''}".lower()
-    if code == 429 or "429" in text or "rate_limit" in text or "resource_exhausted" in text:
-        return StreamError(message, status=429, type="rate_limit_error",
-                           code=code if code is not None else "rate_limit_exceeded", retryable=True)
-    return StreamError(message, code=code if code is not None else "upstream_stream_error", retryable=True)
-
-
-def _preview(data: bytes) -> str:
-    text = data[:80].decode("utf-8", "replace")
-    return repr(text + ("..." if len(data) > 80 else ""))
-
-
-def run_fold(fold, batches: Iterable[list[tuple[bytes, bytes]]]) -> dict:
-    """Feed batches of ``(event, data)`` to a fold until it is done or the stream ends; return its result."""
-    feed = fold.feed
-    for batch in batches:
-        for event, data in batch:
-            if feed(event, data):
-                return fold.result()
-    return fold.result()
 
 
 def fold_chat(lines: Iterable[bytes], max_bytes: int = DEFAULT_MAX_BYTES) -> dict:
     """Fold SSE lines (bytes, without terminators) into a ``chat.completion`` dict."""
-    return run_fold(ChatFold(max_bytes), batches_from_lines(lines))
+    fold = ChatFold(max_bytes)
+    return run_fold(fold, batches_from_lines(lines, fold))
 
 
 def fold_chat_chunks(chunks: Iterable[bytes], max_bytes: int = DEFAULT_MAX_BYTES) -> dict:
     """Fold raw network reads (split anywhere) into a ``chat.completion`` dict."""
-    return run_fold(ChatFold(max_bytes), iter_event_batches(chunks))
+    fold = ChatFold(max_bytes)
+    return run_fold(fold, iter_event_batches(chunks, fold))

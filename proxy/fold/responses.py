@@ -14,7 +14,7 @@ from typing import Iterable
 import orjson
 
 from ..errors import StreamError
-from .chat import DEFAULT_MAX_BYTES, run_fold, stream_error
+from .base import DEFAULT_MAX_BYTES, run_fold, stream_error
 from .sse import iter_event_batches
 
 TERMINAL = {b"response.completed", b"response.incomplete", b"response.failed", b"error"}
@@ -23,6 +23,7 @@ TERMINAL = {b"response.completed", b"response.incomplete", b"response.failed", b
 class ResponsesFold:
     def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         self.max_bytes = max_bytes
+        self.size = 0  # holds nothing until the terminal event: the framing's budget is the whole limit
         self.done = False
         self.response: dict | None = None
 
@@ -42,12 +43,13 @@ class ResponsesFold:
             raise StreamError("upstream sent a data line that is not JSON") from None
         if not isinstance(payload, dict):
             raise StreamError("upstream sent an event that is not a JSON object")
-        kind = payload.get("type") or event.decode()
+        kind = payload.get("type") or event.decode("utf-8", "replace")
         if kind == "error":
             raise stream_error(payload if "error" in payload else {"error": payload})
         if kind == "response.failed":
-            response = payload.get("response") or {}
-            raise stream_error({"error": response.get("error") or {"message": "upstream response failed"}})
+            response = payload.get("response")
+            error = response.get("error") if isinstance(response, dict) else None
+            raise stream_error({"error": error or {"message": "upstream response failed"}})
         if kind in ("response.completed", "response.incomplete"):
             self.response = payload.get("response")
             self.done = True
@@ -61,4 +63,5 @@ class ResponsesFold:
 
 def fold_responses_chunks(chunks: Iterable[bytes], max_bytes: int = DEFAULT_MAX_BYTES) -> dict:
     """Fold raw reads of a ``/v1/responses`` stream into its final ``response`` object."""
-    return run_fold(ResponsesFold(max_bytes), iter_event_batches(chunks))
+    fold = ResponsesFold(max_bytes)
+    return run_fold(fold, iter_event_batches(chunks, fold))

@@ -13,13 +13,29 @@ multi-byte UTF-8 character split across two network reads never breaks a line
 
 For speed the work is done per network read, not per line: CRs are
 normalised with two ``bytes.replace`` calls and the read is split once.
+
+Memory: given a ``budget`` (a fold: anything with ``size`` and ``max_bytes``),
+the bytes buffered for a line or an event that has not ended yet count against
+what the fold may still hold, so one endless ``data:`` line with no newline is
+the fold's 502 after ``max-aggregate-bytes``, not a worker out of memory.
 """
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
+
+from ..errors import StreamError
 
 
-def _line_batches(chunks: Iterable[bytes]) -> Iterator[list[bytes]]:
+def _over(budget: Any, held: int) -> bool:
+    return budget is not None and held > budget.max_bytes - budget.size
+
+
+def _too_large(budget: Any) -> StreamError:
+    return StreamError(f"an upstream event exceeds max-aggregate-bytes ({budget.max_bytes} bytes)",
+                       code="aggregate_too_large")
+
+
+def _line_batches(chunks: Iterable[bytes], budget: Any = None) -> Iterator[list[bytes]]:
     """Turn reads split anywhere into lists of complete lines (terminators removed).
 
     A partial line is kept as a list of pieces and joined once its end arrives,
@@ -27,6 +43,7 @@ def _line_batches(chunks: Iterable[bytes]) -> Iterator[list[bytes]]:
     A CR at the very end of a read is held back: it may be half of a CRLF.
     """
     pending: list[bytes] = []
+    held = 0  # bytes in pending
     held_cr = False
     for chunk in chunks:
         if held_cr:
@@ -40,6 +57,9 @@ def _line_batches(chunks: Iterable[bytes]) -> Iterator[list[bytes]]:
         if b"\n" not in chunk:
             if chunk:
                 pending.append(chunk)
+                held += len(chunk)
+                if _over(budget, held):
+                    raise _too_large(budget)
             continue
         if pending:
             pending.append(chunk)
@@ -47,6 +67,7 @@ def _line_batches(chunks: Iterable[bytes]) -> Iterator[list[bytes]]:
             pending = []
         lines = chunk.split(b"\n")
         tail = lines.pop()
+        held = len(tail)
         if tail:
             pending.append(tail)
         yield lines
@@ -54,7 +75,7 @@ def _line_batches(chunks: Iterable[bytes]) -> Iterator[list[bytes]]:
         yield [b"".join(pending)]
 
 
-def iter_event_batches(chunks: Iterable[bytes]) -> Iterator[list[tuple[bytes, bytes]]]:
+def iter_event_batches(chunks: Iterable[bytes], budget: Any = None) -> Iterator[list[tuple[bytes, bytes]]]:
     """Parse raw network reads into lists of ``(event_name, data)``, one list per read that completed events.
 
     ``event_name`` is ``b""`` by default. Lists rather than one event at a
@@ -74,8 +95,9 @@ def iter_event_batches(chunks: Iterable[bytes]) -> Iterator[list[tuple[bytes, by
     """
     data: bytes | None = None
     more: list[bytes] | None = None
+    more_size = 0  # bytes in more: an event of many data lines and no blank line must not grow forever
     event = b""
-    for lines in _line_batches(chunks):
+    for lines in _line_batches(chunks, budget):
         batch = []
         for line in lines:
             if not line:
@@ -94,19 +116,26 @@ def iter_event_batches(chunks: Iterable[bytes]) -> Iterator[list[tuple[bytes, by
                 value = line[5:]
                 if data is None:
                     data = value
-                elif more is None:
-                    more = [value]
                 else:
-                    more.append(value)
+                    if more is None:
+                        more, more_size = [value], len(data)
+                    else:
+                        more.append(value)
+                    more_size += len(value) + 1
+                    if _over(budget, more_size):
+                        raise _too_large(budget)
             elif line[0] == 58:  # ":" starts a comment
                 continue
             elif line.startswith(b"event:"):
                 event = line[6:].strip()
             elif data is not None and not line.startswith((b"id:", b"retry:")):
                 if more is None:
-                    more = [line]
+                    more, more_size = [line], len(data)
                 else:
                     more.append(line)
+                more_size += len(line) + 1
+                if _over(budget, more_size):
+                    raise _too_large(budget)
         if batch:
             yield batch
     if data is not None:
@@ -115,6 +144,6 @@ def iter_event_batches(chunks: Iterable[bytes]) -> Iterator[list[tuple[bytes, by
         yield [(event, data)]
 
 
-def batches_from_lines(lines: Iterable[bytes]) -> Iterator[list[tuple[bytes, bytes]]]:
+def batches_from_lines(lines: Iterable[bytes], budget: Any = None) -> Iterator[list[tuple[bytes, bytes]]]:
     """Like ``iter_event_batches`` for input already split into lines (terminators removed)."""
-    return iter_event_batches(line + b"\n" for line in lines)
+    return iter_event_batches((line + b"\n" for line in lines), budget)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import re
 import time
 
 import orjson
@@ -19,6 +20,10 @@ from ..runtime import ConfigHolder, Runtime
 from ..settings import ClientKey
 
 access_log = logging.getLogger("streamfold.access")
+LOG_VALUE_LIMIT = 256  # characters per logged value; longer ones are cut and end in "..."
+# A value made only of these goes out bare; anything else is quoted and escaped (logfmt).
+_BARE = re.compile(r"[A-Za-z0-9_./:,+*@%?&~^!#$()\[\]{}|<>;'-]+")
+_ESCAPE = re.compile(r'["\\]|[^\x20-\x7e\xa0-\U0010ffff]|[\u2028\u2029\u200b-\u200f\u202a-\u202e\ud800-\udfff]')
 
 
 def holder() -> ConfigHolder:
@@ -69,6 +74,28 @@ def loggable(text: str, limit: int = 128) -> str:
     return text[:limit].encode("unicode_escape").decode("ascii")[:limit * 4]
 
 
+def logfmt(value: object, limit: int = LOG_VALUE_LIMIT) -> str:
+    """One value for a ``key=value`` log line: bare when safe, else ``"quoted"`` with escapes, bounded.
+
+    Newlines, ANSI escapes and other control characters, quotes and
+    backslashes are escaped, so a value can neither start a line of its own
+    nor add a field (``status=...``) to this one.
+    """
+    text = value if type(value) is str else str(value)
+    if len(text) <= limit and _BARE.fullmatch(text):
+        return text
+    if len(text) > limit:
+        text = text[:limit] + "..."
+    return '"' + _ESCAPE.sub(_escape_one, text) + '"'
+
+
+def _escape_one(match: re.Match) -> str:
+    char = match.group()
+    if char in '"\\':
+        return "\\" + char
+    return {"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(char) or char.encode("unicode_escape").decode("ascii")
+
+
 def end_logger(fields: dict):
     """A callback for when the answer has gone out: token metrics, and the deferred log line of a stream."""
     def on_end(status: int, result: str, usage_bytes: bytes) -> None:
@@ -87,14 +114,14 @@ def end_logger(fields: dict):
 def write_access_log(fields: dict) -> None:
     """The one log line per request (no keys, no content), and the request counter."""
     provider = fields.get("provider", "-")
-    metrics.REQUESTS.labels(fields.get("rule", "unmatched"), fields.get("model", "-") if provider != "-" else "-",
+    metrics.REQUESTS.labels(fields.get("rule", "unmatched"), fields.get("model_label", "-") if provider != "-" else "-",
                             provider, str(fields.get("status", "-"))).inc()
     access_log.info(
         "request_id=%s route=%s model=%s provider=%s status=%s upstream_ms=%s forced_stream=%s "
         "folded=%s attempts=%s keys=%s client=%s result=%s",
-        fields.get("request_id"), fields.get("route"), fields.get("model", "-"),
-        fields.get("provider", "-"), fields.get("status", "-"), fields.get("upstream_ms", "-"),
+        logfmt(fields.get("request_id")), logfmt(fields.get("route")), logfmt(fields.get("model", "-")),
+        logfmt(provider), logfmt(fields.get("status", "-")), fields.get("upstream_ms", "-"),
         "yes" if fields.get("forced") else "no", "yes" if fields.get("folded") else "no",
-        fields.get("attempts", 0), ",".join(fields.get("keys", ())) or "-",
-        fields.get("client", "-"), fields.get("result", "-"))
+        fields.get("attempts", 0), logfmt(",".join(fields.get("keys", ())) or "-"),
+        logfmt(fields.get("client", "-")), logfmt(fields.get("result", "-")))
     activity.record_request(fields)  # the operator page's traffic and recent requests

@@ -7,20 +7,32 @@ Writes go through ``settings_file.update``: validated like the file at startup (
 naming each problem, running config untouched), then written atomically. This
 worker installs the new config at once; the others see the file change within
 about a second (``runtime.ConfigHolder``).
+
+Input is read to the letter: a body is read at most ``max-request-bytes`` (with
+or without Content-Length), an ``index`` is ASCII digits only, a write holds at
+most ``settings_file.MAX_PROVIDERS`` providers and may not remove every provider
+(the other workers' reload guard would refuse that file, so they would diverge;
+emptying the list takes a hand edit and a restart). Management writes cannot
+change ``api-keys``; a write on top of a hand edit the reload guard refused
+(``api-keys`` deleted, say) goes through the same guard, so it cannot open the
+proxy either.
 """
 from __future__ import annotations
+
+import re
 
 import orjson
 from flask import Blueprint, Response, current_app, request
 
 from .. import settings_file
 from ..errors import BadRequest, NotFound, PayloadTooLarge, ProxyError
-from ..runtime import ConfigHolder
+from ..runtime import ConfigHolder, reload_refusal
 from ..settings import SettingsError
 from ..shared import SharedUnavailable
 from .guard import guard
 
 bp = Blueprint("management", __name__, url_prefix="/v0/management")
+_INDEX = re.compile(r"[0-9]{1,9}")  # str.isdigit() is true for "²", which int() refuses
 
 
 def _holder() -> ConfigHolder:
@@ -59,6 +71,8 @@ def put_providers() -> Response:
     items = body.get("items", body.get("openai-compatibility")) if isinstance(body, dict) else body
     if not isinstance(items, list):
         raise BadRequest("send a JSON array of providers (or {\"items\": [...]})")
+    if len(items) > settings_file.MAX_PROVIDERS:
+        raise BadRequest(f"{len(items)} providers in one write; at most {settings_file.MAX_PROVIDERS} are allowed")
 
     def change(document: dict) -> None:
         document["openai-compatibility"] = items
@@ -90,7 +104,7 @@ def delete_provider() -> Response:
     index = request.args.get("index")
     if name is None and index is None:
         raise BadRequest("give ?name=<provider> or ?index=<n>")
-    if index is not None and not index.isdigit():
+    if index is not None and not _INDEX.fullmatch(index):
         raise BadRequest("index must be a non-negative integer")
 
     def change(document: dict) -> None:
@@ -119,8 +133,12 @@ def _body():
     limit = _holder().runtime.settings.max_request_bytes
     if (request.content_length or 0) > limit:
         raise PayloadTooLarge(f"Request body exceeds the limit of {limit} bytes.")
+    # Read through the stream with a cap: a chunked body has no Content-Length to check first.
+    raw = request.stream.read(limit + 1)
+    if len(raw) > limit:
+        raise PayloadTooLarge(f"Request body exceeds the limit of {limit} bytes.")
     try:
-        return orjson.loads(request.get_data(cache=False))
+        return orjson.loads(raw)
     except orjson.JSONDecodeError:
         raise BadRequest("the body is not valid JSON") from None
 
@@ -132,8 +150,12 @@ def _write(change) -> Response:
     if holder.path is None:
         raise ProxyError("this instance was started without a settings file; nothing to write", status=409,
                          type="invalid_request_error", code="no_settings_file")
+    # The file may hold a version the reload guard refused (auth off, say): a write on top of
+    # it must not install that through the back door.
+    running = holder.runtime.settings
     try:
-        settings, document, fingerprint = settings_file.update(holder.path, holder.environ, change)
+        settings, document, fingerprint = settings_file.update(
+            holder.path, holder.environ, change, guard=lambda new: reload_refusal(running, new))
     except SettingsError as exc:
         return _invalid(exc)
     holder.file_document = document
@@ -146,6 +168,9 @@ def _write_shared(holder: ConfigHolder, change) -> Response:
     """With Redis: the new provider list becomes the shared runtime version, for every instance."""
     try:
         settings, document = settings_file.apply_change(holder.runtime.document, holder.environ, change)
+        refusal = reload_refusal(holder.runtime.settings, settings)
+        if refusal is not None:
+            raise SettingsError([f"(top level): the result {refusal}"])
     except SettingsError as exc:
         return _invalid(exc)
     providers = document.get("openai-compatibility") or []

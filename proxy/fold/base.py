@@ -1,0 +1,94 @@
+"""What every fold shares: the default budget, the slow JSON path, in-stream errors, the feed loop.
+
+Pure (no Flask, no requests). ``chat``, ``text`` and ``responses`` build on it;
+so may the protocol translators that fold a stream before translating it.
+"""
+from __future__ import annotations
+
+import json
+import math
+from typing import Iterable
+
+import orjson
+
+from ..errors import StreamError
+
+DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+_CODE_LIMIT = 200  # characters of an upstream error code kept when it is not a plain string or number
+
+
+def slow_json(data: bytes) -> dict | list | object:
+    """Parse a data line orjson refused: raw newlines in strings, lone surrogate escapes, huge integers.
+
+    Deeply nested JSON (orjson stops at 1,024 levels) is refused up front,
+    before the recursive parser can spend its stack on it.
+    """
+    head = data.lstrip()[:1025]
+    if len(head) > 1024 and head.count(b"[") + head.count(b"{") > 1024:
+        raise StreamError("upstream sent JSON nested deeper than 1024 levels", code="upstream_bad_chunk")
+    try:
+        # strict=False accepts control characters inside strings (llama.cpp verbose mode);
+        # integers too long for 64 bits become floats, as orjson reads them, and numbers
+        # no float can hold (a 400-digit prompt_tokens, 1e400, NaN) become null: an
+        # infinity would break whoever adds the usage up later.
+        return json.loads(data.decode("utf-8", "replace"), strict=False, parse_int=_parse_int,
+                          parse_float=_parse_float, parse_constant=_no_number)
+    except RecursionError:
+        raise StreamError("upstream sent JSON nested too deeply", code="upstream_bad_chunk") from None
+    except ValueError:
+        raise StreamError(f"upstream sent a data line that is not JSON: {preview(data)}") from None
+
+
+def _parse_int(text: str) -> int | float | None:
+    return int(text) if len(text) < 19 else _parse_float(text)
+
+
+def _parse_float(text: str) -> float | None:
+    value = float(text)
+    return value if math.isfinite(value) else None
+
+
+def _no_number(_: str) -> None:
+    return None
+
+
+def stream_error(payload: dict) -> StreamError:
+    """Turn an in-stream error event into the error the client gets (429 stays 429, else 502)."""
+    error = payload.get("error", payload)
+    if isinstance(error, dict):
+        message = error.get("message") or "upstream reported an error in the stream"
+        code, kind = error.get("code"), error.get("type")
+    else:
+        message, code, kind = str(error), None, None
+    if not isinstance(message, str):
+        message = _text(message)
+    if code is not None and type(code) not in (str, int):
+        code = _text(code)[:_CODE_LIMIT]  # an object or a float as code: kept as text, bounded
+    text = f"{code} {kind} {error.get('status') if isinstance(error, dict) else ''}".lower()
+    if code == 429 or "429" in text or "rate_limit" in text or "resource_exhausted" in text:
+        return StreamError(message, status=429, type="rate_limit_error",
+                           code=code if code is not None else "rate_limit_exceeded", retryable=True)
+    return StreamError(message, code=code if code is not None else "upstream_stream_error", retryable=True)
+
+
+def _text(value: object) -> str:
+    """A JSON value the upstream put where a string belongs, as text (orjson cannot write all of them)."""
+    try:
+        return orjson.dumps(value).decode()
+    except orjson.JSONEncodeError:
+        return "(unprintable value)"
+
+
+def preview(data: bytes) -> str:
+    text = data[:80].decode("utf-8", "replace")
+    return repr(text + ("..." if len(data) > 80 else ""))
+
+
+def run_fold(fold, batches: Iterable[list[tuple[bytes, bytes]]]) -> dict:
+    """Feed batches of ``(event, data)`` to a fold until it is done or the stream ends; return its result."""
+    feed = fold.feed
+    for batch in batches:
+        for event, data in batch:
+            if feed(event, data):
+                return fold.result()
+    return fold.result()
