@@ -1,0 +1,284 @@
+"""The Responses bridge over HTTP: /v1/responses against a chat-only loopback upstream (issue 16).
+
+Test ids name translation.md §4.2's cases (r1 ... r25). Every streamed answer goes through
+tests/responses_invariants.check.
+"""
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+import requests
+
+from proxy.fold.chat import fold_chat_chunks
+from tests import responses_invariants
+from tests.conftest import AUTH, CLIENT_KEY, make_app, provider, settings_doc
+from tests.upstream import Reply, sse
+
+HEAD = {"id": "chatcmpl-br1", "object": "chat.completion.chunk", "created": 1764000001, "model": "upstream-model"}
+CODEX = {"originator": "codex_cli_rs", "User-Agent": "codex_cli_rs/0.63.0 (Debian 13; x86_64) xterm-256color"}
+
+
+def chunk(delta: dict | None = None, finish: str | None = None, **extra) -> dict:
+    return dict(HEAD, choices=[{"index": 0, "delta": delta or {}, "logprobs": None, "finish_reason": finish}],
+                **extra)
+
+
+def usage(prompt: int = 12, completion: int = 5, **extra) -> dict:
+    return dict(HEAD, choices=[], usage={"prompt_tokens": prompt, "completion_tokens": completion,
+                                         "total_tokens": prompt + completion, **extra})
+
+
+def call(index: int, call_id: str | None, name: str, args: str) -> dict:
+    out = {"index": index, "type": "function", "function": {"name": name, "arguments": args}}
+    if call_id:
+        out["id"] = call_id
+    return out
+
+
+def answer(*chunks: dict, done: bool = True):
+    """An upstream handler: these chunks as SSE when streamed, their fold as a chat.completion otherwise."""
+    events = sse(*chunks, done=done)
+
+    def handler(rec):
+        if rec.body.get("stream"):
+            return Reply(events=events)
+        return Reply(body=json.dumps(fold_chat_chunks(events)).encode())
+    return handler
+
+
+TEXT = (chunk({"role": "assistant", "content": ""}), chunk({"content": "Hel"}), chunk({"content": "lo"}),
+        chunk(finish="stop"), usage())
+
+
+def chat_only(upstream, **extra) -> dict:
+    return provider(upstream, **{"native-apis": ["chat"], **extra})
+
+
+@pytest.fixture
+def bridged(upstream, serve):
+    return serve(make_app(settings_doc(chat_only(upstream))))
+
+
+def sdk(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=CLIENT_KEY, max_retries=0, timeout=10)
+
+
+def post(server, body: dict, headers: dict | None = None) -> requests.Response:
+    return requests.post(server.url + "/v1/responses", json=body, headers={**AUTH, **(headers or {})}, timeout=10)
+
+
+def stream(server, body: dict, headers: dict | None = None, codex: bool = False) -> dict:
+    """POST a streamed request; check its events; return the terminal payload (and ``events``)."""
+    response = post(server, {**body, "stream": True}, {**(CODEX if codex else {}), **(headers or {})})
+    assert response.status_code == 200 and response.headers["Content-Type"].startswith("text/event-stream")
+    terminal = responses_invariants.check(response.content, codex=codex)
+    terminal["events"] = responses_invariants.parse(response.content)
+    return terminal
+
+
+def sent(upstream, n: int = -1) -> dict:
+    rec = upstream.requests[n]
+    assert rec.path == "/v1/chat/completions"
+    return rec.body
+
+
+# -- request side ---------------------------------------------------------------------------------------
+def test_r1_plain_input_becomes_one_user_message_and_text_comes_back(bridged, upstream):
+    upstream.handler = answer(*TEXT)
+    result = sdk(bridged).responses.create(model="m", input="hi")
+    body = sent(upstream)
+    assert body["messages"] == [{"role": "user", "content": "hi"}] and body["model"] == "upstream-model"
+    assert "stream" not in body
+    assert result.object == "response" and result.status == "completed" and result.model == "m"
+    assert result.output_text == "Hello" and result.output[0].type == "message"
+    assert result.id.startswith("resp_") and result.output[0].id.startswith("msg_")
+
+
+def test_r2_instructions_and_leading_developer_items_become_one_system_message(bridged, upstream):
+    upstream.handler = answer(*TEXT)
+    sdk(bridged).responses.create(model="m", instructions="A", input=[
+        {"role": "developer", "content": "B"},
+        {"type": "message", "role": "system", "content": [{"type": "input_text", "text": "C"}]},
+        {"role": "user", "content": [{"type": "input_text", "text": "hi"}]}])
+    messages = sent(upstream)["messages"]
+    assert messages == [{"role": "system", "content": "A\n\nB\n\nC"}, {"role": "user", "content": "hi"}]
+
+
+def test_r3_a_later_developer_message_goes_up_as_user_never_a_late_system(bridged, upstream):
+    upstream.handler = answer(*TEXT)
+    sdk(bridged).responses.create(model="m", input=[
+        {"role": "user", "content": "one"}, {"role": "assistant", "content": "ok"},
+        {"role": "developer", "content": "be brief"}, {"role": "user", "content": "two"}])
+    messages = sent(upstream)["messages"]
+    assert [m["role"] for m in messages] == ["user", "assistant", "user"]
+    assert messages[2]["content"] == "be brief\n\ntwo"  # merged: strict templates want alternation
+
+
+def test_r4_function_call_and_its_output_are_adjacent(bridged, upstream):
+    upstream.handler = answer(*TEXT)
+    sdk(bridged).responses.create(model="m", input=[
+        {"role": "user", "content": "list"},
+        {"type": "function_call", "call_id": "c1", "name": "shell", "arguments": "{\"cmd\":[\"ls\"]}"},
+        {"type": "function_call_output", "call_id": "c1", "output": "done"}])
+    messages = sent(upstream)["messages"]
+    assert messages[1] == {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "shell", "arguments": "{\"cmd\":[\"ls\"]}"}}]}
+    assert messages[2] == {"role": "tool", "tool_call_id": "c1", "content": "done"}
+
+
+def test_r5_parallel_calls_share_one_assistant_message_and_a_user_message_waits_for_the_outputs(bridged, upstream):
+    upstream.handler = answer(*TEXT)
+    sdk(bridged).responses.create(model="m", input=[
+        {"role": "user", "content": "go"},
+        {"type": "function_call", "call_id": "c1", "name": "a", "arguments": "{}"},
+        {"type": "function_call", "call_id": "c2", "name": "b", "arguments": "{}"},
+        {"role": "user", "content": "meanwhile"},
+        {"type": "function_call_output", "call_id": "c1", "output": "1"},
+        {"type": "function_call_output", "call_id": "c2", "output": [{"type": "input_text", "text": "2"}]}])
+    messages = sent(upstream)["messages"]
+    assert [m["role"] for m in messages] == ["user", "assistant", "tool", "tool", "user"]
+    assert [c["id"] for c in messages[1]["tool_calls"]] == ["c1", "c2"]
+    assert messages[3]["content"] == "2" and messages[4]["content"] == "meanwhile"
+
+
+def test_r6_assistant_text_then_function_call_is_one_assistant_message(bridged, upstream):
+    upstream.handler = answer(*TEXT)
+    sdk(bridged).responses.create(model="m", input=[
+        {"role": "user", "content": "go"},
+        {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "let me"}]},
+        {"type": "function_call", "call_id": "c1", "name": "shell", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c1", "output": "ok"}])
+    messages = sent(upstream)["messages"]
+    assert messages[1]["content"] == "let me" and messages[1]["tool_calls"][0]["id"] == "c1"
+    assert len(messages) == 3
+
+
+REASONING_INPUT = [
+    {"role": "user", "content": "go"},
+    {"type": "reasoning", "id": "rs_1", "summary": [{"type": "summary_text", "text": "S"}],
+     "encrypted_content": "gAAAAB-opaque"},
+    {"type": "function_call", "call_id": "c1", "name": "shell", "arguments": "{}"},
+    {"type": "function_call_output", "call_id": "c1", "output": "ok"}]
+
+
+def test_r7_reasoning_items_are_dropped_by_default(bridged, upstream):
+    upstream.handler = answer(*TEXT)
+    sdk(bridged).responses.create(model="m", input=REASONING_INPUT)
+    assert "reasoning_content" not in sent(upstream)["messages"][1]
+    assert b"gAAAAB" not in upstream.requests[-1].raw
+
+
+def test_r7_reasoning_replay_sends_the_summary_back_as_reasoning_content(upstream, serve):
+    server = serve(make_app(settings_doc(chat_only(upstream, **{"reasoning-replay": True}))))
+    upstream.handler = answer(*TEXT)
+    sdk(server).responses.create(model="m", input=REASONING_INPUT)
+    assert sent(upstream)["messages"][1]["reasoning_content"] == "S"
+    assert b"gAAAAB" not in upstream.requests[-1].raw
+
+
+APPLY_PATCH = {"type": "custom", "name": "apply_patch", "description": "Use the `apply_patch` tool to edit files.",
+               "format": {"type": "grammar", "syntax": "lark", "definition": "start: begin_patch hunk+ end_patch"}}
+PATCH = "*** Begin Patch\n*** Add File: hello.txt\n+hi\n*** End Patch\n"
+
+
+def test_r8_custom_tool_becomes_a_function_with_one_string_input(bridged, upstream):
+    upstream.handler = answer(*TEXT)
+    sdk(bridged).responses.create(model="m", input="patch it", tools=[APPLY_PATCH])
+    (tool,) = sent(upstream)["tools"]
+    assert tool["type"] == "function" and tool["function"]["name"] == "apply_patch"
+    assert tool["function"]["parameters"] == {"type": "object", "properties": {"input": {"type": "string"}},
+                                              "required": ["input"]}
+    assert "start: begin_patch" in tool["function"]["description"]
+
+
+PATCH_CALL = (chunk({"role": "assistant", "content": None}),
+              chunk({"tool_calls": [call(0, "call_p1", "apply_patch", "")]}),
+              chunk({"tool_calls": [{"index": 0, "function": {"arguments": json.dumps({"input": PATCH})[:20]}}]}),
+              chunk({"tool_calls": [{"index": 0, "function": {"arguments": json.dumps({"input": PATCH})[20:]}}]}),
+              chunk(finish="tool_calls"), usage())
+
+
+def test_r9_upstream_apply_patch_call_comes_back_as_custom_tool_call(bridged, upstream):
+    upstream.handler = answer(*PATCH_CALL)
+    result = sdk(bridged).responses.create(model="m", input="patch it", tools=[APPLY_PATCH])
+    (item,) = result.output
+    assert item.type == "custom_tool_call" and item.input == PATCH and item.call_id == "call_p1"
+    assert item.name == "apply_patch"
+    terminal = stream(bridged, {"model": "m", "input": "patch it", "tools": [APPLY_PATCH]}, codex=True)
+    (item,) = terminal["response"]["output"]
+    assert item["type"] == "custom_tool_call" and item["input"] == PATCH
+    names = [name for name, _ in terminal["events"]]
+    assert "response.custom_tool_call_input.done" in names and "response.function_call_arguments.delta" not in names
+
+
+def test_r10_custom_tool_call_history_goes_up_wrapped_in_input(bridged, upstream):
+    upstream.handler = answer(*TEXT)
+    sdk(bridged).responses.create(model="m", tools=[APPLY_PATCH], input=[
+        {"role": "user", "content": "patch"},
+        {"type": "custom_tool_call", "call_id": "c9", "name": "apply_patch", "input": "P"},
+        {"type": "custom_tool_call_output", "call_id": "c9", "output": "ok"}])
+    messages = sent(upstream)["messages"]
+    assert messages[1]["tool_calls"][0]["function"] == {"name": "apply_patch", "arguments": "{\"input\":\"P\"}"}
+    assert messages[2] == {"role": "tool", "tool_call_id": "c9", "content": "ok"}
+
+
+def test_r11_built_in_tools_are_not_sent_and_the_request_succeeds(bridged, upstream):
+    upstream.handler = answer(*TEXT)
+    result = sdk(bridged).responses.create(model="m", input="hi", tools=[
+        {"type": "web_search"}, {"type": "local_shell"}, {"type": "image_generation"}, {"type": "tool_search"},
+        {"type": "function", "name": "shell", "parameters": {"type": "object"}}])
+    assert result.status == "completed"
+    body = sent(upstream)
+    assert [t["function"]["name"] for t in body["tools"]] == ["shell"]
+    assert body["tools"][0]["function"]["parameters"] == {"type": "object", "properties": {}}
+    upstream.handler = answer(*TEXT)
+    sdk(bridged).responses.create(model="m", input="hi", tools=[{"type": "web_search"}], tool_choice="auto")
+    assert "tools" not in sent(upstream) and "tool_choice" not in sent(upstream)
+
+
+NAMESPACE = {"type": "namespace", "name": "mcp_x", "description": "x server",
+             "tools": [{"type": "function", "name": "get", "parameters": {"type": "object", "properties": {}}}]}
+
+
+def test_r12_namespace_tools_are_flattened_and_split_back(bridged, upstream):
+    upstream.handler = answer(chunk({"tool_calls": [call(0, "call_n1", "mcp_x__get", "{}")]}),
+                              chunk(finish="tool_calls"), usage())
+    result = post(bridged, {"model": "m", "input": "get it", "tools": [NAMESPACE]}).json()
+    assert sent(upstream)["tools"][0]["function"]["name"] == "mcp_x__get"
+    (item,) = result["output"]
+    assert (item["type"], item["name"], item["namespace"], item["call_id"]) == ("function_call", "get", "mcp_x",
+                                                                                "call_n1")
+    terminal = stream(bridged, {"model": "m", "input": "get it", "tools": [NAMESPACE]})
+    assert terminal["response"]["output"][0]["namespace"] == "mcp_x"
+
+
+def test_r13_json_schema_text_format_becomes_response_format(bridged, upstream):
+    upstream.handler = answer(*TEXT)
+    schema = {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}
+    post(bridged, {"model": "m", "input": "hi", "text": {"format": {"type": "json_schema", "name": "o",
+                                                                      "schema": schema, "strict": True}}})
+    assert sent(upstream)["response_format"] == {"type": "json_schema",
+                                                 "json_schema": {"name": "o", "schema": schema, "strict": True}}
+
+
+def test_r14_max_output_tokens_reasoning_effort_and_tool_choice_map_to_chat(bridged, upstream):
+    upstream.handler = answer(*TEXT)
+    post(bridged, {"model": "m", "input": "hi", "max_output_tokens": 500, "reasoning": {"effort": "high"},
+                   "tool_choice": {"type": "function", "name": "shell"}, "parallel_tool_calls": False,
+                   "tools": [{"type": "function", "name": "shell", "parameters": {"type": "object"}}]})
+    body = sent(upstream)
+    assert body["max_tokens"] == 500 and body["reasoning_effort"] == "high"
+    assert body["tool_choice"] == {"type": "function", "function": {"name": "shell"}}
+    assert body["parallel_tool_calls"] is False
+
+
+def test_max_output_tokens_is_clamped_by_the_model_limits(upstream, serve):
+    models = [{"name": "upstream-model", "alias": "m", "max-output-tokens": 300, "context-length": 1000}]
+    server = serve(make_app(settings_doc(chat_only(upstream, models=models))))
+    upstream.handler = answer(*TEXT)
+    post(server, {"model": "m", "input": "hi", "max_output_tokens": 32000})
+    assert sent(upstream)["max_tokens"] == 300
+    post(server, {"model": "m", "input": "x" * 3000, "max_output_tokens": 32000})
+    assert 1 <= sent(upstream)["max_tokens"] < 300  # what the context leaves after a ~750-token prompt
