@@ -282,3 +282,237 @@ def test_max_output_tokens_is_clamped_by_the_model_limits(upstream, serve):
     assert sent(upstream)["max_tokens"] == 300
     post(server, {"model": "m", "input": "x" * 3000, "max_output_tokens": 32000})
     assert 1 <= sent(upstream)["max_tokens"] < 300  # what the context leaves after a ~750-token prompt
+
+
+# -- event streams ------------------------------------------------------------------------------------------
+def test_r15_text_stream_events_in_order_with_one_response_id(bridged, upstream):
+    upstream.handler = answer(*TEXT)
+    terminal = stream(bridged, {"model": "m", "input": "hi"})
+    names = [name for name, _ in terminal["events"]]
+    assert names == ["response.created", "response.in_progress", "response.output_item.added",
+                     "response.content_part.added", "response.output_text.delta", "response.output_text.delta",
+                     "response.output_text.done", "response.content_part.done", "response.output_item.done",
+                     "response.completed"]
+    body = sent(upstream)
+    assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
+    assert terminal["response"]["output"][0]["content"][0]["text"] == "Hello"
+
+
+REASONING_TEXT = (chunk({"role": "assistant", "reasoning_content": "Think"}), chunk({"reasoning_content": "ing."}),
+                  chunk({"content": "Answer"}), chunk(finish="stop"), usage())
+
+
+def test_r16_reasoning_item_is_closed_before_the_message_starts(bridged, upstream):
+    upstream.handler = answer(*REASONING_TEXT)
+    terminal = stream(bridged, {"model": "m", "input": "hi"})
+    names = [name for name, _ in terminal["events"]]
+    assert names.index("response.output_item.done") < names.index("response.content_part.added")
+    reasoning, message = terminal["response"]["output"]
+    assert reasoning["type"] == "reasoning" and reasoning["summary"][0]["text"] == "Thinking."
+    assert message["type"] == "message" and message["content"][0]["text"] == "Answer"
+    added = [p["output_index"] for n, p in terminal["events"] if n == "response.output_item.added"]
+    assert added == [0, 1]
+
+
+def test_r17_message_is_done_before_the_function_call_and_arguments_add_up(bridged, upstream):
+    upstream.handler = answer(chunk({"role": "assistant", "content": "Let me look."}),
+                              chunk({"tool_calls": [call(0, "call_a", "shell", "")]}),
+                              chunk({"tool_calls": [{"index": 0, "function": {"arguments": "{\"cmd\":"}}]}),
+                              chunk({"tool_calls": [{"index": 0, "function": {"arguments": "[\"ls\"]}"}}]}),
+                              chunk(finish="tool_calls"), usage())
+    terminal = stream(bridged, {"model": "m", "input": "hi"})
+    events = terminal["events"]
+    message_done = next(i for i, (n, p) in enumerate(events) if n == "response.output_item.done")
+    call_added = next(i for i, (n, p) in enumerate(events)
+                      if n == "response.output_item.added" and p["item"]["type"] == "function_call")
+    assert message_done < call_added
+    fc = terminal["response"]["output"][1]
+    assert fc["arguments"] == "{\"cmd\":[\"ls\"]}" and fc["id"] == "fc_call_a" and fc["status"] == "completed"
+
+
+PARALLEL = (chunk({"role": "assistant", "content": None}),
+            chunk({"tool_calls": [call(0, "call_1", "read", ""), call(1, "call_2", "read", "")]}),
+            chunk({"tool_calls": [{"index": 0, "function": {"arguments": "{\"path\":\"a\"}"}}]}),
+            chunk({"tool_calls": [{"index": 1, "function": {"arguments": "{\"path\":\"b\"}"}}]}),
+            chunk(finish="tool_calls"), usage())
+
+
+def test_r18_parallel_tool_calls_are_two_items_in_output_index_order(bridged, upstream):
+    upstream.handler = answer(*PARALLEL)
+    terminal = stream(bridged, {"model": "m", "input": "read both"})
+    output = terminal["response"]["output"]
+    assert [(o["call_id"], o["arguments"]) for o in output] == [("call_1", "{\"path\":\"a\"}"),
+                                                                ("call_2", "{\"path\":\"b\"}")]
+
+
+def test_r19_a_call_without_id_gets_one_used_everywhere_and_accepted_next_turn(bridged, upstream):
+    upstream.handler = answer(chunk({"tool_calls": [call(0, None, "shell", "{\"cmd\":[\"ls\"]}")]}),
+                              chunk(finish="tool_calls"))
+    terminal = stream(bridged, {"model": "m", "input": "ls"})
+    ids = {p["item"]["call_id"] for n, p in terminal["events"] if n.startswith("response.output_item")}
+    (call_id,) = ids
+    assert call_id.startswith("call_") and terminal["response"]["output"][0]["call_id"] == call_id
+    result = post(bridged, {"model": "m", "input": "ls"}).json()
+    assert result["output"][0]["call_id"].startswith("call_") and result["output"][0]["id"].startswith("fc_call_")
+    upstream.handler = answer(*TEXT)
+    post(bridged, {"model": "m", "input": [
+        {"role": "user", "content": "ls"},
+        {"type": "function_call", "call_id": call_id, "name": "shell", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": call_id, "output": "a.txt"}]})
+    messages = sent(upstream)["messages"]
+    assert messages[1]["tool_calls"][0]["id"] == call_id and messages[2]["tool_call_id"] == call_id
+
+
+def test_r20_usage_is_complete_or_absent(bridged, upstream):
+    upstream.handler = answer(chunk({"content": "hi"}), chunk(finish="stop"),
+                              dict(HEAD, choices=[], usage={"prompt_tokens": 100, "completion_tokens": 20}))
+    expected = {"input_tokens": 100, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": 20,
+                "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 120}
+    assert stream(bridged, {"model": "m", "input": "hi"})["response"]["usage"] == expected
+    assert post(bridged, {"model": "m", "input": "hi"}).json()["usage"] == expected
+    upstream.handler = answer(chunk({"content": "hi"}), chunk(finish="stop"),
+                              dict(HEAD, choices=[], usage={"prompt_tokens": 100}))
+    assert "usage" not in stream(bridged, {"model": "m", "input": "hi"})["response"]
+    assert "usage" not in post(bridged, {"model": "m", "input": "hi"}).json()
+
+
+LENGTH = (chunk({"content": "cut sh"}), chunk(finish="length"), usage())
+
+
+def test_r21_length_is_incomplete_and_codex_still_gets_response_completed(bridged, upstream):
+    upstream.handler = answer(*LENGTH)
+    result = post(bridged, {"model": "m", "input": "hi"}).json()
+    assert result["status"] == "incomplete" and result["incomplete_details"] == {"reason": "max_output_tokens"}
+    assert result["output"][0]["status"] == "incomplete"
+    plain = stream(bridged, {"model": "m", "input": "hi"})
+    assert plain["type"] == "response.incomplete" and plain["response"]["status"] == "incomplete"
+    codex = stream(bridged, {"model": "m", "input": "hi"}, codex=True)
+    assert codex["type"] == "response.completed" and codex["response"]["status"] == "incomplete"
+    assert codex["response"]["incomplete_details"] == {"reason": "max_output_tokens"}
+
+
+def test_r22_an_answer_without_deltas_still_completes_with_empty_output(bridged, upstream):
+    upstream.handler = answer(chunk({"role": "assistant", "content": ""}))
+    for codex in (False, True):
+        terminal = stream(bridged, {"model": "m", "input": "hi"}, codex=codex)
+        assert terminal["type"] == "response.completed" and terminal["response"]["output"] == []
+    assert post(bridged, {"model": "m", "input": "hi"}).json()["output"] == []
+
+
+OVERFLOW = {"object": "error", "message": "This model's maximum context length is 8192 tokens. However, you "
+            "requested 9000 tokens (8000 in the messages, 1000 in the completion).", "type": "BadRequestError",
+            "param": None, "code": 400}
+
+
+def test_r23_context_overflow_before_the_first_byte_is_a_400_with_its_code(bridged, upstream):
+    upstream.handler = lambda rec: Reply(status=400, body=json.dumps(OVERFLOW).encode())
+    for body in ({"model": "m", "input": "hi"}, {"model": "m", "input": "hi", "stream": True}):
+        response = post(bridged, body)
+        assert response.status_code == 400
+        error = response.json()["error"]
+        assert error["code"] == "context_length_exceeded" and "maximum context length" in error["message"]
+    with pytest.raises(openai.BadRequestError) as raised:
+        sdk(bridged).responses.create(model="m", input="hi")
+    assert raised.value.code == "context_length_exceeded"
+
+
+def test_r23_context_overflow_after_the_stream_started_fails_in_the_stream(bridged, upstream):
+    upstream.handler = lambda rec: Reply(events=sse(chunk({"content": "par"}), {"error": {
+        "message": "prompt is too long for the context window", "type": "invalid_request_error"}}, done=False))
+    codex = stream(bridged, {"model": "m", "input": "hi"}, codex=True)
+    assert codex["type"] == "response.failed"
+    assert codex["response"]["error"]["code"] == "context_length_exceeded"
+    plain = stream(bridged, {"model": "m", "input": "hi"})
+    assert plain["type"] == "error" and plain["code"] == "context_length_exceeded"
+
+
+def test_a_stream_cut_off_upstream_never_ends_cleanly(bridged, upstream):
+    upstream.handler = lambda rec: Reply(events=sse(*TEXT[:3], done=False), drop_after=3)
+    codex = stream(bridged, {"model": "m", "input": "hi"}, codex=True)
+    assert codex["type"] == "response.failed" and codex["response"]["output"][0]["status"] == "incomplete"
+    plain = stream(bridged, {"model": "m", "input": "hi"})
+    assert plain["type"] == "error"
+    upstream.handler = answer(*TEXT)
+    assert post(bridged, {"model": "m", "input": "hi"}).json()["status"] == "completed"
+
+
+def test_r24_unknown_previous_response_id_is_400_and_store_false_is_echoed(bridged, upstream):
+    upstream.handler = answer(*TEXT)
+    response = post(bridged, {"model": "m", "input": "hi", "previous_response_id": "resp_unknown"})
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "previous_response_not_found"
+    assert response.json()["error"]["param"] == "previous_response_id"
+    assert not upstream.requests
+    first = post(bridged, {"model": "m", "input": "hi", "store": False}).json()
+    assert first["store"] is False
+    again = post(bridged, {"model": "m", "input": "more", "previous_response_id": first["id"]})
+    assert again.status_code == 400 and again.json()["error"]["code"] == "previous_response_not_found"
+
+
+def test_r24_previous_response_id_replays_the_stored_turn_as_history(bridged, upstream):
+    upstream.handler = answer(*TEXT)
+    client = sdk(bridged)
+    first = client.responses.create(model="m", instructions="Be terse.", input="hi")
+    second = client.responses.create(model="m", input="and then?", previous_response_id=first.id)
+    assert second.previous_response_id == first.id
+    assert sent(upstream)["messages"] == [{"role": "system", "content": "Be terse."},
+                                          {"role": "user", "content": "hi"},
+                                          {"role": "assistant", "content": "Hello"},
+                                          {"role": "user", "content": "and then?"}]
+    upstream.handler = answer(*PARALLEL)  # a streamed turn that ends in calls: outputs continue it
+    with client.responses.stream(model="m", input="read", previous_response_id=second.id) as events:
+        third = events.get_final_response()
+    upstream.handler = answer(*TEXT)
+    client.responses.create(model="m", previous_response_id=third.id, instructions="New rules.", input=[
+        {"type": "function_call_output", "call_id": "call_1", "output": "A"},
+        {"type": "function_call_output", "call_id": "call_2", "output": "B"}])
+    messages = sent(upstream)["messages"]
+    assert messages[0] == {"role": "system", "content": "New rules."}
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user", "assistant", "user",
+                                             "assistant", "tool", "tool"]
+    assert [c["id"] for c in messages[6]["tool_calls"]] == ["call_1", "call_2"]
+
+
+def test_r25_non_stream_reasoning_and_call_with_echoed_request_fields(bridged, upstream):
+    upstream.handler = answer(chunk({"reasoning_content": "I should list."}),
+                              chunk({"tool_calls": [call(0, "call_z", "shell", "{\"cmd\":[\"ls\"]}")]}),
+                              chunk(finish="tool_calls"), usage(completion_tokens_details={"reasoning_tokens": 4}))
+    tools = [{"type": "function", "name": "shell", "parameters": {"type": "object", "properties": {}}}]
+    result = post(bridged, {"model": "m", "tools": tools, "tool_choice": "auto", "parallel_tool_calls": True,
+                            "input": [{"role": "user", "content": [
+                                {"type": "input_text", "text": "what is this?"},
+                                {"type": "input_image", "image_url": "data:image/png;base64,iVBORw0KGgo=",
+                                 "detail": "original"}]}]}).json()
+    reasoning, fc = result["output"]
+    assert reasoning["type"] == "reasoning" and reasoning["id"].startswith("rs_")
+    assert fc["type"] == "function_call" and fc["id"] == "fc_call_z" and result["status"] == "completed"
+    assert result["tools"] == tools and result["tool_choice"] == "auto" and result["parallel_tool_calls"] is True
+    assert result["usage"]["output_tokens_details"] == {"reasoning_tokens": 4}
+    image = sent(upstream)["messages"][0]["content"][1]
+    assert image == {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo=",
+                                                        "detail": "high"}}
+
+
+def test_forced_provider_folds_the_chat_stream_then_translates(upstream, serve):
+    server = serve(make_app(settings_doc(chat_only(upstream, **{"force-upstream-stream": True}))))
+    upstream.handler = answer(*REASONING_TEXT)
+    result = sdk(server).responses.create(model="m", input="hi")
+    assert sent(upstream)["stream"] is True and sent(upstream)["stream_options"] == {"include_usage": True}
+    assert [o.type for o in result.output] == ["reasoning", "message"] and result.output_text == "Answer"
+    assert result.usage.total_tokens == 17
+
+
+def test_an_upstream_that_answers_json_to_a_stream_request_is_still_streamed(bridged, upstream):
+    completion = fold_chat_chunks(sse(*PARALLEL))
+    upstream.handler = lambda rec: Reply(body=json.dumps(completion).encode())
+    terminal = stream(bridged, {"model": "m", "input": "read"})
+    assert [o["call_id"] for o in terminal["response"]["output"]] == ["call_1", "call_2"]
+
+
+def test_native_responses_providers_still_get_the_request_as_is(upstream, serve):
+    server = serve(make_app(settings_doc(provider(upstream))))  # default native-apis include responses
+    native = {"id": "resp_up", "object": "response", "status": "completed", "output": [], "model": "upstream-model"}
+    upstream.handler = lambda rec: Reply(body=json.dumps(native).encode())
+    result = post(server, {"model": "m", "input": "hi", "previous_response_id": "resp_native_only"}).json()
+    assert result["id"] == "resp_up" and upstream.requests[0].path == "/v1/responses"
+    assert upstream.requests[0].body["previous_response_id"] == "resp_native_only"
