@@ -14,8 +14,6 @@ and ``current_app`` before a stream's generator runs.
 from __future__ import annotations
 
 import logging
-import threading
-import time
 
 import orjson
 from flask import Blueprint, Response, current_app, g, request
@@ -56,7 +54,7 @@ def create_response() -> Response:
     stream = bool(stream)
     targets = runtime.router.resolve(model)
     # limits: admit(model) here
-    store = _state()
+    store = current_app.extensions["streamfold.state"]
     bridge = None
     if any(not _native(t) for t in targets):
         history = None
@@ -177,10 +175,7 @@ class _Bridge:
         state, ttl = self.keep
         record = {"system": self.prepared.system,
                   "messages": [*self.prepared.messages, translate.assistant_message(*parts)]}
-        try:
-            state.put_blob(STORE_NAMESPACE, self.ctx.id, orjson.dumps(record), float(ttl))
-        except Exception as exc:  # noqa: BLE001 - the answer still goes out; only continuation is lost
-            log.warning("could not store response %s: %s", self.ctx.id, type(exc).__name__)
+        state.put_blob(STORE_NAMESPACE, self.ctx.id, orjson.dumps(record), float(ttl))  # never raises
 
 
 def _upstream_error(outcome: Outcome) -> Outcome:
@@ -216,26 +211,3 @@ def _is_codex(headers) -> bool:
     """Codex CLI/TUI/exec/IDE clients: ``originator: codex_cli_rs`` and friends, or their User-Agent."""
     return (headers.get("originator", "").lower().startswith("codex")
             or headers.get("User-Agent", "").lower().startswith("codex"))
-
-
-# -- stand-in state store until proxy/state lands (same API); removed then ----------------------
-class _MemoryStore:
-    def __init__(self) -> None:
-        self._data: dict[tuple[str, str], tuple[bytes, float]] = {}
-        self._lock = threading.Lock()
-
-    def put_blob(self, namespace: str, key: str, value: bytes, ttl: float) -> None:
-        with self._lock:
-            self._data[(namespace, key)] = (value, time.monotonic() + ttl)
-
-    def get_blob(self, namespace: str, key: str) -> bytes | None:
-        with self._lock:
-            entry = self._data.get((namespace, key))
-        return entry[0] if entry and entry[1] > time.monotonic() else None
-
-
-def _state():
-    extensions = current_app.extensions
-    if "streamfold.state" not in extensions:
-        extensions["streamfold.state"] = _MemoryStore()
-    return extensions["streamfold.state"]
