@@ -11,9 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from proxy.fold.chat import fold_chat_chunks
-from proxy.translate.chat_stream import iter_chat_chunks
 from proxy.translate.responses.response import from_completion, new_context
-from proxy.translate.responses.stream import ResponsesStream, translate_stream
+from proxy.translate.responses.stream import ResponsesStream, chunk_batches, translate_stream
 from proxy.translate.responses.toolmap import ToolMap
 from tests import responses_invariants
 from tests.chat_streams import chat_streams
@@ -21,7 +20,7 @@ from tests.chat_streams import chat_streams
 
 def translate(reads: list[bytes], toolmap: ToolMap, codex: bool):
     ctx = new_context({"model": "m"}, toolmap)
-    return ctx, b"".join(translate_stream(ResponsesStream(ctx, codex), iter_chat_chunks(reads, 1 << 20)))
+    return ctx, b"".join(translate_stream(ResponsesStream(ctx, codex), chunk_batches(reads, 1 << 20)))
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

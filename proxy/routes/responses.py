@@ -24,10 +24,10 @@ from ..executor import Call, Outcome, Plan, client_headers, execute
 from ..fold import fold_chat_chunks
 from ..relay import SSE_HEADERS, to_response, with_keepalive
 from ..routing import Target
-from ..translate.chat_stream import DONE, iter_chat_chunks
+from ..translate.chat_stream import DONE
 from ..translate.responses import request as translate
 from ..translate.responses import response as reply
-from ..translate.responses.stream import ResponsesStream, translate_stream
+from ..translate.responses.stream import ResponsesStream, chunk_batches, translate_stream
 from .common import authenticate, end_logger, holder, loggable, read_json_body
 from .openai import RESPONSES
 
@@ -141,7 +141,7 @@ class _Bridge:
         translator = ResponsesStream(self.ctx, self.codex)
         metrics.ACTIVE_STREAMS.inc()
         try:
-            yield from translate_stream(translator, self._chunks(outcome), self._save_streamed)
+            yield from translate_stream(translator, self._batches(outcome), self._save_streamed)
             result = "complete" if translator.error is None else f"upstream failed mid-stream: {translator.error}"
         except Exception as exc:  # noqa: BLE001 - the client still gets a terminal event
             log.error("responses bridge failed: %s", type(exc).__name__, exc_info=exc)
@@ -159,15 +159,14 @@ class _Bridge:
         if translator.error is None:
             self._save(translator.history_parts())
 
-    def _chunks(self, outcome: Outcome):
+    def _batches(self, outcome: Outcome):
         first = outcome.first.lstrip()
         if first.startswith(b"{") and "json" in outcome.content_type:
             # an upstream that ignores stream: true and answers JSON: one chunk, then the end
             body = upstream.read_body(outcome.stream, outcome.first, self.max_bytes)
-            yield reply.completion_as_chunk(_completion(body))
-            yield DONE
+            yield [reply.completion_as_chunk(_completion(body)), DONE]
             return
-        yield from iter_chat_chunks(upstream.read_chunks(outcome.stream, outcome.first), self.max_bytes)
+        yield from chunk_batches(upstream.read_chunks(outcome.stream, outcome.first), self.max_bytes)
 
     def _save(self, parts: tuple[str, str, list]) -> None:
         if self.keep is None:

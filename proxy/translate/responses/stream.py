@@ -22,14 +22,25 @@ from typing import Callable, Iterable, Iterator
 
 import orjson
 
-from ...errors import ProxyError
-from ..chat_stream import DONE, ChatStream, ToolCall
+from ...errors import ProxyError, StreamError
+from ..chat_stream import DONE, ChatStream, ToolCall, iter_chat_chunks
 from .response import Context, call_item, envelope, message_item, overflow, reasoning_item, status_of, usage_of
+
+
+def _prefix(kind: str) -> bytes:
+    return b'event: %s\ndata: {"type":"%s","sequence_number":' % (kind.encode(), kind.encode())
+
+
+_TEXT_DELTA = _prefix("response.output_text.delta")
+_SUMMARY_DELTA = _prefix("response.reasoning_summary_text.delta")
+_ARGS_DELTA = _prefix("response.function_call_arguments.delta")
+_TEXT_TAIL = b',"logprobs":[]}\n\n'
+_TAIL = b"}\n\n"
 
 
 class ResponsesStream:
     __slots__ = ("ctx", "codex", "seq", "items", "kind", "open_index", "open_id", "parts", "tools",
-                 "calls", "texts", "reasonings", "finish", "usage", "final", "error")
+                 "middle", "calls", "texts", "reasonings", "finish", "usage", "final", "error")
 
     def __init__(self, ctx: Context, codex: bool = False) -> None:
         self.ctx = ctx
@@ -40,7 +51,8 @@ class ResponsesStream:
         self.open_index = 0
         self.open_id = ""
         self.parts: list[str] = []             # the open reasoning/message item's text so far
-        self.tools: dict[int, tuple[ToolCall, int, bool]] = {}  # open calls: id(call) -> (call, index, custom)
+        self.middle = b""                      # its delta events' bytes between sequence_number and delta
+        self.tools: dict[int, tuple] = {}      # open calls: id(call) -> (call, index, custom, delta middle)
         self.calls: list[ToolCall] = []        # every call started, in order
         self.texts: list[str] = []             # all text and reasoning, for the stored history
         self.reasonings: list[str] = []
@@ -50,6 +62,12 @@ class ResponsesStream:
         self.error: str | None = None          # why the stream failed, once it has
 
     # -- framing ----------------------------------------------------------------------
+    def _delta(self, out: list[bytes], prefix: bytes, middle: bytes, text: str, tail: bytes) -> None:
+        # The per-token events are written from pre-built pieces: a dict and a full dumps per token
+        # was most of the bridge's CPU cost (bench/run.py, "bridged /v1/responses ... CPU").
+        out.append(b"%s%d%s%s%s" % (prefix, self.seq, middle, orjson.dumps(text), tail))
+        self.seq += 1
+
     def _event(self, out: list[bytes], kind: str, payload: dict) -> None:
         payload = {"type": kind, "sequence_number": self.seq, **payload}
         self.seq += 1
@@ -66,6 +84,16 @@ class ResponsesStream:
     def feed(self, events: list[tuple]) -> bytes:
         """The Responses events for some ``ChatStream`` events."""
         out: list[bytes] = []
+        self.feed_into(out, events)
+        return b"".join(out)
+
+    def text(self, out: list[bytes], text: str) -> None:
+        """One text delta into the open message (``translate_stream``'s shortcut for plain text chunks)."""
+        self.parts.append(text)
+        self.texts.append(text)
+        self._delta(out, _TEXT_DELTA, self.middle, text, _TEXT_TAIL)
+
+    def feed_into(self, out: list[bytes], events: list[tuple]) -> None:
         for event in events:
             kind = event[0]
             if kind == "text":
@@ -73,23 +101,17 @@ class ResponsesStream:
                     self._open(out, "message")
                 self.parts.append(event[1])
                 self.texts.append(event[1])
-                self._event(out, "response.output_text.delta",
-                            {"item_id": self.open_id, "output_index": self.open_index, "content_index": 0,
-                             "delta": event[1], "logprobs": []})
+                self._delta(out, _TEXT_DELTA, self.middle, event[1], _TEXT_TAIL)
             elif kind == "reasoning":
                 if self.kind != "reasoning":
                     self._open(out, "reasoning")
                 self.parts.append(event[1])
                 self.reasonings.append(event[1])
-                self._event(out, "response.reasoning_summary_text.delta",
-                            {"item_id": self.open_id, "output_index": self.open_index, "summary_index": 0,
-                             "delta": event[1]})
+                self._delta(out, _SUMMARY_DELTA, self.middle, event[1], _TAIL)
             elif kind == "tool_args":
-                call = event[1]
-                _, index, custom = self.tools[id(call)]
+                _, _, custom, middle = self.tools[id(event[1])]
                 if not custom:  # a custom call's input is sent whole at the end (it is unwrapped from JSON)
-                    self._event(out, "response.function_call_arguments.delta",
-                                {"item_id": "fc_" + call.id, "output_index": index, "delta": event[2]})
+                    self._delta(out, _ARGS_DELTA, middle, event[2], _TAIL)
             elif kind == "tool_start":
                 self._start_tool(out, event[1])
             elif kind == "finish":
@@ -97,7 +119,6 @@ class ResponsesStream:
                 self._close_all(out, status_of(self.finish)[0])
             elif kind == "usage":
                 self.usage = event[1]
-        return b"".join(out)
 
     def close(self, events: list[tuple], ended_early: bool) -> bytes:
         """The last events: ``events`` from ``ChatStream.close``, then the terminal event."""
@@ -147,6 +168,8 @@ class ResponsesStream:
         count = sum(1 for item in self.items if item is not None and item["type"] == kind)
         item_id = ("rs_" if kind == "reasoning" else "msg_") + self.ctx.suffix + (f"_{count}" if count else "")
         self.kind, self.open_index, self.open_id, self.parts = kind, index, item_id, []
+        self.middle = b',"item_id":"%s","output_index":%d,"%s":0,"delta":' % (
+            item_id.encode(), index, b"content_index" if kind == "message" else b"summary_index")
         if kind == "message":
             self._event(out, "response.output_item.added", {"output_index": index, "item": {
                 "id": item_id, "type": "message", "status": "in_progress", "role": "assistant", "content": []}})
@@ -193,13 +216,14 @@ class ResponsesStream:
             probe["input"] = ""
         else:
             probe["arguments"] = ""
-        self.tools[id(call)] = (call, index, custom)
+        middle = b',"item_id":%s,"output_index":%d,"delta":' % (orjson.dumps(probe["id"]), index)
+        self.tools[id(call)] = (call, index, custom, middle)
         self.calls.append(call)
         self._event(out, "response.output_item.added", {"output_index": index, "item": probe})
 
     def _close_all(self, out: list[bytes], status: str) -> None:
         self._close_open(out, status)
-        for call, index, custom in sorted(self.tools.values(), key=lambda entry: entry[1]):
+        for call, index, custom, _ in sorted(self.tools.values(), key=lambda entry: entry[1]):
             item = call_item(self.ctx, call.id, call.name, call.arguments, status)
             item_id = item["id"]
             if custom:
@@ -220,9 +244,74 @@ class ResponsesStream:
         self.tools.clear()
 
 
-def translate_stream(translator: ResponsesStream, chunks: Iterable[dict | str],
+def chunk_batches(reads: Iterable[bytes], max_bytes: int) -> Iterator[list]:
+    """``iter_chat_chunks`` output grouped per upstream read, so each read becomes one client write.
+
+    The chat relay writes once per upstream read; writing once per event made
+    the bridge several times as costly (a write per token through gunicorn).
+    Each read is cut after its last complete event (a blank line) and the
+    complete part decoded at once; the rest waits for the next read.
+    """
+    carry = b""
+    for data in reads:
+        buf = carry + data if carry else data
+        cut = _events_end(buf)
+        if not cut:
+            carry = buf
+            if len(carry) > max_bytes:
+                raise StreamError(f"one upstream event exceeds max-aggregate-bytes ({max_bytes} bytes)",
+                                  code="aggregate_too_large")
+            continue
+        carry = buf[cut:]
+        batch = yield from _decoded(buf[:cut], max_bytes)
+        if batch and batch[-1] == DONE:
+            return
+    if carry.strip():
+        yield from _decoded(carry, max_bytes)
+
+
+def _events_end(data: bytes) -> int:
+    """Where the last complete event of ``data`` ends (just after a blank line), 0 if none has."""
+    end = 0
+    for separator in (b"\n\n", b"\r\n\r\n", b"\r\r", b"\n\r\n"):
+        at = data.rfind(separator)
+        if at >= 0 and at + len(separator) > end:
+            end = at + len(separator)
+    return end
+
+
+def _decoded(data: bytes, max_bytes: int):
+    batch: list = []
+    try:
+        for chunk in iter_chat_chunks((data,), max_bytes):
+            batch.append(chunk)
+    except ProxyError:
+        if batch:
+            yield batch  # what came before an in-stream error is still the client's
+        raise
+    if batch:
+        yield batch
+    return batch
+
+
+def _plain_text(chunk: dict) -> str | None:
+    """The text of a chunk that carries one non-empty text delta of choice 0 and nothing else, else None."""
+    choices = chunk.get("choices")
+    if type(choices) is not list or len(choices) != 1 or chunk.get("usage") is not None:
+        return None
+    choice = choices[0]
+    if type(choice) is not dict or choice.get("finish_reason") or choice.get("index", 0) != 0:
+        return None
+    delta = choice.get("delta")
+    if type(delta) is not dict or len(delta) != 1:
+        return None
+    text = delta.get("content")
+    return text if type(text) is str and text else None
+
+
+def translate_stream(translator: ResponsesStream, batches: Iterable[list],
                      before_end: Callable[[ResponsesStream], None] | None = None) -> Iterator[bytes]:
-    """All the events for ``iter_chat_chunks`` output; an upstream error becomes the terminal event.
+    """All the events for ``chunk_batches`` output, one bytes per batch; an upstream error ends it.
 
     ``before_end`` runs once the terminal object is known and before the
     terminal event goes out (the route stores the answer there, so a client
@@ -230,15 +319,27 @@ def translate_stream(translator: ResponsesStream, chunks: Iterable[dict | str],
     """
     yield translator.start()
     chat = ChatStream()
+    feed, chat_feed, text = translator.feed_into, chat.feed, translator.text
     try:
         done = False
-        for chunk in chunks:
-            if chunk == DONE:
-                done = True
+        for batch in batches:
+            out: list[bytes] = []
+            for chunk in batch:
+                if chunk == DONE:
+                    done = True
+                    break
+                # Most chunks are one text delta: those skip ChatStream (they change nothing in it once its
+                # meta is known) and the event tuples; about half the bridge's per-token CPU.
+                if translator.kind == "message" and len(chat.meta) == 3:
+                    plain = _plain_text(chunk)
+                    if plain is not None:
+                        text(out, plain)
+                        continue
+                feed(out, chat_feed(chunk))
+            if out:
+                yield b"".join(out)
+            if done:
                 break
-            data = translator.feed(chat.feed(chunk))
-            if data:
-                yield data
         ending = translator.close(chat.close(done), chat.ended_early)
     except ProxyError as exc:
         ending = translator.fail(exc.message, exc.code)
