@@ -6,6 +6,7 @@ tests/responses_invariants.check.
 from __future__ import annotations
 
 import json
+import time
 
 import openai
 import pytest
@@ -516,3 +517,34 @@ def test_native_responses_providers_still_get_the_request_as_is(upstream, serve)
     result = post(server, {"model": "m", "input": "hi", "previous_response_id": "resp_native_only"}).json()
     assert result["id"] == "resp_up" and upstream.requests[0].path == "/v1/responses"
     assert upstream.requests[0].body["previous_response_id"] == "resp_native_only"
+
+
+def test_bridged_events_go_out_as_the_upstream_sends_them_not_at_the_end(bridged, upstream):
+    chunks = [chunk({"content": f"w{i} "}) for i in range(6)] + [chunk(finish="stop")]
+    upstream.handler = lambda rec: Reply(events=sse(*chunks), delays={3: 30.0})  # a long pause after 3 events
+    with requests.post(bridged.url + "/v1/responses", json={"model": "m", "input": "hi", "stream": True},
+                       headers=AUTH, stream=True, timeout=10) as response:
+        deltas = []
+        for line in response.iter_lines():
+            if b'"response.output_text.delta"' in line:
+                deltas.append(line)
+                if len(deltas) == 3:
+                    break
+        assert upstream.requests[0].events_sent == 3  # the rest is still held back upstream
+        assert b"w2 " in deltas[2]
+
+
+def test_client_disconnect_closes_the_bridged_upstream_connection(bridged, upstream):
+    chunks = [chunk({"content": f"w{i} "}) for i in range(100)] + [chunk(finish="stop")]
+    upstream.handler = lambda rec: Reply(events=sse(*chunks), delay=0.05)
+    with requests.post(bridged.url + "/v1/responses", json={"model": "m", "input": "hi", "stream": True},
+                       headers=AUTH, stream=True, timeout=10) as response:
+        for line in response.iter_lines():
+            if b'"response.output_text.delta"' in line:
+                break
+    rec = upstream.requests[0]
+    for _ in range(100):
+        if rec.disconnected_at is not None:
+            break
+        time.sleep(0.02)
+    assert rec.disconnected_at is not None and rec.events_sent < 60
