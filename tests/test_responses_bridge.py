@@ -548,3 +548,15 @@ def test_client_disconnect_closes_the_bridged_upstream_connection(bridged, upstr
             break
         time.sleep(0.02)
     assert rec.disconnected_at is not None and rec.events_sent < 60
+
+
+def test_a_stored_response_cannot_be_continued_with_another_client_key(upstream, serve):
+    doc = settings_doc(chat_only(upstream), **{"api-keys": [{"key": CLIENT_KEY, "name": "team-a"},
+                                                            {"key": "sk-client-other-0002", "name": "team-b"}]})
+    server = serve(make_app(doc))
+    upstream.handler = answer(*TEXT)
+    first = post(server, {"model": "m", "input": "secret plan"}).json()
+    other = requests.post(server.url + "/v1/responses", timeout=10, headers={"x-api-key": "sk-client-other-0002"},
+                          json={"model": "m", "input": "more", "previous_response_id": first["id"]})
+    assert other.status_code == 400 and other.json()["error"]["code"] == "previous_response_not_found"
+    assert post(server, {"model": "m", "input": "more", "previous_response_id": first["id"]}).status_code == 200

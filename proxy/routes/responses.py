@@ -62,7 +62,7 @@ def create_response() -> Response:
         if previous is not None:
             if not isinstance(previous, str) or not previous:
                 raise BadRequest("previous_response_id must be a non-empty string", param="previous_response_id")
-            raw = store.get_blob(STORE_NAMESPACE, previous)
+            raw = store.get_blob(STORE_NAMESPACE, _store_key(g.log["client"], previous))
             if raw is None and all(not _native(t) for t in targets):
                 raise BadRequest(f"Previous response with id '{loggable(previous)}' not found.",
                                  code="previous_response_not_found", param="previous_response_id")
@@ -72,7 +72,7 @@ def create_response() -> Response:
                 history = orjson.loads(raw)
         prepared = translate.prepare(body, history)
         ctx = reply.new_context(body, prepared.toolmap)
-        keep = None if body.get("store") is False else (store, settings.responses_store_ttl)
+        keep = None if body.get("store") is False else (store, settings.responses_store_ttl, g.log["client"])
         bridge = _Bridge(prepared, ctx, keep, stream, _is_codex(request.headers), settings.max_aggregate_bytes)
 
     def adapt(target: Target) -> Plan:
@@ -171,10 +171,10 @@ class _Bridge:
     def _save(self, parts: tuple[str, str, list]) -> None:
         if self.keep is None:
             return
-        state, ttl = self.keep
+        state, ttl, client = self.keep
         record = {"system": self.prepared.system,
                   "messages": [*self.prepared.messages, translate.assistant_message(*parts)]}
-        state.put_blob(STORE_NAMESPACE, self.ctx.id, orjson.dumps(record), float(ttl))  # never raises
+        state.put_blob(STORE_NAMESPACE, _store_key(client, self.ctx.id), orjson.dumps(record), float(ttl))
 
 
 def _upstream_error(outcome: Outcome) -> Outcome:
@@ -200,6 +200,11 @@ def _completion(body: bytes) -> dict:
     if not isinstance(completion, dict):
         raise StreamError("upstream answered 200 with a body that is not a JSON object", code="upstream_bad_answer")
     return completion
+
+
+def _store_key(client: str, response_id: str) -> str:
+    # Per client key: another client that learns a response id cannot read that conversation.
+    return f"{client}/{response_id}"
 
 
 def _native(target: Target) -> bool:
