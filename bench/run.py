@@ -267,17 +267,15 @@ def responses_rows(via: str, proxy_pid: int, seconds: float, repeat: int) -> lis
     """
     responses = via.replace("/chat/completions", "/responses")
     wrk(responses, "bench-bridge", 8, 1, stream=True, template=RESPONSES_BODY)  # warm-up
-    rows, cpu = [], {}
-    for name, url, model, template in (("chat", via, "bench-stream", BODY),
-                                       ("bridge", responses, "bench-bridge", RESPONSES_BODY)):
-        runs = []
-        for _ in range(repeat):
+    rows, runs = [], {"chat": [], "bridge": []}
+    for _ in range(repeat):  # interleaved, so a change in the machine's load hits both alike
+        for name, url, model, template in (("chat", via, "bench-stream", BODY),
+                                           ("bridge", responses, "bench-bridge", RESPONSES_BODY)):
             before = worker_cpu_seconds(proxy_pid)
             result = wrk_once(url, model, 8, seconds, True, template)
             result["cpu_ms"] = (worker_cpu_seconds(proxy_pid) - before) * 1000 / max(1, result["requests"])
-            runs.append(result)
-        runs.sort(key=lambda r: r["cpu_ms"])
-        cpu[name] = runs[len(runs) // 2]
+            runs[name].append(result)
+    cpu = {name: sorted(found, key=lambda r: r["cpu_ms"])[len(found) // 2] for name, found in runs.items()}
     bridge, chat = cpu["bridge"], cpu["chat"]
     rows.append(row("bridged /v1/responses stream, 200 events, c8", bridge["rps"], chat["rps"], "req/s (vs chat)",
                     bridge["errors"]))

@@ -63,13 +63,12 @@ def create_response() -> Response:
             if not isinstance(previous, str) or not previous:
                 raise BadRequest("previous_response_id must be a non-empty string", param="previous_response_id")
             raw = store.get_blob(STORE_NAMESPACE, _store_key(g.log["client"], previous))
-            if raw is None and all(not _native(t) for t in targets):
+            history = _history(raw)
+            if history is None and all(not _native(t) for t in targets):
                 raise BadRequest(f"Previous response with id '{loggable(previous)}' not found.",
                                  code="previous_response_not_found", param="previous_response_id")
-            if raw is None:  # the id can only have come from a provider that serves /responses itself
+            if history is None:  # the id can only have come from a provider that serves /responses itself
                 targets = tuple(t for t in targets if _native(t))
-            else:
-                history = orjson.loads(raw)
         prepared = translate.prepare(body, history)
         ctx = reply.new_context(body, prepared.toolmap)
         keep = None if body.get("store") is False else (store, settings.responses_store_ttl, g.log["client"])
@@ -200,6 +199,17 @@ def _completion(body: bytes) -> dict:
     if not isinstance(completion, dict):
         raise StreamError("upstream answered 200 with a body that is not a JSON object", code="upstream_bad_answer")
     return completion
+
+
+def _history(raw: bytes | None) -> dict | None:
+    """A stored turn, or None (absent, expired, or unreadable: a damaged record is "not found", never a 500)."""
+    if raw is None:
+        return None
+    try:
+        record = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("messages"), list) else None
 
 
 def _store_key(client: str, response_id: str) -> str:
