@@ -11,8 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from proxy.fold.chat import fold_chat_chunks
+from proxy.translate.responses.pipeline import chunk_batches, translate_stream
 from proxy.translate.responses.response import from_completion, new_context
-from proxy.translate.responses.stream import ResponsesStream, chunk_batches, translate_stream
+from proxy.translate.responses.stream import ResponsesStream
 from proxy.translate.responses.toolmap import ToolMap
 from tests import responses_invariants
 from tests.chat_streams import chat_streams

@@ -27,7 +27,8 @@ from ..routing import Target
 from ..translate.chat_stream import DONE
 from ..translate.responses import request as translate
 from ..translate.responses import response as reply
-from ..translate.responses.stream import ResponsesStream, chunk_batches, translate_stream
+from ..translate.responses.pipeline import chunk_batches, translate_stream
+from ..translate.responses.stream import ResponsesStream
 from .common import authenticate, end_logger, holder, loggable, read_json_body
 from .openai import RESPONSES
 

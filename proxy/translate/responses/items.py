@@ -158,9 +158,11 @@ def read_items(value: Any, turn: Turn) -> list:
         if not isinstance(item, dict):
             raise BadRequest(f"{where} must be an object", param=where)
         kind = item.get("type", "message" if "role" in item else None)
+        if not isinstance(kind, str):
+            raise BadRequest(f"{where} needs a string `type`", param=f"{where}.type")
         if kind == "message":
             role = item.get("role")
-            if role not in ROLES:
+            if not isinstance(role, str) or role not in ROLES:
                 raise BadRequest(f"{where}.role must be one of user, assistant, system, developer",
                                  param=f"{where}.role")
             turn.message(role, _content(item.get("content"), f"{where}.content", role))
@@ -168,7 +170,10 @@ def read_items(value: Any, turn: Turn) -> list:
             turn.add_reasoning(_reasoning_text(item))
         elif kind in ("function_call", "custom_tool_call"):
             call_id = _string(item, "call_id", where)
-            name = toolmap.upstream(_string(item, "name", where), item.get("namespace"))
+            namespace = item.get("namespace")
+            if namespace is not None and not isinstance(namespace, str):
+                raise BadRequest(f"{where}.namespace must be a string", param=f"{where}.namespace")
+            name = toolmap.upstream(_string(item, "name", where), namespace)
             if kind == "custom_tool_call":
                 raw = item.get("input")
                 arguments = orjson.dumps({"input": raw if isinstance(raw, str) else ""}).decode()
@@ -184,8 +189,8 @@ def read_items(value: Any, turn: Turn) -> list:
                 raise BadRequest(f"{where}.tools must be an array", param=f"{where}.tools")
             extra_tools += tools
         elif kind not in DROPPED_ITEMS:
-            raise BadRequest(f"{where}.type {kind!r} is not a supported input item type"
-                             if isinstance(kind, str) else f"{where} needs a `type`", param=f"{where}.type")
+            raise BadRequest(f"{where}.type {loggable_type(kind)} is not a supported input item type",
+                             param=f"{where}.type")
     return extra_tools
 
 
@@ -198,6 +203,8 @@ def _content(content: Any, where: str, role: str) -> str | list:
     parts: list[dict] = []
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
+        if not isinstance(kind, str):
+            raise BadRequest(f"{where}[{j}] must be an object with a string `type`", param=f"{where}[{j}].type")
         if kind in TEXT_PARTS:
             text = part.get("text", part.get("refusal"))
             if not isinstance(text, str):
@@ -213,12 +220,16 @@ def _content(content: Any, where: str, role: str) -> str | list:
                     image["detail"] = "high" if detail == "original" else detail  # chat has no "original"
                 parts.append({"type": "image_url", "image_url": image})
         elif kind not in DROPPED_PARTS:
-            raise BadRequest(f"{where}[{j}].type {kind!r} is not a supported content part"
-                             if isinstance(kind, str) else f"{where}[{j}] must be an object with a `type`",
+            raise BadRequest(f"{where}[{j}].type {loggable_type(kind)} is not a supported content part",
                              param=f"{where}[{j}].type")
     if len(parts) == len(texts):
         return "\n".join(texts)  # a plain string: many chat templates concatenate content as text
     return parts
+
+
+def loggable_type(kind: str) -> str:
+    """A client's type name quoted for an error message, bounded (it is echoed back, never logged)."""
+    return repr(kind[:64] + ("..." if len(kind) > 64 else ""))
 
 
 def _reasoning_text(item: dict) -> str:

@@ -23,12 +23,6 @@ from ...errors import BadRequest
 from .items import Turn, read_items
 from .toolmap import ToolMap
 
-# Built-in Responses tools a chat server cannot run: dropped, the request still succeeds.
-BUILTIN_TOOLS = frozenset((
-    "web_search", "web_search_preview", "web_search_preview_2025_03_11", "local_shell", "image_generation",
-    "tool_search", "computer_use", "computer_use_preview", "file_search", "code_interpreter", "mcp", "shell",
-    "apply_patch",
-))
 SIMPLE_PARAMS = ("temperature", "top_p", "user")
 FREEFORM_NOTE = "Pass the whole freeform text as the string parameter `input`."
 
@@ -154,8 +148,9 @@ def _tools(tools: Any, toolmap: ToolMap, param: str) -> list[dict]:
             continue
         if kind in ("function", "custom"):
             out.append(_function(tool, toolmap, where))
-        # Anything else is a built-in (BUILTIN_TOOLS) or a newer one: a chat server could not run it
-        # and llama.cpp rejects the request over it ("'type' of tool must be 'function'").
+        # Anything else is a built-in tool (web_search, local_shell, image_generation, tool_search, file_search,
+        # code_interpreter, computer_use, mcp, shell, apply_patch) or a newer one: a chat server cannot run it,
+        # and llama.cpp rejects the whole request over it ("'type' of tool must be 'function'"). Dropped.
     return out
 
 
@@ -213,8 +208,9 @@ def _tool_choice(choice: Any, toolmap: ToolMap) -> Any:
     if isinstance(choice, dict):
         kind = choice.get("type")
         if kind in ("function", "custom") and isinstance(choice.get("name"), str):
-            return {"type": "function", "function": {"name": toolmap.upstream(choice["name"],
-                                                                              choice.get("namespace"))}}
+            namespace = choice.get("namespace")
+            namespace = namespace if isinstance(namespace, str) else None
+            return {"type": "function", "function": {"name": toolmap.upstream(choice["name"], namespace)}}
         if kind in ("tool", "any"):
             return "required"
         if kind == "allowed_tools":

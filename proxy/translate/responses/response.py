@@ -47,8 +47,7 @@ class Context:
 
 
 def new_context(body: dict, toolmap: ToolMap) -> Context:
-    echo = {key: body.get(key, default) if body.get(key) is not None else default
-            for key, default in ECHO_DEFAULTS.items()}
+    echo = {key: default if body.get(key) is None else body[key] for key, default in ECHO_DEFAULTS.items()}
     return Context(f"resp_{os.urandom(16).hex()}", int(time.time()), body["model"], echo, toolmap)
 
 
