@@ -33,10 +33,8 @@ def test_stream_translation_keeps_invariants_and_ends_with_the_folded_translatio
         kind = data.draw(st.sampled_from(["function", "custom", "namespace"]))
         if kind == "custom":
             toolmap.custom.add(call["name"])
-        elif kind == "namespace" and "__" in call["name"]:
-            space, _, name = call["name"].partition("__")
-            if space and name:
-                toolmap.upstream(name, space)
+        elif kind == "namespace":  # as if the client declared namespace "mcp" holding this function
+            toolmap.spaces[call["name"]] = ("mcp", call["name"])
     codex = data.draw(st.booleans())
     ctx, raw = translate(reads, toolmap, codex)
     terminal = responses_invariants.check(raw, codex=codex)
@@ -49,6 +47,8 @@ def test_stream_translation_keeps_invariants_and_ends_with_the_folded_translatio
         assert terminal["type"] == "response.completed" and expected["status"] == "completed"
     custom = [item for item in expected["output"] if item["type"] == "custom_tool_call"]
     assert len(custom) == sum(1 for c in parts["calls"] if c["name"] in toolmap.custom)
+    spaced = [item for item in expected["output"] if item.get("namespace") == "mcp"]
+    assert len(spaced) == sum(1 for c in parts["calls"] if c["name"] in toolmap.spaces)
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
