@@ -560,3 +560,16 @@ def test_a_stored_response_cannot_be_continued_with_another_client_key(upstream,
                           json={"model": "m", "input": "more", "previous_response_id": first["id"]})
     assert other.status_code == 400 and other.json()["error"]["code"] == "previous_response_not_found"
     assert post(server, {"model": "m", "input": "more", "previous_response_id": first["id"]}).status_code == 200
+
+
+def test_a_tool_name_over_64_chars_is_shortened_upstream_and_restored_in_the_answer(bridged, upstream):
+    long_name = "mcp__" + "really_long_tool_name_" * 3 + "x" * 10
+    tool = {"type": "function", "name": long_name, "parameters": {"type": "object", "properties": {}}}
+    upstream.handler = answer(*TEXT)
+    post(bridged, {"model": "m", "input": "go", "tools": [tool]})
+    short = sent(upstream)["tools"][0]["function"]["name"]
+    assert len(long_name) > 64 >= len(short) and short.startswith(long_name[:55])
+    upstream.handler = answer(chunk({"tool_calls": [call(0, "call_l", short, "{}")]}), chunk(finish="tool_calls"))
+    assert post(bridged, {"model": "m", "input": "go", "tools": [tool]}).json()["output"][0]["name"] == long_name
+    terminal = stream(bridged, {"model": "m", "input": "go", "tools": [tool]})
+    assert terminal["response"]["output"][0]["name"] == long_name
