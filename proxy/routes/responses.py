@@ -73,7 +73,7 @@ def create_response() -> Response:
         prepared = translate.prepare(body, history)
         ctx = reply.new_context(body, prepared.toolmap)
         keep = None if body.get("store") is False else (store, settings.responses_store_ttl, g.log["client"])
-        bridge = _Bridge(prepared, ctx, keep, stream, _is_codex(request.headers), settings.max_aggregate_bytes)
+        bridge = _Bridge(prepared, ctx, keep, _is_codex(request.headers), settings.max_aggregate_bytes)
 
     def adapt(target: Target) -> Plan:
         if _native(target):
@@ -117,10 +117,10 @@ def create_response() -> Response:
 class _Bridge:
     """One bridged request: its translation, and what to do with the chat answer."""
 
-    def __init__(self, prepared: translate.Prepared, ctx: reply.Context, keep: tuple | None, stream: bool,
-                 codex: bool, max_bytes: int) -> None:
-        self.prepared, self.ctx, self.keep = prepared, ctx, keep
-        self.stream, self.codex, self.max_bytes = stream, codex, max_bytes
+    def __init__(self, prepared: translate.Prepared, ctx: reply.Context, keep: tuple | None, codex: bool,
+                 max_bytes: int) -> None:
+        self.prepared, self.ctx, self.keep = prepared, ctx, keep  # keep: (store, ttl, client) or None
+        self.codex, self.max_bytes = codex, max_bytes
 
     def answer(self, outcome: Outcome, usage: dict) -> Outcome:
         """A JSON chat answer (or an error) as the Responses client must get it."""
