@@ -62,8 +62,21 @@ def bridged(upstream, serve):
     return serve(make_app(settings_doc(chat_only(upstream))))
 
 
+_clients: list[openai.OpenAI] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_sdk_clients():
+    """SDK clients hold pooled sockets; close them, or their garbage collection warns (and fails the run)."""
+    yield
+    while _clients:
+        _clients.pop().close()
+
+
 def sdk(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key=CLIENT_KEY, max_retries=0, timeout=10)
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=CLIENT_KEY, max_retries=0, timeout=10)
+    _clients.append(client)
+    return client
 
 
 def post(server, body: dict, headers: dict | None = None) -> requests.Response:

@@ -13,13 +13,15 @@ from tests import responses_invariants
 from tests.conftest import CLIENT_KEY, settings_doc
 from tests.gunicorn_util import Gunicorn, write_settings
 from tests.redis_util import RedisServer
-from tests.test_responses_bridge import (
+from tests.test_responses_bridge import (  # noqa: F401 - closes this module's clients
     APPLY_PATCH,
     PARALLEL,
     PATCH,
     PATCH_CALL,
     REASONING_TEXT,
     TEXT,
+    _clients,
+    _close_sdk_clients,
     answer,
     chat_only,
     chunk,
@@ -68,8 +70,10 @@ def deployed(chat_upstream, tmp_path_factory):
 
 def sdk(server, codex: bool = False) -> openai.OpenAI:
     headers = {"originator": "codex_exec"} if codex else {}
-    return openai.OpenAI(base_url=server.url + "/v1", api_key=CLIENT_KEY, max_retries=0, timeout=15,
-                         default_headers=headers)
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=CLIENT_KEY, max_retries=0, timeout=15,
+                           default_headers=headers)
+    _clients.append(client)
+    return client
 
 
 def checked(events, codex: bool = False) -> dict:
