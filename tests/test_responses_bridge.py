@@ -6,6 +6,7 @@ tests/responses_invariants.check.
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import openai
@@ -533,18 +534,25 @@ def test_native_responses_providers_still_get_the_request_as_is(upstream, serve)
 
 
 def test_bridged_events_go_out_as_the_upstream_sends_them_not_at_the_end(bridged, upstream):
-    chunks = [chunk({"content": f"w{i} "}) for i in range(6)] + [chunk(finish="stop")]
-    upstream.handler = lambda rec: Reply(events=sse(*chunks), delays={3: 30.0})  # a long pause after 3 events
+    events = sse(*[chunk({"content": f"w{i} "}) for i in range(6)], chunk(finish="stop"))
+    gate = threading.Event()
+
+    def gated():  # the upstream sends 3 events, then waits until the test has seen them through the proxy
+        yield from events[:3]
+        gate.wait(30)
+        yield from events[3:]
+    upstream.handler = lambda rec: Reply(events=gated())
     with requests.post(bridged.url + "/v1/responses", json={"model": "m", "input": "hi", "stream": True},
                        headers=AUTH, stream=True, timeout=10) as response:
-        deltas = []
-        for line in response.iter_lines():
-            if b'"response.output_text.delta"' in line:
-                deltas.append(line)
-                if len(deltas) == 3:
-                    break
-        assert upstream.requests[0].events_sent == 3  # the rest is still held back upstream
-        assert b"w2 " in deltas[2]
+        received = b""
+        pieces = response.iter_content(chunk_size=None)
+        while received.count(b'"type":"response.output_text.delta"') < 3:
+            received += next(pieces)
+        assert upstream.requests[0].events_sent == 3 and b'"delta":"w2 "' in received
+        gate.set()
+        received += b"".join(pieces)
+    terminal = responses_invariants.check(received)
+    assert terminal["response"]["output"][0]["content"][0]["text"] == "w0 w1 w2 w3 w4 w5 "
 
 
 def test_client_disconnect_closes_the_bridged_upstream_connection(bridged, upstream):
