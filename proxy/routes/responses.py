@@ -14,6 +14,7 @@ and ``current_app`` before a stream's generator runs.
 from __future__ import annotations
 
 import logging
+from typing import Callable, Iterator
 
 import orjson
 from flask import Blueprint, Response, current_app, g, request
@@ -135,7 +136,7 @@ class _Bridge:
         self._save(reply.answer_parts(completion, self.ctx)[:3])
         return Outcome(200, "application/json", orjson.dumps(result), plan=outcome.plan)
 
-    def events(self, outcome: Outcome, usage: dict, on_end):
+    def events(self, outcome: Outcome, usage: dict, on_end: Callable[[int, str, bytes], None]) -> Iterator[bytes]:
         """The Responses event stream for a live chat stream (the 200 is already committed)."""
         response, result = outcome.stream, "client closed"
         translator = ResponsesStream(self.ctx, self.codex)
@@ -159,7 +160,7 @@ class _Bridge:
         if translator.error is None:
             self._save(translator.history_parts())
 
-    def _batches(self, outcome: Outcome):
+    def _batches(self, outcome: Outcome) -> Iterator[list]:
         first = outcome.first.lstrip()
         if first.startswith(b"{") and "json" in outcome.content_type:
             # an upstream that ignores stream: true and answers JSON: one chunk, then the end

@@ -7,7 +7,7 @@ one write per upstream read, as with the chat relay.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Generator, Iterable, Iterator
 
 from ...errors import ProxyError, StreamError
 from ..chat_stream import DONE, ChatStream, iter_chat_chunks
@@ -50,7 +50,7 @@ def _events_end(data: bytes) -> int:
     return end
 
 
-def _decoded(data: bytes, max_bytes: int):
+def _decoded(data: bytes, max_bytes: int) -> Generator[list, None, list]:
     batch: list = []
     try:
         for chunk in iter_chat_chunks((data,), max_bytes):
