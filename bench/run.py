@@ -35,6 +35,9 @@ from fold_bench import make_stream  # noqa: E402
 KEY = "sk-bench-client-key"
 BODY = {"model": "{model}", "messages": [{"role": "user", "content": "Say hello in one word."}],
         "max_tokens": 16}
+# The same question as a Responses request (the bridged /v1/responses rows), as Codex sends it: store false
+# (a stored answer adds one SQLite write, ~0.3 ms CPU, measured separately and noted in the README).
+RESPONSES_BODY = {"model": "{model}", "input": "Say hello in one word.", "max_output_tokens": 16, "store": False}
 
 
 def free_port() -> int:
@@ -120,6 +123,8 @@ def settings(nginx_port: int, slow_port: int) -> Path:
          "models": [{"name": "bench-model", "alias": "bench-fold"}]},
         {"name": "stream", "base-url": f"{base}/sse200/v1",
          "models": [{"name": "bench-model", "alias": "bench-stream"}]},
+        {"name": "bridge", "base-url": f"{base}/sse200/v1", "native-apis": ["chat"],
+         "models": [{"name": "bench-model", "alias": "bench-bridge"}]},
         {"name": "slow", "base-url": f"http://127.0.0.1:{slow_port}/v1",
          "models": [{"name": "bench-model", "alias": "bench-slow"}]},
     ]
@@ -167,15 +172,16 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 # -- wrk --------------------------------------------------------------------------------------
-def wrk(url: str, model: str, connections: int, seconds: float, stream: bool = False, repeat: int = 1) -> dict:
+def wrk(url: str, model: str, connections: int, seconds: float, stream: bool = False, repeat: int = 1,
+        template: dict = BODY) -> dict:
     """Median of ``repeat`` wrk runs (by req/s): one run on 2 shared cores varies by +-30%."""
-    runs = sorted((wrk_once(url, model, connections, seconds, stream) for _ in range(repeat)),
+    runs = sorted((wrk_once(url, model, connections, seconds, stream, template) for _ in range(repeat)),
                   key=lambda r: r["rps"])
     return runs[len(runs) // 2]
 
 
-def wrk_once(url: str, model: str, connections: int, seconds: float, stream: bool) -> dict:
-    body = json.dumps({**BODY, "model": model, "stream": stream})
+def wrk_once(url: str, model: str, connections: int, seconds: float, stream: bool, template: dict = BODY) -> dict:
+    body = json.dumps({**template, "model": model, "stream": stream})
     script = WORK / f"post-{model}-{int(stream)}.lua"
     script.write_text(f"""
 wrk.method = "POST"
@@ -186,7 +192,8 @@ wrk.headers["Authorization"] = "Bearer {KEY}"
     threads = max(1, min(2, connections))
     out = subprocess.run(["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{seconds:g}s", "--latency",
                           "-s", str(script), url], capture_output=True, text=True, check=True).stdout
-    result = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))}
+    result = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+              "requests": int(re.search(r"(\d+) requests in", out).group(1))}
     for pct in ("50", "99"):
         match = re.search(rf"\s{pct}%\s+([\d.]+)(us|ms|s)", out)
         value, unit = float(match.group(1)), match.group(2)
@@ -229,6 +236,8 @@ def run(args) -> list[dict]:
             d = wrk(f"{direct}/sse200/v1/chat/completions", "x", 8, seconds, stream=True, repeat=n)
             rows.append(row("streaming relay, 200 events, c8", p["rps"], d["rps"], "req/s", p["errors"]))
             rows.append(row("streaming relay, events/s", p["rps"] * 200, d["rps"] * 200, "events/s", p["errors"]))
+        if "responses" in args.only:
+            rows += responses_rows(via, proxy.pid, seconds, n)
         if "endurance" in args.only:
             result = endurance.run_clients(proxy_port, KEY, args.streams, args.endurance_seconds, proxy.pid)
             rows.append(row(f"{args.streams} slow streams: completed", result["completed"], args.streams, "streams"))
@@ -254,6 +263,46 @@ def run(args) -> list[dict]:
     return rows
 
 
+def responses_rows(via: str, proxy_pid: int, seconds: float, repeat: int) -> list[dict]:
+    """Bridged /v1/responses streaming next to the same chat stream relayed, and the CPU each costs.
+
+    Both ask the same nginx-served 200-event chat stream; the bridge parses
+    every chunk and writes Responses events instead of relaying bytes. CPU
+    per request is the gunicorn workers' user+system time (/proc) over a run
+    divided by the requests wrk completed in it: the budget is the bridge at
+    most 1.25x the chat stream.
+    """
+    responses = via.replace("/chat/completions", "/responses")
+    wrk(responses, "bench-bridge", 8, 1, stream=True, template=RESPONSES_BODY)  # warm-up
+    rows, runs = [], {"chat": [], "bridge": []}
+    for _ in range(repeat):  # interleaved, so a change in the machine's load hits both alike
+        for name, url, model, template in (("chat", via, "bench-stream", BODY),
+                                           ("bridge", responses, "bench-bridge", RESPONSES_BODY)):
+            before = worker_cpu_seconds(proxy_pid)
+            result = wrk_once(url, model, 8, seconds, True, template)
+            result["cpu_ms"] = (worker_cpu_seconds(proxy_pid) - before) * 1000 / max(1, result["requests"])
+            runs[name].append(result)
+    cpu = {name: sorted(found, key=lambda r: r["cpu_ms"])[len(found) // 2] for name, found in runs.items()}
+    bridge, chat = cpu["bridge"], cpu["chat"]
+    rows.append(row("bridged /v1/responses stream, 200 events, c8", bridge["rps"], chat["rps"], "req/s (vs chat)",
+                    bridge["errors"]))
+    rows.append(row("bridged /v1/responses stream, CPU per request", bridge["cpu_ms"], chat["cpu_ms"],
+                    "ms (vs chat)", bridge["errors"]))
+    return rows
+
+
+def worker_cpu_seconds(master_pid: int) -> float:
+    """User + system CPU seconds of gunicorn's workers so far (Linux /proc)."""
+    total = 0
+    for child in Path(f"/proc/{master_pid}/task/{master_pid}/children").read_text().split():
+        try:
+            fields = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of proc(5))
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def row(name: str, proxy: float, direct: float | None, unit: str, errors: int = 0) -> dict:
     ratio = round(proxy / direct, 3) if direct else None
     return {"scenario": name, "proxy": round(proxy, 2), "direct": round(direct, 2) if direct else None,
@@ -275,7 +324,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="wrk runs per figure; the median is reported")
     parser.add_argument("--smoke", action="store_true", help="a few seconds in all, to check the harness works")
     parser.add_argument("--with-litellm", action="store_true", help="also run LiteLLM's proxy on scenarios 1-3")
-    parser.add_argument("--only", default="json,fold,stream,endurance")
+    parser.add_argument("--only", default="json,fold,stream,responses,endurance")
     parser.add_argument("--streams", type=int, default=1000, help="concurrent slow streams (endurance)")
     parser.add_argument("--endurance-seconds", type=float, default=10, help="length of each slow stream")
     parser.add_argument("--output", default=str(HERE / "results.json"))

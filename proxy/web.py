@@ -10,7 +10,7 @@ from werkzeug.exceptions import HTTPException
 
 from . import activity, demo, instances, metrics
 from .errors import ProxyError, error_body
-from .routes import common, manage, openai, page, page_api  # noqa: F401 - page_api adds routes to manage.bp
+from .routes import common, manage, openai, page, page_api, responses  # noqa: F401 - page_api adds routes to manage.bp
 from .runtime import ConfigHolder
 from .settings import Settings, settings_path
 from .state import open_store
@@ -41,6 +41,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     log.info("streamfold ready: %d providers, settings %s", len(settings.providers), path or "(in memory)")
 
     app.register_blueprint(openai.bp)
+    app.register_blueprint(responses.bp)
     app.register_blueprint(manage.bp)
     app.register_blueprint(metrics.bp)
     app.register_blueprint(demo.bp)  # answers 404 unless demo-upstream is on (checked per request)

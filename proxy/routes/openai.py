@@ -46,6 +46,7 @@ class Route:
 
 # /v1/responses has no stream_options.include_usage (upstreams reject it) and
 # always reports usage in its final event, so forcing it adds only stream: true.
+# Its view is routes/responses.py (passthrough or the chat bridge, per provider).
 CHAT = Route("/chat/completions", fold_chat_chunks, "messages")
 COMPLETIONS = Route("/completions", fold_text_chunks, "prompt")
 RESPONSES = Route("/responses", fold_responses_chunks, None, usage_option=False)
@@ -61,11 +62,6 @@ def chat_completions() -> Response:
 @bp.post("/v1/completions")
 def completions() -> Response:
     return proxy_request(COMPLETIONS)
-
-
-@bp.post("/v1/responses")
-def responses() -> Response:
-    return proxy_request(RESPONSES)
 
 
 @bp.post("/v1/responses/compact")

@@ -1,0 +1,229 @@
+"""``POST /v1/responses``: passed through to providers that serve it, bridged to chat for the others.
+
+Per target (``Call.adapt``): a provider whose ``native-apis`` lists
+``responses`` gets the client's body with its model id (and a forced stream
+is folded by the Responses fold, as before Part 2); any other gets the chat
+translation (``proxy.translate.responses``) and its answer is translated
+back: a JSON answer once, a stream event by event.
+
+Answers of bridged requests are stored for ``previous_response_id`` (unless
+``store: false``) before the client sees their end, so a client that
+continues at once finds them. The view captures everything from ``request``
+and ``current_app`` before a stream's generator runs.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable, Iterator
+
+import orjson
+from flask import Blueprint, Response, current_app, g, request
+
+from .. import metrics, upstream
+from ..errors import BadRequest, StreamError, error_body
+from ..executor import Call, Outcome, Plan, client_headers, execute
+from ..fold import fold_chat_chunks
+from ..relay import SSE_HEADERS, to_response, with_keepalive
+from ..routing import Target
+from ..translate.chat_stream import DONE
+from ..translate.responses import request as translate
+from ..translate.responses import response as reply
+from ..translate.responses.pipeline import chunk_batches, translate_stream
+from ..translate.responses.stream import ResponsesStream
+from .common import authenticate, end_logger, holder, loggable, read_json_body
+from .openai import RESPONSES
+
+bp = Blueprint("responses", __name__)
+log = logging.getLogger(__name__)
+STORE_NAMESPACE = "responses"
+
+
+@bp.post("/v1/responses")
+def create_response() -> Response:
+    config = holder()
+    runtime = config.current()
+    settings = runtime.settings
+    g.log["client"] = authenticate(runtime)
+    body = read_json_body(settings.max_request_bytes)
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise BadRequest("you must provide a model parameter" if model is None
+                         else "model must be a non-empty string", param="model")
+    g.log["model"] = loggable(model)
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise BadRequest("stream must be a boolean", param="stream")
+    stream = bool(stream)
+    targets = runtime.router.resolve(model)
+    # limits: admit(model) here
+    store = current_app.extensions["streamfold.state"]
+    bridge = None
+    if any(not _native(t) for t in targets):
+        history = None
+        previous = body.get("previous_response_id")
+        if previous is not None:
+            if not isinstance(previous, str) or not previous:
+                raise BadRequest("previous_response_id must be a non-empty string", param="previous_response_id")
+            raw = store.get_blob(STORE_NAMESPACE, _store_key(g.log["client"], previous))
+            history = _history(raw)
+            if history is None and all(not _native(t) for t in targets):
+                raise BadRequest(f"Previous response with id '{loggable(previous)}' not found.",
+                                 code="previous_response_not_found", param="previous_response_id")
+            if history is None:  # the id can only have come from a provider that serves /responses itself
+                targets = tuple(t for t in targets if _native(t))
+        prepared = translate.prepare(body, history)
+        ctx = reply.new_context(body, prepared.toolmap)
+        keep = None if body.get("store") is False else (store, settings.responses_store_ttl, g.log["client"])
+        bridge = _Bridge(prepared, ctx, keep, _is_codex(request.headers), settings.max_aggregate_bytes)
+
+    def adapt(target: Target) -> Plan:
+        if _native(target):
+            return Plan(RESPONSES.path, dict(body, model=target.model), RESPONSES.fold,
+                        usage_option=RESPONSES.usage_option)
+        spec, provider = target.spec, target.provider
+        chat = translate.to_chat(bridge.prepared, target.model, stream=stream,
+                                 reasoning_replay=provider.reasoning_replay, stream_usage=provider.stream_usage,
+                                 max_output=spec.max_output_tokens if spec else 0,
+                                 context_length=spec.context_length if spec else 0)
+        return Plan("/chat/completions", chat, fold_chat_chunks, native=False)
+
+    call = Call(RESPONSES.path, body, stream, g.request_id, client_headers(request.environ), RESPONSES.fold,
+                RESPONSES.usage_option, g.log, adapt=adapt)
+    base_end = end_logger(g.log)
+    usage = {}  # chat usage of a bridged answer: what usage accounting reads
+
+    def on_end(status: int, result: str, usage_bytes: bytes) -> None:
+        base_end(status, result, usage["bytes"] if "bytes" in usage else usage_bytes)
+
+    def run() -> Outcome:
+        outcome = execute(settings, config.sessions, config.keys, targets, call)
+        if outcome.plan is None or outcome.plan.native:
+            return outcome
+        return bridge.answer(outcome, usage)
+
+    if not stream and settings.nonstream_keepalive_interval > 0:
+        response = with_keepalive(settings.nonstream_keepalive_interval, run, on_end)
+        if response.is_streamed:
+            g.log["deferred"] = True
+        return response
+    outcome = run()
+    if outcome.stream is not None:
+        g.log["deferred"] = True  # logged when the stream ends
+        if not outcome.plan.native:
+            return Response(bridge.events(outcome, usage, on_end), 200,
+                            {"Content-Type": "text/event-stream", **SSE_HEADERS}, direct_passthrough=True)
+    return to_response(outcome, on_end)
+
+
+class _Bridge:
+    """One bridged request: its translation, and what to do with the chat answer."""
+
+    def __init__(self, prepared: translate.Prepared, ctx: reply.Context, keep: tuple | None, codex: bool,
+                 max_bytes: int) -> None:
+        self.prepared, self.ctx, self.keep = prepared, ctx, keep  # keep: (store, ttl, client) or None
+        self.codex, self.max_bytes = codex, max_bytes
+
+    def answer(self, outcome: Outcome, usage: dict) -> Outcome:
+        """A JSON chat answer (or an error) as the Responses client must get it."""
+        if outcome.stream is not None:
+            return outcome
+        if outcome.status >= 400:
+            return _upstream_error(outcome)
+        completion = _completion(outcome.body)
+        result = reply.from_completion(completion, self.ctx)
+        if isinstance(completion.get("usage"), dict):
+            usage["bytes"] = orjson.dumps({"usage": completion["usage"]})
+        self._save(reply.answer_parts(completion, self.ctx)[:3])
+        return Outcome(200, "application/json", orjson.dumps(result), plan=outcome.plan)
+
+    def events(self, outcome: Outcome, usage: dict, on_end: Callable[[int, str, bytes], None]) -> Iterator[bytes]:
+        """The Responses event stream for a live chat stream (the 200 is already committed)."""
+        response, result = outcome.stream, "client closed"
+        translator = ResponsesStream(self.ctx, self.codex)
+        metrics.ACTIVE_STREAMS.inc()
+        try:
+            yield from translate_stream(translator, self._batches(outcome), self._save_streamed)
+            result = "complete" if translator.error is None else f"upstream failed mid-stream: {translator.error}"
+        except Exception as exc:  # noqa: BLE001 - the client still gets a terminal event
+            log.error("responses bridge failed: %s", type(exc).__name__, exc_info=exc)
+            result = f"internal error: {type(exc).__name__}"
+            if translator.final is None and translator.error is None:
+                yield translator.fail("The proxy hit an internal error; see its log for details.", "server_error")
+        finally:
+            response.close()
+            metrics.ACTIVE_STREAMS.dec()
+            if translator.usage is not None:
+                usage["bytes"] = orjson.dumps({"usage": translator.usage})
+            on_end(200, result, usage.get("bytes", b""))
+
+    def _save_streamed(self, translator: ResponsesStream) -> None:
+        if translator.error is None:
+            self._save(translator.history_parts())
+
+    def _batches(self, outcome: Outcome) -> Iterator[list]:
+        first = outcome.first.lstrip()
+        if first.startswith(b"{") and "json" in outcome.content_type:
+            # an upstream that ignores stream: true and answers JSON: one chunk, then the end
+            body = upstream.read_body(outcome.stream, outcome.first, self.max_bytes)
+            yield [reply.completion_as_chunk(_completion(body)), DONE]
+            return
+        yield from chunk_batches(upstream.read_chunks(outcome.stream, outcome.first), self.max_bytes)
+
+    def _save(self, parts: tuple[str, str, list]) -> None:
+        if self.keep is None:
+            return
+        state, ttl, client = self.keep
+        record = {"system": self.prepared.system,
+                  "messages": [*self.prepared.messages, translate.assistant_message(*parts)]}
+        state.put_blob(STORE_NAMESPACE, _store_key(client, self.ctx.id), orjson.dumps(record), float(ttl))
+
+
+def _upstream_error(outcome: Outcome) -> Outcome:
+    """An upstream error before commit: a context overflow becomes 400 ``context_length_exceeded``."""
+    if outcome.status in (400, 413, 422) and reply.overflow(outcome.body):
+        try:
+            error = orjson.loads(outcome.body)
+            error = error.get("error", error)
+            message = error.get("message") if isinstance(error, dict) else None
+        except (orjson.JSONDecodeError, AttributeError):
+            message = None
+        message = message if isinstance(message, str) else "The input exceeds the model's context window."
+        body = error_body(message, "invalid_request_error", "context_length_exceeded", "input")
+        return Outcome(400, "application/json", body, plan=outcome.plan)
+    return outcome
+
+
+def _completion(body: bytes) -> dict:
+    try:
+        completion = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        completion = None
+    if not isinstance(completion, dict):
+        raise StreamError("upstream answered 200 with a body that is not a JSON object", code="upstream_bad_answer")
+    return completion
+
+
+def _history(raw: bytes | None) -> dict | None:
+    """A stored turn, or None (absent, expired, or unreadable: a damaged record is "not found", never a 500)."""
+    if raw is None:
+        return None
+    try:
+        record = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("messages"), list) else None
+
+
+def _store_key(client: str, response_id: str) -> str:
+    # Per client key: another client that learns a response id cannot read that conversation.
+    return f"{client}/{response_id}"
+
+
+def _native(target: Target) -> bool:
+    return "responses" in target.provider.native_apis
+
+
+def _is_codex(headers) -> bool:
+    """Codex CLI/TUI/exec/IDE clients: ``originator: codex_cli_rs`` and friends, or their User-Agent."""
+    return (headers.get("originator", "").lower().startswith("codex")
+            or headers.get("User-Agent", "").lower().startswith("codex"))

@@ -1,0 +1,243 @@
+"""The Responses event stream for a chat stream: a state machine over ``ChatStream`` events (§2.4).
+
+Invariants it keeps (tests/responses_invariants.py checks them): one
+response id; ``sequence_number`` strictly increasing from 0; every item
+``output_item.added`` -> its deltas -> its ``*.done`` events ->
+``output_item.done`` carrying the whole item; one item open at a time except
+tool calls (parallel calls stream side by side, as upstreams send them);
+exactly one terminal event. The terminal object is built by ``response``'s
+functions from what was streamed, so it equals the non-stream translation
+of the fold of the same chat stream.
+
+Terminal events: ``response.completed``; ``response.incomplete`` for a
+length or content-filter finish, except for Codex clients, which end a turn
+on nothing but ``response.completed`` (openai/codex ``sse/responses.rs``) and
+so get ``response.completed`` with ``status: incomplete``; after an error
+(or an upstream cut off before its finish) ``response.failed`` for Codex,
+``error`` for other clients, as CPA does.
+"""
+from __future__ import annotations
+
+import orjson
+
+from ..chat_stream import ToolCall
+from .response import Context, call_item, envelope, message_item, overflow, reasoning_item, status_of, usage_of
+
+
+def _prefix(kind: str) -> bytes:
+    return b'event: %s\ndata: {"type":"%s","sequence_number":' % (kind.encode(), kind.encode())
+
+
+_TEXT_DELTA = _prefix("response.output_text.delta")
+_SUMMARY_DELTA = _prefix("response.reasoning_summary_text.delta")
+_ARGS_DELTA = _prefix("response.function_call_arguments.delta")
+_TEXT_TAIL = b',"logprobs":[]}\n\n'
+_TAIL = b"}\n\n"
+
+
+class ResponsesStream:
+    __slots__ = ("ctx", "codex", "seq", "items", "kind", "open_index", "open_id", "parts", "tools",
+                 "middle", "calls", "texts", "reasonings", "finish", "usage", "final", "error")
+
+    def __init__(self, ctx: Context, codex: bool = False) -> None:
+        self.ctx = ctx
+        self.codex = codex
+        self.seq = 0
+        self.items: list[dict | None] = []     # by output_index: the done item, None while open
+        self.kind: str | None = None           # "reasoning" or "message" while one is open
+        self.open_index = 0
+        self.open_id = ""
+        self.parts: list[str] = []             # the open reasoning/message item's text so far
+        self.middle = b""                      # its delta events' bytes between sequence_number and delta
+        self.tools: dict[int, tuple] = {}      # open calls: id(call) -> (call, index, custom, delta middle)
+        self.calls: list[ToolCall] = []        # every call started, in order
+        self.texts: list[str] = []             # all text and reasoning, for the stored history
+        self.reasonings: list[str] = []
+        self.finish: str | None = None
+        self.usage: dict | None = None
+        self.final: dict | None = None         # the terminal event's response object
+        self.error: str | None = None          # why the stream failed, once it has
+
+    # -- framing ----------------------------------------------------------------------
+    def _delta(self, out: list[bytes], prefix: bytes, middle: bytes, text: str, tail: bytes) -> None:
+        # The per-token events are written from pre-built pieces: a dict and a full dumps per token
+        # was most of the bridge's CPU cost (bench/run.py, "bridged /v1/responses ... CPU").
+        out.append(b"%s%d%s%s%s" % (prefix, self.seq, middle, orjson.dumps(text), tail))
+        self.seq += 1
+
+    def _event(self, out: list[bytes], kind: str, payload: dict) -> None:
+        payload = {"type": kind, "sequence_number": self.seq, **payload}
+        self.seq += 1
+        out.append(b"event: %s\ndata: %s\n\n" % (kind.encode(), orjson.dumps(payload)))
+
+    def start(self) -> bytes:
+        out: list[bytes] = []
+        response = envelope(self.ctx, "in_progress", [])
+        self._event(out, "response.created", {"response": response})
+        self._event(out, "response.in_progress", {"response": response})
+        return b"".join(out)
+
+    # -- chat events ----------------------------------------------------------------------
+    def feed(self, events: list[tuple]) -> bytes:
+        """The Responses events for some ``ChatStream`` events."""
+        out: list[bytes] = []
+        self.feed_into(out, events)
+        return b"".join(out)
+
+    def text(self, out: list[bytes], text: str) -> None:
+        """One text delta into the open message (``translate_stream``'s shortcut for plain text chunks)."""
+        self.parts.append(text)
+        self.texts.append(text)
+        self._delta(out, _TEXT_DELTA, self.middle, text, _TEXT_TAIL)
+
+    def feed_into(self, out: list[bytes], events: list[tuple]) -> None:
+        for event in events:
+            kind = event[0]
+            if kind == "text":
+                if self.kind != "message":
+                    self._open(out, "message")
+                self.parts.append(event[1])
+                self.texts.append(event[1])
+                self._delta(out, _TEXT_DELTA, self.middle, event[1], _TEXT_TAIL)
+            elif kind == "reasoning":
+                if self.kind != "reasoning":
+                    self._open(out, "reasoning")
+                self.parts.append(event[1])
+                self.reasonings.append(event[1])
+                self._delta(out, _SUMMARY_DELTA, self.middle, event[1], _TAIL)
+            elif kind == "tool_args":
+                entry = self.tools.get(id(event[1]))
+                # A custom call's input is sent whole at the end (it is unwrapped from JSON); arguments for a
+                # call already finished (an upstream that goes on after its finish_reason) have no item to join.
+                if entry is not None and not entry[2]:
+                    self._delta(out, _ARGS_DELTA, entry[3], event[2], _TAIL)
+            elif kind == "tool_start":
+                self._start_tool(out, event[1])
+            elif kind == "finish":
+                self.finish = event[1]
+                self._close_all(out, status_of(self.finish)[0])
+            elif kind == "usage":
+                self.usage = event[1]
+
+    def close(self, events: list[tuple], ended_early: bool) -> bytes:
+        """The last events: ``events`` from ``ChatStream.close``, then the terminal event."""
+        out = [self.feed(events)]
+        if ended_early:
+            out.append(self.fail("upstream stream ended before the answer was complete",
+                                 "upstream_stream_ended_early"))
+            return b"".join(out)
+        status, incomplete = status_of(self.finish)
+        self._close_all(out, status)
+        self.final = envelope(self.ctx, status, self.done_items(), usage_of(self.usage), incomplete)
+        kind = "response.incomplete" if status == "incomplete" and not self.codex else "response.completed"
+        self._event(out, kind, {"response": self.final})
+        return b"".join(out)
+
+    def fail(self, message: str, code: str | int | None) -> bytes:
+        """The terminal event for an error after the 200 went out."""
+        out: list[bytes] = []
+        self._close_all(out, "incomplete")
+        self.error = message
+        if overflow(message):
+            code = "context_length_exceeded"  # what makes Codex compact instead of retrying
+        code = str(code) if code is not None else "server_error"
+        if self.codex:
+            self.final = envelope(self.ctx, "failed", self.done_items(), usage_of(self.usage),
+                                  error={"code": code, "message": message})
+            self._event(out, "response.failed", {"response": self.final})
+        else:
+            self._event(out, "error", {"code": code, "message": message, "param": None})
+        return b"".join(out)
+
+    # -- what was streamed ----------------------------------------------------------------
+    def done_items(self) -> list[dict]:
+        return [item for item in self.items if item is not None]
+
+    def history_parts(self) -> tuple[str, str, list[tuple[str, str, str]]]:
+        """``(reasoning, text, calls)`` of the answer, for the stored conversation."""
+        calls = [(call.id, call.name, call.arguments) for call in self.calls]
+        return "".join(self.reasonings), "".join(self.texts), calls
+
+    # -- items ------------------------------------------------------------------------------
+
+    def _open(self, out: list[bytes], kind: str) -> None:
+        self._close_open(out, "completed")
+        index = len(self.items)
+        self.items.append(None)
+        count = sum(1 for item in self.items if item is not None and item["type"] == kind)
+        item_id = ("rs_" if kind == "reasoning" else "msg_") + self.ctx.suffix + (f"_{count}" if count else "")
+        self.kind, self.open_index, self.open_id, self.parts = kind, index, item_id, []
+        self.middle = b',"item_id":"%s","output_index":%d,"%s":0,"delta":' % (
+            item_id.encode(), index, b"content_index" if kind == "message" else b"summary_index")
+        if kind == "message":
+            self._event(out, "response.output_item.added", {"output_index": index, "item": {
+                "id": item_id, "type": "message", "status": "in_progress", "role": "assistant", "content": []}})
+            self._event(out, "response.content_part.added", {
+                "item_id": item_id, "output_index": index, "content_index": 0,
+                "part": {"type": "output_text", "text": "", "annotations": [], "logprobs": []}})
+        else:
+            self._event(out, "response.output_item.added", {"output_index": index, "item": {
+                "id": item_id, "type": "reasoning", "status": "in_progress", "summary": []}})
+            self._event(out, "response.reasoning_summary_part.added", {
+                "item_id": item_id, "output_index": index, "summary_index": 0,
+                "part": {"type": "summary_text", "text": ""}})
+
+    def _close_open(self, out: list[bytes], status: str) -> None:
+        kind, index, item_id = self.kind, self.open_index, self.open_id
+        if kind is None:
+            return
+        self.kind = None
+        text = "".join(self.parts)
+        if kind == "message":
+            self._event(out, "response.output_text.done", {
+                "item_id": item_id, "output_index": index, "content_index": 0, "text": text, "logprobs": []})
+            self._event(out, "response.content_part.done", {
+                "item_id": item_id, "output_index": index, "content_index": 0,
+                "part": {"type": "output_text", "text": text, "annotations": [], "logprobs": []}})
+            item = message_item(item_id, text, status)
+        else:
+            self._event(out, "response.reasoning_summary_text.done", {
+                "item_id": item_id, "output_index": index, "summary_index": 0, "text": text})
+            self._event(out, "response.reasoning_summary_part.done", {
+                "item_id": item_id, "output_index": index, "summary_index": 0,
+                "part": {"type": "summary_text", "text": text}})
+            item = reasoning_item(item_id, text, status)
+        self.items[index] = item
+        self._event(out, "response.output_item.done", {"output_index": index, "item": item})
+
+    def _start_tool(self, out: list[bytes], call: ToolCall) -> None:
+        self._close_open(out, "completed")
+        index = len(self.items)
+        self.items.append(None)
+        probe = call_item(self.ctx, call.id, call.name, "", "in_progress")
+        custom = probe["type"] == "custom_tool_call"
+        if custom:
+            probe["input"] = ""
+        else:
+            probe["arguments"] = ""
+        middle = b',"item_id":%s,"output_index":%d,"delta":' % (orjson.dumps(probe["id"]), index)
+        self.tools[id(call)] = (call, index, custom, middle)
+        self.calls.append(call)
+        self._event(out, "response.output_item.added", {"output_index": index, "item": probe})
+
+    def _close_all(self, out: list[bytes], status: str) -> None:
+        self._close_open(out, status)
+        for call, index, custom, _ in sorted(self.tools.values(), key=lambda entry: entry[1]):
+            item = call_item(self.ctx, call.id, call.name, call.arguments, status)
+            item_id = item["id"]
+            if custom:
+                if item["input"]:
+                    self._event(out, "response.custom_tool_call_input.delta",
+                                {"item_id": item_id, "output_index": index, "delta": item["input"]})
+                self._event(out, "response.custom_tool_call_input.done",
+                            {"item_id": item_id, "output_index": index, "input": item["input"]})
+            else:
+                if not call.args:  # "{}" for an empty call; the deltas must add up to the final arguments
+                    self._event(out, "response.function_call_arguments.delta",
+                                {"item_id": item_id, "output_index": index, "delta": item["arguments"]})
+                self._event(out, "response.function_call_arguments.done",
+                            {"item_id": item_id, "output_index": index, "name": item["name"],
+                             "arguments": item["arguments"]})
+            self.items[index] = item
+            self._event(out, "response.output_item.done", {"output_index": index, "item": item})
+        self.tools.clear()

@@ -1,0 +1,63 @@
+"""Property: any chat stream, translated to Responses events, keeps the invariants and ends with the
+object the non-stream translation of its fold gives (issue 16, acceptance 3).
+
+The streams come from tests/chat_streams.py (reasoning, text, then tool calls, in that order as
+servers send them, cut at random bytes with the usual server quirks); each call is declared to the
+translator as a plain function, a custom (freeform) tool or a namespaced one at random.
+"""
+from __future__ import annotations
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from proxy.fold.chat import fold_chat_chunks
+from proxy.translate.responses.pipeline import chunk_batches, translate_stream
+from proxy.translate.responses.response import from_completion, new_context
+from proxy.translate.responses.stream import ResponsesStream
+from proxy.translate.responses.toolmap import ToolMap
+from tests import responses_invariants
+from tests.chat_streams import chat_streams
+
+
+def translate(reads: list[bytes], toolmap: ToolMap, codex: bool):
+    ctx = new_context({"model": "m"}, toolmap)
+    return ctx, b"".join(translate_stream(ResponsesStream(ctx, codex), chunk_batches(reads, 1 << 20)))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(chat_streams(), st.data())
+def test_stream_translation_keeps_invariants_and_ends_with_the_folded_translation(case, data):
+    reads, parts = case
+    toolmap = ToolMap()
+    for call in parts["calls"]:
+        kind = data.draw(st.sampled_from(["function", "custom", "namespace"]))
+        if kind == "custom":
+            toolmap.custom.add(call["name"])
+        elif kind == "namespace":  # as if the client declared namespace "mcp" holding this function
+            toolmap.spaces[call["name"]] = ("mcp", call["name"])
+    codex = data.draw(st.booleans())
+    ctx, raw = translate(reads, toolmap, codex)
+    terminal = responses_invariants.check(raw, codex=codex)
+    expected = from_completion(fold_chat_chunks(reads), ctx)
+    assert terminal["response"] == expected
+    if parts["finish"] == "length":
+        assert expected["status"] == "incomplete"
+        assert terminal["type"] == ("response.completed" if codex else "response.incomplete")
+    else:
+        assert terminal["type"] == "response.completed" and expected["status"] == "completed"
+    custom = [item for item in expected["output"] if item["type"] == "custom_tool_call"]
+    assert len(custom) == sum(1 for c in parts["calls"] if c["name"] in toolmap.custom)
+    spaced = [item for item in expected["output"] if item.get("namespace") == "mcp"]
+    assert len(spaced) == sum(1 for c in parts["calls"] if c["name"] in toolmap.spaces)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(chat_streams(), st.integers(min_value=1))
+def test_a_stream_cut_anywhere_still_ends_with_exactly_one_terminal_event(case, cut):
+    reads, _ = case
+    body = b"".join(reads)
+    cut_reads = [body[: cut % max(1, len(body))]] if body else []
+    for codex in (False, True):
+        _, raw = translate(cut_reads, ToolMap(), codex)
+        terminal = responses_invariants.check(raw, codex=codex)
+        assert terminal["type"] in ("response.completed", "response.incomplete", "response.failed", "error")
