@@ -53,14 +53,17 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def validate(body: dict) -> None:
-    """Raise ``BadRequest`` (Anthropic's wording where it has one) for a body Anthropic would refuse."""
+def validate(body: dict, need_max_tokens: bool = True) -> None:
+    """Raise ``BadRequest`` (Anthropic's wording where it has one) for a body Anthropic would refuse.
+
+    ``count_tokens`` bodies have no ``max_tokens`` (``need_max_tokens=False``).
+    """
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise _fail("model: Field required" if model is None else "model: Input should be a valid string", "model")
-    if "max_tokens" not in body:
+    if need_max_tokens and "max_tokens" not in body:
         raise _fail("max_tokens: Field required", "max_tokens")
-    if not _is_int(body["max_tokens"]) or body["max_tokens"] < 1:
+    if "max_tokens" in body and (not _is_int(body["max_tokens"]) or body["max_tokens"] < 1):
         raise _fail("max_tokens: Input should be an integer greater than or equal to 1", "max_tokens")
     messages = body.get("messages")
     if messages is None:
