@@ -86,11 +86,15 @@ class Pump:
             batch: list = []
 
             def reads() -> Iterator[bytes]:
-                # Before waiting for the next read, hand over what the last one decoded.
-                for data in upstream.read_chunks(response, outcome.first):
+                # Before blocking on the next read, hand over what the last one decoded.
+                source = upstream.read_chunks(response, outcome.first)
+                while True:
                     if batch:
                         self._put(("chunks", batch.copy()))
                         batch.clear()
+                    data = next(source, None)
+                    if data is None:
+                        return
                     yield data
 
             for chunk in iter_chat_chunks(reads(), max_bytes):
