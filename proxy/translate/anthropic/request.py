@@ -32,10 +32,10 @@ SERVER_BLOCKS = frozenset(("server_tool_use", "web_search_tool_result", "web_fet
                            "container_upload", "tool_search_tool_result", "tool_reference"))
 KNOWN_BLOCKS = CLIENT_BLOCKS | SERVER_BLOCKS
 ROLES = ("user", "assistant", "system")
-# A floor for the context-length clamp: the prompt estimate is a heuristic, and
-# an over-estimate must not starve the answer. If the prompt really fills the
-# context, the upstream refuses and the client gets "prompt is too long" (Claude
-# Code then compacts), which is the right outcome.
+# A floor for the context-length clamp (at most a quarter of the context): the
+# prompt estimate is a heuristic, and an over-estimate must not starve the
+# answer. If the prompt really fills the context, the upstream refuses and the
+# client gets "prompt is too long" (Claude Code then compacts): the right outcome.
 MIN_CLAMPED_TOKENS = 1024
 # thinking.budget_tokens -> reasoning_effort (upper bounds, exclusive)
 _EFFORT = ((2048, "low"), (16384, "medium"))
@@ -174,7 +174,7 @@ def clamp_max_tokens(requested: int, max_output: int, context_length: int, promp
         value = min(value, max_output)
     if context_length > 0:
         room = context_length - prompt_tokens
-        value = min(value, max(room, min(value, MIN_CLAMPED_TOKENS)))
+        value = min(value, max(room, min(value, MIN_CLAMPED_TOKENS, context_length // 4)))
     return max(1, value)
 
 
