@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -340,3 +341,46 @@ def test_native_messages_stream_is_relayed_byte_for_byte(upstream, serve):
     response = requests.post(live.url + "/v1/messages", json=dict(MESSAGES, stream=True), headers=AUTH, timeout=10)
     assert response.content == b"".join(events)
     check_stream(response.content)
+
+
+def test_glob_aliases_route_claude_codes_small_and_main_models(upstream):
+    small = provider(upstream, name="small", models=[{"name": "qwen2.5-coder-7b", "alias": "claude-*haiku*"}])
+    main = provider(upstream, name="gpu", models=[{"name": "qwen3-coder-30b", "alias": "claude-*"}])
+    client = make_app(settings_doc(small, main)).test_client()
+    for asked, expected in (("claude-haiku-4-5-20251001", "qwen2.5-coder-7b"), ("claude-sonnet-4-6", "qwen3-coder-30b"),
+                            ("claude-opus-4-1", "qwen3-coder-30b")):
+        body, response = sent(client, upstream, dict(MESSAGES, model=asked))
+        assert body["model"] == expected and response.get_json()["model"] == asked
+
+
+def test_metrics_and_access_log_cover_messages_with_the_chat_usage(live, upstream, caplog):
+    import requests
+    from prometheus_client import REGISTRY
+
+    def sample(name: str, **labels) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    client_label = "..." + CLIENT_KEY[-4:]
+    before = sample("streamfold_tokens_total", client=client_label, kind="prompt")
+    requests_before = sample("streamfold_requests_total", route="/v1/messages", model="claude-sonnet-4-5",
+                             provider="up", status="200")
+    answer = completion()
+    answer["usage"] = {"prompt_tokens": 30, "completion_tokens": 4, "total_tokens": 34,
+                       "prompt_tokens_details": {"cached_tokens": 20}}
+    upstream.handler = lambda rec: Reply(body=json.dumps(answer).encode()) if not rec.body.get("stream") else \
+        Reply(events=sse(*text_chunks(["a"], usage={"prompt_tokens": 30, "completion_tokens": 4,
+                                                    "total_tokens": 34})))
+    assert requests.post(live.url + "/v1/messages", json=MESSAGES, headers=AUTH, timeout=10).status_code == 200
+    streamed = requests.post(live.url + "/v1/messages", json=dict(MESSAGES, stream=True), headers=AUTH, timeout=10)
+    check_stream(streamed.content)
+    deadline = time.monotonic() + 2  # a stream's log line and tokens are written when it ends
+    while sample("streamfold_tokens_total", client=client_label, kind="prompt") < before + 60 \
+            and time.monotonic() < deadline:
+        time.sleep(0.02)
+    # the chat usage (30 prompt tokens each), not the Anthropic one (10 uncached input tokens)
+    assert sample("streamfold_tokens_total", client=client_label, kind="prompt") == before + 60
+    assert sample("streamfold_requests_total", route="/v1/messages", model="claude-sonnet-4-5", provider="up",
+                  status="200") == requests_before + 2
+    lines = [r.getMessage() for r in caplog.records if r.name == "streamfold.access"]
+    assert sum("route=/v1/messages model=claude-sonnet-4-5 provider=up status=200" in line for line in lines) == 2
+    assert not any("Hello!" in r.getMessage() for r in caplog.records)  # no message content in any log
