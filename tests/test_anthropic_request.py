@@ -384,3 +384,30 @@ def test_metrics_and_access_log_cover_messages_with_the_chat_usage(live, upstrea
     lines = [r.getMessage() for r in caplog.records if r.name == "streamfold.access"]
     assert sum("route=/v1/messages model=claude-sonnet-4-5 provider=up status=200" in line for line in lines) == 2
     assert not any("Hello!" in r.getMessage() for r in caplog.records)  # no message content in any log
+
+
+def test_structured_output_and_documents_translate(client, upstream):
+    schema = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]}
+    content = [{"type": "document", "title": "notes.txt", "source": {"type": "text", "media_type": "text/plain",
+                                                                     "data": "the build is green"}},
+               {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBERi0x"}},
+               {"type": "text", "text": "summarise"}]
+    body, _ = sent(client, upstream, dict(MESSAGES, output_format={"type": "json_schema", "schema": schema},
+                                          messages=[{"role": "user", "content": content}]))
+    assert body["response_format"] == {"type": "json_schema", "json_schema": {
+        "name": "structured_output", "schema": schema, "strict": True}}
+    assert body["messages"][0]["content"] == "notes.txt\n\nthe build is green\n\n[document omitted]\n\nsummarise"
+
+
+def test_whitespace_only_text_blocks_and_server_tool_blocks_never_reach_the_upstream(client, upstream):
+    history = [{"role": "user", "content": [{"type": "text", "text": "  \n"}, {"type": "text", "text": "search"}]},
+               {"role": "assistant", "content": [
+                   {"type": "server_tool_use", "id": "srvtoolu_1", "name": "web_search", "input": {"query": "x"}},
+                   {"type": "web_search_tool_result", "tool_use_id": "srvtoolu_1", "content": []},
+                   {"type": "redacted_thinking", "data": "abc"},
+                   {"type": "text", "text": "Found nothing."}]},
+               {"role": "user", "content": "ok"}]
+    body, _ = sent(client, upstream, dict(MESSAGES, messages=history))
+    assert body["messages"] == [{"role": "user", "content": "search"},
+                                {"role": "assistant", "content": "Found nothing."},
+                                {"role": "user", "content": "ok"}]
