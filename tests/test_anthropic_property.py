@@ -40,7 +40,7 @@ def folded(reads: list[bytes]) -> dict | None:
         return None
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(chat_streams())
 def test_random_chat_streams_translate_to_valid_anthropic_streams_with_the_folds_content(drawn):
     reads, _ = drawn
@@ -66,7 +66,7 @@ def test_random_chat_streams_translate_to_valid_anthropic_streams_with_the_folds
     assert kinds == sorted(kinds, key=["thinking", "text", "tool_use"].index)
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(chat_streams(), st.floats(0.05, 0.95))
 def test_cut_off_streams_end_with_an_error_exactly_when_the_fold_refuses_them(drawn, where):
     reads, parts = drawn

@@ -90,8 +90,8 @@ class Pump:
                 source = upstream.read_chunks(response, outcome.first)
                 while True:
                     if batch:
-                        self._put(("chunks", batch.copy()))
-                        batch.clear()
+                        self._put(("chunks", batch[:]))
+                        del batch[:]
                     data = next(source, None)
                     if data is None:
                         return
@@ -162,13 +162,13 @@ def events(pump: Pump, pending: list[tuple], stream: MessageStream,
             kind, value = item
             try:
                 if kind == "chunks":
-                    out = []
+                    found: list[tuple] = []
                     for chunk in value:
                         if chunk == DONE:
                             done = True
                         else:
-                            out.append(stream.feed(chat.feed(chunk)))
-                    data = b"".join(out)
+                            found += chat.feed(chunk)
+                    data = stream.feed(found)
                 elif kind == "end":
                     data = stream.close(chat.close(done), chat.ended_early)
                     result = "upstream stream ended early" if chat.ended_early else "complete"
