@@ -273,3 +273,25 @@ def test_client_disconnect_closes_the_upstream_stream(live, upstream):
         time.sleep(0.02)
     assert rec.disconnected_at is not None
     assert rec.events_sent < 200
+
+
+def test_client_leaving_during_upstream_silence_stops_the_reader_at_once(live, upstream, fast_pings):
+    import threading
+
+    def readers() -> int:
+        return sum(t.name == "streamfold-messages" and t.is_alive() for t in threading.enumerate())
+
+    upstream.handler = lambda rec: Reply(events=sse(*text_chunks(["first", "never"])), delays={2: 8.0})
+    response = requests.post(live.url + "/v1/messages", json=dict(MESSAGES, stream=True), headers=AUTH,
+                             stream=True, timeout=10)
+    got = b""
+    for data in response.iter_content(None):
+        got += data
+        if b"first" in got:
+            break
+    assert readers() == 1  # blocked on the silent upstream
+    response.close()
+    deadline = time.monotonic() + 4  # well before the upstream's next event (8 s)
+    while readers() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert readers() == 0

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import socket
 import threading
 import time
 from typing import Callable, Iterator
@@ -55,15 +54,20 @@ class Pump:
         threading.Thread(target=self._work, args=(run, max_bytes), name="streamfold-messages",
                          daemon=True).start()
 
-    def cancel(self) -> None:
-        """Stop reading; a read blocked on a silent upstream returns at once (socket shut down)."""
+    def cancel(self, interrupt: bool = True) -> None:
+        """Stop reading. ``interrupt``: the reader may be blocked on a silent upstream, so shut the
+        socket down (urllib3's ``shutdown``, meant for this) and its read returns at once.
+
+        Only while the reader is still reading: once the body is complete,
+        urllib3 has handed the connection back to its pool, and shutting it
+        down could cut another request's connection.
+        """
         self.cancelled.set()
-        sock = getattr(getattr(self.response, "connection", None), "sock", None)
-        if sock is not None:
+        if interrupt and self.response is not None:
             try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+                self.response.shutdown()
+            except (ValueError, RuntimeError, OSError):
+                pass  # not connected, or already released to the pool
 
     def _put(self, item: tuple) -> None:
         while not self.cancelled.is_set():
@@ -187,6 +191,6 @@ def events(pump: Pump, pending: list[tuple], stream: MessageStream,
             if data:
                 yield data
     finally:
-        pump.cancel()
+        pump.cancel(interrupt=not stream.ended)  # ended: the reader is done; else the client went away
         metrics.ACTIVE_STREAMS.dec()
         on_end(chat, result)
