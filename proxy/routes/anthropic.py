@@ -25,6 +25,7 @@ from ..translate.anthropic import request as translate
 from ..translate.anthropic.response import error_body, error_type, is_context_overflow, to_message, upstream_error
 from ..translate.anthropic.stream import MessageStream
 from ..translate.anthropic.tokens import estimate
+from ..translate.anthropic.validate import validate
 from ..translate.tools import ToolNames
 from . import anthropic_stream
 from .common import authenticate, end_logger, holder, loggable, read_json_body
@@ -141,7 +142,7 @@ def messages() -> Response:
     model = body.get("model")
     if isinstance(model, str):
         g.log["model"] = loggable(model)
-    translate.validate(body)
+    validate(body)
     stream = bool(body.get("stream"))
     targets = runtime.router.resolve(model)
     # limits: admit(model) here (client key policy, added by the limits work)
@@ -249,7 +250,7 @@ def count_tokens() -> Response:
     runtime = config.current()
     g.log["client"] = authenticate(runtime)
     body = read_json_body(runtime.settings.max_request_bytes)
-    translate.validate(body, need_max_tokens=False)
+    validate(body, need_max_tokens=False)
     g.log["model"] = loggable(body["model"])
     try:
         targets = runtime.router.resolve(body["model"])
