@@ -295,3 +295,38 @@ def test_client_leaving_during_upstream_silence_stops_the_reader_at_once(live, u
     while readers() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert readers() == 0
+
+
+FIXTURES = __import__("pathlib").Path(__file__).parent / "fixtures"
+CAPTURES = sorted(p for d in ("real", "crafted") for p in (FIXTURES / d).glob("*.sse")
+                  if not p.name.startswith(("openai-responses", "vllm-completions")))
+
+
+@pytest.mark.parametrize("path", CAPTURES, ids=[p.name for p in CAPTURES])
+def test_real_server_captures_translate_like_the_chat_fold_says(live, upstream, path):
+    from proxy.errors import ProxyError
+    from proxy.fold.chat import fold_chat_chunks
+    from proxy.translate.tools import sanitize_tool_id
+
+    data = path.read_bytes()
+    try:
+        folded = fold_chat_chunks([data])
+    except ProxyError:
+        folded = None  # a cut-off or failing stream: the translation must end with an error too
+    upstream.handler = lambda rec: Reply(events=[data])
+    response = requests.post(live.url + "/v1/messages", json=dict(MESSAGES, stream=True), headers=AUTH, timeout=10)
+    if response.status_code != 200:  # failed before its first event: an ordinary Anthropic error
+        assert folded is None and response.json()["type"] == "error"
+        return
+    checked = check_stream(response.content, broken=folded is None)
+    if folded is None:
+        return
+    message = folded["choices"][0]["message"]
+    assert checked.text == (message["content"] or "")
+    assert checked.thinking == (message.get("reasoning_content") or message.get("reasoning") or "")
+    calls = message.get("tool_calls") or []
+    if message.get("function_call"):  # the legacy single call becomes a tool_use block too
+        calls = [{"function": message["function_call"]}, *calls]
+    assert [(t["id"], t["name"]) for t in checked.tools] == [
+        (sanitize_tool_id(c.get("id") or t["id"]), c["function"]["name"] or t["name"])
+        for c, t in zip(calls, checked.tools, strict=True)]

@@ -35,7 +35,8 @@ bp = Blueprint("anthropic", __name__)
 JSON = {"Content-Type": "application/json"}
 # Client headers that only mean something to Anthropic (or its SDKs' telemetry):
 # never sent to a chat upstream, kept for a native one.
-_ANTHROPIC_ONLY = ("anthropic-", "x-stainless-", "x-claude-", "x-app")
+_ANTHROPIC_ONLY = ("anthropic-", "x-stainless-", "x-claude-")
+_ANTHROPIC_ONLY_NAMES = frozenset(("x-app",))
 
 
 class AnthropicError(ProxyError):
@@ -102,7 +103,8 @@ class Bridge:
         self.body = body
         self.names = ToolNames()
         self.native_headers = headers
-        self.chat_headers = {k: v for k, v in headers.items() if not k.startswith(_ANTHROPIC_ONLY)}
+        self.chat_headers = {k: v for k, v in headers.items()
+                             if not k.startswith(_ANTHROPIC_ONLY) and k not in _ANTHROPIC_ONLY_NAMES}
         self._chat: dict[bool, dict] = {}  # by reasoning-replay
         self._estimate: int | None = None
         self.usage: dict | None = None  # the upstream's chat usage, for the token metrics
