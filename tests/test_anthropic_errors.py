@@ -63,6 +63,29 @@ def test_bad_input_is_a_400_invalid_request_error_and_the_worker_stays_healthy(c
     healthy(client, upstream)
 
 
+def nested(depth: int) -> dict:
+    node: dict = {"type": "object"}
+    for _ in range(depth):
+        node = {"type": "object", "properties": {"a": node}}
+    return node
+
+
+@pytest.mark.parametrize("path", ["/v1/messages", "/v1/messages/count_tokens"])
+@pytest.mark.parametrize("where", ["tool-schema", "tool-use-input"])
+def test_json_nested_too_deep_to_forward_is_a_400_not_a_500(client, upstream, path, where):
+    body = dict(MESSAGES)
+    if where == "tool-schema":
+        body["tools"] = [{"name": "Deep", "input_schema": nested(200)}]
+    else:
+        body["messages"] = [{"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "Deep",
+                                                                "input": nested(200)}]}]
+    response = client.post(path, json=body, headers=AUTH)
+    assert response.status_code == 400
+    assert "nests JSON too deeply" in error_of(response)["message"]
+    assert upstream.requests == []
+    healthy(client, upstream)
+
+
 def test_oversize_body_is_a_413_request_too_large(upstream):
     client = make_app(settings_doc(provider(upstream), **{"max-request-bytes": 1000})).test_client()
     body = dict(MESSAGES, messages=[{"role": "user", "content": "x" * 5000}])

@@ -16,7 +16,7 @@ from flask import Blueprint, Response, g, request
 from werkzeug.exceptions import HTTPException
 
 from .. import tokenizer
-from ..errors import ModelNotFound, ProxyError, UpstreamTimeout, UpstreamUnavailable
+from ..errors import BadRequest, ModelNotFound, ProxyError, UpstreamTimeout, UpstreamUnavailable
 from ..executor import Call, Outcome, Plan, client_headers, execute
 from ..fold import fold_chat_chunks
 from ..relay import SSE_HEADERS, to_response, with_keepalive
@@ -153,7 +153,10 @@ def messages() -> Response:
                 True, g.log, adapt=bridge.plan)
 
     def run() -> Outcome:
-        return execute(settings, config.sessions, config.keys, targets, call)
+        try:
+            return execute(settings, config.sessions, config.keys, targets, call)
+        except orjson.JSONEncodeError:
+            raise _too_deep() from None
 
     on_end = _chat_usage(end_logger(g.log), bridge)
     if stream:
@@ -259,11 +262,18 @@ def count_tokens() -> Response:
     except ModelNotFound:
         targets = ()  # still answered: a count must never make a model look missing (CLIProxyAPI#4410)
     count = None
-    for target in targets:
-        if target.provider.tokenizer != "none":
-            chat = translate.to_chat(body, ToolNames())
-            count = tokenizer.count(config.sessions, target, chat)
-            break
-    if count is None:
-        count = estimate(body)
+    try:
+        for target in targets:
+            if target.provider.tokenizer != "none":
+                count = tokenizer.count(config.sessions, target, translate.to_chat(body, ToolNames()))
+                break
+        if count is None:
+            count = estimate(body)
+    except orjson.JSONEncodeError:
+        raise _too_deep() from None
     return Response(orjson.dumps({"input_tokens": count}), 200, JSON)
+
+
+def _too_deep() -> BadRequest:
+    # orjson writes at most 255 levels of nesting (it reads 1024): such a body cannot be sent on
+    return BadRequest("The request body nests JSON too deeply to be forwarded (the limit is 255 levels).")
