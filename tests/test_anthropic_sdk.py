@@ -67,6 +67,7 @@ def test_sdk_messages_create_text_with_system_string_and_blocks(proxy):
         assert message.content[0].text == "system=Be brief. images=0"
         assert message.model == "claude-sonnet-4-6" and message.stop_reason == "end_turn"
         assert message.usage.input_tokens == 5 and message.usage.output_tokens == 2
+        assert message._request_id  # the proxy's request id, as Anthropic's request-id header
 
 
 def test_sdk_messages_create_with_an_image(proxy):

@@ -64,6 +64,12 @@ def client_error(exc: ProxyError) -> AnthropicError:
     return AnthropicError(exc.message, status=status, type=error_type(status), headers=exc.headers)
 
 
+@bp.after_request
+def _request_id(response: Response) -> Response:
+    response.headers["request-id"] = g.request_id  # where Anthropic SDKs read it (``message._request_id``)
+    return response
+
+
 @bp.errorhandler(ProxyError)
 def render(exc: ProxyError) -> Response:
     mapped = client_error(exc)
