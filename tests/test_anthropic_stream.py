@@ -330,3 +330,17 @@ def test_real_server_captures_translate_like_the_chat_fold_says(live, upstream, 
     assert [(t["id"], t["name"]) for t in checked.tools] == [
         (sanitize_tool_id(c.get("id") or t["id"]), c["function"]["name"] or t["name"])
         for c, t in zip(calls, checked.tools, strict=True)]
+
+
+def test_upstream_that_ignores_stream_true_and_answers_json_still_streams(live, upstream):
+    from tests.upstream import completion
+
+    answer = completion("Plain JSON answer")
+    answer["choices"][0]["message"]["tool_calls"] = [
+        {"id": "call_j", "type": "function", "function": {"name": "Bash", "arguments": '{"command":"ls"}'}}]
+    upstream.handler = lambda rec: Reply(body=json.dumps(answer).encode())
+    response = requests.post(live.url + "/v1/messages", json=dict(MESSAGES, stream=True), headers=AUTH, timeout=10)
+    checked = check_stream(response.content)
+    assert checked.text == "Plain JSON answer"
+    assert [(t["id"], t["name"], t["input"]) for t in checked.tools] == [("call_j", "Bash", {"command": "ls"})]
+    assert checked.stop_reason == "tool_use" and checked.usage["input_tokens"] == 5

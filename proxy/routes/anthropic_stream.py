@@ -27,7 +27,7 @@ from typing import Callable, Iterator
 from .. import metrics, upstream
 from ..errors import ProxyError
 from ..executor import Outcome
-from ..translate.anthropic.stream import PING, MessageStream
+from ..translate.anthropic.stream import PING, MessageStream, completion_as_chunk
 from ..translate.chat_stream import DONE, ChatStream, iter_chat_chunks
 
 log = logging.getLogger(__name__)
@@ -87,6 +87,13 @@ class Pump:
             self._put(("outcome", outcome))
             if response is None or self.cancelled.is_set():
                 return  # an error answer or a native stream: the view relays it
+            head = outcome.first.lstrip()[:1]
+            if "json" in outcome.content_type and head == b"{":
+                # A server that ignored stream: true and answered one JSON completion.
+                body = upstream.read_body(response, outcome.first, max_bytes)
+                self._put(("chunks", [completion_as_chunk(body), DONE]))
+                self._put(("end", None))
+                return
             batch: list = []
 
             def reads() -> Iterator[bytes]:

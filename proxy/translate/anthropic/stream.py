@@ -26,6 +26,8 @@ from typing import Any, Iterable
 
 import orjson
 
+from ...errors import StreamError
+from ...fold.chat import stream_error
 from ..tools import ToolNames, sanitize_tool_id
 from .response import error_event, new_message_id, stop_reason, tool_input, usage
 
@@ -40,6 +42,35 @@ _THINKING_START = b'event: content_block_start\ndata: {"type":"content_block_sta
                   b'"content_block":{"type":"thinking","thinking":"","signature":""}}\n\n'
 _STOP = b'event: content_block_stop\ndata: {"type":"content_block_stop","index":%d}\n\n'
 _MESSAGE_STOP = b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
+
+
+def completion_as_chunk(body: bytes) -> dict:
+    """One ``chat.completion`` JSON (a server that ignored ``stream: true``) as the one chunk saying it all.
+
+    The message becomes the delta (content, reasoning, tool calls without
+    ``index``: each new id starts a call), so it goes through the same
+    ``ChatStream`` as any stream.
+    """
+    try:
+        completion = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise StreamError("upstream answered a stream request with JSON that does not parse") from None
+    if not isinstance(completion, dict):
+        raise StreamError("upstream answered a stream request with JSON that is not an object")
+    if completion.get("error") is not None:
+        raise stream_error(completion)
+    choices = completion.get("choices")
+    choice = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
+    message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+    calls = message.get("tool_calls")
+    delta = {k: v for k, v in message.items() if k != "tool_calls"}
+    if isinstance(calls, list):
+        delta["tool_calls"] = [{k: v for k, v in c.items() if k != "index"} for c in calls if isinstance(c, dict)]
+    chunk = {k: completion[k] for k in ("id", "model", "created") if k in completion}
+    chunk["choices"] = [{"index": 0, "delta": delta, "finish_reason": choice.get("finish_reason") or "stop"}]
+    if isinstance(completion.get("usage"), dict):
+        chunk["usage"] = completion["usage"]
+    return chunk
 
 
 def frame(kind: str, payload: dict) -> bytes:
