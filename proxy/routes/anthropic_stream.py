@@ -29,6 +29,7 @@ from ..errors import ProxyError
 from ..executor import Outcome
 from ..translate.anthropic.stream import PING, MessageStream, completion_as_chunk
 from ..translate.chat_stream import DONE, ChatStream, iter_chat_chunks
+from .common import loggable
 
 log = logging.getLogger(__name__)
 PING_INTERVAL = 10.0
@@ -193,7 +194,7 @@ def events(pump: Pump, pending: list[tuple], stream: MessageStream,
                     raise value
             except ProxyError as exc:
                 status, message = failure(exc)
-                result = f"upstream failed mid-stream: {message[:200]}"
+                result = f"upstream failed mid-stream: {loggable(message, 200)}"
                 data = stream.fail(status, message)
             if data:
                 yield data
