@@ -153,6 +153,16 @@ def test_a10_base64_and_url_images_become_image_url_parts(client, upstream):
         {"type": "image_url", "image_url": {"url": "https://example.com/cat.jpg"}}]
 
 
+def test_a10_text_only_model_gets_image_omitted_text_instead_of_the_image(upstream):
+    models = [{"name": "qwen3-coder", "alias": "claude-*", "vision": False}]
+    client = make_app(settings_doc(provider(upstream, models=models))).test_client()
+    content = [{"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}},
+               {"type": "text", "text": "what is this?"}]
+    body, response = sent(client, upstream, dict(MESSAGES, messages=[{"role": "user", "content": content}]))
+    assert body["messages"][0] == {"role": "user", "content": "[image omitted]\n\nwhat is this?"}
+    assert "iVBORw0KGgo" not in upstream.requests[-1].raw.decode() and response.status_code == 200
+
+
 def test_a17_sanitised_tool_id_round_trips_to_the_next_turn(client, upstream):
     _, response = sent(client, upstream, MESSAGES, tool_answer([{
         "id": "functions.Bash:0", "type": "function", "function": {"name": "Bash", "arguments": '{"command":"ls"}'}}]))

@@ -111,7 +111,7 @@ class Bridge:
         self.native_headers = headers
         self.chat_headers = {k: v for k, v in headers.items()
                              if not k.startswith(_ANTHROPIC_ONLY) and k not in _ANTHROPIC_ONLY_NAMES}
-        self._chat: dict[bool, dict] = {}  # by reasoning-replay
+        self._chat: dict[tuple[bool, bool], dict] = {}  # by (reasoning-replay, vision)
         self._estimate: int | None = None
         self.usage: dict | None = None  # the upstream's chat usage, for the token metrics
 
@@ -126,11 +126,12 @@ class Bridge:
         if "messages" in provider.native_apis:
             return Plan("/messages", {**self.body, "model": target.model}, fold=None,
                         headers=self.native_headers, native=True, key_header="x-api-key")
-        replay = provider.reasoning_replay
-        chat = self._chat.get(replay)
-        if chat is None:
-            chat = self._chat[replay] = translate.to_chat(self.body, self.names, reasoning_replay=replay)
         spec = target.spec
+        variant = (provider.reasoning_replay, spec is None or spec.vision)
+        chat = self._chat.get(variant)
+        if chat is None:
+            chat = self._chat[variant] = translate.to_chat(self.body, self.names, reasoning_replay=variant[0],
+                                                           vision=variant[1])
         max_tokens = self.body["max_tokens"]
         if spec is not None and (spec.max_output_tokens or spec.context_length):
             max_tokens = translate.clamp_max_tokens(max_tokens, spec.max_output_tokens, spec.context_length,

@@ -31,14 +31,19 @@ MIN_CLAMPED_TOKENS = 1024
 _EFFORT = ((2048, "low"), (16384, "medium"))
 
 
-def to_chat(body: dict, names: ToolNames, *, reasoning_replay: bool = False) -> dict:
-    """The chat body for a validated Anthropic body, without ``model`` and ``max_tokens`` (see ``for_target``)."""
+def to_chat(body: dict, names: ToolNames, *, reasoning_replay: bool = False, vision: bool = True) -> dict:
+    """The chat body for a validated Anthropic body, without ``model`` and ``max_tokens`` (see ``for_target``).
+
+    ``vision=False`` (a text-only model): images become the text ``[image
+    omitted]``, so a screenshot in the history does not make every later
+    request of the conversation fail.
+    """
     messages: list[dict] = []
     system = _system_text(body.get("system"))
     if system:
         messages.append({"role": "system", "content": system})
     for message in body["messages"]:
-        _message(message, messages, names, reasoning_replay)
+        _message(message, messages, names, reasoning_replay, vision)
     chat: dict[str, Any] = {"messages": messages}
     if body.get("stream"):
         chat["stream"] = True
@@ -103,7 +108,7 @@ def _system_text(system: Any) -> str:
     return "\n\n".join(texts)
 
 
-def _message(message: dict, out: list[dict], names: ToolNames, replay: bool) -> None:
+def _message(message: dict, out: list[dict], names: ToolNames, replay: bool, vision: bool) -> None:
     role, content = message["role"], message["content"]
     if role == "system":
         # Strict templates refuse a system message after the first one.
@@ -129,7 +134,7 @@ def _message(message: dict, out: list[dict], names: ToolNames, replay: bool) -> 
             if block["text"].strip():
                 parts.append({"type": "text", "text": block["text"]})
         elif kind == "image":
-            part = _image(block)
+            part = _image(block) if vision else {"type": "text", "text": "[image omitted]"}
             if part is not None:
                 parts.append(part)
         elif kind in ("document", "search_result"):
