@@ -55,6 +55,7 @@ def proxy(tmp_path_factory):
     server = Gunicorn(write_settings(tmp_path_factory.mktemp("sdk") / "settings.yaml", doc), workers=2)
     client = anthropic.Anthropic(base_url=server.url, api_key=CLIENT_KEY, max_retries=0, timeout=20)
     yield client, upstream, server
+    client.close()
     server.stop()
     upstream.stop()
 
@@ -119,9 +120,9 @@ def test_sdk_count_tokens(proxy):
 def test_sdk_exception_classes_match_the_statuses(proxy, tmp_path):
     client, _, server = proxy
     hi = [{"role": "user", "content": "hi"}]
-    with pytest.raises(anthropic.AuthenticationError):
-        anthropic.Anthropic(base_url=server.url, api_key="sk-wrong", max_retries=0).messages.create(
-            model="claude-sonnet-4-6", max_tokens=8, messages=hi)
+    with anthropic.Anthropic(base_url=server.url, api_key="sk-wrong", max_retries=0) as stranger:
+        with pytest.raises(anthropic.AuthenticationError):
+            stranger.messages.create(model="claude-sonnet-4-6", max_tokens=8, messages=hi)
     with pytest.raises(anthropic.NotFoundError):
         client.messages.create(model="gpt-unknown", max_tokens=8, messages=hi)
     with pytest.raises(anthropic.BadRequestError) as bad:
