@@ -1,6 +1,6 @@
 """streamfold benchmark: the proxy against the same upstream called directly, one table.
 
-    bench/run.sh [--seconds 5] [--smoke] [--with-litellm] [--only json,fold,...]
+    bench/run.sh [--seconds 5] [--smoke] [--with-litellm] [--only json,fold,stream,responses,messages,endurance]
 
 Starts nginx (a static upstream that is never the bottleneck) serving fixture
 answers, the proxy under gunicorn with the shipped gunicorn.conf.py, and wrk as
@@ -238,6 +238,8 @@ def run(args) -> list[dict]:
             rows.append(row("streaming relay, events/s", p["rps"] * 200, d["rps"] * 200, "events/s", p["errors"]))
         if "responses" in args.only:
             rows += responses_rows(via, proxy.pid, seconds, n)
+        if "messages" in args.only:
+            rows += messages_rows(via, proxy.pid, seconds, n)
         if "endurance" in args.only:
             result = endurance.run_clients(proxy_port, KEY, args.streams, args.endurance_seconds, proxy.pid)
             rows.append(row(f"{args.streams} slow streams: completed", result["completed"], args.streams, "streams"))
@@ -291,6 +293,30 @@ def responses_rows(via: str, proxy_pid: int, seconds: float, repeat: int) -> lis
     return rows
 
 
+def messages_rows(via: str, proxy_pid: int, seconds: float, repeat: int) -> list[dict]:
+    """/v1/messages (translated to chat) next to the same chat request: streaming, and non-stream to a
+    forced provider (the same fold, then one translation). CPU per request as in ``responses_rows``; the
+    chat body doubles as an Anthropic one (it has max_tokens)."""
+    messages = via.replace("/chat/completions", "/messages")
+    wrk(messages, "bench-stream", 8, 1, stream=True)  # warm-up
+    rows = []
+    for label, model, stream in (("streaming, 200 events", "bench-stream", True),
+                                 ("non-stream (forced fold), 200 events", "bench-fold", False)):
+        runs: dict[str, list] = {"chat": [], "messages": []}
+        for _ in range(repeat):  # interleaved, so a change in the machine's load hits both alike
+            for name, url in (("chat", via), ("messages", messages)):
+                before = worker_cpu_seconds(proxy_pid)
+                result = wrk_once(url, model, 8, seconds, stream)
+                result["cpu_ms"] = (worker_cpu_seconds(proxy_pid) - before) * 1000 / max(1, result["requests"])
+                runs[name].append(result)
+        cpu = {name: sorted(found, key=lambda r: r["cpu_ms"])[len(found) // 2] for name, found in runs.items()}
+        rows.append(row(f"/v1/messages {label}, c8", cpu["messages"]["rps"], cpu["chat"]["rps"],
+                        "req/s (vs chat)", cpu["messages"]["errors"]))
+        rows.append(row(f"/v1/messages {label}, CPU per request", cpu["messages"]["cpu_ms"], cpu["chat"]["cpu_ms"],
+                        "ms (vs chat)", cpu["messages"]["errors"]))
+    return rows
+
+
 def worker_cpu_seconds(master_pid: int) -> float:
     """User + system CPU seconds of gunicorn's workers so far (Linux /proc)."""
     total = 0
@@ -324,7 +350,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="wrk runs per figure; the median is reported")
     parser.add_argument("--smoke", action="store_true", help="a few seconds in all, to check the harness works")
     parser.add_argument("--with-litellm", action="store_true", help="also run LiteLLM's proxy on scenarios 1-3")
-    parser.add_argument("--only", default="json,fold,stream,responses,endurance")
+    parser.add_argument("--only", default="json,fold,stream,responses,messages,endurance")
     parser.add_argument("--streams", type=int, default=1000, help="concurrent slow streams (endurance)")
     parser.add_argument("--endurance-seconds", type=float, default=10, help="length of each slow stream")
     parser.add_argument("--output", default=str(HERE / "results.json"))

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One command on a fresh machine: install what the benchmark needs, then run it.
-#   bench/run.sh [--seconds 5] [--smoke] [--with-litellm] [--only json,fold,stream,endurance]
+#   bench/run.sh [--seconds 5] [--smoke] [--with-litellm] [--only json,fold,stream,messages,endurance]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 missing=()

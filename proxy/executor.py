@@ -67,6 +67,7 @@ class Plan:
     usage_option: bool = True                 # a forced request also asks for include_usage
     headers: dict[str, str] | None = None     # client headers to send instead of Call.client_headers
     native: bool = True                       # False: the route must translate the answer back
+    key_header: str | None = None             # also send the provider key in this header (x-api-key)
 
 
 @dataclass(slots=True)
@@ -166,6 +167,8 @@ def _attempt(settings: Settings, sessions: upstream.Sessions, keys: KeyPool,
     headers["X-Request-Id"] = call.request_id
     if entry.api_key:
         headers["Authorization"] = f"Bearer {entry.api_key}"
+        if plan is not None and plan.key_header:
+            headers[plan.key_header] = entry.api_key
     started = time.perf_counter()
     try:
         response = upstream.post(sessions, provider, provider.base_url + path,

@@ -58,6 +58,7 @@ class Model:
     alias: str = ""               # may be a glob (* ? [..]): exact names win, then globs in file order
     max_output_tokens: int = 0    # >0: max_tokens is clamped to this
     context_length: int = 0       # >0: max_tokens is clamped to this minus the estimated prompt
+    vision: bool = True           # false: images in translated (bridged) requests become "[image omitted]"
 
     @property
     def alias_is_glob(self) -> bool:

@@ -196,6 +196,8 @@ def _public_model(model) -> dict[str, Any]:
         out["max-output-tokens"] = model.max_output_tokens
     if model.context_length:
         out["context-length"] = model.context_length
+    if not model.vision:
+        out["vision"] = False
     return out
 
 

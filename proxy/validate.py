@@ -35,7 +35,7 @@ PROVIDER_KEYS = {"name", "base-url", "disabled", "prefix", "request-retry", "api
                  "headers", "ca-bundle", "verify-tls", "force-upstream-stream", "models",
                  "native-apis", "tokenizer", "reasoning-replay", "stream-usage"}
 CLIENT_KEY_KEYS = {"key", "name", "models", "rpm", "tpm", "max-concurrent"}
-MODEL_KEYS = {"name", "alias", "max-output-tokens", "context-length"}
+MODEL_KEYS = {"name", "alias", "max-output-tokens", "context-length", "vision"}
 
 
 class Validator:
@@ -251,7 +251,8 @@ class Validator:
             models.append(Model(name=self.string(item, where, "name", None),
                                 alias=self.string(item, where, "alias", ""),
                                 max_output_tokens=self.integer(item, where, "max-output-tokens", 0, minimum=0),
-                                context_length=self.integer(item, where, "context-length", 0, minimum=0)))
+                                context_length=self.integer(item, where, "context-length", 0, minimum=0),
+                                vision=self.boolean(item, where, "vision", True)))
         return tuple(models)
 
 

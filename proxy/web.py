@@ -10,7 +10,15 @@ from werkzeug.exceptions import HTTPException
 
 from . import activity, demo, instances, metrics
 from .errors import ProxyError, error_body
-from .routes import common, manage, openai, page, page_api, responses  # noqa: F401 - page_api adds routes to manage.bp
+from .routes import (  # noqa: F401 - page_api adds routes to manage.bp
+    anthropic,
+    common,
+    manage,
+    openai,
+    page,
+    page_api,
+    responses,
+)
 from .runtime import ConfigHolder
 from .settings import Settings, settings_path
 from .state import open_store
@@ -42,6 +50,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
 
     app.register_blueprint(openai.bp)
     app.register_blueprint(responses.bp)
+    app.register_blueprint(anthropic.bp)
     app.register_blueprint(manage.bp)
     app.register_blueprint(metrics.bp)
     app.register_blueprint(demo.bp)  # answers 404 unless demo-upstream is on (checked per request)
@@ -92,6 +101,8 @@ def _render_proxy_error(exc: ProxyError) -> Response:
 
 
 def _render_http_error(exc: HTTPException) -> Response:
+    if request.path.startswith("/v1/messages"):  # unrouted paths of the Anthropic API: its error shape
+        return anthropic.http_error(exc)
     status = exc.code or 500
     kind = "invalid_request_error" if status < 500 else "server_error"
     messages = {404: f"Unknown request URL: {request.method} {request.path}.",

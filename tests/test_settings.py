@@ -148,7 +148,7 @@ def test_part2_settings_are_validated_with_their_key_paths():
         "demo-upstream": "yes",
         "openai-compatibility": [
             {"name": "raw\n", "base-url": "http://x/v1", "native-apis": ["chat", "soap"], "tokenizer": "bpe",
-             "models": [{"name": "q", "max-output-tokens": -5, "context-length": "big"}]},
+             "models": [{"name": "q", "max-output-tokens": -5, "context-length": "big", "vision": "no"}]},
             {"name": "", "base-url": "http://y/v1"},
         ],
     }
@@ -165,6 +165,7 @@ def test_part2_settings_are_validated_with_their_key_paths():
         "openai-compatibility[0].tokenizer: must be one of none, vllm, llama.cpp",
         "openai-compatibility[0].models[0].max-output-tokens: must be >= 0",
         "openai-compatibility[0].models[0].context-length: must be an integer, not a string",
+        "openai-compatibility[0].models[0].vision: must be true or false, not a string",
         "openai-compatibility[1].name: must not be empty",
     ])
 
@@ -175,7 +176,7 @@ def test_client_key_policy_and_model_limits_are_loaded():
                       "max-concurrent": 2}, "k2"],
         "openai-compatibility": [{"name": "p", "base-url": "http://x/v1", "native-apis": ["chat"],
                                   "models": [{"name": "q", "alias": "claude-*", "max-output-tokens": 8,
-                                              "context-length": 64}]}],
+                                              "context-length": 64, "vision": False}, {"name": "v"}]}],
     }, {})
     team, plain = settings.api_keys
     assert (team.models, team.rpm, team.tpm, team.max_concurrent, team.limited) == (("qwen*",), 60, 1000, 2, True)
@@ -183,3 +184,4 @@ def test_client_key_policy_and_model_limits_are_loaded():
     provider = settings.providers[0]
     assert provider.native_apis == {"chat"} and provider.models[0].alias_is_glob
     assert (provider.models[0].max_output_tokens, provider.models[0].context_length) == (8, 64)
+    assert (provider.models[0].vision, provider.models[1].vision) == (False, True)

@@ -1,0 +1,1 @@
+"""Anthropic Messages <-> chat completions: request, response and stream translators (pure)."""

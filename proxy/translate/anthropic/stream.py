@@ -1,0 +1,193 @@
+"""Chat stream events -> Anthropic Messages SSE events: the state machine of translation.md §1.4.
+
+Pure: ``ChatStream`` events in (see ``proxy.translate.chat_stream``), bytes
+out. The invariants Claude Code depends on hold by construction:
+
+- one ``message_start``, first;
+- block indices 0, 1, 2... in order, never reused, at most one block open;
+  every delta matches its block's type (a ``thinking_delta`` never goes into
+  a text block: litellm#33224);
+- tool calls are held until the end of the stream and then each sent as one
+  ``tool_use`` block with ONE ``input_json_delta`` of valid JSON (repaired
+  when the model wrote broken JSON, ``{}`` when empty). Local models do
+  write broken JSON, and Claude Code only acts on the complete input anyway;
+  holding them also keeps blocks strictly sequential when the upstream
+  interleaves the arguments of parallel calls;
+- on success one ``message_delta`` (stop reason, usage) then one
+  ``message_stop``; a stream that broke instead ends with ``event: error``
+  and no ``message_stop`` (never a clean ending for a broken answer).
+
+Hot path: deltas are written from byte templates, only the text is
+JSON-encoded.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import orjson
+
+from ...errors import StreamError
+from ...fold.chat import stream_error
+from ..tools import ToolNames, sanitize_tool_id
+from .response import error_event, new_message_id, stop_reason, tool_input, usage
+
+PING = b'event: ping\ndata: {"type":"ping"}\n\n'
+_TEXT_DELTA = b'event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,' \
+              b'"delta":{"type":"text_delta","text":%s}}\n\n'
+_THINKING_DELTA = b'event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,' \
+                  b'"delta":{"type":"thinking_delta","thinking":%s}}\n\n'
+_TEXT_START = b'event: content_block_start\ndata: {"type":"content_block_start","index":%d,' \
+              b'"content_block":{"type":"text","text":""}}\n\n'
+_THINKING_START = b'event: content_block_start\ndata: {"type":"content_block_start","index":%d,' \
+                  b'"content_block":{"type":"thinking","thinking":"","signature":""}}\n\n'
+_STOP = b'event: content_block_stop\ndata: {"type":"content_block_stop","index":%d}\n\n'
+_MESSAGE_STOP = b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
+
+
+def completion_as_chunk(body: bytes) -> dict:
+    """One ``chat.completion`` JSON (a server that ignored ``stream: true``) as the one chunk saying it all.
+
+    The message becomes the delta (content, reasoning, tool calls without
+    ``index``: each new id starts a call), so it goes through the same
+    ``ChatStream`` as any stream.
+    """
+    try:
+        completion = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise StreamError("upstream answered a stream request with JSON that does not parse") from None
+    if not isinstance(completion, dict):
+        raise StreamError("upstream answered a stream request with JSON that is not an object")
+    if completion.get("error") is not None:
+        raise stream_error(completion)
+    choices = completion.get("choices")
+    choice = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
+    message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+    calls = message.get("tool_calls")
+    delta = {k: v for k, v in message.items() if k != "tool_calls"}
+    if isinstance(calls, list):
+        delta["tool_calls"] = [{k: v for k, v in c.items() if k != "index"} for c in calls if isinstance(c, dict)]
+    chunk = {k: completion[k] for k in ("id", "model", "created") if k in completion}
+    chunk["choices"] = [{"index": 0, "delta": delta, "finish_reason": choice.get("finish_reason") or "stop"}]
+    if isinstance(completion.get("usage"), dict):
+        chunk["usage"] = completion["usage"]
+    return chunk
+
+
+def frame(kind: str, payload: dict) -> bytes:
+    """One SSE event: ``event: <type>`` and its JSON data."""
+    return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(payload) + b"\n\n"
+
+
+class MessageStream:
+    """One Anthropic event stream being written from one upstream chat stream."""
+
+    __slots__ = ("model", "names", "input_tokens", "message_id", "started", "ended", "next_index",
+                 "open_kind", "open_index", "tools", "emitted_tool", "finish", "usage")
+
+    def __init__(self, model: str, names: ToolNames, input_tokens: int = 0) -> None:
+        self.model = model                # the name the client asked for
+        self.names = names
+        self.input_tokens = input_tokens  # the estimate, until the upstream reports usage
+        self.message_id = new_message_id()
+        self.started = False
+        self.ended = False
+        self.next_index = 0
+        self.open_kind: str | None = None  # "text" | "thinking" | None
+        self.open_index = -1
+        self.tools: list[Any] = []        # started ToolCalls, sent at the end
+        self.emitted_tool = False
+        self.finish: str | None = None
+        self.usage: dict | None = None
+
+    def start(self) -> bytes:
+        """``message_start`` (once; later calls give ``b""``)."""
+        if self.started:
+            return b""
+        self.started = True
+        message = {"id": self.message_id, "type": "message", "role": "assistant", "model": self.model,
+                   "content": [], "stop_reason": None, "stop_sequence": None,
+                   "usage": {"input_tokens": self.input_tokens, "output_tokens": 0,
+                             "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}}
+        return frame("message_start", {"type": "message_start", "message": message})
+
+    def feed(self, events: Iterable[tuple]) -> bytes:
+        """The Anthropic events for a run of ``ChatStream`` events."""
+        if self.ended:
+            return b""
+        out = [self.start()] if not self.started else []
+        for event in events:
+            kind = event[0]
+            if kind == "text":
+                if self.open_kind != "text":
+                    out.append(self._open("text", _TEXT_START))
+                out.append(_TEXT_DELTA % (self.open_index, orjson.dumps(event[1])))
+            elif kind == "reasoning":
+                if self.open_kind != "thinking":
+                    out.append(self._open("thinking", _THINKING_START))
+                out.append(_THINKING_DELTA % (self.open_index, orjson.dumps(event[1])))
+            elif kind == "tool_start":
+                self.tools.append(event[1])
+            elif kind == "finish":
+                self.finish = event[1]
+            elif kind == "usage":
+                self.usage = event[1]
+            # "tool_args": the ToolCall keeps its fragments; they are sent whole at the end
+        return b"".join(out)
+
+    def close(self, events: Iterable[tuple], ended_early: bool) -> bytes:
+        """The end of the stream: the last events (from ``ChatStream.close``), then the tools and the stop.
+
+        ``ended_early``: the upstream was cut off (no ``[DONE]``, no finish
+        reason), so the answer is incomplete: ``event: error`` instead.
+        """
+        if self.ended:
+            return b""
+        if ended_early:
+            return self.fail(502, "upstream stream ended early")
+        out = [self.feed(events)]
+        out.append(self._close_open())
+        for tool in self.tools:
+            out.append(self._tool_block(tool))
+        self.tools = []
+        delta_usage = usage(self.usage)
+        if self.usage is None:
+            delta_usage["input_tokens"] = self.input_tokens
+        out.append(frame("message_delta", {
+            "type": "message_delta",
+            "delta": {"stop_reason": stop_reason(self.finish, self.emitted_tool), "stop_sequence": None},
+            "usage": delta_usage}))
+        out.append(_MESSAGE_STOP)
+        self.ended = True
+        return b"".join(out)
+
+    def fail(self, status: int, message: str) -> bytes:
+        """``event: error`` for a stream that broke after it was committed; nothing may follow it."""
+        if self.ended:
+            return b""
+        self.ended = True
+        return self.start() + error_event(status, message)
+
+    # -- blocks ------------------------------------------------------------
+    def _open(self, kind: str, template: bytes) -> bytes:
+        closing = self._close_open()
+        self.open_kind, self.open_index = kind, self.next_index
+        self.next_index += 1
+        return closing + template % self.open_index
+
+    def _close_open(self) -> bytes:
+        if self.open_kind is None:
+            return b""
+        self.open_kind = None
+        return _STOP % self.open_index
+
+    def _tool_block(self, tool: Any) -> bytes:
+        index = self.next_index
+        self.next_index += 1
+        self.emitted_tool = True
+        name = self.names.to_client(tool.name) if tool.name else f"tool_{tool.index}"
+        block = {"type": "tool_use", "id": sanitize_tool_id(tool.id or ""), "name": name, "input": {}}
+        arguments = orjson.dumps(tool_input("".join(tool.args))).decode()
+        return (frame("content_block_start", {"type": "content_block_start", "index": index, "content_block": block})
+                + frame("content_block_delta", {"type": "content_block_delta", "index": index,
+                                                "delta": {"type": "input_json_delta", "partial_json": arguments}})
+                + _STOP % index)
