@@ -13,6 +13,7 @@ from .errors import ProxyError, error_body
 from .routes import common, manage, openai
 from .runtime import ConfigHolder
 from .settings import Settings, settings_path
+from .state import open_store
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,9 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     _configure_logging()  # first: the holder may already log (Redis unreachable, ...)
     app.extensions["streamfold"] = ConfigHolder(path, environ, settings=given)
     settings = app.extensions["streamfold"].runtime.settings
+    # Usage, limit windows and stored responses. Chosen once: changing state-path
+    # or redis-url needs a restart.
+    app.extensions["streamfold.state"] = open_store(settings)
     _warn_about(settings)
     log.info("streamfold ready: %d providers, settings %s", len(settings.providers), path or "(in memory)")
 

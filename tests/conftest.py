@@ -1,7 +1,11 @@
 """Fixtures: the app from the factory, a real loopback upstream, a real proxy server."""
 from __future__ import annotations
 
+import atexit
+import itertools
 import logging
+import shutil
+import tempfile
 import threading
 from typing import Any
 
@@ -16,6 +20,16 @@ CLIENT_KEY = "sk-client-test-0001"
 PROVIDER_KEY = "sk-provider-secret-aaaa"
 AUTH = {"Authorization": f"Bearer {CLIENT_KEY}"}
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+# Every settings document gets its own state file here, so no test writes into
+# the checkout and no two apps share usage or limits unless a test says so.
+STATE_DIR = tempfile.mkdtemp(prefix="streamfold-test-state-")
+atexit.register(shutil.rmtree, STATE_DIR, ignore_errors=True)
+_state_files = itertools.count()
+
+
+def state_path() -> str:
+    """A fresh, unused state-path."""
+    return f"{STATE_DIR}/state-{next(_state_files)}.db"
 
 
 def provider(upstream: FakeUpstream | str, name: str = "up", **extra: Any) -> dict:
@@ -28,12 +42,13 @@ def provider(upstream: FakeUpstream | str, name: str = "up", **extra: Any) -> di
 
 def settings_doc(*providers: dict, **top: Any) -> dict:
     doc = {"api-keys": [CLIENT_KEY], "request-retry": 2, "timeouts": {"connect": 2, "read": 10},
-           "openai-compatibility": list(providers)}
+           "openai-compatibility": list(providers), "state-path": state_path()}
     doc.update(top)
     return doc
 
 
 def make_app(doc: dict):
+    doc.setdefault("state-path", state_path())
     return create_app({"SETTINGS": build_settings(doc, {}), "TESTING": True})
 
 

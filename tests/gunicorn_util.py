@@ -60,5 +60,6 @@ class Gunicorn:
 
 
 def write_settings(path: Path, doc: dict) -> Path:
+    doc.setdefault("state-path", str(path.with_suffix(".state.db")))  # never the checkout's default
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path

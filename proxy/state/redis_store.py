@@ -1,0 +1,170 @@
+"""The shared state store: Redis (``REDIS_URL``), so usage and limits are the same for every instance.
+
+Keys (all under ``streamfold:``): ``blob:<namespace>:<key>`` (expiring
+strings), ``usage:<day>`` (a hash per UTC day; field = JSON
+``[client, model, provider, counter]``), ``win:<name>`` + ``wintotal:<name>``
+(a sliding window: a sorted set of entries scored by time, and its running
+total), ``slots:<name>`` (a sorted set of held slot tokens scored by lease
+expiry). Window and slot updates are Lua scripts using Redis's own clock, so
+the check and the add are one atomic step and instances' clocks need not
+agree.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import time
+from typing import Mapping, Sequence
+
+import orjson
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from ..settings_file import redact_url
+from .store import COUNTERS, Store, StoreUnavailable, UsageKey
+
+PREFIX = "streamfold:"
+USAGE_TTL = 400 * 86400  # usage days kept in Redis (a year and a bit)
+
+# KEYS: window, total. ARGV: limit (-1 = record without a check), span s, cost, nonce.
+# Returns "0" when admitted, else seconds until the oldest entry leaves the window.
+_TAKE = """
+local now_parts = redis.call('TIME')
+local now = tonumber(now_parts[1]) + tonumber(now_parts[2]) / 1000000
+local limit, span, cost = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local old = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - span)
+if #old > 0 then
+  local gone = 0
+  for _, member in ipairs(old) do gone = gone + tonumber(string.match(member, ':(%d+)$')) end
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - span)
+  redis.call('DECRBY', KEYS[2], gone)
+end
+local total = tonumber(redis.call('GET', KEYS[2]) or '0')
+if total < 0 then total = 0; redis.call('SET', KEYS[2], 0) end
+if limit < 0 or total < limit then
+  if cost > 0 then
+    redis.call('ZADD', KEYS[1], now, ARGV[4] .. ':' .. cost)
+    redis.call('INCRBY', KEYS[2], cost)
+  end
+  local ttl = math.ceil(span * 1000) + 1000
+  redis.call('PEXPIRE', KEYS[1], ttl)
+  redis.call('PEXPIRE', KEYS[2], ttl)
+  return '0'
+end
+local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+if oldest[2] then return tostring(math.max(0.001, tonumber(oldest[2]) + span - now)) end
+return tostring(span)
+"""
+# KEYS: slots. ARGV: limit, lease s, token. Returns 1 when a slot was taken.
+_ACQUIRE = """
+local now_parts = redis.call('TIME')
+local now = tonumber(now_parts[1]) + tonumber(now_parts[2]) / 1000000
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[3])
+redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[2]) * 1000) + 1000)
+return 1
+"""
+# KEYS: slots keys; ARGV: lease, then one token per key. Extends leases still held.
+_RENEW = """
+local now_parts = redis.call('TIME')
+local until_ = tonumber(now_parts[1]) + tonumber(now_parts[2]) / 1000000 + tonumber(ARGV[1])
+for i, key in ipairs(KEYS) do
+  redis.call('ZADD', key, 'XX', until_, ARGV[i + 1])
+  redis.call('PEXPIRE', key, math.ceil(tonumber(ARGV[1]) * 1000) + 1000)
+end
+return 1
+"""
+
+
+class RedisStore(Store):
+    kind = "redis"
+
+    def __init__(self, url: str) -> None:
+        super().__init__(redact_url(url))
+        # Short timeouts and no retries: a request thread must not wait on a lost Redis.
+        self.client = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5,
+                                           retry_on_timeout=False, retry=Retry(NoBackoff(), 0))
+        self._take_script = self.client.register_script(_TAKE)
+        self._acquire_script = self.client.register_script(_ACQUIRE)
+        self._renew_script = self.client.register_script(_RENEW)
+
+    def _run(self, operation, *args):
+        try:
+            return operation(*args)
+        except (redis.RedisError, OSError) as exc:
+            raise StoreUnavailable(type(exc).__name__) from None
+
+    def _probe(self) -> None:
+        self._run(self.client.ping)
+
+    # -- blobs -------------------------------------------------------------------
+    def _put_blob(self, namespace: str, key: str, value: bytes, expires: float) -> None:
+        ttl_ms = max(1, int((expires - time.time()) * 1000))
+        self._run(lambda: self.client.set(f"{PREFIX}blob:{namespace}:{key}", value, px=ttl_ms))
+
+    def _get_blob(self, namespace: str, key: str, now: float) -> bytes | None:
+        return self._run(self.client.get, f"{PREFIX}blob:{namespace}:{key}")
+
+    # -- usage -------------------------------------------------------------------
+    def _add_usage(self, rows: Mapping[UsageKey, Sequence[int]]) -> None:
+        def write() -> None:
+            pipe = self.client.pipeline(transaction=True)  # all of a flush or none of it
+            days = set()
+            for (day, client, model, provider), counts in rows.items():
+                for counter, amount in zip(COUNTERS, counts, strict=True):
+                    if amount:
+                        pipe.hincrby(f"{PREFIX}usage:{day}", orjson.dumps([client, model, provider, counter]),
+                                     amount)
+                days.add(day)
+            for day in days:
+                pipe.expire(f"{PREFIX}usage:{day}", USAGE_TTL)
+            pipe.execute()
+        self._run(write)
+
+    def _usage(self, first_day: str, last_day: str) -> list[tuple]:
+        days = list(_days(first_day, last_day))
+
+        def read() -> list[dict]:
+            pipe = self.client.pipeline(transaction=False)
+            for day in days:
+                pipe.hgetall(f"{PREFIX}usage:{day}")
+            return pipe.execute()
+
+        rows: dict[tuple, list[int]] = {}
+        for day, fields in zip(days, self._run(read), strict=True):
+            for field, value in fields.items():
+                client, model, provider, counter = orjson.loads(field)
+                counts = rows.setdefault((day, client, model, provider), [0] * len(COUNTERS))
+                if counter in COUNTERS:
+                    counts[COUNTERS.index(counter)] += int(value)
+        return [(*key, *counts) for key, counts in sorted(rows.items())]
+
+    # -- limits ------------------------------------------------------------------
+    def _take(self, name: str, limit: int, span: float, cost: int) -> float:
+        answer = self._run(self._take_script, [f"{PREFIX}win:{name}", f"{PREFIX}wintotal:{name}"],
+                           [limit, span, cost, os.urandom(6).hex()])
+        return float(answer)
+
+    def _record(self, name: str, amount: int, span: float) -> None:
+        self._take(name, -1, span, amount)
+
+    def _acquire(self, name: str, token: str, limit: int, lease: float) -> bool:
+        return bool(self._run(self._acquire_script, [f"{PREFIX}slots:{name}"], [limit, lease, token]))
+
+    def _release(self, name: str, token: str) -> None:
+        self._run(self.client.zrem, f"{PREFIX}slots:{name}", token)
+
+    def _renew(self, held: list[tuple[str, str]], lease: float) -> None:
+        if held:
+            self._run(self._renew_script, [f"{PREFIX}slots:{name}" for name, _ in held],
+                      [lease, *(token for _, token in held)])
+
+
+def _days(first_day: str, last_day: str):
+    day = datetime.date.fromisoformat(first_day)
+    last = datetime.date.fromisoformat(last_day)
+    while day <= last:
+        yield day.isoformat()
+        day += datetime.timedelta(days=1)

@@ -1,0 +1,292 @@
+"""The state store interface: usage counters, limit windows and small keyed blobs, with outage handling.
+
+One ``Store`` per app (``app.extensions["streamfold.state"]``), backed by
+SQLite (``sqlite.py``, the default, one file per instance) or Redis
+(``redis_store.py``, shared by instances). Callers never know which.
+
+Two kinds of callers, two contracts:
+
+* ``put_blob`` / ``get_blob`` never raise. While the backend is down a put is
+  kept in this process's memory (served to ``get_blob`` from there) and written
+  by the background tick once the backend is back; it is dropped when its TTL
+  passes first, or when the memory copy grows past ``PENDING_LIMIT`` bytes
+  (one loud log line). A get while the backend is down answers from that
+  memory copy, else ``None``: a stored response written by another worker is
+  unreachable until the backend returns, which is reported as "not found".
+* The usage and limit operations (``add_usage``, ``usage``, ``take``,
+  ``record``, ``acquire``, ``release``, ``renew``) raise ``StoreUnavailable``
+  so their owners (``usage.py``, ``limits.py``) can fall back (keep usage in
+  memory, count limits per worker). While the backend is known to be down
+  they raise at once, without a network or disk round trip; the tick probes
+  the backend about once a second and announces its return.
+
+The transition to down and back is logged once each, loudly.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import weakref
+from typing import Callable, Iterable, Mapping, Sequence
+
+log = logging.getLogger(__name__)
+
+TICK = 1.0                        # seconds between background ticks (usage flush, retries, probes)
+PENDING_LIMIT = 64 * 1024 * 1024  # bytes of blobs held in memory while the backend is down
+# The usage counters, in storage order; ``usage`` rows carry them in this order.
+COUNTERS = ("requests", "errors", "prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens")
+UsageKey = tuple[str, str, str, str]  # (day "YYYY-MM-DD" UTC, client, model, provider)
+
+
+class StoreUnavailable(Exception):
+    """The backend cannot be reached or written right now."""
+
+
+class Store:
+    """Base class: the outage handling; subclasses implement the ``_``-prefixed backend operations."""
+
+    kind = "none"
+
+    def __init__(self, where: str) -> None:
+        self.where = where            # for log lines: a path, or a Redis URL without its password
+        self.up = True
+        self._lock = threading.Lock()
+        self._pending: dict[tuple[str, str], tuple[bytes, float]] = {}  # blobs not written yet
+        self._pending_bytes = 0
+        self._tick_hooks: list[Callable[[], None]] = []
+        self._tick_lock = threading.Lock()  # the background tick and a shutdown flush never overlap
+        self.ticks = 0
+        _Ticker.register(self)
+
+    # -- blobs: never raise ------------------------------------------------
+    def put_blob(self, namespace: str, key: str, value: bytes, ttl: float) -> None:
+        """Keep ``value`` under (namespace, key) for ``ttl`` seconds."""
+        expires = time.time() + ttl
+        if self.up:
+            try:
+                self._put_blob(namespace, key, value, expires)
+                return
+            except StoreUnavailable as exc:
+                self.mark_down(exc)
+        self._hold(namespace, key, value, expires)
+
+    def get_blob(self, namespace: str, key: str) -> bytes | None:
+        """The value, or ``None`` when absent, expired, or only in an unreachable backend."""
+        if self._pending:
+            held = self._pending.get((namespace, key))
+            if held is not None:
+                return held[0] if held[1] > time.time() else None
+        if not self.up:
+            return None
+        try:
+            return self._get_blob(namespace, key, time.time())
+        except StoreUnavailable as exc:
+            self.mark_down(exc)
+            return None
+
+    def _hold(self, namespace: str, key: str, value: bytes, expires: float) -> None:
+        with self._lock:
+            old = self._pending.pop((namespace, key), None)
+            if old is not None:
+                self._pending_bytes -= len(old[0])
+            if self._pending_bytes + len(value) > PENDING_LIMIT:
+                log.error("state store: %d bytes of blobs already waiting for the %s store; dropping one in "
+                          "namespace %s", self._pending_bytes, self.kind, namespace)
+                return
+            self._pending[(namespace, key)] = (value, expires)
+            self._pending_bytes += len(value)
+
+    def _write_pending(self) -> None:
+        with self._lock:
+            items = list(self._pending.items())
+        now = time.time()
+        for (namespace, key), (value, expires) in items:
+            if expires > now:
+                self._put_blob(namespace, key, value, expires)  # StoreUnavailable: try again next tick
+            with self._lock:
+                if self._pending.get((namespace, key), (None,))[0] is value:
+                    del self._pending[(namespace, key)]
+                    self._pending_bytes -= len(value)
+
+    # -- usage and limits: raise StoreUnavailable --------------------------
+    def add_usage(self, rows: Mapping[UsageKey, Sequence[int]]) -> None:
+        """Add counters (in ``COUNTERS`` order) to each (day, client, model, provider) row."""
+        self._guard(self._add_usage, rows)
+
+    def usage(self, first_day: str, last_day: str) -> list[tuple]:
+        """Rows ``(day, client, model, provider, *COUNTERS)`` for the days in [first_day, last_day]."""
+        return self._guard(self._usage, first_day, last_day)
+
+    def take(self, name: str, limit: int, span: float, cost: int = 1) -> float:
+        """Sliding window ``name``: if its total over the last ``span`` s is below ``limit``, add ``cost``.
+
+        Returns 0 when admitted, else the seconds until the oldest entry leaves the window.
+        ``cost=0`` only checks.
+        """
+        return self._guard(self._take, name, limit, span, cost)
+
+    def record(self, name: str, amount: int, span: float) -> None:
+        """Add ``amount`` to window ``name`` without a check (tokens known after the answer)."""
+        self._guard(self._record, name, amount, span)
+
+    def acquire(self, name: str, token: str, limit: int, lease: float) -> bool:
+        """Take one of ``limit`` slots of ``name`` for ``lease`` seconds (renewed by the holder)."""
+        return self._guard(self._acquire, name, token, limit, lease)
+
+    def release(self, name: str, token: str) -> None:
+        self._guard(self._release, name, token)
+
+    def renew(self, held: Iterable[tuple[str, str]], lease: float) -> None:
+        """Extend the lease of slots (name, token) this process still holds."""
+        self._guard(self._renew, list(held), lease)
+
+    def _guard(self, operation, *args):
+        if not self.up:
+            raise StoreUnavailable(f"the {self.kind} state store is down")
+        try:
+            return operation(*args)
+        except StoreUnavailable as exc:
+            self.mark_down(exc)
+            raise
+
+    # -- health and the background tick -------------------------------------
+    def mark_down(self, exc: BaseException) -> None:
+        if self.up:
+            self.up = False
+            log.error("state store: THE %s STORE AT %s IS UNAVAILABLE (%s); requests go on: usage and stored "
+                      "responses are kept in memory until it is back, client limits count per worker",
+                      self.kind.upper(), self.where, exc)
+
+    def on_tick(self, hook: Callable[[], None]) -> None:
+        """Run ``hook`` on every background tick (about once a second) and at ``flush``."""
+        self._tick_hooks.append(hook)
+
+    def tick(self) -> None:
+        """One background round: probe if down, write held blobs, run the hooks."""
+        with self._tick_lock:
+            self._tick()
+
+    def _tick(self) -> None:
+        self.ticks += 1
+        if not self.up:
+            try:
+                self._probe()
+            except StoreUnavailable:
+                return
+            self.up = True
+            log.warning("state store: the %s store at %s is available again; writing what was kept in memory",
+                        self.kind, self.where)
+        else:
+            try:
+                self._check()
+            except StoreUnavailable as exc:
+                self.mark_down(exc)
+                return
+        try:
+            if self._pending:
+                self._write_pending()
+            if self.ticks % 60 == 0:
+                self._expire(time.time())
+        except StoreUnavailable as exc:
+            self.mark_down(exc)
+        for hook in list(self._tick_hooks):
+            try:
+                hook()
+            except Exception:  # noqa: BLE001 - a hook must not stop the ticker
+                log.exception("state store: a tick hook failed")
+
+    def flush(self) -> None:
+        """Write everything held now (graceful stop); never raises."""
+        try:
+            self.tick()
+        except Exception:  # noqa: BLE001 - shutdown path
+            log.exception("state store: final flush failed")
+
+    def close(self) -> None:
+        _Ticker.unregister(self)
+
+    # -- backend operations (subclasses) -------------------------------------
+    def _put_blob(self, namespace: str, key: str, value: bytes, expires: float) -> None:
+        raise NotImplementedError
+
+    def _get_blob(self, namespace: str, key: str, now: float) -> bytes | None:
+        raise NotImplementedError
+
+    def _add_usage(self, rows: Mapping[UsageKey, Sequence[int]]) -> None:
+        raise NotImplementedError
+
+    def _usage(self, first_day: str, last_day: str) -> list[tuple]:
+        raise NotImplementedError
+
+    def _take(self, name: str, limit: int, span: float, cost: int) -> float:
+        raise NotImplementedError
+
+    def _record(self, name: str, amount: int, span: float) -> None:
+        raise NotImplementedError
+
+    def _acquire(self, name: str, token: str, limit: int, lease: float) -> bool:
+        raise NotImplementedError
+
+    def _release(self, name: str, token: str) -> None:
+        raise NotImplementedError
+
+    def _renew(self, held: list[tuple[str, str]], lease: float) -> None:
+        raise NotImplementedError
+
+    def _probe(self) -> None:
+        """Raise ``StoreUnavailable`` unless the backend answers (and can be written)."""
+        raise NotImplementedError
+
+    def _check(self) -> None:
+        """A cheap health check while up (e.g. the SQLite file was deleted); raise if it failed."""
+
+    def _expire(self, now: float) -> None:
+        """Delete expired blobs and window entries (Redis expires them itself)."""
+
+
+class _Ticker:
+    """One daemon thread per process ticking every live store (tests build many apps; a thread each would pile up).
+
+    Started with the first store, and again in a forked child: threads do not
+    survive ``fork``, and gunicorn may build the app before forking workers.
+    """
+
+    _stores: weakref.WeakSet = weakref.WeakSet()
+    _lock = threading.Lock()
+    _running = False
+
+    @classmethod
+    def register(cls, store: Store) -> None:
+        with cls._lock:
+            cls._stores.add(store)
+            if not cls._running:
+                cls._start()
+
+    @classmethod
+    def unregister(cls, store: Store) -> None:
+        with cls._lock:
+            cls._stores.discard(store)
+
+    @classmethod
+    def _start(cls) -> None:
+        cls._running = True
+        threading.Thread(target=cls._run, args=(os.getpid(),), name="streamfold-state", daemon=True).start()
+
+    @classmethod
+    def after_fork(cls) -> None:
+        cls._lock = threading.Lock()  # a lock held by another thread at fork time would never be released
+        cls._running = False
+        if len(cls._stores):
+            cls._start()
+
+    @classmethod
+    def _run(cls, pid: int) -> None:
+        while os.getpid() == pid:
+            time.sleep(TICK)
+            for store in list(cls._stores):
+                store.tick()
+
+
+os.register_at_fork(after_in_child=_Ticker.after_fork)

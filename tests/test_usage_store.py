@@ -1,0 +1,106 @@
+"""The state store's blob API (what the Responses bridge stores answers in), on SQLite and on real Redis.
+
+No HTTP route serves blobs by itself, so these drive the store object the app
+factory builds; the routes that use it are tested through HTTP in their own files.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+
+import pytest
+
+from proxy.state import StoreUnavailable, open_store
+from proxy.state.redis_store import RedisStore
+from proxy.state.sqlite import SQLiteStore
+from tests.conftest import make_app, provider, settings_doc, state_path
+from tests.redis_util import RedisServer
+
+
+@pytest.fixture(scope="module")
+def redis_server():
+    server = RedisServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def store(request):
+    if request.param == "sqlite":
+        made = SQLiteStore(state_path())
+    else:
+        made = RedisStore(request.getfixturevalue("redis_server").url)
+    yield made
+    made.close()
+
+
+def test_app_factory_keeps_one_store_per_app_at_the_documented_extension():
+    app = make_app(settings_doc(provider("http://127.0.0.1:9")))
+    store = app.extensions["streamfold.state"]
+    assert isinstance(store, SQLiteStore)
+    assert store.path == app.extensions["streamfold"].runtime.settings.state_path
+    assert not os.path.exists(store.path)  # created on first use, not at import or start
+
+
+def test_blob_round_trip_and_a_missing_key_is_none(store):
+    store.put_blob("responses", "resp_1", b'{"messages": [1, 2]}', ttl=60)
+    assert store.get_blob("responses", "resp_1") == b'{"messages": [1, 2]}'
+    assert store.get_blob("responses", "resp_2") is None
+    assert store.get_blob("other", "resp_1") is None  # namespaces are separate
+
+
+def test_blob_put_replaces_and_expires_after_its_ttl(store):
+    store.put_blob("ns", "k", b"old", ttl=60)
+    store.put_blob("ns", "k", b"new", ttl=0.3)
+    assert store.get_blob("ns", "k") == b"new"
+    time.sleep(0.4)
+    assert store.get_blob("ns", "k") is None
+
+
+def _put_from_child(path: str) -> None:
+    open_store_path = SQLiteStore(path)
+    open_store_path.put_blob("ns", "from-child", b"\x00binary\xff", ttl=60)
+
+
+def test_sqlite_blob_written_by_another_process_is_read_back_and_survives_a_new_store():
+    path = state_path()
+    first = SQLiteStore(path)
+    first.put_blob("ns", "mine", b"1", ttl=60)  # the parent opened the file before forking
+    child = multiprocessing.get_context("fork").Process(target=_put_from_child, args=(path,))
+    child.start()
+    child.join(10)
+    assert child.exitcode == 0
+    assert first.get_blob("ns", "from-child") == b"\x00binary\xff"
+    again = SQLiteStore(path)  # a restart opens the same file
+    assert again.get_blob("ns", "mine") == b"1"
+
+
+def test_blob_api_never_raises_while_redis_is_down_and_writes_held_puts_when_it_returns():
+    server = RedisServer()
+    store = RedisStore(server.url)
+    try:
+        store.put_blob("ns", "before", b"a", ttl=60)
+        server.stop()
+        store.put_blob("ns", "during", b"b", ttl=60)   # kept in memory
+        assert store.get_blob("ns", "during") == b"b"  # served from memory
+        assert store.get_blob("ns", "before") is None  # only in the unreachable Redis
+        assert not store.up
+        with pytest.raises(StoreUnavailable):
+            store.take("rpm:x", 5, 60)  # limit operations report the outage to their owner
+        server = RedisServer(port=server.port)
+        store.tick()  # what the background thread does once a second
+        assert store.up
+        import redis
+
+        assert redis.Redis.from_url(server.url).get("streamfold:blob:ns:during") == b"b"
+    finally:
+        server.stop()
+        store.close()
+
+
+def test_open_store_picks_redis_when_a_redis_url_is_set(redis_server):
+    from proxy.settings import build_settings
+
+    settings = build_settings({"redis-url": redis_server.url, "state-path": state_path()}, {})
+    assert isinstance(open_store(settings), RedisStore)
