@@ -81,6 +81,7 @@ class Outcome:
     first: bytes = b""
     headers: dict[str, str] = field(default_factory=dict)
     plan: Plan | None = None  # the plan that produced this outcome (bridged routes)
+    strip_usage: bool = False  # the proxy asked for the stream's usage chunk; the client did not
 
 
 def execute(settings: Settings, sessions: upstream.Sessions, keys: KeyPool,
@@ -144,6 +145,14 @@ def _attempt(settings: Settings, sessions: upstream.Sessions, keys: KeyPool,
         if usage_option:
             options = body.get("stream_options")
             body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+    # A streamed chat answer carries usage only when asked; ask (usage is
+    # recorded), and the relay removes it again unless the client asked too.
+    strip_usage = False
+    if call.client_stream and call.adapt is None and path == "/chat/completions" and provider.stream_usage:
+        options = body.get("stream_options")
+        if not (isinstance(options, dict) and options.get("include_usage") is True):
+            body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+            strip_usage = True
     headers = dict(client)
     headers.update(provider.headers)
     headers["Content-Type"] = "application/json"
@@ -178,6 +187,7 @@ def _attempt(settings: Settings, sessions: upstream.Sessions, keys: KeyPool,
     try:
         outcome = _success(settings, response, call, fold, forced)
         outcome.plan = plan
+        outcome.strip_usage = strip_usage and outcome.stream is not None
     except BaseException:
         response.close()
         raise

@@ -43,6 +43,9 @@ COOLDOWNS = Counter("streamfold_cooldowns_total", "Keys put on cooldown (429 or 
 ACTIVE_STREAMS = Gauge("streamfold_active_streams", "Streams being relayed right now", multiprocess_mode="livesum")
 TOKENS = Counter("streamfold_tokens_total", "Tokens reported by upstream usage, by client key label",
                  ["client", "kind"])
+CLIENT_LIMITED = Counter("streamfold_client_limited_total",
+                         "Requests refused by a client key's policy (reason: rpm, tpm, concurrency, model)",
+                         ["client", "reason"])
 
 _PROMPT = re.compile(rb'"(?:prompt_tokens|input_tokens)"\s*:\s*(\d+)')
 _COMPLETION = re.compile(rb'"(?:completion_tokens|output_tokens)"\s*:\s*(\d+)')

@@ -10,10 +10,12 @@ from werkzeug.exceptions import HTTPException
 
 from . import metrics
 from .errors import ProxyError, error_body
-from .routes import common, manage, openai
+from .routes import common, manage, openai, usage_api  # noqa: F401 - usage_api adds routes to manage.bp
 from .runtime import ConfigHolder
 from .settings import Settings, settings_path
 from .state import open_store
+from .state.limits import Limiter
+from .state.usage import Recorder
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +38,9 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     settings = app.extensions["streamfold"].runtime.settings
     # Usage, limit windows and stored responses. Chosen once: changing state-path
     # or redis-url needs a restart.
-    app.extensions["streamfold.state"] = open_store(settings)
+    store = app.extensions["streamfold.state"] = open_store(settings)
+    app.extensions["streamfold.usage"] = Recorder(store)
+    app.extensions["streamfold.limits"] = Limiter(store)
     _warn_about(settings)
     log.info("streamfold ready: %d providers, settings %s", len(settings.providers), path or "(in memory)")
 

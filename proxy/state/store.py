@@ -24,6 +24,7 @@ The transition to down and back is logged once each, loudly.
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import threading
@@ -290,3 +291,12 @@ class _Ticker:
 
 
 os.register_at_fork(after_in_child=_Ticker.after_fork)
+
+
+def flush_all() -> None:
+    """Write what every store of this process holds (graceful stop: gunicorn ``worker_exit``, atexit)."""
+    for store in list(_Ticker._stores):
+        store.flush()
+
+
+atexit.register(flush_all)
