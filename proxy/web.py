@@ -10,7 +10,7 @@ from werkzeug.exceptions import HTTPException
 
 from . import metrics
 from .errors import ProxyError, error_body
-from .routes import common, manage, openai, usage_api  # noqa: F401 - usage_api adds routes to manage.bp
+from .routes import common, keys_api, manage, openai, usage_api  # noqa: F401 - *_api add routes to manage.bp
 from .runtime import ConfigHolder
 from .settings import Settings, settings_path
 from .state import open_store
