@@ -87,7 +87,8 @@ def test_rpm_is_global_across_two_instances_sharing_redis(upstream, tmp_path):
         with ThreadPoolExecutor(24) as pool:
             results = list(pool.map(lambda i: chat(instances[i % 2].url, KEY_A, "qwen"), range(200)))
         per_instance = [sum(r.status_code == 200 for r in results[i::2]) for i in range(2)]
-        assert 60 <= sum(per_instance) <= 64, per_instance  # 2 instances x 2 workers
+        assert 60 <= sum(per_instance) <= 64, (per_instance, [(r.status_code, r.text[:100]) for r in results
+                                                              if r.status_code not in (200, 429)][:3])
         assert all(per_instance)  # both instances admitted some: one budget, shared
         assert sum(limited(r) for r in results) == 200 - sum(per_instance)
     finally:

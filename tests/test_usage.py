@@ -317,3 +317,40 @@ def test_gunicorn_three_workers_300_requests_survive_a_restart_exactly(upstream,
 def test_tests_never_write_state_into_the_checkout():
     assert not os.path.exists("streamfold-state.db")
     assert state_path() != state_path()
+
+
+def _events(raw: bytes) -> list[bytes]:
+    """The data payloads of an SSE body (comments dropped), line endings normalised."""
+    text = raw.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    out = []
+    for block in text.split(b"\n\n"):
+        data = [line[5:].lstrip(b" ") for line in block.split(b"\n") if line.startswith(b"data:")]
+        if data:
+            out.append(b"\n".join(data))
+    return out
+
+
+@pytest.mark.parametrize("fixture, prompt, completion", [
+    ("crafted/tgi-crlf-nospace-n2-logprobs.sse", 9, 6),       # CRLF, "data:" without a space
+    ("real/nim-vllm-usage-every-chunk.sse", 226, 20),          # usage on every chunk
+    ("real/deepseek-reasoning-tool-call.sse", 339, 83),        # usage: null on each chunk, then a usage chunk
+])
+def test_recorded_fixture_streams_lose_only_the_usage_the_client_did_not_ask_for(usage_live, upstream, fixture,
+                                                                                  prompt, completion):
+    live, _ = usage_live
+    with open(f"tests/fixtures/{fixture}", "rb") as fh:
+        raw = fh.read()
+    upstream.handler = lambda rec: Reply(events=[raw[i:i + 500] for i in range(0, len(raw), 500)], delay=0.01)
+    got = requests.post(live.url + "/v1/chat/completions", headers=auth(KEY_A), timeout=10,
+                        json={"model": "qwen", "messages": [{"role": "user", "content": "x"}], "stream": True}).content
+    expected = []
+    for payload in _events(raw):
+        chunk = json.loads(payload) if payload != b"[DONE]" else None
+        if chunk is not None and chunk.get("usage") is not None:
+            if chunk.get("choices") == []:
+                continue  # the usage-only chunk the client did not ask for
+            del chunk["usage"]
+        expected.append(chunk)
+    assert [json.loads(p) if p != b"[DONE]" else None for p in _events(got)] == expected
+    row = wait_for_usage(live.url, 1)["data"][0]
+    assert (row["prompt_tokens"], row["completion_tokens"]) == (prompt, completion)

@@ -30,6 +30,7 @@ from .store import Store, StoreUnavailable
 WINDOW = 60.0      # seconds: rpm and tpm are per minute
 LEASE = 30.0       # seconds a concurrency slot survives without renewal (a worker killed mid-request)
 RENEW_EVERY = 10   # ticks between lease renewals
+MAX_HOLD = 6 * 3600.0  # a slot still held after this long is a leak, not a stream: stop renewing it
 
 
 @dataclass(slots=True)
@@ -50,7 +51,7 @@ class Limiter:
     def __init__(self, store: Store) -> None:
         self.store = store
         self.local = _LocalCounts()
-        self._held: dict[str, str] = {}  # slot token -> window name, taken in the store by this process
+        self._held: dict[str, tuple[str, float]] = {}  # slot token -> (name, since), taken in the store here
         store.on_tick(self._renew)
 
     def admit(self, key: ClientKey, model: str) -> Ticket:
@@ -113,7 +114,7 @@ class Limiter:
         """True when the slot was taken in the store, False when locally; raises when none is free."""
         try:
             if self.store.acquire(name, token, limit, LEASE):
-                self._held[token] = name
+                self._held[token] = (name, time.monotonic())
                 return True
             raise _Full
         except StoreUnavailable:
@@ -122,11 +123,19 @@ class Limiter:
             raise _Full from None
 
     def _renew(self) -> None:
-        if self._held and self.store.ticks % RENEW_EVERY == 0:
-            try:
-                self.store.renew(list((name, token) for token, name in list(self._held.items())), LEASE)
-            except StoreUnavailable:
-                pass
+        if not self._held or self.store.ticks % RENEW_EVERY:
+            return
+        oldest = time.monotonic() - MAX_HOLD
+        held = []
+        for token, (name, since) in list(self._held.items()):
+            if since < oldest:
+                self._held.pop(token, None)  # its lease runs out within LEASE
+            else:
+                held.append((name, token))
+        try:
+            self.store.renew(held, LEASE)
+        except StoreUnavailable:
+            pass
 
     @staticmethod
     def _refuse(key: ClientKey, reason: str, what: str, wait: float) -> None:

@@ -39,6 +39,7 @@ CREATE TABLE IF NOT EXISTS usage (
     PRIMARY KEY (day, client, model, provider)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS windows (name TEXT NOT NULL, at REAL NOT NULL, amount INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS windows_name_at ON windows (name, at);
+CREATE TABLE IF NOT EXISTS window_totals (name TEXT PRIMARY KEY, total INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS slots (token TEXT PRIMARY KEY, name TEXT NOT NULL, until REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS slots_name ON slots (name);
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v) WITHOUT ROWID;
@@ -130,7 +131,10 @@ class SQLiteStore(Store):
     def _expire(self, now: float) -> None:
         with self._tx(immediate=True) as db:
             db.execute("DELETE FROM blobs WHERE expires <= ?", (now,))
-            db.execute("DELETE FROM windows WHERE at <= ?", (now - 3600,))
+            # Windows nobody checks any more (a key removed from the settings): drop, and re-add the totals.
+            if db.execute("DELETE FROM windows WHERE at <= ?", (now - 3600,)).rowcount:
+                db.execute("UPDATE window_totals SET total = (SELECT COALESCE(SUM(amount), 0) FROM windows "
+                           "WHERE windows.name = window_totals.name)")
             db.execute("DELETE FROM slots WHERE until <= ?", (now,))
 
     # -- blobs -------------------------------------------------------------------
@@ -157,20 +161,32 @@ class SQLiteStore(Store):
 
     # -- limits ------------------------------------------------------------------
     def _take(self, name: str, limit: int, span: float, cost: int) -> float:
+        # A running total per window, so a check costs the same whatever the
+        # limit: entries are summed once when added and once when they expire.
         now = _now()
         with self._tx(immediate=True) as db:
-            db.execute("DELETE FROM windows WHERE name = ? AND at <= ?", (name, now - span))
-            total, oldest = db.execute("SELECT COALESCE(SUM(amount), 0), MIN(at) FROM windows WHERE name = ?",
-                                       (name,)).fetchone()
-            if total < limit:
+            (gone,) = db.execute("SELECT COALESCE(SUM(amount), 0) FROM windows WHERE name = ? AND at <= ?",
+                                 (name, now - span)).fetchone()
+            if gone:
+                db.execute("DELETE FROM windows WHERE name = ? AND at <= ?", (name, now - span))
+                db.execute("UPDATE window_totals SET total = MAX(0, total - ?) WHERE name = ?", (gone, name))
+            row = db.execute("SELECT total FROM window_totals WHERE name = ?", (name,)).fetchone()
+            if row is None or row[0] < limit:
                 if cost:
-                    db.execute("INSERT INTO windows VALUES (?, ?, ?)", (name, now, cost))
+                    self._add(db, name, now, cost)
                 return 0.0
+            (oldest,) = db.execute("SELECT MIN(at) FROM windows WHERE name = ?", (name,)).fetchone()
         return max(0.001, oldest + span - now) if oldest is not None else span
 
     def _record(self, name: str, amount: int, span: float) -> None:
-        with self._tx() as db:
-            db.execute("INSERT INTO windows VALUES (?, ?, ?)", (name, _now(), amount))
+        with self._tx(immediate=True) as db:
+            self._add(db, name, _now(), amount)
+
+    @staticmethod
+    def _add(db: sqlite3.Connection, name: str, now: float, amount: int) -> None:
+        db.execute("INSERT INTO windows VALUES (?, ?, ?)", (name, now, amount))
+        db.execute("INSERT INTO window_totals VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET total = total + ?",
+                   (name, amount, amount))
 
     def _acquire(self, name: str, token: str, limit: int, lease: float) -> bool:
         now = _now()

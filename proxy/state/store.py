@@ -297,6 +297,9 @@ def flush_all() -> None:
     """Write what every store of this process holds (graceful stop: gunicorn ``worker_exit``, atexit)."""
     for store in list(_Ticker._stores):
         store.flush()
+        if not store.up:
+            log.error("state store: stopping while the %s store at %s is unavailable; usage and blobs held in "
+                      "memory by this process are lost", store.kind, store.where)
 
 
 atexit.register(flush_all)
