@@ -65,7 +65,7 @@ def admit(model: str) -> None:
     Every proxied route calls this once it knows the model. The concurrency
     slot it may take is given back when the answer has gone out or failed.
     """
-    key: ClientKey | None = g.client_key
+    key: ClientKey | None = g.get("client_key")
     if key is None or not key.limited:
         return
     limiter: Limiter = current_app.extensions["streamfold.limits"]
@@ -84,17 +84,15 @@ def _account_at_close(label: str) -> None:
 
 def account(recorder: Recorder, limiter: Limiter, fields: dict) -> None:
     """A proxied request is over: give back its concurrency slot, record its usage, charge its tokens."""
-    ticket: Ticket | None = fields.pop("ticket", None)
-    if ticket is not None:
-        limiter.release(ticket)
     status = fields.get("status", 500)
     error = status >= 400 or str(fields.get("result", "")).startswith(("upstream", "error"))
     tokens = fields.get("usage")
     provider = fields.get("provider", "-")
     # Like the metrics: a model label only for routed requests, so unknown names cannot grow the table.
     recorder.add(fields["client"], fields.get("model", "-") if provider != "-" else "-", provider, error, tokens)
-    if tokens is not None and ticket is not None and ticket.tpm:
-        limiter.spend(ticket, tokens[0] + tokens[1])
+    ticket: Ticket | None = fields.pop("ticket", None)
+    if ticket is not None:
+        limiter.finish(ticket, tokens[0] + tokens[1] if tokens is not None else 0)
 
 
 def read_json_body(limit: int) -> dict:

@@ -55,72 +55,54 @@ class Limiter:
         store.on_tick(self._renew)
 
     def admit(self, key: ClientKey, model: str) -> Ticket:
-        """Check ``key``'s policy for one request; raise ``ModelNotAllowed`` or ``ClientRateLimited``."""
+        """Check ``key``'s policy for one request; raise ``ModelNotAllowed`` or ``ClientRateLimited``.
+
+        One store operation (one SQLite transaction) for all of the key's
+        limits; nothing is taken when any of them refuses.
+        """
         if not model_allowed(key, model):
             metrics.CLIENT_LIMITED.labels(key.name, "model").inc()
             raise ModelNotAllowed(f"The client key {key.name!r} may not use the model {model!r}.", param="model")
-        ticket = Ticket(key.name, key.tpm)
-        if key.tpm:
-            wait = self._take(f"tpm:{key.name}", key.tpm, 0)
-            if wait:
+        if not (key.rpm or key.tpm or key.max_concurrent):
+            return Ticket(key.name)
+        ticket = Ticket(key.name, key.tpm, os.urandom(9).hex() if key.max_concurrent else "")
+        checks = ((f"tpm:{key.name}", key.tpm),) if key.tpm else ()
+        slot = (f"conc:{key.name}", ticket.slot, key.max_concurrent) if key.max_concurrent else None
+        counts = ((f"rpm:{key.name}", key.rpm),) if key.rpm else ()
+        try:
+            refused = self.store.admit(checks, slot, counts, WINDOW, LEASE)
+            if refused is None and slot is not None:
+                self._held[ticket.slot] = (slot[0], time.monotonic())
+        except StoreUnavailable:
+            ticket.local = True
+            refused = self.local.admit(checks, slot, counts)
+        if refused is not None:
+            ticket.slot = ""
+            kind, wait = refused
+            if kind == "check":
                 self._refuse(key, "tpm", f"{key.tpm} tokens per minute", wait)
-        if key.max_concurrent:
-            token = os.urandom(9).hex()
-            try:
-                ticket.local = not self._acquire(f"conc:{key.name}", token, key.max_concurrent)
-            except _Full:
-                self._refuse(key, "concurrency", f"{key.max_concurrent} requests in flight", 1.0)
-            ticket.slot = token
-        if key.rpm:
-            wait = self._take(f"rpm:{key.name}", key.rpm, 1)
-            if wait:
-                self.release(ticket)
-                self._refuse(key, "rpm", f"{key.rpm} requests per minute", wait)
+            if kind == "slot":
+                self._refuse(key, "concurrency", f"{key.max_concurrent} requests in flight", wait)
+            self._refuse(key, "rpm", f"{key.rpm} requests per minute", wait)
         return ticket
 
-    def release(self, ticket: Ticket) -> None:
-        """Give back the concurrency slot (the answer has gone out, or failed)."""
+    def finish(self, ticket: Ticket, tokens: int) -> None:
+        """The request is over: give back its slot, charge its tokens to the tpm window (one store operation)."""
         token, ticket.slot = ticket.slot, ""
-        if not token:
+        release = (f"conc:{ticket.name}", token) if token else None
+        record = (f"tpm:{ticket.name}", tokens) if ticket.tpm and tokens > 0 else None
+        if release is None and record is None:
             return
-        name = f"conc:{ticket.name}"
-        if ticket.local:
-            self.local.release(name, token)
-            return
-        self._held.pop(token, None)
-        try:
-            self.store.release(name, token)
-        except StoreUnavailable:
-            pass  # the lease runs out on its own
-
-    def spend(self, ticket: Ticket, tokens: int) -> None:
-        """Charge the answer's tokens to the key's tpm window."""
-        if not ticket.tpm or tokens <= 0:
-            return
-        name = f"tpm:{ticket.name}"
-        try:
-            self.store.record(name, tokens, WINDOW)
-        except StoreUnavailable:
-            self.local.record(name, tokens)
-
-    # -- store first, this worker's memory while it is down ---------------------
-    def _take(self, name: str, limit: int, cost: int) -> float:
-        try:
-            return self.store.take(name, limit, WINDOW, cost)
-        except StoreUnavailable:
-            return self.local.take(name, limit, cost)
-
-    def _acquire(self, name: str, token: str, limit: int) -> bool:
-        """True when the slot was taken in the store, False when locally; raises when none is free."""
-        try:
-            if self.store.acquire(name, token, limit, LEASE):
-                self._held[token] = (name, time.monotonic())
-                return True
-            raise _Full
-        except StoreUnavailable:
-            if self.local.acquire(name, token, limit):
-                return False
-            raise _Full from None
+        if token:
+            self._held.pop(token, None)
+        if not ticket.local:
+            try:
+                self.store.settle(release, record, WINDOW)
+                return
+            except StoreUnavailable:
+                if release is not None:  # taken in the store: its lease runs out on its own
+                    release = None
+        self.local.settle(release, record)
 
     def _renew(self) -> None:
         if not self._held or self.store.ticks % RENEW_EVERY:
@@ -145,12 +127,8 @@ class Limiter:
                                 f"Retry after {seconds} s.", headers={"Retry-After": str(seconds)})
 
 
-class _Full(Exception):
-    pass
-
-
 class _LocalCounts:
-    """Per-worker windows and slots, used only while the store is down."""
+    """Per-worker windows and slots, used only while the store is down (the same rules as the store's)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -184,3 +162,24 @@ class _LocalCounts:
     def release(self, name: str, token: str) -> None:
         with self._lock:
             self._slots.get(name, set()).discard(token)
+
+    def admit(self, checks, slot, counts) -> tuple[str, float] | None:
+        for name, limit in checks:
+            wait = self.take(name, limit, 0)
+            if wait:
+                return "check", wait
+        if slot is not None and not self.acquire(*slot):
+            return "slot", 1.0
+        for name, limit in counts:
+            wait = self.take(name, limit, 1)
+            if wait:
+                if slot is not None:
+                    self.release(slot[0], slot[1])
+                return "count", wait
+        return None
+
+    def settle(self, release, record) -> None:
+        if release is not None:
+            self.release(*release)
+        if record is not None:
+            self.record(*record)

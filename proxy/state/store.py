@@ -139,6 +139,21 @@ class Store:
     def release(self, name: str, token: str) -> None:
         self._guard(self._release, name, token)
 
+    def admit(self, checks: Sequence[tuple[str, int]], slot: tuple[str, str, int] | None,
+              counts: Sequence[tuple[str, int]], span: float, lease: float) -> tuple[str, float] | None:
+        """One request's limits, all or nothing; ``None`` when admitted.
+
+        ``checks`` are windows (name, limit) that must be under their limit,
+        ``slot`` (name, token, limit) a slot to take, ``counts`` windows that
+        must be under their limit and then get one more entry. A refusal is
+        ``("check" | "slot" | "count", seconds to wait)``, and leaves nothing taken.
+        """
+        return self._guard(self._admit, checks, slot, counts, span, lease)
+
+    def settle(self, release: tuple[str, str] | None, record: tuple[str, int] | None, span: float) -> None:
+        """A request is over: give back its slot (name, token), add its tokens (name, amount) to a window."""
+        self._guard(self._settle, release, record, span)
+
     def renew(self, held: Iterable[tuple[str, str]], lease: float) -> None:
         """Extend the lease of slots (name, token) this process still holds."""
         self._guard(self._renew, list(held), lease)
@@ -235,6 +250,30 @@ class Store:
 
     def _renew(self, held: list[tuple[str, str]], lease: float) -> None:
         raise NotImplementedError
+
+    def _admit(self, checks, slot, counts, span: float, lease: float) -> tuple[str, float] | None:
+        # Each step is atomic on its own; a backend that can do all in one
+        # transaction (SQLite) overrides this. Only the last steps add
+        # anything, so a refusal has at most a slot to give back.
+        for name, limit in checks:
+            wait = self._take(name, limit, span, 0)
+            if wait:
+                return "check", wait
+        if slot is not None and not self._acquire(slot[0], slot[1], slot[2], lease):
+            return "slot", 1.0
+        for name, limit in counts:
+            wait = self._take(name, limit, span, 1)
+            if wait:
+                if slot is not None:
+                    self._release(slot[0], slot[1])
+                return "count", wait
+        return None
+
+    def _settle(self, release, record, span: float) -> None:
+        if release is not None:
+            self._release(*release)
+        if record is not None:
+            self._record(record[0], record[1], span)
 
     def _probe(self) -> None:
         """Raise ``StoreUnavailable`` unless the backend answers (and can be written)."""
