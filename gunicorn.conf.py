@@ -84,6 +84,6 @@ def on_exit(server):
 
 def worker_exit(server, worker):
     """Graceful stop (SIGTERM): write the usage this worker still holds (it is flushed ~1/s otherwise)."""
-    from proxy.state.store import flush_all
+    from proxy.state.ticker import flush_all
 
     flush_all()

@@ -24,17 +24,15 @@ The transition to down and back is logged once each, loudly.
 """
 from __future__ import annotations
 
-import atexit
 import logging
-import os
 import threading
 import time
-import weakref
 from typing import Callable, Iterable, Mapping, Sequence
+
+from . import ticker
 
 log = logging.getLogger(__name__)
 
-TICK = 1.0                        # seconds between background ticks (usage flush, retries, probes)
 PENDING_LIMIT = 64 * 1024 * 1024  # bytes of blobs held in memory while the backend is down
 # The usage counters, in storage order; ``usage`` rows carry them in this order.
 COUNTERS = ("requests", "errors", "prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens")
@@ -59,7 +57,7 @@ class Store:
         self._tick_hooks: list[Callable[[], None]] = []
         self._tick_lock = threading.Lock()  # the background tick and a shutdown flush never overlap
         self.ticks = 0
-        _Ticker.register(self)
+        ticker.register(self)
 
     # -- blobs: never raise ------------------------------------------------
     def put_blob(self, namespace: str, key: str, value: bytes, ttl: float) -> None:
@@ -221,7 +219,7 @@ class Store:
             log.exception("state store: final flush failed")
 
     def close(self) -> None:
-        _Ticker.unregister(self)
+        ticker.unregister(self)
 
     # -- backend operations (subclasses) -------------------------------------
     def _put_blob(self, namespace: str, key: str, value: bytes, expires: float) -> None:
@@ -284,61 +282,3 @@ class Store:
 
     def _expire(self, now: float) -> None:
         """Delete expired blobs and window entries (Redis expires them itself)."""
-
-
-class _Ticker:
-    """One daemon thread per process ticking every live store (tests build many apps; a thread each would pile up).
-
-    Started with the first store, and again in a forked child: threads do not
-    survive ``fork``, and gunicorn may build the app before forking workers.
-    """
-
-    _stores: weakref.WeakSet = weakref.WeakSet()
-    _lock = threading.Lock()
-    _running = False
-
-    @classmethod
-    def register(cls, store: Store) -> None:
-        with cls._lock:
-            cls._stores.add(store)
-            if not cls._running:
-                cls._start()
-
-    @classmethod
-    def unregister(cls, store: Store) -> None:
-        with cls._lock:
-            cls._stores.discard(store)
-
-    @classmethod
-    def _start(cls) -> None:
-        cls._running = True
-        threading.Thread(target=cls._run, args=(os.getpid(),), name="streamfold-state", daemon=True).start()
-
-    @classmethod
-    def after_fork(cls) -> None:
-        cls._lock = threading.Lock()  # a lock held by another thread at fork time would never be released
-        cls._running = False
-        if len(cls._stores):
-            cls._start()
-
-    @classmethod
-    def _run(cls, pid: int) -> None:
-        while os.getpid() == pid:
-            time.sleep(TICK)
-            for store in list(cls._stores):
-                store.tick()
-
-
-os.register_at_fork(after_in_child=_Ticker.after_fork)
-
-
-def flush_all() -> None:
-    """Write what every store of this process holds (graceful stop: gunicorn ``worker_exit``, atexit)."""
-    for store in list(_Ticker._stores):
-        store.flush()
-        if not store.up:
-            log.error("state store: stopping while the %s store at %s is unavailable; usage and blobs held in "
-                      "memory by this process are lost", store.kind, store.where)
-
-
-atexit.register(flush_all)
