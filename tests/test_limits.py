@@ -194,7 +194,10 @@ def test_management_api_changes_a_policy_live_and_refuses_unknown_fields(upstrea
                          ({"name": "nobody", "value": {"rpm": 1}}, 404), ({"value": {}}, 400)):
         response = requests.patch(live.url + "/v0/management/api-keys", headers=MGMT, json=body, timeout=10)
         assert response.status_code == status and "error" in response.json()
+    garbled = requests.patch(live.url + "/v0/management/api-keys", headers=MGMT, data=b"{not json", timeout=10)
+    assert garbled.status_code == 400 and garbled.json()["error"]["type"] == "invalid_request_error"
     assert KEY_B in path.read_text()  # the key itself never changed
+    assert requests.get(live.url + "/healthz", timeout=10).status_code == 200
 
 
 def test_bad_policy_in_the_file_stops_startup_with_one_line_per_problem(tmp_path):
