@@ -40,10 +40,11 @@ def _relay(outcome: Outcome, on_end: Callable[[int, str, bytes], None]):
     metrics.ACTIVE_STREAMS.inc()
     try:
         for data in upstream.read_chunks(response, outcome.first):
-            if b'_tokens"' in data:  # keep the read that carries usage, for the token metrics
+            tokens = b'_tokens"' in data
+            if tokens:  # keep the read that carries usage, for the token metrics
                 usage = data
             if stripper is not None:
-                data = stripper.feed(data)
+                data = stripper.feed(data, tokens)
                 if not data:
                     continue
             yield data

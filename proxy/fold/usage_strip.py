@@ -10,16 +10,13 @@ and touching every chunk would cost a parse per read.
 
 Pure bytes in, bytes out. Cheap on the common read: one ``rfind`` for the last
 event boundary (an incomplete trailing event is held until its end arrives: no
-SSE client can act on half an event) and one substring test; events are only
-split and parsed in a read that holds a non-null usage.
+SSE client can act on half an event); the relay already knows whether a read
+holds ``_tokens"`` (a usage object with counts), and only such a read is
+searched further, only the events holding one are parsed and rewritten.
 """
 from __future__ import annotations
 
-import re
-
 import orjson
-
-_EVENT = re.compile(rb"(.*?)(\r\n\r\n|\n\n|\r\r|\n\r\n|\r\n\n)", re.S)
 
 
 class UsageStripper:
@@ -31,32 +28,51 @@ class UsageStripper:
         self.held = b""
         self.usage = b""  # the last complete events that carried token counts (for usage recording)
 
-    def feed(self, data: bytes) -> bytes:
+    def feed(self, data: bytes, tokens: bool) -> bytes:
+        """``tokens``: whether ``data`` contains ``_tokens"`` (the relay tests that anyway)."""
         if self.held:
+            joint = len(self.held)
             data = self.held + data
+            # a usage object may have started in the held part, or "_tokens" straddle the two
+            tokens = tokens or b'_tokens"' in data[:joint + 8]
         end = _boundary(data)
         self.held = data[end:]
-        return self._strip(data[:end]) if end else b""
+        if not end:
+            return b""
+        return self._strip(data[:end]) if tokens else data[:end]
 
     def finish(self) -> bytes:
         """What is still held when the stream ends (a last event without its blank line)."""
         data, self.held = self.held, b""
-        return self._strip(data) if data else b""
+        return self._strip(data) if b'_tokens"' in data else data
 
     def _strip(self, data: bytes) -> bytes:
-        if b'"usage"' not in data:
-            return data
-        if b'_tokens"' in data:
-            self.usage = data
-        nulls = data.count(b'"usage":null') + data.count(b'"usage": null')
-        if data.count(b'"usage"') == nulls:
-            return data
+        """``data`` (whole events) with each usage object handled; only those events are touched.
+
+        Found from their ``..._tokens"`` keys backwards, so a big read costs a
+        few short searches, not a scan per event.
+        """
+        has_cr = b"\r" in data
         out, at = [], 0
-        for match in _EVENT.finditer(data):
-            out.append(_strip_event(match.group(1), match.group(2)))
-            at = match.end()
-        if at < len(data):  # the stream's last event, ended by the close instead of a blank line
-            out.append(_strip_event(data[at:], b""))
+        while True:
+            found = data.find(b'_tokens"', at)
+            if found < 0:
+                break
+            usage = data.rfind(b'"usage"', at, found)
+            if usage < 0:  # "max_tokens" or the like outside a usage object
+                at = found + 8
+                continue
+            start = _after_last(data, b"\n\n", at, usage)
+            if has_cr:
+                start = max(start, _after_last(data, b"\r\r", at, usage), _after_last(data, b"\n\r\n", at, usage))
+            end, separator_end = _next_boundary(data, found, has_cr)
+            self.usage = data[start:separator_end]
+            out.append(data[at:start])
+            out.append(_strip_event(data[start:end], data[end:separator_end]))
+            at = separator_end
+        if not out:
+            return data
+        out.append(data[at:])
         return b"".join(out)
 
 
@@ -70,6 +86,21 @@ def _boundary(data: bytes) -> int:
             if found >= 0:
                 end = max(end, found + len(separator))
     return end
+
+
+def _after_last(data: bytes, separator: bytes, start: int, end: int) -> int:
+    found = data.rfind(separator, start, end)
+    return found + len(separator) if found >= 0 else start
+
+
+def _next_boundary(data: bytes, at: int, has_cr: bool) -> tuple[int, int]:
+    """Where the event holding ``at`` ends, and where its separator ends (the data's end if it has none)."""
+    best = (len(data), len(data))
+    for separator in ((b"\r\n\r\n", b"\n\n", b"\r\r") if has_cr else (b"\n\n",)):
+        found = data.find(separator, at)
+        if 0 <= found < best[0]:
+            best = (found, found + len(separator))
+    return best
 
 
 def _strip_event(event: bytes, separator: bytes) -> bytes:
