@@ -2,8 +2,8 @@
 
 Counts live in the state store, so every worker of an instance (SQLite) or
 every instance (Redis) sees the same numbers: windows are sliding (the last
-60 s, not the calendar minute), and each check-and-add is one atomic store
-step, so N rpm admits at most N in any 60 s. ``tpm`` is checked on admission
+60 s, not the calendar minute), and a request's checks and adds are one
+atomic store operation (``Store.admit``), so N rpm admits at most N in any 60 s. ``tpm`` is checked on admission
 against the tokens recorded in the last 60 s and charged when the answer's
 usage is known, so the request that crosses the budget finishes and the next
 one is refused. A concurrency slot is a lease the holder renews every

@@ -13,8 +13,9 @@ Two kinds of callers, two contracts:
   (one loud log line). A get while the backend is down answers from that
   memory copy, else ``None``: a stored response written by another worker is
   unreachable until the backend returns, which is reported as "not found".
-* The usage and limit operations (``add_usage``, ``usage``, ``take``,
-  ``record``, ``acquire``, ``release``, ``renew``) raise ``StoreUnavailable``
+* The usage and limit operations (``add_usage``, ``usage``, ``admit``,
+  ``settle``, ``renew`` and the single steps ``take``, ``record``,
+  ``acquire``, ``release``) raise ``StoreUnavailable``
   so their owners (``usage.py``, ``limits.py``) can fall back (keep usage in
   memory, count limits per worker). While the backend is known to be down
   they raise at once, without a network or disk round trip; the tick probes
