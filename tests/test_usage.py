@@ -18,9 +18,10 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 import requests
+import yaml
 
 from proxy import create_app
-from tests.conftest import CHAT, make_app, provider, settings_doc, state_path
+from tests.conftest import CHAT, STATE_DIR, make_app, provider, settings_doc
 from tests.gunicorn_util import Gunicorn, write_settings
 from tests.redis_util import RedisServer
 from tests.upstream import Reply, sse, text_chunks
@@ -314,9 +315,13 @@ def test_gunicorn_three_workers_300_requests_survive_a_restart_exactly(upstream,
     assert body["total"]["requests"] == 300 and body["total"]["errors"] == 0
 
 
-def test_tests_never_write_state_into_the_checkout():
-    assert not os.path.exists("streamfold-state.db")
-    assert state_path() != state_path()
+def test_every_test_app_gets_its_own_state_file_outside_the_checkout(tmp_path):
+    first, second = settings_doc()["state-path"], settings_doc()["state-path"]
+    assert first != second and first.startswith(STATE_DIR) and second.startswith(STATE_DIR)
+    written = yaml.safe_load(write_settings(tmp_path / "s.yaml", {"api-keys": []}).read_text())
+    assert written["state-path"] == str(tmp_path / "s.state.db")  # gunicorn tests: beside their settings file
+    app = make_app({"openai-compatibility": []})
+    assert app.extensions["streamfold.state"].path.startswith(STATE_DIR)
 
 
 def _events(raw: bytes) -> list[bytes]:
