@@ -85,3 +85,10 @@ def on_exit(server):
     made = os.environ.get("STREAMFOLD_METRICS_DIR_MADE")
     if made:
         shutil.rmtree(made, ignore_errors=True)
+
+
+def worker_exit(server, worker):
+    """Graceful stop (SIGTERM): write the usage this worker still holds (it is flushed ~1/s otherwise)."""
+    from proxy.state.ticker import flush_all
+
+    flush_all()

@@ -33,6 +33,11 @@ import endurance  # noqa: E402
 from fold_bench import make_stream  # noqa: E402
 
 KEY = "sk-bench-client-key"
+# The same traffic on a key with every policy set (limits far above what the bench
+# reaches, so nothing is refused): the "limits" rows measure what checking costs.
+LIMITED_KEY = "sk-bench-limited-key"
+LIMITED = {"key": LIMITED_KEY, "name": "bench-limited", "models": ["bench-*"], "rpm": 10**9, "tpm": 10**12,
+           "max-concurrent": 100000}
 BODY = {"model": "{model}", "messages": [{"role": "user", "content": "Say hello in one word."}],
         "max_tokens": 16}
 # The same question as a Responses request (the bridged /v1/responses rows), as Codex sends it: store false
@@ -129,7 +134,8 @@ def settings(nginx_port: int, slow_port: int) -> Path:
          "models": [{"name": "bench-model", "alias": "bench-slow"}]},
     ]
     path = WORK / "settings.yaml"
-    path.write_text(yaml.safe_dump({"api-keys": [KEY], "timeouts": {"connect": 5, "read": 60},
+    path.write_text(yaml.safe_dump({"api-keys": [KEY, LIMITED], "timeouts": {"connect": 5, "read": 60},
+                                    "state-path": str(WORK / "state.db"),  # not the checkout
                                     "openai-compatibility": providers}, sort_keys=False))
     return path
 
@@ -173,21 +179,22 @@ def stop(proc: subprocess.Popen) -> None:
 
 # -- wrk --------------------------------------------------------------------------------------
 def wrk(url: str, model: str, connections: int, seconds: float, stream: bool = False, repeat: int = 1,
-        template: dict = BODY) -> dict:
+        template: dict = BODY, key: str = KEY) -> dict:
     """Median of ``repeat`` wrk runs (by req/s): one run on 2 shared cores varies by +-30%."""
-    runs = sorted((wrk_once(url, model, connections, seconds, stream, template) for _ in range(repeat)),
+    runs = sorted((wrk_once(url, model, connections, seconds, stream, template, key) for _ in range(repeat)),
                   key=lambda r: r["rps"])
     return runs[len(runs) // 2]
 
 
-def wrk_once(url: str, model: str, connections: int, seconds: float, stream: bool, template: dict = BODY) -> dict:
+def wrk_once(url: str, model: str, connections: int, seconds: float, stream: bool, template: dict = BODY,
+             key: str = KEY) -> dict:
     body = json.dumps({**template, "model": model, "stream": stream})
-    script = WORK / f"post-{model}-{int(stream)}.lua"
+    script = WORK / f"post-{model}-{int(stream)}-{key[-6:]}.lua"
     script.write_text(f"""
 wrk.method = "POST"
 wrk.body = {json.dumps(body)}
 wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = "Bearer {KEY}"
+wrk.headers["Authorization"] = "Bearer {key}"
 """)
     threads = max(1, min(2, connections))
     out = subprocess.run(["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{seconds:g}s", "--latency",
@@ -240,6 +247,17 @@ def run(args) -> list[dict]:
             rows += responses_rows(via, proxy.pid, seconds, n)
         if "messages" in args.only:
             rows += messages_rows(via, proxy.pid, seconds, n)
+        if "limits" in args.only:
+            # Interleaved, so both sides see the same machine load.
+            for label, model, stream in (("JSON relay, c8", "bench-json", False),
+                                         ("streaming relay, 200 events, c8", "bench-stream", True)):
+                plain, limited = [], []
+                for _ in range(n):
+                    plain.append(wrk(via, model, 8, seconds, stream=stream)["rps"])
+                    limited.append(wrk(via, model, 8, seconds, stream=stream, key=LIMITED_KEY)["rps"])
+                p, q = sorted(limited)[len(limited) // 2], sorted(plain)[len(plain) // 2]
+                rows.append(row(f"{label}: key with limits vs none", p, q, "req/s"))
+                rows.append(row(f"{label}: limits, cost per request", (1 / p - 1 / q) * 1e6, None, "us"))
         if "endurance" in args.only:
             result = endurance.run_clients(proxy_port, KEY, args.streams, args.endurance_seconds, proxy.pid)
             rows.append(row(f"{args.streams} slow streams: completed", result["completed"], args.streams, "streams"))

@@ -84,6 +84,18 @@ class RateLimited(ProxyError):
     code = "rate_limit_exceeded"
 
 
+class ClientRateLimited(RateLimited):
+    """The client key's own policy (rpm, tpm, max-concurrent) refuses the request."""
+
+    code = "client_rate_limited"
+
+
+class ModelNotAllowed(Forbidden):
+    """The client key's ``models`` globs do not cover the requested model."""
+
+    code = "model_not_allowed"
+
+
 class UpstreamUnavailable(ProxyError):
     """The upstream could not be reached or refused the provider's credentials."""
 

@@ -20,7 +20,7 @@ import orjson
 from urllib3 import HTTPResponse
 
 from . import metrics, upstream
-from .errors import ProxyError, RateLimited, StreamError, UpstreamUnavailable, error_body
+from .errors import BadRequest, ProxyError, RateLimited, StreamError, UpstreamUnavailable, error_body
 from .keys import RATE_LIMIT_DEFAULT, REFUSED_KEY_COOLDOWN, KeyPool
 from .routing import Target
 from .settings import KeyEntry, Settings, redact
@@ -94,6 +94,7 @@ class Outcome:
     first: bytes = b""
     headers: dict[str, str] = field(default_factory=dict)
     plan: Plan | None = None  # the plan that produced this outcome (bridged routes)
+    strip_usage: bool = False  # the proxy asked for the stream's usage chunk; the client did not
 
 
 def execute(settings: Settings, sessions: upstream.Sessions, keys: KeyPool,
@@ -159,6 +160,14 @@ def _attempt(settings: Settings, sessions: upstream.Sessions, keys: KeyPool,
         if usage_option:
             options = body.get("stream_options")
             body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+    # A streamed chat answer carries usage only when asked; ask (usage is
+    # recorded), and the relay removes it again unless the client asked too.
+    strip_usage = False
+    if call.client_stream and call.adapt is None and path == "/chat/completions" and provider.stream_usage:
+        options = body.get("stream_options")
+        if not (isinstance(options, dict) and options.get("include_usage") is True):
+            body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+            strip_usage = True
     headers = dict(client)
     headers.update(provider.headers)
     headers["Content-Type"] = "application/json"
@@ -169,10 +178,17 @@ def _attempt(settings: Settings, sessions: upstream.Sessions, keys: KeyPool,
         headers["Authorization"] = f"Bearer {entry.api_key}"
         if plan is not None and plan.key_header:
             headers[plan.key_header] = entry.api_key
+    try:
+        payload = orjson.dumps(body)
+    except orjson.JSONEncodeError:
+        # orjson reads 1024 levels but writes 254: such a body is the client's doing, not the upstream's
+        refused = BadRequest("The request body nests JSON too deeply to forward (at most 254 levels).")
+        refused.retryable = False
+        raise refused from None
     started = time.perf_counter()
     try:
         response = upstream.post(sessions, provider, provider.base_url + path,
-                                 orjson.dumps(body), headers, entry, settings.timeouts)
+                                 payload, headers, entry, settings.timeouts)
     except UpstreamUnavailable:
         keys.connect_failed(provider.name)
         raise
@@ -202,6 +218,7 @@ def _attempt(settings: Settings, sessions: upstream.Sessions, keys: KeyPool,
     try:
         outcome = _success(settings, response, call, fold, forced)
         outcome.plan = plan
+        outcome.strip_usage = strip_usage and outcome.stream is not None
     except BaseException:
         response.close()
         raise

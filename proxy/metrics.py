@@ -47,6 +47,9 @@ COOLDOWNS = Counter("streamfold_cooldowns_total", "Keys put on cooldown (429 or 
 ACTIVE_STREAMS = Gauge("streamfold_active_streams", "Streams being relayed right now", multiprocess_mode="livesum")
 TOKENS = Counter("streamfold_tokens_total", "Tokens reported by upstream usage, by client key label",
                  ["client", "kind"])
+CLIENT_LIMITED = Counter("streamfold_client_limited_total",
+                         "Requests refused by a client key's policy (reason: rpm, tpm, concurrency, model)",
+                         ["client", "reason"])
 
 # At most 15 digits and no fraction or exponent after them: a 400-digit count is no count.
 _PROMPT = re.compile(rb'"(?:prompt_tokens|input_tokens)"\s*:\s*(\d{1,15})(?![\d.eE])')

@@ -17,6 +17,7 @@ from flask import Response
 from . import metrics, upstream
 from .errors import ProxyError
 from .executor import Outcome
+from .fold.usage_strip import UsageStripper
 
 log = logging.getLogger(__name__)
 # Sent with every response that is written bit by bit (streams, padded folds).
@@ -35,12 +36,22 @@ def to_response(outcome: Outcome, on_end: Callable[[int, str, bytes], None]) -> 
 
 def _relay(outcome: Outcome, on_end: Callable[[int, str, bytes], None]):
     response, result, usage = outcome.stream, "client closed", b""
+    stripper = UsageStripper() if outcome.strip_usage else None
     metrics.ACTIVE_STREAMS.inc()
     try:
         for data in upstream.read_chunks(response, outcome.first):
-            if b'_tokens"' in data:  # keep the read that carries usage, for the token metrics
+            tokens = b'_tokens"' in data
+            if tokens:  # keep the read that carries usage, for the token metrics
                 usage = data
+            if stripper is not None:
+                data = stripper.feed(data, tokens)
+                if not data:
+                    continue
             yield data
+        if stripper is not None:
+            tail = stripper.finish()
+            if tail:
+                yield tail
         result = "complete"
     except ProxyError as exc:
         # Headers are gone; say it in the stream so SDKs raise instead of
@@ -50,7 +61,7 @@ def _relay(outcome: Outcome, on_end: Callable[[int, str, bytes], None]):
     finally:
         response.close()
         metrics.ACTIVE_STREAMS.dec()
-        on_end(200, result, usage)
+        on_end(200, result, stripper.usage or usage if stripper is not None else usage)
 
 
 def with_keepalive(interval: float, run: Callable[[], Outcome],

@@ -10,18 +10,22 @@ from werkzeug.exceptions import HTTPException
 
 from . import activity, demo, instances, metrics
 from .errors import ProxyError, error_body
-from .routes import (  # noqa: F401 - page_api adds routes to manage.bp
+from .routes import (  # noqa: F401 - page_api, keys_api and usage_api add routes to manage.bp
     anthropic,
     common,
+    keys_api,
     manage,
     openai,
     page,
     page_api,
     responses,
+    usage_api,
 )
 from .runtime import ConfigHolder
 from .settings import Settings, settings_path
 from .state import open_store
+from .state.limits import Limiter
+from .state.usage import Recorder
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +48,9 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     settings = app.extensions["streamfold"].runtime.settings
     # Usage, limit windows and stored responses. Chosen once: changing state-path
     # or redis-url needs a restart.
-    app.extensions["streamfold.state"] = open_store(settings)
+    store = app.extensions["streamfold.state"] = open_store(settings)
+    app.extensions["streamfold.usage"] = Recorder(store)
+    app.extensions["streamfold.limits"] = Limiter(store)
     _warn_about(settings)
     log.info("streamfold ready: %d providers, settings %s", len(settings.providers), path or "(in memory)")
 

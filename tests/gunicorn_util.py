@@ -40,7 +40,7 @@ class Gunicorn:
                 if (requests.get(self.url + "/healthz", timeout=1).status_code == 200
                         and self.output().count("streamfold ready") >= workers):
                     return
-            except (requests.ConnectionError, requests.Timeout):  # a loaded machine may be slow to answer
+            except requests.RequestException:  # refused, or a read timeout while workers boot under load
                 time.sleep(0.05)
             if self.proc.poll() is not None:
                 break

@@ -278,3 +278,15 @@ def test_glob_alias_routes_after_exact_names(upstream):
     assert client.post("/v1/chat/completions", headers=AUTH, json={**CHAT, "model": "gpt-4"}).status_code == 404
     listed = [m["id"] for m in client.get("/v1/models", headers=AUTH).get_json()["data"]]
     assert "small" in listed and "big" in listed and not any("*" in m for m in listed)
+
+
+def test_a_body_nested_deeper_than_can_be_forwarded_is_a_400_and_the_upstream_never_sees_it(client, upstream):
+    deep = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "metadata": {}}
+    node = deep["metadata"]
+    for _ in range(300):
+        node["x"] = {}
+        node = node["x"]
+    response = client.post("/v1/chat/completions", headers=AUTH, json=deep)
+    assert response.status_code == 400 and "nests JSON too deeply" in response.get_json()["error"]["message"]
+    assert upstream.requests == []
+    assert client.post("/v1/chat/completions", headers=AUTH, json=CHAT).status_code == 200

@@ -97,9 +97,11 @@ def test_client_stream_options_are_kept_and_usage_added(forced_app, upstream):
 
 def test_streaming_client_request_is_relayed_never_folded(forced_app, upstream):
     upstream.handler = lambda rec: Reply(events=REASONING_TOOL_STREAM)
-    response = forced_app.test_client().post("/v1/chat/completions", json=dict(CHAT, stream=True), headers=AUTH)
+    # The client asks for usage itself, so the stream (usage chunk included) comes back byte for byte.
+    response = forced_app.test_client().post("/v1/chat/completions", headers=AUTH,
+                                             json=dict(CHAT, stream=True, stream_options={"include_usage": True}))
     assert response.data == b"".join(REASONING_TOOL_STREAM)
-    assert "stream_options" not in upstream.requests[0].body
+    assert upstream.requests[0].body["stream_options"] == {"include_usage": True}
 
 
 def test_forced_provider_that_answers_json_anyway_is_relayed(forced_app, upstream):

@@ -104,3 +104,20 @@ def test_open_store_picks_redis_when_a_redis_url_is_set(redis_server):
 
     settings = build_settings({"redis-url": redis_server.url, "state-path": state_path()}, {})
     assert isinstance(open_store(settings), RedisStore)
+
+
+def test_admit_is_all_or_nothing_and_settle_gives_back_on_both_backends(store):
+    """The limit operations the limiter builds on: same answers from SQLite and Redis."""
+    slot = ("conc:t", "token-1", 1)
+    assert store.admit([("tpm:t", 10)], slot, [("rpm:t", 2)], 60, 30) is None
+    kind, wait = store.admit([], ("conc:t", "token-2", 1), [("rpm:t", 2)], 60, 30)
+    assert kind == "slot" and wait >= 1  # the one slot is held
+    store.settle(("conc:t", "token-1"), ("tpm:t", 12), 60)  # answer done: slot back, 12 tokens spent
+    kind, wait = store.admit([("tpm:t", 10)], ("conc:t", "token-3", 1), [("rpm:t", 2)], 60, 30)
+    assert kind == "check" and 59 <= wait <= 60  # tpm spent; nothing was taken
+    assert store.admit([], ("conc:t", "token-4", 1), [("rpm:t", 2)], 60, 30) is None  # the slot was free
+    kind, _ = store.admit([], None, [("rpm:t", 2)], 60, 30)
+    assert kind == "count"  # 2 requests in the window
+    kind, _ = store.admit([], ("conc:t", "token-5", 2), [("rpm:t", 2)], 60, 30)
+    assert kind == "count"
+    assert store.admit([], ("conc:t", "token-6", 2), [], 60, 30) is None  # token-5 was not left behind

@@ -171,6 +171,8 @@ class FakeUpstream:
 
 
 class _QuietServer(ThreadingHTTPServer):
+    request_queue_size = 128  # socketserver's 5 drops connections when several gunicorn workers burst
+
     def handle_error(self, request, client_address) -> None:
         """A client (the proxy) dropping a pooled connection is normal here, not a traceback."""
 

@@ -28,7 +28,7 @@ from ..translate.anthropic.tokens import estimate
 from ..translate.anthropic.validate import validate
 from ..translate.tools import ToolNames
 from . import anthropic_stream
-from .common import authenticate, end_logger, holder, loggable, read_json_body
+from .common import admit, authenticate, end_logger, holder, loggable, read_json_body
 
 log = logging.getLogger(__name__)
 bp = Blueprint("anthropic", __name__)
@@ -154,7 +154,7 @@ def messages() -> Response:
     validate(body)
     stream = bool(body.get("stream"))
     targets = runtime.router.resolve(model)
-    # limits: admit(model) here (client key policy, added by the limits work)
+    admit(model)  # the client key's policy: allowed models, rpm, tpm, concurrency
     bridge = Bridge(body, client_headers(request.environ))
     call = Call("/chat/completions", body, stream, g.request_id, bridge.native_headers, fold_chat_chunks,
                 True, g.log, adapt=bridge.plan)

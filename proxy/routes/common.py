@@ -10,14 +10,17 @@ import hmac
 import logging
 import re
 import time
+from functools import partial
 
 import orjson
-from flask import current_app, request
+from flask import current_app, g, request
 
 from .. import activity, metrics
 from ..errors import BadRequest, PayloadTooLarge, Unauthorized
 from ..runtime import ConfigHolder, Runtime
 from ..settings import ClientKey
+from ..state.limits import Limiter, Ticket
+from ..state.usage import Recorder, usage_counts
 
 access_log = logging.getLogger("streamfold.access")
 LOG_VALUE_LIMIT = 256  # characters per logged value; longer ones are cut and end in "..."
@@ -30,10 +33,18 @@ def holder() -> ConfigHolder:
     return current_app.extensions["streamfold"]
 
 
-def authenticate(runtime: Runtime) -> str:
-    """The client key's label (its name or ``...abcd``), or ``-`` for an open proxy."""
+def authenticate(runtime: Runtime, *, account: bool = True) -> str:
+    """The client key's label (its name or ``...abcd``), or ``-`` for an open proxy.
+
+    Also keeps the key for ``admit`` (``g.client_key``) and, with ``account``
+    (every proxied route; not ``/v1/models``), sets ``g.log["client"]`` and
+    arranges for the request's usage to be recorded once its answer has gone out.
+    """
     keys: tuple[ClientKey, ...] = runtime.settings.api_keys
     if not keys:
+        g.client_key = None
+        if account:
+            _account_at_close("-")
         return "-"
     auth = request.headers.get("Authorization", "")
     token = auth[7:].strip() if auth[:7].lower() == "bearer " else request.headers.get("x-api-key", "")
@@ -47,7 +58,46 @@ def authenticate(runtime: Runtime) -> str:
             found = key
     if found is None:
         raise Unauthorized("Incorrect API key provided.")
+    g.client_key = found
+    if account:
+        _account_at_close(found.name)
     return found.name
+
+
+def admit(model: str) -> None:
+    """Apply the client key's policy to a request for ``model`` (raises 403 / 429); free without a policy.
+
+    Every proxied route calls this once it knows the model. The concurrency
+    slot it may take is given back when the answer has gone out or failed.
+    """
+    key: ClientKey | None = g.get("client_key")
+    if key is None or not key.limited:
+        return
+    limiter: Limiter = current_app.extensions["streamfold.limits"]
+    g.log["ticket"] = limiter.admit(key, model)
+
+
+def _account_at_close(label: str) -> None:
+    fields = g.log
+    fields["client"] = label
+    extensions = current_app.extensions
+    # Run by write_access_log, which runs exactly once per request when it is
+    # over: after the last byte of a stream (or the client leaving), or when a
+    # non-stream answer or an error response is ready.
+    fields["settle"] = partial(account, extensions["streamfold.usage"], extensions["streamfold.limits"])
+
+
+def account(recorder: Recorder, limiter: Limiter, fields: dict) -> None:
+    """A proxied request is over: give back its concurrency slot, record its usage, charge its tokens."""
+    status = fields.get("status", 500)
+    error = status >= 400 or str(fields.get("result", "")).startswith(("upstream", "error"))
+    tokens = fields.get("usage")
+    provider = fields.get("provider", "-")
+    # Like the metrics: a model label only for routed requests, so unknown names cannot grow the table.
+    recorder.add(fields["client"], fields.get("model", "-") if provider != "-" else "-", provider, error, tokens)
+    ticket: Ticket | None = fields.pop("ticket", None)
+    if ticket is not None:
+        limiter.finish(ticket, tokens[0] + tokens[1] if tokens is not None else 0)
 
 
 def read_json_body(limit: int) -> dict:
@@ -102,7 +152,9 @@ def end_logger(fields: dict):
         fields["status"] = status
         fields.setdefault("result", result)
         if usage_bytes:
-            metrics.count_tokens(fields.get("client", "-"), metrics.usage_in(usage_bytes))
+            tokens = fields["usage"] = usage_counts(usage_bytes)
+            if tokens is not None:
+                metrics.count_tokens(fields.get("client", "-"), tokens[:2])
         if fields.get("deferred"):
             started = fields.get("started")
             if started is not None and fields.get("provider"):
@@ -112,7 +164,13 @@ def end_logger(fields: dict):
 
 
 def write_access_log(fields: dict) -> None:
-    """The one log line per request (no keys, no content), and the request counter."""
+    """The one log line per request (no keys, no content), the request counter, and usage accounting."""
+    settle = fields.pop("settle", None)
+    if settle is not None:
+        try:
+            settle(fields)
+        except Exception:  # noqa: BLE001 - accounting must never break an answer (streams end here)
+            logging.getLogger(__name__).exception("usage accounting failed")
     provider = fields.get("provider", "-")
     metrics.REQUESTS.labels(fields.get("rule", "unmatched"), fields.get("model_label", "-") if provider != "-" else "-",
                             provider, str(fields.get("status", "-"))).inc()

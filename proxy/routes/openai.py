@@ -15,7 +15,8 @@ from ..errors import BadRequest
 from ..executor import Call, client_headers, execute
 from ..fold import fold_chat_chunks, fold_responses_chunks, fold_text_chunks
 from ..relay import to_response, with_keepalive
-from .common import authenticate, end_logger, holder, loggable, read_json_body
+from ..state.limits import model_allowed
+from .common import admit, authenticate, end_logger, holder, loggable, read_json_body
 
 bp = Blueprint("openai", __name__)
 
@@ -28,8 +29,12 @@ def healthz() -> Response:
 @bp.get("/v1/models")
 def models() -> Response:
     runtime = holder().current()
-    authenticate(runtime)
-    body = {"object": "list", "data": runtime.router.listing()}
+    authenticate(runtime, account=False)
+    listing = runtime.router.listing()
+    key = g.client_key
+    if key is not None and key.models:
+        listing = [entry for entry in listing if model_allowed(key, entry["id"])]
+    body = {"object": "list", "data": listing}
     return Response(orjson.dumps(body), 200, {"Content-Type": "application/json"})
 
 
@@ -86,6 +91,7 @@ def proxy_request(route: Route) -> Response:
         raise BadRequest("you must provide a model parameter" if model is None
                          else "model must be a non-empty string", param="model")
     g.log["model"] = loggable(model)
+    admit(model)
     required = route.required
     if required is not None and required not in body:
         raise BadRequest(f"Missing required parameter: '{required}'.", param=required)

@@ -30,7 +30,7 @@ from ..translate.responses import request as translate
 from ..translate.responses import response as reply
 from ..translate.responses.pipeline import chunk_batches, translate_stream
 from ..translate.responses.stream import ResponsesStream
-from .common import authenticate, end_logger, holder, loggable, read_json_body
+from .common import admit, authenticate, end_logger, holder, loggable, read_json_body
 from .openai import RESPONSES
 
 bp = Blueprint("responses", __name__)
@@ -55,7 +55,7 @@ def create_response() -> Response:
         raise BadRequest("stream must be a boolean", param="stream")
     stream = bool(stream)
     targets = runtime.router.resolve(model)
-    # limits: admit(model) here
+    admit(model)  # the client key's policy: allowed models, rpm, tpm, concurrency
     store = current_app.extensions["streamfold.state"]
     bridge = None
     if any(not _native(t) for t in targets):

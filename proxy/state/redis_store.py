@@ -56,6 +56,62 @@ local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 if oldest[2] then return tostring(math.max(0.001, tonumber(oldest[2]) + span - now)) end
 return tostring(span)
 """
+# One request's limits in one step, all or nothing (see Store.admit). KEYS: (window, total) per
+# check, the slots key when a slot is wanted, (window, total) per count. ARGV: span, lease, nonce,
+# slot token ("" = none), slot limit, number of checks, number of counts, then each limit in order.
+# Returns nil when admitted, else {kind, seconds to wait}.
+_ADMIT = """
+local now_parts = redis.call('TIME')
+local now = tonumber(now_parts[1]) + tonumber(now_parts[2]) / 1000000
+local span, lease, nonce, token = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], ARGV[4]
+local slot_limit, nchecks, ncounts = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local ttl = math.ceil(span * 1000) + 1000
+local function total_of(win, tot)
+  local old = redis.call('ZRANGEBYSCORE', win, '-inf', now - span)
+  if #old > 0 then
+    local gone = 0
+    for _, member in ipairs(old) do gone = gone + tonumber(string.match(member, ':(%d+)$')) end
+    redis.call('ZREMRANGEBYSCORE', win, '-inf', now - span)
+    redis.call('DECRBY', tot, gone)
+  end
+  return math.max(0, tonumber(redis.call('GET', tot) or '0'))
+end
+local function wait_of(win)
+  local oldest = redis.call('ZRANGE', win, 0, 0, 'WITHSCORES')
+  if oldest[2] then return tostring(math.max(0.001, tonumber(oldest[2]) + span - now)) end
+  return tostring(span)
+end
+local k = 1
+for i = 1, nchecks do
+  if total_of(KEYS[k], KEYS[k + 1]) >= tonumber(ARGV[7 + i]) then return {'check', wait_of(KEYS[k])} end
+  k = k + 2
+end
+local slots = false
+if token ~= '' then
+  slots = KEYS[k]
+  k = k + 1
+  redis.call('ZREMRANGEBYSCORE', slots, '-inf', now)
+  if redis.call('ZCARD', slots) >= slot_limit then return {'slot', '1'} end
+end
+local first = k
+for i = 1, ncounts do
+  if total_of(KEYS[k], KEYS[k + 1]) >= tonumber(ARGV[7 + nchecks + i]) then return {'count', wait_of(KEYS[k])} end
+  k = k + 2
+end
+if slots then
+  redis.call('ZADD', slots, now + lease, token)
+  redis.call('PEXPIRE', slots, math.ceil(lease * 1000) + 1000)
+end
+k = first
+for i = 1, ncounts do
+  redis.call('ZADD', KEYS[k], now, nonce .. i .. ':1')
+  redis.call('INCRBY', KEYS[k + 1], 1)
+  redis.call('PEXPIRE', KEYS[k], ttl)
+  redis.call('PEXPIRE', KEYS[k + 1], ttl)
+  k = k + 2
+end
+return false
+"""
 # KEYS: slots. ARGV: limit, lease s, token. Returns 1 when a slot was taken.
 _ACQUIRE = """
 local now_parts = redis.call('TIME')
@@ -89,6 +145,7 @@ class RedisStore(Store):
         self._take_script = self.client.register_script(_TAKE)
         self._acquire_script = self.client.register_script(_ACQUIRE)
         self._renew_script = self.client.register_script(_RENEW)
+        self._admit_script = self.client.register_script(_ADMIT)
 
     def _run(self, operation, *args):
         try:
@@ -155,6 +212,35 @@ class RedisStore(Store):
 
     def _release(self, name: str, token: str) -> None:
         self._run(self.client.zrem, f"{PREFIX}slots:{name}", token)
+
+    def _admit(self, checks, slot, counts, span: float, lease: float) -> tuple[str, float] | None:
+        keys, limits = [], []
+        for name, limit in checks:
+            keys += [f"{PREFIX}win:{name}", f"{PREFIX}wintotal:{name}"]
+            limits.append(limit)
+        if slot is not None:
+            keys.append(f"{PREFIX}slots:{slot[0]}")
+        for name, limit in counts:
+            keys += [f"{PREFIX}win:{name}", f"{PREFIX}wintotal:{name}"]
+            limits.append(limit)
+        token, slot_limit = (slot[1], slot[2]) if slot is not None else ("", 0)
+        answer = self._run(self._admit_script, keys, [span, lease, os.urandom(6).hex(), token, slot_limit,
+                                                      len(checks), len(counts), *limits])
+        if answer is None:
+            return None
+        kind, wait = answer
+        return (kind.decode() if isinstance(kind, bytes) else kind), float(wait)
+
+    def _settle(self, release, record, span: float) -> None:
+        def both() -> None:
+            pipe = self.client.pipeline(transaction=False)  # one round trip
+            if release is not None:
+                pipe.zrem(f"{PREFIX}slots:{release[0]}", release[1])
+            if record is not None:
+                self._take_script(keys=[f"{PREFIX}win:{record[0]}", f"{PREFIX}wintotal:{record[0]}"],
+                                  args=[-1, span, record[1], os.urandom(6).hex()], client=pipe)
+            pipe.execute()
+        self._run(both)
 
     def _renew(self, held: list[tuple[str, str]], lease: float) -> None:
         if held:

@@ -13,8 +13,9 @@ Two kinds of callers, two contracts:
   (one loud log line). A get while the backend is down answers from that
   memory copy, else ``None``: a stored response written by another worker is
   unreachable until the backend returns, which is reported as "not found".
-* The usage and limit operations (``add_usage``, ``usage``, ``take``,
-  ``record``, ``acquire``, ``release``, ``renew``) raise ``StoreUnavailable``
+* The usage and limit operations (``add_usage``, ``usage``, ``admit``,
+  ``settle``, ``renew`` and the single steps ``take``, ``record``,
+  ``acquire``, ``release``) raise ``StoreUnavailable``
   so their owners (``usage.py``, ``limits.py``) can fall back (keep usage in
   memory, count limits per worker). While the backend is known to be down
   they raise at once, without a network or disk round trip; the tick probes
@@ -25,15 +26,14 @@ The transition to down and back is logged once each, loudly.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
-import weakref
 from typing import Callable, Iterable, Mapping, Sequence
+
+from . import ticker
 
 log = logging.getLogger(__name__)
 
-TICK = 1.0                        # seconds between background ticks (usage flush, retries, probes)
 PENDING_LIMIT = 64 * 1024 * 1024  # bytes of blobs held in memory while the backend is down
 # The usage counters, in storage order; ``usage`` rows carry them in this order.
 COUNTERS = ("requests", "errors", "prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens")
@@ -58,7 +58,7 @@ class Store:
         self._tick_hooks: list[Callable[[], None]] = []
         self._tick_lock = threading.Lock()  # the background tick and a shutdown flush never overlap
         self.ticks = 0
-        _Ticker.register(self)
+        ticker.register(self)
 
     # -- blobs: never raise ------------------------------------------------
     def put_blob(self, namespace: str, key: str, value: bytes, ttl: float) -> None:
@@ -138,6 +138,21 @@ class Store:
     def release(self, name: str, token: str) -> None:
         self._guard(self._release, name, token)
 
+    def admit(self, checks: Sequence[tuple[str, int]], slot: tuple[str, str, int] | None,
+              counts: Sequence[tuple[str, int]], span: float, lease: float) -> tuple[str, float] | None:
+        """One request's limits, all or nothing; ``None`` when admitted.
+
+        ``checks`` are windows (name, limit) that must be under their limit,
+        ``slot`` (name, token, limit) a slot to take, ``counts`` windows that
+        must be under their limit and then get one more entry. A refusal is
+        ``("check" | "slot" | "count", seconds to wait)``, and leaves nothing taken.
+        """
+        return self._guard(self._admit, checks, slot, counts, span, lease)
+
+    def settle(self, release: tuple[str, str] | None, record: tuple[str, int] | None, span: float) -> None:
+        """A request is over: give back its slot (name, token), add its tokens (name, amount) to a window."""
+        self._guard(self._settle, release, record, span)
+
     def renew(self, held: Iterable[tuple[str, str]], lease: float) -> None:
         """Extend the lease of slots (name, token) this process still holds."""
         self._guard(self._renew, list(held), lease)
@@ -205,7 +220,7 @@ class Store:
             log.exception("state store: final flush failed")
 
     def close(self) -> None:
-        _Ticker.unregister(self)
+        ticker.unregister(self)
 
     # -- backend operations (subclasses) -------------------------------------
     def _put_blob(self, namespace: str, key: str, value: bytes, expires: float) -> None:
@@ -235,6 +250,30 @@ class Store:
     def _renew(self, held: list[tuple[str, str]], lease: float) -> None:
         raise NotImplementedError
 
+    def _admit(self, checks, slot, counts, span: float, lease: float) -> tuple[str, float] | None:
+        # Each step is atomic on its own; a backend that can do all in one
+        # transaction (SQLite) overrides this. Only the last steps add
+        # anything, so a refusal has at most a slot to give back.
+        for name, limit in checks:
+            wait = self._take(name, limit, span, 0)
+            if wait:
+                return "check", wait
+        if slot is not None and not self._acquire(slot[0], slot[1], slot[2], lease):
+            return "slot", 1.0
+        for name, limit in counts:
+            wait = self._take(name, limit, span, 1)
+            if wait:
+                if slot is not None:
+                    self._release(slot[0], slot[1])
+                return "count", wait
+        return None
+
+    def _settle(self, release, record, span: float) -> None:
+        if release is not None:
+            self._release(*release)
+        if record is not None:
+            self._record(record[0], record[1], span)
+
     def _probe(self) -> None:
         """Raise ``StoreUnavailable`` unless the backend answers (and can be written)."""
         raise NotImplementedError
@@ -244,49 +283,3 @@ class Store:
 
     def _expire(self, now: float) -> None:
         """Delete expired blobs and window entries (Redis expires them itself)."""
-
-
-class _Ticker:
-    """One daemon thread per process ticking every live store (tests build many apps; a thread each would pile up).
-
-    Started with the first store, and again in a forked child: threads do not
-    survive ``fork``, and gunicorn may build the app before forking workers.
-    """
-
-    _stores: weakref.WeakSet = weakref.WeakSet()
-    _lock = threading.Lock()
-    _running = False
-
-    @classmethod
-    def register(cls, store: Store) -> None:
-        with cls._lock:
-            cls._stores.add(store)
-            if not cls._running:
-                cls._start()
-
-    @classmethod
-    def unregister(cls, store: Store) -> None:
-        with cls._lock:
-            cls._stores.discard(store)
-
-    @classmethod
-    def _start(cls) -> None:
-        cls._running = True
-        threading.Thread(target=cls._run, args=(os.getpid(),), name="streamfold-state", daemon=True).start()
-
-    @classmethod
-    def after_fork(cls) -> None:
-        cls._lock = threading.Lock()  # a lock held by another thread at fork time would never be released
-        cls._running = False
-        if len(cls._stores):
-            cls._start()
-
-    @classmethod
-    def _run(cls, pid: int) -> None:
-        while os.getpid() == pid:
-            time.sleep(TICK)
-            for store in list(cls._stores):
-                store.tick()
-
-
-os.register_at_fork(after_in_child=_Ticker.after_fork)

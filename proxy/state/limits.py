@@ -1,0 +1,185 @@
+"""Client key policy: allowed models (globs), requests and tokens per minute, requests in flight.
+
+Counts live in the state store, so every worker of an instance (SQLite) or
+every instance (Redis) sees the same numbers: windows are sliding (the last
+60 s, not the calendar minute), and a request's checks and adds are one
+atomic store operation (``Store.admit``), so N rpm admits at most N in any 60 s. ``tpm`` is checked on admission
+against the tokens recorded in the last 60 s and charged when the answer's
+usage is known, so the request that crosses the budget finishes and the next
+one is refused. A concurrency slot is a lease the holder renews every
+``RENEW_EVERY`` s, so a killed worker's slots free themselves within ``LEASE``.
+
+While the store is down every count falls back to this worker's own memory
+(the store logs that once), so limits still hold, per worker.
+"""
+from __future__ import annotations
+
+import fnmatch
+import math
+import os
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from .. import metrics
+from ..errors import ClientRateLimited, ModelNotAllowed
+from ..settings import ClientKey
+from .store import Store, StoreUnavailable
+
+WINDOW = 60.0      # seconds: rpm and tpm are per minute
+LEASE = 30.0       # seconds a concurrency slot survives without renewal (a worker killed mid-request)
+RENEW_EVERY = 10   # ticks between lease renewals
+MAX_HOLD = 6 * 3600.0  # a slot still held after this long is a leak, not a stream: stop renewing it
+
+
+@dataclass(slots=True)
+class Ticket:
+    """What an admitted request holds until its answer has gone out (no key material: it sits in g.log)."""
+
+    name: str             # the client key's name (limits are kept per name)
+    tpm: int = 0
+    slot: str = ""        # the concurrency slot's token, "" when the key has no max-concurrent
+    local: bool = False   # the slot was taken in this worker's memory (store down)
+
+
+def model_allowed(key: ClientKey, model: str) -> bool:
+    return not key.models or any(fnmatch.fnmatchcase(model, pattern) for pattern in key.models)
+
+
+class Limiter:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.local = _LocalCounts()
+        self._held: dict[str, tuple[str, float]] = {}  # slot token -> (name, since), taken in the store here
+        store.on_tick(self._renew)
+
+    def admit(self, key: ClientKey, model: str) -> Ticket:
+        """Check ``key``'s policy for one request; raise ``ModelNotAllowed`` or ``ClientRateLimited``.
+
+        One store operation (one SQLite transaction) for all of the key's
+        limits; nothing is taken when any of them refuses.
+        """
+        if not model_allowed(key, model):
+            metrics.CLIENT_LIMITED.labels(key.name, "model").inc()
+            raise ModelNotAllowed(f"The client key {key.name!r} may not use the model {model!r}.", param="model")
+        if not (key.rpm or key.tpm or key.max_concurrent):
+            return Ticket(key.name)
+        ticket = Ticket(key.name, key.tpm, os.urandom(9).hex() if key.max_concurrent else "")
+        checks = ((f"tpm:{key.name}", key.tpm),) if key.tpm else ()
+        slot = (f"conc:{key.name}", ticket.slot, key.max_concurrent) if key.max_concurrent else None
+        counts = ((f"rpm:{key.name}", key.rpm),) if key.rpm else ()
+        try:
+            refused = self.store.admit(checks, slot, counts, WINDOW, LEASE)
+            if refused is None and slot is not None:
+                self._held[ticket.slot] = (slot[0], time.monotonic())
+        except StoreUnavailable:
+            ticket.local = True
+            refused = self.local.admit(checks, slot, counts)
+        if refused is not None:
+            ticket.slot = ""
+            kind, wait = refused
+            if kind == "check":
+                self._refuse(key, "tpm", f"{key.tpm} tokens per minute", wait)
+            if kind == "slot":
+                self._refuse(key, "concurrency", f"{key.max_concurrent} requests in flight", wait)
+            self._refuse(key, "rpm", f"{key.rpm} requests per minute", wait)
+        return ticket
+
+    def finish(self, ticket: Ticket, tokens: int) -> None:
+        """The request is over: give back its slot, charge its tokens to the tpm window (one store operation)."""
+        token, ticket.slot = ticket.slot, ""
+        release = (f"conc:{ticket.name}", token) if token else None
+        record = (f"tpm:{ticket.name}", tokens) if ticket.tpm and tokens > 0 else None
+        if release is None and record is None:
+            return
+        if token:
+            self._held.pop(token, None)
+        if not ticket.local:
+            try:
+                self.store.settle(release, record, WINDOW)
+                return
+            except StoreUnavailable:
+                if release is not None:  # taken in the store: its lease runs out on its own
+                    release = None
+        self.local.settle(release, record)
+
+    def _renew(self) -> None:
+        if not self._held or self.store.ticks % RENEW_EVERY:
+            return
+        oldest = time.monotonic() - MAX_HOLD
+        held = []
+        for token, (name, since) in list(self._held.items()):
+            if since < oldest:
+                self._held.pop(token, None)  # its lease runs out within LEASE
+            else:
+                held.append((name, token))
+        try:
+            self.store.renew(held, LEASE)
+        except StoreUnavailable:
+            pass
+
+    @staticmethod
+    def _refuse(key: ClientKey, reason: str, what: str, wait: float) -> None:
+        metrics.CLIENT_LIMITED.labels(key.name, reason).inc()
+        seconds = max(1, math.ceil(wait))
+        raise ClientRateLimited(f"Rate limit reached for client key {key.name!r}: {what}. "
+                                f"Retry after {seconds} s.", headers={"Retry-After": str(seconds)})
+
+
+class _LocalCounts:
+    """Per-worker windows and slots, used only while the store is down (the same rules as the store's)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._windows: dict[str, deque[tuple[float, int]]] = {}
+        self._slots: dict[str, set[str]] = {}
+
+    def take(self, name: str, limit: int, cost: int) -> float:
+        now = time.monotonic()
+        with self._lock:
+            window = self._windows.setdefault(name, deque())
+            while window and window[0][0] <= now - WINDOW:
+                window.popleft()
+            if sum(amount for _, amount in window) < limit:
+                if cost:
+                    window.append((now, cost))
+                return 0.0
+            return max(0.001, window[0][0] + WINDOW - now)
+
+    def record(self, name: str, amount: int) -> None:
+        with self._lock:
+            self._windows.setdefault(name, deque()).append((time.monotonic(), amount))
+
+    def acquire(self, name: str, token: str, limit: int) -> bool:
+        with self._lock:
+            held = self._slots.setdefault(name, set())
+            if len(held) >= limit:
+                return False
+            held.add(token)
+            return True
+
+    def release(self, name: str, token: str) -> None:
+        with self._lock:
+            self._slots.get(name, set()).discard(token)
+
+    def admit(self, checks, slot, counts) -> tuple[str, float] | None:
+        for name, limit in checks:
+            wait = self.take(name, limit, 0)
+            if wait:
+                return "check", wait
+        if slot is not None and not self.acquire(*slot):
+            return "slot", 1.0
+        for name, limit in counts:
+            wait = self.take(name, limit, 1)
+            if wait:
+                if slot is not None:
+                    self.release(slot[0], slot[1])
+                return "count", wait
+        return None
+
+    def settle(self, release, record) -> None:
+        if release is not None:
+            self.release(*release)
+        if record is not None:
+            self.record(*record)
