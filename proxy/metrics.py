@@ -14,7 +14,6 @@ usage are taken only when they are plausible numbers (at most 15 digits).
 from __future__ import annotations
 
 import os
-import re
 
 from flask import Blueprint, Response
 from prometheus_client import (
@@ -51,9 +50,6 @@ CLIENT_LIMITED = Counter("streamfold_client_limited_total",
                          "Requests refused by a client key's policy (reason: rpm, tpm, concurrency, model)",
                          ["client", "reason"])
 
-# At most 15 digits and no fraction or exponent after them: a 400-digit count is no count.
-_PROMPT = re.compile(rb'"(?:prompt_tokens|input_tokens)"\s*:\s*(\d{1,15})(?![\d.eE])')
-_COMPLETION = re.compile(rb'"(?:completion_tokens|output_tokens)"\s*:\s*(\d{1,15})(?![\d.eE])')
 # Label values for why an attempt failed or a fold ended: the proxy's own error
 # codes and HTTP statuses; anything else an upstream sent is "other".
 REASONS = frozenset((
@@ -68,21 +64,6 @@ def reason(code: object) -> str:
     """A bounded label value for an error code or status that may come from an upstream."""
     text = code if type(code) is str else str(code) if type(code) is int else ""
     return text if text in REASONS or text in _STATUSES else "other"
-
-
-def usage_in(data: bytes) -> tuple[int, int] | None:
-    """(prompt, completion) tokens from the last ``usage`` object in raw JSON or SSE bytes.
-
-    A targeted scan instead of a parse: relayed answers are never decoded.
-    """
-    at = data.rfind(b'"usage"')
-    if at < 0:
-        return None
-    tail = data[at:]
-    prompt, completion = _PROMPT.search(tail), _COMPLETION.search(tail)
-    if prompt is None and completion is None:
-        return None
-    return (int(prompt.group(1)) if prompt else 0, int(completion.group(1)) if completion else 0)
 
 
 def count_tokens(client: str, usage: tuple[int, int] | None) -> None:

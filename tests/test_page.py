@@ -140,7 +140,7 @@ def test_recent_and_traffic_show_client_requests_not_operator_ones(pclient, upst
     assert [r["status"] for r in mine[:4]] == [404, 200, 200, 200]  # newest first
     assert not any(r["route"].startswith(("/manage", "/v0/", "/healthz")) for r in recent["records"])
     assert set(mine[0]) >= {"t", "worker", "id", "route", "model", "provider", "status", "ms", "folded", "client"}
-    assert "messages" not in orjson.dumps(recent).decode()  # no content, ever
+    assert not any({"messages", "content", "input"} & set(r) for r in recent["records"])  # no content, ever
     errors = pclient.get("/v0/management/recent?status=4xx", headers=MGMT).get_json()["records"]
     assert errors and {r["status"] // 100 for r in errors} == {4}
     traffic = pclient.get("/v0/management/traffic", headers=MGMT).get_json()
@@ -233,7 +233,7 @@ def test_overview_names_the_settings_source_and_a_refused_reload(upstream, tmp_p
     client = app.test_client()
     first = client.get("/v0/management/overview", headers=MGMT).get_json()
     assert first["settings"] == str(path) and first["reload-error"] is None and first["redis"] == {"state": "off"}
-    assert first["usage-store"] is False and first["workers"][0]["alive"] is True
+    assert first["usage-store"] is True and first["workers"][0]["alive"] is True
     path.write_text(path.read_text().replace("request-retry: 2", "request-retry: lots"))
     broken = client.get("/v0/management/overview", headers=MGMT).get_json()
     assert broken["reload-error"]["message"] == "does not validate: request-retry: must be an integer, not a string"

@@ -37,8 +37,15 @@ def usage_counts(data: bytes) -> Tokens | None:
     if prompt is None and completion is None:
         return None
     cached, reasoning = _CACHED.search(tail), _REASONING.search(tail)
-    return (int(prompt.group(1)) if prompt else 0, int(completion.group(1)) if completion else 0,
-            int(cached.group(1)) if cached else 0, int(reasoning.group(1)) if reasoning else 0)
+    return (_count(prompt), _count(completion), _count(cached), _count(reasoning))
+
+
+def _count(match: re.Match | None) -> int:
+    """A token count from an upstream; absurd ones (more than 15 digits) count as 0, not as an overflow later."""
+    if match is None:
+        return 0
+    digits = match.group(1)
+    return int(digits) if len(digits) <= 15 else 0
 
 
 class Recorder:
