@@ -100,6 +100,26 @@ def account(recorder: Recorder, limiter: Limiter, fields: dict) -> None:
         limiter.finish(ticket, tokens[0] + tokens[1] if tokens is not None else 0)
 
 
+def openai_request(runtime: Runtime) -> tuple[dict, str]:
+    """The start of every OpenAI-shaped route: authenticate, read the JSON body, check and log its ``model``."""
+    g.log["client"] = authenticate(runtime)
+    body = read_json_body(runtime.settings.max_request_bytes)
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise BadRequest("you must provide a model parameter" if model is None
+                         else "model must be a non-empty string", param="model")
+    g.log["model"] = loggable(model)
+    return body, model
+
+
+def stream_flag(body: dict) -> bool:
+    """The body's ``stream`` (absent = false); anything but a boolean is the client's mistake."""
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise BadRequest("stream must be a boolean", param="stream")
+    return bool(stream)
+
+
 def read_json_body(limit: int) -> dict:
     length = request.content_length
     if length is not None and length > limit:

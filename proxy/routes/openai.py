@@ -16,7 +16,7 @@ from ..executor import Call, client_headers, execute
 from ..fold import fold_chat_chunks, fold_responses_chunks, fold_text_chunks
 from ..relay import to_response, with_keepalive
 from ..state.limits import model_allowed
-from .common import admit, authenticate, end_logger, holder, loggable, read_json_body
+from .common import admit, authenticate, end_logger, holder, openai_request, stream_flag
 
 bp = Blueprint("openai", __name__)
 
@@ -84,13 +84,7 @@ def proxy_request(route: Route) -> Response:
     config = holder()
     runtime = config.current()
     settings = runtime.settings
-    g.log["client"] = authenticate(runtime)
-    body = read_json_body(settings.max_request_bytes)
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise BadRequest("you must provide a model parameter" if model is None
-                         else "model must be a non-empty string", param="model")
-    g.log["model"] = loggable(model)
+    body, model = openai_request(runtime)
     admit(model)
     required = route.required
     if required is not None and required not in body:
@@ -99,12 +93,10 @@ def proxy_request(route: Route) -> Response:
         raise BadRequest("messages must be a non-empty array", param="messages")
     if not route.streams:
         body.pop("stream", None)
-    stream = body.get("stream")
-    if stream is not None and not isinstance(stream, bool):
-        raise BadRequest("stream must be a boolean", param="stream")
+    stream = stream_flag(body)
     targets = runtime.router.resolve(model)
     fold = route.fold
-    call = Call(route.path, body, bool(stream), g.request_id, client_headers(request.environ), fold,
+    call = Call(route.path, body, stream, g.request_id, client_headers(request.environ), fold,
                 route.usage_option, g.log)
 
     def run():

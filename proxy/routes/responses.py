@@ -30,7 +30,7 @@ from ..translate.responses import request as translate
 from ..translate.responses import response as reply
 from ..translate.responses.pipeline import chunk_batches, translate_stream
 from ..translate.responses.stream import ResponsesStream
-from .common import admit, authenticate, end_logger, holder, loggable, read_json_body
+from .common import admit, end_logger, holder, loggable, openai_request, stream_flag
 from .openai import RESPONSES
 
 bp = Blueprint("responses", __name__)
@@ -43,17 +43,8 @@ def create_response() -> Response:
     config = holder()
     runtime = config.current()
     settings = runtime.settings
-    g.log["client"] = authenticate(runtime)
-    body = read_json_body(settings.max_request_bytes)
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise BadRequest("you must provide a model parameter" if model is None
-                         else "model must be a non-empty string", param="model")
-    g.log["model"] = loggable(model)
-    stream = body.get("stream")
-    if stream is not None and not isinstance(stream, bool):
-        raise BadRequest("stream must be a boolean", param="stream")
-    stream = bool(stream)
+    body, model = openai_request(runtime)
+    stream = stream_flag(body)
     targets = runtime.router.resolve(model)
     admit(model)  # the client key's policy: allowed models, rpm, tpm, concurrency
     store = current_app.extensions["streamfold.state"]
