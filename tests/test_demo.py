@@ -29,7 +29,13 @@ METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 def readme_curl_lines() -> list[str]:
     """The README's copy-paste curl lines to model ``demo``, in order (so the README cannot drift)."""
     return [line for line in README.splitlines()
-            if line.startswith("curl ") and '"model": "demo"' in line]
+            if line.startswith("curl ") and "/v1/chat/completions" in line and '"model": "demo"' in line]
+
+
+def readme_bridge_lines() -> dict[str, str]:
+    """The README's curl lines for the bridged APIs (``/v1/messages``, ``/v1/responses``) to model ``demo``."""
+    return {route: line for line in README.splitlines() for route in ("/v1/messages", "/v1/responses")
+            if line.startswith("curl ") and f"{route} " in line and '"model": "demo"' in line}
 
 
 def readme_sdk_snippet() -> str:
@@ -76,6 +82,24 @@ def test_readme_curl_folds_a_nonstream_request_into_one_chat_completion(shipped)
     assert answer["choices"][0]["finish_reason"] == "stop"
     usage = answer["usage"]
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"] > 0
+
+
+def test_readme_bridge_curls_answer_in_their_own_protocols(shipped):
+    lines = readme_bridge_lines()
+    assert set(lines) == {"/v1/messages", "/v1/responses"}
+    assert README.index(lines["/v1/messages"]) < README.index("## Contents")
+    answers = {}
+    for route, line in lines.items():
+        done = subprocess.run(shlex.split(on_port(line, shipped.port)), capture_output=True, timeout=30, check=True)
+        answers[route] = json.loads(done.stdout)
+    message = answers["/v1/messages"]
+    assert message["type"] == "message" and message["model"] == "demo" and message["stop_reason"] == "end_turn"
+    assert [block["type"] for block in message["content"]] == ["thinking", "text"]
+    assert "demo" in message["content"][1]["text"] and message["usage"]["output_tokens"] > 0
+    response = answers["/v1/responses"]
+    assert response["object"] == "response" and response["status"] == "completed"
+    assert [item["type"] for item in response["output"]] == ["reasoning", "message"]
+    assert "demo" in response["output"][1]["content"][0]["text"] and response["usage"]["total_tokens"] > 0
 
 
 def test_readme_stream_curl_is_relayed_live_event_by_event(shipped):
