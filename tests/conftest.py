@@ -14,6 +14,7 @@ from werkzeug.serving import make_server
 
 from proxy import create_app
 from proxy.settings import build_settings
+from proxy.state import ticker
 from tests.upstream import FakeUpstream
 
 CLIENT_KEY = "sk-client-test-0001"
@@ -23,7 +24,14 @@ CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 # Every settings document gets its own state file here, so no test writes into
 # the checkout and no two apps share usage or limits unless a test says so.
 STATE_DIR = tempfile.mkdtemp(prefix="streamfold-test-state-")
-atexit.register(shutil.rmtree, STATE_DIR, ignore_errors=True)
+
+
+@atexit.register
+def _remove_state_dir() -> None:
+    ticker.forget_all()  # else the background tick notices the files going and says so
+    shutil.rmtree(STATE_DIR, ignore_errors=True)
+
+
 _state_files = itertools.count()
 
 

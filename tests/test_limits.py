@@ -40,6 +40,8 @@ def limited(response: requests.Response) -> bool:
 def test_models_globs_refuse_other_models_with_403_and_hide_them_from_the_listing(upstream, serve):
     upstream.handler = openai_like
     live = serve(make_app(policy_doc(upstream, team_a={"models": ["qwen*"]})))
+    counter = 'streamfold_client_limited_total{client="team-a",reason="model"} '
+    before = _metric(live.url, counter)  # this process's metrics outlive each test's app
     sdk = openai.OpenAI(base_url=live.url + "/v1", api_key=KEY_A, max_retries=0, timeout=10)
     assert [m.id for m in sdk.models.list()] == ["qwen"]
     assert sdk.chat.completions.create(model="qwen", messages=[{"role": "user", "content": "hi"}]).usage
@@ -50,8 +52,14 @@ def test_models_globs_refuse_other_models_with_403_and_hide_them_from_the_listin
     assert len(upstream.requests) == 1  # the refused request never went upstream
     other = openai.OpenAI(base_url=live.url + "/v1", api_key=KEY_B, max_retries=0, timeout=10)
     assert sorted(m.id for m in other.models.list()) == ["llama", "qwen"]  # no models: everything
-    metrics = requests.get(live.url + "/metrics", timeout=10).text
-    assert 'streamfold_client_limited_total{client="team-a",reason="model"} 1.0' in metrics
+    sdk.close()
+    other.close()
+    assert _metric(live.url, counter) == before + 1
+
+
+def _metric(url: str, prefix: str) -> float:
+    lines = [line for line in requests.get(url + "/metrics", timeout=10).text.splitlines() if line.startswith(prefix)]
+    return float(lines[0][len(prefix):]) if lines else 0.0
 
 
 def test_rpm_60_across_three_gunicorn_workers_admits_60_give_or_take_the_workers(upstream, tmp_path):

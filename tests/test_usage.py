@@ -101,9 +101,11 @@ def test_stream_without_include_usage_gets_no_usage_chunk_but_its_usage_is_recor
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hello"
     assert all(c.usage is None and c.choices for c in chunks)  # no extra choices: [] chunk
     assert upstream.requests[0].body["stream_options"] == {"include_usage": True}  # asked on its behalf
-    raw = requests.post(live.url + "/v1/chat/completions", headers=auth(KEY_A), timeout=10, stream=True,
-                        json={"model": "qwen", "messages": [{"role": "user", "content": "count me"}], "stream": True})
-    body = raw.content
+    sdk.close()
+    with requests.post(live.url + "/v1/chat/completions", headers=auth(KEY_A), timeout=10, stream=True,
+                       json={"model": "qwen", "messages": [{"role": "user", "content": "count me"}],
+                             "stream": True}) as raw:
+        body = raw.content
     assert b'"usage"' not in body and body.endswith(b"data: [DONE]\n\n")
     row = wait_for_usage(live.url, 2, **{"group-by": "client,model,provider"})["data"]
     assert row == [{"client": "team-a", "model": "qwen", "provider": "gpu", "requests": 2, "errors": 0,
@@ -122,6 +124,7 @@ def test_stream_that_asked_for_usage_gets_the_upstream_bytes_unchanged(usage_liv
     last = list(sdk.chat.completions.create(model="qwen", messages=body["messages"], stream=True,
                                             stream_options={"include_usage": True}))[-1]
     assert last.choices == [] and last.usage.prompt_tokens == 2
+    sdk.close()
 
 
 def test_usage_on_the_finish_chunk_is_removed_for_a_client_that_did_not_ask(usage_live, upstream):

@@ -93,8 +93,10 @@ def account(recorder: Recorder, limiter: Limiter, fields: dict) -> None:
     error = status >= 400 or str(fields.get("result", "")).startswith(("upstream", "error"))
     tokens = fields.get("usage")
     provider = fields.get("provider", "-")
-    # Like the metrics: a model label only for routed requests, so unknown names cannot grow the table.
-    recorder.add(fields["client"], fields.get("model", "-") if provider != "-" else "-", provider, error, tokens)
+    # Like the metrics: a model only for routed requests, and the routed name (a glob alias itself,
+    # where the executor sets model_label) rather than whatever a client sent, so the table stays bounded.
+    model = fields.get("model_label", fields.get("model", "-")) if provider != "-" else "-"
+    recorder.add(fields["client"], model, provider, error, tokens)
     ticket: Ticket | None = fields.pop("ticket", None)
     if ticket is not None:
         limiter.finish(ticket, tokens[0] + tokens[1] if tokens is not None else 0)

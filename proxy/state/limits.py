@@ -2,8 +2,8 @@
 
 Counts live in the state store, so every worker of an instance (SQLite) or
 every instance (Redis) sees the same numbers: windows are sliding (the last
-60 s, not the calendar minute), and a request's checks and adds are one
-atomic store operation (``Store.admit``), so N rpm admits at most N in any 60 s. ``tpm`` is checked on admission
+60 s, not the calendar minute), and each check-and-add is atomic in the store
+(one SQL statement, one Lua script), so N rpm admits at most N in any 60 s. ``tpm`` is checked on admission
 against the tokens recorded in the last 60 s and charged when the answer's
 usage is known, so the request that crosses the budget finishes and the next
 one is refused. A concurrency slot is a lease the holder renews every
@@ -57,8 +57,8 @@ class Limiter:
     def admit(self, key: ClientKey, model: str) -> Ticket:
         """Check ``key``'s policy for one request; raise ``ModelNotAllowed`` or ``ClientRateLimited``.
 
-        One store operation (one SQLite transaction) for all of the key's
-        limits; nothing is taken when any of them refuses.
+        One store call for all of the key's limits (one Lua script with Redis,
+        a few single-statement steps with SQLite); nothing is kept when any refuses.
         """
         if not model_allowed(key, model):
             metrics.CLIENT_LIMITED.labels(key.name, "model").inc()

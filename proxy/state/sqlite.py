@@ -1,12 +1,12 @@
 """The embedded state store: one SQLite file (``state-path``) shared by every gunicorn worker of an instance.
 
-WAL mode lets readers and one writer work at once; multi-statement updates
-(a limit check and its increment) run in ``BEGIN IMMEDIATE`` transactions, so
-workers serialise on SQLite's file lock and a check-then-add cannot race.
-Each process opens its own connection, lazily (a connection must never cross
-a ``fork``: SQLite's locks are per process), shared by its threads under a
-lock: every statement here takes microseconds, and one connection per thread
-would mean hundreds under gthread.
+WAL mode lets readers and one writer work at once. A limit check and its add
+are one ``INSERT ... SELECT ... WHERE total < limit`` statement, atomic across
+workers, with window totals kept by triggers (see ``_one`` for why each step
+is a single statement). Each process opens its own connection, lazily (a
+connection must never cross a ``fork``: SQLite's locks are per process),
+shared by its threads under a lock: every statement here takes microseconds,
+and one connection per thread would mean hundreds under gthread.
 
 A deleted or replaced file is noticed by the tick (inode check, once a
 second) and before each blob write: the connection is dropped and the file
@@ -41,6 +41,13 @@ CREATE TABLE IF NOT EXISTS usage (
 CREATE TABLE IF NOT EXISTS windows (name TEXT NOT NULL, at REAL NOT NULL, amount INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS windows_name_at ON windows (name, at);
 CREATE TABLE IF NOT EXISTS window_totals (name TEXT PRIMARY KEY, total INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TRIGGER IF NOT EXISTS window_added AFTER INSERT ON windows BEGIN
+    INSERT INTO window_totals VALUES (NEW.name, NEW.amount)
+    ON CONFLICT (name) DO UPDATE SET total = total + NEW.amount;
+END;
+CREATE TRIGGER IF NOT EXISTS window_gone AFTER DELETE ON windows BEGIN
+    UPDATE window_totals SET total = total - OLD.amount WHERE name = OLD.name;
+END;
 CREATE TABLE IF NOT EXISTS slots (token TEXT PRIMARY KEY, name TEXT NOT NULL, until REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS slots_name ON slots (name);
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v) WITHOUT ROWID;
@@ -174,10 +181,7 @@ class SQLiteStore(Store):
     def _expire(self, now: float) -> None:
         with self._tx(immediate=True) as db:
             db.execute("DELETE FROM blobs WHERE expires <= ?", (now,))
-            # Windows nobody checks any more (a key removed from the settings): drop, and re-add the totals.
-            if db.execute("DELETE FROM windows WHERE at <= ?", (now - 3600,)).rowcount:
-                db.execute("UPDATE window_totals SET total = (SELECT COALESCE(SUM(amount), 0) FROM windows "
-                           "WHERE windows.name = window_totals.name)")
+            db.execute("DELETE FROM windows WHERE at <= ?", (now - 3600,))  # windows nobody checks any more
             db.execute("DELETE FROM slots WHERE until <= ?", (now,))
 
     # -- blobs -------------------------------------------------------------------
@@ -203,22 +207,45 @@ class SQLiteStore(Store):
                               (first_day, last_day)).fetchall()
 
     # -- limits ------------------------------------------------------------------
-    # Each public operation is one transaction; the helpers below run inside it.
+    # Every step is ONE statement in its own (autocommit) transaction: atomic,
+    # and the write lock is never held while this thread waits to get the GIL
+    # back between statements (with busy request threads that wait can take
+    # milliseconds, and every other worker would queue behind it). Window
+    # totals are kept by triggers, so a check costs the same whatever the limit.
+    def _one(self, sql: str, parameters: tuple) -> sqlite3.Cursor:
+        with self._db_lock:
+            db = locked = None
+            try:
+                db = self._connection()
+                locked = self._flock()
+                return db.execute(sql, parameters)
+            except (sqlite3.Error, OSError) as exc:
+                self._drop(db)
+                raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from None
+            finally:
+                if locked and self._lock_fd is not None:
+                    fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
     def _take(self, name: str, limit: int, span: float, cost: int) -> float:
-        with self._tx(immediate=True) as db:
-            return _take_in(db, name, limit, span, cost, _now())
+        now = _now()
+        self._one("DELETE FROM windows WHERE name = ? AND at <= ?", (name, now - span))
+        if cost:
+            if self._one(_TAKE, (name, now, cost, name, limit)).rowcount:
+                return 0.0
+        elif self._one(_TOTAL, (name,)).fetchone()[0] < limit:
+            return 0.0
+        (oldest,) = self._one("SELECT MIN(at) FROM windows WHERE name = ?", (name,)).fetchone()
+        return max(0.001, oldest + span - now) if oldest is not None else span
 
     def _record(self, name: str, amount: int, span: float) -> None:
-        with self._tx(immediate=True) as db:
-            _add(db, name, _now(), amount)
+        self._one("INSERT INTO windows VALUES (?, ?, ?)", (name, _now(), amount))
 
     def _acquire(self, name: str, token: str, limit: int, lease: float) -> bool:
-        with self._tx(immediate=True) as db:
-            return _acquire_in(db, name, token, limit, lease, _now())
+        now = _now()
+        return bool(self._one(_ACQUIRE, (token, name, now + lease, name, now, limit)).rowcount)
 
     def _release(self, name: str, token: str) -> None:
-        with self._tx(immediate=True) as db:
-            db.execute("DELETE FROM slots WHERE token = ?", (token,))
+        self._one("DELETE FROM slots WHERE token = ?", (token,))
 
     def _renew(self, held: list[tuple[str, str]], lease: float) -> None:
         if held:
@@ -226,63 +253,12 @@ class SQLiteStore(Store):
             with self._tx(immediate=True) as db:
                 db.executemany("UPDATE slots SET until = ? WHERE token = ?", [(until, token) for _, token in held])
 
-    def _admit(self, checks, slot, counts, span: float, lease: float) -> tuple[str, float] | None:
-        now = _now()
-        with self._tx(immediate=True) as db:  # all of it or none: a refusal leaves nothing written
-            for name, limit in checks:
-                wait = _take_in(db, name, limit, span, 0, now)
-                if wait:
-                    return "check", wait
-            if slot is not None and not _acquire_in(db, slot[0], slot[1], slot[2], lease, now):
-                return "slot", 1.0
-            for name, limit in counts:
-                wait = _take_in(db, name, limit, span, 0, now)
-                if wait:
-                    if slot is not None:
-                        db.execute("DELETE FROM slots WHERE token = ?", (slot[1],))
-                    return "count", wait
-            for name, _ in counts:
-                _add(db, name, now, 1)
-        return None
 
-    def _settle(self, release, record, span: float) -> None:
-        with self._tx(immediate=True) as db:
-            if release is not None:
-                db.execute("DELETE FROM slots WHERE token = ?", (release[1],))
-            if record is not None:
-                _add(db, record[0], _now(), record[1])
-
-
-def _take_in(db: sqlite3.Connection, name: str, limit: int, span: float, cost: int, now: float) -> float:
-    # A running total per window, so a check costs the same whatever the
-    # limit: entries are summed once when added and once when they expire.
-    (gone,) = db.execute("SELECT COALESCE(SUM(amount), 0) FROM windows WHERE name = ? AND at <= ?",
-                         (name, now - span)).fetchone()
-    if gone:
-        db.execute("DELETE FROM windows WHERE name = ? AND at <= ?", (name, now - span))
-        db.execute("UPDATE window_totals SET total = MAX(0, total - ?) WHERE name = ?", (gone, name))
-    row = db.execute("SELECT total FROM window_totals WHERE name = ?", (name,)).fetchone()
-    if row is None or row[0] < limit:
-        if cost:
-            _add(db, name, now, cost)
-        return 0.0
-    (oldest,) = db.execute("SELECT MIN(at) FROM windows WHERE name = ?", (name,)).fetchone()
-    return max(0.001, oldest + span - now) if oldest is not None else span
-
-
-def _add(db: sqlite3.Connection, name: str, now: float, amount: int) -> None:
-    db.execute("INSERT INTO windows VALUES (?, ?, ?)", (name, now, amount))
-    db.execute("INSERT INTO window_totals VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET total = total + ?",
-               (name, amount, amount))
-
-
-def _acquire_in(db: sqlite3.Connection, name: str, token: str, limit: int, lease: float, now: float) -> bool:
-    db.execute("DELETE FROM slots WHERE name = ? AND until <= ?", (name, now))
-    (held,) = db.execute("SELECT COUNT(*) FROM slots WHERE name = ?", (name,)).fetchone()
-    if held >= limit:
-        return False
-    db.execute("INSERT INTO slots VALUES (?, ?, ?)", (token, name, now + lease))
-    return True
+# Add an entry only while the window's total is under the limit: the check and the add are one statement.
+_TAKE = ("INSERT INTO windows SELECT ?, ?, ? "
+         "WHERE COALESCE((SELECT total FROM window_totals WHERE name = ?), 0) < ?")
+_TOTAL = "SELECT COALESCE((SELECT total FROM window_totals WHERE name = ?), 0)"
+_ACQUIRE = "INSERT INTO slots SELECT ?, ?, ? WHERE (SELECT COUNT(*) FROM slots WHERE name = ? AND until > ?) < ?"
 
 
 def _now() -> float:

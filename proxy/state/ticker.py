@@ -36,6 +36,12 @@ def unregister(store) -> None:
         _stores.discard(store)
 
 
+def forget_all() -> None:
+    """Stop ticking every store of this process (a test session, before it removes their files)."""
+    with _lock:
+        _stores.clear()
+
+
 def _start() -> None:
     global _running
     _running = True
