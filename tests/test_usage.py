@@ -362,3 +362,14 @@ def test_recorded_fixture_streams_lose_only_the_usage_the_client_did_not_ask_for
     assert [json.loads(p) if p != b"[DONE]" else None for p in _events(got)] == expected
     row = wait_for_usage(live.url, 1)["data"][0]
     assert (row["prompt_tokens"], row["completion_tokens"]) == (prompt, completion)
+
+
+def test_usage_rows_name_the_glob_alias_so_made_up_names_cannot_grow_the_table(upstream, serve):
+    upstream.handler = openai_like
+    doc = settings_doc(provider(upstream, name="gpu", models=[{"name": "qwen3-coder", "alias": "claude-*"}]),
+                       **{"api-keys": TEAMS, "remote-management": {"secret-key": SECRET}})
+    live = serve(make_app(doc))
+    for asked in ("claude-sonnet-4-5", "claude-3-5-haiku-latest", "claude-made-up-name-123"):
+        assert chat(live.url, KEY_A, asked).status_code == 200
+    rows = wait_for_usage(live.url, 3, **{"group-by": "model"})["data"]
+    assert [(row["model"], row["requests"]) for row in rows] == [("claude-*", 3)]
