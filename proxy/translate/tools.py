@@ -111,3 +111,36 @@ class ToolNames:
 
     def to_client(self, name: str) -> str:
         return self._back.get(name, name)
+
+
+# What vLLM, llama.cpp, SGLang, Ollama, TGI and OpenAI say when the prompt does not fit the model's context.
+_CONTEXT_OVERFLOW = re.compile(
+    r"maximum context length|context[ _-]?(length|window|size)|context_length_exceeded|exceed_context_size"
+    r"|prompt is too long|too many tokens|maximum input length|input is too long|longer than the model"
+    r"|exceeds? the (model|maximum)", re.IGNORECASE)
+# A floor for the context-length clamp (at most a quarter of the context): the
+# prompt estimate is a heuristic, and an over-estimate must not starve the
+# answer. If the prompt really fills the context, the upstream refuses and the
+# client gets its protocol's "context too long" error: the right outcome.
+MIN_CLAMPED_TOKENS = 1024
+
+
+def is_context_overflow(message: str | bytes) -> bool:
+    """Whether an upstream error message says the prompt did not fit the model's context."""
+    if isinstance(message, bytes):
+        message = message.decode("utf-8", "replace")
+    return bool(_CONTEXT_OVERFLOW.search(message))
+
+
+def clamp_max_tokens(requested: int, max_output: int, context_length: int, prompt_tokens: int) -> int:
+    """``max_tokens`` within the model's ``max-output-tokens`` and ``context-length`` minus the prompt (0 = unset).
+
+    Agents ask for 32,000 or more; a small local context refuses that outright.
+    """
+    value = requested
+    if max_output > 0:
+        value = min(value, max_output)
+    if context_length > 0:
+        room = context_length - prompt_tokens
+        value = min(value, max(room, min(value, MIN_CLAMPED_TOKENS, context_length // 4)))
+    return max(1, value)

@@ -18,15 +18,10 @@ from typing import Any
 
 import orjson
 
-from ..tools import ToolNames
+from ..tools import ToolNames, clamp_max_tokens  # noqa: F401 - the route clamps through this module
 from .validate import is_int
 
 BILLING_HEADER = "x-anthropic-billing-header:"
-# A floor for the context-length clamp (at most a quarter of the context): the
-# prompt estimate is a heuristic, and an over-estimate must not starve the
-# answer. If the prompt really fills the context, the upstream refuses and the
-# client gets "prompt is too long" (Claude Code then compacts): the right outcome.
-MIN_CLAMPED_TOKENS = 1024
 # thinking.budget_tokens -> reasoning_effort (upper bounds, exclusive)
 _EFFORT = ((2048, "low"), (16384, "medium"))
 
@@ -80,17 +75,6 @@ def for_target(chat: dict, model: str, max_tokens: int, *, stream_usage: bool = 
     if chat.get("stream") and stream_usage:
         out["stream_options"] = {"include_usage": True}
     return out
-
-
-def clamp_max_tokens(requested: int, max_output: int, context_length: int, prompt_tokens: int) -> int:
-    """``max_tokens`` within the model's ``max-output-tokens`` and ``context-length`` minus the prompt (0 = unset)."""
-    value = requested
-    if max_output > 0:
-        value = min(value, max_output)
-    if context_length > 0:
-        room = context_length - prompt_tokens
-        value = min(value, max(room, min(value, MIN_CLAMPED_TOKENS, context_length // 4)))
-    return max(1, value)
 
 
 def _system_text(system: Any) -> str:

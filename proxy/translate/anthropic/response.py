@@ -6,22 +6,16 @@ Pure: dicts in, dicts or bytes out. Shared with the stream translator:
 from __future__ import annotations
 
 import os
-import re
 from typing import Any
 
 import orjson
 
-from ..tools import ToolNames, repair_json_object, sanitize_tool_id
+from ..tools import ToolNames, is_context_overflow, repair_json_object, sanitize_tool_id
 
 # HTTP status -> Anthropic error type (Anthropic's docs, CLIProxyAPI claudeErrorTypeFromStatus).
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: "billing_error",
                403: "permission_error", 404: "not_found_error", 413: "request_too_large",
                429: "rate_limit_error", 504: "timeout_error", 529: "overloaded_error"}
-# What vLLM, llama.cpp, SGLang, Ollama, TGI and OpenAI say when the prompt does not fit.
-_CONTEXT_OVERFLOW = re.compile(
-    r"maximum context length|context length|context_length_exceeded|exceed_context_size|context size"
-    r"|context window|prompt is too long|too many tokens|maximum input length|input is too long"
-    r"|longer than the model", re.IGNORECASE)
 _FINISH = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "end_turn", "function_call": "end_turn",
            "content_filter": "end_turn"}
 
@@ -46,10 +40,6 @@ def error_body(status: int, message: str, kind: str | None = None) -> bytes:
 def error_event(status: int, message: str) -> bytes:
     """The ``event: error`` frame that ends a stream that broke after it was committed."""
     return b"event: error\ndata: " + error_body(status, message) + b"\n\n"
-
-
-def is_context_overflow(message: str) -> bool:
-    return bool(_CONTEXT_OVERFLOW.search(message))
 
 
 def upstream_error(status: int, body: bytes) -> tuple[int, bytes]:

@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 
 from ...errors import BadRequest
+from .. import tools
 from .items import Turn, read_items
 from .toolmap import ToolMap
 
@@ -101,20 +102,12 @@ def to_chat(prepared: Prepared, model: str, *, stream: bool, reasoning_replay: b
 
 
 def clamp_max_tokens(asked: int | None, body: dict, max_output: int, context_length: int) -> int | None:
-    """``max_tokens`` within the model's ``max-output-tokens`` and what its context leaves after the prompt.
-
-    The prompt is estimated at 4 bytes a token (no tokenizer on the request
-    path); never below 1, so the upstream still answers with its own error if
-    the prompt alone is too long.
-    """
+    """``max_output_tokens`` clamped like every bridge clamps (``tools.clamp_max_tokens``); the prompt is
+    estimated at 4 bytes a token (no tokenizer on the request path)."""
     if asked is None:
         return None
-    if max_output > 0:
-        asked = min(asked, max_output)
-    if context_length > 0:
-        estimate = len(orjson.dumps([body.get("messages"), body.get("tools")])) // 4
-        asked = max(1, min(asked, context_length - estimate))
-    return asked
+    estimate = len(orjson.dumps([body.get("messages"), body.get("tools")])) // 4 if context_length > 0 else 0
+    return tools.clamp_max_tokens(asked, max_output, context_length, estimate)
 
 
 def assistant_message(reasoning: str, text: str, calls: list[tuple[str, str, str]]) -> dict:

@@ -8,7 +8,6 @@ the non-stream translation of its fold would give.
 from __future__ import annotations
 
 import os
-import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 import orjson
 
 from ...errors import StreamError
+from ..tools import is_context_overflow as overflow  # noqa: F401 - the stream and route ask it here
 from ..tools import repair_json_object
 from .toolmap import ToolMap
 
@@ -27,8 +27,6 @@ ECHO_DEFAULTS: dict[str, Any] = {
     "tool_choice": "auto", "tools": [], "top_p": None, "truncation": "disabled", "user": None, "metadata": {},
 }
 INCOMPLETE = {"length": "max_output_tokens", "content_filter": "content_filter"}
-_OVERFLOW = re.compile(rb"context[ _-]?(length|window)|maximum context|too many tokens|prompt is too long|"
-                       rb"input is too long|longer than the model|exceeds? the (model|maximum)", re.I)
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,11 +196,6 @@ def _text(value: Any) -> str:
     if isinstance(value, list):  # content or reasoning as a list of parts
         return "".join(p.get("text", "") for p in value if isinstance(p, dict) and isinstance(p.get("text"), str))
     return ""
-
-
-def overflow(message: bytes | str) -> bool:
-    """Whether an upstream error message says the prompt did not fit the model's context."""
-    return bool(_OVERFLOW.search(message.encode() if isinstance(message, str) else message))
 
 
 def completion_as_chunk(completion: dict) -> dict:
