@@ -28,7 +28,8 @@ from .. import metrics, upstream
 from ..errors import ProxyError
 from ..executor import Outcome
 from ..translate.anthropic.stream import PING, MessageStream, completion_as_chunk
-from ..translate.chat_stream import DONE, ChatStream, iter_chat_chunks
+from ..translate.chat_reads import chat_events, read_batches
+from ..translate.chat_stream import DONE, ChatStream
 from .common import loggable
 
 log = logging.getLogger(__name__)
@@ -95,23 +96,7 @@ class Pump:
                 self._put(("chunks", [completion_as_chunk(body), DONE]))
                 self._put(("end", None))
                 return
-            batch: list = []
-
-            def reads() -> Iterator[bytes]:
-                # Before blocking on the next read, hand over what the last one decoded.
-                source = upstream.read_chunks(response, outcome.first)
-                while True:
-                    if batch:
-                        self._put(("chunks", batch[:]))
-                        del batch[:]
-                    data = next(source, None)
-                    if data is None:
-                        return
-                    yield data
-
-            for chunk in iter_chat_chunks(reads(), max_bytes):
-                batch.append(chunk)
-            if batch:
+            for batch in read_batches(upstream.read_chunks(response, outcome.first), max_bytes):
                 self._put(("chunks", batch))
             self._put(("end", None))
         except _Cancelled:
@@ -174,12 +159,8 @@ def events(pump: Pump, pending: list[tuple], stream: MessageStream,
             kind, value = item
             try:
                 if kind == "chunks":
-                    found: list[tuple] = []
-                    for chunk in value:
-                        if chunk == DONE:
-                            done = True
-                        else:
-                            found += chat.feed(chunk)
+                    found, ended = chat_events(chat, value)
+                    done = done or ended
                     data = stream.feed(found)
                 elif kind == "end":
                     data = stream.close(chat.close(done), chat.ended_early)

@@ -117,7 +117,16 @@ class MessageStream:
         out = [self.start()] if not self.started else []
         for event in events:
             kind = event[0]
-            if kind == "text":
+            if kind == "literal":  # ("literal", "text" | "reasoning", JSON string literal): chat_reads.FastDelta
+                if event[1] == "text":
+                    if self.open_kind != "text":
+                        out.append(self._open("text", _TEXT_START))
+                    out.append(_TEXT_DELTA % (self.open_index, event[2]))
+                else:
+                    if self.open_kind != "thinking":
+                        out.append(self._open("thinking", _THINKING_START))
+                    out.append(_THINKING_DELTA % (self.open_index, event[2]))
+            elif kind == "text":
                 if self.open_kind != "text":
                     out.append(self._open("text", _TEXT_START))
                 out.append(_TEXT_DELTA % (self.open_index, orjson.dumps(event[1])))
