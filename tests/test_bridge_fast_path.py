@@ -82,10 +82,12 @@ def test_fast_path_writes_the_same_bytes_as_the_full_decode_for_random_streams(c
     assert_same_both_ways(compact, codex)
 
 
-def test_random_compact_streams_do_take_the_fast_path():
-    body = HEAD + b'{"index":0,"delta":{"content":"caf\xc3\xa9 \\"\\n"},"logprobs":null,"finish_reason":null}]}\n\n'
-    batches = list(read_batches([body], 1 << 20))
-    assert batches == [[FastDelta("text", b'"caf\xc3\xa9 \\"\\n"', body[6:-2])]]
+def test_plain_deltas_take_the_fast_path_with_their_literal_as_sent():
+    first = HEAD + b'{"index":0,"delta":{"content":"caf\xc3\xa9 \\"\\n"},"logprobs":null,"finish_reason":null}]}'
+    second = HEAD + b'{"index":0,"delta":{"content":"\xf0\x9f\x98\x80"},"logprobs":null,"finish_reason":null}]}'
+    batches = list(read_batches([first + b"\n\n" + second + b"\n\n"], 1 << 20))
+    assert batches == [[("text", b'"caf\xc3\xa9 \\"\\n"', first), ("text", b'"\xf0\x9f\x98\x80"', second)]]
+    assert all(type(item) is FastDelta for item in batches[0])
 
 
 @pytest.mark.parametrize("path", FIXTURES, ids=lambda p: f"{p.parent.name}/{p.name}")

@@ -5,39 +5,37 @@ does), so the decoded chunks are grouped by the read they completed in: each
 read is cut after its last complete event and the rest waits for the next.
 
 The fast path: almost every chunk of an answer is one text (or reasoning)
-delta of choice 0 and nothing else. Such an event is recognised by a strict
-bytes pattern over the usual compact layouts (vLLM, SGLang, llama.cpp,
-OpenAI: any order of the plain members, ``"finish_reason":null``, no
-``usage`` but ``null``, no tool calls, no error, exactly one delta key) and
-handed over as ``FastDelta(kind, literal, data)`` without being decoded:
+delta of choice 0 and nothing else, and an upstream writes all of them with
+the same bytes around the text. Such an event is handed over as a
+``FastDelta`` tuple ``(kind, literal, event)`` without being decoded:
 ``literal`` is the JSON string literal copied from the upstream bytes. The
-pattern only accepts literals that ``orjson.dumps`` would write the same way
-(raw UTF-8, only the escapes ``\\" \\\\ \\b \\f \\n \\r \\t``), so writing the literal
-is byte-identical to decoding and re-encoding the text. Anything else falls
-back to ``iter_chat_chunks`` (the full decode and its error rules).
-A consumer whose state needs the whole chunk (its ``id``/``model``/``created``
-not known yet) decodes ``data`` instead.
+first such event of a stream is recognised by a strict pattern over the usual
+compact layouts (vLLM, SGLang, llama.cpp, OpenAI: any order of the plain
+members, ``"finish_reason":null``, ``usage`` absent or null, no tool calls,
+no error, exactly one delta key); its bytes before and after the literal
+become the stream's template, and the next events are checked against the
+template with two comparisons and one scan of the literal (a regex per event
+cost more than ``orjson.loads``). Only literals that ``orjson.dumps`` writes
+the same way are taken (raw valid UTF-8, only the escapes
+``\\" \\\\ \\b \\f \\n \\r \\t``), so writing the literal is byte-identical
+to decoding and re-encoding the text. Anything else (and any read with a CR)
+goes through ``iter_chat_chunks`` (the full decode and its error rules). A
+consumer whose state needs the whole chunk (the answer's
+``id``/``model``/``created`` not known yet) decodes ``event[5:]`` instead.
 
 Pure: bytes in, lists out; no Flask, no requests.
 """
 from __future__ import annotations
 
 import re
-from typing import Generator, Iterable, Iterator, NamedTuple
+from typing import Generator, Iterable, Iterator
 
 import orjson
 
 from ..errors import ProxyError, StreamError
 from .chat_stream import DONE, ChatStream, iter_chat_chunks
 
-
-class FastDelta(NamedTuple):
-    """A chunk that only carries one text or reasoning delta of choice 0, not decoded."""
-
-    kind: str       # "text" or "reasoning", as ChatStream's events
-    literal: bytes  # the JSON string literal, quotes included; b'""' carries nothing
-    data: bytes     # the whole chunk's JSON, for a consumer that must decode it after all
-
+FastDelta = tuple  # (kind "text" | "reasoning", JSON string literal, the event's "data: {...}" line)
 
 _LITERAL = rb'"(?:[^"\\\x00-\x1f]|\\["\\bfnrt])*"'
 _ASCII_STRING = rb'"[\x20\x21\x23-\x5b\x5d-\x7e]*"'
@@ -47,7 +45,9 @@ _PLAIN = (rb'"(?:id|object|created|model|system_fingerprint|service_tier|obfusca
 _CHOICE_PLAIN = rb'"index":0|"logprobs":null|"finish_reason":null'
 _DELTA = rb'"delta":\{"(content|reasoning_content|reasoning)":(%s)\}' % _LITERAL
 _CHOICES = rb'"choices":\[\{(?:(?:%s),)*%s(?:,(?:%s))*\}\]' % (_CHOICE_PLAIN, _DELTA, _CHOICE_PLAIN)
-_FAST = re.compile(rb'data: ?(\{(?:(?:%s),)*%s(?:,(?:%s))*\})\n\n' % (_PLAIN, _CHOICES, _PLAIN))
+_FAST = re.compile(rb'data: ?\{(?:(?:%s),)*%s(?:,(?:%s))*\}' % (_PLAIN, _CHOICES, _PLAIN))
+_LITERAL_BODY = re.compile(rb'(?:[^"\\\x00-\x1f]|\\["\\bfnrt])*')
+_SPECIAL = re.compile(rb'["\\\x00-\x1f]')  # a literal body without these is plain text
 _KINDS = {b"content": "text", b"reasoning_content": "reasoning", b"reasoning": "reasoning"}
 _SEPARATORS = (b"\n\n", b"\r\n\r\n", b"\r\r", b"\n\r\n")
 
@@ -60,6 +60,7 @@ def read_batches(reads: Iterable[bytes], max_bytes: int, fast: bool = True) -> I
     not end within ``max_bytes`` is an error too.
     """
     carry = b""
+    template: list = [None, b"", ""]  # head, tail, kind of this stream's plain deltas (none seen yet)
     for data in reads:
         buf = carry + data if carry else data
         cut = _events_end(buf)
@@ -70,11 +71,11 @@ def read_batches(reads: Iterable[bytes], max_bytes: int, fast: bool = True) -> I
                                   code="aggregate_too_large")
             continue
         carry = buf[cut:]
-        batch = yield from _decoded(buf, cut, max_bytes, fast)
+        batch = yield from _decoded(buf[:cut], max_bytes, template if fast else None)
         if batch and batch[-1] == DONE:
             return
     if carry.strip():
-        yield from _decoded(carry, len(carry), max_bytes, False)
+        yield from _decoded(carry, max_bytes, None)
 
 
 def chat_events(chat: ChatStream, batch: list) -> tuple[list[tuple], bool]:
@@ -89,10 +90,10 @@ def chat_events(chat: ChatStream, batch: list) -> tuple[list[tuple], bool]:
     for chunk in batch:
         if type(chunk) is FastDelta:
             if len(chat.meta) == 3:
-                if chunk.literal != b'""':
-                    append(("literal", chunk.kind, chunk.literal))
+                if chunk[1] != b'""':
+                    append(("literal", chunk[0], chunk[1]))
                 continue
-            chunk = orjson.loads(chunk.data)
+            chunk = orjson.loads(chunk[2][5:])
         elif chunk == DONE:
             return events, True
         events += feed(chunk)
@@ -109,23 +110,13 @@ def _events_end(data: bytes) -> int:
     return end
 
 
-def _next_end(data: bytes, start: int, stop: int) -> int:
-    """Where the first complete event at ``start`` ends (``stop`` if none ends before it)."""
-    end = stop
-    for separator in _SEPARATORS:
-        at = data.find(separator, start, end)
-        if at >= 0 and at + len(separator) < end:
-            end = at + len(separator)
-    return end
-
-
-def _decoded(buf: bytes, cut: int, max_bytes: int, fast: bool) -> Generator[list, None, list]:
+def _decoded(data: bytes, max_bytes: int, template: list | None) -> Generator[list, None, list]:
     batch: list = []
     try:
-        if fast:
-            _scan(buf, cut, max_bytes, batch)
+        if template is not None and b"\r" not in data:
+            _scan(data, max_bytes, template, batch)
         else:
-            batch.extend(iter_chat_chunks((buf[:cut],), max_bytes))
+            batch.extend(iter_chat_chunks((data,), max_bytes))
     except ProxyError:
         if batch:
             yield batch  # what came before an in-stream error is still the client's
@@ -135,28 +126,56 @@ def _decoded(buf: bytes, cut: int, max_bytes: int, fast: bool) -> Generator[list
     return batch
 
 
-def _scan(buf: bytes, cut: int, max_bytes: int, batch: list) -> None:
-    """Complete events ``buf[:cut]`` into ``batch``: fast ones as ``FastDelta``, runs of others decoded."""
-    match, at = _FAST.match, 0
-    append = batch.append
-    while at < cut:
-        m = match(buf, at, cut)
-        if m is not None and m.end() - at <= max_bytes:
-            literal = m.group(3)
-            if len(literal) > 2 and not literal.isascii():
-                try:
-                    literal.decode()
-                except UnicodeDecodeError:
-                    m = None  # the full decode's replacement rules apply
-            if m is not None:
-                append(FastDelta(_KINDS[m.group(2)], literal, m.group(1)))
-                at = m.end()
+def _scan(data: bytes, max_bytes: int, template: list, batch: list) -> None:
+    """Complete events ``data`` (no CR in it) into ``batch``: plain deltas as ``FastDelta``, runs of others
+    decoded together; ``template`` is updated when a plain delta has new bytes around its text."""
+    head, tail, kind = template
+    skip, cut = (len(head), -len(tail)) if head is not None else (0, 0)
+    append, special = batch.append, _SPECIAL.search
+    run: list[bytes] = []  # events the fast path does not take, decoded together in order
+    for event in data.split(b"\n\n")[:-1]:
+        if head is not None and event.startswith(head) and event.endswith(tail) \
+                and skip - cut <= len(event) <= max_bytes:  # head and tail do not overlap
+            literal = event[skip - 1:cut + 1]  # quotes included
+            end = len(literal) - 1
+            if (special(literal, 1, end) is None or _LITERAL_BODY.fullmatch(literal, 1, end) is not None) \
+                    and (literal.isascii() or _utf8(literal)):
+                if run:
+                    if _slow(run, max_bytes, batch):
+                        return
+                    run = []
+                append((kind, literal, event))
                 continue
-        start = at  # a run of events the pattern does not take: decoded together
-        at = _next_end(buf, at, cut)
-        while at < cut and match(buf, at, cut) is None:
-            at = _next_end(buf, at, cut)
-        for chunk in iter_chat_chunks((buf[start:at],), max_bytes):
-            append(chunk)
-            if chunk == DONE:
-                return
+        m = _FAST.fullmatch(event)
+        if m is not None and len(event) <= max_bytes and _utf8(m.group(2)):
+            head, tail, kind = event[:m.start(2) + 1], event[m.end(2) - 1:], _KINDS[m.group(1)]
+            template[:] = head, tail, kind
+            skip, cut = len(head), -len(tail)
+            if run:
+                if _slow(run, max_bytes, batch):
+                    return
+                run = []
+            append((kind, m.group(2), event))
+            continue
+        run.append(event)
+    if run:
+        _slow(run, max_bytes, batch)
+
+
+def _utf8(body: bytes) -> bool:
+    if body.isascii():
+        return True
+    try:
+        body.decode()
+    except UnicodeDecodeError:
+        return False  # the full decode's replacement rules apply
+    return True
+
+
+def _slow(run: list[bytes], max_bytes: int, batch: list) -> bool:
+    """Decode ``run`` (complete events) into ``batch``; True when it ended with ``DONE``."""
+    for chunk in iter_chat_chunks((b"\n\n".join(run) + b"\n\n",), max_bytes):
+        batch.append(chunk)
+        if chunk == DONE:
+            return True
+    return False

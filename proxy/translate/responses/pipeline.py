@@ -61,9 +61,9 @@ def translate_stream(translator: ResponsesStream, batches: Iterable[list],
                     # a plain text/reasoning delta, not decoded (chat_reads): once the meta is known it
                     # changes nothing in ChatStream, so its literal goes straight out
                     if len(chat.meta) == 3:
-                        literal(out, chunk.kind, chunk.literal)
+                        literal(out, chunk[0], chunk[1])
                         continue
-                    chunk = orjson.loads(chunk.data)
+                    chunk = orjson.loads(chunk[2][5:])
                 elif chunk == DONE:
                     done = True
                     break
