@@ -52,8 +52,12 @@ _KINDS = {b"content": "text", b"reasoning_content": "reasoning", b"reasoning": "
 _SEPARATORS = (b"\n\n", b"\r\n\r\n", b"\r\r", b"\n\r\n")
 
 
-def read_batches(reads: Iterable[bytes], max_bytes: int, fast: bool = True) -> Iterator[list]:
+def read_batches(reads: Iterable[bytes], max_bytes: int, fast: bool = True,
+                 every_read: bool = False) -> Iterator[list]:
     """Decoded chunks (dicts, ``FastDelta`` when ``fast``) grouped per upstream read; ``DONE`` ends it.
+
+    ``every_read``: a read that completed no chunk yields ``[]`` (so a caller
+    that must not block longer than one read can step it read by read).
 
     An in-stream error raises ``StreamError`` (as ``iter_chat_chunks``) after
     the chunks before it in the same read were yielded. An event that does
@@ -69,11 +73,15 @@ def read_batches(reads: Iterable[bytes], max_bytes: int, fast: bool = True) -> I
             if len(carry) > max_bytes:
                 raise StreamError(f"one upstream event exceeds max-aggregate-bytes ({max_bytes} bytes)",
                                   code="aggregate_too_large")
+            if every_read:
+                yield []
             continue
         carry = buf[cut:]
         batch = yield from _decoded(buf[:cut], max_bytes, template if fast else None)
         if batch and batch[-1] == DONE:
             return
+        if not batch and every_read:
+            yield []
     if carry.strip():
         yield from _decoded(carry, max_bytes, None)
 
