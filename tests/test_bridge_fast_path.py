@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from proxy.errors import ProxyError
 from proxy.translate.anthropic.stream import MessageStream
-from proxy.translate.chat_reads import FastDelta, chat_events, read_batches
+from proxy.translate.chat_reads import FastDelta, chat_events, raw, read_batches
 from proxy.translate.chat_stream import ChatStream
 from proxy.translate.responses.pipeline import chunk_batches, translate_stream
 from proxy.translate.responses.response import new_context
@@ -82,12 +82,14 @@ def test_fast_path_writes_the_same_bytes_as_the_full_decode_for_random_streams(c
     assert_same_both_ways(compact, codex)
 
 
-def test_plain_deltas_take_the_fast_path_with_their_literal_as_sent():
-    first = HEAD + b'{"index":0,"delta":{"content":"caf\xc3\xa9 \\"\\n"},"logprobs":null,"finish_reason":null}]}'
-    second = HEAD + b'{"index":0,"delta":{"content":"\xf0\x9f\x98\x80"},"logprobs":null,"finish_reason":null}]}'
-    batches = list(read_batches([first + b"\n\n" + second + b"\n\n"], 1 << 20))
-    assert batches == [[("text", b'"caf\xc3\xa9 \\"\\n"', first), ("text", b'"\xf0\x9f\x98\x80"', second)]]
-    assert all(type(item) is FastDelta for item in batches[0])
+def test_plain_deltas_take_the_fast_path_with_their_literals_as_sent():
+    texts = [b'caf\xc3\xa9 \\"\\n', b"\xf0\x9f\x98\x80", b"", b"plain"]
+    events = [HEAD + b'{"index":0,"delta":{"content":"%s"},"logprobs":null,"finish_reason":null}]}\n\n' % t
+              for t in texts]
+    [batch] = list(read_batches([b"".join(events)], 1 << 20))
+    assert all(type(item) is FastDelta and item[0] == "text" for item in batch)
+    assert [body for item in batch for body in item[1]] == texts
+    assert b"".join(raw(item) for item in batch) == b"".join(events)
 
 
 @pytest.mark.parametrize("path", FIXTURES, ids=lambda p: f"{p.parent.name}/{p.name}")

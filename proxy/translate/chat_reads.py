@@ -30,12 +30,10 @@ from __future__ import annotations
 import re
 from typing import Generator, Iterable, Iterator
 
-import orjson
-
 from ..errors import ProxyError, StreamError
 from .chat_stream import DONE, ChatStream, iter_chat_chunks
 
-FastDelta = tuple  # (kind "text" | "reasoning", JSON string literal, the event's "data: {...}" line)
+FastDelta = tuple  # (kind "text" | "reasoning", [literal bodies], head, tail): see ``raw``
 
 _LITERAL = rb'"(?:[^"\\\x00-\x1f]|\\["\\bfnrt])*"'
 _ASCII_STRING = rb'"[\x20\x21\x23-\x5b\x5d-\x7e]*"'
@@ -86,30 +84,44 @@ def read_batches(reads: Iterable[bytes], max_bytes: int, fast: bool = True,
         yield from _decoded(carry, max_bytes, None)
 
 
+def raw(item: tuple) -> bytes:
+    """The upstream events a ``FastDelta`` stands for, for a consumer that must decode them after all."""
+    _, bodies, head, tail = item
+    end = tail + b"\n\n"
+    return head + (end + head).join(bodies) + end
+
+
 def chat_events(chat: ChatStream, batch: list) -> tuple[list[tuple], bool]:
     """The ``ChatStream`` events of one batch, and whether it ended with ``DONE``.
 
-    A ``FastDelta`` becomes ``("literal", kind, literal)`` once ``chat``
-    knows the answer's meta (then the chunk changes nothing else in it);
-    before that it is decoded and fed like any chunk.
+    A ``FastDelta`` becomes ``("literals", kind, [literal bodies])`` once
+    ``chat`` knows the answer's meta (then its chunks change nothing else in
+    it); before that its chunks are decoded and fed like any chunk.
     """
     events: list[tuple] = []
-    append, feed = events.append, chat.feed
     for chunk in batch:
         if type(chunk) is FastDelta:
             if len(chat.meta) == 3:
-                if chunk[1] != b'""':
-                    append(("literal", chunk[0], chunk[1]))
-                continue
-            chunk = orjson.loads(chunk[2][5:])
+                bodies = chunk[1]
+                if b"" in bodies:
+                    bodies = [body for body in bodies if body]
+                if bodies:
+                    events.append(("literals", chunk[0], bodies))
+            else:
+                for decoded in iter_chat_chunks((raw(chunk),), 1 << 62):
+                    events += chat.feed(decoded)
         elif chunk == DONE:
             return events, True
-        events += feed(chunk)
+        else:
+            events += chat.feed(chunk)
     return events, False
 
 
 def _events_end(data: bytes) -> int:
     """Where the last complete event of ``data`` ends (just after a blank line), 0 if none has."""
+    if b"\r" not in data:
+        at = data.rfind(b"\n\n")
+        return at + 2 if at >= 0 else 0
     end = 0
     for separator in _SEPARATORS:
         at = data.rfind(separator)
@@ -135,24 +147,89 @@ def _decoded(data: bytes, max_bytes: int, template: list | None) -> Generator[li
 
 
 def _scan(data: bytes, max_bytes: int, template: list, batch: list) -> None:
-    """Complete events ``data`` (no CR in it) into ``batch``: plain deltas as ``FastDelta``, runs of others
-    decoded together; ``template`` is updated when a plain delta has new bytes around its text."""
+    """Complete events ``data`` (no CR in it) into ``batch``: runs of plain deltas as ``FastDelta``, other
+    events decoded. Once the stream's template is known, the read is split at every "end of one plain
+    delta, start of the next" in one C call, so a run of plain deltas costs no Python per event."""
+    at = 0
+    if len(data) > max_bytes:
+        _by_event(data, max_bytes, template, batch)  # it checks each event's size
+        return
+    if template[0] is None:
+        at = _by_event(data, max_bytes, template, batch, learn=True)
+        if at < 0 or at >= len(data) or template[0] is None:
+            return
+    head, tail, kind = template
+    end, skip = tail + b"\n\n", len(head)
+    region = data[at:] if at else data
+    parts = region.split(end)  # a plain delta is now head + body; whatever follows the last one is ``rest``
+    rest = parts.pop()
+    if parts and parts[0].startswith(head) \
+            and region.count(end + head) == len(parts) - 1 + rest.startswith(head):
+        # every part starts with the head (the count says so without a look at each): all plain deltas
+        if _run([part[skip:] for part in parts], max_bytes, (head, tail, kind), batch):
+            return
+    else:
+        bodies: list[bytes] = []
+        for part in parts:
+            if part.startswith(head) and b"\n" not in part:
+                bodies.append(part[skip:])
+                continue
+            if bodies and _run(bodies, max_bytes, (head, tail, kind), batch):
+                return
+            bodies = []
+            if _by_event(part + end, max_bytes, template, batch) < 0:
+                return
+        if bodies and _run(bodies, max_bytes, (head, tail, kind), batch):
+            return
+    if rest:
+        _by_event(rest, max_bytes, template, batch)
+
+
+def _run(bodies: list[bytes], max_bytes: int, template: tuple, batch: list) -> bool:
+    """A run of bodies that stood between the template's head and tail: one ``FastDelta`` for the ones that
+    are canonical literal bodies, the others decoded in order. True when the stream ended (``DONE``)."""
+    head, tail, kind = template
+    joined = b"".join(bodies)
+    if _SPECIAL.search(joined) is None and joined.isascii():
+        batch.append((kind, bodies, head, tail))
+        return False
+    good: list[bytes] = []
+    for body in bodies:
+        if (_SPECIAL.search(body) is None or _LITERAL_BODY.fullmatch(body) is not None) and _utf8(body):
+            good.append(body)
+            continue
+        if good:
+            batch.append((kind, good, head, tail))
+            good = []
+        if _slow([head + body + tail], max_bytes, batch):
+            return True
+    if good:
+        batch.append((kind, good, head, tail))
+    return False
+
+
+def _by_event(data: bytes, max_bytes: int, template: list, batch: list, learn: bool = False) -> int:
+    """Complete events ``data`` one by one. ``learn``: stop just after the event that set the template.
+    Returns where it stopped, -1 at ``DONE``."""
     head, tail, kind = template
     skip, cut = (len(head), -len(tail)) if head is not None else (0, 0)
     append, special = batch.append, _SPECIAL.search
     run: list[bytes] = []  # events the fast path does not take, decoded together in order
-    for event in data.split(b"\n\n")[:-1]:
+    at, find = 0, data.find
+    while True:  # not split(): with ``learn`` most of ``data`` is left to _scan
+        stop = find(b"\n\n", at)
+        if stop < 0:
+            break
+        event, at = data[at:stop], stop + 2
         if head is not None and event.startswith(head) and event.endswith(tail) \
                 and skip - cut <= len(event) <= max_bytes:  # head and tail do not overlap
-            literal = event[skip - 1:cut + 1]  # quotes included
-            end = len(literal) - 1
-            if (special(literal, 1, end) is None or _LITERAL_BODY.fullmatch(literal, 1, end) is not None) \
-                    and (literal.isascii() or _utf8(literal)):
+            body = event[skip:cut]
+            if (special(body) is None or _LITERAL_BODY.fullmatch(body) is not None) and _utf8(body):
                 if run:
                     if _slow(run, max_bytes, batch):
-                        return
+                        return -1
                     run = []
-                append((kind, literal, event))
+                append((kind, [body], head, tail))
                 continue
         m = _FAST.fullmatch(event)
         if m is not None and len(event) <= max_bytes and _utf8(m.group(2)):
@@ -161,13 +238,16 @@ def _scan(data: bytes, max_bytes: int, template: list, batch: list) -> None:
             skip, cut = len(head), -len(tail)
             if run:
                 if _slow(run, max_bytes, batch):
-                    return
+                    return -1
                 run = []
-            append((kind, m.group(2), event))
+            append((kind, [m.group(2)[1:-1]], head, tail))
+            if learn:
+                return at
             continue
         run.append(event)
-    if run:
-        _slow(run, max_bytes, batch)
+    if run and _slow(run, max_bytes, batch):
+        return -1
+    return at
 
 
 def _utf8(body: bytes) -> bool:

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 from typing import Callable, Iterable, Iterator
 
-import orjson
-
 from ...errors import ProxyError
-from ..chat_reads import FastDelta, read_batches
-from ..chat_stream import DONE, ChatStream
+from ..chat_reads import FastDelta, raw, read_batches
+from ..chat_stream import DONE, ChatStream, iter_chat_chunks
 from .stream import ResponsesStream
 
 
@@ -51,20 +49,22 @@ def translate_stream(translator: ResponsesStream, batches: Iterable[list],
     """
     yield translator.start()
     chat = ChatStream()
-    feed, chat_feed, text, literal = translator.feed_into, chat.feed, translator.text, translator.literal
+    feed, chat_feed, text, literals = translator.feed_into, chat.feed, translator.text, translator.literals
     try:
         done = False
         for batch in batches:
             out: list[bytes] = []
             for chunk in batch:
                 if type(chunk) is FastDelta:
-                    # a plain text/reasoning delta, not decoded (chat_reads): once the meta is known it
-                    # changes nothing in ChatStream, so its literal goes straight out
+                    # plain text/reasoning deltas, not decoded (chat_reads): once the meta is known they
+                    # change nothing in ChatStream, so their literals go straight out
                     if len(chat.meta) == 3:
-                        literal(out, chunk[0], chunk[1])
-                        continue
-                    chunk = orjson.loads(chunk[2][5:])
-                elif chunk == DONE:
+                        literals(out, chunk[0], chunk[1])
+                    else:
+                        for decoded in iter_chat_chunks((raw(chunk),), 1 << 62):
+                            feed(out, chat_feed(decoded))
+                    continue
+                if chunk == DONE:
                     done = True
                     break
                 # Most chunks are one text delta: those skip ChatStream (they change nothing in it once its

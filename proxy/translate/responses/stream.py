@@ -90,24 +90,28 @@ class ResponsesStream:
         self.texts.append(text)
         self._delta(out, _TEXT_DELTA, self.middle, orjson.dumps(text), _TEXT_TAIL)
 
-    def literal(self, out: list[bytes], kind: str, literal: bytes) -> None:
-        """A text or reasoning delta given as its JSON string literal (``chat_reads.FastDelta``): written as
-        is (it is what ``orjson.dumps`` of its text gives), decoded once for the item's text."""
-        if literal == b'""':
-            return
-        text = orjson.loads(literal)
+    def literals(self, out: list[bytes], kind: str, bodies: list[bytes]) -> None:
+        """Text or reasoning deltas given as JSON string literal bodies (``chat_reads.FastDelta``): written as
+        they came (each is what ``orjson.dumps`` of its text gives), their text decoded once."""
+        if b"" in bodies:
+            bodies = [body for body in bodies if body]
+            if not bodies:
+                return
+        text = orjson.loads(b'"%s"' % b"".join(bodies))
         if kind == "text":
             if self.kind != "message":
                 self._open(out, "message")
             self.texts.append(text)
-            self.parts.append(text)
-            self._delta(out, _TEXT_DELTA, self.middle, literal, _TEXT_TAIL)
+            prefix, tail = _TEXT_DELTA, _TEXT_TAIL
         else:
             if self.kind != "reasoning":
                 self._open(out, "reasoning")
             self.reasonings.append(text)
-            self.parts.append(text)
-            self._delta(out, _SUMMARY_DELTA, self.middle, literal, _TAIL)
+            prefix, tail = _SUMMARY_DELTA, _TAIL
+        self.parts.append(text)
+        seq, middle = self.seq, self.middle
+        out += [b'%s%d%s"%s"%s' % (prefix, seq + i, middle, body, tail) for i, body in enumerate(bodies)]
+        self.seq = seq + len(bodies)
 
     def feed_into(self, out: list[bytes], events: list[tuple]) -> None:
         for event in events:
