@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from proxy.errors import ProxyError
 from proxy.translate.anthropic.stream import MessageStream
 from proxy.translate.chat_reads import FastDelta, chat_events, raw, read_batches
-from proxy.translate.chat_stream import ChatStream
+from proxy.translate.chat_stream import DONE, ChatStream, iter_chat_chunks
 from proxy.translate.responses.pipeline import chunk_batches, translate_stream
 from proxy.translate.responses.response import new_context
 from proxy.translate.responses.stream import ResponsesStream
@@ -43,6 +43,20 @@ def anthropic(reads: list[bytes], fast: bool) -> bytes:
         out.append(stream.close(chat.close(done), chat.ended_early))
     except ProxyError as exc:
         out.append(stream.fail(exc.status, exc.message))
+    return RANDOM_CALL_ID.sub(b"call_random", b"".join(out))
+
+
+def anthropic_per_chunk(reads: list[bytes]) -> bytes:
+    """The reference: every chunk decoded by the stateful ``iter_chat_chunks``, as the route did before."""
+    chat, stream, done = ChatStream(), MessageStream("claude-x", ToolNames(), 42), False
+    stream.message_id = "msg_fixed"
+    out = [stream.start()]
+    for chunk in iter_chat_chunks(reads, 1 << 20):
+        if chunk == DONE:
+            done = True
+            break
+        out.append(stream.feed(chat.feed(chunk)))
+    out.append(stream.close(chat.close(done), chat.ended_early))
     return RANDOM_CALL_ID.sub(b"call_random", b"".join(out))
 
 
@@ -80,6 +94,7 @@ def test_fast_path_writes_the_same_bytes_as_the_full_decode_for_random_streams(c
     codex = data.draw(st.booleans())
     assert_same_both_ways(reads, codex)
     assert_same_both_ways(compact, codex)
+    assert anthropic(compact, True) == anthropic_per_chunk(compact)
 
 
 def test_plain_deltas_take_the_fast_path_with_their_literals_as_sent():
