@@ -6,22 +6,23 @@ read is cut after its last complete event and the rest waits for the next.
 
 The fast path: almost every chunk of an answer is one text (or reasoning)
 delta of choice 0 and nothing else, and an upstream writes all of them with
-the same bytes around the text. Such an event is handed over as a
-``FastDelta`` tuple ``(kind, literal, event)`` without being decoded:
-``literal`` is the JSON string literal copied from the upstream bytes. The
-first such event of a stream is recognised by a strict pattern over the usual
-compact layouts (vLLM, SGLang, llama.cpp, OpenAI: any order of the plain
-members, ``"finish_reason":null``, ``usage`` absent or null, no tool calls,
-no error, exactly one delta key); its bytes before and after the literal
-become the stream's template, and the next events are checked against the
-template with two comparisons and one scan of the literal (a regex per event
-cost more than ``orjson.loads``). Only literals that ``orjson.dumps`` writes
+the same bytes around the text. The first such event of a stream is
+recognised by a strict pattern over the usual compact layouts (vLLM, SGLang,
+llama.cpp, OpenAI: any order of the plain members, ``"finish_reason":null``,
+``usage`` absent or null, no tool calls, no error, exactly one delta key);
+its bytes before and after the string literal become the stream's template
+(head, tail). Later reads are split at every tail + blank line in one C
+call; when every piece starts with the head (one ``count`` proves it) the
+pieces are the literals' bodies (one slice per event, nothing decoded), and a run
+of them is handed over undecoded as a ``FastDelta`` tuple
+``(kind, [bodies], head, tail)``. Only bodies that ``orjson.dumps`` writes
 the same way are taken (raw valid UTF-8, only the escapes
-``\\" \\\\ \\b \\f \\n \\r \\t``), so writing the literal is byte-identical
-to decoding and re-encoding the text. Anything else (and any read with a CR)
-goes through ``iter_chat_chunks`` (the full decode and its error rules). A
-consumer whose state needs the whole chunk (the answer's
-``id``/``model``/``created`` not known yet) decodes ``event[5:]`` instead.
+``\\" \\\\ \\b \\f \\n \\r \\t``), so writing a body between quotes is
+byte-identical to decoding and re-encoding its text, and bodies concatenate
+into the body of the concatenated text. Anything else (and any read with a
+CR) goes through ``iter_chat_chunks`` (the full decode and its error rules),
+in order. A consumer whose state needs whole chunks (the answer's
+``id``/``model``/``created`` not known yet) decodes ``raw(item)`` instead.
 
 Pure: bytes in, lists out; no Flask, no requests.
 """
