@@ -118,7 +118,7 @@ class Pump:
         while not items:
             if not self.busy:
                 if self.batches is None:
-                    return None  # after the end: nothing more comes
+                    return ("end", None)  # nothing more comes (never a silence to ping through forever)
                 if _ready(self.response):
                     self._job(self._read)
                 else:
