@@ -1,14 +1,17 @@
 """The streaming half of ``/v1/messages``: upstream chat chunks -> Anthropic events, pinging through silences.
 
-Why a helper thread: Claude Code gives up on a stream that stays silent
-(its idle watchdog), and a local server can think for a minute before its
-first token. The view's thread must be free to send a ``ping`` every
-``PING_INTERVAL`` while the upstream says nothing, but a blocking read on
-the upstream socket cannot be woken up cleanly (a short socket timeout
-would leave http.client's chunked reader in an undefined state). So one
-helper thread per stream runs the executor and reads and decodes the
-upstream (``Pump``), handing decoded chunks over a small queue, one batch
-per network read; the view's thread owns the translation and the writes.
+Why helper threads: Claude Code gives up on a stream that stays silent (its
+idle watchdog), and a local server can think for a minute before its first
+token. The view's thread must be free to send a ``ping`` every
+``PING_INTERVAL`` while the upstream says nothing, but a blocking read on the
+upstream socket cannot be woken up cleanly (a short socket timeout would
+leave http.client's chunked reader in an undefined state). So whatever may
+block goes to a helper thread while the view waits for it with a timeout:
+the request itself (connect, headers, first bytes), and each read for which
+the socket has no bytes yet. A read whose bytes are already there is made
+inline by the view's thread: a thread hand-over per read was ~0.4 ms of CPU
+per request, a third of what the bridge added over a chat stream. Helpers
+are daemon threads kept for reuse (``_spawn``).
 
 Commit point (SPEC): the 200 goes out when the first upstream event
 arrives, so failures before that are ordinary errors (after failover). If
@@ -18,8 +21,11 @@ with ``message_start`` and pings follow; a failure after that is an
 """
 from __future__ import annotations
 
+import collections
 import logging
+import os
 import queue
+import select
 import threading
 import time
 from typing import Callable, Iterator
@@ -28,108 +34,164 @@ from .. import metrics, upstream
 from ..errors import ProxyError
 from ..executor import Outcome
 from ..translate.anthropic.stream import PING, MessageStream, completion_as_chunk
-from ..translate.chat_stream import DONE, ChatStream, iter_chat_chunks
+from ..translate.chat_reads import chat_events, read_batches
+from ..translate.chat_stream import DONE, ChatStream
 from .common import loggable
 
 log = logging.getLogger(__name__)
 PING_INTERVAL = 10.0
-QUEUE_SIZE = 64  # batches (network reads) in flight; a slow client makes the reader wait
+MAX_IDLE_HELPERS = 64  # more idle helper threads than this end instead of waiting for work
+BUSY, IDLE = "streamfold-messages", "streamfold-messages-idle"
+
+_idle: list[_Helper] = []
+os.register_at_fork(after_in_child=_idle.clear)  # a forked worker has none of its parent's threads
 
 
-class _Cancelled(Exception):
-    """The client went away: the reader stops."""
+class _Helper:
+    """A daemon thread that runs one blocking job at a time, then waits in ``_idle`` for the next."""
+
+    def __init__(self) -> None:
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._loop, name=BUSY, daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            self.jobs.get()()  # a job never raises (Pump._job)
+            if len(_idle) >= MAX_IDLE_HELPERS:
+                return
+            self.thread.name = IDLE  # the name says whether it works for a stream (thread dumps, tests)
+            _idle.append(self)
+
+
+def _spawn(job: Callable[[], None]) -> None:
+    try:
+        helper = _idle.pop()
+        helper.thread.name = BUSY
+    except IndexError:
+        helper = _Helper()
+    helper.jobs.put(job)
+
+
+
+def _ready(response) -> bool:
+    """Whether the next read returns without waiting on the upstream: the body is complete, or the socket
+    holds bytes (one read returns them). Otherwise (bytes only in a buffer, a compressed or TLS body) a
+    helper reads: slower, never wrong."""
+    raw = getattr(response, "_fp", None)  # urllib3 wraps http.client's response
+    if raw is None or getattr(raw, "fp", None) is None or getattr(raw, "length", None) == 0:
+        return True
+    if response.headers.get("content-encoding", "identity") != "identity":
+        return False
+    sock = getattr(response.connection, "sock", None)
+    if sock is None or hasattr(sock, "pending"):
+        return False
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 class Pump:
-    """Runs the request and reads the upstream in a helper thread; ``queue`` gets what happened, in order.
+    """Runs the request and reads the upstream; ``next`` gives what happened, in order.
 
     Items: ``("outcome", Outcome)`` once the executor answered, then for a
-    translated stream ``("chunks", [chunk dicts or DONE])`` per network read,
-    and finally ``("end", None)`` or ``("error", ProxyError)``.
+    translated stream ``("chunks", [chunk dicts, FastDelta or DONE])`` per
+    network read, and finally ``("end", None)`` or ``("error", ProxyError)``.
     """
 
     def __init__(self, run: Callable[[], Outcome], max_bytes: int) -> None:
-        self.queue: queue.Queue = queue.Queue(QUEUE_SIZE)
-        self.cancelled = threading.Event()
-        self.response = None  # the upstream stream being read, to unblock its read on cancel
-        threading.Thread(target=self._work, args=(run, max_bytes), name="streamfold-messages",
-                         daemon=True).start()
+        self.max_bytes = max_bytes
+        self.items: collections.deque = collections.deque()
+        self.results: queue.SimpleQueue = queue.SimpleQueue()  # what a helper's job produced
+        self.busy = True           # a helper job was started; its items come through ``results``
+        self.running = True        # ... and has not finished yet (under ``lock``: who closes the response)
+        self.lock = threading.Lock()
+        self.cancelled = False
+        self.closed = False
+        self.response = None       # the upstream stream being read
+        self.batches: Iterator[list] | None = None  # the read phase, stepped inline or by a helper
+        _spawn(lambda: self._job(self._start, run))
+
+    def next(self, timeout: float | None) -> tuple | None:
+        """The next item; None when ``timeout`` (seconds) passed first."""
+        items = self.items
+        while not items:
+            if not self.busy:
+                if self.batches is None:
+                    return ("end", None)  # nothing more comes (never a silence to ping through forever)
+                if _ready(self.response):
+                    self._job(self._read)
+                else:
+                    self.busy = self.running = True
+                    _spawn(lambda: self._job(self._read))
+            try:
+                got = self.results.get(timeout=timeout)
+            except queue.Empty:
+                return None
+            self.busy = False
+            items.extend(got)
+        return items.popleft()
 
     def cancel(self, interrupt: bool = True) -> None:
-        """Stop reading. ``interrupt``: the reader may be blocked on a silent upstream, so shut the
-        socket down (urllib3's ``shutdown``, meant for this) and its read returns at once.
+        """Stop reading. ``interrupt``: a helper may be blocked on a silent upstream, so shut the socket
+        down (urllib3's ``shutdown``, meant for this) and its read returns at once.
 
-        Only while the reader is still reading: once the body is complete,
-        urllib3 has handed the connection back to its pool, and shutting it
-        down could cut another request's connection.
+        Only while reading: once the body is complete, urllib3 has handed the
+        connection back to its pool, and shutting it down could cut another
+        request's connection.
         """
-        self.cancelled.set()
-        if interrupt and self.response is not None:
-            try:
-                self.response.shutdown()
-            except (ValueError, RuntimeError, OSError):
-                pass  # not connected, or already released to the pool
+        with self.lock:
+            self.cancelled = True
+            if not self.running:
+                self._close()  # no helper holds the response: it is the view's to close
+            elif interrupt and self.response is not None and not self.closed:
+                try:
+                    self.response.shutdown()  # the helper's read returns, and the helper closes it
+                except (ValueError, RuntimeError, OSError):
+                    pass  # not connected, or already released to the pool
 
-    def _put(self, item: tuple) -> None:
-        while not self.cancelled.is_set():
-            try:
-                self.queue.put(item, timeout=0.5)
-                return
-            except queue.Full:
-                continue
-        raise _Cancelled
-
-    def _work(self, run: Callable[[], Outcome], max_bytes: int) -> None:
-        response = None
+    # -- jobs (a helper's or the view's thread; never two at once) -----------------------
+    def _job(self, step: Callable, *args) -> None:
         try:
-            outcome = run()
-            if outcome.stream is not None and outcome.plan is not None and not outcome.plan.native:
-                response = self.response = outcome.stream
-            self._put(("outcome", outcome))
-            if response is None or self.cancelled.is_set():
-                return  # an error answer or a native stream: the view relays it
-            head = outcome.first.lstrip()[:1]
-            if "json" in outcome.content_type and head == b"{":
-                # A server that ignored stream: true and answered one JSON completion.
-                body = upstream.read_body(response, outcome.first, max_bytes)
-                self._put(("chunks", [completion_as_chunk(body), DONE]))
-                self._put(("end", None))
-                return
-            batch: list = []
-
-            def reads() -> Iterator[bytes]:
-                # Before blocking on the next read, hand over what the last one decoded.
-                source = upstream.read_chunks(response, outcome.first)
-                while True:
-                    if batch:
-                        self._put(("chunks", batch[:]))
-                        del batch[:]
-                    data = next(source, None)
-                    if data is None:
-                        return
-                    yield data
-
-            for chunk in iter_chat_chunks(reads(), max_bytes):
-                batch.append(chunk)
-            if batch:
-                self._put(("chunks", batch))
-            self._put(("end", None))
-        except _Cancelled:
-            pass
+            items = step(*args)
         except ProxyError as exc:
-            self._report(exc)
+            items = [("error", exc)]
+            self.batches = None
         except Exception as exc:  # noqa: BLE001 - reported to the client, never a dead thread silently
             log.error("streaming reader failed: %s", type(exc).__name__, exc_info=exc)
-            self._report(ProxyError(f"internal error: {type(exc).__name__}"))
-        finally:
-            if response is not None:
-                response.close()
+            items = [("error", ProxyError(f"internal error: {type(exc).__name__}"))]
+            self.batches = None
+        with self.lock:
+            self.running = False
+            if self.batches is None or self.cancelled:
+                self._close()
+        self.results.put(items)
 
-    def _report(self, exc: ProxyError) -> None:
-        try:
-            self._put(("error", exc))
-        except _Cancelled:
-            pass
+    def _start(self, run: Callable[[], Outcome]) -> list[tuple]:
+        outcome = run()
+        items = [("outcome", outcome)]
+        if outcome.stream is None or outcome.plan is None or outcome.plan.native:
+            return items  # an error answer or a native stream: the view relays it
+        self.response = outcome.stream
+        if "json" in outcome.content_type and outcome.first.lstrip()[:1] == b"{":
+            # A server that ignored stream: true and answered one JSON completion.
+            body = upstream.read_body(self.response, outcome.first, self.max_bytes)
+            return [*items, ("chunks", [completion_as_chunk(body), DONE]), ("end", None)]
+        self.batches = read_batches(upstream.read_chunks(self.response, outcome.first), self.max_bytes,
+                                    every_read=True)
+        return items
+
+    def _read(self) -> list[tuple]:
+        batch = next(self.batches, None)  # type: ignore[arg-type]
+        if batch is None:
+            self.batches = None
+            return [("end", None)]
+        return [("chunks", batch)] if batch else []  # a read that completed no event: read on
+
+    def _close(self) -> None:
+        if not self.closed and self.response is not None:
+            self.closed = True
+            self.response.close()
 
 
 def first_items(pump: Pump, deadline: float | None) -> tuple[Outcome | None, list[tuple]]:
@@ -138,11 +200,10 @@ def first_items(pump: Pump, deadline: float | None) -> tuple[Outcome | None, lis
     (seconds) passed first. A ``ProxyError`` before the commit point is raised."""
     until = None if deadline is None else time.monotonic() + deadline
     while True:
-        try:
-            wait = None if until is None else max(0.0, until - time.monotonic())
-            kind, value = pump.queue.get(timeout=wait)
-        except queue.Empty:
+        item = pump.next(None if until is None else max(0.0, until - time.monotonic()))
+        if item is None:
             return None, []
+        kind, value = item
         if kind == "error":
             raise value
         if kind == "outcome":
@@ -166,20 +227,15 @@ def events(pump: Pump, pending: list[tuple], stream: MessageStream,
         while not stream.ended:
             item = next(items, None)
             if item is None:
-                try:
-                    item = pump.queue.get(timeout=PING_INTERVAL)
-                except queue.Empty:
+                item = pump.next(PING_INTERVAL)
+                if item is None:
                     yield PING
                     continue
             kind, value = item
             try:
                 if kind == "chunks":
-                    found: list[tuple] = []
-                    for chunk in value:
-                        if chunk == DONE:
-                            done = True
-                        else:
-                            found += chat.feed(chunk)
+                    found, ended = chat_events(chat, value)
+                    done = done or ended
                     data = stream.feed(found)
                 elif kind == "end":
                     data = stream.close(chat.close(done), chat.ended_early)

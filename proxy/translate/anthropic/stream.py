@@ -36,6 +36,11 @@ _TEXT_DELTA = b'event: content_block_delta\ndata: {"type":"content_block_delta",
               b'"delta":{"type":"text_delta","text":%s}}\n\n'
 _THINKING_DELTA = b'event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,' \
                   b'"delta":{"type":"thinking_delta","thinking":%s}}\n\n'
+_TEXT_PRE = b'event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,' \
+            b'"delta":{"type":"text_delta","text":"'
+_THINKING_PRE = b'event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,' \
+                b'"delta":{"type":"thinking_delta","thinking":"'
+_TEXT_POST = b'"}}\n\n'
 _TEXT_START = b'event: content_block_start\ndata: {"type":"content_block_start","index":%d,' \
               b'"content_block":{"type":"text","text":""}}\n\n'
 _THINKING_START = b'event: content_block_start\ndata: {"type":"content_block_start","index":%d,' \
@@ -117,7 +122,17 @@ class MessageStream:
         out = [self.start()] if not self.started else []
         for event in events:
             kind = event[0]
-            if kind == "text":
+            if kind == "literals":  # ("literals", "text" | "reasoning", [JSON string bodies]): chat_reads
+                if event[1] == "text":
+                    if self.open_kind != "text":
+                        out.append(self._open("text", _TEXT_START))
+                    pre, post = _TEXT_PRE % self.open_index, _TEXT_POST
+                else:
+                    if self.open_kind != "thinking":
+                        out.append(self._open("thinking", _THINKING_START))
+                    pre, post = _THINKING_PRE % self.open_index, _TEXT_POST
+                out.append(pre + (post + pre).join(event[2]) + post)  # = one _TEXT_DELTA per body
+            elif kind == "text":
                 if self.open_kind != "text":
                     out.append(self._open("text", _TEXT_START))
                 out.append(_TEXT_DELTA % (self.open_index, orjson.dumps(event[1])))

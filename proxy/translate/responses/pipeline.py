@@ -7,61 +7,21 @@ one write per upstream read, as with the chat relay.
 """
 from __future__ import annotations
 
-from typing import Callable, Generator, Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
-from ...errors import ProxyError, StreamError
+from ...errors import ProxyError
+from ..chat_reads import FastDelta, raw, read_batches
 from ..chat_stream import DONE, ChatStream, iter_chat_chunks
 from .stream import ResponsesStream
 
 
-def chunk_batches(reads: Iterable[bytes], max_bytes: int) -> Iterator[list]:
-    """``iter_chat_chunks`` output grouped per upstream read, so each read becomes one client write.
+def chunk_batches(reads: Iterable[bytes], max_bytes: int, fast: bool = True) -> Iterator[list]:
+    """Decoded chunks grouped per upstream read, so each read becomes one client write (``read_batches``).
 
     The chat relay writes once per upstream read; writing once per event made
     the bridge several times as costly (a write per token through gunicorn).
-    Each read is cut after its last complete event (a blank line) and the
-    complete part decoded at once; the rest waits for the next read.
     """
-    carry = b""
-    for data in reads:
-        buf = carry + data if carry else data
-        cut = _events_end(buf)
-        if not cut:
-            carry = buf
-            if len(carry) > max_bytes:
-                raise StreamError(f"one upstream event exceeds max-aggregate-bytes ({max_bytes} bytes)",
-                                  code="aggregate_too_large")
-            continue
-        carry = buf[cut:]
-        batch = yield from _decoded(buf[:cut], max_bytes)
-        if batch and batch[-1] == DONE:
-            return
-    if carry.strip():
-        yield from _decoded(carry, max_bytes)
-
-
-def _events_end(data: bytes) -> int:
-    """Where the last complete event of ``data`` ends (just after a blank line), 0 if none has."""
-    end = 0
-    for separator in (b"\n\n", b"\r\n\r\n", b"\r\r", b"\n\r\n"):
-        at = data.rfind(separator)
-        if at >= 0 and at + len(separator) > end:
-            end = at + len(separator)
-    return end
-
-
-def _decoded(data: bytes, max_bytes: int) -> Generator[list, None, list]:
-    batch: list = []
-    try:
-        for chunk in iter_chat_chunks((data,), max_bytes):
-            batch.append(chunk)
-    except ProxyError:
-        if batch:
-            yield batch  # what came before an in-stream error is still the client's
-        raise
-    if batch:
-        yield batch
-    return batch
+    return read_batches(reads, max_bytes, fast)
 
 
 def _plain_text(chunk: dict) -> str | None:
@@ -89,12 +49,21 @@ def translate_stream(translator: ResponsesStream, batches: Iterable[list],
     """
     yield translator.start()
     chat = ChatStream()
-    feed, chat_feed, text = translator.feed_into, chat.feed, translator.text
+    feed, chat_feed, text, literals = translator.feed_into, chat.feed, translator.text, translator.literals
     try:
         done = False
         for batch in batches:
             out: list[bytes] = []
             for chunk in batch:
+                if type(chunk) is FastDelta:
+                    # plain text/reasoning deltas, not decoded (chat_reads): once the meta is known they
+                    # change nothing in ChatStream, so their literals go straight out
+                    if len(chat.meta) == 3:
+                        literals(out, chunk[0], chunk[1])
+                    else:
+                        for decoded in iter_chat_chunks((raw(chunk),), 1 << 62):
+                            feed(out, chat_feed(decoded))
+                    continue
                 if chunk == DONE:
                     done = True
                     break

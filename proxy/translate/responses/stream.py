@@ -59,10 +59,10 @@ class ResponsesStream:
         self.error: str | None = None          # why the stream failed, once it has
 
     # -- framing ----------------------------------------------------------------------
-    def _delta(self, out: list[bytes], prefix: bytes, middle: bytes, text: str, tail: bytes) -> None:
+    def _delta(self, out: list[bytes], prefix: bytes, middle: bytes, encoded: bytes, tail: bytes) -> None:
         # The per-token events are written from pre-built pieces: a dict and a full dumps per token
         # was most of the bridge's CPU cost (bench/run.py, "bridged /v1/responses ... CPU").
-        out.append(b"%s%d%s%s%s" % (prefix, self.seq, middle, orjson.dumps(text), tail))
+        out.append(b"%s%d%s%s%s" % (prefix, self.seq, middle, encoded, tail))
         self.seq += 1
 
     def _event(self, out: list[bytes], kind: str, payload: dict) -> None:
@@ -88,7 +88,30 @@ class ResponsesStream:
         """One text delta into the open message (``translate_stream``'s shortcut for plain text chunks)."""
         self.parts.append(text)
         self.texts.append(text)
-        self._delta(out, _TEXT_DELTA, self.middle, text, _TEXT_TAIL)
+        self._delta(out, _TEXT_DELTA, self.middle, orjson.dumps(text), _TEXT_TAIL)
+
+    def literals(self, out: list[bytes], kind: str, bodies: list[bytes]) -> None:
+        """Text or reasoning deltas given as JSON string literal bodies (``chat_reads.FastDelta``): written as
+        they came (each is what ``orjson.dumps`` of its text gives), their text decoded once."""
+        if b"" in bodies:
+            bodies = [body for body in bodies if body]
+            if not bodies:
+                return
+        text = orjson.loads(b'"%s"' % b"".join(bodies))
+        if kind == "text":
+            if self.kind != "message":
+                self._open(out, "message")
+            self.texts.append(text)
+            prefix, tail = _TEXT_DELTA, _TEXT_TAIL
+        else:
+            if self.kind != "reasoning":
+                self._open(out, "reasoning")
+            self.reasonings.append(text)
+            prefix, tail = _SUMMARY_DELTA, _TAIL
+        self.parts.append(text)
+        seq, middle = self.seq, self.middle
+        out += [b'%s%d%s"%s"%s' % (prefix, seq + i, middle, body, tail) for i, body in enumerate(bodies)]
+        self.seq = seq + len(bodies)
 
     def feed_into(self, out: list[bytes], events: list[tuple]) -> None:
         for event in events:
@@ -98,19 +121,19 @@ class ResponsesStream:
                     self._open(out, "message")
                 self.parts.append(event[1])
                 self.texts.append(event[1])
-                self._delta(out, _TEXT_DELTA, self.middle, event[1], _TEXT_TAIL)
+                self._delta(out, _TEXT_DELTA, self.middle, orjson.dumps(event[1]), _TEXT_TAIL)
             elif kind == "reasoning":
                 if self.kind != "reasoning":
                     self._open(out, "reasoning")
                 self.parts.append(event[1])
                 self.reasonings.append(event[1])
-                self._delta(out, _SUMMARY_DELTA, self.middle, event[1], _TAIL)
+                self._delta(out, _SUMMARY_DELTA, self.middle, orjson.dumps(event[1]), _TAIL)
             elif kind == "tool_args":
                 entry = self.tools.get(id(event[1]))
                 # A custom call's input is sent whole at the end (it is unwrapped from JSON); arguments for a
                 # call already finished (an upstream that goes on after its finish_reason) have no item to join.
                 if entry is not None and not entry[2]:
-                    self._delta(out, _ARGS_DELTA, entry[3], event[2], _TAIL)
+                    self._delta(out, _ARGS_DELTA, entry[3], orjson.dumps(event[2]), _TAIL)
             elif kind == "tool_start":
                 self._start_tool(out, event[1])
             elif kind == "finish":

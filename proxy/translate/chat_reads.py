@@ -1,0 +1,270 @@
+"""Upstream reads -> per-read batches of chat chunks, with a no-decode fast path for plain text deltas.
+
+Both bridges write one client write per upstream read (as the chat relay
+does), so the decoded chunks are grouped by the read they completed in: each
+read is cut after its last complete event and the rest waits for the next.
+
+The fast path: almost every chunk of an answer is one text (or reasoning)
+delta of choice 0 and nothing else, and an upstream writes all of them with
+the same bytes around the text. The first such event of a stream is
+recognised by a strict pattern over the usual compact layouts (vLLM, SGLang,
+llama.cpp, OpenAI: any order of the plain members, ``"finish_reason":null``,
+``usage`` absent or null, no tool calls, no error, exactly one delta key);
+its bytes before and after the string literal become the stream's template
+(head, tail). Later reads are split at every tail + blank line in one C
+call; when every piece starts with the head (one ``count`` proves it) the
+pieces are the literals' bodies (one slice per event, nothing decoded), and a run
+of them is handed over undecoded as a ``FastDelta`` tuple
+``(kind, [bodies], head, tail)``. Only bodies that ``orjson.dumps`` writes
+the same way are taken (raw valid UTF-8, only the escapes
+``\\" \\\\ \\b \\f \\n \\r \\t``), so writing a body between quotes is
+byte-identical to decoding and re-encoding its text, and bodies concatenate
+into the body of the concatenated text. Anything else (and any read with a
+CR) goes through ``iter_chat_chunks`` (the full decode and its error rules),
+in order. A consumer whose state needs whole chunks (the answer's
+``id``/``model``/``created`` not known yet) decodes ``raw(item)`` instead.
+
+Pure: bytes in, lists out; no Flask, no requests.
+"""
+from __future__ import annotations
+
+import re
+from typing import Generator, Iterable, Iterator
+
+from ..errors import ProxyError, StreamError
+from .chat_stream import DONE, ChatStream, iter_chat_chunks
+
+FastDelta = tuple  # (kind "text" | "reasoning", [literal bodies], head, tail): see ``raw``
+
+_LITERAL = rb'"(?:[^"\\\x00-\x1f]|\\["\\bfnrt])*"'
+_ASCII_STRING = rb'"[\x20\x21\x23-\x5b\x5d-\x7e]*"'
+_NUMBER = rb"-?(?:0|[1-9][0-9]{0,17})"
+_PLAIN = (rb'"(?:id|object|created|model|system_fingerprint|service_tier|obfuscation)":(?:%s|%s|null)'
+          rb'|"usage":null' % (_ASCII_STRING, _NUMBER))
+_CHOICE_PLAIN = rb'"index":0|"logprobs":null|"finish_reason":null'
+_DELTA = rb'"delta":\{"(content|reasoning_content|reasoning)":(%s)\}' % _LITERAL
+_CHOICES = rb'"choices":\[\{(?:(?:%s),)*%s(?:,(?:%s))*\}\]' % (_CHOICE_PLAIN, _DELTA, _CHOICE_PLAIN)
+_FAST = re.compile(rb'data: ?\{(?:(?:%s),)*%s(?:,(?:%s))*\}' % (_PLAIN, _CHOICES, _PLAIN))
+_LITERAL_BODY = re.compile(rb'(?:[^"\\\x00-\x1f]|\\["\\bfnrt])*')
+_SPECIAL = re.compile(rb'["\\\x00-\x1f]')  # a literal body without these is plain text
+_KINDS = {b"content": "text", b"reasoning_content": "reasoning", b"reasoning": "reasoning"}
+_SEPARATORS = (b"\n\n", b"\r\n\r\n", b"\r\r", b"\n\r\n")
+
+
+def read_batches(reads: Iterable[bytes], max_bytes: int, fast: bool = True,
+                 every_read: bool = False) -> Iterator[list]:
+    """Decoded chunks (dicts, ``FastDelta`` when ``fast``) grouped per upstream read; ``DONE`` ends it.
+
+    ``every_read``: a read that completed no chunk yields ``[]`` (so a caller
+    that must not block longer than one read can step it read by read).
+
+    An in-stream error raises ``StreamError`` (as ``iter_chat_chunks``) after
+    the chunks before it in the same read were yielded. An event that does
+    not end within ``max_bytes`` is an error too.
+    """
+    carry = b""
+    template: list = [None, b"", ""]  # head, tail, kind of this stream's plain deltas (none seen yet)
+    for data in reads:
+        buf = carry + data if carry else data
+        cut = _events_end(buf)
+        if not cut:
+            carry = buf
+            if len(carry) > max_bytes:
+                raise StreamError(f"one upstream event exceeds max-aggregate-bytes ({max_bytes} bytes)",
+                                  code="aggregate_too_large")
+            if every_read:
+                yield []
+            continue
+        carry = buf[cut:]
+        batch = yield from _decoded(buf[:cut], max_bytes, template if fast else None)
+        if batch and batch[-1] == DONE:
+            return
+        if not batch and every_read:
+            yield []
+    if carry.strip():
+        yield from _decoded(carry, max_bytes, None)
+
+
+def raw(item: tuple) -> bytes:
+    """The upstream events a ``FastDelta`` stands for, for a consumer that must decode them after all."""
+    _, bodies, head, tail = item
+    end = tail + b"\n\n"
+    return head + (end + head).join(bodies) + end
+
+
+def chat_events(chat: ChatStream, batch: list) -> tuple[list[tuple], bool]:
+    """The ``ChatStream`` events of one batch, and whether it ended with ``DONE``.
+
+    A ``FastDelta`` becomes ``("literals", kind, [literal bodies])`` once
+    ``chat`` knows the answer's meta (then its chunks change nothing else in
+    it); before that its chunks are decoded and fed like any chunk.
+    """
+    events: list[tuple] = []
+    for chunk in batch:
+        if type(chunk) is FastDelta:
+            if len(chat.meta) == 3:
+                bodies = chunk[1]
+                if b"" in bodies:
+                    bodies = [body for body in bodies if body]
+                if bodies:
+                    events.append(("literals", chunk[0], bodies))
+            else:
+                for decoded in iter_chat_chunks((raw(chunk),), 1 << 62):
+                    events += chat.feed(decoded)
+        elif chunk == DONE:
+            return events, True
+        else:
+            events += chat.feed(chunk)
+    return events, False
+
+
+def _events_end(data: bytes) -> int:
+    """Where the last complete event of ``data`` ends (just after a blank line), 0 if none has."""
+    if b"\r" not in data:
+        at = data.rfind(b"\n\n")
+        return at + 2 if at >= 0 else 0
+    end = 0
+    for separator in _SEPARATORS:
+        at = data.rfind(separator)
+        if at >= 0 and at + len(separator) > end:
+            end = at + len(separator)
+    return end
+
+
+def _decoded(data: bytes, max_bytes: int, template: list | None) -> Generator[list, None, list]:
+    batch: list = []
+    try:
+        if template is not None and b"\r" not in data:
+            _scan(data, max_bytes, template, batch)
+        else:
+            batch.extend(iter_chat_chunks((data,), max_bytes))
+    except ProxyError:
+        if batch:
+            yield batch  # what came before an in-stream error is still the client's
+        raise
+    if batch:
+        yield batch
+    return batch
+
+
+def _scan(data: bytes, max_bytes: int, template: list, batch: list) -> None:
+    """Complete events ``data`` (no CR in it) into ``batch``: runs of plain deltas as ``FastDelta``, other
+    events decoded. Once the stream's template is known, the read is split at every "end of one plain
+    delta, start of the next" in one C call, so a run of plain deltas costs no Python per event."""
+    at = 0
+    if len(data) > max_bytes:
+        _by_event(data, max_bytes, template, batch)  # it checks each event's size
+        return
+    if template[0] is None:
+        at = _by_event(data, max_bytes, template, batch, learn=True)
+        if at < 0 or at >= len(data) or template[0] is None:
+            return
+    head, tail, kind = template
+    end, skip = tail + b"\n\n", len(head)
+    region = data[at:] if at else data
+    parts = region.split(end)  # a plain delta is now head + body; whatever follows the last one is ``rest``
+    rest = parts.pop()
+    if parts and parts[0].startswith(head) \
+            and region.count(end + head) == len(parts) - 1 + rest.startswith(head):
+        # every part starts with the head (the count says so without a look at each): all plain deltas
+        if _run([part[skip:] for part in parts], max_bytes, (head, tail, kind), batch):
+            return
+    else:
+        bodies: list[bytes] = []
+        for part in parts:
+            if part.startswith(head) and b"\n" not in part:
+                bodies.append(part[skip:])
+                continue
+            if bodies and _run(bodies, max_bytes, (head, tail, kind), batch):
+                return
+            bodies = []
+            if _by_event(part + end, max_bytes, template, batch) < 0:
+                return
+        if bodies and _run(bodies, max_bytes, (head, tail, kind), batch):
+            return
+    if rest:
+        _by_event(rest, max_bytes, template, batch)
+
+
+def _run(bodies: list[bytes], max_bytes: int, template: tuple, batch: list) -> bool:
+    """A run of bodies that stood between the template's head and tail: one ``FastDelta`` for the ones that
+    are canonical literal bodies, the others decoded in order. True when the stream ended (``DONE``)."""
+    head, tail, kind = template
+    joined = b"".join(bodies)
+    if _SPECIAL.search(joined) is None and joined.isascii():
+        batch.append((kind, bodies, head, tail))
+        return False
+    good: list[bytes] = []
+    for body in bodies:
+        if (_SPECIAL.search(body) is None or _LITERAL_BODY.fullmatch(body) is not None) and _utf8(body):
+            good.append(body)
+            continue
+        if good:
+            batch.append((kind, good, head, tail))
+            good = []
+        if _slow([head + body + tail], max_bytes, batch):
+            return True
+    if good:
+        batch.append((kind, good, head, tail))
+    return False
+
+
+def _by_event(data: bytes, max_bytes: int, template: list, batch: list, learn: bool = False) -> int:
+    """Complete events ``data`` one by one. ``learn``: stop just after the event that set the template.
+    Returns where it stopped, -1 at ``DONE``."""
+    head, tail, kind = template
+    skip, cut = (len(head), -len(tail)) if head is not None else (0, 0)
+    append, special = batch.append, _SPECIAL.search
+    run: list[bytes] = []  # events the fast path does not take, decoded together in order
+    at, find = 0, data.find
+    while True:  # not split(): with ``learn`` most of ``data`` is left to _scan
+        stop = find(b"\n\n", at)
+        if stop < 0:
+            break
+        event, at = data[at:stop], stop + 2
+        if head is not None and event.startswith(head) and event.endswith(tail) \
+                and skip - cut <= len(event) <= max_bytes:  # head and tail do not overlap
+            body = event[skip:cut]
+            if (special(body) is None or _LITERAL_BODY.fullmatch(body) is not None) and _utf8(body):
+                if run:
+                    if _slow(run, max_bytes, batch):
+                        return -1
+                    run = []
+                append((kind, [body], head, tail))
+                continue
+        m = _FAST.fullmatch(event)
+        if m is not None and len(event) <= max_bytes and _utf8(m.group(2)):
+            head, tail, kind = event[:m.start(2) + 1], event[m.end(2) - 1:], _KINDS[m.group(1)]
+            template[:] = head, tail, kind
+            skip, cut = len(head), -len(tail)
+            if run:
+                if _slow(run, max_bytes, batch):
+                    return -1
+                run = []
+            append((kind, [m.group(2)[1:-1]], head, tail))
+            if learn:
+                return at
+            continue
+        run.append(event)
+    if run and _slow(run, max_bytes, batch):
+        return -1
+    return at
+
+
+def _utf8(body: bytes) -> bool:
+    if body.isascii():
+        return True
+    try:
+        body.decode()
+    except UnicodeDecodeError:
+        return False  # the full decode's replacement rules apply
+    return True
+
+
+def _slow(run: list[bytes], max_bytes: int, batch: list) -> bool:
+    """Decode ``run`` (complete events) into ``batch``; True when it ended with ``DONE``."""
+    for chunk in iter_chat_chunks((b"\n\n".join(run) + b"\n\n",), max_bytes):
+        batch.append(chunk)
+        if chunk == DONE:
+            return True
+    return False

@@ -1,0 +1,152 @@
+"""Property: the bridges' no-decode fast path (proxy/translate/chat_reads.py) writes exactly the bytes the
+full decode writes, for both bridges, over random chat streams, every captured stream and crafted near-misses.
+
+Random ids (a message id, ``call_<random>`` for calls that never got one) are fixed or masked first: they
+differ between any two runs, fast or not.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from proxy.errors import ProxyError
+from proxy.translate.anthropic.stream import MessageStream
+from proxy.translate.chat_reads import FastDelta, chat_events, raw, read_batches
+from proxy.translate.chat_stream import DONE, ChatStream, iter_chat_chunks
+from proxy.translate.responses.pipeline import chunk_batches, translate_stream
+from proxy.translate.responses.response import new_context
+from proxy.translate.responses.stream import ResponsesStream
+from proxy.translate.responses.toolmap import ToolMap
+from proxy.translate.tools import ToolNames
+from tests.chat_streams import chat_streams
+
+FIXTURES = sorted((Path(__file__).parent / "fixtures").glob("*/*.sse"))
+RANDOM_CALL_ID = re.compile(rb"call_[0-9a-f]{16}")
+HEAD = b'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1764000000,"model":"m","choices":['
+
+
+def anthropic(reads: list[bytes], fast: bool) -> bytes:
+    """What routes/anthropic_stream.py does with the reads, minus the reader thread."""
+    chat, stream, done = ChatStream(), MessageStream("claude-x", ToolNames(), 42), False
+    stream.message_id = "msg_fixed"
+    out = [stream.start()]
+    try:
+        for batch in read_batches(reads, 1 << 20, fast):
+            events, ended = chat_events(chat, batch)
+            done = done or ended
+            out.append(stream.feed(events))
+        out.append(stream.close(chat.close(done), chat.ended_early))
+    except ProxyError as exc:
+        out.append(stream.fail(exc.status, exc.message))
+    return RANDOM_CALL_ID.sub(b"call_random", b"".join(out))
+
+
+def anthropic_per_chunk(reads: list[bytes]) -> bytes:
+    """The reference: every chunk decoded by the stateful ``iter_chat_chunks``, as the route did before."""
+    chat, stream, done = ChatStream(), MessageStream("claude-x", ToolNames(), 42), False
+    stream.message_id = "msg_fixed"
+    out = [stream.start()]
+    for chunk in iter_chat_chunks(reads, 1 << 20):
+        if chunk == DONE:
+            done = True
+            break
+        out.append(stream.feed(chat.feed(chunk)))
+    out.append(stream.close(chat.close(done), chat.ended_early))
+    return RANDOM_CALL_ID.sub(b"call_random", b"".join(out))
+
+
+def responses(reads: list[bytes], fast: bool, ctx, codex: bool) -> bytes:
+    raw = b"".join(translate_stream(ResponsesStream(ctx, codex), chunk_batches(reads, 1 << 20, fast)))
+    return RANDOM_CALL_ID.sub(b"call_random", raw)
+
+
+def assert_same_both_ways(reads: list[bytes], codex: bool = False) -> None:
+    assert anthropic(reads, True) == anthropic(reads, False)
+    ctx = new_context({"model": "m"}, ToolMap())
+    assert responses(reads, True, ctx, codex) == responses(reads, False, ctx, codex)
+
+
+def relaid(body: bytes, draw, ascii_only: bool) -> list[bytes]:
+    """The events of ``body`` re-encoded compactly as vLLM/OpenAI write them, cut into random reads."""
+    events = []
+    for event in body.split(b"\n\n"):
+        if event.startswith(b"data: {"):
+            chunk = json.loads(event[6:])
+            event = b"data: " + json.dumps(chunk, separators=(",", ":"), ensure_ascii=ascii_only).encode()
+        if event:
+            events.append(event + b"\n\n")
+    out = b"".join(events)
+    cuts = sorted(set(draw(st.lists(st.integers(1, max(1, len(out) - 1)), max_size=12))))
+    bounds = [0, *cuts, len(out)]
+    return [out[a:b] for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(chat_streams(), st.data())
+def test_fast_path_writes_the_same_bytes_as_the_full_decode_for_random_streams(case, data):
+    reads, _ = case
+    compact = relaid(b"".join(reads), data.draw, data.draw(st.booleans()))
+    codex = data.draw(st.booleans())
+    assert_same_both_ways(reads, codex)
+    assert_same_both_ways(compact, codex)
+    assert anthropic(compact, True) == anthropic_per_chunk(compact)
+
+
+def test_plain_deltas_take_the_fast_path_with_their_literals_as_sent():
+    texts = [b'caf\xc3\xa9 \\"\\n', b"\xf0\x9f\x98\x80", b"", b"plain"]
+    events = [HEAD + b'{"index":0,"delta":{"content":"%s"},"logprobs":null,"finish_reason":null}]}\n\n' % t
+              for t in texts]
+    [batch] = list(read_batches([b"".join(events)], 1 << 20))
+    assert all(type(item) is FastDelta and item[0] == "text" for item in batch)
+    assert [body for item in batch for body in item[1]] == texts
+    assert b"".join(raw(item) for item in batch) == b"".join(events)
+
+
+@pytest.mark.parametrize("path", FIXTURES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_fast_path_writes_the_same_bytes_as_the_full_decode_for_every_capture(path):
+    body = path.read_bytes()
+    assert_same_both_ways([body])
+    assert_same_both_ways([body[i:i + 97] for i in range(0, len(body), 97)], codex=True)
+
+
+NEAR_MISSES = {
+    "escaped slash": b'{"index":0,"delta":{"content":"a\\/b"},"logprobs":null,"finish_reason":null}]}',
+    "unicode escape": b'{"index":0,"delta":{"content":"caf\\u00e9"},"logprobs":null,"finish_reason":null}]}',
+    "invalid utf-8": b'{"index":0,"delta":{"content":"caf\xc3"},"logprobs":null,"finish_reason":null}]}',
+    "raw control character": b'{"index":0,"delta":{"content":"a\tb"},"logprobs":null,"finish_reason":null}]}',
+    "finish in the same chunk": b'{"index":0,"delta":{"content":"a"},"logprobs":null,"finish_reason":"stop"}]}',
+    "usage in the same chunk": b'{"index":0,"delta":{"content":"a"},"finish_reason":null}],'
+                               b'"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}}',
+    "two delta keys": b'{"index":0,"delta":{"content":"a","reasoning_content":"b"},"finish_reason":null}]}',
+    "choice 1": b'{"index":1,"delta":{"content":"a"},"logprobs":null,"finish_reason":null}]}',
+    "two choices": b'{"index":0,"delta":{"content":"a"},"finish_reason":null},'
+                   b'{"index":1,"delta":{"content":"b"},"finish_reason":null}]}',
+    "error member": b'{"index":0,"delta":{"content":"a"},"finish_reason":null}],"error":{"message":"boom"}}',
+    "empty content": b'{"index":0,"delta":{"content":""},"logprobs":null,"finish_reason":null}]}',
+    "reasoning": b'{"index":0,"delta":{"reasoning":"hm \xf0\x9f\x98\x80"},"logprobs":null,"finish_reason":null}]}',
+    "content not a string": b'{"index":0,"delta":{"content":["a"]},"logprobs":null,"finish_reason":null}]}',
+}
+
+
+@pytest.mark.parametrize("name", sorted(NEAR_MISSES))
+@pytest.mark.parametrize("framing", ["lf", "crlf", "nospace", "event error", "cut"])
+def test_fast_path_writes_the_same_bytes_as_the_full_decode_for_near_misses(name, framing):
+    first = HEAD + b'{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}\n\n'
+    text = HEAD + b'{"index":0,"delta":{"content":"x"},"logprobs":null,"finish_reason":null}]}\n\n'
+    odd = HEAD + NEAR_MISSES[name] + b"\n\n"
+    if framing == "crlf":
+        odd = odd.replace(b"\n", b"\r\n")
+    elif framing == "nospace":
+        odd = odd.replace(b"data: ", b"data:", 1)
+    elif framing == "event error":
+        odd = b"event: error\n" + odd
+    last = HEAD + b'{"index":0,"delta":{},"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n'
+    body = first + text + odd + text + last
+    reads = [body[i:i + 61] for i in range(0, len(body), 61)] if framing == "cut" else [body]
+    assert_same_both_ways(reads)
+    assert_same_both_ways(reads, codex=True)
