@@ -130,6 +130,8 @@ def settings(nginx_port: int, slow_port: int) -> Path:
          "models": [{"name": "bench-model", "alias": "bench-stream"}]},
         {"name": "bridge", "base-url": f"{base}/sse200/v1", "native-apis": ["chat"],
          "models": [{"name": "bench-model", "alias": "bench-bridge"}]},
+        {"name": "bridge-fold", "base-url": f"{base}/sse200/v1", "native-apis": ["chat"],
+         "force-upstream-stream": True, "models": [{"name": "bench-model", "alias": "bench-bridge-fold"}]},
         {"name": "slow", "base-url": f"http://127.0.0.1:{slow_port}/v1",
          "models": [{"name": "bench-model", "alias": "bench-slow"}]},
     ]
@@ -284,30 +286,34 @@ def run(args) -> list[dict]:
 
 
 def responses_rows(via: str, proxy_pid: int, seconds: float, repeat: int) -> list[dict]:
-    """Bridged /v1/responses streaming next to the same chat stream relayed, and the CPU each costs.
+    """Bridged /v1/responses next to the same chat request: streaming, and non-stream to a forced provider.
 
     Both ask the same nginx-served 200-event chat stream; the bridge parses
-    every chunk and writes Responses events instead of relaying bytes. CPU
-    per request is the gunicorn workers' user+system time (/proc) over a run
-    divided by the requests wrk completed in it: the budget is the bridge at
-    most 1.25x the chat stream.
+    it and writes Responses events (or folds it and translates once) instead
+    of relaying bytes. CPU per request is the gunicorn workers' user+system
+    time (/proc) over a run divided by the requests wrk completed in it: the
+    budget is the bridge at most 1.25x the chat request.
     """
     responses = via.replace("/chat/completions", "/responses")
     wrk(responses, "bench-bridge", 8, 1, stream=True, template=RESPONSES_BODY)  # warm-up
-    rows, runs = [], {"chat": [], "bridge": []}
-    for _ in range(repeat):  # interleaved, so a change in the machine's load hits both alike
-        for name, url, model, template in (("chat", via, "bench-stream", BODY),
-                                           ("bridge", responses, "bench-bridge", RESPONSES_BODY)):
-            before = worker_cpu_seconds(proxy_pid)
-            result = wrk_once(url, model, 8, seconds, True, template)
-            result["cpu_ms"] = (worker_cpu_seconds(proxy_pid) - before) * 1000 / max(1, result["requests"])
-            runs[name].append(result)
-    cpu = {name: sorted(found, key=lambda r: r["cpu_ms"])[len(found) // 2] for name, found in runs.items()}
-    bridge, chat = cpu["bridge"], cpu["chat"]
-    rows.append(row("bridged /v1/responses stream, 200 events, c8", bridge["rps"], chat["rps"], "req/s (vs chat)",
-                    bridge["errors"]))
-    rows.append(row("bridged /v1/responses stream, CPU per request", bridge["cpu_ms"], chat["cpu_ms"],
-                    "ms (vs chat)", bridge["errors"]))
+    rows = []
+    for label, chat_model, bridge_model, stream in (
+            ("stream, 200 events", "bench-stream", "bench-bridge", True),
+            ("non-stream (forced fold), 200 events", "bench-fold", "bench-bridge-fold", False)):
+        runs: dict[str, list] = {"chat": [], "bridge": []}
+        for _ in range(repeat):  # interleaved, so a change in the machine's load hits both alike
+            for name, url, model, template in (("chat", via, chat_model, BODY),
+                                               ("bridge", responses, bridge_model, RESPONSES_BODY)):
+                before = worker_cpu_seconds(proxy_pid)
+                result = wrk_once(url, model, 8, seconds, stream, template)
+                result["cpu_ms"] = (worker_cpu_seconds(proxy_pid) - before) * 1000 / max(1, result["requests"])
+                runs[name].append(result)
+        cpu = {name: sorted(found, key=lambda r: r["cpu_ms"])[len(found) // 2] for name, found in runs.items()}
+        bridge, chat = cpu["bridge"], cpu["chat"]
+        rows.append(row(f"bridged /v1/responses {label}, c8", bridge["rps"], chat["rps"], "req/s (vs chat)",
+                        bridge["errors"]))
+        rows.append(row(f"bridged /v1/responses {label}, CPU per request", bridge["cpu_ms"], chat["cpu_ms"],
+                        "ms (vs chat)", bridge["errors"]))
     return rows
 
 
