@@ -64,6 +64,15 @@ def _relay(outcome: Outcome, on_end: Callable[[int, str, bytes], None]):
         on_end(200, result, stripper.usage or usage if stripper is not None else usage)
 
 
+def padded_answer(interval: float, run: Callable[[], Outcome], on_end: Callable[[int, str, bytes], None],
+                  log: dict) -> Response:
+    """``with_keepalive`` for a route: once padding has committed the 200, the log line waits for the JSON."""
+    response = with_keepalive(interval, run, on_end)
+    if response.is_streamed:
+        log["deferred"] = True
+    return response
+
+
 def with_keepalive(interval: float, run: Callable[[], Outcome],
                    on_end: Callable[[int, str, bytes], None]) -> Response:
     """Run ``run`` in a helper thread; if it takes longer than ``interval``, commit 200 and pad.

@@ -19,7 +19,7 @@ from .. import tokenizer
 from ..errors import BadRequest, ModelNotFound, ProxyError, UpstreamTimeout, UpstreamUnavailable
 from ..executor import Call, Outcome, Plan, client_headers, execute
 from ..fold import fold_chat_chunks
-from ..relay import SSE_HEADERS, to_response, with_keepalive
+from ..relay import SSE_HEADERS, padded_answer, to_response
 from ..routing import Target
 from ..translate.anthropic import request as translate
 from ..translate.anthropic.response import error_body, error_type, is_context_overflow, to_message, upstream_error
@@ -177,10 +177,7 @@ def messages() -> Response:
             raise client_error(exc) from None
 
     if settings.nonstream_keepalive_interval > 0:
-        response = with_keepalive(settings.nonstream_keepalive_interval, run_translated, on_end)
-        if response.is_streamed:
-            g.log["deferred"] = True
-        return response
+        return padded_answer(settings.nonstream_keepalive_interval, run_translated, on_end, g.log)
     outcome = run_translated()
     if outcome.stream is not None:
         g.log["deferred"] = True  # a native stream answering a non-stream request: relayed

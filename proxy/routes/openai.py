@@ -14,7 +14,7 @@ from flask import Blueprint, Response, g, request
 from ..errors import BadRequest
 from ..executor import Call, client_headers, execute
 from ..fold import fold_chat_chunks, fold_responses_chunks, fold_text_chunks
-from ..relay import to_response, with_keepalive
+from ..relay import padded_answer, to_response
 from ..state.limits import model_allowed
 from .common import admit, authenticate, end_logger, holder, openai_request, stream_flag
 
@@ -104,10 +104,7 @@ def proxy_request(route: Route) -> Response:
 
     on_end = end_logger(g.log)
     if not stream and fold is not None and settings.nonstream_keepalive_interval > 0:
-        response = with_keepalive(settings.nonstream_keepalive_interval, run, on_end)
-        if response.is_streamed:
-            g.log["deferred"] = True  # padded: logged when the JSON has gone out
-        return response
+        return padded_answer(settings.nonstream_keepalive_interval, run, on_end, g.log)
     outcome = run()
     if outcome.stream is not None:
         g.log["deferred"] = True  # logged when the stream ends

@@ -23,7 +23,7 @@ from .. import metrics, upstream
 from ..errors import BadRequest, StreamError, error_body
 from ..executor import Call, Outcome, Plan, client_headers, execute
 from ..fold import fold_chat_chunks
-from ..relay import SSE_HEADERS, to_response, with_keepalive
+from ..relay import SSE_HEADERS, padded_answer, to_response
 from ..routing import Target
 from ..translate.chat_stream import DONE
 from ..translate.responses import request as translate
@@ -93,10 +93,7 @@ def create_response() -> Response:
         return bridge.answer(outcome, usage)
 
     if not stream and settings.nonstream_keepalive_interval > 0:
-        response = with_keepalive(settings.nonstream_keepalive_interval, run, on_end)
-        if response.is_streamed:
-            g.log["deferred"] = True
-        return response
+        return padded_answer(settings.nonstream_keepalive_interval, run, on_end, g.log)
     outcome = run()
     if outcome.stream is not None:
         g.log["deferred"] = True  # logged when the stream ends
