@@ -289,6 +289,9 @@ def test_client_leaving_during_upstream_silence_stops_the_reader_at_once(live, u
         got += data
         if b"first" in got:
             break
+    settle = time.monotonic() + 2  # the next read goes to a helper once it would wait: give it the moment
+    while readers() != 1 and time.monotonic() < settle:
+        time.sleep(0.01)
     assert readers() == 1  # blocked on the silent upstream
     response.close()
     deadline = time.monotonic() + 4  # well before the upstream's next event (8 s)
