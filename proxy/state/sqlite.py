@@ -103,35 +103,41 @@ class SQLiteStore(Store):
         return self._db
 
     @contextmanager
-    def _tx(self, immediate: bool = False) -> Iterator[sqlite3.Connection]:
-        """The connection under the process lock, in a transaction; any failure is ``StoreUnavailable``.
+    def _held(self, flock: bool) -> Iterator[sqlite3.Connection]:
+        """The connection under the process lock (and the file's flock for a writer); failures are ``StoreUnavailable``.
 
-        A writing transaction first takes an flock on ``<state-path>.lock``:
-        SQLite's own busy handler waits by sleeping 1, 2, 5... ms, which under
-        several busy workers costs far more than the microseconds a limit check
-        takes; the flock hands over as soon as the holder is done. (SQLite's
-        locking still guarantees correctness; the flock only shortens waits.)
+        A writer first takes an flock on ``<state-path>.lock``: SQLite's own
+        busy handler waits by sleeping 1, 2, 5... ms, which under several busy
+        workers costs far more than the microseconds a limit check takes; the
+        flock hands over as soon as the holder is done. (SQLite's locking still
+        guarantees correctness; the flock only shortens waits.)
         """
         with self._db_lock:
             db = None
             locked = False
             try:
                 db = self._connection()
-                if immediate:
+                if flock:
                     locked = self._flock()
-                db.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
-                try:
-                    yield db
-                except BaseException:
-                    db.execute("ROLLBACK")
-                    raise
-                db.execute("COMMIT")
+                yield db
             except (sqlite3.Error, OSError) as exc:
                 self._drop(db)
                 raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from None
             finally:
                 if locked and self._lock_fd is not None:
                     fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    @contextmanager
+    def _tx(self, immediate: bool = False) -> Iterator[sqlite3.Connection]:
+        """``_held`` in a transaction (``BEGIN IMMEDIATE`` for a writer, which also takes the flock)."""
+        with self._held(immediate) as db:
+            db.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
 
     def _flock(self) -> bool:
         if self._lock_fd is None:
@@ -213,18 +219,8 @@ class SQLiteStore(Store):
     # milliseconds, and every other worker would queue behind it). Window
     # totals are kept by triggers, so a check costs the same whatever the limit.
     def _one(self, sql: str, parameters: tuple) -> sqlite3.Cursor:
-        with self._db_lock:
-            db = locked = None
-            try:
-                db = self._connection()
-                locked = self._flock()
-                return db.execute(sql, parameters)
-            except (sqlite3.Error, OSError) as exc:
-                self._drop(db)
-                raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from None
-            finally:
-                if locked and self._lock_fd is not None:
-                    fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+        with self._held(True) as db:
+            return db.execute(sql, parameters)
 
     def _take(self, name: str, limit: int, span: float, cost: int) -> float:
         now = _now()
