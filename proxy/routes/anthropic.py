@@ -26,7 +26,7 @@ from ..translate.anthropic.response import error_body, error_type, is_context_ov
 from ..translate.anthropic.stream import MessageStream
 from ..translate.anthropic.tokens import estimate
 from ..translate.anthropic.validate import validate
-from ..translate.tools import ToolNames
+from ..translate.tools import ToolNames, clamp_max_tokens
 from . import anthropic_stream
 from .common import admit, authenticate, end_logger, holder, loggable, read_json_body
 
@@ -134,8 +134,8 @@ class Bridge:
                                                            vision=variant[1])
         max_tokens = self.body["max_tokens"]
         if spec is not None and (spec.max_output_tokens or spec.context_length):
-            max_tokens = translate.clamp_max_tokens(max_tokens, spec.max_output_tokens, spec.context_length,
-                                                    self.prompt_tokens if spec.context_length else 0)
+            max_tokens = clamp_max_tokens(max_tokens, spec.max_output_tokens, spec.context_length,
+                                          self.prompt_tokens if spec.context_length else 0)
         return Plan("/chat/completions",
                     translate.for_target(chat, target.model, max_tokens, stream_usage=provider.stream_usage),
                     fold=fold_chat_chunks, headers=self.chat_headers, native=False)

@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 
-from ..tools import ToolNames, clamp_max_tokens  # noqa: F401 - the route clamps through this module
+from ..tools import ToolNames
 from .validate import is_int
 
 BILLING_HEADER = "x-anthropic-billing-header:"
