@@ -258,3 +258,20 @@ def limited_count(url: str, reason: str) -> float:
 
 def auth_header(key: str) -> dict:
     return {"Authorization": f"Bearer {key}"}
+
+
+def test_a_chunked_policy_patch_over_max_request_bytes_is_a_413(upstream, serve, tmp_path):
+    path = write_settings(tmp_path / "s.yaml", policy_doc(upstream, **{"max-request-bytes": 2048}))
+    live = serve(create_app({"PROXY_SETTINGS": str(path), "ENVIRON": {}}))
+    before = path.read_bytes()
+
+    def chunks():  # no Content-Length: only a capped read can refuse it
+        yield b'{"name": "team-a", "value": {"models": ["'
+        for _ in range(64):
+            yield b"x" * 1024
+        yield b'"]}}'
+
+    response = requests.patch(live.url + "/v0/management/api-keys", data=chunks(), timeout=10,
+                              headers={**MGMT, "Content-Type": "application/json"})
+    assert response.status_code == 413 and path.read_bytes() == before
+    assert requests.get(live.url + "/healthz", timeout=10).status_code == 200

@@ -12,13 +12,13 @@ policy change applies to the instance whose file it wrote.
 from __future__ import annotations
 
 import orjson
-from flask import Response, current_app, request
+from flask import Response, current_app
 
 from .. import settings_file
-from ..errors import BadRequest, NotFound, PayloadTooLarge, ProxyError
+from ..errors import BadRequest, NotFound, ProxyError
 from ..runtime import ConfigHolder, layer
 from ..settings import SettingsError, build_settings
-from .manage import bp
+from .manage import _body, bp
 
 POLICY_FIELDS = ("models", "rpm", "tpm", "max-concurrent")
 
@@ -26,7 +26,7 @@ POLICY_FIELDS = ("models", "rpm", "tpm", "max-concurrent")
 @bp.patch("/api-keys")
 def patch_client_key() -> Response:
     holder: ConfigHolder = current_app.extensions["streamfold"]
-    body = _body(holder.runtime.settings.max_request_bytes)
+    body = _body()  # the management API's capped reader (a chunked body cannot exceed max-request-bytes)
     if not isinstance(body, dict) or not isinstance(body.get("name"), str) or not isinstance(body.get("value"), dict):
         raise BadRequest('send {"name": <client key name>, "value": {"rpm": ..., ...}}')
     name, value = body["name"], body["value"]
@@ -68,12 +68,3 @@ def _find(keys, name: str) -> dict:
             if isinstance(entry, dict) and entry.get("name") == name:
                 return entry
     raise NotFound(f"no client key named {name!r} (give the key a name in api-keys to manage it here)")
-
-
-def _body(limit: int):
-    if (request.content_length or 0) > limit:
-        raise PayloadTooLarge(f"Request body exceeds the limit of {limit} bytes.")
-    try:
-        return orjson.loads(request.get_data(cache=False))
-    except orjson.JSONDecodeError:
-        raise BadRequest("the body is not valid JSON") from None
