@@ -150,3 +150,18 @@ def test_fast_path_writes_the_same_bytes_as_the_full_decode_for_near_misses(name
     reads = [body[i:i + 61] for i in range(0, len(body), 61)] if framing == "cut" else [body]
     assert_same_both_ways(reads)
     assert_same_both_ways(reads, codex=True)
+
+
+def test_fast_path_writes_the_same_bytes_past_the_precomputed_sequence_numbers():
+    # the Responses writer takes sequence_number digits from a table for a stream's first 4,096 events and
+    # formats them past it: a run that crosses the end of the table, and runs after it, must not differ
+    first = HEAD + b'{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}\n\n'
+    texts = [HEAD + b'{"index":0,"delta":{"content":"t%d "},"logprobs":null,"finish_reason":null}]}\n\n' % i
+             for i in range(5000)]
+    last = HEAD + b'{"index":0,"delta":{},"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n'
+    body = first + b"".join(texts) + last
+    reads = [body[i:i + 150_000] for i in range(0, len(body), 150_000)]
+    assert_same_both_ways(reads)
+    ctx = new_context({"model": "m"}, ToolMap())
+    numbers = re.findall(rb'"sequence_number":(\d+)', responses(reads, True, ctx, False))
+    assert [int(n) for n in numbers] == list(range(len(numbers))) and len(numbers) > 5000

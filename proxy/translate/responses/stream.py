@@ -18,6 +18,8 @@ so get ``response.completed`` with ``status: incomplete``; after an error
 """
 from __future__ import annotations
 
+from itertools import repeat
+
 import orjson
 
 from ..chat_stream import ToolCall
@@ -33,6 +35,9 @@ _SUMMARY_DELTA = _prefix("response.reasoning_summary_text.delta")
 _ARGS_DELTA = _prefix("response.function_call_arguments.delta")
 _TEXT_TAIL = b',"logprobs":[]}\n\n'
 _TAIL = b"}\n\n"
+# sequence_number digits for the first events of a stream (~190 KB per worker): with them a run of deltas is
+# one C-level interleave and join instead of a %-format per event, ~3x cheaper (see ``literals``)
+_NUMBERS = [b"%d" % n for n in range(4096)]
 
 
 class ResponsesStream:
@@ -109,9 +114,19 @@ class ResponsesStream:
             self.reasonings.append(text)
             prefix, tail = _SUMMARY_DELTA, _TAIL
         self.parts.append(text)
-        seq, middle = self.seq, self.middle
-        out += [b'%s%d%s"%s"%s' % (prefix, seq + i, middle, body, tail) for i, body in enumerate(bodies)]
-        self.seq = seq + len(bodies)
+        seq, middle, count = self.seq, self.middle, len(bodies)
+        self.seq = seq + count
+        if seq + count > len(_NUMBERS):
+            out += [b'%s%d%s"%s"%s' % (prefix, seq + i, middle, body, tail) for i, body in enumerate(bodies)]
+            return
+        # prefix, then per event: number, middle + quote, body, quote + tail + the next event's prefix
+        pieces = [b'"%s%s' % (tail, prefix)] * (4 * count)
+        pieces[0::4] = _NUMBERS[seq:seq + count]
+        pieces[1::4] = repeat(middle + b'"', count)
+        pieces[2::4] = bodies
+        pieces[-1] = b'"%s' % tail
+        out.append(prefix)
+        out.append(b"".join(pieces))
 
     def feed_into(self, out: list[bytes], events: list[tuple]) -> None:
         for event in events:
