@@ -16,12 +16,13 @@ from .stream import ResponsesStream
 
 
 def chunk_batches(reads: Iterable[bytes], max_bytes: int, fast: bool = True) -> Iterator[list]:
-    """Decoded chunks grouped per upstream read, so each read becomes one client write (``read_batches``).
+    """Decoded chunks grouped per upstream read, so each read becomes one client write (``read_batches``);
+    a read that completed no chunk is an empty batch (so the first read is answered whatever it holds).
 
     The chat relay writes once per upstream read; writing once per event made
     the bridge several times as costly (a write per token through gunicorn).
     """
-    return read_batches(reads, max_bytes, fast)
+    return read_batches(reads, max_bytes, fast, every_read=True)
 
 
 def _plain_text(chunk: dict) -> str | None:
@@ -43,17 +44,19 @@ def translate_stream(translator: ResponsesStream, batches: Iterable[list],
                      before_end: Callable[[ResponsesStream], None] | None = None) -> Iterator[bytes]:
     """All the events for ``chunk_batches`` output, one bytes per batch; an upstream error ends it.
 
+    The opening events go out with the first batch's, and the terminal event
+    with the last batch's (as many writes as the chat relay makes for the same
+    reads: each write through gunicorn costs more than its events' bytes).
     ``before_end`` runs once the terminal object is known and before the
     terminal event goes out (the route stores the answer there, so a client
     that continues the moment it sees ``response.completed`` finds it).
     """
-    yield translator.start()
+    out: list[bytes] = [translator.start()]
     chat = ChatStream()
     feed, chat_feed, text, literals = translator.feed_into, chat.feed, translator.text, translator.literals
     try:
         done = False
         for batch in batches:
-            out: list[bytes] = []
             for chunk in batch:
                 if type(chunk) is FastDelta:
                     # plain text/reasoning deltas, not decoded (chat_reads): once the meta is known they
@@ -75,13 +78,16 @@ def translate_stream(translator: ResponsesStream, batches: Iterable[list],
                         text(out, plain)
                         continue
                 feed(out, chat_feed(chunk))
-            if out:
-                yield b"".join(out)
             if done:
                 break
-        ending = translator.close(chat.close(done), chat.ended_early)
+            if out:
+                yield b"".join(out)
+                out = []
+        out.append(translator.close(chat.close(done), chat.ended_early))
     except ProxyError as exc:
-        ending = translator.fail(exc.message, exc.code)
+        if out:
+            yield b"".join(out)  # what was translated before the error is still the client's
+        out = [translator.fail(exc.message, exc.code)]
     if before_end is not None:
         before_end(translator)
-    yield ending
+    yield b"".join(out)
