@@ -32,7 +32,7 @@ import re
 from typing import Generator, Iterable, Iterator
 
 from ..errors import ProxyError, StreamError
-from .chat_stream import DONE, ChatStream, iter_chat_chunks
+from .chat_stream import DONE, ChatStream, decode_event, iter_chat_chunks
 
 FastDelta = tuple  # (kind "text" | "reasoning", [literal bodies], head, tail): see ``raw``
 
@@ -46,6 +46,7 @@ _DELTA = rb'"delta":\{"(content|reasoning_content|reasoning)":(%s)\}' % _LITERAL
 _CHOICES = rb'"choices":\[\{(?:(?:%s),)*%s(?:,(?:%s))*\}\]' % (_CHOICE_PLAIN, _DELTA, _CHOICE_PLAIN)
 _FAST = re.compile(rb'data: ?\{(?:(?:%s),)*%s(?:,(?:%s))*\}' % (_PLAIN, _CHOICES, _PLAIN))
 _LITERAL_BODY = re.compile(rb'(?:[^"\\\x00-\x1f]|\\["\\bfnrt])*')
+_DELTA_KEY = re.compile(rb'"delta":\{"(?:content|reasoning)')  # cheap test before _FAST: no match, no template
 _SPECIAL = re.compile(rb'["\\\x00-\x1f]')  # a literal body without these is plain text
 _KINDS = {b"content": "text", b"reasoning_content": "reasoning", b"reasoning": "reasoning"}
 _SEPARATORS = (b"\n\n", b"\r\n\r\n", b"\r\r", b"\n\r\n")
@@ -164,10 +165,11 @@ def _scan(data: bytes, max_bytes: int, template: list, batch: list) -> None:
     region = data[at:] if at else data
     parts = region.split(end)  # a plain delta is now head + body; whatever follows the last one is ``rest``
     rest = parts.pop()
-    if parts and parts[0].startswith(head) \
-            and region.count(end + head) == len(parts) - 1 + rest.startswith(head):
-        # every part starts with the head (the count says so without a look at each): all plain deltas
-        if _run([part[skip:] for part in parts], max_bytes, (head, tail, kind), batch):
+    bodies = [part[skip:] for part in parts]
+    if parts and region.startswith(b"%s%s%s" % (head, (end + head).join(bodies), end)):
+        # every part starts with the head (rebuilt from the bodies, the read's bytes come back: one part
+        # without the head would be lost or shifted, and equal lengths put every head in its place)
+        if _run(bodies, max_bytes, (head, tail, kind), batch):
             return
     else:
         bodies: list[bytes] = []
@@ -232,7 +234,7 @@ def _by_event(data: bytes, max_bytes: int, template: list, batch: list, learn: b
                     run = []
                 append((kind, [body], head, tail))
                 continue
-        m = _FAST.fullmatch(event)
+        m = _FAST.fullmatch(event) if _DELTA_KEY.search(event) is not None else None
         if m is not None and len(event) <= max_bytes and _utf8(m.group(2)):
             head, tail, kind = event[:m.start(2) + 1], event[m.end(2) - 1:], _KINDS[m.group(1)]
             template[:] = head, tail, kind
@@ -263,6 +265,15 @@ def _utf8(body: bytes) -> bool:
 
 def _slow(run: list[bytes], max_bytes: int, batch: list) -> bool:
     """Decode ``run`` (complete events) into ``batch``; True when it ended with ``DONE``."""
+    if all(event.startswith(b"data:") and b"\n" not in event for event in run):
+        # one data line each (the usual first, finish and usage chunks): no SSE parser needed
+        for event in run:
+            chunk = decode_event(b"", event[5:], max_bytes)
+            if chunk is not None:
+                batch.append(chunk)
+                if chunk is DONE:
+                    return True
+        return False
     for chunk in iter_chat_chunks((b"\n\n".join(run) + b"\n\n",), max_bytes):
         batch.append(chunk)
         if chunk == DONE:

@@ -31,6 +31,7 @@ from ..fold.chat import stream_error
 from ..fold.sse import iter_event_batches
 
 DONE = "[DONE]"
+_DONE_DATA = (b" [DONE]", b"[DONE]")  # "data: [DONE]" and "data:[DONE]" (iter_event_batches keeps the space)
 _REASONING = ("reasoning_content", "reasoning")
 
 
@@ -43,27 +44,38 @@ def iter_chat_chunks(reads: Iterable[bytes], max_bytes: int) -> Iterator[dict | 
     """
     for batch in iter_event_batches(reads):
         for event, data in batch:
-            if len(data) > max_bytes:
-                raise StreamError(f"one upstream event exceeds max-aggregate-bytes ({max_bytes} bytes)",
-                                  code="aggregate_too_large")
-            try:
-                chunk = orjson.loads(data)
-            except orjson.JSONDecodeError:
-                stripped = data.strip()
-                if not stripped:
-                    continue  # blank data: lines are sent by some servers; not an error
-                if stripped == b"[DONE]":
-                    yield DONE
+            chunk = decode_event(event, data, max_bytes)
+            if chunk is not None:
+                yield chunk
+                if chunk is DONE:
                     return
-                try:  # llama.cpp verbose mode: raw control characters inside JSON strings
-                    chunk = json.loads(data.decode("utf-8", "replace"), strict=False)
-                except (ValueError, RecursionError):
-                    raise StreamError("upstream sent a data line that is not JSON") from None
-            if type(chunk) is not dict:
-                raise StreamError("upstream sent an event that is not a JSON object")
-            if event == b"error" or chunk.get("error") is not None:
-                raise stream_error(chunk)
-            yield chunk
+
+
+def decode_event(event: bytes, data: bytes, max_bytes: int) -> dict | str | None:
+    """One SSE event's data (``iter_event_batches``' pair) as a chunk dict, ``DONE``, or None for blank data;
+    the errors as ``iter_chat_chunks`` says."""
+    if len(data) > max_bytes:
+        raise StreamError(f"one upstream event exceeds max-aggregate-bytes ({max_bytes} bytes)",
+                          code="aggregate_too_large")
+    if data in _DONE_DATA:  # before the parser: its exception costs more than the whole check
+        return DONE
+    try:
+        chunk = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        stripped = data.strip()
+        if not stripped:
+            return None  # blank data: lines are sent by some servers; not an error
+        if stripped == b"[DONE]":
+            return DONE
+        try:  # llama.cpp verbose mode: raw control characters inside JSON strings
+            chunk = json.loads(data.decode("utf-8", "replace"), strict=False)
+        except (ValueError, RecursionError):
+            raise StreamError("upstream sent a data line that is not JSON") from None
+    if type(chunk) is not dict:
+        raise StreamError("upstream sent an event that is not a JSON object")
+    if event == b"error" or chunk.get("error") is not None:
+        raise stream_error(chunk)
+    return chunk
 
 
 class ToolCall:
