@@ -61,3 +61,23 @@ def test_a_stream_cut_anywhere_still_ends_with_exactly_one_terminal_event(case, 
         _, raw = translate(cut_reads, ToolMap(), codex)
         terminal = responses_invariants.check(raw, codex=codex)
         assert terminal["type"] in ("response.completed", "response.incomplete", "response.failed", "error")
+
+
+def test_an_upstream_error_inside_a_read_keeps_the_events_translated_before_it():
+    # one read: the answer's first chunk, two text deltas, then a chunk the chat layer refuses (choices not a
+    # list): the message item opened by the deltas must reach the client before the failure closes it
+    head = b'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1764000000,"model":"m","choices":'
+    read = (head + b'[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}\n\n'
+            + head + b'[{"index":0,"delta":{"content":"Hel"},"logprobs":null,"finish_reason":null}]}\n\n'
+            + head + b'[{"index":0,"delta":{"content":"lo"},"logprobs":null,"finish_reason":null}]}\n\n'
+            + head + b'{"index":0}}\n\n')
+    for codex in (False, True):
+        _, raw = translate([read], ToolMap(), codex)
+        events = responses_invariants.parse(raw)
+        terminal = responses_invariants.check(events, codex=codex)
+        assert [p["sequence_number"] for _, p in events] == list(range(len(events)))
+        assert "".join(p["delta"] for name, p in events if name == "response.output_text.delta") == "Hello"
+        if codex:  # response.failed carries the items so far
+            assert terminal["response"]["output"][0]["content"][0]["text"] == "Hello"
+        else:
+            assert terminal["code"] == "upstream_stream_error"
