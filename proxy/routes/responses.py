@@ -65,7 +65,7 @@ def create_response() -> Response:
         prepared = translate.prepare(body, history)
         ctx = reply.new_context(body, prepared.toolmap)
         keep = None if body.get("store") is False else (store, settings.responses_store_ttl, g.log["client"])
-        bridge = _Bridge(prepared, ctx, keep, _is_codex(request.headers), settings.max_aggregate_bytes)
+        bridge = _Bridge(prepared, ctx, keep, _is_codex(request.environ), settings.max_aggregate_bytes)
 
     def adapt(target: Target) -> Plan:
         if _native(target):
@@ -211,7 +211,7 @@ def _native(target: Target) -> bool:
     return "responses" in target.provider.native_apis
 
 
-def _is_codex(headers) -> bool:
+def _is_codex(environ: dict) -> bool:
     """Codex CLI/TUI/exec/IDE clients: ``originator: codex_cli_rs`` and friends, or their User-Agent."""
-    return (headers.get("originator", "").lower().startswith("codex")
-            or headers.get("User-Agent", "").lower().startswith("codex"))
+    return (environ.get("HTTP_ORIGINATOR", "").lower().startswith("codex")
+            or environ.get("HTTP_USER_AGENT", "").lower().startswith("codex"))

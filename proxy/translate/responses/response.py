@@ -45,7 +45,10 @@ class Context:
 
 
 def new_context(body: dict, toolmap: ToolMap) -> Context:
-    echo = {key: default if body.get(key) is None else body[key] for key, default in ECHO_DEFAULTS.items()}
+    echo = ECHO_DEFAULTS.copy()
+    for key in ECHO_DEFAULTS.keys() & body.keys():  # a client sends few of them
+        if body[key] is not None:
+            echo[key] = body[key]
     return Context(f"resp_{os.urandom(16).hex()}", int(time.time()), body["model"], echo, toolmap)
 
 

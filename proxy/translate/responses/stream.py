@@ -71,16 +71,18 @@ class ResponsesStream:
         self.seq += 1
 
     def _event(self, out: list[bytes], kind: str, payload: dict) -> None:
-        payload = {"type": kind, "sequence_number": self.seq, **payload}
+        # ``type`` and ``sequence_number`` first, as OpenAI writes them; ``payload`` is never empty
+        name = kind.encode()
+        out.append(b'event: %s\ndata: {"type":"%s","sequence_number":%d,%s\n\n'
+                   % (name, name, self.seq, orjson.dumps(payload)[1:]))
         self.seq += 1
-        out.append(b"event: %s\ndata: %s\n\n" % (kind.encode(), orjson.dumps(payload)))
 
     def start(self) -> bytes:
-        out: list[bytes] = []
-        response = envelope(self.ctx, "in_progress", [])
-        self._event(out, "response.created", {"response": response})
-        self._event(out, "response.in_progress", {"response": response})
-        return b"".join(out)
+        response = orjson.dumps(envelope(self.ctx, "in_progress", []))  # once for both events
+        seq, self.seq = self.seq, self.seq + 2
+        return (b'event: response.created\ndata: {"type":"response.created","sequence_number":%d,"response":%s}\n\n'
+                b'event: response.in_progress\ndata: {"type":"response.in_progress","sequence_number":%d,'
+                b'"response":%s}\n\n' % (seq, response, seq + 1, response))
 
     # -- chat events ----------------------------------------------------------------------
     def feed(self, events: list[tuple]) -> bytes:
