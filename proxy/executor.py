@@ -243,8 +243,9 @@ def _success(settings: Settings, response: HTTPResponse, call: Call, fold: Calla
         call.log["folded"] = True
         provider = call.log["provider"]
         try:
-            with closing(response):
+            with closing(response):  # on a failure; a complete answer is finished, its connection kept
                 folded = fold(upstream.read_chunks(response, first), settings.max_aggregate_bytes)
+                upstream.finish(response)
             body = _serialise(folded)
         except ProxyError as exc:
             metrics.FOLDS.labels(provider, metrics.reason(exc.code or exc.status)).inc()

@@ -33,6 +33,7 @@ from __future__ import annotations
 import http.client
 import re
 import threading
+import time
 from typing import Iterator
 
 import requests
@@ -44,6 +45,9 @@ from .errors import UpstreamTimeout, UpstreamUnavailable
 from .settings import KeyEntry, Provider, Timeouts
 
 READ_SIZE = 65536
+# ``finish``: how long, and how many bytes, to read past an answer's end ([DONE]) to keep its connection
+FINISH_WAIT = 0.1
+FINISH_BYTES = 65536
 # Connections kept per upstream host; above this, extra connections are
 # opened and closed per request rather than blocking a thread (pool_block=False).
 POOL_SIZE = 64
@@ -195,6 +199,43 @@ def read_chunks(response: HTTPResponse, first: bytes = b"") -> Iterator[bytes]:
                                   code="upstream_encoding") from None
     except (urllib3.exceptions.HTTPError, OSError) as exc:
         raise UpstreamUnavailable(f"upstream connection dropped mid-response: {type(exc).__name__}") from None
+
+
+def finish(response: HTTPResponse) -> None:
+    """Close a response whose answer is complete (its ``[DONE]`` was read), keeping the connection if it can.
+
+    The fold and the bridges stop reading at ``[DONE]``; a chunked body
+    (vLLM, llama.cpp, Ollama, TGI all send one) still has its last chunk to
+    come, and closing before it drops the connection, so every such request
+    opened a new one. What is left is read first when it arrives within
+    ``FINISH_WAIT`` (a server sends it with or right after ``[DONE]``); the
+    body then ends, urllib3 puts the connection back in the pool, and
+    ``close`` no longer touches it. An upstream that keeps going after its
+    ``[DONE]`` costs at most ``FINISH_WAIT`` and its connection.
+    """
+    connection = response.connection
+    sock = getattr(connection, "sock", None)
+    if sock is not None:
+        previous = sock.gettimeout()
+        deadline = time.monotonic() + FINISH_WAIT
+        left = FINISH_BYTES
+        try:
+            while left > 0:
+                wait = deadline - time.monotonic()
+                if wait <= 0:
+                    break
+                sock.settimeout(wait)
+                data = response.read1(left)
+                if not data:
+                    break
+                left -= len(data)
+        except (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError, ValueError):
+            pass  # nothing more to keep: the close below drops the connection
+        try:
+            sock.settimeout(previous)  # urllib3 sets it again on reuse; restored all the same
+        except OSError:
+            pass  # a timed-out read closed the connection, and its socket with it
+    response.close()
 
 
 def read_first(response: HTTPResponse) -> bytes:

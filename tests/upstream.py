@@ -116,6 +116,10 @@ class FakeUpstream:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
+    @property
+    def connections(self) -> int:
+        return self.server.connections
+
     def stop(self) -> None:
         self.release.set()
         self.server.shutdown()
@@ -172,6 +176,12 @@ class FakeUpstream:
 
 class _QuietServer(ThreadingHTTPServer):
     request_queue_size = 128  # socketserver's 5 drops connections when several gunicorn workers burst
+    connections = 0  # TCP connections accepted: how many the proxy opened (pooled connections are reused)
+
+    def get_request(self):
+        accepted = super().get_request()
+        self.connections += 1
+        return accepted
 
     def handle_error(self, request, client_address) -> None:
         """A client (the proxy) dropping a pooled connection is normal here, not a traceback."""

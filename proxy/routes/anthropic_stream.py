@@ -108,6 +108,7 @@ class Pump:
         self.lock = threading.Lock()
         self.cancelled = False
         self.closed = False
+        self.complete = False      # the upstream's stream ended ([DONE] or the body's end): finish, not drop
         self.response = None       # the upstream stream being read
         self.batches: Iterator[list] | None = None  # the read phase, stepped inline or by a helper
         _spawn(lambda: self._job(self._start, run))
@@ -163,7 +164,9 @@ class Pump:
             self.batches = None
         with self.lock:
             self.running = False
-            if self.batches is None or self.cancelled:
+            # a complete stream is closed by ``cancel`` at the end of the view's generator, once the client
+            # has its last event (``upstream.finish`` may wait a little for the body's end)
+            if (self.batches is None and not self.complete) or self.cancelled:
                 self._close()
         self.results.put(items)
 
@@ -185,13 +188,17 @@ class Pump:
         batch = next(self.batches, None)  # type: ignore[arg-type]
         if batch is None:
             self.batches = None
+            self.complete = True
             return [("end", None)]
         return [("chunks", batch)] if batch else []  # a read that completed no event: read on
 
     def _close(self) -> None:
         if not self.closed and self.response is not None:
             self.closed = True
-            self.response.close()
+            if self.complete:
+                upstream.finish(self.response)  # keeps the connection for the next request
+            else:
+                self.response.close()
 
 
 def first_items(pump: Pump, deadline: float | None) -> tuple[Outcome | None, list[tuple]]:

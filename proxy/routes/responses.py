@@ -138,7 +138,10 @@ class _Bridge:
             if translator.final is None and translator.error is None:
                 yield translator.fail("The proxy hit an internal error; see its log for details.", "server_error")
         finally:
-            response.close()
+            if result == "complete":
+                upstream.finish(response)  # after the terminal event went out; keeps the connection
+            else:
+                response.close()
             metrics.ACTIVE_STREAMS.dec()
             if translator.usage is not None:
                 usage["bytes"] = orjson.dumps({"usage": translator.usage})
