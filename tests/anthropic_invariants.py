@@ -120,6 +120,9 @@ def check_stream(raw: bytes, *, broken: bool = False) -> Checked:
             deltas += 1
             assert deltas == 1, "second message_delta"
             checked.stop_reason = data["delta"]["stop_reason"]
+            sequence = data["delta"]["stop_sequence"]
+            assert (checked.stop_reason == "stop_sequence") == isinstance(sequence, str), \
+                f"stop_sequence {sequence!r} with stop_reason {checked.stop_reason!r}"
             checked.usage = data["usage"]
             assert isinstance(data["usage"]["output_tokens"], int)
         elif name == "message_stop":

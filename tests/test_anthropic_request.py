@@ -422,3 +422,27 @@ def test_whitespace_only_text_blocks_and_server_tool_blocks_never_reach_the_upst
     assert body["messages"] == [{"role": "user", "content": "search"},
                                 {"role": "assistant", "content": "Found nothing."},
                                 {"role": "user", "content": "ok"}]
+
+
+@pytest.mark.parametrize("matched,stops,reason,sequence", [
+    ("END", ["END", "STOP"], "stop_sequence", "END"),   # vLLM names the client's stop string
+    ("OTHER", ["END"], "end_turn", None),                # a string the client did not ask for
+    (128008, ["END"], "end_turn", None),                 # a stop token (vLLM writes its id)
+    (None, ["END"], "end_turn", None),
+])
+def test_vllm_stop_reason_becomes_stop_sequence_when_it_is_one_of_the_clients(client, upstream, matched, stops,
+                                                                              reason, sequence):
+    answer = completion("Here it")
+    answer["choices"][0]["stop_reason"] = matched  # vllm-project/vllm#2976
+    _, response = sent(client, upstream, dict(MESSAGES, stop_sequences=stops), answer)
+    message = response.get_json()
+    assert (message["stop_reason"], message["stop_sequence"]) == (reason, sequence)
+
+
+def test_a_tool_call_wins_over_a_matched_stop_sequence(client, upstream):
+    answer = tool_answer([{"id": "call_1", "type": "function", "function": {"name": "Bash", "arguments": "{}"}}],
+                         finish="stop")
+    answer["choices"][0]["stop_reason"] = "END"
+    _, response = sent(client, upstream, dict(MESSAGES, stop_sequences=["END"]), answer)
+    message = response.get_json()
+    assert (message["stop_reason"], message["stop_sequence"]) == ("tool_use", None)

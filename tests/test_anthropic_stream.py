@@ -347,3 +347,18 @@ def test_upstream_that_ignores_stream_true_and_answers_json_still_streams(live, 
     assert checked.text == "Plain JSON answer"
     assert [(t["id"], t["name"], t["input"]) for t in checked.tools] == [("call_j", "Bash", {"command": "ls"})]
     assert checked.stop_reason == "tool_use" and checked.usage["input_tokens"] == 5
+
+
+def test_vllm_stop_reason_in_a_stream_becomes_stop_sequence(live, upstream):
+    finish = chunk(finish="stop")
+    finish["choices"][0]["stop_reason"] = "END"  # vLLM, in the finish chunk (vllm-project/vllm#2976)
+    events = sse(chunk({"role": "assistant", "content": ""}), chunk({"content": "Here it"}), finish, usage_chunk())
+    checked = check_stream(stream(live, upstream, events, dict(MESSAGES, stop_sequences=["END"])))
+    assert checked.stop_reason == "stop_sequence"
+    [delta] = [payload for name, payload in checked.events if name == "message_delta"]
+    assert delta["delta"]["stop_sequence"] == "END"
+    # the same stream to a client that asked no stop sequences ends as an ordinary turn
+    checked = check_stream(stream(live, upstream, events))
+    assert checked.stop_reason == "end_turn"
+    [delta] = [payload for name, payload in checked.events if name == "message_delta"]
+    assert delta["delta"]["stop_sequence"] is None

@@ -116,6 +116,11 @@ class Bridge:
         self.usage: dict | None = None  # the upstream's chat usage, for the token metrics
 
     @property
+    def stops(self) -> tuple[str, ...]:
+        """The client's ``stop_sequences`` (validated: strings)."""
+        return tuple(self.body.get("stop_sequences") or ())
+
+    @property
     def prompt_tokens(self) -> int:
         if self._estimate is None:
             self._estimate = estimate(self.body)
@@ -209,8 +214,8 @@ def _stream(run, bridge: Bridge, model: str, max_bytes: int, on_end, early_commi
         bridge.usage = chat.usage
         on_end(200, result, b"")
 
-    body = anthropic_stream.events(pump, pending, MessageStream(model, bridge.names, bridge.prompt_tokens),
-                                   _failure, ended)
+    stream = MessageStream(model, bridge.names, bridge.prompt_tokens, bridge.stops)
+    body = anthropic_stream.events(pump, pending, stream, _failure, ended)
     return Response(body, 200, {"Content-Type": "text/event-stream", **SSE_HEADERS}, direct_passthrough=True)
 
 
@@ -248,7 +253,7 @@ def answer(outcome: Outcome, bridge: Bridge, model: str) -> Outcome:
         raise AnthropicError("upstream answered with something that is not a chat completion",
                              status=502, type="api_error")
     bridge.usage = completion.get("usage")
-    return Outcome(200, "application/json", orjson.dumps(to_message(completion, model, bridge.names)),
+    return Outcome(200, "application/json", orjson.dumps(to_message(completion, model, bridge.names, bridge.stops)),
                    plan=outcome.plan)
 
 

@@ -16,7 +16,7 @@ text, tools, finish; usage whenever it comes):
 
     ("reasoning", text)        ("text", text)
     ("tool_start", tool)       ("tool_args", tool, fragment)
-    ("finish", reason)         ("usage", usage)
+    ("finish", reason, stop)   ("usage", usage)     stop: vLLM's matched stop string, else None
 """
 from __future__ import annotations
 
@@ -174,7 +174,8 @@ class ChatStream:
             if type(finish) is not str:
                 raise StreamError("upstream chunk has a `finish_reason` that is not a string")
             self.finish_reason = finish
-            events.append(("finish", finish))
+            stop = choice.get("stop_reason")  # vLLM: the stop string that ended it (an int for a stop token)
+            events.append(("finish", finish, stop if type(stop) is str else None))
 
     def _tool_delta(self, delta: Any, events: list[tuple]) -> None:
         if type(delta) is not dict:

@@ -22,14 +22,14 @@ JSON-encoded.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Collection, Iterable
 
 import orjson
 
 from ...errors import StreamError
 from ...fold.chat import stream_error
 from ..tools import ToolNames, sanitize_tool_id
-from .response import error_event, new_message_id, stop_reason, tool_input, usage
+from .response import error_event, new_message_id, stop_reason, stop_sequence, tool_input, usage
 
 PING = b'event: ping\ndata: {"type":"ping"}\n\n'
 _TEXT_DELTA = b'event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,' \
@@ -87,11 +87,12 @@ class MessageStream:
     """One Anthropic event stream being written from one upstream chat stream."""
 
     __slots__ = ("model", "names", "input_tokens", "message_id", "started", "ended", "next_index",
-                 "open_kind", "open_index", "tools", "emitted_tool", "finish", "usage")
+                 "open_kind", "open_index", "tools", "emitted_tool", "finish", "matched", "stops", "usage")
 
-    def __init__(self, model: str, names: ToolNames, input_tokens: int = 0) -> None:
+    def __init__(self, model: str, names: ToolNames, input_tokens: int = 0, stops: Collection[str] = ()) -> None:
         self.model = model                # the name the client asked for
         self.names = names
+        self.stops = stops                # the client's stop_sequences
         self.input_tokens = input_tokens  # the estimate, until the upstream reports usage
         self.message_id = new_message_id()
         self.started = False
@@ -102,6 +103,7 @@ class MessageStream:
         self.tools: list[Any] = []        # started ToolCalls, sent at the end
         self.emitted_tool = False
         self.finish: str | None = None
+        self.matched: str | None = None   # the stop string that ended it, as vLLM reports it
         self.usage: dict | None = None
 
     def start(self) -> bytes:
@@ -143,7 +145,7 @@ class MessageStream:
             elif kind == "tool_start":
                 self.tools.append(event[1])
             elif kind == "finish":
-                self.finish = event[1]
+                self.finish, self.matched = event[1], event[2]
             elif kind == "usage":
                 self.usage = event[1]
             # "tool_args": the ToolCall keeps its fragments; they are sent whole at the end
@@ -164,12 +166,13 @@ class MessageStream:
         for tool in self.tools:
             out.append(self._tool_block(tool))
         self.tools = []
+        sequence = None if self.emitted_tool else stop_sequence(self.finish, self.matched, self.stops)
         delta_usage = usage(self.usage)
         if self.usage is None:
             delta_usage["input_tokens"] = self.input_tokens
         out.append(frame("message_delta", {
             "type": "message_delta",
-            "delta": {"stop_reason": stop_reason(self.finish, self.emitted_tool), "stop_sequence": None},
+            "delta": {"stop_reason": stop_reason(self.finish, self.emitted_tool, sequence), "stop_sequence": sequence},
             "usage": delta_usage}))
         out.append(_MESSAGE_STOP)
         self.ended = True
