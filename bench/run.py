@@ -300,20 +300,9 @@ def responses_rows(via: str, proxy_pid: int, seconds: float, repeat: int) -> lis
     for label, chat_model, bridge_model, stream in (
             ("stream, 200 events", "bench-stream", "bench-bridge", True),
             ("non-stream (forced fold), 200 events", "bench-fold", "bench-bridge-fold", False)):
-        runs: dict[str, list] = {"chat": [], "bridge": []}
-        for _ in range(repeat):  # interleaved, so a change in the machine's load hits both alike
-            for name, url, model, template in (("chat", via, chat_model, BODY),
-                                               ("bridge", responses, bridge_model, RESPONSES_BODY)):
-                before = worker_cpu_seconds(proxy_pid)
-                result = wrk_once(url, model, 8, seconds, stream, template)
-                result["cpu_ms"] = (worker_cpu_seconds(proxy_pid) - before) * 1000 / max(1, result["requests"])
-                runs[name].append(result)
-        cpu = {name: sorted(found, key=lambda r: r["cpu_ms"])[len(found) // 2] for name, found in runs.items()}
-        bridge, chat = cpu["bridge"], cpu["chat"]
-        rows.append(row(f"bridged /v1/responses {label}, c8", bridge["rps"], chat["rps"], "req/s (vs chat)",
-                        bridge["errors"]))
-        rows.append(row(f"bridged /v1/responses {label}, CPU per request", bridge["cpu_ms"], chat["cpu_ms"],
-                        "ms (vs chat)", bridge["errors"]))
+        runs = cpu_pairs(proxy_pid, repeat, (via, chat_model, BODY), (responses, bridge_model, RESPONSES_BODY),
+                         seconds, stream)
+        rows += pair_rows(f"bridged /v1/responses {label}", runs)
     return rows
 
 
@@ -326,19 +315,38 @@ def messages_rows(via: str, proxy_pid: int, seconds: float, repeat: int) -> list
     rows = []
     for label, model, stream in (("streaming, 200 events", "bench-stream", True),
                                  ("non-stream (forced fold), 200 events", "bench-fold", False)):
-        runs: dict[str, list] = {"chat": [], "messages": []}
-        for _ in range(repeat):  # interleaved, so a change in the machine's load hits both alike
-            for name, url in (("chat", via), ("messages", messages)):
-                before = worker_cpu_seconds(proxy_pid)
-                result = wrk_once(url, model, 8, seconds, stream)
-                result["cpu_ms"] = (worker_cpu_seconds(proxy_pid) - before) * 1000 / max(1, result["requests"])
-                runs[name].append(result)
-        cpu = {name: sorted(found, key=lambda r: r["cpu_ms"])[len(found) // 2] for name, found in runs.items()}
-        rows.append(row(f"/v1/messages {label}, c8", cpu["messages"]["rps"], cpu["chat"]["rps"],
-                        "req/s (vs chat)", cpu["messages"]["errors"]))
-        rows.append(row(f"/v1/messages {label}, CPU per request", cpu["messages"]["cpu_ms"], cpu["chat"]["cpu_ms"],
-                        "ms (vs chat)", cpu["messages"]["errors"]))
+        runs = cpu_pairs(proxy_pid, repeat, (via, model, BODY), (messages, model, BODY), seconds, stream)
+        rows += pair_rows(f"/v1/messages {label}", runs)
     return rows
+
+
+def cpu_pairs(proxy_pid: int, repeat: int, chat: tuple, other: tuple, seconds: float,
+              stream: bool) -> list[tuple[dict, dict]]:
+    """``repeat`` (chat run, other run) pairs, each run with its CPU per request (``cpu_ms``), back to back."""
+    pairs = []
+    for _ in range(repeat):
+        pair = []
+        for url, model, template in (chat, other):
+            before = worker_cpu_seconds(proxy_pid)
+            result = wrk_once(url, model, 8, seconds, stream, template)
+            result["cpu_ms"] = (worker_cpu_seconds(proxy_pid) - before) * 1000 / max(1, result["requests"])
+            pair.append(result)
+        pairs.append(tuple(pair))
+    return pairs
+
+
+def pair_rows(label: str, pairs: list[tuple[dict, dict]]) -> list[dict]:
+    """req/s and CPU per request of the median pair, and the ratio as the median of the pairs' own ratios.
+
+    Interleaved pairs and the median of per-pair ratios: this 2-core VM's
+    speed drifts by 20-30% over minutes, which moved a ratio of two separate
+    medians by as much; two runs seconds apart see the same machine.
+    """
+    ratios = sorted(other["cpu_ms"] / chat["cpu_ms"] for chat, other in pairs)
+    chat, other = sorted(pairs, key=lambda pair: pair[1]["cpu_ms"] / pair[0]["cpu_ms"])[len(pairs) // 2]
+    return [row(f"{label}, c8", other["rps"], chat["rps"], "req/s (vs chat)", other["errors"]),
+            row(f"{label}, CPU per request", other["cpu_ms"], chat["cpu_ms"], "ms (vs chat)", other["errors"],
+                ratio=ratios[len(ratios) // 2], spread=(ratios[0], ratios[-1]))]
 
 
 def worker_cpu_seconds(master_pid: int) -> float:
@@ -353,10 +361,15 @@ def worker_cpu_seconds(master_pid: int) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def row(name: str, proxy: float, direct: float | None, unit: str, errors: int = 0) -> dict:
-    ratio = round(proxy / direct, 3) if direct else None
-    return {"scenario": name, "proxy": round(proxy, 2), "direct": round(direct, 2) if direct else None,
-            "ratio": ratio, "unit": unit, "errors": errors}
+def row(name: str, proxy: float, direct: float | None, unit: str, errors: int = 0, ratio: float | None = None,
+        spread: tuple[float, float] | None = None) -> dict:
+    if ratio is None and direct:
+        ratio = proxy / direct
+    out = {"scenario": name, "proxy": round(proxy, 2), "direct": round(direct, 2) if direct else None,
+           "ratio": round(ratio, 3) if ratio is not None else None, "unit": unit, "errors": errors}
+    if spread is not None:
+        out["ratio_range"] = [round(spread[0], 3), round(spread[1], 3)]
+    return out
 
 
 def print_table(rows: list[dict]) -> None:
@@ -365,7 +378,8 @@ def print_table(rows: list[dict]) -> None:
         direct = "" if r["direct"] is None else f"{r['direct']:,.2f}"
         ratio = "" if r["ratio"] is None else f"{r['ratio']:.3f}"
         errors = f"  ({r['errors']} errors)" if r["errors"] else ""
-        print(f"{r['scenario']:48} {r['proxy']:>14,.2f} {direct:>14} {ratio:>7}  {r['unit']}{errors}")
+        spread = f"  (runs {r['ratio_range'][0]:.3f}-{r['ratio_range'][1]:.3f})" if "ratio_range" in r else ""
+        print(f"{r['scenario']:48} {r['proxy']:>14,.2f} {direct:>14} {ratio:>7}  {r['unit']}{errors}{spread}")
 
 
 def main() -> None:
