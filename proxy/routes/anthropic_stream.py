@@ -223,20 +223,30 @@ def first_items(pump: Pump, deadline: float | None) -> tuple[Outcome | None, lis
 def events(pump: Pump, pending: list[tuple], stream: MessageStream,
            failure: Callable[[ProxyError | Outcome], tuple[int, str]],
            on_end: Callable[[ChatStream, str], None]) -> Iterator[bytes]:
-    """The Anthropic event stream: ``message_start`` now, then translated chunks, pings in silences."""
+    """The Anthropic event stream: ``message_start``, then translated chunks, pings in silences.
+
+    ``message_start`` goes out with the first event's bytes when there is one
+    (at once when the 200 was committed early, in a silence), and the
+    answer's end with the bytes of the read that held ``[DONE]``: as many
+    writes as the chat relay makes for the same reads.
+    """
     chat = ChatStream()
     done = False
     result = "client closed"
     items = iter(pending)
     metrics.ACTIVE_STREAMS.inc()
     try:
-        yield stream.start()
+        head = stream.start()
+        if not pending:  # committed in a silence: the client must see message_start now
+            yield head
+            head = b""
         while not stream.ended:
             item = next(items, None)
             if item is None:
                 item = pump.next(PING_INTERVAL)
                 if item is None:
-                    yield PING
+                    yield head + PING
+                    head = b""
                     continue
             kind, value = item
             try:
@@ -244,6 +254,10 @@ def events(pump: Pump, pending: list[tuple], stream: MessageStream,
                     found, ended = chat_events(chat, value)
                     done = done or ended
                     data = stream.feed(found)
+                    if ended:  # [DONE]: the answer is whole; no need to wait for the reader's end
+                        pump.complete = True
+                        data += stream.close(chat.close(True), chat.ended_early)
+                        result = "complete"
                 elif kind == "end":
                     data = stream.close(chat.close(done), chat.ended_early)
                     result = "upstream stream ended early" if chat.ended_early else "complete"
@@ -260,7 +274,8 @@ def events(pump: Pump, pending: list[tuple], stream: MessageStream,
                 result = f"upstream failed mid-stream: {loggable(message, 200)}"
                 data = stream.fail(status, message)
             if data:
-                yield data
+                yield head + data
+                head = b""
     finally:
         pump.cancel(interrupt=not stream.ended)  # ended: the reader is done; else the client went away
         metrics.ACTIVE_STREAMS.dec()
