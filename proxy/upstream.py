@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import http.client
 import re
+import select
 import threading
 import time
 from typing import Iterator
@@ -45,8 +46,10 @@ from .errors import UpstreamTimeout, UpstreamUnavailable
 from .settings import KeyEntry, Provider, Timeouts
 
 READ_SIZE = 65536
-# ``finish``: how long, and how many bytes, to read past an answer's end ([DONE]) to keep its connection
-FINISH_WAIT = 0.1
+# ``finish``: how long to wait, per read and in all, and how many bytes to read past an answer's end
+# ([DONE]) to keep its connection
+FINISH_WAIT = 0.05
+FINISH_RECV = 0.01
 FINISH_BYTES = 65536
 # Connections kept per upstream host; above this, extra connections are
 # opened and closed per request rather than blocking a thread (pool_block=False).
@@ -207,34 +210,38 @@ def finish(response: HTTPResponse) -> None:
     The fold and the bridges stop reading at ``[DONE]``; a chunked body
     (vLLM, llama.cpp, Ollama, TGI all send one) still has its last chunk to
     come, and closing before it drops the connection, so every such request
-    opened a new one. What is left is read first when it arrives within
-    ``FINISH_WAIT`` (a server sends it with or right after ``[DONE]``); the
-    body then ends, urllib3 puts the connection back in the pool, and
-    ``close`` no longer touches it. An upstream that keeps going after its
-    ``[DONE]`` costs at most ``FINISH_WAIT`` and its connection.
+    opened a new one. What is left is read first if it is already arriving:
+    the socket must turn readable within ``FINISH_WAIT`` (servers send the
+    last chunk with ``[DONE]`` or right after it), and each read may wait
+    ``FINISH_RECV`` at most. Once the body has ended, urllib3 has put the
+    connection back in the pool and ``close`` no longer touches it. Anything
+    else (an upstream that goes on after its ``[DONE]``, an error) costs the
+    connection, never the answer. Like every upstream read, a read here is
+    bounded per receive, not in total; ``FINISH_BYTES`` caps what is read.
     """
     connection = response.connection
     sock = getattr(connection, "sock", None)
     if sock is not None:
-        previous = sock.gettimeout()
         deadline = time.monotonic() + FINISH_WAIT
         left = FINISH_BYTES
+        raw = getattr(response, "_fp", None)  # http.client's response: its reader may hold the bytes already
         try:
+            poller = select.poll()
+            poller.register(sock, select.POLLIN)
             while left > 0:
-                wait = deadline - time.monotonic()
-                if wait <= 0:
-                    break
-                sock.settimeout(wait)
+                reader = getattr(raw, "fp", None)
+                sock.settimeout(0.0)  # this connection's own: urllib3 sets it again on reuse
+                if reader is None or not reader.peek(1):  # nothing buffered, nothing on the socket yet
+                    wait = deadline - time.monotonic()
+                    if wait <= 0 or not poller.poll(wait * 1000):
+                        break
+                sock.settimeout(FINISH_RECV)
                 data = response.read1(left)
-                if not data:
-                    break
+                if response.connection is not connection or not data:
+                    break  # the body ended: the connection is back in the pool, no longer ours to touch
                 left -= len(data)
-        except (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError, ValueError):
-            pass  # nothing more to keep: the close below drops the connection
-        try:
-            sock.settimeout(previous)  # urllib3 sets it again on reuse; restored all the same
-        except OSError:
-            pass  # a timed-out read closed the connection, and its socket with it
+        except Exception:  # noqa: BLE001 - best effort: the close below drops the connection
+            pass
     response.close()
 
 
