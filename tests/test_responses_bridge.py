@@ -594,3 +594,40 @@ def test_a_tool_name_over_64_chars_is_shortened_upstream_and_restored_in_the_ans
     assert post(bridged, {"model": "m", "input": "go", "tools": [tool]}).json()["output"][0]["name"] == long_name
     terminal = stream(bridged, {"model": "m", "input": "go", "tools": [tool]})
     assert terminal["response"]["output"][0]["name"] == long_name
+
+
+def test_an_upstream_that_answers_json_to_a_stream_request_gets_response_created_before_its_body_ends(
+        bridged, upstream):
+    # a JSON answer (chunked) whose second half comes only once the test has seen response.created
+    body = json.dumps(fold_chat_chunks(sse(*TEXT))).encode()
+    gate = threading.Event()
+
+    def gated():
+        yield body[:40]
+        gate.wait(30)
+        yield body[40:]
+    upstream.handler = lambda rec: Reply(events=gated(), content_type="application/json; charset=utf-8")
+    with requests.post(bridged.url + "/v1/responses", json={"model": "m", "input": "hi", "stream": True},
+                       headers=AUTH, stream=True, timeout=10) as response:
+        pieces = response.iter_content(chunk_size=None)
+        received = next(pieces)
+        assert received.startswith(b"event: response.created\n") and upstream.requests[0].events_sent == 1
+        gate.set()
+        received += b"".join(pieces)
+    terminal = responses_invariants.check(received)
+    assert terminal["response"]["output"][0]["content"][0]["text"] == "Hello"
+
+
+def test_an_internal_error_mid_stream_still_opens_with_response_created(bridged, upstream, monkeypatch):
+    from proxy.translate.responses.stream import ResponsesStream
+
+    def broken(self, out, kind, bodies):
+        raise RuntimeError("a bug in the writer")
+    monkeypatch.setattr(ResponsesStream, "literals", broken)
+    upstream.handler = lambda rec: Reply(events=[b"".join(sse(*TEXT))])  # one read: the first batch breaks
+    for codex in (False, True):
+        terminal = stream(bridged, {"model": "m", "input": "hi"}, codex=codex)  # the invariant checker ran
+        assert terminal["events"][0][0] == "response.created"
+        assert [p["sequence_number"] for _, p in terminal["events"]] == list(range(len(terminal["events"])))
+        assert terminal["events"][-1][0] == ("response.failed" if codex else "error")
+    assert post(bridged, {"model": "m", "input": "hi"}).status_code == 200  # the worker is fine

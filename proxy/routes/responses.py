@@ -155,6 +155,7 @@ class _Bridge:
         first = outcome.first.lstrip()
         if first.startswith(b"{") and "json" in outcome.content_type:
             # an upstream that ignores stream: true and answers JSON: one chunk, then the end
+            yield []  # the opening events go out now, not once the whole answer is read
             body = upstream.read_body(outcome.stream, outcome.first, self.max_bytes)
             yield [reply.completion_as_chunk(_completion(body)), DONE]
             return

@@ -88,6 +88,10 @@ def translate_stream(translator: ResponsesStream, batches: Iterable[list],
         if out:
             yield b"".join(out)  # what was translated before the error is still the client's
         out = [translator.fail(exc.message, exc.code)]
+    except Exception:
+        if out:  # response.created at least: the route's closing event must not come first
+            yield b"".join(out)
+        raise
     if before_end is not None:
         before_end(translator)
     yield b"".join(out)
