@@ -362,3 +362,15 @@ def test_vllm_stop_reason_in_a_stream_becomes_stop_sequence(live, upstream):
     assert checked.stop_reason == "end_turn"
     [delta] = [payload for name, payload in checked.events if name == "message_delta"]
     assert delta["delta"]["stop_sequence"] is None
+
+
+def test_vllm_stop_reason_survives_an_upstream_that_answers_json_to_a_stream_request(live, upstream):
+    answer = {"id": "chatcmpl-j1", "object": "chat.completion", "created": 1764000001, "model": "upstream-model",
+              "choices": [{"index": 0, "message": {"role": "assistant", "content": "Here it"}, "logprobs": None,
+                           "finish_reason": "stop", "stop_reason": "END"}],
+              "usage": {"prompt_tokens": 10, "completion_tokens": 2, "total_tokens": 12}}
+    upstream.handler = lambda rec: Reply(body=json.dumps(answer).encode())
+    response = requests.post(live.url + "/v1/messages", json=dict(MESSAGES, stop_sequences=["END"], stream=True),
+                             headers={"x-api-key": CLIENT_KEY, "anthropic-version": "2023-06-01"}, timeout=10)
+    checked = check_stream(response.content)
+    assert checked.text == "Here it" and checked.stop_reason == "stop_sequence"

@@ -216,7 +216,9 @@ def _stream(run, bridge: Bridge, model: str, max_bytes: int, on_end, early_commi
 
     stream = MessageStream(model, bridge.names, bridge.prompt_tokens, bridge.stops)
     body = anthropic_stream.events(pump, pending, stream, _failure, ended)
-    return Response(body, 200, {"Content-Type": "text/event-stream", **SSE_HEADERS}, direct_passthrough=True)
+    response = Response(body, 200, {"Content-Type": "text/event-stream", **SSE_HEADERS}, direct_passthrough=True)
+    response.call_on_close(pump.cancel)  # also when the body never started (the client left first)
+    return response
 
 
 def _failure(what: ProxyError | Outcome) -> tuple[int, str]:

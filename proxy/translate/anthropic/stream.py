@@ -72,7 +72,8 @@ def completion_as_chunk(body: bytes) -> dict:
     if isinstance(calls, list):
         delta["tool_calls"] = [{k: v for k, v in c.items() if k != "index"} for c in calls if isinstance(c, dict)]
     chunk = {k: completion[k] for k in ("id", "model", "created") if k in completion}
-    chunk["choices"] = [{"index": 0, "delta": delta, "finish_reason": choice.get("finish_reason") or "stop"}]
+    chunk["choices"] = [{"index": 0, "delta": delta, "finish_reason": choice.get("finish_reason") or "stop",
+                         "stop_reason": choice.get("stop_reason")}]  # vLLM's matched stop string, if any
     if isinstance(completion.get("usage"), dict):
         chunk["usage"] = completion["usage"]
     return chunk
