@@ -12,8 +12,9 @@ llama.cpp, OpenAI: any order of the plain members, ``"finish_reason":null``,
 ``usage`` absent or null, no tool calls, no error, exactly one delta key);
 its bytes before and after the string literal become the stream's template
 (head, tail). Later reads are split at every tail + blank line in one C
-call; when every piece starts with the head (one ``count`` proves it) the
-pieces are the literals' bodies (one slice per event, nothing decoded), and a run
+call; when every piece starts with the head (the read rebuilt from the
+pieces without their heads comes back byte for byte) the pieces are the
+literals' bodies (one slice per event, nothing decoded), and a run
 of them is handed over undecoded as a ``FastDelta`` tuple
 ``(kind, [bodies], head, tail)``. Only bodies that ``orjson.dumps`` writes
 the same way are taken (raw valid UTF-8, only the escapes
@@ -167,8 +168,10 @@ def _scan(data: bytes, max_bytes: int, template: list, batch: list) -> None:
     rest = parts.pop()
     bodies = [part[skip:] for part in parts]
     if parts and region.startswith(b"%s%s%s" % (head, (end + head).join(bodies), end)):
-        # every part starts with the head (rebuilt from the bodies, the read's bytes come back: one part
-        # without the head would be lost or shifted, and equal lengths put every head in its place)
+        # Every part starts with the head: rebuilt from the bodies, the read's bytes come back. A part at
+        # least as long as the head is then head + body at its place; a shorter one (its "body" empty)
+        # would make the rebuilt read longer unless the head ended the way tail + blank line starts, and
+        # it cannot: the head ends with ':"' and holds no '"}', the tail starts with '"}'.
         if _run(bodies, max_bytes, (head, tail, kind), batch):
             return
     else:
