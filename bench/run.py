@@ -245,10 +245,12 @@ def run(args) -> list[dict]:
             d = wrk(f"{direct}/sse200/v1/chat/completions", "x", 8, seconds, stream=True, repeat=n)
             rows.append(row("streaming relay, 200 events, c8", p["rps"], d["rps"], "req/s", p["errors"]))
             rows.append(row("streaming relay, events/s", p["rps"] * 200, d["rps"] * 200, "events/s", p["errors"]))
+        # bridge CPU: many short interleaved pairs (cpu_pairs), taking about as long as the other rows' runs
+        pairs = 1 if args.smoke else max(15, 5 * n, int(2 * n * seconds / PAIR_SECONDS))
         if "responses" in args.only:
-            rows += responses_rows(via, proxy.pid, seconds, n)
+            rows += responses_rows(via, proxy.pid, pairs)
         if "messages" in args.only:
-            rows += messages_rows(via, proxy.pid, seconds, n)
+            rows += messages_rows(via, proxy.pid, pairs)
         if "limits" in args.only:
             # Interleaved, so both sides see the same machine load.
             for label, model, stream in (("JSON relay, c8", "bench-json", False),
@@ -285,7 +287,7 @@ def run(args) -> list[dict]:
     return rows
 
 
-def responses_rows(via: str, proxy_pid: int, seconds: float, repeat: int) -> list[dict]:
+def responses_rows(via: str, proxy_pid: int, pairs: int) -> list[dict]:
     """Bridged /v1/responses next to the same chat request: streaming, and non-stream to a forced provider.
 
     Both ask the same nginx-served 200-event chat stream; the bridge parses
@@ -300,13 +302,12 @@ def responses_rows(via: str, proxy_pid: int, seconds: float, repeat: int) -> lis
     for label, chat_model, bridge_model, stream in (
             ("stream, 200 events", "bench-stream", "bench-bridge", True),
             ("non-stream (forced fold), 200 events", "bench-fold", "bench-bridge-fold", False)):
-        runs = cpu_pairs(proxy_pid, repeat, (via, chat_model, BODY), (responses, bridge_model, RESPONSES_BODY),
-                         seconds, stream)
+        runs = cpu_pairs(proxy_pid, pairs, (via, chat_model, BODY), (responses, bridge_model, RESPONSES_BODY), stream)
         rows += pair_rows(f"bridged /v1/responses {label}", runs)
     return rows
 
 
-def messages_rows(via: str, proxy_pid: int, seconds: float, repeat: int) -> list[dict]:
+def messages_rows(via: str, proxy_pid: int, pairs: int) -> list[dict]:
     """/v1/messages (translated to chat) next to the same chat request: streaming, and non-stream to a
     forced provider (the same fold, then one translation). CPU per request as in ``responses_rows``; the
     chat body doubles as an Anthropic one (it has max_tokens)."""
@@ -315,38 +316,49 @@ def messages_rows(via: str, proxy_pid: int, seconds: float, repeat: int) -> list
     rows = []
     for label, model, stream in (("streaming, 200 events", "bench-stream", True),
                                  ("non-stream (forced fold), 200 events", "bench-fold", False)):
-        runs = cpu_pairs(proxy_pid, repeat, (via, model, BODY), (messages, model, BODY), seconds, stream)
+        runs = cpu_pairs(proxy_pid, pairs, (via, model, BODY), (messages, model, BODY), stream)
         rows += pair_rows(f"/v1/messages {label}", runs)
     return rows
 
 
-def cpu_pairs(proxy_pid: int, repeat: int, chat: tuple, other: tuple, seconds: float,
-              stream: bool) -> list[tuple[dict, dict]]:
-    """``repeat`` (chat run, other run) pairs, each run with its CPU per request (``cpu_ms``), back to back."""
+PAIR_SECONDS = 1.0  # each side of a CPU pair: short, so the two sides of a pair see the same machine
+
+
+def cpu_pairs(proxy_pid: int, count: int, chat: tuple, other: tuple, stream: bool) -> list[tuple[dict, dict]]:
+    """(chat run, other run) pairs back to back, each run with its CPU per request (``cpu_ms``).
+
+    Many short pairs (``PAIR_SECONDS`` each side) rather than a few long
+    runs: this 2-core VM's speed drifts by 20-30% within seconds, which moved
+    the ratio of two separate medians by as much.
+    """
     pairs = []
-    for _ in range(repeat):
-        pair = []
-        for url, model, template in (chat, other):
+    for i in range(count):
+        pair = {}
+        for side in ((0, 1) if i % 2 == 0 else (1, 0)):  # which side goes first alternates: drift cancels
+            url, model, template = (chat, other)[side]
             before = worker_cpu_seconds(proxy_pid)
-            result = wrk_once(url, model, 8, seconds, stream, template)
+            result = wrk_once(url, model, 8, PAIR_SECONDS, stream, template)
             result["cpu_ms"] = (worker_cpu_seconds(proxy_pid) - before) * 1000 / max(1, result["requests"])
-            pair.append(result)
-        pairs.append(tuple(pair))
+            pair[side] = result
+        pairs.append((pair[0], pair[1]))
     return pairs
 
 
 def pair_rows(label: str, pairs: list[tuple[dict, dict]]) -> list[dict]:
-    """req/s and CPU per request of the median pair, and the ratio as the median of the pairs' own ratios.
-
-    Interleaved pairs and the median of per-pair ratios: this 2-core VM's
-    speed drifts by 20-30% over minutes, which moved a ratio of two separate
-    medians by as much; two runs seconds apart see the same machine.
-    """
-    ratios = sorted(other["cpu_ms"] / chat["cpu_ms"] for chat, other in pairs)
-    chat, other = sorted(pairs, key=lambda pair: pair[1]["cpu_ms"] / pair[0]["cpu_ms"])[len(pairs) // 2]
-    return [row(f"{label}, c8", other["rps"], chat["rps"], "req/s (vs chat)", other["errors"]),
-            row(f"{label}, CPU per request", other["cpu_ms"], chat["cpu_ms"], "ms (vs chat)", other["errors"],
-                ratio=ratios[len(ratios) // 2], spread=(ratios[0], ratios[-1]))]
+    """req/s and CPU per request over all pairs (total CPU / total requests on each side), their ratio, and
+    the interquartile range of the pairs' own ratios (how much one pair can say)."""
+    totals = []
+    for side in (0, 1):
+        requests = sum(pair[side]["requests"] for pair in pairs)
+        cpu_ms = sum(pair[side]["cpu_ms"] * pair[side]["requests"] for pair in pairs) / max(1, requests)
+        rps = sorted(pair[side]["rps"] for pair in pairs)[len(pairs) // 2]
+        totals.append((cpu_ms, rps, sum(pair[side]["errors"] for pair in pairs)))
+    (chat_cpu, chat_rps, _), (cpu, rps, errors) = totals
+    ratios = sorted(other["cpu_ms"] / chat["cpu_ms"] for chat, other in pairs if chat["cpu_ms"] > 0)  # ticks: 10 ms
+    ratios = ratios or [0.0]
+    quartiles = (ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4])
+    return [row(f"{label}, c8", rps, chat_rps, "req/s (vs chat)", errors),
+            row(f"{label}, CPU per request", cpu, chat_cpu, "ms (vs chat)", errors, spread=quartiles)]
 
 
 def worker_cpu_seconds(master_pid: int) -> float:
@@ -378,7 +390,7 @@ def print_table(rows: list[dict]) -> None:
         direct = "" if r["direct"] is None else f"{r['direct']:,.2f}"
         ratio = "" if r["ratio"] is None else f"{r['ratio']:.3f}"
         errors = f"  ({r['errors']} errors)" if r["errors"] else ""
-        spread = f"  (runs {r['ratio_range'][0]:.3f}-{r['ratio_range'][1]:.3f})" if "ratio_range" in r else ""
+        spread = f"  (pairs' IQR {r['ratio_range'][0]:.3f}-{r['ratio_range'][1]:.3f})" if "ratio_range" in r else ""
         print(f"{r['scenario']:48} {r['proxy']:>14,.2f} {direct:>14} {ratio:>7}  {r['unit']}{errors}{spread}")
 
 
