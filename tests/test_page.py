@@ -233,7 +233,7 @@ def test_overview_names_the_settings_source_and_a_refused_reload(upstream, tmp_p
     client = app.test_client()
     first = client.get("/v0/management/overview", headers=MGMT).get_json()
     assert first["settings"] == str(path) and first["reload-error"] is None and first["redis"] == {"state": "off"}
-    assert first["usage-store"] is True and first["workers"][0]["alive"] is True
+    assert first["workers"][0]["alive"] is True
     path.write_text(path.read_text().replace("request-retry: 2", "request-retry: lots"))
     broken = client.get("/v0/management/overview", headers=MGMT).get_json()
     assert broken["reload-error"]["message"] == "does not validate: request-retry: must be an integer, not a string"
@@ -272,13 +272,6 @@ def test_an_unusable_activity_directory_falls_back_to_this_worker(upstream, tmp_
         assert client.get("/v0/management/recent", headers=MGMT).get_json()["matching"] == 1
     finally:
         activity._recorder = None
-
-
-def test_overview_tells_the_page_when_the_usage_store_answers(upstream):
-    app = page_app(upstream)
-    app.add_url_rule("/v0/management/usage", "usage_stand_in", lambda: {"object": "usage", "data": []})
-    overview = app.test_client().get("/v0/management/overview", headers=MGMT).get_json()
-    assert overview["usage-store"] is True
 
 
 def test_overview_lists_the_instances_sharing_redis(upstream, tmp_path):

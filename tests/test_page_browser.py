@@ -171,6 +171,8 @@ def test_every_panel_loads_without_console_errors(driver, server):
         open_panel(driver, name)
         assert driver.find_element(By.ID, f"panel-{name}").is_displayed()
     assert "mgm...4242" in driver.find_element(By.ID, "config").text  # config export, secrets redacted
+    open_panel(driver, "usage")
+    wait(driver, lambda d: d.find_element(By.ID, "usage-source").text.startswith("From the usage store, today"))
     assert SECRET not in driver.page_source and PROVIDER_KEY not in driver.page_source
     open_panel(driver, "overview")
     workers = driver.find_elements(By.CSS_SELECTOR, "#workers tbody tr")

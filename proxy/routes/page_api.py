@@ -13,7 +13,7 @@ import time
 
 import orjson
 import requests
-from flask import Response, current_app, request
+from flask import Response, request
 
 from .. import __version__, activity, instances, metrics
 from ..errors import BadRequest, NotFound
@@ -48,7 +48,6 @@ def overview() -> Response:
                    "providers-version": shared.version}),
         "instances": None if shared is None else instances.listing(shared),
         "workers": workers,
-        "usage-store": any(rule.rule == bp.url_prefix + "/usage" for rule in current_app.url_map.iter_rules()),
     })
 
 

@@ -51,7 +51,6 @@ function signOut() {
   for (const node of $$("#overview, #workers tbody, #providers tbody, #traffic, #recent tbody, #recent-summary, " +
                         "#usage, #usage-source, #config")) node.replaceChildren();
   $("#provider-form").hidden = true;
-  usageStore = null;
   history.replaceState(null, "", location.pathname);
   showSignIn("");
   notice("Signed out; the secret is forgotten.");
@@ -106,7 +105,6 @@ async function loadOverview() {
       : o.instances === null ? "unknown (Redis cannot be asked)"
         : o.instances.map((i) => i.id + (i.this ? " (this one)" : "") + ", seen " + time(i.seen) +
           ", providers version " + i["providers-version"]).join("; ")],
-    ["usage source", o["usage-store"] ? "usage store" : "metrics (the usage store is not installed)"],
   ];
   $("#overview").replaceChildren(...rows.flatMap(([k, v]) => [el("dt", {}, k),
     el("dd", {class: k === "reload error" && o["reload-error"] ? "error" : ""}, v)]));
@@ -161,26 +159,19 @@ async function loadRecent() {
     el("td", {}, r.folded ? "yes" : ""), el("td", {}, r.client), el("td", {}, r.result), el("td", {}, el("code", {}, r.id)))));
 }
 
-let usageStore = null;  // whether /v0/management/usage exists (asked once, from the overview)
-
 async function loadUsage() {
-  if (usageStore === null) {
-    const o = await api("/overview");
-    usageStore = Boolean(o.ok && o.data["usage-store"]);
+  const today = new Date().toISOString().slice(0, 10);
+  const stored = await api("/usage?group-by=client&from=" + today + "&to=" + today);
+  if (stored.ok) {
+    $("#usage-source").textContent = "From the usage store, today (" + today + ", UTC).";
+    $("#usage").replaceChildren(genericTable(stored.data));
+    return;
   }
-  if (usageStore) {
-    const today = new Date().toISOString().slice(0, 10);
-    const response = await api("/usage?group-by=client&from=" + today + "&to=" + today);
-    if (response.ok) {
-      $("#usage-source").textContent = "From the usage store, today (" + today + ", UTC).";
-      $("#usage").replaceChildren(genericTable(response.data));
-      return;
-    }
-  }
+  // the store did not answer (down, or its file unreadable): what the metrics know still helps
   const response = await api("/client-usage");
   if (!response.ok) return failed(response);
   $("#usage-source").textContent = "From the metrics: tokens since the workers started, requests in the last hour " +
-    "(the usage store is not installed).";
+    "(the usage store did not answer: " + message(stored.data, "HTTP " + stored.status) + ").";
   $("#usage").replaceChildren(genericTable(response.data.clients));
 }
 
