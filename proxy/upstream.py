@@ -33,6 +33,7 @@ from __future__ import annotations
 import http.client
 import re
 import select
+import ssl
 import threading
 import time
 from typing import Iterator
@@ -46,10 +47,9 @@ from .errors import UpstreamTimeout, UpstreamUnavailable
 from .settings import KeyEntry, Provider, Timeouts
 
 READ_SIZE = 65536
-# ``finish``: how long to wait, per read and in all, and how many bytes to read past an answer's end
-# ([DONE]) to keep its connection
+# ``finish``: how long to wait for, and how many bytes to read past an answer's end ([DONE]) to keep its
+# connection
 FINISH_WAIT = 0.05
-FINISH_RECV = 0.01
 FINISH_BYTES = 65536
 # Connections kept per upstream host; above this, extra connections are
 # opened and closed per request rather than blocking a thread (pool_block=False).
@@ -210,14 +210,16 @@ def finish(response: HTTPResponse) -> None:
     The fold and the bridges stop reading at ``[DONE]``; a chunked body
     (vLLM, llama.cpp, Ollama, TGI all send one) still has its last chunk to
     come, and closing before it drops the connection, so every such request
-    opened a new one. What is left is read first if it is already arriving:
-    the socket must turn readable within ``FINISH_WAIT`` (servers send the
-    last chunk with ``[DONE]`` or right after it), and each read may wait
-    ``FINISH_RECV`` at most. Once the body has ended, urllib3 has put the
-    connection back in the pool and ``close`` no longer touches it. Anything
-    else (an upstream that goes on after its ``[DONE]``, an error) costs the
-    connection, never the answer. Like every upstream read, a read here is
-    bounded per receive, not in total; ``FINISH_BYTES`` caps what is read.
+    opened a new one. What is left is read first if it comes within
+    ``FINISH_WAIT`` (servers send the last chunk with ``[DONE]`` or right
+    after it): bytes http.client already holds, or a socket that turns
+    readable in that time, each receive bounded by what is left of it. Once
+    the body has ended, urllib3 has put the connection back in the pool and
+    ``close`` no longer touches it. Anything else (an upstream that goes on
+    after its ``[DONE]``, an error) costs the connection, never the answer.
+    Like every upstream read, a read here is bounded per receive, so an
+    upstream that trickles bytes can hold it longer, as it can hold a
+    stream; ``FINISH_BYTES`` caps what is read.
     """
     connection = response.connection
     sock = getattr(connection, "sock", None)
@@ -231,11 +233,16 @@ def finish(response: HTTPResponse) -> None:
             while left > 0:
                 reader = getattr(raw, "fp", None)
                 sock.settimeout(0.0)  # this connection's own: urllib3 sets it again on reuse
-                if reader is None or not reader.peek(1):  # nothing buffered, nothing on the socket yet
+                try:
+                    ready = reader is not None and bool(reader.peek(1))  # buffered, or on the socket already
+                except ssl.SSLWantReadError:
+                    ready = False  # TLS: no whole record decrypted yet
+                if not ready:
                     wait = deadline - time.monotonic()
                     if wait <= 0 or not poller.poll(wait * 1000):
                         break
-                sock.settimeout(FINISH_RECV)
+                # a read may first take the end of [DONE]'s own chunk, then wait for the last one
+                sock.settimeout(max(deadline - time.monotonic(), 0.001))
                 data = response.read1(left)
                 if response.connection is not connection or not data:
                     break  # the body ended: the connection is back in the pool, no longer ours to touch

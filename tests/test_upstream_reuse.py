@@ -7,13 +7,16 @@ The bench's nginx serves files with a Content-Length, so it never showed.
 """
 from __future__ import annotations
 
+import ssl
+import subprocess
 import time
 
 import pytest
 import requests
 
+from proxy import upstream as proxy_upstream
 from tests.conftest import CLIENT_KEY, make_app, provider, settings_doc
-from tests.upstream import Reply, sse, text_chunks
+from tests.upstream import FakeUpstream, Reply, sse, text_chunks
 
 USAGE = {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
@@ -60,3 +63,59 @@ def test_an_upstream_that_goes_quiet_after_its_done_costs_its_connection_not_the
                            headers={"Authorization": f"Bearer {CLIENT_KEY}"}, timeout=10)
     assert answer.status_code == 200
     assert upstream.connections == 2  # the unfinished connection was dropped, not handed to this request
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory) -> tuple[str, str]:
+    """A self-signed certificate for 127.0.0.1 (openssl, from tests/system-deps.sh)."""
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = str(folder / "cert.pem"), str(folder / "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", key, "-out", cert],
+                   check=True, capture_output=True)
+    return cert, key
+
+
+@pytest.mark.parametrize("name", ["chat forced fold", "responses stream (bridged)", "messages stream (bridged)"])
+def test_a_tls_upstream_connection_is_kept_too(serve, certificate, name):
+    cert, key = certificate
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    upstream = FakeUpstream(tls=context)
+    try:
+        upstream.handler = lambda rec: Reply(events=sse(*text_chunks(["Hel", "lo"], usage=USAGE)))
+        server = serve(make_app(settings_doc(provider(upstream, **{
+            "native-apis": ["chat"], "force-upstream-stream": True, "ca-bundle": cert}))))
+        path, body = REQUESTS[name]
+        with requests.Session() as client:
+            for _ in range(4):
+                answer = client.post(server.url + path, json=body, headers={"Authorization": f"Bearer {CLIENT_KEY}"})
+                assert answer.status_code == 200, answer.text
+        assert len(upstream.requests) == 4 and upstream.connections == 1
+    finally:
+        upstream.stop()
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+def test_a_last_chunk_that_comes_a_little_after_the_done_is_waited_for(serve, certificate, monkeypatch, tls):
+    # the body's end 0.1 s after [DONE], within a FINISH_WAIT raised for the test: on a TLS connection nothing
+    # is decrypted yet when the proxy first looks, which must mean "wait", not "give up"
+    monkeypatch.setattr(proxy_upstream, "FINISH_WAIT", 2.0)
+    context = None
+    if tls:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(*certificate)
+    upstream = FakeUpstream(tls=context)
+    try:
+        upstream.handler = lambda rec: Reply(events=sse(*text_chunks(["Hel", "lo"], usage=USAGE)), end_delay=0.1)
+        extra = {"ca-bundle": certificate[0]} if tls else {}
+        server = serve(make_app(settings_doc(provider(upstream, **{
+            "native-apis": ["chat"], "force-upstream-stream": True, **extra}))))
+        path, body = REQUESTS["responses stream (bridged)"]
+        with requests.Session() as client:
+            for _ in range(3):
+                answer = client.post(server.url + path, json=body, headers={"Authorization": f"Bearer {CLIENT_KEY}"})
+                assert answer.status_code == 200, answer.text
+        assert upstream.connections == 1
+    finally:
+        upstream.stop()

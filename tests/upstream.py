@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import socket
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ class Reply:
     chunked: bool = True                # False: close-delimited body (no length, Connection: close)
     hang: float = 0.0                   # sleep this long before answering at all
     drop_after: int | None = None       # close the socket after this many events, no terminator
+    end_delay: float = 0.0              # seconds between the last event and the body's end (chunked)
 
 
 @dataclass
@@ -79,8 +81,9 @@ def text_chunks(pieces: list[str], model: str = "upstream-model", finish: str = 
 
 
 class FakeUpstream:
-    def __init__(self) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
         self.requests: list[Recorded] = []
+        self.scheme = "https" if tls is not None else "http"
         self.handler: Callable[[Recorded], Reply] = lambda rec: Reply(body=json.dumps(completion()).encode())
         self.release = threading.Event()  # ends hangs at teardown
         upstream = self
@@ -107,6 +110,8 @@ class FakeUpstream:
                 upstream.answer(self, rec, upstream.handler(rec))
 
         self.server = _QuietServer(("127.0.0.1", 0), Handler)
+        if tls is not None:  # the handshake runs at accept, in the server's thread: fine for a test upstream
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
@@ -114,7 +119,7 @@ class FakeUpstream:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
+        return f"{self.scheme}://127.0.0.1:{self.port}/v1"
 
     @property
     def connections(self) -> int:
@@ -170,6 +175,8 @@ class FakeUpstream:
             h.wfile.flush()
             rec.events_sent += 1
         if reply.chunked:
+            if reply.end_delay and self.release.wait(reply.end_delay):
+                return
             h.wfile.write(b"0\r\n\r\n")
             h.wfile.flush()
 
