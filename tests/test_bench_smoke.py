@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -23,12 +27,25 @@ def private_checkout(tmp_path: Path) -> Path:
     return checkout
 
 
+@pytest.mark.timeout(150)
 def test_bench_smoke_prints_the_table_and_writes_results_from_a_private_checkout(tmp_path):
     output = tmp_path / "results.json"
-    result = subprocess.run([sys.executable, "bench/run.py", "--smoke", "--output", str(output)],
-                            cwd=private_checkout(tmp_path), capture_output=True, text=True, timeout=150)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "JSON relay, c8" in result.stdout and "fold alone" in result.stdout
+    # its own session: if the test fails or times out, the whole group (the bench's gunicorn, nginx and wrk
+    # too) is stopped, not only run.py, whose own cleanup a kill would skip
+    bench = subprocess.Popen([sys.executable, "bench/run.py", "--smoke", "--output", str(output)],
+                             cwd=private_checkout(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, start_new_session=True)
+    try:
+        stdout, _ = bench.communicate(timeout=140)
+    finally:
+        if bench.poll() is None:
+            os.killpg(bench.pid, signal.SIGTERM)
+            try:
+                bench.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(bench.pid, signal.SIGKILL)
+    assert bench.returncode == 0, stdout
+    assert "JSON relay, c8" in stdout and "fold alone" in stdout
     rows = json.loads(output.read_text())["rows"]
     assert {r["scenario"] for r in rows} >= {"JSON relay, c8", "forced-stream fold, 200 events, c8",
                                              "streaming relay, 200 events, c8", "20 slow streams: completed"}
