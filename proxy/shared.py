@@ -11,6 +11,9 @@ Two things are shared, both layered over what each instance has locally:
   provider backing off after a connect failure, is written as an expiring key
   (``streamfold:cool:<provider>:<key id>``, the key id being a hash, never the
   key) and announced, so every worker of every instance skips it too.
+* **Failed management secrets.** Each is added to an expiring sorted set per
+  client address (``streamfold:auth:<address>``), so the lockout counts the
+  tries made at every instance (``routes/guard.py``).
 
 Each worker runs one background thread that listens to the channel, polls the
 version once a second in case a message was missed, and on (re)connecting
@@ -37,6 +40,7 @@ PREFIX = "streamfold:"
 PROVIDERS_KEY = PREFIX + "providers"
 CHANNEL = PREFIX + "events"
 COOL_PREFIX = PREFIX + "cool:"
+AUTH_PREFIX = PREFIX + "auth:"
 POLL_INTERVAL = 1.0
 BACKOFF_MAX = 30.0
 
@@ -106,6 +110,30 @@ class Shared:
         except (redis.RedisError, OSError):
             self.up = False
             log.error("shared state: redis unreachable while sharing a cooldown; it stays local to this worker")
+
+    def record_auth_failure(self, address: str, keep: float) -> None:
+        """Add a failed management secret from ``address``; kept ``keep`` seconds. Raises ``SharedUnavailable``."""
+        now = time.time()
+        key = AUTH_PREFIX + address
+        try:
+            pipe = self.client.pipeline()
+            pipe.zadd(key, {f"{now:.6f}:{os.urandom(4).hex()}": now})
+            pipe.zremrangebyscore(key, "-inf", now - keep)
+            pipe.expire(key, int(keep) + 1)
+            pipe.execute()
+        except (redis.RedisError, OSError) as exc:
+            self.up = False
+            raise SharedUnavailable(f"redis is unreachable ({type(exc).__name__})") from None
+
+    def auth_failures(self, address: str, keep: float) -> list[float]:
+        """Times of the failed management secrets from ``address`` at any instance in the last ``keep`` seconds.
+        Raises ``SharedUnavailable``."""
+        try:
+            found = self.client.zrangebyscore(AUTH_PREFIX + address, time.time() - keep, "+inf", withscores=True)
+        except (redis.RedisError, OSError) as exc:
+            self.up = False
+            raise SharedUnavailable(f"redis is unreachable ({type(exc).__name__})") from None
+        return [score for _, score in found]
 
     # -- the listener thread -------------------------------------------------
     def _listen(self) -> None:

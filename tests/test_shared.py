@@ -5,6 +5,7 @@ import json
 import time
 
 import pytest
+import redis
 import requests
 
 from proxy import create_app
@@ -104,6 +105,23 @@ def test_rate_limit_seen_by_one_instance_is_respected_by_the_other(two_instances
     assert [rec.key for rec in upstream.requests[first:]] == [KEYS[1]] * 10
 
 
+def test_bad_management_secrets_count_across_instances(two_instances, redis_server):
+    a, b = two_instances
+    wrong = {"Authorization": "Bearer not-the-secret", "Connection": "close"}
+
+    def overview(instance, headers) -> int:
+        return requests.get(instance.url + "/v0/management/overview", headers=headers, timeout=10).status_code
+    assert [overview(a, wrong) for _ in range(3)] == [401] * 3
+    assert [overview(b, wrong) for _ in range(2)] == [401] * 2  # five in all, at two instances
+    for instance in (a, b):  # locked out everywhere, even with the right secret
+        answer = requests.get(instance.url + "/v0/management/overview", headers={**MGMT, "Connection": "close"},
+                              timeout=10)
+        assert answer.status_code == 429 and int(answer.headers["Retry-After"]) > 0
+    # the record in Redis holds times and a random tag, not the secret that was tried
+    stored = redis.Redis.from_url(redis_server.url).zrange("streamfold:auth:127.0.0.1", 0, -1)
+    assert len(stored) == 5 and not any(b"not-the-secret" in member for member in stored)
+
+
 def test_losing_redis_never_fails_a_request_and_changes_flow_again_after_it_returns(
         two_instances, upstream, redis_server):
     a, b = two_instances
@@ -120,6 +138,8 @@ def test_losing_redis_never_fails_a_request_and_changes_flow_again_after_it_retu
     refused = requests.patch(a.url + "/v0/management/openai-compatibility", headers=MGMT, timeout=10,
                              json={"name": "up", "value": {"force-upstream-stream": False}})
     assert refused.status_code == 503  # not applied anywhere rather than applied on one instance only
+    wrong = requests.get(a.url + "/v0/management/overview", headers={"Authorization": "Bearer wrong"}, timeout=10)
+    assert wrong.status_code == 401  # the lockout counts locally while Redis is gone
     restarted = RedisServer(port=redis_server.port)
     try:
         def patch_lands():

@@ -5,8 +5,10 @@ Off (404, as if absent) unless ``remote-management.secret-key`` or env
 ``allow-remote: true`` (behind a reverse proxy the proxy's address is what
 counts). Five bad secrets from one address within a minute lock that address
 out for a minute; under gunicorn the failures are counted across all workers
-of the instance (``activity``), so the fifth bad try locks the address out
-whichever worker it reached. An accepted management request first looks at
+of the instance (``activity``), and with Redis across all instances
+(``shared``), so the fifth bad try locks the address out whichever worker of
+whichever instance it reached. While Redis does not answer, each instance
+counts its own. An accepted management request first looks at
 the settings file, so it never answers from a config another worker has
 already replaced. The secret comes as ``Authorization: Bearer`` or
 ``X-Management-Key`` and is compared in constant time.
@@ -22,29 +24,45 @@ from flask import current_app, g, request
 
 from .. import activity
 from ..errors import Forbidden, ManagementUnauthorized, NotFound, RateLimited
+from ..shared import Shared, SharedUnavailable
 
 LOCKOUT_FAILURES, LOCKOUT_WINDOW, LOCKOUT_SECONDS = 5, 60.0, 60.0
 
 
 class _Lockout:
-    """Failed secrets per address: in the instance's activity files, or (one process) in this app."""
+    """Failed secrets per address: in Redis for all instances, and in the instance's activity files, or (one
+    process) in this app."""
 
     def __init__(self) -> None:
         self.failures: list[tuple[str, float]] = []
         self.lock = threading.Lock()
 
-    def check(self, address: str) -> None:
-        if activity.directory():
-            times = [r["t"] for r in activity.recorder().read("auth") if r.get("address") == address]
-        else:
-            times = [t for a, t in self.failures if a == address]
+    def check(self, address: str, shared: Shared | None) -> None:
+        times = None
+        if shared is not None and shared.up:
+            try:
+                times = shared.auth_failures(address, LOCKOUT_WINDOW + LOCKOUT_SECONDS)
+            except SharedUnavailable:
+                pass  # this instance's own count below
+        if times is None:
+            times = self._local(address)
         until = activity.locked_until(times, LOCKOUT_FAILURES, LOCKOUT_WINDOW, LOCKOUT_SECONDS)
         now = time.time()
         if until > now:
             raise RateLimited("too many failed management logins; try again later",
                               headers={"Retry-After": str(int(until - now) + 1)})
 
-    def failed(self, address: str) -> None:
+    def _local(self, address: str) -> list[float]:
+        if activity.directory():
+            return [r["t"] for r in activity.recorder().read("auth") if r.get("address") == address]
+        return [t for a, t in self.failures if a == address]
+
+    def failed(self, address: str, shared: Shared | None) -> None:
+        if shared is not None and shared.up:
+            try:
+                shared.record_auth_failure(address, LOCKOUT_WINDOW + LOCKOUT_SECONDS)
+            except SharedUnavailable:
+                pass  # counted locally all the same
         if activity.directory():
             activity.record_auth_failure(address)
             return
@@ -68,13 +86,13 @@ def guard(require_secret: bool = True) -> None:
     if not management.allow_remote and not is_loopback(address):
         raise Forbidden("remote management is disabled; connect from loopback or set allow-remote")
     lockout = current_app.extensions.setdefault("streamfold.lockout", _Lockout())
-    lockout.check(address)
+    lockout.check(address, holder.shared)
     if not require_secret:
         return
     auth = request.headers.get("Authorization", "")
     given = auth[7:].strip() if auth[:7].lower() == "bearer " else request.headers.get("X-Management-Key", "")
     if not given or not hmac.compare_digest(given.encode(), management.secret_key.encode()):
-        lockout.failed(address)
+        lockout.failed(address, holder.shared)
         raise ManagementUnauthorized("missing or wrong management key")
     g.log["client"] = "management"
     if holder.path is not None:
