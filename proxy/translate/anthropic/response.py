@@ -94,20 +94,20 @@ def _int(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
-def stop_reason(finish: Any, emitted_tool: bool, sequence: str | None = None) -> str:
-    """§1.3: any tool_use block emitted means ``tool_use``, whatever the upstream said; ``sequence`` is
-    ``stop_sequence``'s answer for the same finish."""
+def stop_reason(finish: Any, emitted_tool: bool) -> str:
+    """§1.3: any tool_use block emitted means ``tool_use``, whatever the upstream said."""
     if emitted_tool:
         return "tool_use"
-    if sequence is not None:
-        return "stop_sequence"
     return _FINISH.get(finish, "end_turn") if isinstance(finish, str) else "end_turn"
 
 
-def stop_sequence(finish: Any, matched: Any, stops: Collection[str]) -> str | None:
-    """Which of the client's ``stop_sequences`` ended the answer: vLLM says it in the choice's
-    non-standard ``stop_reason`` (the matched string; an int for a stop token), vllm-project/vllm#2976."""
-    return matched if finish == "stop" and type(matched) is str and matched in stops else None
+def stop_fields(finish: Any, emitted_tool: bool, matched: Any, stops: Collection[str]) -> tuple[str, str | None]:
+    """``(stop_reason, stop_sequence)``: ``stop_sequence`` when one of the client's ``stop_sequences`` ended
+    the answer (no tool call), as vLLM says in the choice's non-standard ``stop_reason`` (the matched
+    string; an int for a stop token), vllm-project/vllm#2976; else ``stop_reason`` and None."""
+    if not emitted_tool and finish == "stop" and type(matched) is str and matched in stops:
+        return "stop_sequence", matched
+    return stop_reason(finish, emitted_tool), None
 
 
 def tool_input(arguments: Any) -> dict:
@@ -146,11 +146,10 @@ def to_message(completion: dict, model: str, names: ToolNames, stops: Collection
                         "name": names.to_client(name) if isinstance(name, str) and name else f"tool_{i}",
                         "input": tool_input(function.get("arguments"))})
     emitted_tool = any(block["type"] == "tool_use" for block in content)
-    finish = choice.get("finish_reason")
-    sequence = None if emitted_tool else stop_sequence(finish, choice.get("stop_reason"), stops)
+    reason, sequence = stop_fields(choice.get("finish_reason"), emitted_tool, choice.get("stop_reason"), stops)
     return {"id": new_message_id(), "type": "message", "role": "assistant", "model": model,
-            "content": content, "stop_reason": stop_reason(finish, emitted_tool, sequence),
-            "stop_sequence": sequence, "usage": usage(completion.get("usage"))}
+            "content": content, "stop_reason": reason, "stop_sequence": sequence,
+            "usage": usage(completion.get("usage"))}
 
 
 def _text(content: Any) -> str:

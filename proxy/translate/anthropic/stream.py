@@ -29,7 +29,7 @@ import orjson
 from ...errors import StreamError
 from ...fold.chat import stream_error
 from ..tools import ToolNames, sanitize_tool_id
-from .response import error_event, new_message_id, stop_reason, stop_sequence, tool_input, usage
+from .response import error_event, new_message_id, stop_fields, tool_input, usage
 
 PING = b'event: ping\ndata: {"type":"ping"}\n\n'
 _TEXT_DELTA = b'event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,' \
@@ -167,13 +167,13 @@ class MessageStream:
         for tool in self.tools:
             out.append(self._tool_block(tool))
         self.tools = []
-        sequence = None if self.emitted_tool else stop_sequence(self.finish, self.matched, self.stops)
+        reason, sequence = stop_fields(self.finish, self.emitted_tool, self.matched, self.stops)
         delta_usage = usage(self.usage)
         if self.usage is None:
             delta_usage["input_tokens"] = self.input_tokens
         out.append(frame("message_delta", {
             "type": "message_delta",
-            "delta": {"stop_reason": stop_reason(self.finish, self.emitted_tool, sequence), "stop_sequence": sequence},
+            "delta": {"stop_reason": reason, "stop_sequence": sequence},
             "usage": delta_usage}))
         out.append(_MESSAGE_STOP)
         self.ended = True
