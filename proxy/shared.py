@@ -112,7 +112,10 @@ class Shared:
             log.error("shared state: redis unreachable while sharing a cooldown; it stays local to this worker")
 
     def record_auth_failure(self, address: str, keep: float) -> None:
-        """Add a failed management secret from ``address``; kept ``keep`` seconds. Raises ``SharedUnavailable``."""
+        """Add a failed management secret from ``address``, kept ``keep`` seconds; skipped (the caller counts
+        it locally too) while Redis is known to be down."""
+        if not self.up:
+            return
         now = time.time()
         key = AUTH_PREFIX + address
         try:
@@ -121,18 +124,19 @@ class Shared:
             pipe.zremrangebyscore(key, "-inf", now - keep)
             pipe.expire(key, int(keep) + 1)
             pipe.execute()
-        except (redis.RedisError, OSError) as exc:
+        except (redis.RedisError, OSError):
             self.up = False
-            raise SharedUnavailable(f"redis is unreachable ({type(exc).__name__})") from None
 
-    def auth_failures(self, address: str, keep: float) -> list[float]:
-        """Times of the failed management secrets from ``address`` at any instance in the last ``keep`` seconds.
-        Raises ``SharedUnavailable``."""
+    def auth_failures(self, address: str, keep: float) -> list[float] | None:
+        """Times of the failed management secrets from ``address`` at any instance in the last ``keep``
+        seconds; None when Redis cannot say (the caller's local count stands in)."""
+        if not self.up:
+            return None
         try:
             found = self.client.zrangebyscore(AUTH_PREFIX + address, time.time() - keep, "+inf", withscores=True)
-        except (redis.RedisError, OSError) as exc:
+        except (redis.RedisError, OSError):
             self.up = False
-            raise SharedUnavailable(f"redis is unreachable ({type(exc).__name__})") from None
+            return None
         return [score for _, score in found]
 
     # -- the listener thread -------------------------------------------------

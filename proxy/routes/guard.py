@@ -24,7 +24,7 @@ from flask import current_app, g, request
 
 from .. import activity
 from ..errors import Forbidden, ManagementUnauthorized, NotFound, RateLimited
-from ..shared import Shared, SharedUnavailable
+from ..shared import Shared
 
 LOCKOUT_FAILURES, LOCKOUT_WINDOW, LOCKOUT_SECONDS = 5, 60.0, 60.0
 
@@ -38,13 +38,8 @@ class _Lockout:
         self.lock = threading.Lock()
 
     def check(self, address: str, shared: Shared | None) -> None:
-        times = None
-        if shared is not None and shared.up:
-            try:
-                times = shared.auth_failures(address, LOCKOUT_WINDOW + LOCKOUT_SECONDS)
-            except SharedUnavailable:
-                pass  # this instance's own count below
-        if times is None:
+        times = None if shared is None else shared.auth_failures(address, LOCKOUT_WINDOW + LOCKOUT_SECONDS)
+        if times is None:  # no Redis, or it does not answer: this instance's own count
             times = self._local(address)
         until = activity.locked_until(times, LOCKOUT_FAILURES, LOCKOUT_WINDOW, LOCKOUT_SECONDS)
         now = time.time()
@@ -58,12 +53,9 @@ class _Lockout:
         return [t for a, t in self.failures if a == address]
 
     def failed(self, address: str, shared: Shared | None) -> None:
-        if shared is not None and shared.up:
-            try:
-                shared.record_auth_failure(address, LOCKOUT_WINDOW + LOCKOUT_SECONDS)
-            except SharedUnavailable:
-                pass  # counted locally all the same
-        if activity.directory():
+        if shared is not None:
+            shared.record_auth_failure(address, LOCKOUT_WINDOW + LOCKOUT_SECONDS)
+        if activity.directory():  # counted locally all the same, for when Redis does not answer
             activity.record_auth_failure(address)
             return
         now = time.time()
