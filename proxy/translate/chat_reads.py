@@ -174,18 +174,18 @@ def _scan(data: bytes, max_bytes: int, template: list, batch: list) -> None:
         # it cannot: the head ends with ':"' and holds no '"}', the tail starts with '"}'.
         if _run(bodies, max_bytes, (head, tail, kind), batch):
             return
-    else:
-        bodies: list[bytes] = []
+    else:  # other events among them: the plain runs between those, each event else on its own
+        run: list[bytes] = []
         for part in parts:
             if part.startswith(head) and b"\n" not in part:
-                bodies.append(part[skip:])
+                run.append(part[skip:])
                 continue
-            if bodies and _run(bodies, max_bytes, (head, tail, kind), batch):
+            if run and _run(run, max_bytes, (head, tail, kind), batch):
                 return
-            bodies = []
+            run = []
             if _by_event(part + end, max_bytes, template, batch) < 0:
                 return
-        if bodies and _run(bodies, max_bytes, (head, tail, kind), batch):
+        if run and _run(run, max_bytes, (head, tail, kind), batch):
             return
     if rest:
         _by_event(rest, max_bytes, template, batch)
