@@ -17,9 +17,12 @@ from tests.anthropic_invariants import check_stream
 from tests.chat_streams import chat_streams
 
 
-def translate(reads: list[bytes]) -> bytes:
-    """What the route does with the reads, minus the threads: decode, ChatStream, MessageStream."""
+def translate(reads: list[bytes], message_id: str | None = None) -> bytes:
+    """What the route does with the reads, minus the threads: decode each chunk, ChatStream, MessageStream
+    (also tests/test_bridge_fast_path.py's reference; ``message_id`` fixes the random one)."""
     chat, out, done = ChatStream(), MessageStream("claude-x", ToolNames(), 42), False
+    if message_id is not None:
+        out.message_id = message_id
     parts = [out.start()]
     try:
         for chunk in iter_chat_chunks(reads, 1 << 20):

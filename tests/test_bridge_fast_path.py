@@ -17,13 +17,14 @@ from hypothesis import strategies as st
 from proxy.errors import ProxyError
 from proxy.translate.anthropic.stream import MessageStream
 from proxy.translate.chat_reads import FastDelta, chat_events, raw, read_batches
-from proxy.translate.chat_stream import DONE, ChatStream, iter_chat_chunks
+from proxy.translate.chat_stream import ChatStream
 from proxy.translate.responses.pipeline import chunk_batches, translate_stream
 from proxy.translate.responses.response import new_context
 from proxy.translate.responses.stream import ResponsesStream
 from proxy.translate.responses.toolmap import ToolMap
 from proxy.translate.tools import ToolNames
 from tests.chat_streams import chat_streams
+from tests.test_anthropic_property import translate as translate_per_chunk
 
 FIXTURES = sorted((Path(__file__).parent / "fixtures").glob("*/*.sse"))
 RANDOM_CALL_ID = re.compile(rb"call_[0-9a-f]{16}")
@@ -48,16 +49,7 @@ def anthropic(reads: list[bytes], fast: bool) -> bytes:
 
 def anthropic_per_chunk(reads: list[bytes]) -> bytes:
     """The reference: every chunk decoded by the stateful ``iter_chat_chunks``, as the route did before."""
-    chat, stream, done = ChatStream(), MessageStream("claude-x", ToolNames(), 42), False
-    stream.message_id = "msg_fixed"
-    out = [stream.start()]
-    for chunk in iter_chat_chunks(reads, 1 << 20):
-        if chunk == DONE:
-            done = True
-            break
-        out.append(stream.feed(chat.feed(chunk)))
-    out.append(stream.close(chat.close(done), chat.ended_early))
-    return RANDOM_CALL_ID.sub(b"call_random", b"".join(out))
+    return RANDOM_CALL_ID.sub(b"call_random", translate_per_chunk(reads, "msg_fixed"))
 
 
 def responses(reads: list[bytes], fast: bool, ctx, codex: bool) -> bytes:
