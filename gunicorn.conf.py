@@ -48,14 +48,17 @@ loglevel = os.environ.get("LOG_LEVEL", "info")
 
 
 def on_starting(server):
-    """Validate settings and prepare the metrics directory in the master, before workers fork.
+    """Prepare the instance's run directory and take the settings in the master, before workers fork.
 
-    A worker whose app import fails prints a traceback and is retried forever;
-    load_or_exit prints one line per problem instead and stops with status 1.
+    An invalid file stops gunicorn here with one line per problem (status 1):
+    there is no last good config yet. A valid one is kept as the last good
+    copy that every worker booted later (respawn, HUP) starts from, so a file
+    broken, opened or half-written since then never reaches a worker
+    unguarded (proxy/last_good.py).
     """
-    from proxy.settings import load_or_exit
+    from proxy import last_good
 
-    load_or_exit()
+    _, document, fingerprint = last_good.take()
     # prometheus-client's multiprocess mode: every worker writes its values
     # under this directory and /metrics sums them. It must be set before a
     # worker imports prometheus_client, and start empty.
@@ -72,6 +75,8 @@ def on_starting(server):
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = made
         # In the environment, not a global: a HUP re-reads this file.
         os.environ["STREAMFOLD_METRICS_DIR_MADE"] = made
+    last_good.keep(os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], "settings.last-good.yaml"),
+                   document, fingerprint)
 
 
 def child_exit(server, worker):

@@ -15,6 +15,10 @@ changed file is therefore taken only when it reads the same twice,
 reload that would turn client auth off (api-keys non-empty -> empty) or remove
 every provider is refused with an ERROR line: that takes a restart, where the
 operator sees the startup warning. An unreadable file is logged once.
+
+A worker gunicorn boots (at start, after one died, on HUP) runs the same
+check: it starts from the instance's last good file (``last_good.py``), then
+takes the file on disk only if it passes the guards above.
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ from typing import Any, Mapping
 
 import yaml
 
+from . import last_good
 from .keys import KeyPool
 from .routing import Router
 from .settings import Settings, SettingsError, build_settings
@@ -69,11 +74,20 @@ class ConfigHolder:
         self.reloaded_at: float | None = None  # wall clock of the last config installed after start
         self.reload_error: tuple[float, str] | None = None  # (when, problems) of the last refused file
         self._unreadable: str | None = None  # the error last logged for an unreadable file
+        good = None
         if settings is None:
-            raw = self._read()
-            self.file_document = yaml.safe_load(raw) if raw is not None else None
+            # Under gunicorn a booting worker starts from the instance's last good file (last_good.py),
+            # then looks at the file itself through the reload's guards, below.
+            good = last_good.load(environ)
+            if good is not None:
+                self.file_document, self._fingerprint = good
+            else:
+                raw = self._read()
+                self.file_document = yaml.safe_load(raw) if raw is not None else None
             settings = build_settings(self.file_document, environ)
         self.runtime = Runtime(settings, Router(settings), self.file_document, _sources(self.file_document, None))
+        if good is not None:
+            self.check_file()
         self.keys.max_cooldown = settings.max_cooldown
         if settings.redis_url:
             self.shared = Shared(settings.redis_url, self.apply_runtime_providers, self.keys.apply_remote)
@@ -133,7 +147,7 @@ class ConfigHolder:
             self.reload_error = (time.time(), bounded(problem))
             return False
         self.file_document = document
-        self.install(settings, layer(document, self.runtime_providers))
+        self.install(settings, layer(document, self.runtime_providers), fingerprint)
         return True
 
     def _stat_and_read(self) -> tuple[tuple, bytes] | None:
@@ -180,8 +194,9 @@ class ConfigHolder:
     def install(self, settings: Settings, document: Any, fingerprint: tuple | None = None) -> None:
         """Swap in a validated config and log what changed.
 
-        ``fingerprint`` is given by a writer that just wrote the file, so the
-        next file check does not load the same content again.
+        ``fingerprint`` is given when the config comes from the file (a
+        check, or a writer that just wrote it, so the next check does not load
+        the same content again): that version becomes the last good copy.
         """
         old = self.runtime.settings
         self.runtime = Runtime(settings, Router(settings), document,
@@ -189,6 +204,7 @@ class ConfigHolder:
         self.keys.max_cooldown = settings.max_cooldown
         if fingerprint is not None:
             self._fingerprint = fingerprint
+            last_good.save_taken(self.environ, self.file_document, fingerprint)
         self.reloaded_at, self.reload_error = time.time(), None
         log.info("settings reloaded: %s", bounded(describe_changes(old, settings)))
 

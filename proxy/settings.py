@@ -137,6 +137,11 @@ def read_document(path: str) -> Any:
             text = fh.read()
     except OSError as exc:
         raise SettingsError([f"{path}: cannot read settings file ({exc.strerror})"]) from None
+    return parse_document(text, path)
+
+
+def parse_document(text: bytes, path: str) -> Any:
+    """The file's bytes as a document (``${VAR}`` unresolved); YAML errors name the line, not the text."""
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -231,7 +236,11 @@ def load_or_exit(path: str | None = None) -> Settings:
     try:
         return load_settings(path)
     except SettingsError as exc:
-        print("streamfold: invalid settings, not starting:", file=sys.stderr)
-        for problem in exc.problems:
-            print(f"  {problem}", file=sys.stderr)
+        print_problems(exc.problems)
         sys.exit(1)
+
+
+def print_problems(problems: list[str]) -> None:
+    print("streamfold: invalid settings, not starting:", file=sys.stderr)
+    for problem in problems:
+        print(f"  {problem}", file=sys.stderr)

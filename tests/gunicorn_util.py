@@ -47,6 +47,18 @@ class Gunicorn:
         self.stop()
         raise RuntimeError("gunicorn did not start:\n" + self.output())
 
+    def worker_pids(self) -> list[int]:
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+        return [int(pid) for pid in children]
+
+    def wait_ready(self, count: int, timeout: float = 30) -> None:
+        """Until ``count`` workers in all have said "streamfold ready" since start (respawns and HUPs add up)."""
+        deadline = time.monotonic() + timeout
+        while self.output().count("streamfold ready") < count:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"gunicorn has not booted {count} workers:\n" + self.output())
+            time.sleep(0.05)
+
     def output(self) -> str:
         self.log.flush()
         return self.log_path.read_text(errors="replace")

@@ -93,11 +93,6 @@ def test_rewriting_the_settings_file_in_place_never_opens_the_proxy(deployed):
                          timeout=10).json()["choices"][0]["message"]["content"] == "fine"
 
 
-def worker_pids(server: Gunicorn) -> list[int]:
-    children = Path(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children").read_text().split()
-    return [int(pid) for pid in children]
-
-
 def peak_rss(pid: int) -> int:
     """The process's high-water RSS in bytes (VmHWM): a peak freed since still shows."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -157,7 +152,7 @@ def test_a_hostile_200mb_stream_is_a_502_and_worker_memory_stays_within_the_limi
     for _ in range(4):  # warm both workers up: imports and first allocations are not the fold's
         requests.post(server.url + "/v1/chat/completions", json=CHAT,
                       headers={**AUTH, "Connection": "close"}, timeout=10)
-    before = {pid: peak_rss(pid) for pid in worker_pids(server)}
+    before = {pid: peak_rss(pid) for pid in server.worker_pids()}
     upstream.handler = lambda rec: Reply(events=stream(), content_type="text/event-stream")
     with ThreadPoolExecutor(2) as pool:  # one each, most likely: every worker must hold the bound
         answers = list(pool.map(lambda _: requests.post(

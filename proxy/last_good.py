@@ -1,0 +1,136 @@
+"""The instance's last good settings: what every worker gunicorn boots starts from.
+
+gunicorn boots workers at start, again whenever one dies (OOM, SIGKILL, a
+crash) and on ``kill -HUP``; each imports the app and so loads the settings.
+Reading settings.yaml there directly would skip every guard of the hot
+reload: an invalid file halts gunicorn ("Worker failed to boot"), a file
+without ``api-keys`` opens the proxy, a file being rewritten (truncate, then
+write) may be read cut short.
+
+So there is one guarded load. The master reads the file at start until it
+reads the same twice, validates it (an invalid file stops gunicorn there: there
+is no last good config yet) and keeps a copy of the document it took in the
+instance's run directory (``STREAMFOLD_LAST_GOOD``, set by ``gunicorn.conf.py``;
+mode 0600, it holds what the file holds). Every later version a worker takes
+(a hot reload, a management write) replaces the copy, newest file first. A
+worker that boots builds its config from the copy, then looks at the file
+through the hot reload's own check (``ConfigHolder.check_file``): a file that
+is still changing, does not validate, would turn client auth off or would
+drop every provider is refused with an ERROR line, and the worker serves the
+last good config. Without ``STREAMFOLD_LAST_GOOD`` (``python app.py``, tests)
+there is one process and no respawn: the file is read as before.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import sys
+import time
+from typing import Any, Mapping
+
+import yaml
+
+from .settings import Settings, SettingsError, build_settings, parse_document, print_problems, settings_path
+from .settings_file import locked, to_yaml, write_atomically
+
+log = logging.getLogger(__name__)
+ENV = "STREAMFOLD_LAST_GOOD"
+STABLE_DELAY = 0.2    # the file must read the same again after this long (as the hot reload wants)
+STABLE_WAIT = 10.0    # a fresh start gives up on a file that keeps changing for this long
+_HEADER = b"# streamfold last good settings, taken from a file with mtime_ns size sha256: "
+
+
+def take(environ: Any = os.environ) -> tuple[Settings, Any, tuple]:
+    """Fresh start (the gunicorn master): read the file until stable and validate it, or exit 1 naming why.
+
+    Returns the settings, the document and the file's fingerprint, for ``keep``.
+    """
+    path = settings_path(environ)
+    try:
+        raw, fingerprint = read_stable(path)
+        document = parse_document(raw, path)
+        return build_settings(document, environ), document, fingerprint
+    except SettingsError as exc:
+        print_problems(exc.problems)
+        sys.exit(1)
+
+
+def keep(copy_path: str, document: Any, fingerprint: tuple, environ: Any = os.environ) -> None:
+    """Make ``copy_path`` the instance's last good copy, starting from what ``take`` read."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(copy_path)  # a run directory the operator gave may hold an earlier run's copy
+    save(copy_path, document, fingerprint)
+    environ[ENV] = copy_path
+
+
+def read_stable(path: str) -> tuple[bytes, tuple]:
+    """The file's bytes and fingerprint (mtime_ns, size, sha256), once two reads STABLE_DELAY apart agree."""
+    deadline = time.monotonic() + STABLE_WAIT
+    seen = _read(path)
+    while True:
+        time.sleep(STABLE_DELAY)
+        again = _read(path)
+        if again == seen:
+            return seen
+        if time.monotonic() > deadline:
+            raise SettingsError([f"{path}: the file kept changing for {STABLE_WAIT:.0f} s; "
+                                 "start again once it is written"])
+        seen = again
+
+
+def _read(path: str) -> tuple[bytes, tuple]:
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read()
+            stat = os.fstat(fh.fileno())
+    except OSError as exc:
+        raise SettingsError([f"{path}: cannot read settings file ({exc.strerror})"]) from None
+    return raw, (stat.st_mtime_ns, stat.st_size, hashlib.sha256(raw).digest())
+
+
+def load(environ: Mapping[str, str]) -> tuple[Any, tuple] | None:
+    """The copy's document and the fingerprint of the file it came from, or None (no copy, or unreadable)."""
+    copy_path = environ.get(ENV)
+    if not copy_path:
+        return None
+    try:
+        with open(copy_path, "rb") as fh:
+            header, _, body = fh.read().partition(b"\n")
+        mtime, size, digest = header[len(_HEADER):].split()
+        return yaml.safe_load(body), (int(mtime), int(size), bytes.fromhex(digest.decode()))
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        log.error("the last good settings copy %s cannot be read (%s); reading the settings file itself",
+                  copy_path, type(exc).__name__)
+        return None
+
+
+def save_taken(environ: Mapping[str, str], document: Any, fingerprint: tuple) -> None:
+    """A process took this version of the file: it becomes the last good copy (when there is one to keep)."""
+    copy_path = environ.get(ENV)
+    if copy_path:
+        save(copy_path, document, fingerprint)
+
+
+def save(copy_path: str, document: Any, fingerprint: tuple) -> None:
+    """Replace the copy, unless it already holds a newer version of the file (two workers racing)."""
+    mtime, size, digest = fingerprint
+    try:
+        with locked(copy_path):
+            held = _held_mtime(copy_path)
+            if held is not None and held > mtime:
+                return
+            header = _HEADER + b"%d %d %s\n" % (mtime, size, digest.hex().encode())
+            write_atomically(copy_path, header + to_yaml(document))
+    except OSError as exc:
+        log.error("the last good settings copy %s cannot be written (%s); a worker booted now starts from an "
+                  "older one", copy_path, exc.strerror or type(exc).__name__)
+
+
+def _held_mtime(copy_path: str) -> int | None:
+    try:
+        with open(copy_path, "rb") as fh:
+            return int(fh.readline()[len(_HEADER):].split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
