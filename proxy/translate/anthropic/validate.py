@@ -97,7 +97,9 @@ def _check_blocks(blocks: Any, where: str) -> None:
         if not isinstance(block, dict):
             raise _fail(f"{where}.{j}: Input should be an object", "messages")
         kind = block.get("type")
+        if not isinstance(kind, str):  # a list or an object is no type name (nor hashable)
+            raise _fail(f"{where}.{j}.type: Input should be a valid string", "messages")
         if kind not in KNOWN_BLOCKS:
-            raise _fail(f"{where}.{j}.type: unknown content block type {str(kind)[:40]!r}", "messages")
+            raise _fail(f"{where}.{j}.type: unknown content block type {kind[:40]!r}", "messages")
         if kind == "text" and not isinstance(block.get("text"), str):
             raise _fail(f"{where}.{j}.text: Input should be a valid string", "messages")

@@ -179,7 +179,7 @@ def read_items(value: Any, turn: Turn) -> list:
                 arguments = orjson.dumps({"input": raw if isinstance(raw, str) else ""}).decode()
             else:
                 raw = item.get("arguments")
-                arguments = raw if isinstance(raw, str) else orjson.dumps(raw if raw is not None else {}).decode()
+                arguments = raw if isinstance(raw, str) else _json_text(raw, f"{where}.arguments")
             turn.call(call_id, name, arguments)
         elif kind in ("function_call_output", "custom_tool_call_output"):
             turn.output(_string(item, "call_id", where), _output_text(item.get("output"), f"{where}.output"))
@@ -257,6 +257,14 @@ def _output_text(output: Any, where: str) -> str:
     if output is None:
         return ""
     raise BadRequest(f"{where} must be a string or an array of content parts", param=where)
+
+
+def _json_text(value: Any, where: str) -> str:
+    """Arguments a client sent as JSON instead of a string, as the string chat wants."""
+    try:
+        return orjson.dumps(value if value is not None else {}).decode()
+    except orjson.JSONEncodeError:  # orjson reads 1024 levels but writes 254
+        raise BadRequest(f"{where} nests JSON too deeply (at most 254 levels)", param=where) from None
 
 
 def _string(item: dict, key: str, where: str) -> str:

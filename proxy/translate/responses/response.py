@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from ...errors import StreamError
+from ...errors import BadRequest, StreamError
 from ..tools import is_context_overflow as overflow  # noqa: F401 - the stream and route ask it here
 from ..tools import repair_json_object
 from .toolmap import ToolMap
@@ -49,6 +49,11 @@ def new_context(body: dict, toolmap: ToolMap) -> Context:
     for key in ECHO_DEFAULTS.keys() & body.keys():  # a client sends few of them
         if body[key] is not None:
             echo[key] = body[key]
+    try:  # checked before any upstream is asked: the echo is written inside an event's "response"
+        orjson.dumps({"response": echo})
+    except orjson.JSONEncodeError:  # orjson reads 1024 levels but writes 254
+        raise BadRequest("A request field the response repeats (metadata, tools, text, ...) nests JSON too "
+                         "deeply to be written back (at most 252 levels).") from None
     return Context(f"resp_{os.urandom(16).hex()}", int(time.time()), body["model"], echo, toolmap)
 
 
