@@ -57,8 +57,13 @@ def on_starting(server):
     unguarded (proxy/last_good.py).
     """
     from proxy import last_good
+    from proxy.hop import SECRET_ENV
 
     _, document, fingerprint = last_good.take()
+    # One secret for the instance, shared by every worker forked from here: the hop id that
+    # detects a provider pointing back at the proxy, and the demo upstream's secret (proxy/hop.py).
+    # Always fresh: an instance started from another's environment must not share its id.
+    os.environ[SECRET_ENV] = os.urandom(32).hex()
     # prometheus-client's multiprocess mode: every worker writes its values
     # under this directory and /metrics sums them. It must be set before a
     # worker imports prometheus_client, and start empty.

@@ -11,8 +11,12 @@ Off unless ``demo-upstream: true``. Each view checks the *current* settings,
 so a hot reload turns it on or off, and with it off everything under /demo is
 the ordinary JSON 404 (for every method, so not even a 405 tells it exists).
 Even on, it answers only the proxy itself: a loopback peer with no forwarding
-header (the executor drops those upstream), so a platform router (Heroku) or
-a reverse proxy that adds X-Forwarded-For gets the same 404.
+header (the executor drops those upstream) that carries the instance's demo
+secret (``Streamfold-Demo``, sent by the executor to the demo provider only;
+``proxy.hop``), so a platform router (Heroku), a reverse proxy that adds
+X-Forwarded-For, or a same-host TCP forwarder gets the same 404. Its answers
+are not logged or counted as requests of their own: the client's request
+that reached it through the demo provider is (``provider=demo``).
 It registers no request hook: other routes' request path is unchanged.
 """
 from __future__ import annotations
@@ -26,6 +30,7 @@ import orjson
 from flask import Blueprint, Response, g, request
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
+from . import hop
 from .errors import BadRequest
 from .relay import SSE_HEADERS
 from .routes.common import holder, read_json_body
@@ -43,11 +48,18 @@ FORWARDED = ("HTTP_FORWARDED", "HTTP_X_FORWARDED_FOR", "HTTP_X_REAL_IP")
 _SPACE = re.compile(r"\s+")
 
 
+def is_open() -> bool:
+    """Whether the demo answers this request: the settings turn it on and the proxy itself calls."""
+    return holder().current().settings.demo_upstream and _from_this_host() \
+        and hop.is_demo_secret(request.headers.get(hop.DEMO_HEADER))
+
+
 def _open_for(*methods: str) -> None:
-    """404 unless the settings turn the demo on and the proxy itself calls; then 405 for other methods."""
-    if not holder().current().settings.demo_upstream or not _from_this_host():
+    """404 unless the demo answers this request (``is_open``); then 405 for other methods."""
+    if not is_open():
         g.log["rule"] = "unmatched"  # logged and counted exactly like an unknown URL
         raise NotFound()
+    g.log["demo_hop"] = True  # the client's request that came here through the demo provider is logged
     if request.method not in methods:
         raise MethodNotAllowed(valid_methods=list(methods))
 

@@ -76,6 +76,14 @@ class PayloadTooLarge(ProxyError):
     code = "request_too_large"
 
 
+class LoopDetected(ProxyError):
+    """The request came round to this proxy again (``proxy.hop``): a provider's base-url points back at it."""
+
+    status = 508
+    type = "server_error"
+    code = "loop_detected"
+
+
 class RateLimited(ProxyError):
     """Every key that could serve the request is cooling down (or the upstream said 429)."""
 

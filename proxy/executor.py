@@ -19,7 +19,7 @@ from typing import Any, Callable
 import orjson
 from urllib3 import HTTPResponse
 
-from . import metrics, upstream
+from . import hop, metrics, upstream
 from .errors import BadRequest, ProxyError, RateLimited, StreamError, UpstreamUnavailable, error_body
 from .keys import RATE_LIMIT_DEFAULT, REFUSED_KEY_COOLDOWN, KeyPool
 from .routing import Target
@@ -42,7 +42,7 @@ DROP_HEADERS = frozenset((
     "expect", "via", "max-forwards", "range", "if-range", "if-match", "if-none-match",
     "if-modified-since", "if-unmodified-since",
     "x-management-key", "x-request-id", "forwarded", "x-forwarded-for", "x-forwarded-host",
-    "x-forwarded-proto", "x-real-ip",
+    "x-forwarded-proto", "x-real-ip", "streamfold-hop", "streamfold-demo",
 ))
 # Credential-looking names, whatever their prefix: X-Goog-Api-Key, X-Auth-Token,
 # X-Amz-Security-Token, X-Client-Secret, X-Proxy-Authorization, ...
@@ -174,6 +174,8 @@ def _attempt(settings: Settings, sessions: upstream.Sessions, keys: KeyPool,
     headers["Accept"] = "text/event-stream" if (forced or call.client_stream) else "application/json"
     headers["Accept-Encoding"] = "identity"  # relay bytes as sent; no decompression per chunk
     headers["X-Request-Id"] = call.request_id
+    if hop.is_demo_url(provider.base_url):
+        headers[hop.DEMO_HEADER] = hop.demo_secret()
     if entry.api_key:
         headers["Authorization"] = f"Bearer {entry.api_key}"
         if plan is not None and plan.key_header:
@@ -316,14 +318,15 @@ def retry_after(value: str | None, cap: float = 3600.0) -> float:
 
 
 def client_headers(environ: dict) -> dict[str, str]:
-    """The client's headers that may go upstream, from the WSGI environ."""
+    """The client's headers that may go upstream, from the WSGI environ, with this instance's hop added."""
     named = environ.get("HTTP_CONNECTION")  # hop-by-hop headers the client declared
-    hop = {n.strip().lower() for n in named.split(",")} if named else ()
+    declared = {n.strip().lower() for n in named.split(",")} if named else ()
     out = {}
     for key, value in environ.items():
         if key.startswith("HTTP_"):
             name = key[5:].replace("_", "-").lower()
-            if (name not in DROP_HEADERS and name not in hop and not name.endswith(CREDENTIAL_SUFFIXES)
+            if (name not in DROP_HEADERS and name not in declared and not name.endswith(CREDENTIAL_SUFFIXES)
                     and not name.startswith("proxy-")):
                 out[name] = value
+    out["streamfold-hop"] = hop.forward(environ.get(hop.ENVIRON_KEY))
     return out

@@ -6,10 +6,10 @@ import os
 from typing import Any, Mapping
 
 from flask import Flask, Response, g, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, NotFound
 
-from . import activity, demo, instances, metrics
-from .errors import ProxyError, error_body
+from . import activity, demo, hop, instances, metrics
+from .errors import LoopDetected, ProxyError, error_body
 from .routes import (  # noqa: F401 - page_api, keys_api and usage_api add routes to manage.bp
     anthropic,
     common,
@@ -28,6 +28,8 @@ from .state.limits import Limiter
 from .state.usage import Recorder
 
 log = logging.getLogger(__name__)
+LOOP_MESSAGE = ("This request has already passed through this proxy (its Streamfold-Hop header says so): a "
+                "provider's base-url points back at the proxy itself. Point it at the model server instead.")
 
 
 def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
@@ -89,13 +91,16 @@ def _start_request() -> None:
     g.request_id = given if 0 < len(given) <= 128 and given.isprintable() else os.urandom(12).hex()
     rule = request.url_rule
     g.log = {"request_id": g.request_id, "route": request.path, "rule": rule.rule if rule else "unmatched"}
+    if hop.ENVIRON_KEY in request.environ and request.blueprint != "demo" \
+            and hop.looped(request.environ[hop.ENVIRON_KEY]):
+        raise LoopDetected(LOOP_MESSAGE)
 
 
 def _finish_request(response: Response) -> Response:
     response.headers["X-Request-Id"] = g.request_id
     fields = g.log
     fields.setdefault("status", response.status_code)
-    if not fields.get("deferred"):
+    if not fields.get("deferred") and not fields.get("demo_hop"):
         common.write_access_log(fields)
     return response
 
@@ -110,6 +115,10 @@ def _render_http_error(exc: HTTPException) -> Response:
     if request.path.startswith("/v1/messages"):  # unrouted paths of the Anthropic API: its error shape
         return anthropic.http_error(exc)
     status = exc.code or 500
+    if status == 405 and request.path.startswith("/demo") and not g.log.get("demo_hop") and not demo.is_open():
+        # a method no demo route lists (TRACE, PROPFIND): while the demo does not answer, /demo is unknown
+        g.log["rule"] = "unmatched"
+        status, exc = 404, NotFound()
     kind = "invalid_request_error" if status < 500 else "server_error"
     messages = {404: f"Unknown request URL: {request.method} {request.path}.",
                 405: f"Method {request.method} is not allowed for {request.path}.",

@@ -15,6 +15,7 @@ import pytest
 import requests
 
 from proxy import create_app
+from proxy.hop import DEMO_HEADER, demo_secret
 from tests.conftest import make_app, provider, settings_doc
 from tests.gunicorn_util import ROOT, Gunicorn, write_settings
 from tests.test_management import force_reload_check
@@ -24,6 +25,8 @@ README = (ROOT / "README.md").read_text()
 SHIPPED_KEY = "sk-streamfold-local"  # the shipped settings' default client key, as the README uses it
 DEMO_TEXT = "This is streamfold's demo upstream, not a model."
 METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+# What the demo provider sends (this process's instance secret); tests that call /demo directly send it too.
+DEMO = {DEMO_HEADER: demo_secret()}
 
 
 def readme_curl_lines() -> list[str]:
@@ -142,9 +145,19 @@ def test_demo_stream_alias_is_folded_by_sniffing_and_tools_give_a_tool_call(ship
     assert {m.id for m in client.models.list()} >= {"qwen", "demo", "demo-stream"}
 
 
-def test_the_demo_hop_is_logged_like_any_request_and_no_key_reaches_the_log(shipped):
+def test_each_demo_request_is_logged_and_counted_once_and_no_key_reaches_the_log(shipped):
+    """The loopback hop to /demo is not a request of its own: one log line, one metric, per client request."""
+    before = shipped.output().count("\n")
+    answer = requests.post(shipped.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {SHIPPED_KEY}"},
+                           json={"model": "demo", "messages": [{"role": "user", "content": "count me"}]}, timeout=30)
+    assert answer.status_code == 200
+    time.sleep(0.5)  # the worker's log line lands
     output = shipped.output()
-    assert "route=/demo/v1/chat/completions" in output and "model=demo provider=demo " in output
+    lines = [line for line in output.splitlines()[before:] if "request_id=" in line]
+    assert len(lines) == 1 and "route=/v1/chat/completions model=demo provider=demo " in lines[0], lines
+    assert "route=/demo" not in output
+    metrics = requests.get(shipped.url + "/metrics", timeout=10).text
+    assert 'route="/demo' not in metrics
     assert SHIPPED_KEY not in output
 
 
@@ -157,18 +170,18 @@ def unpaced(monkeypatch):
 def test_demo_answers_sse_even_for_stream_false_and_the_same_bytes_every_time(serve, unpaced):
     live = serve(make_app(settings_doc(**{"demo-upstream": True})))
     body = {"model": "streamfold-demo", "stream": False, "messages": [{"role": "user", "content": "hello"}]}
-    first = requests.post(live.url + "/demo/v1/chat/completions", json=body, timeout=10)
+    first = requests.post(live.url + "/demo/v1/chat/completions", json=body, timeout=10, headers=DEMO)
     again = requests.post(live.url + "/demo/v1/chat/completions", json=body, timeout=10,
-                          headers={"Authorization": "Bearer any-upstream-key"})
+                          headers={"Authorization": "Bearer any-upstream-key", **DEMO})
     assert first.status_code == again.status_code == 200
     assert first.headers["Content-Type"] == "text/event-stream"
     assert first.content == again.content and first.content.endswith(b"data: [DONE]\n\n")
     assert b'"usage"' not in first.content  # only when stream_options.include_usage asks
-    with_usage = requests.post(live.url + "/demo/v1/chat/completions", timeout=10,
+    with_usage = requests.post(live.url + "/demo/v1/chat/completions", timeout=10, headers=DEMO,
                                json=dict(body, stream_options={"include_usage": True}))
     last = json.loads(with_usage.content.split(b"\n\n")[-3][6:])
     assert last["choices"] == [] and last["usage"]["completion_tokens_details"]["reasoning_tokens"] > 0
-    models = requests.get(live.url + "/demo/v1/models", timeout=10).json()
+    models = requests.get(live.url + "/demo/v1/models", timeout=10, headers=DEMO).json()
     assert [m["id"] for m in models["data"]] == ["streamfold-demo"]
 
 
@@ -189,16 +202,35 @@ def test_demo_is_an_ordinary_404_for_every_method_when_off(serve, upstream, path
     assert not [line for line in metrics if 'route="/demo' in line and 'status="404"' in line]
 
 
+@pytest.mark.parametrize("on", [False, True])
+def test_methods_no_demo_route_lists_are_a_json_404_while_the_demo_does_not_answer(serve, upstream, on):
+    live = serve(make_app(settings_doc(provider(upstream), **{"demo-upstream": on})))
+    for method in ("TRACE", "PROPFIND", "MKCOL", "BREW"):
+        for path in ("/demo/v1/models", "/demo/v1/chat/completions"):
+            response = requests.request(method, live.url + path, timeout=10)
+            assert response.status_code == 404, (method, path)
+            assert response.headers["Content-Type"] == "application/json" and "Allow" not in response.headers
+            assert response.json()["error"]["code"] == "not_found"
+    if on:  # the proxy itself, with a method the route does not take: told so
+        response = requests.request("TRACE", live.url + "/demo/v1/models", headers=DEMO, timeout=10)
+        assert response.status_code == 405 and response.json()["error"]["type"] == "invalid_request_error"
+
+
 def test_demo_when_on_answers_only_the_proxy_itself(serve, unpaced):
     app = make_app(settings_doc(**{"demo-upstream": True}))
     live = serve(app)
-    assert requests.get(live.url + "/demo/v1/models", timeout=10).status_code == 200
+    assert requests.get(live.url + "/demo/v1/models", timeout=10, headers=DEMO).status_code == 200
     for forwarded in ({"X-Forwarded-For": "203.0.113.9"}, {"X-Real-IP": "203.0.113.9"},
                       {"Forwarded": "for=203.0.113.9"}):
-        response = requests.get(live.url + "/demo/v1/models", headers=forwarded, timeout=10)
+        response = requests.get(live.url + "/demo/v1/models", headers={**forwarded, **DEMO}, timeout=10)
+        assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
+    # A same-host TCP forwarder adds no forwarding header: its callers are loopback peers without the secret.
+    for wrong in ({}, {DEMO_HEADER: "guess"}, {DEMO_HEADER: demo_secret()[:-1]}):
+        response = requests.post(live.url + "/demo/v1/chat/completions", headers=wrong, timeout=10,
+                                 json={"messages": [{"role": "user", "content": "hi"}]})
         assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
     remote = app.test_client().post("/demo/v1/chat/completions", environ_base={"REMOTE_ADDR": "198.51.100.7"},
-                                    json={"messages": [{"role": "user", "content": "hi"}]})
+                                    headers=DEMO, json={"messages": [{"role": "user", "content": "hi"}]})
     assert remote.status_code == 404 and remote.get_json()["error"]["code"] == "not_found"
 
 
@@ -208,16 +240,16 @@ def test_hot_reload_turns_the_demo_on_and_off(tmp_path, upstream, unpaced):
     app = create_app({"PROXY_SETTINGS": str(path), "ENVIRON": {}, "TESTING": True})
     client = app.test_client()
     body = {"model": "streamfold-demo", "messages": [{"role": "user", "content": "hi"}]}
-    assert client.post("/demo/v1/chat/completions", json=body).status_code == 404
+    assert client.post("/demo/v1/chat/completions", json=body, headers=DEMO).status_code == 404
     write_settings(path, dict(doc, **{"demo-upstream": True}))
     force_reload_check(app)
-    answer = client.post("/demo/v1/chat/completions", json=body)
+    answer = client.post("/demo/v1/chat/completions", json=body, headers=DEMO)
     assert answer.status_code == 200 and answer.mimetype == "text/event-stream"
     assert answer.data.endswith(b"data: [DONE]\n\n")
-    assert client.get("/demo/v1/chat/completions").status_code == 405  # on: a wrong method says so
+    assert client.get("/demo/v1/chat/completions", headers=DEMO).status_code == 405  # on: a wrong method says so
     write_settings(path, doc)
     force_reload_check(app)
-    assert client.post("/demo/v1/chat/completions", json=body).status_code == 404
+    assert client.post("/demo/v1/chat/completions", json=body, headers=DEMO).status_code == 404
 
 
 BAD_BODIES = [
@@ -237,10 +269,10 @@ def test_bad_input_to_the_demo_is_a_400_json_error_and_the_server_stays_healthy(
     live = serve(make_app(settings_doc(**{"demo-upstream": True})))
     for raw, param in BAD_BODIES:
         response = requests.post(live.url + "/demo/v1/chat/completions", data=raw, timeout=10,
-                                 headers={"Content-Type": "application/json"})
+                                 headers={"Content-Type": "application/json", **DEMO})
         assert response.status_code == 400, raw
         error = response.json()["error"]
         assert error["type"] == "invalid_request_error" and error["param"] == param, raw
-    healthy = requests.post(live.url + "/demo/v1/chat/completions", timeout=10,
+    healthy = requests.post(live.url + "/demo/v1/chat/completions", timeout=10, headers=DEMO,
                             json={"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]})
     assert healthy.status_code == 200 and b'\\"hi\\"' in healthy.content
