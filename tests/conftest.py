@@ -6,6 +6,7 @@ import gc
 import itertools
 import logging
 import shutil
+import sys
 import tempfile
 import threading
 import warnings
@@ -20,6 +21,8 @@ from proxy.settings import build_settings
 from proxy.state import ticker
 from proxy.upstream import Sessions
 from tests.upstream import FakeUpstream
+
+pytest.register_assert_rewrite("tests.agent_cli")  # the agent tests' helpers assert what the user saw
 
 # Every upstream pool a test app opens, so each test closes its own: the apps
 # are dropped without ceremony, and a pooled socket left for the garbage
@@ -156,3 +159,22 @@ def _collect_leftover_sockets():
         warnings.simplefilter("ignore", ResourceWarning)
         gc.collect()
         gc.collect()
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """The agent tests say how long they took: each real CLI's runs, and the agent test files in all
+    (setup and teardown included), so a run shows what they cost of CI's budget."""
+    agent_cli = sys.modules.get("tests.agent_cli")
+    if agent_cli is None or not agent_cli.RUNS:
+        return
+    reports = [r for group in terminalreporter.stats.values() for r in group
+               if "test_agents_" in getattr(r, "nodeid", "") and hasattr(r, "duration")]
+    terminalreporter.section("real agent CLIs")
+    for cli in sorted({run[0] for run in agent_cli.RUNS}):
+        runs = [run for run in agent_cli.RUNS if run[0] == cli]
+        slowest = max(runs, key=lambda run: run[2])
+        terminalreporter.write_line(
+            f"{cli} {agent_cli.VERSIONS[cli]}: {len(runs)} runs in {sum(r[2] for r in runs):.1f} s, "
+            f"slowest {slowest[2]:.1f} s ({slowest[1]}), {sum(1 for r in runs if r[3] != 0)} exited non-zero")
+    terminalreporter.write_line(f"agent tests: {len({r.nodeid for r in reports})} in "
+                                f"{sum(r.duration for r in reports):.1f} s")

@@ -1,0 +1,293 @@
+"""The real Claude Code and Codex CLIs driven through the proxy (issue 22): the harness the agent tests share.
+
+``tests/system-deps.sh`` installs both from the npm registry, pinned by ``tests/agents/package-lock.json``
+(their native binaries come inside the packages). A test runs one non-interactively (``claude -p``,
+``codex exec``) against the proxy under gunicorn (2 workers) and a scripted loopback upstream that speaks
+chat completions the way vLLM does: chunked SSE, one event per chunk, the usage chunk only when asked.
+
+Each scenario's prompt carries a tag, ``[[name]]``. The upstream answers by the tag of the conversation's
+latest tagged user message and by how many model turns (assistant messages) came after it, so one upstream
+serves every scenario, across the agent's own retries and across a continued session, and records what
+reached it per scenario. A request it has no script for is answered 400 and kept in ``unexpected``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from proxy.fold.chat import fold_chat_chunks
+from tests.conftest import CLIENT_KEY, provider, settings_doc
+from tests.gunicorn_util import Gunicorn, write_settings
+from tests.upstream import FakeUpstream, Recorded, Reply, sse
+
+AGENTS = Path(__file__).resolve().parent / "agents"
+PACKAGES = {"claude": "@anthropic-ai/claude-code", "codex": "@openai/codex"}
+VERSIONS = {cli: json.loads((AGENTS / "package.json").read_text())["dependencies"][package]
+            for cli, package in PACKAGES.items()}  # the exact versions the lockfile pins
+TAG = re.compile(r"\[\[([a-z0-9-]+)\]\]")
+RUN_TIMEOUT = 90  # seconds one CLI run may take before the test fails (a scripted turn takes 1-3 s)
+# Every CLI run's (cli, scenario, seconds, exit code): the terminal summary reports them (tests/conftest.py).
+RUNS: list[tuple[str, str, float, int]] = []
+
+
+def binary(name: str) -> str:
+    """The installed CLI; a missing one fails the test (never a skip: the suite must run the real agents)."""
+    path = AGENTS / "node_modules" / ".bin" / name
+    if not os.access(path, os.X_OK):
+        pytest.fail(f"{name} is not installed in {AGENTS}: run `bash tests/system-deps.sh`")
+    return str(path)
+
+
+# --- what the scripted upstream says ------------------------------------------------------------------------
+
+def text(content: str) -> list[dict]:
+    """Deltas streaming ``content`` a few characters per chunk."""
+    return [{"content": content[i:i + 8]} for i in range(0, len(content), 8)]
+
+
+def tool_call(index: int, call_id: str, name: str, arguments: dict | list[str]) -> list[dict]:
+    """Deltas of one tool call as vLLM streams it: id and name first, then the arguments in pieces (a
+    list of strings is sent as those pieces, to split them exactly where a test wants)."""
+    if isinstance(arguments, dict):
+        whole = json.dumps(arguments)
+        arguments = [whole[i:i + 12] for i in range(0, len(whole), 12)]
+    return [{"tool_calls": [{"index": index, "id": call_id, "type": "function",
+                             "function": {"name": name, "arguments": ""}}]},
+            *({"tool_calls": [{"index": index, "function": {"arguments": piece}}]} for piece in arguments)]
+
+
+def answer(rec: Recorded, deltas: list[dict], finish: str = "stop", **reply) -> Reply:
+    """``deltas`` as chat completion chunks: an SSE stream (usage last, only if the request asked for it)
+    or, for a non-stream request, their fold as one completion."""
+    head = {"id": f"chatcmpl-agent{len(deltas)}", "object": "chat.completion.chunk", "created": 1764000000,
+            "model": rec.body.get("model")}
+
+    def chunk(delta: dict, reason: str | None = None) -> dict:
+        return dict(head, choices=[{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}])
+
+    chunks = [chunk({"role": "assistant", "content": ""}), *map(chunk, deltas), chunk({}, finish)]
+    if (rec.body.get("stream_options") or {}).get("include_usage"):
+        chunks.append(dict(head, choices=[], usage={"prompt_tokens": 120, "completion_tokens": 9 * len(deltas),
+                                                    "total_tokens": 120 + 9 * len(deltas)}))
+    events = sse(*chunks)
+    if rec.body.get("stream"):
+        return Reply(events=events, **reply)
+    return Reply(body=json.dumps(fold_chat_chunks(events)).encode(), **reply)
+
+
+# A scenario's script: (recorded request, model turn since the scenario's prompt, how many requests this
+# scenario has seen at that turn before this one) -> the reply.
+Script = Callable[[Recorded, int, int], Reply]
+
+
+def turns(*steps: Callable[[Recorded], Reply]) -> Script:
+    """The usual script: the n-th model turn gets ``steps[n]``, also when the agent retries it."""
+    def script(rec: Recorded, turn: int, attempt: int) -> Reply:
+        if turn >= len(steps):
+            return Reply(status=400, body=b'{"error": {"message": "the script has no more turns"}}')
+        return steps[turn](rec)
+    return script
+
+
+def message_text(message: dict) -> str:
+    content = message.get("content")
+    if isinstance(content, list):
+        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return content or ""
+
+
+def locate(messages: list[dict]) -> tuple[str | None, int]:
+    """The tag of the latest user message that has one, and the assistant messages after it."""
+    for i in range(len(messages) - 1, -1, -1):
+        if messages[i].get("role") == "user":
+            tags = TAG.findall(message_text(messages[i]))
+            if tags:
+                return tags[-1], sum(1 for m in messages[i + 1:] if m.get("role") == "assistant")
+    return None, 0
+
+
+class ScriptedUpstream:
+    """A FakeUpstream answering each scenario from its script and recording its requests by tag."""
+
+    def __init__(self, **scripted) -> None:
+        self.scripts: dict[str, Script] = {}
+        self.seen: dict[str, list[Recorded]] = {}
+        self.unexpected: list[Recorded] = []
+        self.lock = threading.Lock()
+        self.fake = FakeUpstream(**scripted)
+        self.fake.handler = self.handle
+
+    @property
+    def url(self) -> str:
+        return self.fake.url
+
+    def stop(self) -> None:
+        self.fake.stop()
+
+    def script(self, tag: str, script: Script) -> str:
+        """Registers a scenario and returns its tag as the prompt should carry it."""
+        self.scripts[tag] = script
+        self.seen[tag] = []
+        return f"[[{tag}]]"
+
+    def handle(self, rec: Recorded) -> Reply:
+        tag, turn = locate(rec.body.get("messages") or []) if isinstance(rec.body, dict) else (None, 0)
+        if rec.path != "/v1/chat/completions" or tag not in self.scripts:
+            self.unexpected.append(rec)
+            return Reply(status=400, body=b'{"error": {"message": "no script for this request"}}')
+        with self.lock:
+            attempt = sum(1 for r in self.seen[tag] if locate(r.body["messages"]) == (tag, turn))
+            self.seen[tag].append(rec)
+        return self.scripts[tag](rec, turn, attempt)
+
+
+@pytest.fixture(scope="module")
+def scripted():
+    """One scripted upstream per test module (its scenarios are told apart by their tags)."""
+    fake = ScriptedUpstream()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture
+def where(tmp_path):
+    """(HOME, working directory) of one agent user: its own settings, sessions and files."""
+    (tmp_path / "work").mkdir()
+    return tmp_path / "home", tmp_path / "work"
+
+
+# --- the proxy ----------------------------------------------------------------------------------------------
+
+def deploy(directory: Path, *providers: dict) -> Gunicorn:
+    """The proxy under gunicorn with 2 workers, the shipped gunicorn.conf.py, these providers."""
+    return Gunicorn(write_settings(directory / "settings.yaml", settings_doc(*providers)), workers=2, threads=4)
+
+
+def chat_provider(upstream: ScriptedUpstream, name: str, model: str, aliases: list[str], **extra) -> dict:
+    """A chat-only provider (both bridges translate to chat for it) serving ``model`` under ``aliases``."""
+    return provider(upstream.url, name=name, **{"native-apis": ["chat"],
+                                                "models": [{"name": model, "alias": a} for a in aliases], **extra})
+
+
+# --- running a CLI ------------------------------------------------------------------------------------------
+
+@dataclass
+class Run:
+    code: int
+    stdout: str
+    stderr: str
+    seconds: float
+    events: list[dict] = field(default_factory=list)
+
+    def __str__(self) -> str:  # what a failing assert shows
+        return f"exit {self.code} after {self.seconds:.1f} s\n--- stdout\n{self.stdout[-6000:]}\n--- stderr\n" \
+               f"{self.stderr[-3000:]}"
+
+
+def _base_env(home: Path) -> dict:
+    """Nothing from the caller's environment but PATH: no proxy variables, no real keys or config."""
+    home.mkdir(parents=True, exist_ok=True)
+    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home), "LANG": "C.UTF-8",
+            "TMPDIR": str(home), "NO_COLOR": "1"}
+
+
+def _run(cli: str, scenario: str, cmd: list[str], cwd: Path, env: dict) -> Run:
+    started = time.monotonic()
+    try:
+        done = subprocess.run(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, capture_output=True,
+                              timeout=RUN_TIMEOUT, text=True, errors="replace")
+        code, out, err = done.returncode, done.stdout, done.stderr
+    except subprocess.TimeoutExpired as e:
+        code = -9
+        out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        err = (e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")) \
+            + f"\n[killed after {RUN_TIMEOUT} s]"
+    seconds = time.monotonic() - started
+    RUNS.append((cli, scenario, seconds, code))
+    events = []
+    for line in out.splitlines():
+        try:
+            events.append(json.loads(line))
+        except ValueError:
+            pass
+    return Run(code, out, err, seconds, events)
+
+
+def claude(proxy: Gunicorn, home: Path, cwd: Path, prompt: str, *args: str, model: str | None = None) -> Run:
+    """``claude -p PROMPT`` in stream-json, every tool allowed; ``model`` sets all of Claude Code's model
+    names (main and small), else it asks for its own ``claude-*`` names."""
+    env = _base_env(home) | {
+        "ANTHROPIC_BASE_URL": proxy.url, "ANTHROPIC_API_KEY": CLIENT_KEY,
+        "IS_SANDBOX": "1",  # --dangerously-skip-permissions is refused as root otherwise
+        "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "DISABLE_TELEMETRY": "1", "DISABLE_AUTOUPDATER": "1"}
+    if model:
+        env |= {"ANTHROPIC_MODEL": model, "ANTHROPIC_DEFAULT_HAIKU_MODEL": model,
+                "ANTHROPIC_DEFAULT_SONNET_MODEL": model, "ANTHROPIC_DEFAULT_OPUS_MODEL": model}
+    cmd = [binary("claude"), "-p", prompt, "--output-format", "stream-json", "--verbose",
+           "--dangerously-skip-permissions", *args]
+    return _run("claude", TAG.findall(prompt)[-1], cmd, cwd, env)
+
+
+def claude_result(run: Run) -> dict:
+    """Claude Code's final ``result`` event (what ``-p`` prints as the answer)."""
+    results = [e for e in run.events if e.get("type") == "result"]
+    assert len(results) == 1, run
+    return results[0]
+
+
+def claude_blocks(run: Run, kind: str) -> list[dict]:
+    """The content blocks of type ``kind`` in the assistant messages Claude Code printed."""
+    return [block for e in run.events if e.get("type") == "assistant"
+            for block in e["message"]["content"] if block.get("type") == kind]
+
+
+def codex(proxy: Gunicorn, home: Path, cwd: Path, prompt: str, *args: str, model: str = "agent",
+          resume: bool = False) -> Run:
+    """``codex exec --json PROMPT`` (or ``codex exec resume --last``) with a config.toml whose provider
+    points at the proxy's Responses API; no sandbox, no approvals (the test's directory is its own)."""
+    codex_home = home / ".codex"
+    codex_home.mkdir(parents=True, exist_ok=True)
+    (codex_home / "config.toml").write_text(
+        f'model = "{model}"\nmodel_provider = "streamfold"\n\n[model_providers.streamfold]\nname = "streamfold"\n'
+        f'base_url = "{proxy.url}/v1"\nenv_key = "STREAMFOLD_API_KEY"\nwire_api = "responses"\n')
+    env = _base_env(home) | {"CODEX_HOME": str(codex_home), "STREAMFOLD_API_KEY": CLIENT_KEY}
+    verb = ["exec", "resume", "--last"] if resume else ["exec"]
+    cmd = [binary("codex"), *verb, "--json", "--skip-git-repo-check", "--dangerously-bypass-approvals-and-sandbox",
+           *args, prompt]
+    return _run("codex", TAG.findall(prompt)[-1], cmd, cwd, env)
+
+
+def codex_items(run: Run, kind: str) -> list[dict]:
+    """The completed items of type ``kind`` Codex printed (agent_message, reasoning, command_execution...)."""
+    return [e["item"] for e in run.events if e.get("type") == "item.completed" and e["item"].get("type") == kind]
+
+
+# --- what reached the upstream ------------------------------------------------------------------------------
+
+def check_upstream(upstream: ScriptedUpstream, tag: str, model: str) -> list[dict]:
+    """What a scenario sent upstream is only what it should be: streamed chat requests for the model
+    its provider names, usage asked for, no Anthropic or Codex request shapes leaking through. Returns
+    the request bodies."""
+    bodies = [rec.body for rec in upstream.seen[tag]]
+    assert bodies, f"nothing reached the upstream for {tag}"
+    for rec in upstream.seen[tag]:
+        assert rec.key is not None and rec.key != CLIENT_KEY  # the provider's key, never the client's
+        assert not any(h.startswith(("anthropic-", "x-api-key")) for h in rec.headers)
+        body = rec.body
+        assert body["model"] == model and body["stream"] is True
+        assert body["stream_options"] == {"include_usage": True}
+        for m in body["messages"]:
+            assert m["role"] in ("system", "user", "assistant", "tool")
+            assert "cache_control" not in json.dumps(m)
+        for tool in body.get("tools", []):
+            assert tool["type"] == "function" and tool["function"]["name"]
+    return bodies
