@@ -28,7 +28,7 @@ import os
 import threading
 import time
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
 import yaml
@@ -199,6 +199,10 @@ class ConfigHolder:
         the same content again): that version becomes the last good copy.
         """
         old = self.runtime.settings
+        changes = describe_changes(old, settings)
+        # The store and the shared state were opened at start: the running ones stay in force (and /config
+        # shows them) until a restart; the log line says the change waits for one.
+        settings = replace(settings, state_path=old.state_path, redis_url=old.redis_url)
         self.runtime = Runtime(settings, Router(settings), document,
                                _sources(self.file_document, self.runtime_providers))
         self.keys.max_cooldown = settings.max_cooldown
@@ -206,7 +210,7 @@ class ConfigHolder:
             self._fingerprint = fingerprint
             last_good.save_taken(self.environ, self.file_document, fingerprint)
         self.reloaded_at, self.reload_error = time.time(), None
-        log.info("settings reloaded: %s", bounded(describe_changes(old, settings)))
+        log.info("settings reloaded: %s", bounded(changes))
 
     def _read(self) -> bytes | None:
         try:
@@ -283,6 +287,9 @@ def describe_changes(old: Settings, new: Settings) -> str:
             parts.append(f"{label} changed")
     if old.management != new.management:
         parts.append("remote-management changed")
+    for attribute, label in (("state_path", "state-path"), ("redis_url", "redis-url")):
+        if getattr(old, attribute) != getattr(new, attribute):
+            parts.append(f"{label} changed: NEEDS A RESTART (the running one stays in use until then)")
     return "; ".join(parts) or "no effective change"
 
 

@@ -25,6 +25,12 @@ from .settings import (
     redact,
 )
 
+# Numbers are bounded to what every consumer holds: SQLite's INTEGER is 64-bit (2^63 and up was an
+# OverflowError on every request of the key) and Redis's Lua numbers are doubles, exact to 2^53.
+MAX_INTEGER = 2**53 - 1
+# Every float setting is seconds: past ~31 years a value is a mistake, and inf, nan or 1e400 would overflow
+# sleeps, socket timeouts and expiry times.
+MAX_SECONDS = 10**9
 _NAME = re.compile(r"[a-z0-9_-]+")  # used with fullmatch: "$" would accept a trailing newline
 _PROXY_SCHEMES = ("http", "https", "socks5", "socks5h", "socks4", "socks4a")
 
@@ -95,6 +101,9 @@ class Validator:
         if value < minimum:
             self.problem(_join(path, key), f"must be >= {minimum}")
             return default
+        if value > MAX_INTEGER:
+            self.problem(_join(path, key), f"must be <= {MAX_INTEGER}")
+            return default
         return value
 
     def number(self, mapping: dict, path: str, key: str, default: float, minimum: float,
@@ -102,6 +111,9 @@ class Validator:
         value = mapping.get(key, default)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             self.problem(_join(path, key), f"must be a number, not {_kind(value)}")
+            return default
+        if value != value or value > MAX_SECONDS:  # nan, inf, or a number float() cannot even hold
+            self.problem(_join(path, key), f"must be a number of seconds <= {MAX_SECONDS}")
             return default
         if value < minimum or (exclusive and value == minimum):
             self.problem(_join(path, key), f"must be {'>' if exclusive else '>='} {minimum}")

@@ -19,8 +19,10 @@ import pytest
 import requests
 import yaml
 
-from tests.conftest import AUTH, CHAT, CLIENT_KEY, PROVIDER_KEY
-from tests.gunicorn_util import Gunicorn
+from proxy import create_app
+from proxy.settings import SettingsError, build_settings
+from tests.conftest import AUTH, CHAT, CLIENT_KEY, PROVIDER_KEY, provider, settings_doc
+from tests.gunicorn_util import Gunicorn, write_settings
 from tests.upstream import FakeUpstream, Reply, sse, text_chunks
 
 
@@ -123,3 +125,53 @@ def test_a_respawned_or_hup_booted_worker_never_serves_a_broken_open_or_half_wri
     assert "Worker failed to boot" not in server.output()
     if broken != "half-written":
         assert "keeping the running config" in server.output()
+
+
+# -- finding 11: numbers the store cannot hold, settings that need a restart --------------------------------
+
+SECRET = "mgmt-secret-value-3434"
+MGMT = {"Authorization": f"Bearer {SECRET}"}
+
+
+@pytest.fixture
+def managed(tmp_path, upstream, serve):
+    """The proxy on a settings file, with management on and a named client key."""
+    upstream.handler = lambda rec: Reply(events=sse(*text_chunks(["fine"])))
+    doc = settings_doc(provider(upstream), **{"api-keys": [{"key": CLIENT_KEY, "name": "team"}],
+                                              "remote-management": {"secret-key": SECRET}})
+    path = write_settings(tmp_path / "settings.yaml", doc)
+    return path, serve(create_app({"PROXY_SETTINGS": str(path), "ENVIRON": {}}))
+
+
+@pytest.mark.parametrize("field", ["rpm", "tpm", "max-concurrent"])
+def test_a_limit_past_what_the_store_holds_is_refused_and_the_key_keeps_working(managed, field):
+    path, live = managed
+    response = requests.patch(live.url + "/v0/management/api-keys", headers=MGMT, timeout=10,
+                              json={"name": "team", "value": {field: 2**63}})
+    assert response.status_code == 400
+    assert f"api-keys[0].{field}: must be <= {2**53 - 1}" in response.json()["error"]["problems"]
+    assert field not in yaml.safe_load(path.read_text())["api-keys"][0]
+    answer = requests.post(live.url + "/v1/chat/completions", json=CHAT, headers=AUTH, timeout=10)
+    assert answer.status_code == 200 and answer.json()["choices"][0]["message"]["content"] == "fine"
+
+
+def test_seconds_that_are_infinite_nan_or_past_any_sensible_time_are_refused_by_path():
+    with pytest.raises(SettingsError) as caught:
+        build_settings({"client-timeout": float("inf"), "max-cooldown": 1e12,
+                        "timeouts": {"connect": float("nan"), "read": 10**400}}, {})
+    assert caught.value.problems == [f"{path}: must be a number of seconds <= 1000000000" for path in (
+        "timeouts.connect", "timeouts.read", "client-timeout", "max-cooldown")]
+
+
+@pytest.mark.parametrize("key, value", [("state-path", "elsewhere.db"), ("redis-url", "redis://127.0.0.1:1/0")])
+def test_a_state_path_or_redis_url_edit_is_reported_as_needing_a_restart_and_not_shown_as_in_effect(
+        managed, caplog, key, value):
+    path, live = managed
+    running = requests.get(live.url + "/v0/management/config", headers=MGMT, timeout=10).json()[key]
+    doc = yaml.safe_load(path.read_text())
+    doc[key] = str(path.parent / value) if key == "state-path" else value
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    config = requests.get(live.url + "/v0/management/config", headers=MGMT, timeout=10).json()
+    assert config[key] == running
+    assert any(f"{key} changed: NEEDS A RESTART" in r.getMessage() for r in caplog.records)
+    assert requests.post(live.url + "/v1/chat/completions", json=CHAT, headers=AUTH, timeout=10).status_code == 200
