@@ -214,6 +214,33 @@ def test_valid_json_of_the_wrong_shape_is_a_502_naming_the_problem(upstream, ser
     assert chat(live.url).json()["choices"][0]["message"]["content"] == "healthy"
 
 
+WRONG_SHAPES = [{"choices": []}, {"choices": [1]}, {"choices": [{}]}, {"choices": [{"message": 5}]},
+                {"choices": [{"message": {"content": 5}}]}, {"choices": [{"message": {"tool_calls": 5}}]},
+                {"choices": [{"message": {"tool_calls": [5]}}]},
+                {"choices": [{"message": {"content": "hi"}, "finish_reason": 7}]}, {"object": "list"}]
+
+
+@pytest.mark.parametrize("shape", WRONG_SHAPES, ids=lambda s: json.dumps(s)[:40])
+@pytest.mark.parametrize("stream", [False, True])
+def test_bridges_answer_valid_json_of_the_wrong_shape_with_a_502_naming_it(upstream, serve, shape, stream):
+    # Issue 21, finding 10: the non-stream bridges sent an empty 200 (or a 500) for these.
+    live = serve(make_app(settings_doc(provider(upstream, **{"native-apis": ["chat"]}))))
+    upstream.handler = lambda rec: Reply(body=json.dumps(shape).encode())
+    messages = requests.post(live.url + "/v1/messages", headers=AUTH, timeout=10, json={
+        "model": "m", "max_tokens": 10, "stream": stream, "messages": [{"role": "user", "content": "hi"}]})
+    responses = requests.post(live.url + "/v1/responses", headers=AUTH, timeout=10,
+                              json={"model": "m", "input": "hi", "stream": stream})
+    if stream:  # Responses streams commit before the upstream's JSON is read whole: they end in an error event
+        assert responses.status_code == 200 and b"not a chat completion" in responses.content
+        assert b"response.completed" not in responses.content
+    else:
+        assert responses.status_code == 502, responses.text[:200]
+        assert responses.json()["error"]["code"] == "upstream_bad_answer"
+        assert "not a chat completion" in responses.json()["error"]["message"]
+    assert messages.status_code == 502, messages.text[:200]
+    assert messages.json()["type"] == "error" and "not a chat completion" in messages.json()["error"]["message"]
+
+
 def test_json_nested_deeper_than_the_answer_can_be_written_is_a_502(upstream, serve):
     live = forced(upstream, serve)
     deep = "[" * 400 + "]" * 400  # orjson reads 1,024 levels but writes 255

@@ -10,6 +10,7 @@ from typing import Any, Collection
 
 import orjson
 
+from ..completion import first_choice
 from ..tools import ToolNames, is_context_overflow, repair_json_object, sanitize_tool_id
 
 # HTTP status -> Anthropic error type (Anthropic's docs, CLIProxyAPI claudeErrorTypeFromStatus).
@@ -126,9 +127,7 @@ def tool_input(arguments: Any) -> dict:
 def to_message(completion: dict, model: str, names: ToolNames, stops: Collection[str] = ()) -> dict:
     """The Anthropic ``message`` for a ``chat.completion`` (choice 0); ``model`` is what the client asked for,
     ``stops`` its ``stop_sequences``."""
-    choices = completion.get("choices")
-    choice = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
-    message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+    choice, message = first_choice(completion)
     content: list[dict] = []
     reasoning = message.get("reasoning_content") or message.get("reasoning")
     if isinstance(reasoning, str) and reasoning:

@@ -28,6 +28,7 @@ import orjson
 
 from ...errors import StreamError
 from ...fold.chat import stream_error
+from ..completion import first_choice
 from ..tools import ToolNames, sanitize_tool_id
 from .response import error_event, new_message_id, stop_fields, tool_input, usage
 
@@ -64,9 +65,7 @@ def completion_as_chunk(body: bytes) -> dict:
         raise StreamError("upstream answered a stream request with JSON that is not an object")
     if completion.get("error") is not None:
         raise stream_error(completion)
-    choices = completion.get("choices")
-    choice = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
-    message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+    choice, message = first_choice(completion)
     calls = message.get("tool_calls")
     delta = {k: v for k, v in message.items() if k != "tool_calls"}
     if isinstance(calls, list):

@@ -14,7 +14,8 @@ from typing import Any
 
 import orjson
 
-from ...errors import BadRequest, StreamError
+from ...errors import BadRequest
+from ..completion import first_choice
 from ..tools import is_context_overflow as overflow  # noqa: F401 - the stream and route ask it here
 from ..tools import repair_json_object
 from .toolmap import ToolMap
@@ -170,11 +171,7 @@ def output_items(ctx: Context, reasoning: str, text: str, calls: list[tuple[str,
 # -- a whole answer ------------------------------------------------------------------
 def answer_parts(completion: Any, ctx: Context) -> tuple[str, str, list[tuple[str, str, str]], str | None]:
     """``(reasoning, text, calls, finish_reason)`` of a ``chat.completion``'s first choice."""
-    choices = completion.get("choices") if isinstance(completion, dict) else None
-    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-        raise StreamError("upstream answer is not a chat completion", code="upstream_bad_answer")
-    choice = choices[0]
-    message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+    choice, message = first_choice(completion)
     reasoning = _text(message.get("reasoning_content")) or _text(message.get("reasoning"))
     calls = []
     for i, call in enumerate(message.get("tool_calls") or ()):
@@ -208,16 +205,13 @@ def _text(value: Any) -> str:
 
 def completion_as_chunk(completion: dict) -> dict:
     """A ``chat.completion`` as one stream chunk, for an upstream that answered JSON to ``stream: true``."""
-    choices = completion.get("choices") if isinstance(completion, dict) else None
-    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-        raise StreamError("upstream answer is not a chat completion", code="upstream_bad_answer")
-    message = choices[0].get("message") if isinstance(choices[0].get("message"), dict) else {}
+    choice, message = first_choice(completion)
     delta = {key: message[key] for key in ("content", "reasoning_content", "reasoning") if message.get(key)}
     calls = message.get("tool_calls")
     if isinstance(calls, list) and calls:
         delta["tool_calls"] = [{**call, "index": i} for i, call in enumerate(calls) if isinstance(call, dict)]
     chunk = {key: completion[key] for key in ("id", "model", "created") if key in completion}
-    chunk["choices"] = [{"index": 0, "delta": delta, "finish_reason": choices[0].get("finish_reason") or "stop"}]
+    chunk["choices"] = [{"index": 0, "delta": delta, "finish_reason": choice.get("finish_reason") or "stop"}]
     if completion.get("usage"):
         chunk["usage"] = completion["usage"]
     return chunk
