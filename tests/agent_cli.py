@@ -67,7 +67,7 @@ def tool_call(index: int, call_id: str, name: str, arguments: dict | list[str]) 
 
 def answer(rec: Recorded, deltas: list[dict], finish: str = "stop", **reply) -> Reply:
     """``deltas`` as chat completion chunks: an SSE stream (usage last, only if the request asked for it)
-    or, for a non-stream request, their fold as one completion."""
+    or, for a non-stream request, their fold as one completion (with usage)."""
     head = {"id": f"chatcmpl-agent{len(deltas)}", "object": "chat.completion.chunk", "created": 1764000000,
             "model": rec.body.get("model")}
 
@@ -75,7 +75,7 @@ def answer(rec: Recorded, deltas: list[dict], finish: str = "stop", **reply) -> 
         return dict(head, choices=[{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}])
 
     chunks = [chunk({"role": "assistant", "content": ""}), *map(chunk, deltas), chunk({}, finish)]
-    if (rec.body.get("stream_options") or {}).get("include_usage"):
+    if not rec.body.get("stream") or (rec.body.get("stream_options") or {}).get("include_usage"):
         chunks.append(dict(head, choices=[], usage={"prompt_tokens": 120, "completion_tokens": 9 * len(deltas),
                                                     "total_tokens": 120 + 9 * len(deltas)}))
     events = sse(*chunks)
@@ -273,21 +273,35 @@ def codex_items(run: Run, kind: str) -> list[dict]:
 
 # --- what reached the upstream ------------------------------------------------------------------------------
 
-def check_upstream(upstream: ScriptedUpstream, tag: str, model: str) -> list[dict]:
-    """What a scenario sent upstream is only what it should be: streamed chat requests for the model
-    its provider names, usage asked for, no Anthropic or Codex request shapes leaking through. Returns
-    the request bodies."""
-    bodies = [rec.body for rec in upstream.seen[tag]]
+def check_upstream(scripted: ScriptedUpstream, tag: str, model: str) -> list[dict]:
+    """What a scenario sent upstream is only what it should be: chat requests for the model its provider
+    names with the provider's key, usage asked for on streams, no Anthropic or Responses shapes or headers
+    leaking through. Returns the request bodies in order."""
+    bodies = [rec.body for rec in scripted.seen[tag]]
     assert bodies, f"nothing reached the upstream for {tag}"
-    for rec in upstream.seen[tag]:
+    for rec in scripted.seen[tag]:
         assert rec.key is not None and rec.key != CLIENT_KEY  # the provider's key, never the client's
-        assert not any(h.startswith(("anthropic-", "x-api-key")) for h in rec.headers)
+        assert not any(h.startswith(("anthropic-", "x-api-key", "openai-", "originator")) for h in rec.headers)
         body = rec.body
-        assert body["model"] == model and body["stream"] is True
-        assert body["stream_options"] == {"include_usage": True}
+        assert body["model"] == model
+        assert body.get("stream_options") == ({"include_usage": True} if body.get("stream") else None)
         for m in body["messages"]:
             assert m["role"] in ("system", "user", "assistant", "tool")
             assert "cache_control" not in json.dumps(m)
         for tool in body.get("tools", []):
             assert tool["type"] == "function" and tool["function"]["name"]
     return bodies
+
+
+def assistant_turns(body: dict) -> list[dict]:
+    return [m for m in body["messages"] if m["role"] == "assistant"]
+
+
+def tool_results(body: dict) -> list[dict]:
+    return [m for m in body["messages"] if m["role"] == "tool"]
+
+
+def calls(message: dict) -> list[tuple[str, str, dict]]:
+    """An assistant message's tool calls as (id, name, parsed arguments)."""
+    return [(c["id"], c["function"]["name"], json.loads(c["function"]["arguments"]))
+            for c in message.get("tool_calls") or []]

@@ -3,19 +3,23 @@ scripted vLLM-like chat upstream (issue 22). Each test checks what the user sees
 really ran, the final text printed, and what reached the upstream."""
 from __future__ import annotations
 
-import json
+import re
 
 import pytest
 
 from tests.agent_cli import (
     answer,
+    assistant_turns,
+    calls,
     chat_provider,
     check_upstream,
     claude,
+    claude_blocks,
     claude_result,
     deploy,
     text,
     tool_call,
+    tool_results,
     turns,
 )
 
@@ -23,39 +27,168 @@ pytest_plugins = ["tests.agent_cli"]  # its fixtures: scripted, where
 
 pytestmark = pytest.mark.timeout(240)
 MODEL = "qwen3-coder"  # what the upstream is asked for: every claude-* name Claude Code uses maps to it
+FORCED = "qwen3-coder-forced"
 
 
 @pytest.fixture(scope="module")
 def proxy(scripted, tmp_path_factory):
     server = deploy(tmp_path_factory.mktemp("claude-proxy"),
-                    chat_provider(scripted, "local", MODEL, ["claude-*"]))
+                    chat_provider(scripted, "local", MODEL, ["claude-*"]),
+                    chat_provider(scripted, "forced", FORCED, ["forced"], **{"force-upstream-stream": True}))
     yield server
     server.stop()
 
 
-def tool_results(body: dict) -> list[dict]:
-    return [m for m in body["messages"] if m["role"] == "tool"]
+def access_line(proxy, request_id: str) -> str:
+    """The proxy's access log line of one request (Claude Code prints the proxy's request id)."""
+    (line,) = re.findall(rf"streamfold\.access request_id={request_id} .*", proxy.output())
+    return line
+
+
+def succeeded(run, final: str) -> dict:
+    assert run.code == 0, run
+    result = claude_result(run)
+    assert result["subtype"] == "success" and not result["is_error"], run
+    assert result["result"] == final, run
+    return result
+
+
+def write(index: int, call_id: str, path, content: str) -> list[dict]:
+    return tool_call(index, call_id, "Write", {"file_path": str(path), "content": content})
+
+
+def bash(index: int, call_id: str, command: str) -> list[dict]:
+    return tool_call(index, call_id, "Bash", {"command": command, "description": "Run a command"})
 
 
 def test_plain_tool_turn_writes_a_file(scripted, proxy, where):
     home, work = where
     target = work / "hello.txt"
     tag = scripted.script("plain", turns(
-        lambda rec: answer(rec, text("I'll write the file.") + tool_call(
-            0, "call_write1", "Write", {"file_path": str(target), "content": "Hello from Claude Code\n"}),
-            finish="tool_calls"),
+        lambda rec: answer(rec, text("I'll write the file.") + write(0, "call_write1", target,
+                                                                    "Hello from Claude Code\n"), "tool_calls"),
         lambda rec: answer(rec, text("Wrote hello.txt."))))
     run = claude(proxy, home, work, f"{tag} Create hello.txt saying hello.")
-    assert run.code == 0, run
+    succeeded(run, "Wrote hello.txt.")
     assert target.read_text() == "Hello from Claude Code\n"
-    result = claude_result(run)
-    assert result["subtype"] == "success" and not result["is_error"] and result["result"] == "Wrote hello.txt."
     first, second = check_upstream(scripted, "plain", MODEL)
-    assert "Write" in [t["function"]["name"] for t in first["tools"]]
-    (called,) = [m for m in second["messages"] if m["role"] == "assistant"]
+    assert first["stream"] is True and {"Write", "Bash", "Read"} <= {t["function"]["name"] for t in first["tools"]}
+    (called,) = assistant_turns(second)
     assert called["content"] == "I'll write the file."
-    assert [(c["id"], c["function"]["name"], json.loads(c["function"]["arguments"])) for c in called["tool_calls"]] \
-        == [("call_write1", "Write", {"file_path": str(target), "content": "Hello from Claude Code\n"})]
-    (result_message,) = tool_results(second)
-    assert result_message["tool_call_id"] == "call_write1" and "hello.txt" in result_message["content"]
+    assert calls(called) == [("call_write1", "Write",
+                              {"file_path": str(target), "content": "Hello from Claude Code\n"})]
+    (result,) = tool_results(second)
+    assert result["tool_call_id"] == "call_write1" and "hello.txt" in result["content"]
+    assert not scripted.unexpected
+
+
+def test_parallel_tool_calls_both_run(scripted, proxy, where):
+    home, work = where
+    tag = scripted.script("parallel", turns(
+        lambda rec: answer(rec, text("Both at once.") + write(0, "call_a", work / "a.txt", "alpha\n")
+                           + bash(1, "call_b", "echo beta > b.txt"), "tool_calls"),
+        lambda rec: answer(rec, text("Made a.txt and b.txt."))))
+    run = claude(proxy, home, work, f"{tag} Make a.txt and b.txt.")
+    succeeded(run, "Made a.txt and b.txt.")
+    assert (work / "a.txt").read_text() == "alpha\n" and (work / "b.txt").read_text() == "beta\n"
+    assert [b["name"] for b in claude_blocks(run, "tool_use")] == ["Write", "Bash"]
+    _, second = check_upstream(scripted, "parallel", MODEL)
+    (called,) = assistant_turns(second)
+    assert [c[:2] for c in calls(called)] == [("call_a", "Write"), ("call_b", "Bash")]
+    roles = [m["role"] for m in second["messages"]]
+    at = roles.index("assistant")
+    assert roles[at + 1:at + 3] == ["tool", "tool"]  # both results right after the calls, in order
+    assert [m["tool_call_id"] for m in tool_results(second)] == ["call_a", "call_b"]
+    assert not scripted.unexpected
+
+
+def test_reasoning_stream_shows_thinking(scripted, proxy, where):
+    home, work = where
+    thought = "The user wants a file; the Write tool makes it."
+    tag = scripted.script("reasoning", turns(
+        lambda rec: answer(rec, [{"reasoning_content": thought[i:i + 9]} for i in range(0, len(thought), 9)]
+                           + text("Writing it.") + write(0, "call_r", work / "r.txt", "reasoned\n"), "tool_calls"),
+        lambda rec: answer(rec, [{"reasoning_content": "Done, say so."}] + text("r.txt is written."))))
+    run = claude(proxy, home, work, f"{tag} Think, then write r.txt.")
+    succeeded(run, "r.txt is written.")
+    assert (work / "r.txt").read_text() == "reasoned\n"
+    assert [b["thinking"] for b in claude_blocks(run, "thinking")] == [thought, "Done, say so."]
+    first, second = check_upstream(scripted, "reasoning", MODEL)
+    assert first["reasoning_effort"] in ("low", "medium", "high")
+    (called,) = assistant_turns(second)
+    assert "reasoning_content" not in called  # reasoning-replay is off: thinking is not sent back
+    assert calls(called)[0][:2] == ("call_r", "Write")
+    assert not scripted.unexpected
+
+
+def failing_once(*steps):
+    """``turns``, but the first try of the first turn breaks off mid-stream (the upstream drops the
+    connection after a few chunks of text, no [DONE])."""
+    script = turns(*steps)
+
+    def run(rec, turn, attempt):
+        if turn == 0 and attempt == 0:
+            return answer(rec, text("I'll run that command for you now."), drop_after=3)
+        return script(rec, turn, attempt)
+    return run
+
+
+def test_mid_stream_failure_then_claude_code_retries(scripted, proxy, where):
+    home, work = where
+    tag = scripted.script("failure", failing_once(
+        lambda rec: answer(rec, text("Retrying worked.") + bash(0, "call_f", "echo retried > retry.txt"),
+                           "tool_calls"),
+        lambda rec: answer(rec, text("retry.txt says retried."))))
+    run = claude(proxy, home, work, f"{tag} Write retry.txt.")
+    succeeded(run, "retry.txt says retried.")
+    assert (work / "retry.txt").read_text() == "retried\n"
+    broken, retry, second = check_upstream(scripted, "failure", MODEL)
+    # Claude Code's own retry after the stream's `event: error` is its non-streaming fallback, with the
+    # same conversation: nothing of the broken answer in it.
+    assert broken["stream"] is True and not retry.get("stream")
+    assert retry["messages"] == broken["messages"]
+    assert [m["content"] for m in assistant_turns(second)] == ["Retrying worked."]
+    assert "I'll run" not in str(second["messages"])
+    assert not scripted.unexpected
+
+
+def test_forced_fold_provider(scripted, proxy, where):
+    """A provider with force-upstream-stream: Claude Code streams, and its non-streaming fallback after a
+    broken stream is sent upstream as a stream and folded into one Anthropic message."""
+    home, work = where
+    tag = scripted.script("forced", failing_once(
+        lambda rec: answer(rec, text("Folded.") + write(0, "call_x", work / "folded.txt", "from a fold\n"),
+                           "tool_calls"),
+        lambda rec: answer(rec, text("folded.txt is there."))))
+    run = claude(proxy, home, work, f"{tag} Write folded.txt.", model="forced")
+    succeeded(run, "folded.txt is there.")
+    assert (work / "folded.txt").read_text() == "from a fold\n"
+    bodies = check_upstream(scripted, "forced", FORCED)
+    assert [b["stream"] for b in bodies] == [True, True, True]  # the fallback too: forced
+    (folded_request,) = {e["request_id"] for e in run.events if e.get("type") == "assistant"
+                         and e["message"]["content"][0].get("text") == "Folded."}
+    line = access_line(proxy, folded_request)
+    assert "route=/v1/messages" in line and "forced_stream=yes folded=yes" in line and "result=complete" in line
+    assert not scripted.unexpected
+
+
+def test_two_turn_session_with_continue(scripted, proxy, where):
+    home, work = where
+    note = work / "note.txt"
+    first_tag = scripted.script("session-one", turns(
+        lambda rec: answer(rec, write(0, "call_s1", note, "first\n"), "tool_calls"),
+        lambda rec: answer(rec, text("Saved the note."))))
+    second_tag = scripted.script("session-two", turns(
+        lambda rec: answer(rec, bash(0, "call_s2", "echo second >> note.txt"), "tool_calls"),
+        lambda rec: answer(rec, text("Appended to the note."))))
+    succeeded(claude(proxy, home, work, f"{first_tag} Save a note."), "Saved the note.")
+    run = claude(proxy, home, work, f"{second_tag} Add to the note.", "--continue")
+    succeeded(run, "Appended to the note.")
+    assert note.read_text() == "first\nsecond\n"
+    check_upstream(scripted, "session-one", MODEL)
+    resumed, last = check_upstream(scripted, "session-two", MODEL)
+    history = str(resumed["messages"])
+    assert "[[session-one]]" in history and "Saved the note." in history  # the first session came along
+    assert [c[:2] for m in assistant_turns(resumed) for c in calls(m)] == [("call_s1", "Write")]
+    assert [m["tool_call_id"] for m in tool_results(last)] == ["call_s1", "call_s2"]
     assert not scripted.unexpected
