@@ -58,8 +58,11 @@ def on_starting(server):
     """
     from proxy import last_good
     from proxy.hop import SECRET_ENV
+    from proxy.settings import refuse_or_exit
 
-    _, document, fingerprint = last_good.take()
+    settings, document, fingerprint = last_good.take()
+    # The README's development key on a public address (PORT set binds 0.0.0.0) stops here.
+    refuse_or_exit(settings, server.cfg.address)
     # One secret for the instance, shared by every worker forked from here: the hop id that
     # detects a provider pointing back at the proxy, and the demo upstream's secret (proxy/hop.py).
     # Always fresh: an instance started from another's environment must not share its id.

@@ -9,6 +9,7 @@ the resulting immutable objects: nothing here runs per request.
 """
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import sys
@@ -19,6 +20,7 @@ import yaml
 
 DEFAULT_PATH = "settings.yaml"
 DEFAULT_STATE_PATH = "streamfold-state.db"
+DEVELOPMENT_KEY = "sk-streamfold-local"  # the shipped settings' fallback client key, printed in the README
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -229,6 +231,48 @@ def redact(secret: str, short: bool = False) -> str:
         return f"...{tail}"
     head = secret[:3] if len(secret) > 12 else ""
     return f"{head}...{tail}"
+
+
+def published_key_refusal(settings: Settings, binds: list[Any]) -> str | None:
+    """Why these settings must not be served on these addresses, or None.
+
+    The shipped settings.yaml falls back to the development key the README
+    prints: fine on loopback (the first-run commands), an open door on any
+    other address (``PORT`` set makes ``gunicorn app:app`` bind 0.0.0.0).
+    ``binds`` are gunicorn's parsed addresses: (host, port), a unix socket
+    path, or an inherited descriptor (an int, counted as not loopback).
+    """
+    exposed = [_bind_label(b) for b in binds if not isinstance(b, str) and not _is_loopback(b)]
+    uses = [i for i, key in enumerate(settings.api_keys) if key.key == DEVELOPMENT_KEY]
+    if not exposed or not uses:
+        return None
+    return (f"refusing to serve {', '.join(exposed)} (not loopback) with api-keys[{uses[0]}] set to the "
+            f"published development key {DEVELOPMENT_KEY}: set STREAMFOLD_CLIENT_KEY to a key of your own "
+            "(the shipped settings.yaml reads it), or list your own api-keys in the settings file")
+
+
+def _is_loopback(bind: Any) -> bool:
+    if not isinstance(bind, tuple):
+        return False
+    host = bind[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost: it may resolve to anything
+
+
+def _bind_label(bind: Any) -> str:
+    return f"{bind[0]}:{bind[1]}" if isinstance(bind, tuple) else f"fd://{bind}"
+
+
+def refuse_or_exit(settings: Settings, binds: list[Any]) -> None:
+    """Stop the process (status 1, one line) if ``published_key_refusal`` names a reason."""
+    refusal = published_key_refusal(settings, binds)
+    if refusal is not None:
+        print(f"streamfold: {refusal}", file=sys.stderr)
+        sys.exit(1)
 
 
 def load_or_exit(path: str | None = None) -> Settings:

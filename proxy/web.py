@@ -77,11 +77,12 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
 
 def run_dev_server() -> None:
     """``python app.py``: werkzeug's threaded server on the settings gunicorn would use."""
-    from .settings import load_or_exit
+    from .settings import load_or_exit, refuse_or_exit
 
-    load_or_exit()
+    settings = load_or_exit()
     port = int(os.environ.get("PORT", "8317"))
     host = "0.0.0.0" if os.environ.get("PORT") else "127.0.0.1"
+    refuse_or_exit(settings, [(host, port)])
     create_app().run(host=host, port=port, threaded=True)
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -22,8 +24,8 @@ import yaml
 from proxy import create_app
 from proxy.settings import SettingsError, build_settings
 from tests.conftest import AUTH, CHAT, CLIENT_KEY, PROVIDER_KEY, provider, settings_doc
-from tests.gunicorn_util import Gunicorn, write_settings
-from tests.upstream import FakeUpstream, Reply, sse, text_chunks
+from tests.gunicorn_util import ROOT, Gunicorn, write_settings
+from tests.upstream import FakeUpstream, Reply, free_port, sse, text_chunks
 
 
 def settings_text(upstream_url: str, state: Path) -> bytes:
@@ -175,3 +177,23 @@ def test_a_state_path_or_redis_url_edit_is_reported_as_needing_a_restart_and_not
     assert config[key] == running
     assert any(f"{key} changed: NEEDS A RESTART" in r.getMessage() for r in caplog.records)
     assert requests.post(live.url + "/v1/chat/completions", json=CHAT, headers=AUTH, timeout=10).status_code == 200
+
+
+# -- finding 15: the published development key never serves a public address ----------------------------
+
+@pytest.mark.parametrize("command", [[sys.executable, "-m", "gunicorn", "app:app"], [sys.executable, "app.py"]],
+                         ids=["gunicorn", "python-app"])
+def test_port_set_with_the_published_development_key_refuses_to_start_naming_the_fix(tmp_path, command):
+    """PORT set binds 0.0.0.0 (Heroku's convention); the shipped file's fallback key is in the README."""
+    path = tmp_path / "settings.yaml"
+    path.write_bytes((ROOT / "settings.yaml").read_bytes() + f"\nstate-path: {tmp_path / 's.db'}\n".encode())
+    env = dict(os.environ, PROXY_SETTINGS=str(path), PORT=str(free_port()), STREAMFOLD_CLIENT_KEY="")
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _, stderr = proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise AssertionError("it started serving 0.0.0.0 with the published development key") from None
+    assert proc.returncode == 1 and "Traceback" not in stderr
+    assert "0.0.0.0" in stderr and "sk-streamfold-local" in stderr and "STREAMFOLD_CLIENT_KEY" in stderr
