@@ -3,8 +3,10 @@
 With ``PROMETHEUS_MULTIPROC_DIR`` set (``gunicorn.conf.py`` creates and
 cleans one), each worker writes its values to files there and ``/metrics``
 sums them with ``MultiProcessCollector``; without it (tests, ``python app.py``)
-the process's own registry is served. Labels never carry a key: clients are
-labelled by their configured name or ``...abcd``, and the model label is the
+the process's own registry is served. Labels never carry a key or any of its
+characters (``/metrics`` is unauthenticated): clients are labelled by their
+configured name or ``key-`` and 8 digits of their identity (a keyed hash of
+the key, ``state/identity.py``), and the model label is the
 configured alias of the model served (a glob alias stays the glob; an unknown
 model is ``-``), so clients cannot grow the series.
 Reasons that come from an upstream (an in-stream error ``code``) are mapped to

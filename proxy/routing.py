@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
+from typing import Callable
 
 from .errors import ModelNotFound
 from .settings import Model, Provider, Settings
@@ -98,10 +99,16 @@ class Router:
         """True when ``model`` routes somewhere (an exact name or a glob alias)."""
         return model in self._table or self.match_glob(model)[1] is not None
 
-    def listing(self) -> list[dict]:
-        """The OpenAI ``model`` objects for ``GET /v1/models``."""
-        return [{"id": name, "object": "model", "created": 0,
-                 "owned_by": targets[0].provider.name,
-                 "providers": [t.provider.name for t in targets],
-                 "force_upstream_stream": any(t.provider.force_upstream_stream for t in targets)}
-                for name, targets in self._listed.items()]
+    def listing(self, allow: Callable[[tuple[Target, ...]], tuple[Target, ...]] | None = None) -> list[dict]:
+        """The OpenAI ``model`` objects for ``GET /v1/models``; ``allow`` keeps the targets a client key may use
+        (a name none of whose targets it may use is left out)."""
+        out = []
+        for name, targets in self._listed.items():
+            if allow is not None:
+                targets = allow(targets)
+                if not targets:
+                    continue
+            out.append({"id": name, "object": "model", "created": 0, "owned_by": targets[0].provider.name,
+                        "providers": [t.provider.name for t in targets],
+                        "force_upstream_stream": any(t.provider.force_upstream_stream for t in targets)})
+        return out

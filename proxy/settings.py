@@ -37,11 +37,12 @@ class ClientKey:
     """A client key and its policy; 0 / () mean "no limit"."""
 
     key: str
-    name: str
-    models: tuple[str, ...] = ()   # allowed client model names (globs); () = all
+    name: str                      # for display only (never an identity: state/identity.py)
+    models: tuple[str, ...] = ()   # allowed models (globs, matched on the served target); () = all
     rpm: int = 0                   # requests per minute
     tpm: int = 0                   # tokens per minute (prompt + completion, from usage)
     max_concurrent: int = 0        # requests in flight
+    named: bool = False            # name was given in the file (else it is the key redacted, "...abcd")
 
     @property
     def limited(self) -> bool:

@@ -122,6 +122,8 @@ class Validator:
 
     def client_keys(self, node: Any, path: str) -> tuple[ClientKey, ...]:
         keys = []
+        names: dict[str, str] = {}    # name -> where it was first given
+        secrets: dict[str, str] = {}  # key -> where it was first given
         for i, item in enumerate(self.sequence(node, path)):
             where = f"{path}[{i}]"
             if isinstance(item, str):
@@ -139,7 +141,15 @@ class Validator:
             if not key:
                 self.problem(where, "empty key")
                 continue
-            keys.append(ClientKey(key=key, name=name or redact(key, short=True), **policy))
+            # A name is a label, never who a key is; still, two keys shown alike would be told apart by nobody.
+            if name and name in names:
+                self.problem(f"{where}.name", f"duplicate client key name {name!r} (also {names[name]}.name); "
+                                              "give each key its own name")
+            if key in secrets:
+                self.problem(where, f"the same key is listed again (first at {secrets[key]})")
+            names.setdefault(name, where)
+            secrets.setdefault(key, where)
+            keys.append(ClientKey(key=key, name=name or redact(key, short=True), named=bool(name), **policy))
         return tuple(keys)
 
     def globs(self, node: Any, path: str) -> tuple[str, ...]:

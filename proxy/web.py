@@ -24,6 +24,7 @@ from .routes import (  # noqa: F401 - page_api, keys_api and usage_api add route
 from .runtime import ConfigHolder
 from .settings import Settings, settings_path
 from .state import open_store
+from .state.identity import Identities
 from .state.limits import Limiter
 from .state.usage import Recorder
 
@@ -48,10 +49,11 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     _configure_logging()  # first: the holder may already log (Redis unreachable, ...)
     app.extensions["streamfold"] = ConfigHolder(path, environ, settings=given)
     settings = app.extensions["streamfold"].runtime.settings
-    # Usage, limit windows and stored responses. Chosen once: changing state-path
+    # Usage, limit windows, stored responses and the identity secret. Chosen once: changing state-path
     # or redis-url needs a restart.
     store = app.extensions["streamfold.state"] = open_store(settings)
-    app.extensions["streamfold.usage"] = Recorder(store)
+    identities = app.extensions["streamfold.identity"] = Identities(store)  # who each client key is
+    app.extensions["streamfold.usage"] = Recorder(store, identities.settled)
     app.extensions["streamfold.limits"] = Limiter(store)
     _warn_about(settings)
     log.info("streamfold ready: %d providers, settings %s", len(settings.providers), path or "(in memory)")

@@ -14,7 +14,7 @@ import orjson
 import pytest
 
 from proxy import activity, create_app
-from tests.conftest import AUTH, CHAT, make_app, provider, settings_doc
+from tests.conftest import AUTH, CHAT, CLIENT_KEY, make_app, provider, settings_doc
 from tests.gunicorn_util import write_settings
 from tests.upstream import Reply, free_port
 
@@ -136,7 +136,7 @@ def test_recent_and_traffic_show_client_requests_not_operator_ones(pclient, upst
     pclient.get("/healthz")
     pclient.get("/manage")
     recent = pclient.get("/v0/management/recent", headers=MGMT).get_json()
-    mine = [r for r in recent["records"] if r["client"] == "...0001"]
+    mine = [r for r in recent["records"] if r["client"] == _label(pclient)]
     assert [r["status"] for r in mine[:4]] == [404, 200, 200, 200]  # newest first
     assert not any(r["route"].startswith(("/manage", "/v0/", "/healthz")) for r in recent["records"])
     assert set(mine[0]) >= {"t", "worker", "id", "route", "model", "provider", "status", "ms", "folded", "client"}
@@ -239,10 +239,15 @@ def test_overview_names_the_settings_source_and_a_refused_reload(upstream, tmp_p
     assert broken["reload-error"]["message"] == "does not validate: request-retry: must be an integer, not a string"
 
 
+def _label(pclient) -> str:
+    """How the test's unnamed client key is shown: key- and 8 digits of its identity, no key characters."""
+    return "key-" + pclient.application.extensions["streamfold.identity"].of(CLIENT_KEY)[:8]
+
+
 def test_client_usage_from_metrics_names_clients_not_keys(pclient, upstream):
     assert pclient.post("/v1/chat/completions", json=CHAT, headers=AUTH).status_code == 200
     usage = pclient.get("/v0/management/client-usage", headers=MGMT).get_json()
-    mine = next(c for c in usage["clients"] if c["client"] == "...0001")
+    mine = next(c for c in usage["clients"] if c["client"] == _label(pclient))
     assert usage["source"] == "metrics" and mine["requests-last-hour"] >= 1 and mine["prompt-tokens"] >= 5
     assert "sk-client" not in orjson.dumps(usage).decode()
 

@@ -158,8 +158,7 @@ def messages() -> Response:
         g.log["model"] = loggable(model)
     validate(body)
     stream = bool(body.get("stream"))
-    targets = runtime.router.resolve(model)
-    admit(model)  # the client key's policy: allowed models, rpm, tpm, concurrency
+    targets = admit(model, runtime.router.resolve(model))  # the key's policy: allowed targets, rpm, tpm, concurrency
     bridge = Bridge(body, client_headers(request.environ))
     call = Call("/chat/completions", body, stream, g.request_id, bridge.native_headers, fold_chat_chunks,
                 True, g.log, adapt=bridge.plan)
@@ -272,6 +271,9 @@ def count_tokens() -> Response:
         targets = runtime.router.resolve(body["model"])
     except ModelNotFound:
         targets = ()  # still answered: a count must never make a model look missing (CLIProxyAPI#4410)
+    # The same policy as /v1/messages: a model the key may not use is refused (it may reach the upstream's
+    # tokenizer), and a count is a request for rpm and max-concurrent.
+    targets = admit(body["model"], targets)
     count = None
     try:
         for target in targets:

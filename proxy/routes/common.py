@@ -10,6 +10,7 @@ import hmac
 import logging
 import re
 import time
+from dataclasses import dataclass
 from functools import partial
 
 import orjson
@@ -17,8 +18,10 @@ from flask import current_app, g, request
 
 from .. import activity, metrics
 from ..errors import BadRequest, PayloadTooLarge, Unauthorized
+from ..routing import Target
 from ..runtime import ConfigHolder, Runtime
 from ..settings import ClientKey
+from ..state.identity import OPEN, label
 from ..state.limits import Limiter, Ticket
 from ..state.usage import Recorder, usage_counts
 
@@ -33,18 +36,31 @@ def holder() -> ConfigHolder:
     return current_app.extensions["streamfold"]
 
 
-def authenticate(runtime: Runtime, *, account: bool = True) -> str:
-    """The client key's label (its name or ``...abcd``), or ``-`` for an open proxy.
+@dataclass(frozen=True, slots=True)
+class Client:
+    """Who sent the request (``g.client``)."""
 
-    Also keeps the key for ``admit`` (``g.client_key``) and, with ``account``
-    (every proxied route; not ``/v1/models``), sets ``g.log["client"]`` and
-    arranges for the request's usage to be recorded once its answer has gone out.
+    key: ClientKey | None  # None: an open proxy (no api-keys)
+    identity: str          # the key's keyed hash (state/identity.py): what every per-tenant record is keyed by
+    label: str             # for display only (logs, metrics, the page): the key's name or key-<8 digits>
+
+
+OPEN_CLIENT = Client(None, OPEN, "-")
+
+
+def authenticate(runtime: Runtime, *, account: bool = True) -> str:
+    """The client key's label (its name or ``key-`` plus 8 digits of its identity), or ``-`` for an open proxy.
+
+    Also keeps who the client is for ``admit`` and the stored responses
+    (``g.client``) and, with ``account`` (every proxied route; not
+    ``/v1/models``), sets ``g.log["client"]`` and arranges for the request's
+    usage to be recorded under the key's identity once its answer has gone out.
     """
     keys: tuple[ClientKey, ...] = runtime.settings.api_keys
     if not keys:
-        g.client_key = None
+        g.client = OPEN_CLIENT
         if account:
-            _account_at_close("-")
+            _account_at_close(OPEN_CLIENT)
         return "-"
     auth = request.headers.get("Authorization", "")
     token = auth[7:].strip() if auth[:7].lower() == "bearer " else request.headers.get("x-api-key", "")
@@ -58,36 +74,43 @@ def authenticate(runtime: Runtime, *, account: bool = True) -> str:
             found = key
     if found is None:
         raise Unauthorized("Incorrect API key provided.")
-    g.client_key = found
+    identity = current_app.extensions["streamfold.identity"].of(found.key)
+    client = g.client = Client(found, identity, label(found.name, found.named, identity))
     if account:
-        _account_at_close(found.name)
-    return found.name
+        _account_at_close(client)
+    return client.label
 
 
-def admit(model: str) -> None:
-    """Apply the client key's policy to a request for ``model`` (raises 403 / 429); free without a policy.
+def admit(model: str, targets: tuple[Target, ...]) -> tuple[Target, ...]:
+    """Apply the client key's policy to a request for ``model``: the targets it may be served by (raises 403 /
+    429); free without a policy.
 
-    Every proxied route calls this once it knows the model. The concurrency
-    slot it may take is given back when the answer has gone out or failed.
+    Every proxied route calls this once it has resolved the model: the
+    allow-list is decided on the targets that would serve it, whatever the
+    client typed. The concurrency slot it may take is given back when the
+    answer has gone out or failed and the upstream work it started has ended.
     """
-    key: ClientKey | None = g.get("client_key")
+    client: Client = g.client
+    key = client.key
     if key is None or not key.limited:
-        return
+        return targets
     limiter: Limiter = current_app.extensions["streamfold.limits"]
-    g.log["ticket"] = limiter.admit(key, model)
+    targets, g.log["ticket"] = limiter.admit(key, client.identity, client.label, model, targets)
+    return targets
 
 
-def _account_at_close(label: str) -> None:
+def _account_at_close(client: Client) -> None:
     fields = g.log
-    fields["client"] = label
+    fields["client"] = client.label
     extensions = current_app.extensions
     # Run by write_access_log, which runs exactly once per request when it is
     # over: after the last byte of a stream (or the client leaving), or when a
     # non-stream answer or an error response is ready.
-    fields["settle"] = partial(account, extensions["streamfold.usage"], extensions["streamfold.limits"])
+    fields["settle"] = partial(account, extensions["streamfold.usage"], extensions["streamfold.limits"],
+                               client.identity)
 
 
-def account(recorder: Recorder, limiter: Limiter, fields: dict) -> None:
+def account(recorder: Recorder, limiter: Limiter, identity: str, fields: dict) -> None:
     """A proxied request is over: give back its concurrency slot, record its usage, charge its tokens."""
     status = fields.get("status", 500)
     error = status >= 400 or str(fields.get("result", "")).startswith(("upstream", "error"))
@@ -96,7 +119,7 @@ def account(recorder: Recorder, limiter: Limiter, fields: dict) -> None:
     # Like the metrics: a model only for routed requests, and the routed name (a glob alias itself,
     # where the executor sets model_label) rather than whatever a client sent, so the table stays bounded.
     model = fields.get("model_label", fields.get("model", "-")) if provider != "-" else "-"
-    recorder.add(fields["client"], model, provider, error, tokens)
+    recorder.add(identity, model, provider, error, tokens)
     ticket: Ticket | None = fields.pop("ticket", None)
     if ticket is not None:
         limiter.finish(ticket, tokens[0] + tokens[1] if tokens is not None else 0)

@@ -6,6 +6,7 @@ response is returned; the generator itself never touches the request.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import orjson
@@ -15,7 +16,7 @@ from ..errors import BadRequest
 from ..executor import Call, client_headers, execute
 from ..fold import fold_chat_chunks, fold_responses_chunks, fold_text_chunks
 from ..relay import padded_answer, to_response
-from ..state.limits import model_allowed
+from ..state.limits import allowed_targets
 from .common import admit, authenticate, end_logger, holder, openai_request, stream_flag
 
 bp = Blueprint("openai", __name__)
@@ -30,10 +31,9 @@ def healthz() -> Response:
 def models() -> Response:
     runtime = holder().current()
     authenticate(runtime, account=False)
-    listing = runtime.router.listing()
-    key = g.client_key
-    if key is not None and key.models:
-        listing = [entry for entry in listing if model_allowed(key, entry["id"])]
+    key = g.client.key
+    # exactly what the key may call: names whose served targets its allow-list admits
+    listing = runtime.router.listing(partial(allowed_targets, key) if key is not None and key.models else None)
     body = {"object": "list", "data": listing}
     return Response(orjson.dumps(body), 200, {"Content-Type": "application/json"})
 
@@ -85,7 +85,7 @@ def proxy_request(route: Route) -> Response:
     runtime = config.current()
     settings = runtime.settings
     body, model = openai_request(runtime)
-    admit(model)
+    targets = admit(model, runtime.router.resolve(model))
     required = route.required
     if required is not None and required not in body:
         raise BadRequest(f"Missing required parameter: '{required}'.", param=required)
@@ -94,7 +94,6 @@ def proxy_request(route: Route) -> Response:
     if not route.streams:
         body.pop("stream", None)
     stream = stream_flag(body)
-    targets = runtime.router.resolve(model)
     fold = route.fold
     call = Call(route.path, body, stream, g.request_id, client_headers(request.environ), fold,
                 route.usage_option, g.log)

@@ -45,8 +45,7 @@ def create_response() -> Response:
     settings = runtime.settings
     body, model = openai_request(runtime)
     stream = stream_flag(body)
-    targets = runtime.router.resolve(model)
-    admit(model)  # the client key's policy: allowed models, rpm, tpm, concurrency
+    targets = admit(model, runtime.router.resolve(model))  # the key's policy: allowed targets, rpm, tpm, concurrency
     store = current_app.extensions["streamfold.state"]
     bridge = None
     if any(not _native(t) for t in targets):
@@ -55,7 +54,7 @@ def create_response() -> Response:
         if previous is not None:
             if not isinstance(previous, str) or not previous:
                 raise BadRequest("previous_response_id must be a non-empty string", param="previous_response_id")
-            raw = store.get_blob(STORE_NAMESPACE, _store_key(g.log["client"], previous))
+            raw = store.get_blob(STORE_NAMESPACE, _store_key(g.client.identity, previous))
             history = _history(raw)
             if history is None and all(not _native(t) for t in targets):
                 raise BadRequest(f"Previous response with id '{loggable(previous)}' not found.",
@@ -64,7 +63,7 @@ def create_response() -> Response:
                 targets = tuple(t for t in targets if _native(t))
         prepared = translate.prepare(body, history)
         ctx = reply.new_context(body, prepared.toolmap)
-        keep = None if body.get("store") is False else (store, settings.responses_store_ttl, g.log["client"])
+        keep = None if body.get("store") is False else (store, settings.responses_store_ttl, g.client.identity)
         bridge = _Bridge(prepared, ctx, keep, _is_codex(request.environ), settings.max_aggregate_bytes)
 
     def adapt(target: Target) -> Plan:
@@ -108,7 +107,7 @@ class _Bridge:
 
     def __init__(self, prepared: translate.Prepared, ctx: reply.Context, keep: tuple | None, codex: bool,
                  max_bytes: int) -> None:
-        self.prepared, self.ctx, self.keep = prepared, ctx, keep  # keep: (store, ttl, client) or None
+        self.prepared, self.ctx, self.keep = prepared, ctx, keep  # keep: (store, ttl, identity) or None
         self.codex, self.max_bytes = codex, max_bytes
 
     def answer(self, outcome: Outcome, usage: dict) -> Outcome:
@@ -206,9 +205,10 @@ def _history(raw: bytes | None) -> dict | None:
     return record if isinstance(record, dict) and isinstance(record.get("messages"), list) else None
 
 
-def _store_key(client: str, response_id: str) -> str:
-    # Per client key: another client that learns a response id cannot read that conversation.
-    return f"{client}/{response_id}"
+def _store_key(identity: str, response_id: str) -> str:
+    # Per client identity (never the label): another key that learns a response id finds nothing there,
+    # exactly as for an id that never existed.
+    return f"{identity}/{response_id}"
 
 
 def _native(target: Target) -> bool:

@@ -5,22 +5,29 @@ the lockout apply. Query: ``from`` / ``to`` (UTC days, ``YYYY-MM-DD``, both
 included, default today), ``group-by`` (``client``, ``model``, ``provider``,
 ``day``, or several joined by commas; default all four: one row per day,
 client, model and provider), ``format`` (``json`` default, or ``csv``).
+
+Rows are stored per client identity (``state/identity.py``) and shown by the
+key's label; rows written before identities existed (keyed by the label) are
+kept as they are and shown under that label (the README's usage section).
 """
 from __future__ import annotations
 
 import csv
 import datetime
 import io
+import re
 
 import orjson
 from flask import Response, current_app, request
 
 from ..errors import BadRequest, ProxyError
 from ..state import COUNTERS, Store, StoreUnavailable
+from ..state.identity import IDENTITY_HEX, Identities, label
 from ..state.usage import Recorder
 from .manage import bp
 
 DIMENSIONS = ("day", "client", "model", "provider")
+_IDENTITY = re.compile(f"[0-9a-f]{{{IDENTITY_HEX}}}")
 MAX_DAYS = 400
 
 
@@ -53,7 +60,7 @@ def usage() -> Response:
     except StoreUnavailable:
         raise StoreDown("the state store is unavailable; usage is kept in memory and will be written "
                         "when it is back") from None
-    grouped = _group(rows, group_by)
+    grouped = _group(_shown(rows), group_by)
     if kind == "csv":
         return _csv(grouped, group_by, first, last)
     total = dict.fromkeys(COUNTERS, 0)
@@ -85,6 +92,18 @@ def _group_by(value: str | None) -> tuple[str, ...]:
         raise BadRequest("group-by must be client, model, provider or day (or several, comma-separated)",
                          param="group-by")
     return names
+
+
+def _shown(rows: list[tuple]) -> list[tuple]:
+    """Rows with each client identity replaced by how it is shown: the configured key's label, ``key-`` and
+    8 digits for a key no longer configured; rows written before identities keep their label as it was."""
+    identities: Identities = current_app.extensions["streamfold.identity"]
+    names = {}
+    for key in current_app.extensions["streamfold"].current().settings.api_keys:
+        identity = identities.of(key.key)
+        names[identity] = label(key.name, key.named, identity)
+    return [(row[0], names.get(row[1]) or (label("", False, row[1]) if _IDENTITY.fullmatch(row[1]) else row[1]),
+             *row[2:]) for row in rows]
 
 
 def _group(rows: list[tuple], group_by: tuple[str, ...]) -> list[dict]:

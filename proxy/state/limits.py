@@ -1,5 +1,7 @@
 """Client key policy: allowed models (globs), requests and tokens per minute, requests in flight.
 
+Everything is kept per client identity (``identity.py``), never per label.
+
 Counts live in the state store, so every worker of an instance (SQLite) or
 every instance (Redis) sees the same numbers: windows are sliding (the last
 60 s, not the calendar minute), and each check-and-add is atomic in the store
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 
 from .. import metrics
 from ..errors import ClientRateLimited, ModelNotAllowed
+from ..routing import Target
 from ..settings import ClientKey
 from .store import Store, StoreUnavailable
 
@@ -37,14 +40,38 @@ MAX_HOLD = 6 * 3600.0  # a slot still held after this long is a leak, not a stre
 class Ticket:
     """What an admitted request holds until its answer has gone out (no key material: it sits in g.log)."""
 
-    name: str             # the client key's name (limits are kept per name)
+    name: str             # the client key's identity (limits are kept per identity, never per label)
     tpm: int = 0
     slot: str = ""        # the concurrency slot's token, "" when the key has no max-concurrent
     local: bool = False   # the slot was taken in this worker's memory (store down)
 
 
-def model_allowed(key: ClientKey, model: str) -> bool:
-    return not key.models or any(fnmatch.fnmatchcase(model, pattern) for pattern in key.models)
+def allowed_targets(key: ClientKey, targets: tuple[Target, ...]) -> tuple[Target, ...]:
+    """The targets ``key``'s allow-list lets serve a request: decided on what serves, not on what was typed.
+
+    A pattern without ``/`` is matched against the served model's alias (a
+    glob alias as written) and its upstream name; a pattern with ``/``
+    against the provider-qualified names (``<provider>/<model>``,
+    ``<prefix>/<model>``). So ``qwen*`` never admits ``qwen-pool/llama`` (a
+    provider whose name starts with qwen), and every spelling of one model
+    gets the same answer.
+    """
+    if not key.models:
+        return targets
+    return tuple(t for t in targets if _target_allowed(key.models, t))
+
+
+def _target_allowed(patterns: tuple[str, ...], target: Target) -> bool:
+    spec, provider = target.spec, target.provider
+    bare = (target.model,) if spec is None else (spec.name, spec.alias) if spec.alias else (spec.name,)
+    qualified = [f"{provider.name}/{name}" for name in bare]
+    if provider.prefix:
+        qualified += [f"{provider.prefix}/{name}" for name in bare]
+    for pattern in patterns:
+        names = qualified if "/" in pattern else bare
+        if any(fnmatch.fnmatchcase(name, pattern) for name in names):
+            return True
+    return False
 
 
 class Limiter:
@@ -54,21 +81,26 @@ class Limiter:
         self._held: dict[str, tuple[str, float]] = {}  # slot token -> (name, since), taken in the store here
         store.on_tick(self._renew)
 
-    def admit(self, key: ClientKey, model: str) -> Ticket:
-        """Check ``key``'s policy for one request; raise ``ModelNotAllowed`` or ``ClientRateLimited``.
+    def admit(self, key: ClientKey, identity: str, label: str, model: str,
+              targets: tuple[Target, ...]) -> tuple[tuple[Target, ...], Ticket]:
+        """Check ``key``'s policy for one request for ``model`` (resolved to ``targets``): the targets it may
+        use and its ticket; raise ``ModelNotAllowed`` or ``ClientRateLimited``.
 
+        Windows and slots are kept per ``identity``; ``label`` is only shown.
         One store call for all of the key's limits (one Lua script with Redis,
         a few single-statement steps with SQLite); nothing is kept when any refuses.
         """
-        if not model_allowed(key, model):
-            metrics.CLIENT_LIMITED.labels(key.name, "model").inc()
-            raise ModelNotAllowed(f"The client key {key.name!r} may not use the model {model!r}.", param="model")
+        if key.models:
+            targets = allowed_targets(key, targets)
+            if not targets:
+                metrics.CLIENT_LIMITED.labels(label, "model").inc()
+                raise ModelNotAllowed(f"The client key {label!r} may not use the model {model!r}.", param="model")
         if not (key.rpm or key.tpm or key.max_concurrent):
-            return Ticket(key.name)
-        ticket = Ticket(key.name, key.tpm, os.urandom(9).hex() if key.max_concurrent else "")
-        checks = ((f"tpm:{key.name}", key.tpm),) if key.tpm else ()
-        slot = (f"conc:{key.name}", ticket.slot, key.max_concurrent) if key.max_concurrent else None
-        counts = ((f"rpm:{key.name}", key.rpm),) if key.rpm else ()
+            return targets, Ticket(identity)
+        ticket = Ticket(identity, key.tpm, os.urandom(9).hex() if key.max_concurrent else "")
+        checks = ((f"tpm:{identity}", key.tpm),) if key.tpm else ()
+        slot = (f"conc:{identity}", ticket.slot, key.max_concurrent) if key.max_concurrent else None
+        counts = ((f"rpm:{identity}", key.rpm),) if key.rpm else ()
         try:
             refused = self.store.admit(checks, slot, counts, WINDOW, LEASE)
             if refused is None and slot is not None:
@@ -80,11 +112,11 @@ class Limiter:
             ticket.slot = ""
             kind, wait = refused
             if kind == "check":
-                self._refuse(key, "tpm", f"{key.tpm} tokens per minute", wait)
+                self._refuse(label, "tpm", f"{key.tpm} tokens per minute", wait)
             if kind == "slot":
-                self._refuse(key, "concurrency", f"{key.max_concurrent} requests in flight", wait)
-            self._refuse(key, "rpm", f"{key.rpm} requests per minute", wait)
-        return ticket
+                self._refuse(label, "concurrency", f"{key.max_concurrent} requests in flight", wait)
+            self._refuse(label, "rpm", f"{key.rpm} requests per minute", wait)
+        return targets, ticket
 
     def finish(self, ticket: Ticket, tokens: int) -> None:
         """The request is over: give back its slot, charge its tokens to the tpm window (one store operation)."""
@@ -120,10 +152,10 @@ class Limiter:
             pass
 
     @staticmethod
-    def _refuse(key: ClientKey, reason: str, what: str, wait: float) -> None:
-        metrics.CLIENT_LIMITED.labels(key.name, reason).inc()
+    def _refuse(label: str, reason: str, what: str, wait: float) -> None:
+        metrics.CLIENT_LIMITED.labels(label, reason).inc()
         seconds = max(1, math.ceil(wait))
-        raise ClientRateLimited(f"Rate limit reached for client key {key.name!r}: {what}. "
+        raise ClientRateLimited(f"Rate limit reached for client key {label!r}: {what}. "
                                 f"Retry after {seconds} s.", headers={"Retry-After": str(seconds)})
 
 

@@ -5,7 +5,7 @@ strings), ``usage:<day>`` (a hash per UTC day; field = JSON
 ``[client, model, provider, counter]``), ``win:<name>`` + ``wintotal:<name>``
 (a sliding window: a sorted set of entries scored by time, and its running
 total), ``slots:<name>`` (a sorted set of held slot tokens scored by lease
-expiry). Window and slot updates are Lua scripts using Redis's own clock, so
+expiry), ``identity-secret`` (the deployment's, ``identity.py``). Window and slot updates are Lua scripts using Redis's own clock, so
 the check and the add are one atomic step and instances' clocks need not
 agree.
 """
@@ -246,6 +246,18 @@ class RedisStore(Store):
         if held:
             self._run(self._renew_script, [f"{PREFIX}slots:{name}" for name, _ in held],
                       [lease, *(token for _, token in held)])
+
+    def _secret(self, candidate: bytes | None) -> bytes | None:
+        key = f"{PREFIX}identity-secret"
+
+        def read() -> bytes | None:
+            if candidate is None:
+                return self.client.get(key)
+            pipe = self.client.pipeline(transaction=True)  # SET NX then GET, as one step
+            pipe.set(key, candidate, nx=True)
+            pipe.get(key)
+            return pipe.execute()[1]
+        return self._run(read)
 
 
 def _days(first_day: str, last_day: str):

@@ -249,6 +249,14 @@ class SQLiteStore(Store):
             with self._tx(immediate=True) as db:
                 db.executemany("UPDATE slots SET until = ? WHERE token = ?", [(until, token) for _, token in held])
 
+    # -- identity secret ---------------------------------------------------------
+    def _secret(self, candidate: bytes | None) -> bytes | None:
+        with self._tx(immediate=candidate is not None) as db:
+            if candidate is not None:  # in the file's first transaction that wants one: every worker reads it
+                db.execute("INSERT OR IGNORE INTO meta VALUES ('identity-secret', ?)", (candidate,))
+            row = db.execute("SELECT v FROM meta WHERE k = 'identity-secret'").fetchone()
+        return None if row is None else bytes(row[0])
+
 
 # Add an entry only while the window's total is under the limit: the check and the add are one statement.
 _TAKE = ("INSERT INTO windows SELECT ?, ?, ? "

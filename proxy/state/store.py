@@ -15,7 +15,7 @@ Two kinds of callers, two contracts:
   unreachable until the backend returns, which is reported as "not found".
 * The usage and limit operations (``add_usage``, ``usage``, ``admit``,
   ``settle``, ``renew`` and the single steps ``take``, ``record``,
-  ``acquire``, ``release``) raise ``StoreUnavailable``
+  ``acquire``, ``release``) and ``secret`` raise ``StoreUnavailable``
   so their owners (``usage.py``, ``limits.py``) can fall back (keep usage in
   memory, count limits per worker). While the backend is known to be down
   they raise at once, without a network or disk round trip; the tick probes
@@ -157,6 +157,12 @@ class Store:
         """Extend the lease of slots (name, token) this process still holds."""
         self._guard(self._renew, list(held), lease)
 
+    # -- the deployment's identity secret (identity.py): raises StoreUnavailable --
+    def secret(self, candidate: bytes | None) -> bytes | None:
+        """The stored identity secret; when there is none and ``candidate`` is given, ``candidate`` is
+        stored first (create-if-absent in one atomic step, so concurrent callers all get the one that won)."""
+        return self._guard(self._secret, candidate)
+
     def _guard(self, operation, *args):
         if not self.up:
             raise StoreUnavailable(f"the {self.kind} state store is down")
@@ -248,6 +254,9 @@ class Store:
         raise NotImplementedError
 
     def _renew(self, held: list[tuple[str, str]], lease: float) -> None:
+        raise NotImplementedError
+
+    def _secret(self, candidate: bytes | None) -> bytes | None:
         raise NotImplementedError
 
     def _admit(self, checks, slot, counts, span: float, lease: float) -> tuple[str, float] | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import threading
 import time
+from typing import Callable
 
 from .store import COUNTERS, Store, StoreUnavailable, UsageKey
 
@@ -51,8 +52,9 @@ def _count(match: re.Match | None) -> int:
 class Recorder:
     """One process's unflushed usage for one store."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, settled: Callable[[str], str | None] = lambda identity: identity) -> None:
         self.store = store
+        self.settled = settled  # Identities.settled: the identity a row is written under (None: not yet)
         self._rows: dict[UsageKey, list[int]] = {}
         self._lock = threading.Lock()
         self._day_number = -1
@@ -60,7 +62,7 @@ class Recorder:
         store.on_tick(self.flush)
 
     def add(self, client: str, model: str, provider: str, error: bool, tokens: Tokens | None) -> None:
-        """Count one finished request."""
+        """Count one finished request; ``client`` is the key's identity (``identity.py``), never its label."""
         day_number = int(time.time() // 86400)
         if day_number != self._day_number:
             self._day = time.strftime("%Y-%m-%d", time.gmtime(day_number * 86400))
@@ -84,17 +86,36 @@ class Recorder:
         with self._lock:
             if not self._rows:
                 return
-            rows, self._rows = self._rows, {}
+            held, self._rows = self._rows, {}
+        rows: dict[UsageKey, list[int]] = {}
+        keep = {}  # counted under a provisional identity whose real one is not known yet
+        for (day, client, model, provider), counts in held.items():
+            identity = self.settled(client)
+            if identity is None:
+                keep[(day, client, model, provider)] = counts
+            else:
+                _merge(rows, (day, identity, model, provider), counts)
         try:
-            self.store.add_usage(rows)
+            if rows:
+                self.store.add_usage(rows)
         except StoreUnavailable:
+            for key, counts in rows.items():
+                _merge(keep, key, counts)
+        if keep:
             with self._lock:
-                for key, counts in rows.items():
-                    row = self._rows.setdefault(key, [0] * len(COUNTERS))
-                    for i, amount in enumerate(counts):
-                        row[i] += amount
+                for key, counts in keep.items():
+                    _merge(self._rows, key, counts)
 
     def pending(self) -> int:
         """Requests counted but not yet written (kept in memory)."""
         with self._lock:
             return sum(row[0] for row in self._rows.values())
+
+
+def _merge(rows: dict[UsageKey, list[int]], key: UsageKey, counts: list[int]) -> None:
+    """Add ``counts`` to row ``key`` of ``rows``."""
+    row = rows.get(key)
+    if row is None:
+        row = rows[key] = [0] * len(COUNTERS)
+    for i, amount in enumerate(counts):
+        row[i] += amount
