@@ -54,6 +54,11 @@ def text(content: str) -> list[dict]:
     return [{"content": content[i:i + 8]} for i in range(0, len(content), 8)]
 
 
+def reasoning(content: str) -> list[dict]:
+    """Deltas streaming ``content`` as reasoning (vLLM's ``reasoning_content``)."""
+    return [{"reasoning_content": content[i:i + 9]} for i in range(0, len(content), 9)]
+
+
 def tool_call(index: int, call_id: str, name: str, arguments: dict | list[str]) -> list[dict]:
     """Deltas of one tool call as vLLM streams it: id and name first, then the arguments in pieces (a
     list of strings is sent as those pieces, to split them exactly where a test wants)."""
@@ -96,6 +101,18 @@ def turns(*steps: Callable[[Recorded], Reply]) -> Script:
             return Reply(status=400, body=b'{"error": {"message": "the script has no more turns"}}')
         return steps[turn](rec)
     return script
+
+
+def failing_once(*steps: Callable[[Recorded], Reply]) -> Script:
+    """``turns``, but the first try of the first turn breaks off mid-stream (the upstream drops the
+    connection after a few chunks of text, no [DONE])."""
+    script = turns(*steps)
+
+    def run(rec, turn, attempt):
+        if turn == 0 and attempt == 0:
+            return answer(rec, text("I'll run that command for you now."), drop_after=3)
+        return script(rec, turn, attempt)
+    return run
 
 
 def message_text(message: dict) -> str:
@@ -180,7 +197,7 @@ def chat_provider(upstream: ScriptedUpstream, name: str, model: str, aliases: li
 
 # --- running a CLI ------------------------------------------------------------------------------------------
 
-@dataclass
+@dataclass(repr=False)
 class Run:
     code: int
     stdout: str
@@ -188,7 +205,7 @@ class Run:
     seconds: float
     events: list[dict] = field(default_factory=list)
 
-    def __str__(self) -> str:  # what a failing assert shows
+    def __repr__(self) -> str:  # what a failing assert shows
         return f"exit {self.code} after {self.seconds:.1f} s\n--- stdout\n{self.stdout[-6000:]}\n--- stderr\n" \
                f"{self.stderr[-3000:]}"
 
@@ -305,3 +322,26 @@ def calls(message: dict) -> list[tuple[str, str, dict]]:
     """An assistant message's tool calls as (id, name, parsed arguments)."""
     return [(c["id"], c["function"]["name"], json.loads(c["function"]["arguments"]))
             for c in message.get("tool_calls") or []]
+
+
+def check_calls_answered(body: dict, expected: list[tuple[str, str]]) -> None:
+    """The request's one assistant message made these calls (id, name), and their tool results follow it
+    at once, in the same order."""
+    (called,) = assistant_turns(body)
+    assert [c[:2] for c in calls(called)] == expected
+    at = body["messages"].index(called)
+    assert [(m["role"], m.get("tool_call_id")) for m in body["messages"][at + 1:at + 1 + len(expected)]] \
+        == [("tool", call_id) for call_id, _ in expected]
+
+
+def check_continued(scripted: ScriptedUpstream, model: str, first: str, second: str, first_call: tuple[str, str],
+                    first_answer: str) -> None:
+    """Scenario ``second`` continued scenario ``first``'s session: its requests carry the first
+    conversation (its prompt, its call, its final answer) and then the results of both turns' calls."""
+    check_upstream(scripted, first, model)
+    resumed, last = check_upstream(scripted, second, model)
+    history = str(resumed["messages"])
+    assert f"[[{first}]]" in history and first_answer in history
+    assert [c[:2] for m in assistant_turns(resumed) for c in calls(m)] == [first_call]
+    assert [m["tool_call_id"] for m in tool_results(last)][:1] == [first_call[0]]
+    assert len(tool_results(last)) == 2 and not scripted.unexpected

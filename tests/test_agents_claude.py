@@ -12,11 +12,15 @@ from tests.agent_cli import (
     assistant_turns,
     calls,
     chat_provider,
+    check_calls_answered,
+    check_continued,
     check_upstream,
     claude,
     claude_blocks,
     claude_result,
     deploy,
+    failing_once,
+    reasoning,
     text,
     tool_call,
     tool_results,
@@ -93,12 +97,7 @@ def test_parallel_tool_calls_both_run(scripted, proxy, where):
     assert (work / "a.txt").read_text() == "alpha\n" and (work / "b.txt").read_text() == "beta\n"
     assert [b["name"] for b in claude_blocks(run, "tool_use")] == ["Write", "Bash"]
     _, second = check_upstream(scripted, "parallel", MODEL)
-    (called,) = assistant_turns(second)
-    assert [c[:2] for c in calls(called)] == [("call_a", "Write"), ("call_b", "Bash")]
-    roles = [m["role"] for m in second["messages"]]
-    at = roles.index("assistant")
-    assert roles[at + 1:at + 3] == ["tool", "tool"]  # both results right after the calls, in order
-    assert [m["tool_call_id"] for m in tool_results(second)] == ["call_a", "call_b"]
+    check_calls_answered(second, [("call_a", "Write"), ("call_b", "Bash")])
     assert not scripted.unexpected
 
 
@@ -106,8 +105,8 @@ def test_reasoning_stream_shows_thinking(scripted, proxy, where):
     home, work = where
     thought = "The user wants a file; the Write tool makes it."
     tag = scripted.script("reasoning", turns(
-        lambda rec: answer(rec, [{"reasoning_content": thought[i:i + 9]} for i in range(0, len(thought), 9)]
-                           + text("Writing it.") + write(0, "call_r", work / "r.txt", "reasoned\n"), "tool_calls"),
+        lambda rec: answer(rec, reasoning(thought) + text("Writing it.")
+                           + write(0, "call_r", work / "r.txt", "reasoned\n"), "tool_calls"),
         lambda rec: answer(rec, [{"reasoning_content": "Done, say so."}] + text("r.txt is written."))))
     run = claude(proxy, home, work, f"{tag} Think, then write r.txt.")
     succeeded(run, "r.txt is written.")
@@ -119,18 +118,6 @@ def test_reasoning_stream_shows_thinking(scripted, proxy, where):
     assert "reasoning_content" not in called  # reasoning-replay is off: thinking is not sent back
     assert calls(called)[0][:2] == ("call_r", "Write")
     assert not scripted.unexpected
-
-
-def failing_once(*steps):
-    """``turns``, but the first try of the first turn breaks off mid-stream (the upstream drops the
-    connection after a few chunks of text, no [DONE])."""
-    script = turns(*steps)
-
-    def run(rec, turn, attempt):
-        if turn == 0 and attempt == 0:
-            return answer(rec, text("I'll run that command for you now."), drop_after=3)
-        return script(rec, turn, attempt)
-    return run
 
 
 def test_mid_stream_failure_then_claude_code_retries(scripted, proxy, where):
@@ -185,10 +172,4 @@ def test_two_turn_session_with_continue(scripted, proxy, where):
     run = claude(proxy, home, work, f"{second_tag} Add to the note.", "--continue")
     succeeded(run, "Appended to the note.")
     assert note.read_text() == "first\nsecond\n"
-    check_upstream(scripted, "session-one", MODEL)
-    resumed, last = check_upstream(scripted, "session-two", MODEL)
-    history = str(resumed["messages"])
-    assert "[[session-one]]" in history and "Saved the note." in history  # the first session came along
-    assert [c[:2] for m in assistant_turns(resumed) for c in calls(m)] == [("call_s1", "Write")]
-    assert [m["tool_call_id"] for m in tool_results(last)] == ["call_s1", "call_s2"]
-    assert not scripted.unexpected
+    check_continued(scripted, MODEL, "session-one", "session-two", ("call_s1", "Write"), "Saved the note.")

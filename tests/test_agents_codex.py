@@ -3,19 +3,25 @@ vLLM-like chat upstream (issue 22). Each test checks what the user sees: exit co
 ran, the final message printed, and what reached the upstream."""
 from __future__ import annotations
 
-import json
+import re
 
 import pytest
 
 from tests.agent_cli import (
     answer,
+    assistant_turns,
+    calls,
     chat_provider,
+    check_calls_answered,
+    check_continued,
     check_upstream,
     codex,
     codex_items,
     deploy,
+    reasoning,
     text,
     tool_call,
+    tool_results,
     turns,
 )
 
@@ -23,11 +29,13 @@ pytest_plugins = ["tests.agent_cli"]  # its fixtures: scripted, where
 
 pytestmark = pytest.mark.timeout(240)
 MODEL = "qwen3-coder"
+FORCED = "qwen3-coder-forced"
 
 
 @pytest.fixture(scope="module")
 def proxy(scripted, tmp_path_factory):
-    server = deploy(tmp_path_factory.mktemp("codex-proxy"), chat_provider(scripted, "local", MODEL, ["agent"]))
+    server = deploy(tmp_path_factory.mktemp("codex-proxy"), chat_provider(scripted, "local", MODEL, ["agent"]),
+                    chat_provider(scripted, "forced", FORCED, ["forced"], **{"force-upstream-stream": True}))
     yield server
     server.stop()
 
@@ -36,24 +44,92 @@ def shell(index: int, call_id: str, command: str) -> list[dict]:
     return tool_call(index, call_id, "exec_command", {"cmd": command})
 
 
+def succeeded(run, *messages: str) -> None:
+    """Exit 0, the turn completed, and these agent messages printed, in order."""
+    assert run.code == 0, run
+    assert run.events[-1]["type"] == "turn.completed", run
+    assert [m["text"] for m in codex_items(run, "agent_message")] == list(messages), run
+
+
 def test_plain_tool_turn_runs_a_command(scripted, proxy, where):
     home, work = where
     tag = scripted.script("plain", turns(
         lambda rec: answer(rec, text("I'll create it.") + shell(
-            0, "call_sh1", "printf 'Hello from Codex\\n' > hello.txt"), finish="tool_calls"),
+            0, "call_sh1", "printf 'Hello from Codex\\n' > hello.txt"), "tool_calls"),
         lambda rec: answer(rec, text("Created hello.txt."))))
     run = codex(proxy, home, work, f"{tag} Create hello.txt saying hello.")
-    assert run.code == 0, run
+    succeeded(run, "I'll create it.", "Created hello.txt.")
     assert (work / "hello.txt").read_text() == "Hello from Codex\n"
     (command,) = codex_items(run, "command_execution")
     assert command["exit_code"] == 0 and "hello.txt" in command["command"]
-    assert [m["text"] for m in codex_items(run, "agent_message")] == ["I'll create it.", "Created hello.txt."]
-    assert run.events[-1]["type"] == "turn.completed"
     first, second = check_upstream(scripted, "plain", MODEL)
     assert "exec_command" in [t["function"]["name"] for t in first["tools"]]
-    (called,) = [m for m in second["messages"] if m["role"] == "assistant"]
-    assert [(c["id"], c["function"]["name"], json.loads(c["function"]["arguments"])) for c in called["tool_calls"]] \
-        == [("call_sh1", "exec_command", {"cmd": "printf 'Hello from Codex\\n' > hello.txt"})]
-    (result,) = [m for m in second["messages"] if m["role"] == "tool"]
+    (called,) = assistant_turns(second)
+    assert calls(called) == [("call_sh1", "exec_command", {"cmd": "printf 'Hello from Codex\\n' > hello.txt"})]
+    (result,) = tool_results(second)
     assert result["tool_call_id"] == "call_sh1"
     assert not scripted.unexpected
+
+
+def test_parallel_tool_calls_both_run(scripted, proxy, where):
+    home, work = where
+    tag = scripted.script("parallel", turns(
+        lambda rec: answer(rec, shell(0, "call_a", "echo alpha > a.txt") + shell(1, "call_b", "echo beta > b.txt"),
+                           "tool_calls"),
+        lambda rec: answer(rec, text("Made a.txt and b.txt."))))
+    run = codex(proxy, home, work, f"{tag} Make a.txt and b.txt.")
+    succeeded(run, "Made a.txt and b.txt.")
+    assert (work / "a.txt").read_text() == "alpha\n" and (work / "b.txt").read_text() == "beta\n"
+    assert len(codex_items(run, "command_execution")) == 2
+    first, second = check_upstream(scripted, "parallel", MODEL)
+    assert first["parallel_tool_calls"] is True
+    check_calls_answered(second, [("call_a", "exec_command"), ("call_b", "exec_command")])
+    assert second["messages"][-1]["role"] == "tool"
+    assert not scripted.unexpected
+
+
+def test_reasoning_stream_shows_reasoning(scripted, proxy, where):
+    home, work = where
+    thought = "A file is wanted; one shell command makes it."
+    tag = scripted.script("reasoning", turns(
+        lambda rec: answer(rec, reasoning(thought) + shell(0, "call_r", "echo reasoned > r.txt"), "tool_calls"),
+        lambda rec: answer(rec, [{"reasoning_content": "Done, say so."}] + text("r.txt is written."))))
+    run = codex(proxy, home, work, f"{tag} Think, then write r.txt.", "-c", 'model_reasoning_effort="high"')
+    succeeded(run, "r.txt is written.")
+    assert (work / "r.txt").read_text() == "reasoned\n"
+    assert [item["text"] for item in codex_items(run, "reasoning")] == [thought, "Done, say so."]
+    first, second = check_upstream(scripted, "reasoning", MODEL)
+    assert first["reasoning_effort"] == "high"
+    assert "reasoning_content" not in assistant_turns(second)[0]  # reasoning-replay is off
+    assert not scripted.unexpected
+
+
+def test_forced_fold_provider(scripted, proxy, where):
+    """A provider with force-upstream-stream: Codex always streams, so its requests are relayed as
+    streams (nothing to fold) and a tool turn works as on any provider."""
+    home, work = where
+    tag = scripted.script("forced", turns(
+        lambda rec: answer(rec, shell(0, "call_x", "echo forced > forced.txt"), "tool_calls"),
+        lambda rec: answer(rec, text("forced.txt is there."))))
+    run = codex(proxy, home, work, f"{tag} Write forced.txt.", model="forced")
+    succeeded(run, "forced.txt is there.")
+    assert (work / "forced.txt").read_text() == "forced\n"
+    assert [b["stream"] for b in check_upstream(scripted, "forced", FORCED)] == [True, True]
+    lines = re.findall(r"route=/v1/responses model=forced .*", proxy.output())
+    assert len(lines) == 2 and all("folded=no" in line and "result=complete" in line for line in lines)
+    assert not scripted.unexpected
+
+
+def test_two_turn_session_with_exec_resume(scripted, proxy, where):
+    home, work = where
+    first_tag = scripted.script("session-one", turns(
+        lambda rec: answer(rec, shell(0, "call_s1", "echo first > note.txt"), "tool_calls"),
+        lambda rec: answer(rec, text("Saved the note."))))
+    second_tag = scripted.script("session-two", turns(
+        lambda rec: answer(rec, shell(0, "call_s2", "echo second >> note.txt"), "tool_calls"),
+        lambda rec: answer(rec, text("Appended to the note."))))
+    succeeded(codex(proxy, home, work, f"{first_tag} Save a note."), "Saved the note.")
+    run = codex(proxy, home, work, f"{second_tag} Add to the note.", resume=True)
+    succeeded(run, "Appended to the note.")
+    assert (work / "note.txt").read_text() == "first\nsecond\n"
+    check_continued(scripted, MODEL, "session-one", "session-two", ("call_s1", "exec_command"), "Saved the note.")
