@@ -34,6 +34,8 @@ DEMO_ENVIRON_KEY = "HTTP_STREAMFOLD_DEMO"
 SECRET_ENV = "STREAMFOLD_INSTANCE_SECRET"
 MAX_HOPS = 8          # proxies a request may have passed; more is a loop through several instances
 DEMO_PATH = "/demo/v1"
+LOOP_MESSAGE = ("This request has already passed through this proxy (its Streamfold-Hop header says so): a "
+                "provider's base-url points back at the proxy itself. Point it at the model server instead.")
 
 _secret: bytes | None = None
 _lock = threading.Lock()

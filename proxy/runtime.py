@@ -282,7 +282,10 @@ def describe_changes(old: Settings, new: Settings) -> str:
     for attribute, label in (("request_retry", "request-retry"), ("timeouts", "timeouts"),
                          ("max_request_bytes", "max-request-bytes"),
                          ("max_aggregate_bytes", "max-aggregate-bytes"),
-                         ("nonstream_keepalive_interval", "nonstream-keepalive-interval")):
+                         ("nonstream_keepalive_interval", "nonstream-keepalive-interval"),
+                         ("max_inflight_bytes", "max-inflight-bytes"),
+                         ("responses_store_max_bytes", "responses-store-max-bytes"),
+                         ("responses_store_max_count", "responses-store-max-count")):
         if getattr(old, attribute) != getattr(new, attribute):
             parts.append(f"{label} changed")
     if old.management != new.management:

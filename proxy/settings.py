@@ -126,6 +126,9 @@ class Settings:
     demo_upstream: bool = False             # mount the built-in demo upstream (/demo/v1)
     client_timeout: float = 30.0            # a client must deliver its whole request within this
     max_cooldown: float = 3600.0            # upper bound on any key cooldown (Retry-After)
+    max_inflight_bytes: int = 128 * 1024 * 1024   # per worker: requests still being received hold at most this
+    responses_store_max_bytes: int = 256 * 1024 * 1024  # stored responses, all together; oldest dropped past it
+    responses_store_max_count: int = 10_000       # stored responses at most; oldest dropped past it
 
 
 def settings_path(environ: Mapping[str, str] | None = None) -> str:
@@ -189,6 +192,10 @@ def build_settings(document: Any, environ: Mapping[str, str] | None = None) -> S
         demo_upstream=v.boolean(doc, "", "demo-upstream", False),
         client_timeout=v.number(doc, "", "client-timeout", 30.0, 0, exclusive=True),
         max_cooldown=v.number(doc, "", "max-cooldown", 3600.0, 0, exclusive=True),
+        max_inflight_bytes=v.integer(doc, "", "max-inflight-bytes", 128 * 1024 * 1024, minimum=65536),
+        responses_store_max_bytes=v.integer(doc, "", "responses-store-max-bytes", 256 * 1024 * 1024,
+                                            minimum=65536),
+        responses_store_max_count=v.integer(doc, "", "responses-store-max-count", 10_000, minimum=1),
     )
     if problems:
         raise SettingsError(problems)

@@ -161,6 +161,9 @@ def public_config(settings: Settings) -> dict[str, Any]:
         "demo-upstream": settings.demo_upstream,
         "client-timeout": settings.client_timeout,
         "max-cooldown": settings.max_cooldown,
+        "max-inflight-bytes": settings.max_inflight_bytes,
+        "responses-store-max-bytes": settings.responses_store_max_bytes,
+        "responses-store-max-count": settings.responses_store_max_count,
     }
 
 

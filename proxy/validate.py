@@ -36,7 +36,8 @@ _PROXY_SCHEMES = ("http", "https", "socks5", "socks5h", "socks4", "socks4a")
 
 TOP_KEYS = {"api-keys", "request-retry", "timeouts", "max-request-bytes", "max-aggregate-bytes",
             "nonstream-keepalive-interval", "remote-management", "redis-url", "openai-compatibility",
-            "state-path", "responses-store-ttl", "demo-upstream", "client-timeout", "max-cooldown"}
+            "state-path", "responses-store-ttl", "demo-upstream", "client-timeout", "max-cooldown",
+            "max-inflight-bytes", "responses-store-max-bytes", "responses-store-max-count"}
 PROVIDER_KEYS = {"name", "base-url", "disabled", "prefix", "request-retry", "api-key-entries",
                  "headers", "ca-bundle", "verify-tls", "force-upstream-stream", "models",
                  "native-apis", "tokenizer", "reasoning-replay", "stream-usage"}

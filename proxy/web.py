@@ -29,8 +29,6 @@ from .state.limits import Limiter
 from .state.usage import Recorder
 
 log = logging.getLogger(__name__)
-LOOP_MESSAGE = ("This request has already passed through this proxy (its Streamfold-Hop header says so): a "
-                "provider's base-url points back at the proxy itself. Point it at the model server instead.")
 
 
 def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
@@ -96,7 +94,7 @@ def _start_request() -> None:
     g.log = {"request_id": g.request_id, "route": request.path, "rule": rule.rule if rule else "unmatched"}
     if hop.ENVIRON_KEY in request.environ and request.blueprint != "demo" \
             and hop.looped(request.environ[hop.ENVIRON_KEY]):
-        raise LoopDetected(LOOP_MESSAGE)
+        raise LoopDetected(hop.LOOP_MESSAGE)
 
 
 def _finish_request(response: Response) -> Response:

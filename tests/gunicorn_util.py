@@ -74,6 +74,14 @@ class Gunicorn:
         self.log.close()
 
 
+def peak_rss(pid: int) -> int:
+    """The process's high-water RSS in bytes (VmHWM): a peak freed since still shows."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
 def write_settings(path: Path, doc: dict) -> Path:
     doc.setdefault("state-path", str(path.with_suffix(".state.db")))  # never the checkout's default
     path.write_text(yaml.safe_dump(doc, sort_keys=False))

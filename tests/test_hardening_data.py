@@ -18,7 +18,7 @@ import requests
 import yaml
 
 from tests.conftest import AUTH, CHAT, CLIENT_KEY, PROVIDER_KEY
-from tests.gunicorn_util import Gunicorn
+from tests.gunicorn_util import Gunicorn, peak_rss
 from tests.upstream import FakeUpstream, Reply, sse, text_chunks
 
 LIMIT = 8 * 1024 * 1024
@@ -91,14 +91,6 @@ def test_rewriting_the_settings_file_in_place_never_opens_the_proxy(deployed):
     assert set(statuses) == {401}
     assert requests.post(server.url + "/v1/chat/completions", json=CHAT, headers=AUTH,
                          timeout=10).json()["choices"][0]["message"]["content"] == "fine"
-
-
-def peak_rss(pid: int) -> int:
-    """The process's high-water RSS in bytes (VmHWM): a peak freed since still shows."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmHWM")
 
 
 def repeat(block: bytes, total: int):

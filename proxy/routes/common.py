@@ -6,7 +6,6 @@ same whichever protocol a client speaks.
 """
 from __future__ import annotations
 
-import hmac
 import logging
 import re
 import time
@@ -24,6 +23,7 @@ from ..settings import ClientKey
 from ..state.identity import OPEN, label
 from ..state.limits import Limiter, Ticket
 from ..state.usage import Recorder, usage_counts
+from .head import NO_KEY, WRONG_KEY, find_key
 
 access_log = logging.getLogger("streamfold.access")
 LOG_VALUE_LIMIT = 256  # characters per logged value; longer ones are cut and end in "..."
@@ -65,15 +65,10 @@ def authenticate(runtime: Runtime, *, account: bool = True) -> str:
     auth = request.headers.get("Authorization", "")
     token = auth[7:].strip() if auth[:7].lower() == "bearer " else request.headers.get("x-api-key", "")
     if not token:
-        raise Unauthorized("You didn't provide an API key. Send it as 'Authorization: Bearer <key>' "
-                           "or 'x-api-key: <key>'.")
-    given = token.encode()
-    found = None
-    for key in keys:  # compare with every key, in constant time each
-        if hmac.compare_digest(given, key.key.encode()):
-            found = key
+        raise Unauthorized(NO_KEY)
+    found = find_key(keys, token)
     if found is None:
-        raise Unauthorized("Incorrect API key provided.")
+        raise Unauthorized(WRONG_KEY)
     identity = current_app.extensions["streamfold.identity"].of(found.key)
     client = g.client = Client(found, identity, label(found.name, found.named, identity))
     if account:

@@ -11,14 +11,17 @@ from functools import partial
 from gunicorn import util
 from gunicorn.workers.gthread import TConn, ThreadWorker
 
+from ..errors import PayloadTooLarge, ProxyError
+from ..routes import head
 from .reading import RequestReader
-from .replies import json_reply, parse_error
+from .replies import json_reply, parse_error, reply
 
 # Connections still sending their request, per worker, at most (each costs a
 # file descriptor and a small buffer; none costs a thread).
 MAX_READING = 10_000
 READ_SIZE = 65536
-DEFAULTS = (30.0, 10 * 1024 * 1024)  # client-timeout, max-request-bytes before settings load
+# client-timeout, max-request-bytes and max-inflight-bytes before settings load
+DEFAULTS = (30.0, 10 * 1024 * 1024, 128 * 1024 * 1024)
 # After the last answer on a connection, how long to wait for the client to
 # close its side (RFC 9112 section 9.6), as gunicorn's close_graceful does.
 LINGER = 2.0
@@ -50,19 +53,27 @@ class StreamfoldWorker(ThreadWorker):
         # client that never closes stalled the whole worker for 2 s a time.
         self.lingering: dict[TConn, None] = {}
         self.max_reading = MAX_READING
+        # Bytes held by the requests in ``reading`` (``RequestReader.held``: an announced body counts
+        # whole from its head on), bounded by max-inflight-bytes.
+        self.inflight = 0
         self.buffered = not self.cfg.is_ssl and getattr(self.cfg, "http2_cleartext", "off") == "off"
 
     def init_process(self) -> None:
         self.max_reading = max(64, min(MAX_READING, _raise_open_files() - self.cfg.worker_connections - 64))
         super().init_process()
 
-    def _limits(self) -> tuple[float, int]:
-        """``client-timeout`` and ``max-request-bytes`` from the current (hot-reloaded) settings."""
+    def _settings(self):
         try:
-            settings = self.wsgi.extensions["streamfold"].runtime.settings
-            return settings.client_timeout, settings.max_request_bytes
+            return self.wsgi.extensions["streamfold"].runtime.settings
         except (AttributeError, KeyError):
+            return None
+
+    def _limits(self) -> tuple[float, int, int]:
+        """``client-timeout``, ``max-request-bytes`` and ``max-inflight-bytes`` from the current settings."""
+        settings = self._settings()
+        if settings is None:
             return DEFAULTS
+        return settings.client_timeout, settings.max_request_bytes, settings.max_inflight_bytes
 
     # -- reading requests in the event loop -------------------------------------------------
     def accept(self, listener) -> None:
@@ -88,9 +99,10 @@ class StreamfoldWorker(ThreadWorker):
         self._read(conn, b"")
 
     def _read(self, conn: TConn, already: bytes) -> None:
-        timeout, body_limit = self._limits()
+        timeout, body_limit, _ = self._limits()
         cfg = self.cfg
-        reader = RequestReader(body_limit + 1, max(cfg.limit_request_line, cfg.limit_request_field_size) + 2)
+        reader = RequestReader(body_limit + 1, max(cfg.limit_request_line, cfg.limit_request_field_size) + 2,
+                               wanted=head.HEADERS)
         conn.sock.setblocking(False)
         conn.timeout = time.monotonic() + timeout
         self.reading[conn] = reader
@@ -121,7 +133,10 @@ class StreamfoldWorker(ThreadWorker):
             self._forget(conn)
             self._close(conn)
             return
-        if reader.feed(data):
+        held = reader.held
+        complete = reader.feed(data)
+        self.inflight += reader.held - held
+        if complete:
             self._forget(conn)
             if reader.error:
                 self.log.warning("invalid request from %s: %s", (conn.client or ("-",))[0], reader.error)
@@ -130,11 +145,49 @@ class StreamfoldWorker(ThreadWorker):
                 self._linger(conn)
                 return
             self._dispatch(conn, reader)
+            return
+        if not reader.gated and reader.head_done and self._gate(conn, reader):
+            return
+        budget = self._limits()[2]
+        if self.inflight > budget:
+            self._over_budget(conn, reader, budget)
         elif reader.continue_needed:
             reader.continue_needed = False
             _send(conn.sock, b"HTTP/1.1 100 Continue\r\n\r\n")
 
+    def _gate(self, conn: TConn, reader: RequestReader) -> bool:
+        """Refuse a request its head settles (no valid client key, a loop) before its body is read."""
+        reader.gated = True
+        settings = self._settings()
+        refused = None if settings is None else head.refusal(settings, reader.method, reader.path, reader.headers)
+        if refused is None:
+            return False
+        status, body = refused
+        self.log.info("refused a request from %s before its body: %d", _address(conn), status)
+        self._refuse(conn, reply(status, "Unauthorized" if status == 401 else "Loop Detected", body))
+        return True
+
+    def _over_budget(self, conn: TConn, reader: RequestReader, budget: int) -> None:
+        """The requests this worker is reading would hold more than max-inflight-bytes: refuse this one."""
+        if reader.held > budget:  # alone more than the worker may hold: it can never be taken
+            error: ProxyError = PayloadTooLarge(f"The request is {reader.held} bytes; this proxy holds at most "
+                                                f"{budget} bytes of requests being received (max-inflight-bytes).")
+            status, reason, extra = 413, "Payload Too Large", b""
+        else:
+            error = ProxyError("The proxy is receiving too many request bodies at once; retry shortly.",
+                               status=503, code="server_busy")
+            status, reason, extra = 503, "Service Unavailable", b"Retry-After: 1\r\n"
+        self.log.warning("refused a request from %s with %d: requests being received would hold more than "
+                         "max-inflight-bytes (%d bytes)", _address(conn), status, budget)
+        self._refuse(conn, reply(status, reason, head.body(reader.path, error), extra))
+
+    def _refuse(self, conn: TConn, answer: bytes) -> None:
+        self._forget(conn)
+        _send(conn.sock, answer)
+        self._linger(conn)
+
     def _forget(self, conn: TConn) -> None:
+        self.inflight -= self.reading[conn].held
         del self.reading[conn]
         try:
             self.poller.unregister(conn.sock)
@@ -283,6 +336,10 @@ class _Deadline:
 
     def settimeout(self, value) -> None:
         self.sock.settimeout(value)
+
+
+def _address(conn: TConn) -> str:
+    return str((conn.client or ("-",))[0])
 
 
 def _send(sock, data: bytes) -> None:

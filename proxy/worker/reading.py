@@ -23,9 +23,10 @@ class RequestReader:
 
     __slots__ = ("buf", "body_limit", "line_limit", "head_limit", "_body_start", "_length", "_chunk_at",
                  "_chunked_total", "_scanned", "_line_start", "_trailer_at", "continue_needed", "error",
-                 "oversized")
+                 "oversized", "wanted", "method", "path", "headers", "gated")
 
-    def __init__(self, body_limit: int, line_limit: int = 8192, head_limit: int = 1024 * 1024) -> None:
+    def __init__(self, body_limit: int, line_limit: int = 8192, head_limit: int = 1024 * 1024,
+                 wanted: frozenset[bytes] = frozenset()) -> None:
         self.buf = bytearray()
         self.body_limit = body_limit
         self.line_limit = line_limit
@@ -40,6 +41,23 @@ class RequestReader:
         self.continue_needed = False  # the client waits for "100 Continue" before its body
         self.error = ""             # set when the chunked framing is broken: answer 400, don't parse
         self.oversized = False      # handed over before the end of a body over body_limit
+        self.wanted = wanted        # header names (lower case) whose values to keep in ``headers``
+        self.method = ""            # from the request line, once the head is complete
+        self.path = ""              # the target without its query
+        self.headers: dict[bytes, list[bytes]] = {}
+        self.gated = False          # the worker has judged the head (``proxy.routes.head``)
+
+    @property
+    def head_done(self) -> bool:
+        """The head is complete and its framing known (a body may follow)."""
+        return self._body_start >= 0
+
+    @property
+    def held(self) -> int:
+        """Bytes this request holds or will hold: what is buffered, or the head and the announced body."""
+        if self._body_start >= 0 and self._length > 0 and not self.oversized:
+            return max(len(self.buf), self._body_start + self._length)
+        return len(self.buf)
 
     @property
     def started(self) -> bool:
@@ -90,9 +108,16 @@ class RequestReader:
     def _framing(self, head: bytes) -> int | None:
         """Content-Length, -1 for chunked, 0 for no body; None when only the parser can judge."""
         lengths, codings, expect = [], [], False
-        for line in head.split(b"\r\n")[1:]:
+        lines = head.split(b"\r\n")
+        request = lines[0].split(b" ")
+        if len(request) == 3:
+            self.method = request[0].decode("latin-1")
+            self.path = request[1].split(b"?", 1)[0].decode("latin-1")
+        for line in lines[1:]:
             name, _, value = line.partition(b":")
             name = name.lower()
+            if name in self.wanted:
+                self.headers.setdefault(name, []).append(value.strip())
             if name == b"content-length":
                 lengths.append(value.strip())
             elif name == b"transfer-encoding":

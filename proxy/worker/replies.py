@@ -38,6 +38,10 @@ def parse_error(exc: Exception) -> tuple[int, str, str, str]:
 
 def json_reply(status: int, reason: str, message: str, code: str) -> bytes:
     kind = "invalid_request_error" if status < 500 else "server_error"
-    body = error_body(message, kind, code)
-    return (b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
-            b"Connection: close\r\n\r\n" % (status, reason.encode(), len(body))) + body
+    return reply(status, reason, error_body(message, kind, code))
+
+
+def reply(status: int, reason: str, body: bytes, extra: bytes = b"") -> bytes:
+    """A whole answer with a JSON ``body`` that closes the connection; ``extra``: more header lines."""
+    return (b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s"
+            b"Connection: close\r\n\r\n" % (status, reason.encode(), len(body), extra)) + body

@@ -1,0 +1,69 @@
+"""What the worker may answer from a request's head alone, before it reads (and holds) the body.
+
+The worker (``proxy.worker``) buffers a request whole before a thread takes
+it, so a body costs memory from its first byte: 100 clients each sending
+9.99 MB of a 10 MB body held ~1 GB of one worker. A request the app would
+refuse whatever its body says is refused as soon as its head is in: one that
+came round a loop (508, ``proxy.hop``; not the demo's hop, which carries
+this instance's id by design and proxies nothing further), and a POST to a route that takes a
+client key without a valid key (401). The answers are the app's own, in the
+route's shape; the app checks both again for whatever this lets through (an
+open proxy, a path spelled some other way), with the same ``find_key``.
+
+No Flask here: the worker imports this in the gunicorn master, before the
+metrics directory is set up (``gunicorn.conf.py``).
+"""
+from __future__ import annotations
+
+import hmac
+
+from .. import hop
+from ..errors import LoopDetected, ProxyError, Unauthorized
+from ..settings import ClientKey, Settings
+from ..translate.anthropic.response import error_body as anthropic_error_body
+
+NO_KEY = "You didn't provide an API key. Send it as 'Authorization: Bearer <key>' or 'x-api-key: <key>'."
+WRONG_KEY = "Incorrect API key provided."
+
+# The routes whose view authenticates the client key before it reads the body.
+CLIENT_KEY_ROUTES = frozenset(("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses",
+                               "/v1/messages", "/v1/messages/count_tokens"))
+# Header names (lower case) ``refusal`` reads; the worker collects just these from the head.
+HEADERS = frozenset((b"authorization", b"x-api-key", b"streamfold-hop"))
+
+
+def refusal(settings: Settings, method: str, path: str, headers: dict[bytes, list[bytes]]) -> tuple[int, bytes] | None:
+    """``(status, JSON body)`` when the head alone settles the answer, else None (read the body, let the app
+    answer). ``headers``: the values of each name in ``HEADERS`` the head carried."""
+    hops = headers.get(b"streamfold-hop")
+    if hops and not path.startswith("/demo/") and hop.looped(",".join(v.decode("latin-1") for v in hops)):
+        return 508, body(path, LoopDetected(hop.LOOP_MESSAGE))
+    if method != "POST" or path not in CLIENT_KEY_ROUTES or not settings.api_keys:
+        return None
+    auth, api_key = headers.get(b"authorization", ()), headers.get(b"x-api-key", ())
+    if len(auth) > 1 or len(api_key) > 1:
+        return None  # repeated: how the app joins them is the app's business
+    value = auth[0].decode("latin-1") if auth else ""
+    token = value[7:].strip() if value[:7].lower() == "bearer " else (api_key[0].decode("latin-1") if api_key else "")
+    if not token:
+        return 401, body(path, Unauthorized(NO_KEY))
+    if find_key(settings.api_keys, token) is None:
+        return 401, body(path, Unauthorized(WRONG_KEY))
+    return None
+
+
+def body(path: str, error: ProxyError) -> bytes:
+    """``error`` in the shape of the route family ``path`` belongs to."""
+    if path.startswith("/v1/messages"):
+        return anthropic_error_body(error.status, error.message, "overloaded_error" if error.status == 503 else None)
+    return error.body()
+
+
+def find_key(keys: tuple[ClientKey, ...], token: str) -> ClientKey | None:
+    """The client key ``token`` is, compared with every key in constant time each; None if none."""
+    given = token.encode()
+    found = None
+    for key in keys:
+        if hmac.compare_digest(given, key.key.encode()):
+            found = key
+    return found
