@@ -6,7 +6,9 @@ items added at fresh, increasing ``output_index``es, then deltas, then their
 ``*.done`` events, then ``output_item.done`` with the complete item (text,
 arguments, input equal to what the deltas added up to); exactly one terminal
 event, last; a completed/incomplete response lists exactly the done items,
-in order, with usage complete or absent. It returns the terminal payload.
+in order, with usage complete or absent (a failed one lists only done items,
+and may leave the item the failure cut off without its done events). It
+returns the terminal payload.
 """
 from __future__ import annotations
 
@@ -95,14 +97,19 @@ def check(events: bytes | list[tuple[str, dict]], codex: bool = False) -> dict:
         return terminal
     response = terminal["response"]
     assert response["id"] == response_id
+    done_items = [item for _, item in sorted(done, key=lambda pair: pair[0])]
+    if name == "response.failed":
+        # an item cut off by the failure is never done (a client would keep it as a finished item), and the
+        # failed response lists only items that were done
+        assert response["status"] == "failed" and response["error"]["code"]
+        assert all(item in done_items for item in response["output"]), "response.failed lists an item never done"
+        return terminal
     assert all(state["done"] for state in items.values()), "an item was added and never done"
     if name == "response.completed":
         assert response["status"] in ("completed", "incomplete") and (codex or response["status"] == "completed")
-    elif name == "response.incomplete":
-        assert response["status"] == "incomplete" and response["incomplete_details"]["reason"]
     else:
-        assert response["status"] == "failed" and response["error"]["code"]
-    assert response["output"] == [item for _, item in sorted(done, key=lambda pair: pair[0])]
+        assert response["status"] == "incomplete" and response["incomplete_details"]["reason"]
+    assert response["output"] == done_items
     usage = response.get("usage")
     if usage is not None:
         assert {"input_tokens", "output_tokens", "total_tokens", "input_tokens_details",

@@ -33,7 +33,7 @@ from typing import Callable, Iterator
 from .. import metrics, upstream
 from ..errors import ProxyError
 from ..executor import Outcome
-from ..translate.anthropic.stream import PING, MessageStream, completion_as_chunk
+from ..translate.anthropic.stream import INTERNAL, PING, MessageStream, completion_as_chunk
 from ..translate.chat_reads import chat_events, read_batches
 from ..translate.chat_stream import DONE, ChatStream
 from .common import loggable
@@ -234,6 +234,7 @@ def events(pump: Pump, pending: list[tuple], stream: MessageStream,
     done = False
     result = "client closed"
     items = iter(pending)
+    head = b""  # message_start, until it went out
     metrics.ACTIVE_STREAMS.inc()
     try:
         head = stream.start()
@@ -276,6 +277,10 @@ def events(pump: Pump, pending: list[tuple], stream: MessageStream,
             if data:
                 yield head + data
                 head = b""
+    except Exception as exc:  # noqa: BLE001 - a bug must still end the stream with event: error, not a cut body
+        log.error("messages stream translation failed: %s", type(exc).__name__, exc_info=exc)
+        result = f"internal error: {type(exc).__name__}"
+        yield head + stream.fail(500, INTERNAL)
     finally:
         pump.cancel(interrupt=not stream.ended)  # ended: the reader is done; else the client went away
         metrics.ACTIVE_STREAMS.dec()

@@ -29,7 +29,7 @@ from ..translate.chat_stream import DONE
 from ..translate.responses import request as translate
 from ..translate.responses import response as reply
 from ..translate.responses.pipeline import chunk_batches, translate_stream
-from ..translate.responses.stream import ResponsesStream
+from ..translate.responses.stream import INTERNAL, ResponsesStream
 from .common import admit, end_logger, holder, loggable, openai_request, stream_flag
 from .openai import RESPONSES
 
@@ -130,12 +130,16 @@ class _Bridge:
         metrics.ACTIVE_STREAMS.inc()
         try:
             yield from translate_stream(translator, self._batches(outcome), self._save_streamed)
-            result = "complete" if translator.error is None else f"upstream failed mid-stream: {translator.error}"
+            if translator.internal is not None:
+                result = f"internal error: {translator.internal}"
+            elif translator.error is not None:
+                result = f"upstream failed mid-stream: {loggable(translator.error, 200)}"
+            else:
+                result = "complete"
         except Exception as exc:  # noqa: BLE001 - the client still gets a terminal event
             log.error("responses bridge failed: %s", type(exc).__name__, exc_info=exc)
             result = f"internal error: {type(exc).__name__}"
-            if translator.final is None and translator.error is None:
-                yield translator.fail("The proxy hit an internal error; see its log for details.", "server_error")
+            yield translator.fail(INTERNAL, "server_error")  # b"" when the terminal event went out
         finally:
             if result == "complete":
                 upstream.finish(response)  # after the terminal event went out; keeps the connection

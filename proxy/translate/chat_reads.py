@@ -98,13 +98,13 @@ def chat_events(chat: ChatStream, batch: list) -> tuple[list[tuple], bool]:
     """The ``ChatStream`` events of one batch, and whether it ended with ``DONE``.
 
     A ``FastDelta`` becomes ``("literals", kind, [literal bodies])`` once
-    ``chat`` knows the answer's meta (then its chunks change nothing else in
-    it); before that its chunks are decoded and fed like any chunk.
+    ``chat`` is ``plain`` (its chunks change nothing else in it); before that
+    its chunks are decoded and fed like any chunk.
     """
     events: list[tuple] = []
     for chunk in batch:
         if type(chunk) is FastDelta:
-            if len(chat.meta) == 3:
+            if chat.plain:
                 bodies = chunk[1]
                 if b"" in bodies:
                     bodies = [body for body in bodies if body]

@@ -22,17 +22,31 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any, Iterable, Iterator
 
 import orjson
 
 from ..errors import StreamError
 from ..fold.chat import stream_error
+from ..fold.guard import repair_surrogates
 from ..fold.sse import iter_event_batches
 
 DONE = "[DONE]"
 _DONE_DATA = (b" [DONE]", b"[DONE]")  # "data: [DONE]" and "data:[DONE]" (iter_event_batches keeps the space)
 _REASONING = ("reasoning_content", "reasoning")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_REPLACEMENT = "\ufffd"
+
+
+def has_surrogates(text: str) -> bool:
+    """Whether ``text`` holds a UTF-16 surrogate half (only the slow JSON path produces them)."""
+    return not text.isascii() and _SURROGATE.search(text) is not None
+
+
+def clean(text: str) -> str:
+    """``text`` with surrogate halves joined or replaced (the fold's repair), so ``orjson`` can write it."""
+    return repair_surrogates(text) if has_surrogates(text) else text
 
 
 def iter_chat_chunks(reads: Iterable[bytes], max_bytes: int) -> Iterator[dict | str]:
@@ -98,10 +112,14 @@ class ToolCall:
 class ChatStream:
     """Turns chat chunks (choice 0) into the events both bridges translate; see the module docstring."""
 
-    __slots__ = ("meta", "usage", "finish_reason", "tools", "ended_early", "_calls", "_last", "_pending")
+    __slots__ = ("meta", "usage", "finish_reason", "tools", "ended_early", "plain", "_calls", "_last", "_pending",
+                 "_halves")
 
     def __init__(self) -> None:
         self.meta: dict[str, Any] = {}
+        # True once plain text/reasoning chunks change nothing here (the meta is known, no surrogate half is
+        # waiting for its other half): the bridges may then write such chunks without feeding them
+        self.plain = False
         self.usage: dict | None = None
         self.finish_reason: str | None = None
         self.tools: list[ToolCall] = []          # in start order
@@ -109,6 +127,11 @@ class ChatStream:
         self._calls: dict[int, ToolCall] = {}   # by upstream index (or our own for index-less deltas)
         self._last: ToolCall | None = None
         self._pending: dict[int, list[str]] = {}  # args that arrived before their call could start
+        # A fragment that ends with the first half of a UTF-16 surrogate pair (an emoji escaped as "\ud83d" at
+        # the end of one chunk, "\ude00" at the start of the next): the half waits here for the next fragment
+        # of the same field ("text", "reasoning" or a ToolCall), and what cannot be joined becomes U+FFFD,
+        # as the fold joins and replaces them.
+        self._halves: dict[Any, str] = {}
 
     def feed(self, chunk: dict) -> list[tuple]:
         """The events one chunk carries."""
@@ -132,11 +155,13 @@ class ChatStream:
                 raise StreamError("upstream chunk has `usage` that is not an object")
             self.usage = usage
             events.append(("usage", usage))
+        self.plain = len(meta) == 3 and not self._halves
         return events
 
     def close(self, done: bool) -> list[tuple]:
         """At ``[DONE]`` (``done``) or end of stream: start the calls that never got a name or id."""
         events: list[tuple] = []
+        self._flush_halves(events)
         for index in sorted(self._calls):
             call = self._calls[index]
             if not call.started:
@@ -155,11 +180,19 @@ class ChatStream:
             for key in _REASONING:
                 text = delta.get(key)
                 if text:
-                    events.append(("reasoning", _text(text, key)))
+                    text = _text(text, key)
+                    if self._halves or not text.isascii():
+                        text = self._whole("reasoning", text)
+                    if text:
+                        events.append(("reasoning", text))
                     break
             text = delta.get("content")
             if text:
-                events.append(("text", _text(text, "content")))
+                text = _text(text, "content")
+                if self._halves or not text.isascii():
+                    text = self._whole("text", text)
+                if text:
+                    events.append(("text", text))
             calls = delta.get("tool_calls")
             if calls:
                 if type(calls) is not list:
@@ -173,6 +206,7 @@ class ChatStream:
         if finish and self.finish_reason is None:
             if type(finish) is not str:
                 raise StreamError("upstream chunk has a `finish_reason` that is not a string")
+            self._flush_halves(events)
             self.finish_reason = finish
             stop = choice.get("stop_reason")  # vLLM: the stop string that ended it (an int for a stop token)
             events.append(("finish", finish, stop if type(stop) is str else None))
@@ -198,7 +232,7 @@ class ChatStream:
         if call_id and call.id is None:
             if type(call_id) is not str:
                 raise StreamError("upstream chunk has a tool-call `id` that is not a string")
-            call.id = call_id
+            call.id = clean(call_id)
         function = delta.get("function") or {}
         if type(function) is not dict:
             raise StreamError("upstream chunk has a tool-call `function` that is not an object")
@@ -206,12 +240,15 @@ class ChatStream:
         if name and call.name is None:
             if type(name) is not str:
                 raise StreamError("upstream chunk has a tool name that is not a string")
-            call.name = name  # never overwritten once known
+            call.name = clean(name)  # never overwritten once known
         fragment = function.get("arguments")
         if fragment:
             if type(fragment) is not str:
                 # some servers send the arguments as an object; the bridges need JSON text
                 fragment = orjson.dumps(fragment).decode()
+            elif self._halves or not fragment.isascii():
+                fragment = self._whole(call, fragment)
+        if fragment:
             call.args.append(fragment)
             if call.started:
                 events.append(("tool_args", call, fragment))
@@ -219,6 +256,31 @@ class ChatStream:
                 self._pending.setdefault(call.index, []).append(fragment)
         if not call.started and call.id and call.name:
             self._start(call, events)
+
+    def _whole(self, key: Any, text: str) -> str:
+        """``text`` with a waiting half before it joined, its own last half held back, lone halves replaced."""
+        half = self._halves.pop(key, None)
+        if half is not None:
+            text = half + text
+        elif _SURROGATE.search(text) is None:
+            return text
+        if "\ud800" <= text[-1] <= "\udbff":
+            self._halves[key] = text[-1]
+            text = text[:-1]
+        return repair_surrogates(text)
+
+    def _flush_halves(self, events: list[tuple]) -> None:
+        """The answer's end (or its finish): a half still waiting has no other half, it is U+FFFD."""
+        halves, self._halves = self._halves, {}
+        for key in halves:
+            if type(key) is str:
+                events.append((key, _REPLACEMENT))
+                continue
+            key.args.append(_REPLACEMENT)
+            if key.started:
+                events.append(("tool_args", key, _REPLACEMENT))
+            else:
+                self._pending.setdefault(key.index, []).append(_REPLACEMENT)
 
     def _start(self, call: ToolCall, events: list[tuple]) -> None:
         call.started = True

@@ -10,6 +10,7 @@ from typing import Any, Collection
 
 import orjson
 
+from ..chat_stream import clean
 from ..completion import first_choice
 from ..tools import ToolNames, is_context_overflow, repair_json_object, sanitize_tool_id
 
@@ -34,8 +35,8 @@ def error_type(status: int) -> str:
 
 
 def error_body(status: int, message: str, kind: str | None = None) -> bytes:
-    """``{"type":"error","error":{"type","message"}}``."""
-    return orjson.dumps({"type": "error", "error": {"type": kind or error_type(status), "message": message}})
+    """``{"type":"error","error":{"type","message"}}`` (surrogate halves in an upstream's message replaced)."""
+    return orjson.dumps({"type": "error", "error": {"type": kind or error_type(status), "message": clean(message)}})
 
 
 def error_event(status: int, message: str) -> bytes:

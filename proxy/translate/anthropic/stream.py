@@ -48,6 +48,13 @@ _THINKING_START = b'event: content_block_start\ndata: {"type":"content_block_sta
                   b'"content_block":{"type":"thinking","thinking":"","signature":""}}\n\n'
 _STOP = b'event: content_block_stop\ndata: {"type":"content_block_stop","index":%d}\n\n'
 _MESSAGE_STOP = b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
+INTERNAL = "The proxy hit an internal error; see its log for details."
+# The last resort of ``fail``: written without anything that could fail
+_FIXED_START = (b'event: message_start\ndata: {"type":"message_start","message":{"id":"%s","type":"message",'
+                b'"role":"assistant","model":"","content":[],"stop_reason":null,"stop_sequence":null,'
+                b'"usage":{"input_tokens":0,"output_tokens":0}}}\n\n')
+_FIXED_ERROR = (b'event: error\ndata: {"type":"error","error":{"type":"api_error","message":"'
+                + INTERNAL.encode() + b'"}}\n\n')
 
 
 def completion_as_chunk(body: bytes) -> dict:
@@ -110,12 +117,13 @@ class MessageStream:
         """``message_start`` (once; later calls give ``b""``)."""
         if self.started:
             return b""
-        self.started = True
         message = {"id": self.message_id, "type": "message", "role": "assistant", "model": self.model,
                    "content": [], "stop_reason": None, "stop_sequence": None,
                    "usage": {"input_tokens": self.input_tokens, "output_tokens": 0,
                              "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}}
-        return frame("message_start", {"type": "message_start", "message": message})
+        data = frame("message_start", {"type": "message_start", "message": message})
+        self.started = True
+        return data
 
     def feed(self, events: Iterable[tuple]) -> bytes:
         """The Anthropic events for a run of ``ChatStream`` events."""
@@ -179,11 +187,20 @@ class MessageStream:
         return b"".join(out)
 
     def fail(self, status: int, message: str) -> bytes:
-        """``event: error`` for a stream that broke after it was committed; nothing may follow it."""
+        """``event: error`` for a stream that broke after it was committed; nothing may follow it.
+
+        It cannot fail itself: should writing the events raise (a bug elsewhere left a value that cannot
+        be written), fixed bytes say the same.
+        """
         if self.ended:
             return b""
         self.ended = True
-        return self.start() + error_event(status, message)
+        try:
+            return self.start() + error_event(status, message)
+        except Exception:  # noqa: BLE001 - the stream must still end with its error event
+            head = b"" if self.started else _FIXED_START % self.message_id.encode()
+            self.started = True
+            return head + _FIXED_ERROR
 
     # -- blocks ------------------------------------------------------------
     def _open(self, kind: str, template: bytes) -> bytes:

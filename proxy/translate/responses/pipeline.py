@@ -7,12 +7,15 @@ one write per upstream read, as with the chat relay.
 """
 from __future__ import annotations
 
+import logging
 from typing import Callable, Iterable, Iterator
 
 from ...errors import ProxyError
 from ..chat_reads import FastDelta, raw, read_batches
-from ..chat_stream import DONE, ChatStream, iter_chat_chunks
-from .stream import ResponsesStream
+from ..chat_stream import DONE, ChatStream, has_surrogates, iter_chat_chunks
+from .stream import INTERNAL, ResponsesStream
+
+log = logging.getLogger(__name__)
 
 
 def chunk_batches(reads: Iterable[bytes], max_bytes: int, fast: bool = True) -> Iterator[list]:
@@ -37,12 +40,16 @@ def _plain_text(chunk: dict) -> str | None:
     if type(delta) is not dict or len(delta) != 1:
         return None
     text = delta.get("content")
-    return text if type(text) is str and text else None
+    return text if type(text) is str and text and not has_surrogates(text) else None
 
 
 def translate_stream(translator: ResponsesStream, batches: Iterable[list],
                      before_end: Callable[[ResponsesStream], None] | None = None) -> Iterator[bytes]:
     """All the events for ``chunk_batches`` output, one bytes per batch; an upstream error ends it.
+
+    Any exception ends it too, with the protocol's terminal failure event
+    (``translator.fail``), never a cut body: a bug in a translation step is
+    logged and named in ``translator.internal`` for the access log.
 
     The opening events go out with the first batch's, and the terminal event
     with the last batch's (as many writes as the chat relay makes for the same
@@ -51,17 +58,19 @@ def translate_stream(translator: ResponsesStream, batches: Iterable[list],
     terminal event goes out (the route stores the answer there, so a client
     that continues the moment it sees ``response.completed`` finds it).
     """
-    out: list[bytes] = [translator.start()]
+    out: list[bytes] = []
     chat = ChatStream()
     feed, chat_feed, text, literals = translator.feed_into, chat.feed, translator.text, translator.literals
+    closing = None
     try:
+        out.append(translator.start())
         done = False
         for batch in batches:
             for chunk in batch:
                 if type(chunk) is FastDelta:
-                    # plain text/reasoning deltas, not decoded (chat_reads): once the meta is known they
-                    # change nothing in ChatStream, so their literals go straight out
-                    if len(chat.meta) == 3:
+                    # plain text/reasoning deltas, not decoded (chat_reads): once ChatStream is ``plain`` they
+                    # change nothing in it, so their literals go straight out
+                    if chat.plain:
                         literals(out, chunk[0], chunk[1])
                     else:
                         for decoded in iter_chat_chunks((raw(chunk),), 1 << 62):
@@ -70,9 +79,9 @@ def translate_stream(translator: ResponsesStream, batches: Iterable[list],
                 if chunk == DONE:
                     done = True
                     break
-                # Most chunks are one text delta: those skip ChatStream (they change nothing in it once its
-                # meta is known) and the event tuples; about half the bridge's per-token CPU.
-                if translator.kind == "message" and len(chat.meta) == 3:
+                # Most chunks are one text delta: those skip ChatStream (they change nothing in it once it is
+                # ``plain``) and the event tuples; about half the bridge's per-token CPU.
+                if translator.kind == "message" and chat.plain:
                     plain = _plain_text(chunk)
                     if plain is not None:
                         text(out, plain)
@@ -83,15 +92,17 @@ def translate_stream(translator: ResponsesStream, batches: Iterable[list],
             if out:
                 yield b"".join(out)
                 out = []
-        out.append(translator.close(chat.close(done), chat.ended_early))
-    except ProxyError as exc:
-        if out:
-            yield b"".join(out)  # what was translated before the error is still the client's
-        out = [translator.fail(exc.message, exc.code)]
-    except Exception:
-        if out:  # response.created at least: the route's closing event must not come first
-            yield b"".join(out)
-        raise
-    if before_end is not None:
-        before_end(translator)
+        closing = translator.close(chat.close(done), chat.ended_early)
+        if before_end is not None:
+            before_end(translator)
+        out.append(closing)
+    except Exception as exc:  # noqa: BLE001 - whatever broke, the client gets the terminal failure event
+        if closing is not None:
+            translator.ended = False  # its terminal event was built but never went out
+        if isinstance(exc, ProxyError):
+            out.append(translator.fail(exc.message, exc.code))
+        else:
+            log.error("responses stream translation failed: %s", type(exc).__name__, exc_info=exc)
+            translator.internal = type(exc).__name__
+            out.append(translator.fail(INTERNAL, "server_error"))
     yield b"".join(out)

@@ -22,7 +22,7 @@ from itertools import repeat
 
 import orjson
 
-from ..chat_stream import ToolCall
+from ..chat_stream import ToolCall, clean
 from .response import Context, call_item, envelope, message_item, overflow, reasoning_item, status_of, usage_of
 
 
@@ -35,6 +35,15 @@ _SUMMARY_DELTA = _prefix("response.reasoning_summary_text.delta")
 _ARGS_DELTA = _prefix("response.function_call_arguments.delta")
 _TEXT_TAIL = b',"logprobs":[]}\n\n'
 _TAIL = b"}\n\n"
+INTERNAL = "The proxy hit an internal error; see its log for details."
+# The last-resort terminal events (and opening), written without anything that could fail
+_CREATED = (b'event: response.created\ndata: {"type":"response.created","sequence_number":0,'
+            b'"response":{"id":"%s","object":"response","status":"in_progress","output":[]}}\n\n')
+_FAILED = (b'event: response.failed\ndata: {"type":"response.failed","sequence_number":%d,"response":{"id":"%s",'
+           b'"object":"response","status":"failed","output":[],"error":{"code":"server_error","message":"'
+           + INTERNAL.encode() + b'"}}}\n\n')
+_ERROR = (b'event: error\ndata: {"type":"error","sequence_number":%d,"code":"server_error","message":"'
+          + INTERNAL.encode() + b'","param":null}\n\n')
 # sequence_number digits for the first events of a stream (~190 KB per worker): with them a run of deltas is
 # one C-level interleave and join instead of a %-format per event, ~3x cheaper (see ``literals``)
 _NUMBERS = [b"%d" % n for n in range(4096)]
@@ -42,7 +51,7 @@ _NUMBERS = [b"%d" % n for n in range(4096)]
 
 class ResponsesStream:
     __slots__ = ("ctx", "codex", "seq", "items", "kind", "open_index", "open_id", "parts", "tools",
-                 "middle", "calls", "texts", "reasonings", "finish", "usage", "final", "error")
+                 "middle", "calls", "texts", "reasonings", "finish", "usage", "final", "error", "ended", "internal")
 
     def __init__(self, ctx: Context, codex: bool = False) -> None:
         self.ctx = ctx
@@ -62,6 +71,8 @@ class ResponsesStream:
         self.usage: dict | None = None
         self.final: dict | None = None         # the terminal event's response object
         self.error: str | None = None          # why the stream failed, once it has
+        self.ended = False                     # the terminal event was written
+        self.internal: str | None = None       # the exception's type when the proxy itself failed (for the log)
 
     # -- framing ----------------------------------------------------------------------
     def _delta(self, out: list[bytes], prefix: bytes, middle: bytes, encoded: bytes, tail: bytes) -> None:
@@ -171,23 +182,46 @@ class ResponsesStream:
         self.final = envelope(self.ctx, status, self.done_items(), usage_of(self.usage), incomplete)
         kind = "response.incomplete" if status == "incomplete" and not self.codex else "response.completed"
         self._event(out, kind, {"response": self.final})
+        self.ended = True
         return b"".join(out)
 
     def fail(self, message: str, code: str | int | None) -> bytes:
-        """The terminal event for an error after the 200 went out."""
-        out: list[bytes] = []
-        self._close_all(out, "incomplete")
+        """The terminal event for an error after the 200 went out (``b""`` once a terminal event was written).
+
+        It cannot fail itself: the message is cleaned of what ``orjson`` refuses, and should writing the
+        event still raise (a bug elsewhere left a value it cannot write), a fixed event says the same.
+        """
+        if self.ended:
+            return b""
+        self.ended = True
+        message = clean(message)
         self.error = message
         if overflow(message):
             code = "context_length_exceeded"  # what makes Codex compact instead of retrying
-        code = str(code) if code is not None else "server_error"
-        if self.codex:
-            self.final = envelope(self.ctx, "failed", self.done_items(), usage_of(self.usage),
-                                  error={"code": code, "message": message})
-            self._event(out, "response.failed", {"response": self.final})
-        else:
-            self._event(out, "error", {"code": code, "message": message, "param": None})
-        return b"".join(out)
+        code = clean(str(code)) if code is not None else "server_error"
+        opening = b"" if self.seq else self._opening()
+        out = [opening]
+        try:
+            self._close_all(out, "incomplete")
+            if self.codex:
+                self.final = envelope(self.ctx, "failed", self.done_items(), usage_of(self.usage),
+                                      error={"code": code, "message": message})
+                self._event(out, "response.failed", {"response": self.final})
+            else:
+                self._event(out, "error", {"code": code, "message": message, "param": None})
+            return b"".join(out)
+        except Exception:  # noqa: BLE001 - the stream must still end with its terminal event
+            seq, self.seq = self.seq, self.seq + 1
+            if not self.codex:
+                return opening + _ERROR % seq
+            self.final = {"id": self.ctx.id, "object": "response", "status": "failed", "output": [],
+                          "error": {"code": "server_error", "message": INTERNAL}}
+            return opening + _FAILED % (seq, self.ctx.id.encode())
+
+    def _opening(self) -> bytes:
+        """``response.created`` for a stream whose opening events could not be written: fixed bytes."""
+        self.seq = 1
+        return _CREATED % self.ctx.id.encode()
 
     # -- what was streamed ----------------------------------------------------------------
     def done_items(self) -> list[dict]:
