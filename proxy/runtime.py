@@ -37,6 +37,7 @@ from . import last_good
 from .keys import KeyPool
 from .routing import Router
 from .settings import Settings, SettingsError, build_settings
+from .settings_file import redact_url
 from .shared import Shared
 from .upstream import Sessions
 
@@ -303,6 +304,8 @@ def _provider_diff(old, new) -> list[str]:
         if a != b:
             label = attribute.replace("_", "-")
             # booleans as YAML writes them: "false -> true"
+            if attribute == "base_url":  # credentials in a URL never reach the log
+                a, b = redact_url(a), redact_url(b)
             out.append(f"{label}: {str(a).lower()} -> {str(b).lower()}" if isinstance(a, bool)
                        else f"{label}: {a} -> {b}")
     if old.models != new.models:

@@ -231,13 +231,17 @@ def _join(path: str, key: Any) -> str:
 
 
 def redact(secret: str, short: bool = False) -> str:
-    """Show a secret the way logs and management output may: ``sk-...abcd``."""
+    """Show a secret the way logs and management output may: ``sk-...abcd``.
+
+    Never more than its last 4 characters (none for 8 or fewer); the head is
+    shown only when it is the well-known ``sk-`` prefix, which tells nothing.
+    """
     if not secret:
         return ""
     tail = secret[-4:] if len(secret) > 8 else ""
     if short:
         return f"...{tail}"
-    head = secret[:3] if len(secret) > 12 else ""
+    head = "sk-" if secret.startswith("sk-") and len(secret) > 12 else ""
     return f"{head}...{tail}"
 
 

@@ -19,6 +19,7 @@ import hashlib
 import os
 import tempfile
 from typing import Any, Callable, Iterator, Mapping
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
@@ -107,40 +108,94 @@ def write_atomically(path: str, data: bytes) -> None:
 
 
 def _resolved_keys(document: dict, environ: Mapping[str, str]) -> dict[str, list[tuple[str, str]]]:
-    """Per provider name: (key as written, key as resolved) for each api-key entry."""
+    """Per provider name: (value as written, value as resolved) of what GET redacts: base-url, api-keys,
+    proxy-urls, secret headers."""
     try:
         settings = build_settings(document, environ)
     except SettingsError:
         return {}
     out: dict[str, list[tuple[str, str]]] = {}
-    raw_entries = {p.get("name"): p.get("api-key-entries") or [] for p in document.get("openai-compatibility") or []
-                   if isinstance(p, dict)}
+    raw_providers = {p.get("name"): p for p in document.get("openai-compatibility") or [] if isinstance(p, dict)}
     for provider in settings.providers:
-        written = raw_entries.get(provider.name, [])
-        pairs = []
+        raw = raw_providers.get(provider.name, {})
+        pairs = [(raw.get("base-url", provider.base_url), provider.base_url)]
+        written = raw.get("api-key-entries") or []
         for i, entry in enumerate(provider.api_key_entries):
-            raw = written[i].get("api-key") if i < len(written) and isinstance(written[i], dict) else entry.api_key
-            pairs.append((raw, entry.api_key))
+            raw_entry = written[i] if i < len(written) and isinstance(written[i], dict) else {}
+            pairs.append((raw_entry.get("api-key", entry.api_key), entry.api_key))
+            if entry.proxy_url:
+                pairs.append((raw_entry.get("proxy-url", entry.proxy_url), entry.proxy_url))
+        raw_headers = raw.get("headers") if isinstance(raw.get("headers"), dict) else {}
+        pairs += [(raw_headers.get(name, value), value) for name, value in provider.headers if _secret_header(name)]
         out[provider.name] = pairs
     return out
 
 
 def _restore_redacted_keys(document: dict, old: dict[str, list[tuple[str, str]]]) -> None:
-    """A key sent back in its redacted form (``sk-...abcd``) means "keep the stored key"."""
+    """A secret sent back as GET shows it (``sk-...abcd``, ``https://user:***@host``) means "keep the stored one"."""
     for provider in document.get("openai-compatibility") or []:
         if not isinstance(provider, dict):
             continue
         known = old.get(provider.get("name"), [])
-        for entry in provider.get("api-key-entries") or []:
-            if not isinstance(entry, dict) or not isinstance(entry.get("api-key"), str):
-                continue
-            given = entry["api-key"]
-            if "..." not in given:
+        places = [(provider, "base-url")] + [(entry, field) for entry in provider.get("api-key-entries") or []
+                                             if isinstance(entry, dict) for field in ("api-key", "proxy-url")]
+        headers = provider.get("headers")
+        places += [(headers, name) for name in headers if _secret_header(name)] if isinstance(headers, dict) else []
+        for mapping, field in places:
+            given = mapping.get(field)
+            if not isinstance(given, str) or ("..." not in given and "***" not in given):
                 continue
             for raw, resolved in known:
-                if redact(resolved) == given:
-                    entry["api-key"] = raw
+                if given in (redact(resolved), redact_url(resolved)) and given != resolved:
+                    mapping[field] = raw
                     break
+
+
+def redacted_document(document: Any) -> Any:
+    """The document for download: literal secrets redacted, ``${VAR}`` references kept as written.
+
+    A value that names a variable holds no secret itself (the environment
+    does); a literal key, secret, credential-looking header or URL
+    credentials are shown as ``GET /config`` shows them.
+    """
+    if not isinstance(document, dict):
+        return document
+    out = copy.deepcopy(document)
+    keys = out.get("api-keys")
+    for i, item in enumerate(keys if isinstance(keys, list) else []):
+        if isinstance(item, dict) and "key" in item:
+            item["key"] = _hide(item["key"], redact)
+        elif not isinstance(item, dict):
+            keys[i] = _hide(item, redact)
+    management = out.get("remote-management")
+    if isinstance(management, dict) and "secret-key" in management:
+        management["secret-key"] = _hide(management["secret-key"], redact)
+    if "redis-url" in out:
+        out["redis-url"] = _hide(out["redis-url"], redact_url)
+    for provider in out.get("openai-compatibility") or []:
+        if not isinstance(provider, dict):
+            continue
+        if "base-url" in provider:
+            provider["base-url"] = _hide(provider["base-url"], redact_url)
+        for entry in provider.get("api-key-entries") or []:
+            if isinstance(entry, dict):
+                for field, how in (("api-key", redact), ("proxy-url", redact_url)):
+                    if field in entry:
+                        entry[field] = _hide(entry[field], how)
+        headers = provider.get("headers")
+        if isinstance(headers, dict):
+            provider["headers"] = {k: _hide(v, redact) if _secret_header(k) else v for k, v in headers.items()}
+    return out
+
+
+def _hide(value: Any, how: Callable[[str], str]) -> Any:
+    if not isinstance(value, str) or "${" in value:
+        return value
+    return how(value)
+
+
+def _secret_header(name: Any) -> bool:
+    return isinstance(name, str) and any(w in name.lower() for w in SECRET_HEADER_WORDS)
 
 
 def public_config(settings: Settings) -> dict[str, Any]:
@@ -179,12 +234,11 @@ def _public_client_key(key) -> dict[str, Any]:
 
 def public_provider(provider) -> dict[str, Any]:
     return {
-        "name": provider.name, "base-url": provider.base_url, "disabled": provider.disabled,
+        "name": provider.name, "base-url": redact_url(provider.base_url), "disabled": provider.disabled,
         "prefix": provider.prefix, "request-retry": provider.request_retry,
         "api-key-entries": [{"api-key": redact(e.api_key), "proxy-url": redact_url(e.proxy_url)}
                             for e in provider.api_key_entries],
-        "headers": {k: redact(v) if any(w in k.lower() for w in SECRET_HEADER_WORDS) else v
-                    for k, v in provider.headers},
+        "headers": {k: redact(v) if _secret_header(k) else v for k, v in provider.headers},
         "ca-bundle": provider.ca_bundle, "verify-tls": provider.verify_tls,
         "force-upstream-stream": provider.force_upstream_stream,
         "models": [_public_model(m) for m in provider.models],
@@ -205,10 +259,13 @@ def _public_model(model) -> dict[str, Any]:
 
 
 def redact_url(url: str) -> str:
-    """A URL without its password (``redis://:***@host``)."""
-    if "@" not in url or "://" not in url:
+    """A URL without its credentials: ``https://user:***@host/v1``; a user name alone (often a token) is ``***``."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "(an unparseable URL)" if "@" in url else url
+    if "@" not in parts.netloc:
         return url
-    scheme, rest = url.split("://", 1)
-    creds, host = rest.rsplit("@", 1)
-    user = creds.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}"
+    userinfo, host = parts.netloc.rsplit("@", 1)
+    user, has_password, _ = userinfo.partition(":")
+    return urlunsplit(parts._replace(netloc=f"{user + ':***' if has_password else '***'}@{host}"))

@@ -197,3 +197,84 @@ def test_port_set_with_the_published_development_key_refuses_to_start_naming_the
         raise AssertionError("it started serving 0.0.0.0 with the published development key") from None
     assert proc.returncode == 1 and "Traceback" not in stderr
     assert "0.0.0.0" in stderr and "sk-streamfold-local" in stderr and "STREAMFOLD_CLIENT_KEY" in stderr
+
+
+# -- finding 13: secrets in management views ------------------------------------------------------------
+
+LITERALS = {"client": "sk-Vd8qLw2Xr5Tn9101", "secret": "Zq8mgmtQv7Lw3434", "provider": "sk-Hp4Jk8Ws2Yx6aaaa",
+            "base-url password": "Bp7Kx2Qw9191", "proxy password": "Px3Nv8Rt8282", "header": "Hd5Mz1Lq7373"}
+FROM_ENV = {"TEAM_KEY": "sk-Ev9Fr3Tg6Hy1e5555", "GPU_KEY": "sk-Gk2Jd7Lp4Nq8e6666"}
+ROTATED = {"Authorization": f"Bearer {LITERALS['secret']}"}
+
+
+@pytest.fixture
+def secretive(tmp_path, upstream, serve):
+    """Literal secrets everywhere the file can hold one, and ${VAR} references beside them."""
+    host = upstream.url.split("://", 1)[1]
+    doc = {"api-keys": [LITERALS["client"], "${TEAM_KEY}"],
+           "remote-management": {"secret-key": LITERALS["secret"]},
+           "openai-compatibility": [{
+               "name": "up", "base-url": f"http://ops:{LITERALS['base-url password']}@{host}",
+               "api-key-entries": [{"api-key": LITERALS["provider"],
+                                    "proxy-url": f"http://px:{LITERALS['proxy password']}@127.0.0.1:9"},
+                                   {"api-key": "${GPU_KEY}"}],
+               "headers": {"X-Api-Token": LITERALS["header"], "X-Team": "ml"},
+               "models": [{"name": "upstream-model", "alias": "m"}]}]}
+    path = write_settings(tmp_path / "settings.yaml", doc)
+    return path, serve(create_app({"PROXY_SETTINGS": str(path), "ENVIRON": FROM_ENV}))
+
+
+def shows_no_more_than_the_last_4(text: str) -> None:
+    """No secret's 5 characters in a row: at most its last 4 (after "...") are shown."""
+    for secret in [*LITERALS.values(), *FROM_ENV.values()]:
+        for start in range(len(secret) - 4):
+            assert secret[start:start + 5] not in text, f"{secret[start:start + 5]!r} of a secret is shown"
+
+
+def test_every_management_view_shows_at_most_the_last_4_characters_of_a_secret_and_no_url_credentials(secretive):
+    path, live = secretive
+    views = {}
+    for view in ("config", "openai-compatibility", "keys", "overview"):
+        response = requests.get(f"{live.url}/v0/management/{view}", headers=ROTATED, timeout=10)
+        assert response.status_code == 200
+        views[view] = response.text
+        shows_no_more_than_the_last_4(response.text)
+    config = requests.get(live.url + "/v0/management/config", headers=ROTATED, timeout=10).json()
+    assert config["remote-management"]["secret-key"] == "...3434"
+    assert config["openai-compatibility"][0]["base-url"].startswith("http://ops:***@127.0.0.1:")
+    assert config["openai-compatibility"][0]["api-key-entries"][0]["proxy-url"] == "http://px:***@127.0.0.1:9"
+    tested = requests.post(live.url + "/v0/management/test-connection", headers=ROTATED, json={"name": "up"},
+                           timeout=30)
+    shows_no_more_than_the_last_4(tested.text)
+
+
+def test_the_yaml_download_redacts_literal_secrets_and_keeps_variable_references(secretive):
+    path, live = secretive
+    download = requests.get(live.url + "/v0/management/config.yaml", headers=ROTATED, timeout=10)
+    assert download.status_code == 200
+    shows_no_more_than_the_last_4(download.text)
+    doc = yaml.safe_load(download.text)
+    assert doc["api-keys"] == ["sk-...9101", "${TEAM_KEY}"]
+    entries = doc["openai-compatibility"][0]["api-key-entries"]
+    assert entries[1] == {"api-key": "${GPU_KEY}"} and entries[0]["api-key"] == "sk-...aaaa"
+    assert doc["openai-compatibility"][0]["headers"]["X-Team"] == "ml"
+
+
+def test_url_credentials_stay_out_of_the_reload_log_and_survive_a_round_trip_of_the_redacted_list(
+        secretive, caplog):
+    path, live = secretive
+    listed = requests.get(live.url + "/v0/management/openai-compatibility", headers=ROTATED, timeout=10).json()
+    before = yaml.safe_load(path.read_text())["openai-compatibility"][0]
+    put = requests.put(live.url + "/v0/management/openai-compatibility", headers=ROTATED, timeout=10,
+                       json=[dict(p, **{"disabled": True}) for p in listed["openai-compatibility"]])
+    assert put.status_code == 200, put.text
+    after = yaml.safe_load(path.read_text())["openai-compatibility"][0]
+    assert after["base-url"] == before["base-url"]  # sent back redacted: the stored URL is kept
+    assert after["api-key-entries"][0] == before["api-key-entries"][0]
+    assert after["api-key-entries"][1]["api-key"] == "${GPU_KEY}" and after["headers"] == before["headers"]
+    doc = yaml.safe_load(path.read_text())
+    doc["openai-compatibility"][0]["base-url"] = doc["openai-compatibility"][0]["base-url"].replace("ops:", "ops2:")
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    requests.get(live.url + "/v0/management/config", headers=ROTATED, timeout=10)  # checks the file first
+    assert any("base-url: http://ops:***@" in r.getMessage() for r in caplog.records)
+    shows_no_more_than_the_last_4("\n".join(r.getMessage() for r in caplog.records))

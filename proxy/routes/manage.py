@@ -192,5 +192,10 @@ def _invalid(exc: SettingsError) -> Response:
 
 @bp.get("/config.yaml")
 def export_yaml() -> Response:
-    """The effective settings as YAML (``${VAR}`` kept): how runtime changes go back into the file."""
-    return Response(settings_file.to_yaml(_holder().runtime.document), 200, {"Content-Type": "application/yaml"})
+    """The effective settings as YAML: how runtime changes go back into the file.
+
+    ``${VAR}`` references are kept as written; literal secrets are redacted as
+    ``/config`` shows them (put them back, or better, into the environment).
+    """
+    document = settings_file.redacted_document(_holder().runtime.document)
+    return Response(settings_file.to_yaml(document), 200, {"Content-Type": "application/yaml"})

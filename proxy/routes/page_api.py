@@ -209,7 +209,7 @@ def test_connection() -> Response:
     if provider is None:
         raise NotFound(f"no provider named {name!r}")
     entries = provider.api_key_entries or (None,)
-    return _json({"provider": provider.name, "url": provider.base_url + "/models",
+    return _json({"provider": provider.name, "url": redact_url(provider.base_url) + "/models",
                   "results": [_probe(provider, entry) for entry in entries]})
 
 
