@@ -229,11 +229,11 @@ def locked_until(times: list[float], failures: int, window: float, seconds: floa
 def workers() -> list[dict[str, Any]]:
     """The instance's workers that recorded a start: pid, start time, alive."""
     starts = {r["worker"]: r["t"] for r in recorder().read("events") if r.get("kind") == "start"}
-    return [{"pid": pid, "started": started, "alive": _alive(pid), "this": pid == os.getpid()}
+    return [{"pid": pid, "started": started, "alive": alive(pid), "this": pid == os.getpid()}
             for pid, started in sorted(starts.items(), key=lambda item: item[1])]
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import email.utils
 import math
+import threading
 import time
+import weakref
 from contextlib import closing
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from functools import partial
+from typing import TYPE_CHECKING, Any, Callable
 
 import orjson
 from urllib3 import HTTPResponse
@@ -24,6 +27,9 @@ from .errors import BadRequest, ProxyError, RateLimited, StreamError, UpstreamUn
 from .keys import RATE_LIMIT_DEFAULT, REFUSED_KEY_COOLDOWN, KeyPool
 from .routing import Target
 from .settings import KeyEntry, Settings, redact
+
+if TYPE_CHECKING:
+    from .balance.balancer import Balancer
 
 RETRY_STATUSES = frozenset((429, 500, 502, 503, 504))
 REFUSED_STATUSES = frozenset((401, 403))
@@ -98,33 +104,60 @@ class Outcome:
 
 
 def execute(settings: Settings, sessions: upstream.Sessions, keys: KeyPool,
-            targets: tuple[Target, ...], call: Call) -> Outcome:
-    """Try the targets' keys in turn until one answers; raise the last failure otherwise."""
+            targets: tuple[Target, ...], call: Call, balancer: Balancer | None = None) -> Outcome:
+    """Try the targets' keys in turn until one answers; raise the last failure otherwise.
+
+    With a ``balancer``, the replica set is ordered for this request first, and
+    each attempt counts as in flight at its replica until its answer is complete
+    (a stream: until the access log is written, ``release`` in the log fields).
+    """
     retry = targets[0].provider.request_retry
     budget = 1 + (settings.request_retry if retry < 0 else retry)
     log = call.log
     log["attempts"], log["keys"] = 0, []
     failure: ProxyError | Outcome | None = None
+    choice = None
+    if balancer is not None:
+        choice = balancer.route(targets, call.body, call.client_headers, keys, settings.fleet)
+        targets = choice.targets
     for target, entry in keys.plan(targets):
         if log["attempts"] >= budget:
             break
         log["attempts"] += 1
         log["provider"] = target.provider.name
+        log["replica"] = target.replica_name
         # the metrics' model label: the configured alias (a glob stays the glob), never the client's string
         log["model_label"] = (target.spec.alias or target.spec.name) if target.spec else target.model
         log["keys"].append(redact(entry.api_key, short=True) or "-")
+        column = balancer.begin(target) if balancer is not None else -1
         try:
             outcome = _attempt(settings, sessions, keys, target, entry, call)
         except ProxyError as exc:
+            if balancer is not None:
+                balancer.end(target, column)
             if not getattr(exc, "retryable", True):
                 raise
             failure = exc
             metrics.RETRIES.labels(target.provider.name, metrics.reason(exc.code or exc.status)).inc()
             continue
+        except BaseException:
+            if balancer is not None:
+                balancer.end(target, column)
+            raise
         if outcome.status in RETRY_STATUSES or outcome.status in REFUSED_STATUSES:
+            if balancer is not None:
+                balancer.end(target, column)
             failure = outcome
             metrics.RETRIES.labels(target.provider.name, metrics.reason(outcome.status)).inc()
             continue
+        if balancer is not None:
+            if outcome.status < 400:
+                balancer.served(choice, target, settings.fleet)
+            if outcome.stream is None:
+                balancer.end(target, column)
+            else:  # in flight until the stream is over: the access log releases it (or, failing that, GC)
+                log["release"] = release = Release(partial(balancer.end, target, column))
+                weakref.finalize(outcome.stream, release)
         return outcome
     if failure is None:
         wait = keys.soonest_recovery(targets)
@@ -139,6 +172,22 @@ def execute(settings: Settings, sessions: upstream.Sessions, keys: KeyPool,
     if failure.status == 429 and "Retry-After" not in failure.headers:
         failure.headers["Retry-After"] = str(int(keys.soonest_recovery(targets) + 0.999))
     return failure
+
+
+class Release:
+    """Runs its function once, whoever calls first (the access log, or the stream's finaliser)."""
+
+    __slots__ = ("_function", "_lock")
+
+    def __init__(self, function: Callable[[], None]) -> None:
+        self._function: Callable[[], None] | None = function
+        self._lock = threading.Lock()
+
+    def __call__(self) -> None:
+        with self._lock:
+            function, self._function = self._function, None
+        if function is not None:
+            function()
 
 
 def _attempt(settings: Settings, sessions: upstream.Sessions, keys: KeyPool,
@@ -189,15 +238,15 @@ def _attempt(settings: Settings, sessions: upstream.Sessions, keys: KeyPool,
         raise refused from None
     started = time.perf_counter()
     try:
-        response = upstream.post(sessions, provider, provider.base_url + path,
+        response = upstream.post(sessions, provider, target.base_url + path,
                                  payload, headers, entry, settings.timeouts)
     except UpstreamUnavailable:
-        keys.connect_failed(provider.name)
+        keys.connect_failed(target.replica_name)
         raise
     finally:
         call.log["upstream_ms"] = round((time.perf_counter() - started) * 1000, 1)
     metrics.UPSTREAM_TTFB.labels(provider.name).observe(time.perf_counter() - started)
-    keys.connected(provider.name)
+    keys.connected(target.replica_name)
     status = response.status
     if status < 200 or 300 <= status < 400:
         # Like nginx: a redirect is never followed with the key nor relayed as
@@ -208,11 +257,11 @@ def _attempt(settings: Settings, sessions: upstream.Sessions, keys: KeyPool,
     if status >= 400:
         with closing(response):
             if status == 429:
-                keys.cool(provider.name, entry, retry_after(response.headers.get("Retry-After"),
-                                                            settings.max_cooldown))
+                keys.cool(target.replica_name, entry, retry_after(response.headers.get("Retry-After"),
+                                                                  settings.max_cooldown))
                 metrics.COOLDOWNS.labels(provider.name, "rate_limited").inc()
             elif status in REFUSED_STATUSES:
-                keys.cool(provider.name, entry, REFUSED_KEY_COOLDOWN, "refused")
+                keys.cool(target.replica_name, entry, REFUSED_KEY_COOLDOWN, "refused")
                 metrics.COOLDOWNS.labels(provider.name, "key_refused").inc()
             failed = passthrough_error(response, settings.max_cooldown)
             failed.plan = plan

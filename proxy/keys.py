@@ -1,8 +1,9 @@
 """Which provider key to use next, and which keys and providers are sitting out.
 
 State lives in the worker process: round-robin counters per provider,
-cooldowns per ``(provider, key id)`` after a 429 or a refused key, and a short
-back-off per provider after a connect failure. It survives config reloads
+cooldowns per ``(replica, key id)`` after a 429 or a refused key, and a short
+back-off per replica after a connect failure (a replica is a provider, or one
+of its ``base-urls`` named ``<provider>#<n>``). It survives config reloads
 because it is keyed by names and key ids, not by config objects. A key id is a
 hash of the key, so cooldowns can be shared through Redis (``shared.py``)
 without the key ever leaving the process. Without Redis each gunicorn worker
@@ -53,11 +54,22 @@ class KeyPool:
     def plan(self, targets: tuple[Target, ...]) -> Iterator[tuple[Target, KeyEntry]]:
         """Attempts in order: each target's usable keys (round-robin), providers in back-off last."""
         now = self.clock()
-        healthy = [t for t in targets if self._backoff.get(t.provider.name, (0.0, 0.0))[0] <= now]
+        healthy = [t for t in targets if self._backoff.get(t.replica_name, (0.0, 0.0))[0] <= now]
         resting = [t for t in targets if t not in healthy]
         for target in healthy + resting:
-            yield from ((target, entry) for entry in self.keys(target.provider.name,
+            yield from ((target, entry) for entry in self.keys(target.replica_name,
                                                                   target.provider.api_key_entries))
+
+    def resting(self, target: Target) -> bool:
+        """True while the replica backs off after a connect failure or every key of it is cooling down."""
+        now, name = self.clock(), target.replica_name
+        if self._backoff.get(name, (0.0, 0.0))[0] > now:
+            return True
+        cooling = self._cooling
+        if not cooling:
+            return False
+        entries = target.provider.api_key_entries or (_NO_KEY,)
+        return all(cooling.get((name, key_id(e.api_key)), 0.0) > now for e in entries)
 
     def keys(self, provider: str, entries: tuple[KeyEntry, ...]) -> list[KeyEntry]:
         """The provider's keys not cooling down, starting at the next one in turn."""
@@ -76,7 +88,7 @@ class KeyPool:
     def soonest_recovery(self, targets: tuple[Target, ...]) -> float:
         """Seconds until the first cooling key of these targets is usable again."""
         now = self.clock()
-        waits = [self._cooling.get((t.provider.name, key_id(e.api_key)), now) - now
+        waits = [self._cooling.get((t.replica_name, key_id(e.api_key)), now) - now
                  for t in targets for e in t.provider.api_key_entries]
         return max(1.0, min(waits, default=1.0))
 

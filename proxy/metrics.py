@@ -48,6 +48,11 @@ COOLDOWNS = Counter("streamfold_cooldowns_total", "Keys put on cooldown (429 or 
 ACTIVE_STREAMS = Gauge("streamfold_active_streams", "Streams being relayed right now", multiprocess_mode="livesum")
 TOKENS = Counter("streamfold_tokens_total", "Tokens reported by upstream usage, by client key label",
                  ["client", "kind"])
+REPLICA_IN_FLIGHT = Gauge("streamfold_replica_in_flight", "Requests in flight to each replica",
+                          ["provider", "replica"], multiprocess_mode="livesum")
+ROUTING = Counter("streamfold_routing_decisions_total",
+                  "Replica choices by replica set, policy and reason (affinity, prefix, least-busy, imbalance, "
+                  "failover, round-robin)", ["set", "policy", "reason"])
 CLIENT_LIMITED = Counter("streamfold_client_limited_total",
                          "Requests refused by a client key's policy (reason: rpm, tpm, concurrency, model)",
                          ["client", "reason"])

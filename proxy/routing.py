@@ -4,10 +4,15 @@ A client may ask for a model's ``alias``, its upstream ``name``, or
 ``<provider-name>/<model>``; a provider with a ``prefix`` is reached only as
 ``<prefix>/<alias or name>``. An alias may be a glob (``claude-*``): exact
 names always win, then the globs in file order (the first that matches; all
-providers that share that glob serve it). Disabled providers route nothing. One name served
-by several providers is balanced round-robin; the caller walks the returned
-list in order for failover. Built once per loaded config; read-only afterwards
-except for the round-robin counters (``itertools.count`` is atomic under the GIL).
+providers that share that glob serve it). Disabled providers route nothing.
+
+A provider with ``base-urls`` gives one target per address (its replicas).
+All targets of one name are its replica set, balanced by the set's policy
+(``fleet.aliases`` for that name, else the first provider's ``balance``, else
+``fleet.balance``): round-robin sets are rotated here, the others are ordered
+per request by ``proxy.balance``; the caller walks the list in order for
+failover. Built once per loaded config; read-only afterwards except for the
+round-robin counters (``itertools.count`` is atomic under the GIL).
 """
 from __future__ import annotations
 
@@ -22,11 +27,35 @@ from .settings import Model, Provider, Settings
 
 @dataclass(frozen=True, slots=True)
 class Target:
-    """One way to serve a request: a provider and the model id it knows."""
+    """One way to serve a request: a provider (one of its replicas) and the model id it knows."""
 
     provider: Provider
     model: str
     spec: Model | None = None  # the model entry (max-output-tokens, context-length)
+    url: str = ""              # this replica's base URL ("" = the provider's base-url)
+    replica: str = ""          # this replica's name: the provider's, or "<provider>#<n>" for base-urls
+
+    @property
+    def base_url(self) -> str:
+        return self.url or self.provider.base_url
+
+    @property
+    def replica_name(self) -> str:
+        return self.replica or self.provider.name
+
+
+class Replicas(tuple):
+    """The targets for one name, in the order to try them, with the replica set's ``policy``."""
+
+    policy = "round-robin"
+    name = ""  # the name or glob the client's model matched
+
+
+def narrowed(targets: tuple[Target, ...], kept) -> tuple[Target, ...]:
+    """Some of ``targets`` (an allow-list, native-only), still a replica set with its policy."""
+    out = Replicas(kept)
+    out.name, out.policy = getattr(targets, "name", ""), getattr(targets, "policy", "round-robin")
+    return out
 
 
 class Router:
@@ -45,37 +74,58 @@ class Router:
         for provider in settings.providers:
             if provider.disabled:
                 continue
+            urls = provider.base_urls
             for model in provider.models:
-                target = Target(provider, model.name, model)
-                if model.alias_is_glob:
-                    pattern = f"{provider.prefix}/{model.alias}" if provider.prefix else model.alias
-                    targets = globs.setdefault(pattern, [])
-                    if target not in targets:
-                        targets.append(target)
-                    # a pattern is not a model id: list the upstream name instead
-                    add(f"{provider.prefix}/{model.name}" if provider.prefix else model.name, target, True)
-                    add(f"{provider.name}/{model.name}", target, False)
-                    continue
-                public = model.alias or model.name
-                if provider.prefix:
-                    add(f"{provider.prefix}/{public}", target, True)
-                    if model.alias:
-                        add(f"{provider.prefix}/{model.name}", target, False)
+                if urls:
+                    for number, url in enumerate(urls, 1):
+                        self._place(Target(provider, model.name, model, url, f"{provider.name}#{number}"),
+                                    add, globs)
                 else:
-                    add(public, target, True)
-                    if model.alias:
-                        add(model.name, target, False)
-                add(f"{provider.name}/{model.name}", target, False)
-                if model.alias:
-                    add(f"{provider.name}/{model.alias}", target, False)
-        self._table = {name: tuple(targets) for name, targets in table.items()}
-        self._listed = {name: tuple(targets) for name, targets in listed.items()}
-        self._globs = tuple((pattern, tuple(targets)) for pattern, targets in globs.items())
-        self._turns = {name: itertools.count() for name, targets in [*table.items(), *globs.items()]
-                       if len(targets) > 1}
+                    self._place(Target(provider, model.name, model), add, globs)
+        fleet = settings.fleet
+        overrides = dict(fleet.aliases)
 
-    def resolve(self, model: str) -> tuple[Target, ...]:
-        """Targets for ``model``, rotated so each call starts at the next provider."""
+        def replicas(name: str, targets: list[Target]) -> Replicas:
+            group = Replicas(targets)
+            group.name = name
+            group.policy = overrides.get(name) or next(
+                (t.provider.balance for t in targets if t.provider.balance), fleet.balance)
+            return group
+
+        self._table = {name: replicas(name, targets) for name, targets in table.items()}
+        self._listed = {name: tuple(targets) for name, targets in listed.items()}
+        self._globs = tuple((pattern, replicas(pattern, targets)) for pattern, targets in globs.items())
+        self._turns = {name: itertools.count() for name, targets in [*self._table.items(), *self._globs]
+                       if len(targets) > 1 and targets.policy == "round-robin"}
+
+    @staticmethod
+    def _place(target: Target, add, globs: dict[str, list[Target]]) -> None:
+        """Enter one target under every name it answers to."""
+        provider, model = target.provider, target.spec
+        if model.alias_is_glob:
+            pattern = f"{provider.prefix}/{model.alias}" if provider.prefix else model.alias
+            targets = globs.setdefault(pattern, [])
+            if target not in targets:
+                targets.append(target)
+            # a pattern is not a model id: list the upstream name instead
+            add(f"{provider.prefix}/{model.name}" if provider.prefix else model.name, target, True)
+            add(f"{provider.name}/{model.name}", target, False)
+            return
+        public = model.alias or model.name
+        if provider.prefix:
+            add(f"{provider.prefix}/{public}", target, True)
+            if model.alias:
+                add(f"{provider.prefix}/{model.name}", target, False)
+        else:
+            add(public, target, True)
+            if model.alias:
+                add(model.name, target, False)
+        add(f"{provider.name}/{model.name}", target, False)
+        if model.alias:
+            add(f"{provider.name}/{model.alias}", target, False)
+
+    def resolve(self, model: str) -> Replicas:
+        """Targets for ``model``; a round-robin set rotated so each call starts at the next replica."""
         key, targets = model, self._table.get(model)
         if targets is None:
             key, targets = self.match_glob(model)
@@ -86,9 +136,9 @@ class Router:
         if turns is None:
             return targets
         start = next(turns) % len(targets)
-        return targets[start:] + targets[:start]
+        return narrowed(targets, targets[start:] + targets[:start])
 
-    def match_glob(self, model: str) -> tuple[str, tuple[Target, ...] | None]:
+    def match_glob(self, model: str) -> tuple[str, Replicas | None]:
         """The first glob alias (in file order) that matches ``model``, and its targets."""
         for pattern, targets in self._globs:
             if fnmatchcase(model, pattern):
@@ -109,6 +159,6 @@ class Router:
                 if not targets:
                     continue
             out.append({"id": name, "object": "model", "created": 0, "owned_by": targets[0].provider.name,
-                        "providers": [t.provider.name for t in targets],
+                        "providers": list(dict.fromkeys(t.provider.name for t in targets)),
                         "force_upstream_stream": any(t.provider.force_upstream_stream for t in targets)})
         return out

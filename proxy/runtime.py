@@ -66,6 +66,7 @@ class ConfigHolder:
         # Pooled upstream sockets are closed when the holder goes (tests build many apps).
         weakref.finalize(self, self.sessions.close)
         self.keys = KeyPool()
+        self.balancer = None  # the instance's balance.Balancer, set by the app factory
         self.shared: Shared | None = None
         self.file_document = document
         self.runtime_providers: list | None = None  # the shared runtime list (Redis), when there is one

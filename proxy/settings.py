@@ -92,10 +92,36 @@ class Provider:
     tokenizer: str = "none"           # none | vllm | llama.cpp (count_tokens asks the upstream)
     reasoning_replay: bool = False    # reasoning from history goes back as reasoning_content
     stream_usage: bool = True         # streamed chat asks for stream_options.include_usage
+    # Replicas (``base-urls``): the same keys and models at several addresses; () = base_url alone.
+    # base_url is the first of them (what tokenizer and "test connection" ask).
+    base_urls: tuple[str, ...] = ()
+    balance: str = ""                 # this provider's replica set's policy; "" = fleet.balance
 
     @property
     def chat_url(self) -> str:
         return self.base_url + "/chat/completions"
+
+    @property
+    def replicas(self) -> tuple[str, ...]:
+        return self.base_urls or (self.base_url,)
+
+
+BALANCE_POLICIES = ("cache-aware", "least-busy", "round-robin")
+
+
+@dataclass(frozen=True, slots=True)
+class Fleet:
+    """How a replica set (a provider's base-urls, providers sharing a name) is balanced (``fleet:``)."""
+
+    balance: str = "cache-aware"            # the default policy (see README "Serving a fleet")
+    aliases: tuple[tuple[str, str], ...] = ()  # (a name clients ask for, or a glob alias as written; policy)
+    cache_threshold: float = 0.3            # shortest prefix match (share of the prompt) that routes by prefix
+    balance_abs_threshold: int = 64         # imbalance: busiest - idlest above this ...
+    balance_rel_threshold: float = 1.5      # ... and busiest above this times the idlest
+    block_chars: int = 1024                 # characters per block of the approximate prefix index
+    max_sessions: int = 65536               # session -> replica entries kept (LRU); fixes memory
+    max_prefix_blocks: int = 262144         # prefix block entries kept (LRU); fixes memory
+    session_ttl: float = 3600.0             # seconds a session's replica is remembered without use
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +155,7 @@ class Settings:
     max_inflight_bytes: int = 128 * 1024 * 1024   # per worker: requests still being received hold at most this
     responses_store_max_bytes: int = 256 * 1024 * 1024  # stored responses, all together; oldest dropped past it
     responses_store_max_count: int = 10_000       # stored responses at most; oldest dropped past it
+    fleet: Fleet = field(default_factory=Fleet)  # balancing replica sets
 
 
 def settings_path(environ: Mapping[str, str] | None = None) -> str:
@@ -166,6 +193,7 @@ def load_settings(path: str | None = None, environ: Mapping[str, str] | None = N
 
 def build_settings(document: Any, environ: Mapping[str, str] | None = None) -> Settings:
     """Validate a parsed (unresolved) settings document into ``Settings``."""
+    from .balance.settings import fleet_settings
     from .validate import TOP_KEYS, Validator  # validate.py builds the dataclasses defined here
 
     environ = os.environ if environ is None else environ
@@ -196,6 +224,7 @@ def build_settings(document: Any, environ: Mapping[str, str] | None = None) -> S
         responses_store_max_bytes=v.integer(doc, "", "responses-store-max-bytes", 256 * 1024 * 1024,
                                             minimum=65536),
         responses_store_max_count=v.integer(doc, "", "responses-store-max-count", 10_000, minimum=1),
+        fleet=fleet_settings(v, doc.get("fleet"), "fleet"),
     )
     if problems:
         raise SettingsError(problems)

@@ -244,6 +244,8 @@ def public_provider(provider) -> dict[str, Any]:
         "models": [_public_model(m) for m in provider.models],
         "native-apis": sorted(provider.native_apis), "tokenizer": provider.tokenizer,
         "reasoning-replay": provider.reasoning_replay, "stream-usage": provider.stream_usage,
+        **({"base-urls": list(provider.base_urls)} if provider.base_urls else {}),
+        **({"balance": provider.balance} if provider.balance else {}),
     }
 
 

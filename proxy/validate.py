@@ -11,7 +11,9 @@ import re
 from typing import Any, Mapping
 from urllib.parse import urlsplit
 
+from .balance.settings import replica_urls
 from .settings import (
+    BALANCE_POLICIES,
     DEFAULT_NATIVE_APIS,
     NATIVE_APIS,
     TOKENIZERS,
@@ -37,10 +39,10 @@ _PROXY_SCHEMES = ("http", "https", "socks5", "socks5h", "socks4", "socks4a")
 TOP_KEYS = {"api-keys", "request-retry", "timeouts", "max-request-bytes", "max-aggregate-bytes",
             "nonstream-keepalive-interval", "remote-management", "redis-url", "openai-compatibility",
             "state-path", "responses-store-ttl", "demo-upstream", "client-timeout", "max-cooldown",
-            "max-inflight-bytes", "responses-store-max-bytes", "responses-store-max-count"}
+            "max-inflight-bytes", "responses-store-max-bytes", "responses-store-max-count", "fleet"}
 PROVIDER_KEYS = {"name", "base-url", "disabled", "prefix", "request-retry", "api-key-entries",
                  "headers", "ca-bundle", "verify-tls", "force-upstream-stream", "models",
-                 "native-apis", "tokenizer", "reasoning-replay", "stream-usage"}
+                 "native-apis", "tokenizer", "reasoning-replay", "stream-usage", "base-urls", "balance"}
 CLIENT_KEY_KEYS = {"key", "name", "models", "rpm", "tpm", "max-concurrent"}
 MODEL_KEYS = {"name", "alias", "max-output-tokens", "context-length", "vision"}
 
@@ -197,11 +199,10 @@ class Validator:
             self.problem(f"{where}.name", "use only a-z, 0-9, '-' and '_'")
         elif not name and isinstance(item.get("name"), str):
             self.problem(f"{where}.name", "must not be empty")
-        base_url = self.string(item, where, "base-url", None).rstrip("/")
-        if base_url:
-            parts = urlsplit(base_url)
-            if parts.scheme not in ("http", "https") or not parts.netloc:
-                self.problem(f"{where}.base-url", "must be an http:// or https:// URL")
+        base_urls = replica_urls(self, item, where)
+        base_url = base_urls[0] if base_urls else self.string(item, where, "base-url", None).rstrip("/")
+        if base_url and not base_urls:
+            self.url(base_url, f"{where}.base-url")
         ca_bundle = self.string(item, where, "ca-bundle", "")
         if ca_bundle and not os.path.isfile(ca_bundle):
             self.problem(f"{where}.ca-bundle", f"file not found: {ca_bundle}")
@@ -220,7 +221,14 @@ class Validator:
             tokenizer=self.choice(item, where, "tokenizer", "none", TOKENIZERS),
             reasoning_replay=self.boolean(item, where, "reasoning-replay", False),
             stream_usage=self.boolean(item, where, "stream-usage", True),
+            base_urls=base_urls if len(base_urls) > 1 else (),
+            balance=self.choice(item, where, "balance", "", BALANCE_POLICIES) if "balance" in item else "",
         )
+
+    def url(self, value: str, path: str) -> None:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            self.problem(path, "must be an http:// or https:// URL")
 
     def native_apis(self, node: Any, path: str) -> frozenset[str]:
         if node is None:

@@ -21,6 +21,8 @@ from .routes import (  # noqa: F401 - page_api, keys_api and usage_api add route
     responses,
     usage_api,
 )
+from .balance.balancer import Balancer
+from .balance.remote import RemoteLink
 from .runtime import ConfigHolder
 from .settings import Settings, settings_path
 from .state import open_store
@@ -45,8 +47,9 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     given: Settings | None = app.config["SETTINGS"]
     path = None if given is not None else (app.config["PROXY_SETTINGS"] or settings_path(environ))
     _configure_logging()  # first: the holder may already log (Redis unreachable, ...)
-    app.extensions["streamfold"] = ConfigHolder(path, environ, settings=given)
-    settings = app.extensions["streamfold"].runtime.settings
+    app.extensions["streamfold"] = config = ConfigHolder(path, environ, settings=given)
+    settings = config.runtime.settings
+    config.balancer = balancer(settings, config)
     # Usage, limit windows, stored responses and the identity secret. Chosen once: changing state-path
     # or redis-url needs a restart.
     store = app.extensions["streamfold.state"] = open_store(settings)
@@ -73,6 +76,20 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     app.register_error_handler(HTTPException, _render_http_error)
     app.register_error_handler(Exception, _render_unexpected)
     return app
+
+
+def balancer(settings: Settings, config: ConfigHolder) -> Balancer:
+    """The instance's balancer: state shared by the workers in the activity directory, by instances in Redis.
+
+    Its sizes (``fleet.max-sessions``, ``max-prefix-blocks``) are fixed here: changing them takes a restart.
+    """
+    folder = activity.directory()
+    found = Balancer(os.path.join(folder, "fleet.shm") if folder else None, settings.fleet)
+    if config.shared is not None:
+        found.remote = RemoteLink(config.shared, instances.instance_id())
+        found.remote.counts = found.worker_counts
+        found.remote.start()
+    return found
 
 
 def run_dev_server() -> None:

@@ -165,7 +165,7 @@ def messages() -> Response:
 
     def run() -> Outcome:
         try:
-            return execute(settings, config.sessions, config.keys, targets, call)
+            return execute(settings, config.sessions, config.keys, targets, call, config.balancer)
         except orjson.JSONEncodeError:
             raise _too_deep() from None
 

@@ -205,6 +205,9 @@ def end_logger(fields: dict):
 
 def write_access_log(fields: dict) -> None:
     """The one log line per request (no keys, no content), the request counter, and usage accounting."""
+    release = fields.pop("release", None)
+    if release is not None:
+        release()  # the request no longer counts as in flight at its replica
     settle = fields.pop("settle", None)
     if settle is not None:
         try:

@@ -99,7 +99,7 @@ def proxy_request(route: Route) -> Response:
                 route.usage_option, g.log)
 
     def run():
-        return execute(settings, config.sessions, config.keys, targets, call)
+        return execute(settings, config.sessions, config.keys, targets, call, config.balancer)
 
     on_end = end_logger(g.log)
     if not stream and fold is not None and settings.nonstream_keepalive_interval > 0:

@@ -24,7 +24,7 @@ from ..errors import BadRequest, StreamError, error_body
 from ..executor import Call, Outcome, Plan, client_headers, execute
 from ..fold import fold_chat_chunks
 from ..relay import SSE_HEADERS, padded_answer, to_response
-from ..routing import Target
+from ..routing import Target, narrowed
 from ..translate.chat_stream import DONE
 from ..translate.responses import request as translate
 from ..translate.responses import response as reply
@@ -60,7 +60,7 @@ def create_response() -> Response:
                 raise BadRequest(f"Previous response with id '{loggable(previous)}' not found.",
                                  code="previous_response_not_found", param="previous_response_id")
             if history is None:  # the id can only have come from a provider that serves /responses itself
-                targets = tuple(t for t in targets if _native(t))
+                targets = narrowed(targets, [t for t in targets if _native(t)])
         prepared = translate.prepare(body, history)
         ctx = reply.new_context(body, prepared.toolmap)
         keep = None if body.get("store") is False else (store, settings.responses_store_ttl, g.client.identity)
@@ -86,7 +86,7 @@ def create_response() -> Response:
         base_end(status, result, usage["bytes"] if "bytes" in usage else usage_bytes)
 
     def run() -> Outcome:
-        outcome = execute(settings, config.sessions, config.keys, targets, call)
+        outcome = execute(settings, config.sessions, config.keys, targets, call, config.balancer)
         if outcome.plan is None or outcome.plan.native:
             return outcome
         return bridge.answer(outcome, usage)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from .. import metrics
 from ..errors import ClientRateLimited, ModelNotAllowed
-from ..routing import Target
+from ..routing import Target, narrowed
 from ..settings import ClientKey
 from .store import Store, StoreUnavailable
 
@@ -58,7 +58,7 @@ def allowed_targets(key: ClientKey, targets: tuple[Target, ...]) -> tuple[Target
     """
     if not key.models:
         return targets
-    return tuple(t for t in targets if _target_allowed(key.models, t))
+    return narrowed(targets, [t for t in targets if _target_allowed(key.models, t)])
 
 
 def _target_allowed(patterns: tuple[str, ...], target: Target) -> bool:

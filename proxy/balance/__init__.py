@@ -1,0 +1,1 @@
+"""Balancing a replica set: round-robin, least-busy and cache-aware routing (README "Serving a fleet")."""

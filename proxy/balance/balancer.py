@@ -1,0 +1,218 @@
+"""Choose the replica for one request: round-robin, least-busy or cache-aware (README "Serving a fleet").
+
+``route`` orders a replica set for one request (the executor then walks it
+for failover); ``begin`` / ``end`` count the request in flight at the replica
+it went to; ``served`` remembers where a session and a prompt went once a
+replica accepted it.
+
+cache-aware, per request:
+
+1. A session hint (``hints.session_key``) whose session went to a replica
+   that is usable now: that replica (reason ``affinity``).
+   A hinted session not seen before goes to the least busy replica: spreading
+   sessions is worth more than the one copy of a shared system prompt each
+   replica must prefill once.
+2. Without a hint, the approximate prefix index: the replicas holding the
+   longest run of this prompt's leading blocks; if that run covers at least
+   ``cache-threshold`` of the prompt, and does not end where prompts have
+   branched off before (then it is a prefix shared by many conversations,
+   such as an agent's system prompt and tools, not this conversation), the
+   least busy of them (``prefix``).
+3. Else the least busy replica (``least-busy``).
+4. Whichever was chosen in 1 or 2: when it has more than
+   ``balance-abs-threshold`` requests in flight over the idlest replica *and*
+   more than ``balance-rel-threshold`` times as many, the least busy replica
+   instead (``imbalance``), as the SGLang gateway does (it compares the
+   busiest with the idlest; comparing the chosen one does not move a request
+   off an idle replica because some other one is busy).
+
+A replica backing off after a connect failure or with every key cooling down
+is tried last (its sessions move to the next best and stay there); a
+disabled provider is not in the set at all. Ties go round-robin.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .. import metrics
+from . import hints
+from .table import Table, stable_hash
+
+if TYPE_CHECKING:
+    from ..keys import KeyPool
+    from ..routing import Target
+    from ..settings import Fleet
+
+BRANCHES = 0xFF << 56  # a prefix entry's top byte: how many different blocks came after it (saturating)
+REASONS = ("round-robin", "least-busy", "affinity", "prefix", "imbalance", "failover")
+
+
+@dataclass(slots=True)
+class Choice:
+    """One request's routing: the order to try, and what to remember once a replica accepts it."""
+
+    targets: tuple
+    policy: str
+    reason: str
+    session: int = 0                       # session hash (0: no hint)
+    session_replica: int = 0               # the replica hash the session was on before this request
+    blocks: list[int] = field(default_factory=list)  # the prompt's block hashes (cache-aware)
+
+
+class Balancer:
+    def __init__(self, path: str | None, fleet: Fleet) -> None:
+        self.table = Table(path, fleet.max_sessions, fleet.max_prefix_blocks)
+        self.remote: Any = None   # remote.RemoteLink with Redis: other instances' counts and affinity
+        self._turn = itertools.count()
+        self._hashes: dict[str, int] = {}
+
+    # -- in flight --------------------------------------------------------------
+    def load(self, target: Target) -> int:
+        name = target.replica_name
+        busy = self.table.busy(self.table.column(name))
+        remote = self.remote
+        if remote is not None:
+            busy += remote.busy.get(name, 0)
+        return busy
+
+    def begin(self, target: Target) -> int:
+        column = self.table.column(target.replica_name)
+        self.table.add(column, 1)
+        metrics.REPLICA_IN_FLIGHT.labels(target.provider.name, target.replica_name).inc()
+        return column
+
+    def end(self, target: Target, column: int) -> None:
+        self.table.add(column, -1)
+        metrics.REPLICA_IN_FLIGHT.labels(target.provider.name, target.replica_name).dec()
+
+    def worker_counts(self) -> dict[str, int]:
+        """This worker's requests in flight per replica name (what other instances add to their counts)."""
+        mine = self.table.mine()
+        return {name: mine[column] for name, column in list(self.table._slots.items()) if column in mine}
+
+    # -- choosing -----------------------------------------------------------------
+    def route(self, targets: tuple, body: dict, headers: dict[str, str], keys: KeyPool, fleet: Fleet) -> Choice:
+        """The order to try ``targets`` in for this request, and why the first one."""
+        policy = getattr(targets, "policy", "round-robin")
+        if len(targets) < 2 or policy == "round-robin":
+            choice = Choice(tuple(targets), policy, "round-robin")
+            if len(targets) > 1:
+                self._count(targets, choice)
+            elif policy == "cache-aware" and targets:
+                # the only replica left (the others disabled) takes over its sessions for when they return
+                key = hints.session_key(body, headers)
+                if key is not None:
+                    choice.session = hints.session_hash(getattr(targets, "name", "") or targets[0].model, key)
+            return choice
+        self.table.sweep(time.monotonic())
+        loads = [self.load(t) for t in targets]
+        resting = [keys.resting(t) for t in targets]
+        turn = next(self._turn)
+        count = len(targets)
+        # least busy first, usable before resting, ties in turn
+        order = sorted(range(count), key=lambda i: (resting[i], loads[i], (i - turn) % count))
+        if policy == "least-busy":
+            choice = Choice(tuple(targets[i] for i in order), policy, "least-busy")
+            self._count(targets, choice)
+            return choice
+        choice = Choice((), policy, "least-busy")
+        chosen = -1
+        group = getattr(targets, "name", "") or targets[0].model
+        key = hints.session_key(body, headers)
+        if key is not None:
+            # A hinted session goes where it went before; a new one (or one whose replica cannot take it
+            # now) to the least busy replica: with a hint, a prefix match could only be a prefix shared
+            # with other sessions, and spreading sessions is worth more than one more copy of it.
+            choice.session = hints.session_hash(group, key)
+            replica = self.table.get(True, choice.session, fleet.session_ttl)
+            if not replica and self.remote is not None:
+                replica = self.remote.affinity(choice.session)
+            choice.session_replica = replica
+            if replica:
+                for i in range(count):
+                    if not resting[i] and self._hash(targets[i]) == replica:
+                        chosen, choice.reason = i, "affinity"
+                        break
+                else:
+                    choice.reason = "failover"  # its replica is resting or gone: the next best takes it
+        else:
+            data = hints.render(body)
+            choice.blocks = blocks = hints.block_hashes(data, fleet.block_chars)
+            if blocks:
+                matched, mask = self._longest(blocks, targets)
+                # a match that ends where many prompts branched off is a shared prefix (a system prompt
+                # and tools), not this conversation: it does not pin the request to the replicas holding it
+                if (matched and mask >> 56 < 2
+                        and matched * fleet.block_chars >= fleet.cache_threshold * len(data)):
+                    holders = [i for i in order if not resting[i] and mask >> self._bit(targets[i]) & 1]
+                    if holders:
+                        chosen, choice.reason = holders[0], "prefix"
+        if chosen >= 0 and choice.reason in ("affinity", "prefix"):
+            idlest = loads[order[0]]
+            if (loads[chosen] - idlest > fleet.balance_abs_threshold
+                    and loads[chosen] > fleet.balance_rel_threshold * idlest):
+                chosen, choice.reason = -1, "imbalance"
+        if chosen < 0:
+            chosen = order[0]
+        choice.targets = (targets[chosen], *(targets[i] for i in order if i != chosen))
+        self._count(targets, choice)
+        return choice
+
+    def _longest(self, blocks: list[int], targets: tuple) -> tuple[int, int]:
+        """(number of leading blocks some replica of the set holds, bit mask of those replicas).
+
+        A block hash chains all blocks before it, so "replica r holds block i"
+        implies it holds every earlier block: a binary search finds the end.
+        """
+        wanted = 0
+        for target in targets:
+            wanted |= 1 << self._bit(target)
+        get = self.table.get
+        low, high, mask = 0, len(blocks), 0
+        while low < high:
+            middle = (low + high + 1) // 2
+            found = get(False, blocks[middle - 1])
+            if found & wanted:
+                low, mask = middle, found
+            else:
+                high = middle - 1
+        return low, mask & (wanted | BRANCHES)
+
+    def served(self, choice: Choice, target: Target, fleet: Fleet) -> None:
+        """A replica accepted the request: its session and its prompt's blocks are on that replica now."""
+        if choice.policy != "cache-aware":
+            return
+        if choice.session:
+            replica = self._hash(target)
+            self.table.put(True, choice.session, replica)
+            if self.remote is not None and replica != choice.session_replica:
+                self.remote.share_affinity(choice.session, replica, fleet.session_ttl)
+        if choice.blocks:
+            bit = 1 << self._bit(target)
+            put = self.table.put
+            previous = 0
+            for block in choice.blocks:
+                if put(False, block, bit, merge=True) and previous:
+                    put(False, previous, bit, merge=True, bump=1)  # a new branch after the block before
+                previous = block
+
+    def forget_session(self, choice: Choice) -> None:
+        if choice.session:
+            self.table.drop(True, choice.session)
+
+    def _hash(self, target: Target) -> int:
+        name = target.replica_name
+        found = self._hashes.get(name)
+        if found is None:
+            found = self._hashes[name] = stable_hash(name)
+        return found
+
+    def _bit(self, target: Target) -> int:
+        return self.table.column(target.replica_name) % 56
+
+    @staticmethod
+    def _count(targets: tuple, choice: Choice) -> None:
+        metrics.ROUTING.labels(getattr(targets, "name", "") or "-", choice.policy, choice.reason).inc()

@@ -1,0 +1,131 @@
+"""The balancer across instances sharing Redis: in-flight counts and session affinity.
+
+The request path never waits for Redis except once per session an instance
+has not seen (one GET, to learn where another instance put it). Everything
+else runs in one daemon thread per worker:
+
+* every ``INTERVAL`` seconds it writes this worker's in-flight counts per
+  replica to ``streamfold:fleet:busy:<instance>:<pid>`` (expiring after
+  ``TTL``) and sums the other instances' keys into ``busy``, which ``load``
+  adds to the instance's own live counts;
+* it writes the session -> replica assignments this worker made
+  (``streamfold:fleet:session:<hash>``, expiring after ``fleet.session-ttl``),
+  from a bounded queue.
+
+While Redis does not answer, ``busy`` is emptied and nothing is queued or
+asked: each instance decides alone, with its own counts and sessions, and
+catches up when Redis is back.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import threading
+
+import orjson
+import redis
+
+from ..shared import PREFIX, Shared
+
+log = logging.getLogger(__name__)
+BUSY_PREFIX = PREFIX + "fleet:busy:"
+SESSION_PREFIX = PREFIX + "fleet:session:"
+INTERVAL = 0.25
+TTL_MS = 2000
+QUEUE = 10000  # session assignments waiting to be written; older ones are dropped beyond this
+
+
+class RemoteLink:
+    def __init__(self, shared: Shared, instance: str) -> None:
+        self.shared = shared
+        self.client = shared.client
+        self.instance = instance
+        self.busy: dict[str, int] = {}   # replica name -> requests in flight at the other instances
+        self.counts = None               # set by the balancer: () -> {replica name: this worker's count}
+        self._queue: collections.deque = collections.deque(maxlen=QUEUE)
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._pid = 0
+        self._failing = False
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start (again, in a forked worker) the background thread."""
+        if self._pid == os.getpid():
+            return
+        self._pid = os.getpid()
+        self._thread = threading.Thread(target=self._run, name="streamfold-fleet", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    @property
+    def up(self) -> bool:
+        return self.shared.up
+
+    # -- request path -------------------------------------------------------------
+    def affinity(self, session: int) -> int:
+        """The replica hash another instance put this session on (0: none, or Redis down)."""
+        if not self.up:
+            return 0
+        self.start()
+        try:
+            found = self.client.get(f"{SESSION_PREFIX}{session:x}")
+        except (redis.RedisError, OSError):
+            return 0
+        try:
+            return int(found) if found else 0
+        except ValueError:
+            return 0
+
+    def share_affinity(self, session: int, replica: int, ttl: float) -> None:
+        if not self.up:
+            return
+        self.start()
+        self._queue.append((session, replica, ttl))
+        self._wake.set()
+
+    # -- the thread -------------------------------------------------------------------
+    def _run(self) -> None:
+        mine = f"{BUSY_PREFIX}{self.instance}:"
+        key = f"{mine}{os.getpid()}"
+        while not self._stop.is_set():
+            self._wake.wait(INTERVAL)
+            self._wake.clear()
+            if not self.up:
+                self.busy = {}
+                continue
+            try:
+                pipe = self.client.pipeline(transaction=False)
+                while self._queue:
+                    session, replica, ttl = self._queue.popleft()
+                    pipe.set(f"{SESSION_PREFIX}{session:x}", replica, px=max(1, int(ttl * 1000)))
+                counts = self.counts() if self.counts is not None else {}
+                pipe.set(key, orjson.dumps(counts), px=TTL_MS)
+                pipe.execute()
+                busy: dict[str, int] = {}
+                names = [k for k in self.client.scan_iter(match=BUSY_PREFIX + "*", count=1000)
+                         if not k.decode("utf-8", "replace").startswith(mine)]
+                for raw in self.client.mget(names) if names else ():
+                    if not raw:
+                        continue
+                    try:
+                        found = orjson.loads(raw)
+                    except orjson.JSONDecodeError:
+                        continue
+                    if isinstance(found, dict):
+                        for name, count in found.items():
+                            if isinstance(name, str) and isinstance(count, int) and 0 < count < 1 << 20:
+                                busy[name] = busy.get(name, 0) + count
+                self.busy = busy
+                self._failing = False
+            except (redis.RedisError, OSError) as exc:
+                self.busy = {}
+                if not self._failing:
+                    log.warning("fleet: redis did not answer (%s); this instance balances alone until it does",
+                                type(exc).__name__)
+                self._failing = True
+                self._stop.wait(1.0)

@@ -1,0 +1,265 @@
+"""The balancer's state shared by every gunicorn worker of an instance: one memory-mapped file.
+
+Three things must be the same in every worker, and cost microseconds to read
+on each request, so they live in shared memory rather than in the state store
+(a SQLite write per request would serialise the workers on its write lock):
+
+* **In-flight counts**: a column of counters per replica, one cell per worker.
+  A worker only ever writes its own cells (its threads take a lock), so no
+  cross-process lock is needed; a reader sums the column. A worker that dies
+  leaves its cells behind until the next sweep (about once a second) sees its
+  pid gone and zeroes them.
+* **Session affinity**: session hash -> replica hash.
+* **The prefix index**: block hash -> bit mask of the replicas that were sent
+  a prompt holding that block.
+
+The two maps are set-associative caches of ``WAYS`` entries per bucket with
+least-recently-used replacement inside a bucket, so their memory is fixed by
+``fleet.max-sessions`` and ``fleet.max-prefix-blocks`` however many sessions
+come. Writers of different processes may race on one entry; the worst that
+can happen is a lost or stale entry, i.e. one request routed as if nothing
+were known, never a wrong answer. Replica names get a slot in a table under
+an ``flock`` (once per replica and worker).
+
+Without a directory (``python app.py``, tests with the Flask test client)
+the same layout lives in this process's memory.
+
+Layout (native byte order, 8-byte aligned): header (magic, bucket counts,
+claimed worker slots), ``WORKERS`` pids, ``REPLICAS`` replica hashes, the
+in-flight cells (replica-major), then the session and block buckets.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import logging
+import mmap
+import os
+import struct
+import threading
+import time
+
+from ..activity import alive as _alive
+
+log = logging.getLogger(__name__)
+MAGIC = b"SFLEET01"
+WORKERS = 64      # worker slots (processes of one instance at once, respawns reuse dead slots)
+REPLICAS = 1024   # distinct replica names an instance can count
+WAYS = 4
+_HEADER = struct.Struct("8sIIII")     # magic, session buckets, block buckets, claimed worker slots, pad
+HEADER_BYTES = 64
+_BUCKET = struct.Struct(f"{WAYS}Q{WAYS}Q{WAYS}d")  # keys, values, last use
+SWEEP_INTERVAL = 1.0
+FRESH = 30.0  # seconds a merged entry's last use may lag before it is written again
+
+
+def stable_hash(text: str) -> int:
+    """A 64-bit hash that is the same in every process and instance (never 0)."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(),
+                          "little") or 1
+
+
+class Table:
+    def __init__(self, path: str | None, max_sessions: int, max_blocks: int) -> None:
+        self.path = path
+        session_buckets = max(1, -(-max_sessions // WAYS))
+        block_buckets = max(1, -(-max_blocks // WAYS))
+        self._fd = -1
+        self._lock = threading.Lock()
+        self._slots: dict[str, int] = {}   # replica name -> column, once known here
+        self._pid = 0
+        self._me = 0
+        self._next_sweep = 0.0
+        if path:
+            try:
+                self._open(path, session_buckets, block_buckets)
+            except OSError as exc:
+                log.error("fleet: shared balancer file %s is not usable (%s); counts and affinity are per worker",
+                          path, exc.strerror or type(exc).__name__)
+                self.path = None
+        if not self.path:
+            self._layout(session_buckets, block_buckets)
+            self.buffer = bytearray(self.size)
+            _HEADER.pack_into(self.buffer, 0, MAGIC, session_buckets, block_buckets, 0, 0)
+        self._view()
+
+    # -- setting up ---------------------------------------------------------
+    def _layout(self, session_buckets: int, block_buckets: int) -> None:
+        self.session_buckets, self.block_buckets = session_buckets, block_buckets
+        self.workers_at = HEADER_BYTES
+        self.replicas_at = self.workers_at + WORKERS * 8
+        self.cells_at = self.replicas_at + REPLICAS * 8
+        self.sessions_at = self.cells_at + REPLICAS * WORKERS * 4
+        self.blocks_at = self.sessions_at + session_buckets * _BUCKET.size
+        self.size = self.blocks_at + block_buckets * _BUCKET.size
+
+    def _open(self, path: str, session_buckets: int, block_buckets: int) -> None:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        try:
+            header = os.pread(self._fd, _HEADER.size, 0)
+            if len(header) == _HEADER.size and header[:8] == MAGIC:
+                _, found_sessions, found_blocks, _, _ = _HEADER.unpack(header)
+                if (found_sessions, found_blocks) != (session_buckets, block_buckets):
+                    log.warning("fleet: %s was sized for other max-sessions / max-prefix-blocks; the new sizes "
+                                "take effect when the instance restarts", path)
+                self._layout(found_sessions, found_blocks)
+            else:
+                self._layout(session_buckets, block_buckets)
+                os.ftruncate(self._fd, 0)
+                os.ftruncate(self._fd, self.size)  # zero-filled
+                os.pwrite(self._fd, _HEADER.pack(MAGIC, session_buckets, block_buckets, 0, 0), 0)
+            self.buffer = mmap.mmap(self._fd, self.size)
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def _view(self) -> None:
+        view = memoryview(self.buffer)
+        self.pids = view[self.workers_at:self.replicas_at].cast("q")
+        self.names = view[self.replicas_at:self.cells_at].cast("Q")
+        self.cells = view[self.cells_at:self.sessions_at].cast("i")
+
+    def _locked(self):
+        table = self
+
+        class _Guard:
+            def __enter__(self):
+                if table._fd >= 0:
+                    fcntl.flock(table._fd, fcntl.LOCK_EX)
+
+            def __exit__(self, *exc):
+                if table._fd >= 0:
+                    fcntl.flock(table._fd, fcntl.LOCK_UN)
+
+        return _Guard()
+
+    # -- worker slots ---------------------------------------------------------
+    def me(self) -> int:
+        """This process's worker slot (claimed on first use, again after a fork)."""
+        pid = os.getpid()
+        if pid != self._pid:
+            with self._lock:
+                if pid != self._pid:
+                    self._claim(pid)
+        return self._me
+
+    def _claim(self, pid: int) -> None:
+        with self._locked():
+            claimed = _HEADER.unpack_from(self.buffer, 0)[3]
+            slot = next((i for i in range(claimed) if self.pids[i] in (0, pid) or not _alive(self.pids[i])), None)
+            if slot is None:
+                slot = claimed if claimed < WORKERS else 0
+                if claimed < WORKERS:
+                    struct.pack_into("I", self.buffer, 20, claimed + 1)
+            self._zero(slot)
+            self.pids[slot] = pid
+        self._me, self._pid = slot, pid
+
+    def _zero(self, slot: int) -> None:
+        cells = self.cells
+        for column in range(REPLICAS):
+            if cells[column * WORKERS + slot]:
+                cells[column * WORKERS + slot] = 0
+
+    def sweep(self, now: float) -> None:
+        """Zero the cells of workers that died (at most once per ``SWEEP_INTERVAL``)."""
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + SWEEP_INTERVAL
+        claimed = _HEADER.unpack_from(self.buffer, 0)[3]
+        for slot in range(claimed):
+            pid = self.pids[slot]
+            if pid and pid != self._pid and not _alive(pid):
+                with self._locked():
+                    if self.pids[slot] == pid:
+                        self._zero(slot)
+                        self.pids[slot] = 0
+
+    # -- replica columns --------------------------------------------------------
+    def column(self, replica: str) -> int:
+        """The replica's column (-1 when the table is full: it is then counted by nobody)."""
+        found = self._slots.get(replica)
+        if found is not None:
+            return found
+        ident = stable_hash(replica)
+        with self._lock, self._locked():
+            names = self.names
+            column = next((i for i in range(REPLICAS) if names[i] == ident), None)
+            if column is None:
+                column = next((i for i in range(REPLICAS) if names[i] == 0), -1)
+                if column >= 0:
+                    names[column] = ident
+                else:
+                    log.error("fleet: more than %d replica names; %s is balanced without in-flight counts",
+                              REPLICAS, replica)
+            self._slots[replica] = column
+        return column
+
+    # -- in-flight ------------------------------------------------------------
+    def add(self, column: int, delta: int) -> None:
+        if column < 0:
+            return
+        cell = column * WORKERS + self.me()
+        with self._lock:
+            self.cells[cell] += delta
+
+    def busy(self, column: int) -> int:
+        """Requests in flight to this replica from every worker of the instance."""
+        if column < 0:
+            return 0
+        start = column * WORKERS
+        claimed = _HEADER.unpack_from(self.buffer, 0)[3] or 1
+        return max(0, sum(self.cells[start:start + claimed]))
+
+    def mine(self) -> dict[int, int]:
+        """This worker's non-zero counts by column (what it reports to other instances)."""
+        me, cells = self.me(), self.cells
+        return {column: cells[column * WORKERS + me] for column in self._slots.values()
+                if column >= 0 and cells[column * WORKERS + me] > 0}
+
+    # -- the two maps -----------------------------------------------------------
+    def _find(self, base: int, buckets: int, key: int) -> tuple[int, tuple]:
+        offset = base + (key % buckets) * _BUCKET.size
+        return offset, _BUCKET.unpack_from(self.buffer, offset)
+
+    def get(self, sessions: bool, key: int, ttl: float = 0.0) -> int:
+        """The value stored under ``key`` (0: none); a session entry older than ``ttl`` counts as none."""
+        offset, bucket = self._find(*self._where(sessions), key)
+        for way in range(WAYS):
+            if bucket[way] == key:
+                if ttl and bucket[2 * WAYS + way] < time.time() - ttl:
+                    return 0
+                return bucket[WAYS + way]
+        return 0
+
+    def put(self, sessions: bool, key: int, value: int, merge: bool = False, bump: int = 0) -> bool:
+        """Store ``value`` (or OR it into the one there, with ``merge``, and add ``bump``), evicting the
+        bucket's oldest entry; True when ``key`` was not there before."""
+        offset, bucket = self._find(*self._where(sessions), key)
+        now = time.time()
+        way = next((w for w in range(WAYS) if bucket[w] == key), None)
+        new = way is None
+        if new:
+            way = min(range(WAYS), key=lambda w: bucket[2 * WAYS + w])
+        elif merge:
+            old = bucket[WAYS + way]
+            if not bump and old & value == value and bucket[2 * WAYS + way] > now - FRESH:
+                return False  # already there and fresh: skip the write
+            value |= old
+            if bump and (old >> 56) < 255:
+                value += bump << 56
+        struct.pack_into("Q", self.buffer, offset + 8 * way, key)
+        struct.pack_into("Q", self.buffer, offset + 8 * (WAYS + way), value)
+        struct.pack_into("d", self.buffer, offset + 8 * (2 * WAYS + way), now)
+        return new
+
+    def drop(self, sessions: bool, key: int) -> None:
+        offset, bucket = self._find(*self._where(sessions), key)
+        for way in range(WAYS):
+            if bucket[way] == key:
+                struct.pack_into("Q", self.buffer, offset + 8 * way, 0)
+
+    def _where(self, sessions: bool) -> tuple[int, int]:
+        return (self.sessions_at, self.session_buckets) if sessions else (self.blocks_at, self.block_buckets)
+

@@ -1,0 +1,380 @@
+"""Replica sets (base-urls, providers sharing a name) and their balancing, through the HTTP surface.
+
+Each replica is its own loopback upstream, so which one answered is which one
+recorded the request (and the chat answers name it too).
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+from proxy import create_app
+from proxy.settings import SettingsError, build_settings
+from tests.conftest import AUTH, make_app, provider, settings_doc
+from tests.gunicorn_util import Gunicorn, write_settings
+from tests.redis_util import RedisServer
+from tests.test_routes import EMBEDDING, TEXT_COMPLETION, fixture_events, responses_json
+from tests.upstream import FakeUpstream, Reply, completion, sse, text_chunks
+
+SECRET = "mgmt-secret-fleet-7777"
+MGMT = {"Authorization": f"Bearer {SECRET}"}
+POLICIES = ("round-robin", "least-busy", "cache-aware")
+
+
+def answer_as(name: str):
+    """A vLLM-like replica that answers every route, naming itself in chat answers."""
+    def handler(rec) -> Reply:
+        stream = bool(rec.body and rec.body.get("stream"))
+        if rec.path.endswith("/embeddings"):
+            return Reply(body=json.dumps(EMBEDDING).encode())
+        if rec.path.endswith("/completions") and not rec.path.endswith("/chat/completions"):
+            return Reply(events=fixture_events("vllm-completions-logprobs.sse")) if stream \
+                else Reply(body=json.dumps(TEXT_COMPLETION).encode())
+        if rec.path.endswith("/responses"):
+            return Reply(events=fixture_events("openai-responses-completed.sse")) if stream \
+                else Reply(body=responses_json())
+        if stream:
+            return Reply(events=sse(*text_chunks([name], usage={"prompt_tokens": 3, "completion_tokens": 1,
+                                                                 "total_tokens": 4})))
+        return Reply(body=json.dumps(completion(name)).encode())
+    return handler
+
+
+@pytest.fixture
+def replicas():
+    fakes = [FakeUpstream() for _ in range(4)]
+    for number, fake in enumerate(fakes):
+        fake.handler = answer_as(f"replica-{number}")
+    yield fakes
+    for fake in fakes:
+        fake.stop()
+
+
+def fleet_doc(replicas, balance: str = "cache-aware", **extra) -> dict:
+    """One provider whose base-urls are the replicas."""
+    entry = provider(replicas[0], name="gpu", balance=balance, **extra)
+    del entry["base-url"]
+    entry["base-urls"] = [r.url for r in replicas]
+    return settings_doc(entry)
+
+
+def turn(session: str, number: int) -> dict:
+    """Turn ``number`` of an agent session: a shared system prompt and a history that only grows."""
+    messages = [{"role": "system", "content": "You are a coding agent. " * 200}]
+    for i in range(number):
+        messages += [{"role": "user", "content": f"{session} step {i}: " + "tool output line\n" * 60},
+                     {"role": "assistant", "content": f"done {session} {i}"}]
+    messages.append({"role": "user", "content": f"{session} step {number}"})
+    return {"model": "m", "messages": messages}
+
+
+def served_by(replicas, header: str = "x-claude-code-session-id") -> dict[str, set[int]]:
+    """Session id -> the replicas that received its requests."""
+    found: dict[str, set[int]] = {}
+    for number, fake in enumerate(replicas):
+        for rec in fake.requests:
+            found.setdefault(rec.headers.get(header, "-"), set()).add(number)
+    return found
+
+
+# -- settings ------------------------------------------------------------------------
+
+
+def test_base_urls_and_balance_are_validated():
+    bad = {"name": "gpu", "base-url": "http://a/v1", "base-urls": ["ftp://b", "http://c/v1", "http://c/v1"],
+           "balance": "random", "models": [{"name": "m"}]}
+    with pytest.raises(SettingsError) as info:
+        build_settings({"openai-compatibility": [bad], "fleet": {"balance": "fastest", "cache-threshold": 3,
+                                                                "aliases": {"m": "nope"}, "max-sessions": 1}}, {})
+    assert info.value.problems == [
+        "openai-compatibility[0].base-urls: use base-url (one address) or base-urls (replicas), not both",
+        "openai-compatibility[0].base-urls[0]: must be an http:// or https:// URL",
+        "openai-compatibility[0].base-urls[2]: listed twice",
+        "openai-compatibility[0].balance: must be one of cache-aware, least-busy, round-robin",
+        "fleet.aliases.m: must be one of cache-aware, least-busy, round-robin",
+        "fleet.balance: must be one of cache-aware, least-busy, round-robin",
+        "fleet.cache-threshold: must be between 0 and 1",
+        "fleet.max-sessions: must be >= 64",
+    ]
+
+
+def test_fleet_settings_are_in_the_config_export(replicas):
+    doc = fleet_doc(replicas[:2], "least-busy", **{})
+    doc["remote-management"] = {"secret-key": SECRET}
+    body = make_app(doc).test_client().get("/v0/management/openai-compatibility", headers=MGMT).get_json()
+    entry = body["openai-compatibility"][0]
+    assert entry["base-urls"] == [replicas[0].url, replicas[1].url] and entry["balance"] == "least-busy"
+    assert entry["base-url"] == replicas[0].url
+
+
+# -- policies ----------------------------------------------------------------------------
+
+
+def test_cache_aware_keeps_each_session_on_one_replica_and_spreads_new_ones(replicas):
+    client = make_app(fleet_doc(replicas)).test_client()
+    for number in range(4):
+        for session in ("s1", "s2", "s3", "s4"):
+            response = client.post("/v1/chat/completions", json=turn(session, number),
+                                   headers={**AUTH, "x-claude-code-session-id": session})
+            assert response.status_code == 200
+    placed = served_by(replicas)
+    assert all(len(placed[s]) == 1 for s in ("s1", "s2", "s3", "s4"))
+    assert len(set().union(*placed.values())) == 4  # four new sessions on four idle replicas
+
+
+@pytest.mark.parametrize("hint", [
+    {"headers": {"x-session-affinity": "h"}},
+    {"body": {"user": "alice"}},
+    {"body": {"safety_identifier": "alice"}},
+    {"body": {"prompt_cache_key": "thread-1"}},
+    {"body": {}},  # no hint: the prefix index
+])
+def test_each_session_hint_and_the_prefix_index_keep_a_conversation_on_its_replica(replicas, hint):
+    client = make_app(fleet_doc(replicas)).test_client()
+    for number in range(4):
+        for other in range(3):  # unrelated one-off requests between the turns
+            client.post("/v1/chat/completions", json=turn(f"noise{number}{other}", 0), headers=AUTH)
+        body = {**turn("conv", number), **hint.get("body", {})}
+        assert client.post("/v1/chat/completions", json=body,
+                           headers={**AUTH, **hint.get("headers", {})}).status_code == 200
+    holders = [n for n, fake in enumerate(replicas) if any("conv step 0" in json.dumps(r.body) for r in fake.requests)]
+    assert len(holders) == 1
+
+
+def test_least_busy_sends_the_next_request_to_the_idle_replica(replicas, serve):
+    pair = replicas[:2]
+    release = threading.Event()
+    for number, fake in enumerate(pair):
+        quick = answer_as(f"replica-{number}")
+        fake.handler = lambda rec, quick=quick: (release.wait(10), quick(rec))[1] \
+            if "slow" in json.dumps(rec.body) else quick(rec)
+    server = serve(make_app(fleet_doc(pair, "least-busy")))
+    pool = ThreadPoolExecutor(1)
+    slow = pool.submit(requests.post, server.url + "/v1/chat/completions", json=turn("slow", 0), headers=AUTH,
+                       timeout=15)
+    try:
+        deadline = time.monotonic() + 5
+        while not any(fake.requests for fake in pair) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        busy = 0 if pair[0].requests else 1
+        for _ in range(3):  # while one replica holds a request, every new one goes to the other
+            response = requests.post(server.url + "/v1/chat/completions", json=turn("b", 0), headers=AUTH,
+                                     timeout=10)
+            assert response.json()["choices"][0]["message"]["content"] == f"replica-{1 - busy}"
+    finally:
+        release.set()
+        assert slow.result().status_code == 200
+        pool.shutdown()
+    # idle again: it takes new requests
+    answers = {requests.post(server.url + "/v1/chat/completions", json=turn("c", 0), headers=AUTH,
+                             timeout=10).json()["choices"][0]["message"]["content"] for _ in range(4)}
+    assert answers == {"replica-0", "replica-1"}
+
+
+def test_round_robin_takes_turns(replicas):
+    client = make_app(fleet_doc(replicas[:2], "round-robin")).test_client()
+    answers = [client.post("/v1/chat/completions", json=turn("s", 2),
+                           headers={**AUTH, "x-claude-code-session-id": "s"}).get_json()["choices"][0]["message"]
+               ["content"] for _ in range(4)]
+    assert answers in (["replica-0", "replica-1"] * 2, ["replica-1", "replica-0"] * 2)
+
+
+def test_one_alias_on_several_providers_is_a_replica_set_with_the_alias_policy(replicas):
+    doc = settings_doc(*(provider(fake, name=f"p{n}") for n, fake in enumerate(replicas[:3])),
+                       fleet={"balance": "round-robin", "aliases": {"m": "cache-aware"}})
+    client = make_app(doc).test_client()
+    for number in range(3):
+        for session in ("x", "y", "z"):
+            assert client.post("/v1/chat/completions", json=turn(session, number),
+                               headers={**AUTH, "x-session-affinity": session}).status_code == 200
+    placed = served_by(replicas[:3], "x-session-affinity")
+    assert all(len(placed[s]) == 1 for s in "xyz") and len(set().union(*placed.values())) == 3
+
+
+# -- failover ---------------------------------------------------------------------------------
+
+
+def _session_replica(replicas, session: str) -> int:
+    (only,) = served_by(replicas)[session]
+    return only
+
+
+@pytest.mark.parametrize("failure", ["error", "down", "cooling", "disabled"])
+def test_a_replica_that_fails_loses_its_sessions_without_an_error_and_gets_new_ones_when_back(replicas, failure,
+                                                                                            tmp_path):
+    pair = [FakeUpstream(), FakeUpstream()] if failure == "down" else replicas[:2]
+    if failure == "down":
+        for number, fake in enumerate(pair):
+            fake.handler = answer_as(f"replica-{number}")
+    if failure == "disabled":  # two providers sharing the alias; the page's toggle disables one
+        path = write_settings(tmp_path / "s.yaml", settings_doc(
+            provider(pair[0], name="p0"), provider(pair[1], name="p1"),
+            **{"remote-management": {"secret-key": SECRET}}))
+        client = create_app({"PROXY_SETTINGS": str(path)}).test_client()
+    else:
+        client = make_app(fleet_doc(pair)).test_client()
+
+    def ask(session: str, number: int) -> int:
+        response = client.post("/v1/chat/completions", json=turn(session, number),
+                               headers={**AUTH, "x-claude-code-session-id": session})
+        assert response.status_code == 200, response.get_data(as_text=True)
+        return int(response.get_json()["choices"][0]["message"]["content"].rsplit("-", 1)[1])
+
+    first = ask("s", 0)
+    assert ask("s", 1) == first
+    broken, healthy = pair[first], pair[1 - first]
+    handler = broken.handler
+    if failure == "error":
+        broken.handler = lambda rec: Reply(status=503, body=b'{"error": {"message": "overloaded"}}')
+    elif failure == "down":  # pooled connections to it are cut, new ones refused
+        broken.handler = lambda rec: Reply(events=[b"data: x\n\n"], drop_after=0)
+        broken.stop()
+    elif failure == "cooling":
+        broken.handler = lambda rec: Reply(status=429, headers={"Retry-After": "1"}, body=b"{}")
+    else:
+        assert client.patch("/v0/management/openai-compatibility", headers=MGMT,
+                            json={"name": f"p{first}", "value": {"disabled": True}}).status_code == 200
+    for number in range(2, 5):  # the session moved, and stays where it moved
+        assert ask("s", number) == 1 - first
+    assert healthy.requests[-1].headers["x-claude-code-session-id"] == "s"
+    # back: new sessions use it again
+    if failure == "down":
+        revived = FakeUpstream.__new__(FakeUpstream)
+        _restart_on_port(revived, broken.port, handler)
+        pair[first] = revived
+        time.sleep(1.1)  # the connect back-off starts at 1 s
+    elif failure == "cooling":
+        broken.handler = handler
+        time.sleep(1.1)
+    elif failure == "error":
+        broken.handler = handler
+    else:
+        assert client.patch("/v0/management/openai-compatibility", headers=MGMT,
+                            json={"name": f"p{first}", "value": {"disabled": False}}).status_code == 200
+    fresh = {ask(f"new{n}", 0) for n in range(4)}
+    assert fresh == {0, 1}
+    assert ask("s", 5) == 1 - first  # the moved session stays on its new replica
+    if failure == "down":
+        for fake in pair:
+            fake.stop()
+
+
+def _restart_on_port(fake: FakeUpstream, port: int, handler) -> None:
+    """A replica that comes back at the address it had."""
+    from tests import upstream as module
+
+    original = module._QuietServer.__init__
+
+    def bind_port(self, address, handler_class):
+        original(self, ("127.0.0.1", port), handler_class)
+
+    module._QuietServer.__init__ = bind_port
+    try:
+        FakeUpstream.__init__(fake)
+    finally:
+        module._QuietServer.__init__ = original
+    fake.handler = handler
+
+
+# -- every route, every policy, forced or not ----------------------------------------------------
+
+ROUTES = {
+    "chat": ("/v1/chat/completions", lambda s, n: turn(s, n)),
+    "chat-stream": ("/v1/chat/completions", lambda s, n: {**turn(s, n), "stream": True}),
+    "completions": ("/v1/completions", lambda s, n: {"model": "m", "prompt": f"{s} " * 50 * (n + 1)}),
+    "responses": ("/v1/responses", lambda s, n: {"model": "m", "input": f"{s} " * 50 * (n + 1)}),
+    "responses-bridged": ("/v1/responses", lambda s, n: {"model": "m", "input": f"{s} " * 50 * (n + 1),
+                                                          "store": False}),
+    "messages": ("/v1/messages", lambda s, n: {"model": "m", "max_tokens": 64,
+                                               "messages": turn(s, n)["messages"][1:],
+                                               "system": "You are a coding agent."}),
+    "messages-stream": ("/v1/messages", lambda s, n: {"model": "m", "max_tokens": 64, "stream": True,
+                                                      "messages": turn(s, n)["messages"][1:]}),
+    "embeddings": ("/v1/embeddings", lambda s, n: {"model": "m", "input": f"{s} text"}),
+}
+
+
+@pytest.mark.parametrize("forced", [False, True], ids=["plain", "forced"])
+@pytest.mark.parametrize("route", list(ROUTES))
+@pytest.mark.parametrize("policy", POLICIES)
+def test_every_policy_on_every_route(replicas, policy, route, forced):
+    pair = replicas[:2]
+    apis = ["chat", "completions", "embeddings"] + ([] if route == "responses-bridged" else ["responses"])
+    client = make_app(fleet_doc(pair, policy, **{"force-upstream-stream": forced,
+                                                 "native-apis": apis})).test_client()
+    path, build = ROUTES[route]
+    for number in range(4):
+        response = client.post(path, json=build("conv", number), headers={**AUTH, "x-session-affinity": "conv"})
+        assert response.status_code == 200, response.get_data(as_text=True)
+        if route.endswith("stream"):
+            assert response.get_data().rstrip().endswith((b"[DONE]", b'{"type":"message_stop"}'))
+    used = {n for n, fake in enumerate(pair) if fake.requests}
+    assert all(rec.headers["x-session-affinity"] == "conv" for fake in pair for rec in fake.requests)
+    if policy == "cache-aware":
+        assert len(used) == 1
+    else:
+        assert used == {0, 1}
+
+
+# -- across workers and instances --------------------------------------------------------------------
+
+
+def _run_sessions(urls: list[str], sessions: int, turns: int) -> None:
+    """Each session's turns in order (turn n goes to ``urls[n % len(urls)]``), the sessions at once."""
+    def one(session: str) -> None:
+        for number in range(turns):
+            response = requests.post(urls[number % len(urls)] + "/v1/chat/completions", json=turn(session, number),
+                                     headers={**AUTH, "x-claude-code-session-id": session, "Connection": "close"},
+                                     timeout=20)
+            assert response.status_code == 200, response.text
+
+    with ThreadPoolExecutor(sessions) as pool:
+        for done in [pool.submit(one, f"s{n}") for n in range(sessions)]:
+            done.result()
+
+
+def test_affinity_and_counts_hold_across_three_gunicorn_workers(replicas, tmp_path):
+    server = Gunicorn(write_settings(tmp_path / "fleet.yaml", fleet_doc(replicas)), workers=3, threads=8)
+    try:
+        _run_sessions([server.url], sessions=12, turns=5)
+        workers = {line.split("[", 1)[1].split("]", 1)[0] for line in server.output().splitlines()
+                   if "route=/v1/chat/completions" in line}
+        metrics = requests.get(server.url + "/metrics", timeout=5).text
+    finally:
+        server.stop()
+    placed = served_by(replicas)
+    assert len(workers) >= 2  # the turns really were answered by different workers
+    assert all(len(placed[f"s{n}"]) == 1 for n in range(12)), placed
+    assert len(set().union(*placed.values())) >= 3  # new sessions were spread
+    assert 'streamfold_routing_decisions_total{policy="cache-aware",reason="affinity",set="m"}' in metrics
+    assert 'streamfold_replica_in_flight{provider="gpu",replica="gpu#1"} 0.0' in metrics
+
+
+@pytest.fixture
+def redis_server():
+    server = RedisServer()
+    yield server
+    server.stop()
+
+
+def test_affinity_holds_across_two_instances_sharing_redis_and_each_goes_on_alone_without_it(
+        replicas, redis_server, tmp_path):
+    instances = [Gunicorn(write_settings(tmp_path / f"{name}.yaml", {**fleet_doc(replicas),
+                                                                     "redis-url": redis_server.url}),
+                          workers=2, threads=8) for name in ("a", "b")]
+    try:
+        _run_sessions([i.url for i in instances], sessions=8, turns=6)  # turns alternate between instances
+        placed = served_by(replicas)
+        assert all(len(placed[f"s{n}"]) == 1 for n in range(8)), placed
+        for fake in replicas:
+            fake.requests.clear()
+        redis_server.stop()
+        _run_sessions([i.url for i in instances], sessions=4, turns=2)  # Redis down: still answered
+    finally:
+        for instance in instances:
+            instance.stop()
