@@ -7,6 +7,9 @@ free of Flask so the pure parts (settings, fold) can raise these too.
 """
 from __future__ import annotations
 
+import re
+from typing import Callable
+
 import orjson
 
 
@@ -140,3 +143,48 @@ def error_body(message: str, type: str = "server_error",
     """Serialise an OpenAI error object."""
     return orjson.dumps({"error": {"message": message, "type": type,
                                    "param": param, "code": code}})
+
+
+# -- the error shape of each route family ----------------------------------------------------------
+Shape = Callable[[ProxyError], bytes]  # an error -> its body in one client protocol's shape
+
+
+def openai_shape(error: ProxyError) -> bytes:
+    """The OpenAI error body: what every route speaks unless its family registered another shape."""
+    return error.body()
+
+
+class ErrorShapes:
+    """Which error shape each route family speaks, by path prefix; OpenAI's where none was registered.
+
+    ``web.create_app`` registers a family per client protocol (``/v1/messages``
+    answers Anthropic-shaped errors; a Gemini family is one more ``register``).
+    Every error the proxy renders without a view behind it asks here: the
+    app's routing errors (404, 405) and unexpected failures, and the errors the
+    gunicorn worker writes itself (a bad chunked body, 408, 414, 431, a request
+    refused from its head).
+    """
+
+    __slots__ = ("_families",)
+
+    def __init__(self) -> None:
+        self._families: tuple[tuple[str, Shape], ...] = ()
+
+    def register(self, prefix: str, shape: Shape) -> None:
+        families = {p: s for p, s in self._families if p != prefix}
+        families[prefix] = shape
+        self._families = tuple(sorted(families.items(), key=lambda family: -len(family[0])))  # longest first
+
+    def shape(self, path: str) -> Shape:
+        if "//" in path:  # as a client mistyping its base URL sends it; the family is still plain to see
+            path = SLASHES.sub("/", path)
+        for prefix, shape in self._families:
+            if path.startswith(prefix):
+                return shape
+        return openai_shape
+
+    def body(self, path: str, error: ProxyError) -> bytes:
+        return self.shape(path)(error)
+
+
+SLASHES = re.compile(r"/{2,}")

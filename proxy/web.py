@@ -5,11 +5,12 @@ import logging
 import os
 from typing import Any, Mapping
 
-from flask import Flask, Response, g, request
+import orjson
+from flask import Flask, Response, current_app, g, request
 from werkzeug.exceptions import HTTPException, NotFound
 
 from . import activity, demo, hop, instances, metrics
-from .errors import LoopDetected, ProxyError, error_body
+from .errors import SLASHES, BadRequest, ErrorShapes, LoopDetected, ProxyError
 from .routes import (  # noqa: F401 - page_api, keys_api and usage_api add routes to manage.bp
     anthropic,
     common,
@@ -33,13 +34,23 @@ from .state.usage import Recorder
 log = logging.getLogger(__name__)
 
 
+class _App(Flask):
+    def make_default_options_response(self) -> Response:
+        """``OPTIONS``: the methods the path allows, as JSON like every other answer (Flask's is an empty
+        text/html page)."""
+        allowed = sorted(super().make_default_options_response().allow)
+        return Response(orjson.dumps({"allow": allowed}), 200,
+                        {"Content-Type": "application/json", "Allow": ", ".join(allowed)})
+
+
 def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     """Build the WSGI app.
 
     ``test_config`` may set ``SETTINGS`` (a ``Settings`` object, no file),
     ``PROXY_SETTINGS`` (a path) and ``ENVIRON`` (the mapping ``${VAR}`` reads).
     """
-    app = Flask(__name__)
+    app = _App(__name__, static_folder=None)  # the operator page serves its own files, only when it is on
+    app.url_map.merge_slashes = False  # /v1//models: a JSON 404 that names the path, not an HTML 308
     app.config.from_mapping(PROXY_SETTINGS=None, SETTINGS=None, ENVIRON=None)
     if test_config:
         app.config.update(test_config)
@@ -72,6 +83,8 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
         instances.start(app.extensions["streamfold"].shared)  # the page lists the instances sharing Redis
     app.before_request(_start_request)
     app.after_request(_finish_request)
+    shapes = app.extensions["streamfold.errors"] = ErrorShapes()  # errors no view rendered, per route family
+    shapes.register("/v1/messages", anthropic.error_shape)
     app.register_error_handler(ProxyError, _render_proxy_error)
     app.register_error_handler(HTTPException, _render_http_error)
     app.register_error_handler(Exception, _render_unexpected)
@@ -129,25 +142,30 @@ def _render_proxy_error(exc: ProxyError) -> Response:
     return Response(exc.body(), exc.status, {"Content-Type": "application/json", **exc.headers})
 
 
+def _error(error: ProxyError, headers: dict | None = None) -> Response:
+    """An error no view rendered, in the shape of the request's route family (``ErrorShapes``)."""
+    shapes: ErrorShapes = current_app.extensions["streamfold.errors"]
+    return Response(shapes.body(request.path, error), error.status,
+                    {"Content-Type": "application/json", **(headers or {})})
+
+
 def _render_http_error(exc: HTTPException) -> Response:
-    if request.path.startswith("/v1/messages"):  # unrouted paths of the Anthropic API: its error shape
-        return anthropic.http_error(exc)
     status = exc.code or 500
     if status == 405 and request.path.startswith("/demo") and not g.log.get("demo_hop") and not demo.is_open():
         # a method no demo route lists (TRACE, PROPFIND): while the demo does not answer, /demo is unknown
         g.log["rule"] = "unmatched"
         status, exc = 404, NotFound()
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    messages = {404: f"Unknown request URL: {request.method} {request.path}.",
-                405: f"Method {request.method} is not allowed for {request.path}.",
+    path = request.path
+    messages = {404: f"Unknown request URL: {request.method} {path}.",
+                405: f"Method {request.method} is not allowed for {path}.",
                 413: "Request body too large."}
-    body = error_body(messages.get(status, exc.description or exc.name), kind,
-                      exc.name.lower().replace(" ", "_"))
-    headers = {"Content-Type": "application/json"}
+    message = messages.get(status, exc.description or exc.name)
+    if status == 404 and "//" in path:  # a base URL with a trailing slash, or a mistyped path
+        message += f" Did you mean {SLASHES.sub('/', path)}?"
     valid = getattr(exc, "valid_methods", None)
-    if status == 405 and valid:
-        headers["Allow"] = ", ".join(valid)
-    return Response(body, status, headers)
+    headers = {"Allow": ", ".join(valid)} if status == 405 and valid else None
+    return _error(ProxyError(message, status=status, type="invalid_request_error" if status < 500 else "server_error",
+                             code=exc.name.lower().replace(" ", "_")), headers)
 
 
 def _render_unexpected(exc: Exception) -> Response:
@@ -155,12 +173,10 @@ def _render_unexpected(exc: Exception) -> Response:
         # The client's request broke while the view read it (it hung up, ran
         # out of client-timeout, or sent a malformed chunked body): its fault.
         log.info("request body not read: %s in %s", type(exc).__name__, common.loggable(request.path))
-        return Response(error_body("The request body could not be read.", "invalid_request_error",
-                                   "invalid_request_body"), 400, {"Content-Type": "application/json"})
+        return _error(BadRequest("The request body could not be read.", code="invalid_request_body"))
     # Log the type and where, never the request body (it holds message content).
     log.error("unhandled %s in %s", type(exc).__name__, common.logfmt(request.path), exc_info=exc)
-    return Response(error_body("The proxy hit an internal error; see its log for details.", "server_error"),
-                    500, {"Content-Type": "application/json"})
+    return _error(ProxyError("The proxy hit an internal error; see its log for details."))
 
 
 def _configure_logging() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import requests
 
 from tests.conftest import AUTH, CHAT, CLIENT_KEY, PROVIDER_KEY, make_app, provider, settings_doc
 from tests.upstream import Reply, completion, free_port, sse, text_chunks
@@ -172,6 +173,38 @@ def test_wrong_method_is_405_json(client):
     assert response.status_code == 405
     assert "POST" in response.headers["Allow"]
     error_of(response)
+
+
+MANAGED = {"remote-management": {"secret-key": "mgmt-secret-core-42"}}
+ODD_PATHS = ["/v1//models", "//v1/models", "/v0//management/config", "/v0/management//openai-compatibility",
+             "/v1/models/", "/v1/messages//count_tokens", "/static/manage.js", "/static/../x", "/nothing"]
+
+
+@pytest.mark.parametrize("method", ["GET", "POST", "PUT", "DELETE", "OPTIONS", "TRACE", "PROPFIND"])
+def test_every_answer_for_odd_paths_and_methods_is_json_never_a_redirect(upstream, serve, method):
+    # Issue 21, newcomer friction: /v1//models and /v0//management/... were 308 text/html redirects.
+    live = serve(make_app(settings_doc(provider(upstream), **MANAGED)))
+    for path in ODD_PATHS + ["/v1/models", "/v1/chat/completions", "/v0/management/config", "/healthz"]:
+        response = requests.request(method, live.url + path, headers=AUTH, timeout=10, allow_redirects=False)
+        assert response.status_code < 300 or response.status_code >= 400, (method, path, response.status_code)
+        assert response.headers["Content-Type"] == "application/json", (method, path, response.text[:100])
+        response.json()
+    assert requests.get(live.url + "/healthz", timeout=10).status_code == 200
+
+
+def test_a_doubled_slash_is_a_404_that_names_the_path_meant_in_the_routes_shape(upstream, serve):
+    live = serve(make_app(settings_doc(provider(upstream), **MANAGED)))
+    models = requests.get(live.url + "/v1//models", headers=AUTH, timeout=10)
+    assert models.status_code == 404 and "Did you mean /v1/models?" in models.json()["error"]["message"]
+    messages = requests.post(live.url + "/v1//messages", headers=AUTH, json={}, timeout=10)
+    assert messages.status_code == 404 and messages.json()["type"] == "error"
+    assert "Did you mean /v1/messages?" in messages.json()["error"]["message"]
+
+
+def test_options_lists_the_allowed_methods_as_json(client):
+    response = client.options("/v1/chat/completions")
+    assert response.status_code == 200 and response.json == {"allow": ["OPTIONS", "POST"]}
+    assert response.headers["Allow"] == "OPTIONS, POST"
 
 
 def test_upstream_connect_failure_is_502(upstream):

@@ -231,6 +231,37 @@ def test_client_framing_errors_are_openai_json_errors(proxy, request_bytes, stat
     assert_healthy(proxy)
 
 
+MESSAGES_HEAD = b"POST /v1/messages HTTP/1.1\r\nHost: proxy\r\nContent-Type: application/json\r\n"
+
+
+@pytest.mark.parametrize("request_bytes, status", [
+    (MESSAGES_HEAD + b"Transfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n", 400),
+    (MESSAGES_HEAD + b"Content-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n", 400),
+    (MESSAGES_HEAD + b"X-Padding: " + b"a" * 10240 + b"\r\nContent-Length: 2\r\n\r\n{}", 431),
+    (b"POST /v1/messages/count_tokens?" + b"q" * 10240 + b" HTTP/1.1\r\nHost: proxy\r\n\r\n", 414),
+    (b"POST /v1//messages HTTP/1.1\r\nHost: proxy\r\nBad Header: x\r\n\r\n", 400),
+    (b"GET /v1/messages HTTP/1.1\r\nHost: proxy\r\nConnection: close\r\n\r\n", 405),
+], ids=["chunk-size", "cl-and-te", "header-10k", "url-10k", "header-name", "method"])
+def test_errors_the_worker_renders_on_messages_paths_are_anthropic_shaped(proxy, request_bytes, status):
+    # Issue 21, finding 12: these were OpenAI-shaped on the Anthropic API's paths.
+    got_status, body = status_and_json(send_raw(proxy, request_bytes))
+    assert got_status == status
+    assert body["type"] == "error" and set(body["error"]) == {"type", "message"}
+    assert body["error"]["type"] == "invalid_request_error" and body["error"]["message"]
+    assert_healthy(proxy)
+
+
+def test_a_messages_request_not_sent_within_client_timeout_gets_an_anthropic_408(proxy):
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=CLIENT_TIMEOUT * 3) as sock:
+        sock.sendall(MESSAGES_HEAD + b"Content-Length: 100\r\n\r\n{\"model\": ")
+        answer = b""
+        while more := sock.recv(4096):
+            answer += more
+    status, body = status_and_json(answer)
+    assert status == 408 and body["type"] == "error" and body["error"]["type"] == "invalid_request_error"
+    assert "client-timeout" in body["error"]["message"]
+
+
 @pytest.mark.parametrize("framing", ["announced", "chunked"])
 def test_body_over_max_request_bytes_is_a_413_at_once_and_the_connection_closes(proxy, framing):
     head = CHAT_HEAD + b"Authorization: Bearer " + CLIENT_KEY.encode() + b"\r\n"

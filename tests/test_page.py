@@ -29,7 +29,8 @@ def page_app(upstream, **management):
 
 
 @pytest.fixture
-def pclient(upstream):
+def pclient(upstream, monkeypatch):
+    monkeypatch.setattr(activity, "_recorder", None)  # a fresh in-memory record: only this test's requests
     return page_app(upstream).test_client()
 
 

@@ -13,7 +13,6 @@ import logging
 
 import orjson
 from flask import Blueprint, Response, g, request
-from werkzeug.exceptions import HTTPException
 
 from .. import tokenizer
 from ..errors import BadRequest, ModelNotFound, ProxyError, UpstreamTimeout, UpstreamUnavailable
@@ -78,28 +77,10 @@ def render(exc: ProxyError) -> Response:
     return Response(mapped.body(), mapped.status, {**JSON, **mapped.headers})
 
 
-@bp.errorhandler(HTTPException)
-def render_http(exc: HTTPException) -> Response:
-    return http_error(exc)
-
-
-def http_error(exc: HTTPException) -> Response:
-    """404/405/413 from routing on ``/v1/messages...`` paths, Anthropic-shaped (``web`` calls this too)."""
-    status = exc.code or 500
-    messages = {404: f"Unknown request URL: {request.method} {request.path}.",
-                405: f"Method {request.method} is not allowed for {request.path}.",
-                413: "Request body too large."}
-    headers = dict(JSON)
-    if status == 405 and getattr(exc, "valid_methods", None):
-        headers["Allow"] = ", ".join(exc.valid_methods)
-    return Response(error_body(status, messages.get(status, exc.description or exc.name)), status, headers)
-
-
-@bp.errorhandler(Exception)
-def render_unexpected(exc: Exception) -> Response:
-    # the type and where only: the body holds message content
-    log.error("unhandled %s in %s", type(exc).__name__, request.path, exc_info=exc)
-    return Response(error_body(500, "The proxy hit an internal error; see its log for details."), 500, JSON)
+def error_shape(error: ProxyError) -> bytes:
+    """This family's error body for errors no view rendered (``web`` registers it for ``/v1/messages``):
+    routing errors, unexpected failures, and what the gunicorn worker answers itself."""
+    return error_body(error.status, error.message, "overloaded_error" if error.status == 503 else None)
 
 
 class Bridge:

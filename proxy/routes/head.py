@@ -6,9 +6,10 @@ it, so a body costs memory from its first byte: 100 clients each sending
 refuse whatever its body says is refused as soon as its head is in: one that
 came round a loop (508, ``proxy.hop``; not the demo's hop, which carries
 this instance's id by design and proxies nothing further), and a POST to a route that takes a
-client key without a valid key (401). The answers are the app's own, in the
-route's shape; the app checks both again for whatever this lets through (an
-open proxy, a path spelled some other way), with the same ``find_key``.
+client key without a valid key (401). The answers are the app's own errors,
+which the worker renders in the route's shape (``ErrorShapes``); the app
+checks both again for whatever this lets through (an open proxy, a path
+spelled some other way), with the same ``find_key``.
 
 No Flask here: the worker imports this in the gunicorn master, before the
 metrics directory is set up (``gunicorn.conf.py``).
@@ -20,7 +21,6 @@ import hmac
 from .. import hop
 from ..errors import LoopDetected, ProxyError, Unauthorized
 from ..settings import ClientKey, Settings
-from ..translate.anthropic.response import error_body as anthropic_error_body
 
 NO_KEY = "You didn't provide an API key. Send it as 'Authorization: Bearer <key>' or 'x-api-key: <key>'."
 WRONG_KEY = "Incorrect API key provided."
@@ -32,12 +32,12 @@ CLIENT_KEY_ROUTES = frozenset(("/v1/chat/completions", "/v1/completions", "/v1/e
 HEADERS = frozenset((b"authorization", b"x-api-key", b"streamfold-hop"))
 
 
-def refusal(settings: Settings, method: str, path: str, headers: dict[bytes, list[bytes]]) -> tuple[int, bytes] | None:
-    """``(status, JSON body)`` when the head alone settles the answer, else None (read the body, let the app
-    answer). ``headers``: the values of each name in ``HEADERS`` the head carried."""
+def refusal(settings: Settings, method: str, path: str, headers: dict[bytes, list[bytes]]) -> ProxyError | None:
+    """The error to answer when the head alone settles it, else None (read the body, let the app answer).
+    ``headers``: the values of each name in ``HEADERS`` the head carried."""
     hops = headers.get(b"streamfold-hop")
     if hops and not path.startswith("/demo/") and hop.looped(",".join(v.decode("latin-1") for v in hops)):
-        return 508, body(path, LoopDetected(hop.LOOP_MESSAGE))
+        return LoopDetected(hop.LOOP_MESSAGE)
     if method != "POST" or path not in CLIENT_KEY_ROUTES or not settings.api_keys:
         return None
     auth, api_key = headers.get(b"authorization", ()), headers.get(b"x-api-key", ())
@@ -46,17 +46,10 @@ def refusal(settings: Settings, method: str, path: str, headers: dict[bytes, lis
     value = auth[0].decode("latin-1") if auth else ""
     token = value[7:].strip() if value[:7].lower() == "bearer " else (api_key[0].decode("latin-1") if api_key else "")
     if not token:
-        return 401, body(path, Unauthorized(NO_KEY))
+        return Unauthorized(NO_KEY)
     if find_key(settings.api_keys, token) is None:
-        return 401, body(path, Unauthorized(WRONG_KEY))
+        return Unauthorized(WRONG_KEY)
     return None
-
-
-def body(path: str, error: ProxyError) -> bytes:
-    """``error`` in the shape of the route family ``path`` belongs to."""
-    if path.startswith("/v1/messages"):
-        return anthropic_error_body(error.status, error.message, "overloaded_error" if error.status == 503 else None)
-    return error.body()
 
 
 def find_key(keys: tuple[ClientKey, ...], token: str) -> ClientKey | None:

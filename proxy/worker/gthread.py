@@ -5,16 +5,17 @@ import errno
 import resource
 import selectors
 import socket
+import threading
 import time
 from functools import partial
 
 from gunicorn import util
 from gunicorn.workers.gthread import TConn, ThreadWorker
 
-from ..errors import PayloadTooLarge, ProxyError
+from ..errors import ErrorShapes, PayloadTooLarge, ProxyError
 from ..routes import head
 from .reading import RequestReader
-from .replies import json_reply, parse_error, reply
+from .replies import json_reply, parse_error, reply, request_path
 
 # Connections still sending their request, per worker, at most (each costs a
 # file descriptor and a small buffer; none costs a thread).
@@ -57,6 +58,7 @@ class StreamfoldWorker(ThreadWorker):
         # whole from its head on), bounded by max-inflight-bytes.
         self.inflight = 0
         self.buffered = not self.cfg.is_ssl and getattr(self.cfg, "http2_cleartext", "off") == "off"
+        self.handling = threading.local()  # the path of the request a pool thread parses, for handle_error
 
     def init_process(self) -> None:
         self.max_reading = max(64, min(MAX_READING, _raise_open_files() - self.cfg.worker_connections - 64))
@@ -74,6 +76,17 @@ class StreamfoldWorker(ThreadWorker):
         if settings is None:
             return DEFAULTS
         return settings.client_timeout, settings.max_request_bytes, settings.max_inflight_bytes
+
+    def _shapes(self) -> ErrorShapes:
+        """The app's error shape per route family (OpenAI's everywhere while the app is not loaded)."""
+        try:
+            return self.wsgi.extensions["streamfold.errors"]
+        except (AttributeError, KeyError):
+            return ErrorShapes()
+
+    def _reply(self, path: str, status: int, reason: str, message: str, code: str) -> bytes:
+        """An error the worker answers itself, in the shape of the path's route family."""
+        return json_reply(self._shapes(), path, status, reason, message, code)
 
     # -- reading requests in the event loop -------------------------------------------------
     def accept(self, listener) -> None:
@@ -140,8 +153,9 @@ class StreamfoldWorker(ThreadWorker):
             self._forget(conn)
             if reader.error:
                 self.log.warning("invalid request from %s: %s", (conn.client or ("-",))[0], reader.error)
-                _send(conn.sock, json_reply(400, "Bad Request", "The chunked request body is malformed "
-                                                f"({reader.error}).", "invalid_chunked_body"))
+                _send(conn.sock, self._reply(reader.path, 400, "Bad Request",
+                                             f"The chunked request body is malformed ({reader.error}).",
+                                             "invalid_chunked_body"))
                 self._linger(conn)
                 return
             self._dispatch(conn, reader)
@@ -162,9 +176,10 @@ class StreamfoldWorker(ThreadWorker):
         refused = None if settings is None else head.refusal(settings, reader.method, reader.path, reader.headers)
         if refused is None:
             return False
-        status, body = refused
+        status = refused.status
         self.log.info("refused a request from %s before its body: %d", _address(conn), status)
-        self._refuse(conn, reply(status, "Unauthorized" if status == 401 else "Loop Detected", body))
+        self._refuse(conn, reply(status, "Unauthorized" if status == 401 else "Loop Detected",
+                                 self._shapes().body(reader.path, refused)))
         return True
 
     def _over_budget(self, conn: TConn, reader: RequestReader, budget: int) -> None:
@@ -179,7 +194,7 @@ class StreamfoldWorker(ThreadWorker):
             status, reason, extra = 503, "Service Unavailable", b"Retry-After: 1\r\n"
         self.log.warning("refused a request from %s with %d: requests being received would hold more than "
                          "max-inflight-bytes (%d bytes)", _address(conn), status, budget)
-        self._refuse(conn, reply(status, reason, head.body(reader.path, error), extra))
+        self._refuse(conn, reply(status, reason, self._shapes().body(reader.path, error), extra))
 
     def _refuse(self, conn: TConn, answer: bytes) -> None:
         self._forget(conn)
@@ -197,6 +212,7 @@ class StreamfoldWorker(ThreadWorker):
     def _dispatch(self, conn: TConn, reader: RequestReader) -> None:
         """The request is in memory: give it to a thread, as gthread would have given the socket."""
         self.nr_conns += 1
+        conn.path = reader.path or request_path(reader.buf)  # for an error the parser finds (handle_error)
         conn.data_ready = True
         conn.oversized = reader.oversized
         conn.init()
@@ -237,9 +253,9 @@ class StreamfoldWorker(ThreadWorker):
         for conn, reader in expired:
             self._forget(conn)
             if reader.started:
-                _send(conn.sock, json_reply(408, "Request Timeout",
-                                                "The request was not received in time (client-timeout).",
-                                                "request_timeout"))
+                _send(conn.sock, self._reply(reader.path or request_path(reader.buf), 408, "Request Timeout",
+                                             "The request was not received in time (client-timeout).",
+                                             "request_timeout"))
             self._linger(conn)
         if expired:
             self.log.warning("closed %d connection(s) that did not send a whole request within "
@@ -292,14 +308,19 @@ class StreamfoldWorker(ThreadWorker):
             pass
 
     # -- gunicorn's parse errors as JSON ----------------------------------------------------
+    def handle(self, conn):
+        self.handling.path = getattr(conn, "path", "")
+        return super().handle(conn)
+
     def handle_error(self, req, client, addr, exc) -> None:
         status, reason, message, code = parse_error(exc)
+        path = getattr(req, "path", None) or getattr(self.handling, "path", "")
         if status >= 500:
             self.log.exception("Error handling request")
         else:
             self.log.warning("invalid request from %s: %s", (addr or ("-",))[0], repr(str(exc))[:200])
         try:
-            util.write_nonblock(client, json_reply(status, reason, message, code))
+            util.write_nonblock(client, self._reply(path, status, reason, message, code))
         except Exception:  # noqa: BLE001 - the client is gone; nothing else to do
             self.log.debug("Failed to send error message.")
 

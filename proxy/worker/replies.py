@@ -1,7 +1,10 @@
-"""The answers the worker writes itself, before or instead of the app: OpenAI JSON errors.
+"""The answers the worker writes itself, before or instead of the app: JSON errors in the route's shape.
 
 Stock gunicorn answers its parse errors with HTML pages; an API client wants
-the ``{"error": {...}}`` it gets from every other failure.
+the error body it gets from every other failure on that route: OpenAI's
+``{"error": {...}}``, or Anthropic's on ``/v1/messages`` (the app's
+``ErrorShapes`` says which, from the path of the request line, as far as it
+arrived).
 """
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ import ssl
 
 from gunicorn.http import errors as http_errors
 
-from ..errors import error_body
+from ..errors import ErrorShapes, ProxyError
 
 
 def parse_error(exc: Exception) -> tuple[int, str, str, str]:
@@ -36,12 +39,27 @@ def parse_error(exc: Exception) -> tuple[int, str, str, str]:
     return 500, "Internal Server Error", "The proxy hit an internal error; see its log.", "server_error"
 
 
-def json_reply(status: int, reason: str, message: str, code: str) -> bytes:
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    return reply(status, reason, error_body(message, kind, code))
+def json_reply(shapes: ErrorShapes, path: str, status: int, reason: str, message: str, code: str) -> bytes:
+    """A whole answer that closes the connection, its body in the shape of ``path``'s route family."""
+    error = ProxyError(message, status=status, type="invalid_request_error" if status < 500 else "server_error",
+                       code=code)
+    return reply(status, reason, shapes.body(path, error))
 
 
 def reply(status: int, reason: str, body: bytes, extra: bytes = b"") -> bytes:
     """A whole answer with a JSON ``body`` that closes the connection; ``extra``: more header lines."""
     return (b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s"
             b"Connection: close\r\n\r\n" % (status, reason.encode(), len(body), extra)) + body
+
+
+def request_path(head: bytes | bytearray) -> str:
+    """The path in a request line, from whatever of it has arrived ("" when not even that): enough to tell
+    the route family (an over-long line still starts with its path)."""
+    line = bytes(head[:1024]).split(b"\n", 1)[0]
+    parts = line.split(b" ", 2)
+    if len(parts) < 2:
+        return ""
+    target = parts[1].split(b"?", 1)[0]
+    if b"://" in target:  # absolute-form: http://host/path
+        target = b"/" + target.split(b"/", 3)[-1] if target.count(b"/") >= 3 else b"/"
+    return target.decode("latin-1")
