@@ -37,6 +37,7 @@ import ssl
 import threading
 import time
 from typing import Iterator
+from urllib.parse import urlsplit
 
 import requests
 import urllib3
@@ -160,6 +161,28 @@ def header_value(value: str | None, limit: int = 1024) -> str | None:
     return None if _UNSAFE.search(value) else value
 
 
+def _where(provider: Provider, entry: KeyEntry) -> str:
+    """Which provider, which host, and the setting that names it, for an operator to fix; never the
+    credentials a base-url or proxy-url may carry."""
+    parts = urlsplit(provider.base_url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    host = parts.hostname or "?"
+    where = f"provider {provider.name!r} at {f'[{host}]' if ':' in host else host}:" \
+            f"{port or (443 if parts.scheme == 'https' else 80)} (base-url)"
+    return where + (" through its proxy-url" if entry.proxy_url else "")
+
+
+def _reason(exc: Exception) -> str:
+    """What the socket said (connection refused, name not known), else the exception's kind."""
+    cause = exc.__cause__
+    if isinstance(cause, OSError) and isinstance(cause.strerror, str) and cause.strerror:
+        return cause.strerror[:1].lower() + cause.strerror[1:200]
+    return type(exc).__name__
+
+
 def post(sessions: Sessions, provider: Provider, url: str, body: bytes, headers: dict,
          entry: KeyEntry, timeouts: Timeouts) -> HTTPResponse:
     """POST ``body`` and return the response with its body unread."""
@@ -169,7 +192,10 @@ def post(sessions: Sessions, provider: Provider, url: str, body: bytes, headers:
                                 assert_same_host=not via_http_proxy, preload_content=False,
                                 timeout=urllib3.Timeout(connect=timeouts.connect, read=timeouts.read))
     except urllib3.exceptions.NewConnectionError as exc:  # a subclass of ConnectTimeoutError in urllib3
-        raise UpstreamUnavailable(f"could not connect to upstream {provider.name!r}: {type(exc).__name__}") from None
+        raise UpstreamUnavailable(f"could not connect to {_where(provider, entry)}: {_reason(exc)}") from None
+    except urllib3.exceptions.ConnectTimeoutError:
+        raise UpstreamTimeout(f"could not connect to {_where(provider, entry)} within timeouts.connect "
+                              f"({timeouts.connect:g} s)") from None
     except urllib3.exceptions.TimeoutError:
         raise UpstreamTimeout(f"upstream timed out ({provider.name})") from None
     except (urllib3.exceptions.HTTPError, OSError) as exc:

@@ -214,6 +214,20 @@ def test_upstream_connect_failure_is_502(upstream):
     assert error_of(response)["type"] == "upstream_error"
 
 
+def test_unreachable_upstream_names_provider_host_and_setting_never_credentials(serve):
+    # Issue 21, newcomer friction: the message was "could not connect to upstream 'up': NewConnectionError".
+    port = free_port()
+    live = serve(make_app(settings_doc(provider(f"http://admin:hunter2@127.0.0.1:{port}/v1", name="local"),
+                                       **{"request-retry": 0})))
+    expected = f"could not connect to provider 'local' at 127.0.0.1:{port} (base-url): connection refused"
+    chat = requests.post(live.url + "/v1/chat/completions", json=CHAT, headers=AUTH, timeout=10)
+    assert chat.status_code == 502 and chat.json()["error"]["message"] == expected
+    messages = requests.post(live.url + "/v1/messages", headers=AUTH, timeout=10, json={
+        "model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]})
+    assert messages.status_code == 529 and messages.json()["error"]["message"] == expected
+    assert "hunter2" not in chat.text + messages.text and "admin" not in chat.text + messages.text
+
+
 def test_upstream_timeout_is_504(upstream):
     upstream.handler = lambda rec: Reply(hang=5)
     app = make_app(settings_doc(provider(upstream), timeouts={"connect": 1, "read": 0.3}, **{"request-retry": 0}))
