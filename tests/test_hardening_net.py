@@ -253,7 +253,7 @@ def test_errors_the_worker_renders_on_messages_paths_are_anthropic_shaped(proxy,
 
 def test_a_messages_request_not_sent_within_client_timeout_gets_an_anthropic_408(proxy):
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=CLIENT_TIMEOUT * 3) as sock:
-        sock.sendall(MESSAGES_HEAD + b"Content-Length: 100\r\n\r\n{\"model\": ")
+        sock.sendall(MESSAGES_HEAD + b"x-api-key: " + CLIENT_KEY.encode() + b"\r\nContent-Length: 100\r\n\r\n{\"model\": ")
         answer = b""
         while more := sock.recv(4096):
             answer += more
