@@ -12,7 +12,8 @@ Two things are shared, both layered over what each instance has locally:
   (``streamfold:cool:<provider>:<key id>``, the key id being a hash, never the
   key) and announced, so every worker of every instance skips it too.
 * **Failed management secrets.** Each is added to an expiring sorted set per
-  client address (``streamfold:auth:<address>``), so the lockout counts the
+  client address (``streamfold:auth:<address>``, and ``streamfold:auth:*`` for
+  all addresses together), so the lockout counts the
   tries made at every instance (``routes/guard.py``).
 
 Each worker runs one background thread that listens to the channel, polls the

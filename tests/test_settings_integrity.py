@@ -9,6 +9,7 @@ requires a valid key.
 """
 from __future__ import annotations
 
+import http.client
 import os
 import signal
 import subprocess
@@ -278,3 +279,28 @@ def test_url_credentials_stay_out_of_the_reload_log_and_survive_a_round_trip_of_
     requests.get(live.url + "/v0/management/config", headers=ROTATED, timeout=10)  # checks the file first
     assert any("base-url: http://ops:***@" in r.getMessage() for r in caplog.records)
     shows_no_more_than_the_last_4("\n".join(r.getMessage() for r in caplog.records))
+
+
+def from_address(live, address: str, headers: dict) -> http.client.HTTPResponse:
+    """GET /v0/management/config from this loopback source address (all of 127/8 is this host's)."""
+    host, port = live.url.split("://", 1)[1].split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=10, source_address=(address, 0))
+    try:
+        connection.request("GET", "/v0/management/config", headers=headers)
+        response = connection.getresponse()
+        response.read()
+        return response
+    finally:
+        connection.close()
+
+
+def test_rotating_loopback_addresses_get_twenty_wrong_secrets_then_every_address_is_locked_out(managed):
+    path, live = managed
+    answers = [from_address(live, f"127.0.{i // 200}.{i % 200 + 2}", {"Authorization": "Bearer wrong-guess"})
+               for i in range(40)]  # four tries from none of them: the per-address lockout never trips
+    assert [a.status for a in answers[:20]] == [401] * 20
+    assert {a.status for a in answers[20:]} == {429}
+    assert all(0 < int(a.getheader("Retry-After")) <= 61 for a in answers[20:])
+    fresh = from_address(live, "127.0.9.9", MGMT)  # a new address, even with the right secret, waits too
+    assert fresh.status == 429
+    assert requests.post(live.url + "/v1/chat/completions", json=CHAT, headers=AUTH, timeout=10).status_code == 200

@@ -4,8 +4,10 @@ Off (404, as if absent) unless ``remote-management.secret-key`` or env
 ``MANAGEMENT_SECRET`` is set. Only loopback clients are served unless
 ``allow-remote: true`` (behind a reverse proxy the proxy's address is what
 counts). Five bad secrets from one address within a minute lock that address
-out for a minute; under gunicorn the failures are counted across all workers
-of the instance (``activity``), and with Redis across all instances
+out for a minute, and twenty from all addresses together lock every address
+out for a minute (rotating source addresses buys no more guesses). Under
+gunicorn the failures are counted across all workers of the instance
+(``activity``), and with Redis across all instances
 (``shared``), so the fifth bad try locks the address out whichever worker of
 whichever instance it reached. While Redis does not answer, each instance
 counts its own. An accepted management request first looks at
@@ -27,6 +29,10 @@ from ..errors import Forbidden, ManagementUnauthorized, NotFound, RateLimited
 from ..shared import Shared
 
 LOCKOUT_FAILURES, LOCKOUT_WINDOW, LOCKOUT_SECONDS = 5, 60.0, 60.0
+# Failed secrets from all addresses together within the window: past it every address is locked out
+# for LOCKOUT_SECONDS, so rotating source addresses (127.x.y.z, a botnet) gets no more guesses than this.
+GLOBAL_FAILURES = 20
+EVERYONE = "*"  # the lockout's name for all addresses together (no address is spelt so)
 
 
 class _Lockout:
@@ -38,23 +44,26 @@ class _Lockout:
         self.lock = threading.Lock()
 
     def check(self, address: str, shared: Shared | None) -> None:
-        times = None if shared is None else shared.auth_failures(address, LOCKOUT_WINDOW + LOCKOUT_SECONDS)
-        if times is None:  # no Redis, or it does not answer: this instance's own count
-            times = self._local(address)
-        until = activity.locked_until(times, LOCKOUT_FAILURES, LOCKOUT_WINDOW, LOCKOUT_SECONDS)
-        now = time.time()
-        if until > now:
-            raise RateLimited("too many failed management logins; try again later",
-                              headers={"Retry-After": str(int(until - now) + 1)})
+        for who, limit, whose in ((address, LOCKOUT_FAILURES, "from this address"),
+                                  (EVERYONE, GLOBAL_FAILURES, "from all addresses together")):
+            times = None if shared is None else shared.auth_failures(who, LOCKOUT_WINDOW + LOCKOUT_SECONDS)
+            if times is None:  # no Redis, or it does not answer: this instance's own count
+                times = self._local(who)
+            until = activity.locked_until(times, limit, LOCKOUT_WINDOW, LOCKOUT_SECONDS)
+            now = time.time()
+            if until > now:
+                raise RateLimited(f"too many failed management logins {whose}; try again later",
+                                  headers={"Retry-After": str(int(until - now) + 1)})
 
     def _local(self, address: str) -> list[float]:
         if activity.directory():
-            return [r["t"] for r in activity.recorder().read("auth") if r.get("address") == address]
-        return [t for a, t in self.failures if a == address]
+            return [r["t"] for r in activity.recorder().read("auth") if address in (EVERYONE, r.get("address"))]
+        return [t for a, t in self.failures if address in (EVERYONE, a)]
 
     def failed(self, address: str, shared: Shared | None) -> None:
         if shared is not None:
             shared.record_auth_failure(address, LOCKOUT_WINDOW + LOCKOUT_SECONDS)
+            shared.record_auth_failure(EVERYONE, LOCKOUT_WINDOW + LOCKOUT_SECONDS)
         if activity.directory():  # counted locally all the same, for when Redis does not answer
             activity.record_auth_failure(address)
             return
