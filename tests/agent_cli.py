@@ -34,7 +34,7 @@ PACKAGES = {"claude": "@anthropic-ai/claude-code", "codex": "@openai/codex"}
 VERSIONS = {cli: json.loads((AGENTS / "package.json").read_text())["dependencies"][package]
             for cli, package in PACKAGES.items()}  # the exact versions the lockfile pins
 TAG = re.compile(r"\[\[([a-z0-9-]+)\]\]")
-RUN_TIMEOUT = 90  # seconds one CLI run may take before the test fails (a scripted turn takes 1-3 s)
+RUN_TIMEOUT = 60  # seconds one CLI run may take before the test fails (a scripted turn takes 1-5 s)
 # Every CLI run's (cli, scenario, seconds, exit code): the terminal summary reports them (tests/conftest.py).
 RUNS: list[tuple[str, str, float, int]] = []
 

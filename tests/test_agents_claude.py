@@ -173,3 +173,28 @@ def test_two_turn_session_with_continue(scripted, proxy, where):
     succeeded(run, "Appended to the note.")
     assert note.read_text() == "first\nsecond\n"
     check_continued(scripted, MODEL, "session-one", "session-two", ("call_s1", "Write"), "Saved the note.")
+
+
+def test_subagent_runs_its_own_turns(scripted, proxy, where):
+    """The Agent tool: Claude Code starts a subagent whose own conversation (its prompt, its tool call) goes
+    through the proxy as well, and its answer comes back to the main agent as a tool result."""
+    home, work = where
+    tag = scripted.script("subagent", turns(
+        lambda rec: answer(rec, tool_call(0, "call_agent", "Agent", {
+            "description": "Write sub.txt", "prompt": "[[subagent-inner]] Write sub.txt.",
+            "subagent_type": "general-purpose"}), "tool_calls"),
+        lambda rec: answer(rec, text("The subagent wrote sub.txt."))))
+    scripted.script("subagent-inner", turns(
+        lambda rec: answer(rec, bash(0, "call_inner", "echo from a subagent > sub.txt"), "tool_calls"),
+        lambda rec: answer(rec, text("sub.txt written."))))
+    run = claude(proxy, home, work, f"{tag} Have a subagent write sub.txt.")
+    succeeded(run, "The subagent wrote sub.txt.")
+    assert (work / "sub.txt").read_text() == "from a subagent\n"
+    assert {e.get("parent_tool_use_id") for e in run.events if e.get("type") == "assistant"} == {None, "call_agent"}
+    inner_first, inner_second = check_upstream(scripted, "subagent-inner", MODEL)
+    assert "[[subagent]]" not in str(inner_first["messages"])  # a conversation of its own
+    check_calls_answered(inner_second, [("call_inner", "Bash")])
+    _, second = check_upstream(scripted, "subagent", MODEL)
+    check_calls_answered(second, [("call_agent", "Agent")])
+    assert "sub.txt written." in str(tool_results(second)[0]["content"])
+    assert not scripted.unexpected

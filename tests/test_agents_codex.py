@@ -30,11 +30,12 @@ pytest_plugins = ["tests.agent_cli"]  # its fixtures: scripted, where
 pytestmark = pytest.mark.timeout(240)
 MODEL = "qwen3-coder"
 FORCED = "qwen3-coder-forced"
+KNOWN = "gpt-5.5"  # a name Codex knows: it then offers its freeform apply_patch tool
 
 
 @pytest.fixture(scope="module")
 def proxy(scripted, tmp_path_factory):
-    server = deploy(tmp_path_factory.mktemp("codex-proxy"), chat_provider(scripted, "local", MODEL, ["agent"]),
+    server = deploy(tmp_path_factory.mktemp("codex-proxy"), chat_provider(scripted, "local", MODEL, ["agent", KNOWN]),
                     chat_provider(scripted, "forced", FORCED, ["forced"], **{"force-upstream-stream": True}))
     yield server
     server.stop()
@@ -133,3 +134,27 @@ def test_two_turn_session_with_exec_resume(scripted, proxy, where):
     succeeded(run, "Appended to the note.")
     assert (work / "note.txt").read_text() == "first\nsecond\n"
     check_continued(scripted, MODEL, "session-one", "session-two", ("call_s1", "exec_command"), "Saved the note.")
+
+
+def test_apply_patch_freeform_tool_edits_files(scripted, proxy, where):
+    """Codex's apply_patch is a freeform (custom) tool: the upstream sees a function with one string
+    parameter, and its call comes back as the custom tool call Codex applies to the files."""
+    home, work = where
+    (work / "old.txt").write_text("one\ntwo\n")
+    patch = ("*** Begin Patch\n*** Add File: new.txt\n+patched in\n*** Update File: old.txt\n@@\n one\n-two\n"
+             "+TWO\n*** End Patch\n")
+    tag = scripted.script("patch", turns(
+        lambda rec: answer(rec, text("Patching.") + tool_call(0, "call_p", "apply_patch", {"input": patch}),
+                           "tool_calls"),
+        lambda rec: answer(rec, text("Patched both files."))))
+    run = codex(proxy, home, work, f"{tag} Patch the files.", model=KNOWN)
+    succeeded(run, "Patching.", "Patched both files.")
+    assert (work / "new.txt").read_text() == "patched in\n" and (work / "old.txt").read_text() == "one\nTWO\n"
+    (change,) = codex_items(run, "file_change")
+    assert change["status"] == "completed" and sorted(c["kind"] for c in change["changes"]) == ["add", "update"]
+    first, second = check_upstream(scripted, "patch", MODEL)
+    (tool,) = [t["function"] for t in first["tools"] if t["function"]["name"] == "apply_patch"]
+    assert tool["parameters"]["required"] == ["input"]
+    check_calls_answered(second, [("call_p", "apply_patch")])
+    assert "Success" in tool_results(second)[0]["content"]
+    assert not scripted.unexpected
