@@ -119,6 +119,9 @@ def _resolved_keys(document: dict, environ: Mapping[str, str]) -> dict[str, list
     for provider in settings.providers:
         raw = raw_providers.get(provider.name, {})
         pairs = [(raw.get("base-url", provider.base_url), provider.base_url)]
+        written_replicas = raw.get("base-urls") if isinstance(raw.get("base-urls"), list) else []
+        pairs += [(written_replicas[i] if i < len(written_replicas) else url, url)
+                  for i, url in enumerate(provider.base_urls)]
         written = raw.get("api-key-entries") or []
         for i, entry in enumerate(provider.api_key_entries):
             raw_entry = written[i] if i < len(written) and isinstance(written[i], dict) else {}
@@ -137,18 +140,30 @@ def _restore_redacted_keys(document: dict, old: dict[str, list[tuple[str, str]]]
         if not isinstance(provider, dict):
             continue
         known = old.get(provider.get("name"), [])
-        places = [(provider, "base-url")] + [(entry, field) for entry in provider.get("api-key-entries") or []
-                                             if isinstance(entry, dict) for field in ("api-key", "proxy-url")]
-        headers = provider.get("headers")
-        places += [(headers, name) for name in headers if _secret_header(name)] if isinstance(headers, dict) else []
-        for mapping, field in places:
-            given = mapping.get(field)
+        for holder, field, _ in _redacted_places(provider):
+            given = holder[field]
             if not isinstance(given, str) or ("..." not in given and "***" not in given):
                 continue
             for raw, resolved in known:
                 if given in (redact(resolved), redact_url(resolved)) and given != resolved:
-                    mapping[field] = raw
+                    holder[field] = raw
                     break
+
+
+def _redacted_places(provider: dict) -> list[tuple[Any, Any, Callable[[str], str]]]:
+    """(container, key, how GET redacts it) of each value of a provider entry that GET shows redacted."""
+    places: list[tuple[Any, Any, Callable[[str], str]]] = [(provider, "base-url", redact_url)] \
+        if "base-url" in provider else []
+    replicas = provider.get("base-urls")
+    places += [(replicas, i, redact_url) for i in range(len(replicas))] if isinstance(replicas, list) else []
+    for entry in provider.get("api-key-entries") or []:
+        if isinstance(entry, dict):
+            places += [(entry, field, how) for field, how in (("api-key", redact), ("proxy-url", redact_url))
+                       if field in entry]
+    headers = provider.get("headers")
+    places += [(headers, name, redact) for name in headers if _secret_header(name)] \
+        if isinstance(headers, dict) else []
+    return places
 
 
 def redacted_document(document: Any) -> Any:
@@ -173,18 +188,9 @@ def redacted_document(document: Any) -> Any:
     if "redis-url" in out:
         out["redis-url"] = _hide(out["redis-url"], redact_url)
     for provider in out.get("openai-compatibility") or []:
-        if not isinstance(provider, dict):
-            continue
-        if "base-url" in provider:
-            provider["base-url"] = _hide(provider["base-url"], redact_url)
-        for entry in provider.get("api-key-entries") or []:
-            if isinstance(entry, dict):
-                for field, how in (("api-key", redact), ("proxy-url", redact_url)):
-                    if field in entry:
-                        entry[field] = _hide(entry[field], how)
-        headers = provider.get("headers")
-        if isinstance(headers, dict):
-            provider["headers"] = {k: _hide(v, redact) if _secret_header(k) else v for k, v in headers.items()}
+        if isinstance(provider, dict):
+            for holder, field, how in _redacted_places(provider):
+                holder[field] = _hide(holder[field], how)
     return out
 
 
@@ -244,7 +250,7 @@ def public_provider(provider) -> dict[str, Any]:
         "models": [_public_model(m) for m in provider.models],
         "native-apis": sorted(provider.native_apis), "tokenizer": provider.tokenizer,
         "reasoning-replay": provider.reasoning_replay, "stream-usage": provider.stream_usage,
-        **({"base-urls": list(provider.base_urls)} if provider.base_urls else {}),
+        **({"base-urls": [redact_url(url) for url in provider.base_urls]} if provider.base_urls else {}),
         **({"balance": provider.balance} if provider.balance else {}),
     }
 

@@ -203,7 +203,8 @@ def test_port_set_with_the_published_development_key_refuses_to_start_naming_the
 # -- finding 13: secrets in management views ------------------------------------------------------------
 
 LITERALS = {"client": "sk-Vd8qLw2Xr5Tn9101", "secret": "Zq8mgmtQv7Lw3434", "provider": "sk-Hp4Jk8Ws2Yx6aaaa",
-            "base-url password": "Bp7Kx2Qw9191", "proxy password": "Px3Nv8Rt8282", "header": "Hd5Mz1Lq7373"}
+            "base-url password": "Bp7Kx2Qw9191", "proxy password": "Px3Nv8Rt8282", "header": "Hd5Mz1Lq7373",
+            "replica token": "Rt6Wq3Zp1414"}
 FROM_ENV = {"TEAM_KEY": "sk-Ev9Fr3Tg6Hy1e5555", "GPU_KEY": "sk-Gk2Jd7Lp4Nq8e6666"}
 ROTATED = {"Authorization": f"Bearer {LITERALS['secret']}"}
 
@@ -220,7 +221,10 @@ def secretive(tmp_path, upstream, serve):
                                     "proxy-url": f"http://px:{LITERALS['proxy password']}@127.0.0.1:9"},
                                    {"api-key": "${GPU_KEY}"}],
                "headers": {"X-Api-Token": LITERALS["header"], "X-Team": "ml"},
-               "models": [{"name": "upstream-model", "alias": "m"}]}]}
+               "models": [{"name": "upstream-model", "alias": "m"}]},
+               {"name": "replicas", "base-urls": [f"http://ops:{LITERALS['base-url password']}@{host}",
+                                                 f"http://{LITERALS['replica token']}@127.0.0.1:9"],
+                "models": [{"name": "other-model"}]}]}
     path = write_settings(tmp_path / "settings.yaml", doc)
     return path, serve(create_app({"PROXY_SETTINGS": str(path), "ENVIRON": FROM_ENV}))
 
@@ -244,6 +248,7 @@ def test_every_management_view_shows_at_most_the_last_4_characters_of_a_secret_a
     assert config["remote-management"]["secret-key"] == "...3434"
     assert config["openai-compatibility"][0]["base-url"].startswith("http://ops:***@127.0.0.1:")
     assert config["openai-compatibility"][0]["api-key-entries"][0]["proxy-url"] == "http://px:***@127.0.0.1:9"
+    assert config["openai-compatibility"][1]["base-urls"][1] == "http://***@127.0.0.1:9"
     tested = requests.post(live.url + "/v0/management/test-connection", headers=ROTATED, json={"name": "up"},
                            timeout=30)
     shows_no_more_than_the_last_4(tested.text)
@@ -267,12 +272,15 @@ def test_url_credentials_stay_out_of_the_reload_log_and_survive_a_round_trip_of_
     listed = requests.get(live.url + "/v0/management/openai-compatibility", headers=ROTATED, timeout=10).json()
     before = yaml.safe_load(path.read_text())["openai-compatibility"][0]
     put = requests.put(live.url + "/v0/management/openai-compatibility", headers=ROTATED, timeout=10,
-                       json=[dict(p, **{"disabled": True}) for p in listed["openai-compatibility"]])
+                       json=[{**{k: v for k, v in p.items() if not (k == "base-url" and "base-urls" in p)},
+                              "disabled": True} for p in listed["openai-compatibility"]])
     assert put.status_code == 200, put.text
     after = yaml.safe_load(path.read_text())["openai-compatibility"][0]
     assert after["base-url"] == before["base-url"]  # sent back redacted: the stored URL is kept
     assert after["api-key-entries"][0] == before["api-key-entries"][0]
     assert after["api-key-entries"][1]["api-key"] == "${GPU_KEY}" and after["headers"] == before["headers"]
+    replicas = yaml.safe_load(path.read_text())["openai-compatibility"][1]["base-urls"]
+    assert replicas[1] == f"http://{LITERALS['replica token']}@127.0.0.1:9"
     doc = yaml.safe_load(path.read_text())
     doc["openai-compatibility"][0]["base-url"] = doc["openai-compatibility"][0]["base-url"].replace("ops:", "ops2:")
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
