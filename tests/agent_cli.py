@@ -54,6 +54,20 @@ def text(content: str) -> list[dict]:
     return [{"content": content[i:i + 8]} for i in range(0, len(content), 8)]
 
 
+def split_surrogates(content: str) -> list[str]:
+    """``content`` cut between the two UTF-16 halves of every character outside the BMP, as a server that
+    streams UTF-16 code units sends an emoji: ``"\\ud83d"`` ending one chunk, ``"\\ude00"`` starting the next."""
+    pieces, current = [], ""
+    for char in content:
+        if ord(char) > 0xFFFF:
+            high, low = divmod(ord(char) - 0x10000, 0x400)
+            pieces.append(current + chr(0xD800 + high))
+            current = chr(0xDC00 + low)
+        else:
+            current += char
+    return [*pieces, current]
+
+
 def reasoning(content: str) -> list[dict]:
     """Deltas streaming ``content`` as reasoning (vLLM's ``reasoning_content``)."""
     return [{"reasoning_content": content[i:i + 9]} for i in range(0, len(content), 9)]

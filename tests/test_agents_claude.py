@@ -3,6 +3,7 @@ scripted vLLM-like chat upstream (issue 22). Each test checks what the user sees
 really ran, the final text printed, and what reached the upstream."""
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -21,6 +22,7 @@ from tests.agent_cli import (
     deploy,
     failing_once,
     reasoning,
+    split_surrogates,
     text,
     tool_call,
     tool_results,
@@ -197,4 +199,22 @@ def test_subagent_runs_its_own_turns(scripted, proxy, where):
     _, second = check_upstream(scripted, "subagent", MODEL)
     check_calls_answered(second, [("call_agent", "Agent")])
     assert "sub.txt written." in str(tool_results(second)[0]["content"])
+    assert not scripted.unexpected
+
+
+def test_split_surrogates_in_text_and_tool_arguments(scripted, proxy, where):
+    """An emoji streamed as two UTF-16 halves in consecutive chunks, in a tool call's arguments and in the
+    final text, arrives whole: in the file Claude Code writes and in the answer it prints."""
+    home, work = where
+    target = work / "smile.txt"
+    arguments = json.dumps({"file_path": str(target), "content": "smile \U0001F600 party \U0001F389\n"},
+                           ensure_ascii=False)
+    tag = scripted.script("surrogates", turns(
+        lambda rec: answer(rec, tool_call(0, "call_u", "Write", split_surrogates(arguments)), "tool_calls"),
+        lambda rec: answer(rec, [{"content": p} for p in split_surrogates("Done \U0001F600 ok")])))
+    run = claude(proxy, home, work, f"{tag} Write smile.txt.")
+    succeeded(run, "Done \U0001F600 ok")
+    assert target.read_text(encoding="utf-8") == "smile \U0001F600 party \U0001F389\n"
+    _, second = check_upstream(scripted, "surrogates", MODEL)
+    assert calls(assistant_turns(second)[0])[0][2]["content"] == "smile \U0001F600 party \U0001F389\n"
     assert not scripted.unexpected

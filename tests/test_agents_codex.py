@@ -3,6 +3,7 @@ vLLM-like chat upstream (issue 22). Each test checks what the user sees: exit co
 ran, the final message printed, and what reached the upstream."""
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -19,6 +20,7 @@ from tests.agent_cli import (
     codex_items,
     deploy,
     reasoning,
+    split_surrogates,
     text,
     tool_call,
     tool_results,
@@ -157,4 +159,20 @@ def test_apply_patch_freeform_tool_edits_files(scripted, proxy, where):
     assert tool["parameters"]["required"] == ["input"]
     check_calls_answered(second, [("call_p", "apply_patch")])
     assert "Success" in tool_results(second)[0]["content"]
+    assert not scripted.unexpected
+
+
+def test_split_surrogates_in_text_and_tool_arguments(scripted, proxy, where):
+    """An emoji streamed as two UTF-16 halves in consecutive chunks, in a tool call's arguments and in the
+    final text, arrives whole: in the file the command writes and in the message Codex prints."""
+    home, work = where
+    arguments = json.dumps({"cmd": "printf 'smile \U0001F600 party \U0001F389\\n' > smile.txt"}, ensure_ascii=False)
+    tag = scripted.script("surrogates", turns(
+        lambda rec: answer(rec, tool_call(0, "call_u", "exec_command", split_surrogates(arguments)), "tool_calls"),
+        lambda rec: answer(rec, [{"content": p} for p in split_surrogates("Done \U0001F600 ok")])))
+    run = codex(proxy, home, work, f"{tag} Write smile.txt.")
+    succeeded(run, "Done \U0001F600 ok")
+    assert (work / "smile.txt").read_text(encoding="utf-8") == "smile \U0001F600 party \U0001F389\n"
+    _, second = check_upstream(scripted, "surrogates", MODEL)
+    assert "\U0001F600 party \U0001F389" in calls(assistant_turns(second)[0])[0][2]["cmd"]
     assert not scripted.unexpected
