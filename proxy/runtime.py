@@ -36,7 +36,7 @@ import yaml
 from . import last_good
 from .keys import KeyPool
 from .routing import Router
-from .settings import Settings, SettingsError, build_settings
+from .settings import EXPOSED_ENV, Settings, SettingsError, build_settings, published_key_refusal
 from .settings_file import redact_url
 from .shared import Shared
 from .upstream import Sessions
@@ -143,6 +143,8 @@ class ConfigHolder:
             problem = "does not validate: " + "; ".join(exc.problems)
         else:
             problem = reload_refusal(self.runtime.settings, settings)
+            exposed = published_key_refusal(settings, self.environ.get(EXPOSED_ENV, ""))
+            problem = problem or (exposed and f"cannot be taken: {exposed} (RELOAD REFUSED)")
         if problem is not None:
             log.error("settings file %s changed but %s; keeping the running config",
                       self.path, bounded(problem))

@@ -312,3 +312,21 @@ def test_rotating_loopback_addresses_get_twenty_wrong_secrets_then_every_address
     fresh = from_address(live, "127.0.9.9", MGMT)  # a new address, even with the right secret, waits too
     assert fresh.status == 429
     assert requests.post(live.url + "/v1/chat/completions", json=CHAT, headers=AUTH, timeout=10).status_code == 200
+
+
+def test_a_reload_that_brings_in_the_development_key_on_a_public_address_is_refused(tmp_path, upstream, serve,
+                                                                                    caplog):
+    """What the gunicorn master records at start when it binds 0.0.0.0 (PORT set) reaches every worker's reload."""
+    upstream.handler = lambda rec: Reply(events=sse(*text_chunks(["fine"])))
+    path = write_settings(tmp_path / "settings.yaml", settings_doc(provider(upstream)))
+    app = create_app({"PROXY_SETTINGS": str(path), "ENVIRON": {"STREAMFOLD_EXPOSED_BINDS": "0.0.0.0:5000"}})
+    live = serve(app)
+    doc = yaml.safe_load(path.read_text())
+    doc["api-keys"] = [CLIENT_KEY, "sk-streamfold-local"]
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    app.extensions["streamfold"].check_file()
+    published = {"Authorization": "Bearer sk-streamfold-local"}
+    assert requests.post(live.url + "/v1/chat/completions", json=CHAT, headers=published, timeout=10).status_code == 401
+    assert requests.post(live.url + "/v1/chat/completions", json=CHAT, headers=AUTH, timeout=10).status_code == 200
+    assert any("published development key" in r.getMessage() and "RELOAD REFUSED" in r.getMessage()
+               for r in caplog.records)
