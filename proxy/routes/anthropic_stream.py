@@ -35,7 +35,7 @@ from ..errors import ProxyError
 from ..executor import Outcome
 from ..translate.anthropic.stream import INTERNAL, PING, MessageStream, completion_as_chunk
 from ..translate.chat_reads import chat_events, read_batches
-from ..translate.chat_stream import DONE, ChatStream
+from ..translate.chat_stream import DONE, ChatStream, Held
 from .common import loggable
 
 log = logging.getLogger(__name__)
@@ -230,7 +230,7 @@ def events(pump: Pump, pending: list[tuple], stream: MessageStream,
     answer's end with the bytes of the read that held ``[DONE]``: as many
     writes as the chat relay makes for the same reads.
     """
-    chat = ChatStream()
+    chat = ChatStream(Held(pump.max_bytes))  # the tool arguments held until the end are bounded
     done = False
     result = "client closed"
     items = iter(pending)

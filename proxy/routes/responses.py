@@ -25,7 +25,7 @@ from ..executor import Call, Outcome, Plan, client_headers, execute
 from ..fold import fold_chat_chunks
 from ..relay import SSE_HEADERS, padded_answer, to_response
 from ..routing import Target, narrowed
-from ..translate.chat_stream import DONE
+from ..translate.chat_stream import DONE, Held
 from ..translate.responses import request as translate
 from ..translate.responses import response as reply
 from ..translate.responses.pipeline import chunk_batches, translate_stream
@@ -126,7 +126,7 @@ class _Bridge:
     def events(self, outcome: Outcome, usage: dict, on_end: Callable[[int, str, bytes], None]) -> Iterator[bytes]:
         """The Responses event stream for a live chat stream (the 200 is already committed)."""
         response, result = outcome.stream, "client closed"
-        translator = ResponsesStream(self.ctx, self.codex)
+        translator = ResponsesStream(self.ctx, self.codex, Held(self.max_bytes))
         metrics.ACTIVE_STREAMS.inc()
         try:
             yield from translate_stream(translator, self._batches(outcome), self._save_streamed)

@@ -29,7 +29,7 @@ import orjson
 
 from ..errors import StreamError
 from ..fold.chat import stream_error
-from ..fold.guard import repair_surrogates
+from ..fold.guard import FRAGMENT, repair_surrogates
 from ..fold.sse import iter_event_batches
 
 DONE = "[DONE]"
@@ -92,6 +92,31 @@ def decode_event(event: bytes, data: bytes, max_bytes: int) -> dict | str | None
     return chunk
 
 
+class Held:
+    """What one bridged stream holds until its end, against ``max-aggregate-bytes``.
+
+    The bridges pass text through as it comes, but must hold tool arguments
+    (Anthropic sends each call's input whole at the end; the Responses
+    ``*.done`` events repeat them) and a Responses stream its text too. A
+    200 MB tool call was held whole (+824 MB RSS on /v1/messages, +2.2 GB on
+    /v1/responses); past the bound the stream ends with its protocol's error
+    event instead. Charged as the fold charges: each fragment with its
+    overhead (``FRAGMENT``), so a stream of 1-byte fragments is bounded too.
+    """
+
+    __slots__ = ("size", "max_bytes")
+
+    def __init__(self, max_bytes: int) -> None:
+        self.size = 0
+        self.max_bytes = max_bytes
+
+    def charge(self, text: str) -> None:
+        self.size += FRAGMENT + len(text)
+        if self.size > self.max_bytes:
+            raise StreamError(f"the answer holds more than max-aggregate-bytes ({self.max_bytes} bytes) "
+                              "of tool arguments and text", code="aggregate_too_large")
+
+
 class ToolCall:
     """One tool call of the answer as it accumulates."""
 
@@ -112,10 +137,11 @@ class ToolCall:
 class ChatStream:
     """Turns chat chunks (choice 0) into the events both bridges translate; see the module docstring."""
 
-    __slots__ = ("meta", "usage", "finish_reason", "tools", "ended_early", "plain", "_calls", "_last", "_pending",
-                 "_halves")
+    __slots__ = ("meta", "usage", "finish_reason", "tools", "ended_early", "plain", "held", "_calls", "_last",
+                 "_pending", "_halves")
 
-    def __init__(self) -> None:
+    def __init__(self, held: Held | None = None) -> None:
+        self.held = held                         # charged with every tool-argument fragment kept
         self.meta: dict[str, Any] = {}
         # True once plain text/reasoning chunks change nothing here (the meta is known, no surrogate half is
         # waiting for its other half): the bridges may then write such chunks without feeding them
@@ -249,6 +275,8 @@ class ChatStream:
             elif self._halves or not fragment.isascii():
                 fragment = self._whole(call, fragment)
         if fragment:
+            if self.held is not None:
+                self.held.charge(fragment)
             call.args.append(fragment)
             if call.started:
                 events.append(("tool_args", call, fragment))

@@ -16,6 +16,7 @@ from ..chat_stream import DONE, ChatStream, has_surrogates, iter_chat_chunks
 from .stream import INTERNAL, ResponsesStream
 
 log = logging.getLogger(__name__)
+SPLIT_ABOVE = 1 << 20  # bytes of final events written as they are instead of joined into one write
 
 
 def chunk_batches(reads: Iterable[bytes], max_bytes: int, fast: bool = True) -> Iterator[list]:
@@ -59,7 +60,7 @@ def translate_stream(translator: ResponsesStream, batches: Iterable[list],
     that continues the moment it sees ``response.completed`` finds it).
     """
     out: list[bytes] = []
-    chat = ChatStream()
+    chat = ChatStream(translator.held)
     feed, chat_feed, text, literals = translator.feed_into, chat.feed, translator.text, translator.literals
     closing = None
     try:
@@ -92,10 +93,11 @@ def translate_stream(translator: ResponsesStream, batches: Iterable[list],
             if out:
                 yield b"".join(out)
                 out = []
-        closing = translator.close(chat.close(done), chat.ended_early)
+        closing = []
+        translator.close_into(closing, chat.close(done), chat.ended_early)
         if before_end is not None:
             before_end(translator)
-        out.append(closing)
+        out += closing
     except Exception as exc:  # noqa: BLE001 - whatever broke, the client gets the terminal failure event
         if closing is not None:
             translator.ended = False  # its terminal event was built but never went out
@@ -105,4 +107,7 @@ def translate_stream(translator: ResponsesStream, batches: Iterable[list],
             log.error("responses stream translation failed: %s", type(exc).__name__, exc_info=exc)
             translator.internal = type(exc).__name__
             out.append(translator.fail(INTERNAL, "server_error"))
-    yield b"".join(out)
+    if sum(map(len, out)) > SPLIT_ABOVE:
+        yield from out  # the *.done events repeat the answer: a large one is not copied once more to be joined
+    else:
+        yield b"".join(out)

@@ -22,7 +22,7 @@ from itertools import repeat
 
 import orjson
 
-from ..chat_stream import ToolCall, clean
+from ..chat_stream import Held, ToolCall, clean
 from .response import Context, call_item, envelope, message_item, overflow, reasoning_item, status_of, usage_of
 
 
@@ -51,11 +51,15 @@ _NUMBERS = [b"%d" % n for n in range(4096)]
 
 class ResponsesStream:
     __slots__ = ("ctx", "codex", "seq", "items", "kind", "open_index", "open_id", "parts", "tools",
-                 "middle", "calls", "texts", "reasonings", "finish", "usage", "final", "error", "ended", "internal")
+                 "middle", "calls", "texts", "reasonings", "finish", "usage", "final", "error", "ended", "internal",
+                 "held")
 
-    def __init__(self, ctx: Context, codex: bool = False) -> None:
+    def __init__(self, ctx: Context, codex: bool = False, held: Held | None = None) -> None:
         self.ctx = ctx
         self.codex = codex
+        # The text is held for the *.done events and the stored answer, tool arguments by ChatStream: both are
+        # charged here, so what the *.done events and the terminal object repeat is bounded as well.
+        self.held = held
         self.seq = 0
         self.items: list[dict | None] = []     # by output_index: the done item, None while open
         self.kind: str | None = None           # "reasoning" or "message" while one is open
@@ -104,6 +108,8 @@ class ResponsesStream:
 
     def text(self, out: list[bytes], text: str) -> None:
         """One text delta into the open message (``translate_stream``'s shortcut for plain text chunks)."""
+        if self.held is not None:
+            self.held.charge(text)
         self.parts.append(text)
         self.texts.append(text)
         self._delta(out, _TEXT_DELTA, self.middle, orjson.dumps(text), _TEXT_TAIL)
@@ -116,6 +122,8 @@ class ResponsesStream:
             if not bodies:
                 return
         text = orjson.loads(b'"%s"' % b"".join(bodies))
+        if self.held is not None:
+            self.held.charge(text)
         if kind == "text":
             if self.kind != "message":
                 self._open(out, "message")
@@ -145,12 +153,16 @@ class ResponsesStream:
         for event in events:
             kind = event[0]
             if kind == "text":
+                if self.held is not None:
+                    self.held.charge(event[1])
                 if self.kind != "message":
                     self._open(out, "message")
                 self.parts.append(event[1])
                 self.texts.append(event[1])
                 self._delta(out, _TEXT_DELTA, self.middle, orjson.dumps(event[1]), _TEXT_TAIL)
             elif kind == "reasoning":
+                if self.held is not None:
+                    self.held.charge(event[1])
                 if self.kind != "reasoning":
                     self._open(out, "reasoning")
                 self.parts.append(event[1])
@@ -172,24 +184,31 @@ class ResponsesStream:
 
     def close(self, events: list[tuple], ended_early: bool) -> bytes:
         """The last events: ``events`` from ``ChatStream.close``, then the terminal event."""
-        out = [self.feed(events)]
+        out: list[bytes] = []
+        self.close_into(out, events, ended_early)
+        return b"".join(out)
+
+    def close_into(self, out: list[bytes], events: list[tuple], ended_early: bool) -> None:
+        """``close``, its events appended to ``out`` one by one (a large answer is not copied to be joined)."""
+        self.feed_into(out, events)
         if ended_early:
             out.append(self.fail("upstream stream ended before the answer was complete",
                                  "upstream_stream_ended_early"))
-            return b"".join(out)
+            return
         status, incomplete = status_of(self.finish)
         self._close_all(out, status)
         self.final = envelope(self.ctx, status, self.done_items(), usage_of(self.usage), incomplete)
         kind = "response.incomplete" if status == "incomplete" and not self.codex else "response.completed"
         self._event(out, kind, {"response": self.final})
         self.ended = True
-        return b"".join(out)
 
     def fail(self, message: str, code: str | int | None) -> bytes:
         """The terminal event for an error after the 200 went out (``b""`` once a terminal event was written).
 
         It cannot fail itself: the message is cleaned of what ``orjson`` refuses, and should writing the
         event still raise (a bug elsewhere left a value it cannot write), a fixed event says the same.
+        Open items are closed first (their ``*.done`` events repeat what they hold), except after
+        ``aggregate_too_large`` for a client that takes ``error``: that would only send it all again.
         """
         if self.ended:
             return b""
@@ -202,7 +221,8 @@ class ResponsesStream:
         opening = b"" if self.seq else self._opening()
         out = [opening]
         try:
-            self._close_all(out, "incomplete")
+            if self.codex or code != "aggregate_too_large":
+                self._close_all(out, "incomplete")
             if self.codex:
                 self.final = envelope(self.ctx, "failed", self.done_items(), usage_of(self.usage),
                                       error={"code": code, "message": message})
