@@ -229,6 +229,7 @@ def _attempt(settings: Settings, sessions: upstream.Sessions, keys: KeyPool,
         headers["Authorization"] = f"Bearer {entry.api_key}"
         if plan is not None and plan.key_header:
             headers[plan.key_header] = entry.api_key
+    call.log["sent"] = body
     try:
         payload = orjson.dumps(body)
     except orjson.JSONEncodeError:
@@ -283,6 +284,7 @@ def _success(settings: Settings, response: HTTPResponse, call: Call, fold: Calla
              forced: bool) -> Outcome:
     content_type = upstream.header_value(response.headers.get("Content-Type")) or ""
     first = upstream.read_first(response)
+    call.log["received"] = (response, first)  # what an answer without usage is charged by (routes/common.account)
     if not first.strip():
         raise UpstreamUnavailable("upstream answered 200 and closed without sending anything")
     if call.client_stream:

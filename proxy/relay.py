@@ -66,20 +66,24 @@ def _relay(outcome: Outcome, on_end: Callable[[int, str, bytes], None]):
 
 def padded_answer(interval: float, run: Callable[[], Outcome], on_end: Callable[[int, str, bytes], None],
                   log: dict) -> Response:
-    """``with_keepalive`` for a route: once padding has committed the 200, the log line waits for the JSON."""
-    response = with_keepalive(interval, run, on_end)
+    """``with_keepalive`` for a route: once padding has committed the 200, the log line waits for the JSON,
+    and the request's accounting (its concurrency slot) waits for the fold, even after the client left."""
+    settle = log.get("settle")  # routes/common.Settlement, when the request's usage is accounted
+    response = with_keepalive(interval, run, on_end, None if settle is None else settle.hold())
     if response.is_streamed:
         log["deferred"] = True
     return response
 
 
-def with_keepalive(interval: float, run: Callable[[], Outcome],
-                   on_end: Callable[[int, str, bytes], None]) -> Response:
+def with_keepalive(interval: float, run: Callable[[], Outcome], on_end: Callable[[int, str, bytes], None],
+                   work_ended: Callable[[bytes], None] | None = None) -> Response:
     """Run ``run`` in a helper thread; if it takes longer than ``interval``, commit 200 and pad.
 
     JSON parsers skip leading whitespace, so the client sees blank lines and
     then the answer. Once 200 is committed, an error can only be reported in
-    the body: it goes out as an OpenAI error object after the padding.
+    the body: it goes out as an OpenAI error object after the padding. A
+    client that leaves does not stop the helper (the upstream is still
+    working for it): ``work_ended(usage bytes)`` runs when the helper is done.
     """
     done = threading.Event()
     box: dict = {}
@@ -94,6 +98,9 @@ def with_keepalive(interval: float, run: Callable[[], Outcome],
             box["error"] = ProxyError(f"internal error: {type(exc).__name__}")
         finally:
             done.set()
+            if work_ended is not None:
+                outcome = box.get("outcome")
+                work_ended(outcome.body if outcome is not None and outcome.status < 300 else b"")
 
     threading.Thread(target=work, name="streamfold-fold", daemon=True).start()
     if done.wait(interval):

@@ -27,7 +27,7 @@ from ..translate.anthropic.tokens import estimate
 from ..translate.anthropic.validate import validate
 from ..translate.tools import ToolNames, clamp_max_tokens
 from . import anthropic_stream
-from .common import admit, authenticate, end_logger, holder, loggable, read_json_body
+from .common import admit, authenticate, end_logger, hold, holder, loggable, read_json_body
 
 log = logging.getLogger(__name__)
 bp = Blueprint("anthropic", __name__)
@@ -176,7 +176,7 @@ def _stream(run, bridge: Bridge, model: str, max_bytes: int, on_end, early_commi
     event: a native stream is relayed byte for byte, so nothing of ours may
     precede it.
     """
-    pump = anthropic_stream.Pump(run, max_bytes)
+    pump = anthropic_stream.Pump(run, max_bytes, hold(g.log))
     try:
         outcome, pending = anthropic_stream.first_items(
             pump, anthropic_stream.PING_INTERVAL if early_commit else None)

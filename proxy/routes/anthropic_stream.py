@@ -99,8 +99,12 @@ class Pump:
     network read, and finally ``("end", None)`` or ``("error", ProxyError)``.
     """
 
-    def __init__(self, run: Callable[[], Outcome], max_bytes: int) -> None:
+    def __init__(self, run: Callable[[], Outcome], max_bytes: int,
+                 work_ended: Callable[[], None] | None = None) -> None:
         self.max_bytes = max_bytes
+        # Called once when no helper works for this stream any more and none will: the request's
+        # accounting (its concurrency slot) waits for it, also when the client left while the upstream worked.
+        self.work_ended = work_ended
         self.items: collections.deque = collections.deque()
         self.results: queue.SimpleQueue = queue.SimpleQueue()  # what a helper's job produced
         self.busy = True           # a helper job was started; its items come through ``results``
@@ -145,6 +149,7 @@ class Pump:
             self.cancelled = True
             if not self.running:
                 self._close()  # no helper holds the response: it is the view's to close
+                self._ended()
             elif interrupt and self.response is not None and not self.closed:
                 try:
                     self.response.shutdown()  # the helper's read returns, and the helper closes it
@@ -168,6 +173,8 @@ class Pump:
             # has its last event (``upstream.finish`` may wait a little for the body's end)
             if (self.batches is None and not self.complete) or self.cancelled:
                 self._close()
+            if self.batches is None or self.cancelled:
+                self._ended()
         self.results.put(items)
 
     def _start(self, run: Callable[[], Outcome]) -> list[tuple]:
@@ -191,6 +198,12 @@ class Pump:
             self.complete = True
             return [("end", None)]
         return [("chunks", batch)] if batch else []  # a read that completed no event: read on
+
+    def _ended(self) -> None:
+        """No more upstream work for this stream (under ``lock``): tell the request's accounting, once."""
+        ended, self.work_ended = self.work_ended, None
+        if ended is not None:
+            ended()
 
     def _close(self) -> None:
         if not self.closed and self.response is not None:

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import time
 from dataclasses import dataclass
 from functools import partial
+from typing import Callable
 
 import orjson
 from flask import current_app, g, request
@@ -22,7 +24,7 @@ from ..runtime import ConfigHolder, Runtime
 from ..settings import ClientKey
 from ..state.identity import OPEN, label
 from ..state.limits import Limiter, Ticket
-from ..state.usage import Recorder, usage_counts
+from ..state.usage import Recorder, estimate_tokens, usage_counts
 from .head import NO_KEY, WRONG_KEY, find_key
 
 access_log = logging.getLogger("streamfold.access")
@@ -98,18 +100,73 @@ def _account_at_close(client: Client) -> None:
     fields = g.log
     fields["client"] = client.label
     extensions = current_app.extensions
-    # Run by write_access_log, which runs exactly once per request when it is
-    # over: after the last byte of a stream (or the client leaving), or when a
-    # non-stream answer or an error response is ready.
-    fields["settle"] = partial(account, extensions["streamfold.usage"], extensions["streamfold.limits"],
-                               client.identity)
+    # Run once the request is over: write_access_log runs exactly once per
+    # request (after the last byte of a stream or the client leaving, or when a
+    # non-stream answer or an error response is ready), and any upstream work
+    # a helper thread still does for it must have ended too (``Settlement``).
+    fields["settle"] = Settlement(partial(account, extensions["streamfold.usage"], extensions["streamfold.limits"],
+                                          client.identity), fields)
+
+
+class Settlement:
+    """A request's accounting, run once when its answer is over AND the upstream work it started has ended.
+
+    A fold in a helper thread (``nonstream-keepalive-interval``) or the
+    Anthropic stream's reader can outlive the client's connection; its
+    concurrency slot stays taken until the upstream is done with it, and its
+    tokens are then charged from what the work produced.
+    """
+
+    def __init__(self, run: Callable[[dict], None], fields: dict) -> None:
+        self._run, self._fields = run, fields
+        self._waiting = 1  # the answer itself
+        self._lock = threading.Lock()
+
+    def hold(self) -> Callable[[bytes], None]:
+        """Say that upstream work starts now; call what this returns (with the answer's usage bytes, if any)
+        exactly once when it has ended."""
+        with self._lock:
+            self._waiting += 1
+        return self._work_ended
+
+    def answer_over(self) -> None:
+        self._release()
+
+    def _work_ended(self, usage_bytes: bytes = b"") -> None:
+        if usage_bytes and self._fields.get("usage") is None:
+            self._fields["usage"] = usage_counts(usage_bytes)  # the client left before the answer had it
+        self._release()
+
+    def _release(self) -> None:
+        with self._lock:
+            self._waiting -= 1
+            if self._waiting:
+                return
+        try:
+            self._run(self._fields)
+        except Exception:  # noqa: BLE001 - accounting must never break an answer (streams end here)
+            logging.getLogger(__name__).exception("usage accounting failed")
+
+
+def hold(fields: dict) -> Callable[[bytes], None] | None:
+    """``Settlement.hold`` for a request whose usage is accounted (None for one that is not)."""
+    settle: Settlement | None = fields.get("settle")
+    return None if settle is None else settle.hold()
 
 
 def account(recorder: Recorder, limiter: Limiter, identity: str, fields: dict) -> None:
-    """A proxied request is over: give back its concurrency slot, record its usage, charge its tokens."""
+    """A proxied request is over: give back its concurrency slot, record its usage, charge its tokens.
+
+    An answer that reached the client only in part (it left, the upstream
+    broke off) or carried no usage is charged by estimate: the prompt from
+    the body sent upstream, the completion from the bytes received.
+    """
     status = fields.get("status", 500)
     error = status >= 400 or str(fields.get("result", "")).startswith(("upstream", "error"))
     tokens = fields.get("usage")
+    if tokens is None and "received" in fields:
+        response, first = fields["received"]
+        tokens = estimate_tokens(fields.get("sent"), response.tell(), first)
     provider = fields.get("provider", "-")
     # Like the metrics: a model only for routed requests, and the routed name (a glob alias itself,
     # where the executor sets model_label) rather than whatever a client sent, so the table stays bounded.
@@ -208,12 +265,9 @@ def write_access_log(fields: dict) -> None:
     release = fields.pop("release", None)
     if release is not None:
         release()  # the request no longer counts as in flight at its replica
-    settle = fields.pop("settle", None)
+    settle: Settlement | None = fields.pop("settle", None)
     if settle is not None:
-        try:
-            settle(fields)
-        except Exception:  # noqa: BLE001 - accounting must never break an answer (streams end here)
-            logging.getLogger(__name__).exception("usage accounting failed")
+        settle.answer_over()
     provider = fields.get("provider", "-")
     metrics.REQUESTS.labels(fields.get("rule", "unmatched"), fields.get("model_label", "-") if provider != "-" else "-",
                             provider, str(fields.get("status", "-"))).inc()

@@ -13,6 +13,7 @@ import threading
 import time
 from typing import Callable
 
+from ..translate.anthropic.tokens import body_tokens
 from .store import COUNTERS, Store, StoreUnavailable, UsageKey
 
 _PROMPT = re.compile(rb'"(?:prompt_tokens|input_tokens)"\s*:\s*(\d+)')
@@ -39,6 +40,20 @@ def usage_counts(data: bytes) -> Tokens | None:
         return None
     cached, reasoning = _CACHED.search(tail), _REASONING.search(tail)
     return (_count(prompt), _count(completion), _count(cached), _count(reasoning))
+
+
+def estimate_tokens(sent: dict | None, received: int, first: bytes) -> Tokens:
+    """(prompt, completion, 0, 0) for an answer the upstream gave no usage for (cut short, or never reported).
+
+    The prompt by the character rule over the body sent upstream; the
+    completion from the ``received`` body bytes: one token per SSE event
+    (streaming servers send about one token each), the events' size taken
+    from the ``first`` bytes of the body, or bytes / 4 for a JSON body.
+    """
+    prompt = body_tokens(sent) if sent is not None else 0
+    events = first.count(b"data:")
+    completion = received * events // len(first) if events else (received + 3) // 4
+    return (prompt, completion, 0, 0)
 
 
 def _count(match: re.Match | None) -> int:

@@ -92,3 +92,23 @@ def _content(content: Any, texts: list[str]) -> int:
             else:
                 fixed += PER_IMAGE
     return fixed
+
+
+def body_tokens(body: object) -> int:
+    """Input tokens of any JSON request body (chat, completions, Responses, Anthropic), roughly: every string
+    by the character rule, except a ``data:`` URL or a long run without spaces (base64), which counts as one
+    image. For charging an answer that came without usage; a walk with a stack, however deep the body."""
+    texts: list[str] = []
+    fixed, stack = BASE, [body]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, str):
+            if node.startswith("data:") or (len(node) > 4096 and not any(c.isspace() for c in node[:4096])):
+                fixed += PER_IMAGE
+            else:
+                texts.append(node)
+        elif isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return fixed + text_tokens("".join(texts))
