@@ -219,9 +219,8 @@ class Run:
     seconds: float
     events: list[dict] = field(default_factory=list)
 
-    def __repr__(self) -> str:  # what a failing assert shows
-        return f"exit {self.code} after {self.seconds:.1f} s\n--- stdout\n{self.stdout[-6000:]}\n--- stderr\n" \
-               f"{self.stderr[-3000:]}"
+    def __repr__(self) -> str:  # what a failing assert shows (pytest cuts it short; the output is printed)
+        return f"<run: exit {self.code} after {self.seconds:.1f} s; its output is under 'Captured stdout'>"
 
 
 def _base_env(home: Path) -> dict:
@@ -250,6 +249,9 @@ def _run(cli: str, scenario: str, cmd: list[str], cwd: Path, env: dict) -> Run:
             events.append(json.loads(line))
         except ValueError:
             pass
+    # Printed whole for pytest to show when the test fails (an assert's message is cut to a few lines).
+    print(f"$ {' '.join(cmd[:2])} ... exit {code} after {seconds:.1f} s\n--- stdout\n{out[-20000:]}\n"
+          f"--- stderr\n{err[-5000:]}")
     return Run(code, out, err, seconds, events)
 
 
