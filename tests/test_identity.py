@@ -6,6 +6,7 @@ and usage rows, and ``/metrics`` showed those four characters to anyone.
 """
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -157,3 +158,78 @@ def test_two_instances_sharing_redis_agree_on_identities_with_separate_state_fil
         for instance in instances:
             instance.stop()
         redis_server.stop()
+
+
+def test_the_unauthenticated_metrics_show_no_character_of_an_unnamed_key(upstream, serve):
+    """Finding 14: /metrics labelled an unnamed key's tokens and refusals with its last four characters."""
+    upstream.handler = answer(*TEXT)
+    key = "sk-short-9z9z"
+    app = make_app(doc_for(upstream, [{"key": key, "models": ["m"], "rpm": 2}]))
+    live = serve(app)
+    assert respond(live.url, key, "hi").status_code == 200  # tokens
+    assert respond(live.url, key, "hi").status_code == 200
+    assert respond(live.url, key, "hi").status_code == 429  # refused by rpm: counted per client
+    metrics = requests.get(live.url + "/metrics", timeout=10).text
+    assert "9z9z" not in metrics and "sk-short" not in metrics
+    shown = "key-" + app.extensions["streamfold.identity"].of(key)[:8]
+    assert f'streamfold_tokens_total{{client="{shown}",kind="prompt"}}' in metrics
+    assert f'streamfold_client_limited_total{{client="{shown}",reason="rpm"}} 1.0' in metrics
+
+
+def wait_for(check, seconds: float = 10.0):
+    deadline = time.monotonic() + seconds
+    while True:
+        found = check()
+        if found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.1)
+
+
+def test_the_identity_secret_is_put_back_when_redis_comes_back_empty(upstream, serve, tmp_path):
+    upstream.handler = answer(*TEXT)
+    redis_server = RedisServer()
+    try:
+        path = write_settings(tmp_path / "r.yaml", doc_for(upstream, [ALICE], **{"redis-url": redis_server.url}))
+        app = create_app({"PROXY_SETTINGS": str(path), "ENVIRON": {}})
+        live = serve(app)
+        assert respond(live.url, ALICE, "hi").status_code == 200
+        client = redis.Redis.from_url(redis_server.url)
+        before = client.get("streamfold:identity-secret")
+        identity = app.extensions["streamfold.identity"].of(ALICE)
+        redis_server.stop()
+        redis_server = RedisServer(redis_server.port)  # restarted without persistence: empty
+        client = redis.Redis.from_url(redis_server.url)
+        # every worker that knows the secret stores it again on its next ticks (before any new one is made)
+        assert wait_for(lambda: client.get("streamfold:identity-secret")) == before
+        assert app.extensions["streamfold.identity"].of(ALICE) == identity
+        client.close()
+    finally:
+        redis_server.stop()
+
+
+def test_the_identity_secret_is_put_back_into_a_deleted_state_file(upstream, serve):
+    upstream.handler = answer(*TEXT)
+    app = make_app(doc_for(upstream, [ALICE]))
+    live = serve(app)
+    assert respond(live.url, ALICE, "hi").status_code == 200
+    path = app.extensions["streamfold.state"].path
+
+    def stored() -> bytes | None:
+        try:
+            with sqlite3.connect(path) as db:
+                row = db.execute("SELECT v FROM meta WHERE k = 'identity-secret'").fetchone()
+        except sqlite3.Error:
+            return None
+        return None if row is None else bytes(row[0])
+
+    before = stored()
+    assert before is not None and len(before) == 32
+    for suffix in ("", "-wal", "-shm"):
+        try:
+            os.unlink(path + suffix)
+        except FileNotFoundError:
+            pass
+    assert wait_for(stored) == before
+    assert respond(live.url, ALICE, "again").status_code == 200
+    usage = wait_for_usage(live.url, 1, **{"group-by": "client"})["data"]
+    assert [row["client"] for row in usage] == ["key-" + app.extensions["streamfold.identity"].of(ALICE)[:8]]
