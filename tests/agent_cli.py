@@ -129,6 +129,19 @@ def failing_once(*steps: Callable[[Recorded], Reply]) -> Script:
     return run
 
 
+def busy_once(*steps: Callable[[Recorded], Reply]) -> Script:
+    """``turns``, but the first try of each turn is refused: 429 with Retry-After 1 on the first turn,
+    503 on the others, as a loaded server answers."""
+    script = turns(*steps)
+
+    def run(rec, turn, attempt):
+        if attempt == 0:
+            return Reply(status=429 if turn == 0 else 503, headers={"Retry-After": "1"},
+                         body=b'{"error": {"message": "server busy", "type": "server_error"}}')
+        return script(rec, turn, attempt)
+    return run
+
+
 def message_text(message: dict) -> str:
     content = message.get("content")
     if isinstance(content, list):

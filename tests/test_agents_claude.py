@@ -11,6 +11,7 @@ import pytest
 from tests.agent_cli import (
     answer,
     assistant_turns,
+    busy_once,
     calls,
     chat_provider,
     check_calls_answered,
@@ -138,6 +139,22 @@ def test_mid_stream_failure_then_claude_code_retries(scripted, proxy, where):
     assert retry["messages"] == broken["messages"]
     assert [m["content"] for m in assistant_turns(second)] == ["Retrying worked."]
     assert "I'll run" not in str(second["messages"])
+    assert not scripted.unexpected
+
+
+def test_busy_upstream_then_claude_code_retries(scripted, proxy, where):
+    """The upstream refuses a turn's first try (429, then 503): the proxy answers 429 and 529, Claude Code
+    retries each after a pause of its own, and the session finishes."""
+    home, work = where
+    tag = scripted.script("busy", busy_once(
+        lambda rec: answer(rec, bash(0, "call_busy", "echo patient > busy.txt"), "tool_calls"),
+        lambda rec: answer(rec, text("busy.txt written after all."))))
+    run = claude(proxy, home, work, f"{tag} Write busy.txt.")
+    succeeded(run, "busy.txt written after all.")
+    assert (work / "busy.txt").read_text() == "patient\n"
+    refused, first, refused_again, second = check_upstream(scripted, "busy", MODEL)
+    assert refused == first and refused_again == second  # the same request again, nothing lost or added
+    assert re.findall(r"route=/v1/messages .* status=(\d+) ", proxy.output()).count("529") >= 1
     assert not scripted.unexpected
 
 

@@ -11,6 +11,7 @@ import pytest
 from tests.agent_cli import (
     answer,
     assistant_turns,
+    busy_once,
     calls,
     chat_provider,
     check_calls_answered,
@@ -104,6 +105,21 @@ def test_reasoning_stream_shows_reasoning(scripted, proxy, where):
     first, second = check_upstream(scripted, "reasoning", MODEL)
     assert first["reasoning_effort"] == "high"
     assert "reasoning_content" not in assistant_turns(second)[0]  # reasoning-replay is off
+    assert not scripted.unexpected
+
+
+def test_busy_upstream_then_codex_retries(scripted, proxy, where):
+    """The upstream refuses a turn's first try (429, then 503): Codex retries each on its own and the
+    session finishes."""
+    home, work = where
+    tag = scripted.script("busy", busy_once(
+        lambda rec: answer(rec, shell(0, "call_busy", "echo patient > busy.txt"), "tool_calls"),
+        lambda rec: answer(rec, text("busy.txt written after all."))))
+    run = codex(proxy, home, work, f"{tag} Write busy.txt.")
+    succeeded(run, "busy.txt written after all.")
+    assert (work / "busy.txt").read_text() == "patient\n"
+    refused, first, refused_again, second = check_upstream(scripted, "busy", MODEL)
+    assert refused == first and refused_again == second  # the same request again, nothing lost or added
     assert not scripted.unexpected
 
 
