@@ -233,3 +233,19 @@ def test_the_identity_secret_is_put_back_into_a_deleted_state_file(upstream, ser
     assert respond(live.url, ALICE, "again").status_code == 200
     usage = wait_for_usage(live.url, 1, **{"group-by": "client"})["data"]
     assert [row["client"] for row in usage] == ["key-" + app.extensions["streamfold.identity"].of(ALICE)[:8]]
+
+
+def test_usage_counted_while_the_store_was_down_from_the_start_lands_under_the_real_identity(upstream, serve,
+                                                                                              tmp_path):
+    upstream.handler = answer(*TEXT)
+    path = tmp_path / "state.db"
+    path.mkdir()  # the store cannot be opened: no secret can be read yet
+    app = make_app(doc_for(upstream, [ALICE], **{"state-path": str(path)}))
+    live = serve(app)
+    assert [respond(live.url, ALICE, "hi").status_code for _ in range(2)] == [200, 200]  # requests go on
+    provisional = app.extensions["streamfold.identity"].of(ALICE)
+    path.rmdir()  # the store can be created now: the tick finds it, stores a secret, writes the usage
+    usage = wait_for_usage(live.url, 2, **{"group-by": "client"})["data"]
+    real = app.extensions["streamfold.identity"].of(ALICE)
+    assert real != provisional
+    assert usage == [dict(usage[0], client=f"key-{real[:8]}", requests=2)]

@@ -80,8 +80,8 @@ class Identities:
 
     def _keep(self) -> None:
         """Tick: read the stored secret (creating or restoring it when the store has none)."""
-        if not self.store.up:
-            return
+        if not self.store.up or (self._secret is None and not self._provisional_keys):
+            return  # nothing asked for an identity yet: the store is not touched (the file not created)
         try:
             stored = self.store.secret(None)
             if stored is None:
