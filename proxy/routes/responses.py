@@ -20,7 +20,7 @@ import orjson
 from flask import Blueprint, Response, current_app, g, request
 
 from .. import metrics, upstream
-from ..errors import BadRequest, StreamError, error_body
+from ..errors import BadRequest, PayloadTooLarge, StreamError, error_body
 from ..executor import Call, Outcome, Plan, client_headers, execute
 from ..fold import fold_chat_chunks
 from ..relay import SSE_HEADERS, padded_answer, to_response
@@ -47,6 +47,7 @@ def create_response() -> Response:
     stream = stream_flag(body)
     targets = admit(model, runtime.router.resolve(model))  # the key's policy: allowed targets, rpm, tpm, concurrency
     store = current_app.extensions["streamfold.state"]
+    store.cap(STORE_NAMESPACE, settings.responses_store_max_count, settings.responses_store_max_bytes)
     bridge = None
     if any(not _native(t) for t in targets):
         history = None
@@ -56,6 +57,8 @@ def create_response() -> Response:
                 raise BadRequest("previous_response_id must be a non-empty string", param="previous_response_id")
             raw = store.get_blob(STORE_NAMESPACE, _store_key(g.client.identity, previous))
             history = _history(raw)
+            if history is not None:
+                _check_size(previous, history, len(raw) + (request.content_length or 0), settings.max_request_bytes)
             if history is None and all(not _native(t) for t in targets):
                 raise BadRequest(f"Previous response with id '{loggable(previous)}' not found.",
                                  code="previous_response_not_found", param="previous_response_id")
@@ -63,7 +66,8 @@ def create_response() -> Response:
                 targets = narrowed(targets, [t for t in targets if _native(t)])
         prepared = translate.prepare(body, history)
         ctx = reply.new_context(body, prepared.toolmap)
-        keep = None if body.get("store") is False else (store, settings.responses_store_ttl, g.client.identity)
+        keep = None if body.get("store") is False else (store, settings.responses_store_ttl, g.client.identity,
+                                                        settings.max_request_bytes)
         bridge = _Bridge(prepared, ctx, keep, _is_codex(request.environ), settings.max_aggregate_bytes)
 
     def adapt(target: Target) -> Plan:
@@ -167,10 +171,12 @@ class _Bridge:
     def _save(self, parts: tuple[str, str, list]) -> None:
         if self.keep is None:
             return
-        state, ttl, client = self.keep
-        record = {"system": self.prepared.system,
-                  "messages": [*self.prepared.messages, translate.assistant_message(*parts)]}
-        state.put_blob(STORE_NAMESPACE, _store_key(client, self.ctx.id), orjson.dumps(record), float(ttl))
+        state, ttl, client, limit = self.keep
+        record = orjson.dumps({"system": self.prepared.system,
+                               "messages": [*self.prepared.messages, translate.assistant_message(*parts)]})
+        if len(record) > limit:  # it could never be sent upstream again: kept as a note that says why
+            record = orjson.dumps({"messages": [], "too_large": len(record)})
+        state.put_blob(STORE_NAMESPACE, _store_key(client, self.ctx.id), record, float(ttl))
 
 
 def _upstream_error(outcome: Outcome) -> Outcome:
@@ -207,6 +213,19 @@ def _history(raw: bytes | None) -> dict | None:
     except orjson.JSONDecodeError:
         return None
     return record if isinstance(record, dict) and isinstance(record.get("messages"), list) else None
+
+
+def _check_size(previous: str, history: dict, size: int, limit: int) -> None:
+    """A conversation whose history, re-expanded for the upstream, would be over max-request-bytes is a 413
+    (also when a larger limit came since: a turn that was too large to store holds no history)."""
+    stored = history.get("too_large")
+    if stored is not None:
+        size = stored if type(stored) is int else size
+    if stored is not None or size > limit:
+        raise PayloadTooLarge(f"The conversation up to previous_response_id '{loggable(previous)}' is {size} bytes "
+                              f"with this request, over max-request-bytes ({limit}); start a new conversation, or "
+                              "send the part of the history you need as input.", code="conversation_too_large",
+                              param="previous_response_id")
 
 
 def _store_key(identity: str, response_id: str) -> str:

@@ -1,7 +1,8 @@
 """The shared state store: Redis (``REDIS_URL``), so usage and limits are the same for every instance.
 
 Keys (all under ``streamfold:``): ``blob:<namespace>:<key>`` (expiring
-strings), ``usage:<day>`` (a hash per UTC day; field = JSON
+strings; a capped namespace also keeps ``blobindex:<namespace>``, its blobs
+by expiry, and ``blobsizes:<namespace>``, their sizes), ``usage:<day>`` (a hash per UTC day; field = JSON
 ``[client, model, provider, counter]``), ``win:<name>`` + ``wintotal:<name>``
 (a sliding window: a sorted set of entries scored by time, and its running
 total), ``slots:<name>`` (a sorted set of held slot tokens scored by lease
@@ -134,6 +135,36 @@ return 1
 """
 
 
+# A capped namespace's put. KEYS: the blob, the namespace's index (sorted set: blob key by expiry, ms) and its
+# sizes (hash: blob key -> bytes). ARGV: value, ttl ms, max blobs, max bytes. The oldest blobs (first to expire)
+# are dropped until both caps hold; entries of blobs Redis has expired go first.
+_PUT_CAPPED = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[2])
+local gone = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)
+for _, key in ipairs(gone) do redis.call('HDEL', KEYS[3], key) end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
+redis.call('ZADD', KEYS[2], now + ttl, KEYS[1])
+redis.call('HSET', KEYS[3], KEYS[1], string.len(ARGV[1]))
+local count = redis.call('ZCARD', KEYS[2])
+local total = 0
+for _, size in ipairs(redis.call('HVALS', KEYS[3])) do total = total + tonumber(size) end
+while count > tonumber(ARGV[3]) or total > tonumber(ARGV[4]) do
+  local oldest = redis.call('ZPOPMIN', KEYS[2])
+  if #oldest == 0 then break end
+  total = total - tonumber(redis.call('HGET', KEYS[3], oldest[1]) or 0)
+  redis.call('HDEL', KEYS[3], oldest[1])
+  redis.call('DEL', oldest[1])
+  count = count - 1
+end
+redis.call('PEXPIRE', KEYS[2], ttl + 1000)
+redis.call('PEXPIRE', KEYS[3], ttl + 1000)
+return count
+"""
+
+
 class RedisStore(Store):
     kind = "redis"
 
@@ -146,6 +177,7 @@ class RedisStore(Store):
         self._acquire_script = self.client.register_script(_ACQUIRE)
         self._renew_script = self.client.register_script(_RENEW)
         self._admit_script = self.client.register_script(_ADMIT)
+        self._put_capped_script = self.client.register_script(_PUT_CAPPED)
 
     def _run(self, operation, *args):
         try:
@@ -159,7 +191,12 @@ class RedisStore(Store):
     # -- blobs -------------------------------------------------------------------
     def _put_blob(self, namespace: str, key: str, value: bytes, expires: float) -> None:
         ttl_ms = max(1, int((expires - time.time()) * 1000))
-        self._run(lambda: self.client.set(f"{PREFIX}blob:{namespace}:{key}", value, px=ttl_ms))
+        cap = self.caps.get(namespace)
+        if cap is None:
+            self._run(lambda: self.client.set(f"{PREFIX}blob:{namespace}:{key}", value, px=ttl_ms))
+            return
+        keys = [f"{PREFIX}blob:{namespace}:{key}", f"{PREFIX}blobindex:{namespace}", f"{PREFIX}blobsizes:{namespace}"]
+        self._run(lambda: self._put_capped_script(keys=keys, args=[value, ttl_ms, cap[0], cap[1]]))
 
     def _get_blob(self, namespace: str, key: str, now: float) -> bytes | None:
         return self._run(self.client.get, f"{PREFIX}blob:{namespace}:{key}")

@@ -193,8 +193,11 @@ class SQLiteStore(Store):
     # -- blobs -------------------------------------------------------------------
     def _put_blob(self, namespace: str, key: str, value: bytes, expires: float) -> None:
         self._check()  # a write into a deleted file would be lost without a trace
-        with self._tx() as db:
+        cap = self.caps.get(namespace)
+        with self._tx(immediate=cap is not None) as db:
             db.execute("INSERT OR REPLACE INTO blobs VALUES (?, ?, ?, ?)", (namespace, key, value, expires))
+            if cap is not None:
+                _drop_oldest(db, namespace, *cap)
 
     def _get_blob(self, namespace: str, key: str, now: float) -> bytes | None:
         with self._tx() as db:
@@ -268,3 +271,21 @@ _ACQUIRE = "INSERT INTO slots SELECT ?, ?, ? WHERE (SELECT COUNT(*) FROM slots W
 def _now() -> float:
     # Wall clock, not monotonic: every worker process compares the same timestamps.
     return time.time()
+
+
+def _drop_oldest(db: sqlite3.Connection, namespace: str, max_count: int, max_bytes: int) -> None:
+    """Delete ``namespace``'s blobs that expire first until at most ``max_count`` and ``max_bytes`` remain
+    (expired ones first of all; ``length`` reads a blob's size without its content)."""
+    db.execute("DELETE FROM blobs WHERE namespace = ? AND expires <= ?", (namespace, _now()))
+    count, total = db.execute("SELECT count(*), total(length(value)) FROM blobs WHERE namespace = ?",
+                              (namespace,)).fetchone()
+    if count <= max_count and total <= max_bytes:
+        return
+    drop = []
+    for key, size in db.execute("SELECT key, length(value) FROM blobs WHERE namespace = ? ORDER BY expires",
+                                (namespace,)):
+        if count <= max_count and total <= max_bytes:
+            break
+        drop.append((namespace, key))
+        count, total = count - 1, total - size
+    db.executemany("DELETE FROM blobs WHERE namespace = ? AND key = ?", drop)

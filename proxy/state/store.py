@@ -6,7 +6,10 @@ SQLite (``sqlite.py``, the default, one file per instance) or Redis
 
 Two kinds of callers, two contracts:
 
-* ``put_blob`` / ``get_blob`` never raise. While the backend is down a put is
+* ``put_blob`` / ``get_blob`` never raise. A namespace may be capped
+  (``cap``: at most so many blobs and so many bytes together); a put past the
+  cap drops the namespace's oldest blobs (those that expire first) in the same
+  transaction, so the store holds neither more nor fewer than it says. While the backend is down a put is
   kept in this process's memory (served to ``get_blob`` from there) and written
   by the background tick once the backend is back; it is dropped when its TTL
   passes first, or when the memory copy grows past ``PENDING_LIMIT`` bytes
@@ -55,6 +58,7 @@ class Store:
         self._lock = threading.Lock()
         self._pending: dict[tuple[str, str], tuple[bytes, float]] = {}  # blobs not written yet
         self._pending_bytes = 0
+        self.caps: dict[str, tuple[int, int]] = {}  # namespace -> (max blobs, max bytes); set by ``cap``
         self._tick_hooks: list[Callable[[], None]] = []
         self._tick_lock = threading.Lock()  # the background tick and a shutdown flush never overlap
         self.ticks = 0
@@ -71,6 +75,10 @@ class Store:
             except StoreUnavailable as exc:
                 self.mark_down(exc)
         self._hold(namespace, key, value, expires)
+
+    def cap(self, namespace: str, max_count: int, max_bytes: int) -> None:
+        """Keep at most ``max_count`` blobs and ``max_bytes`` bytes in ``namespace``: puts drop the oldest."""
+        self.caps[namespace] = (max_count, max_bytes)
 
     def get_blob(self, namespace: str, key: str) -> bytes | None:
         """The value, or ``None`` when absent, expired, or only in an unreachable backend."""
