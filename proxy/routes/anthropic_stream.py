@@ -145,16 +145,19 @@ class Pump:
         connection back to its pool, and shutting it down could cut another
         request's connection.
         """
+        ended = None
         with self.lock:
             self.cancelled = True
             if not self.running:
                 self._close()  # no helper holds the response: it is the view's to close
-                self._ended()
+                ended = self._ended()
             elif interrupt and self.response is not None and not self.closed:
                 try:
                     self.response.shutdown()  # the helper's read returns, and the helper closes it
                 except (ValueError, RuntimeError, OSError):
                     pass  # not connected, or already released to the pool
+        if ended is not None:
+            ended()  # outside the lock: the request's accounting may wait on the state store
 
     # -- jobs (a helper's or the view's thread; never two at once) -----------------------
     def _job(self, step: Callable, *args) -> None:
@@ -173,9 +176,10 @@ class Pump:
             # has its last event (``upstream.finish`` may wait a little for the body's end)
             if (self.batches is None and not self.complete) or self.cancelled:
                 self._close()
-            if self.batches is None or self.cancelled:
-                self._ended()
+            ended = self._ended() if self.batches is None or self.cancelled else None
         self.results.put(items)
+        if ended is not None:
+            ended()  # outside the lock, after the view has what it waits for
 
     def _start(self, run: Callable[[], Outcome]) -> list[tuple]:
         outcome = run()
@@ -199,11 +203,11 @@ class Pump:
             return [("end", None)]
         return [("chunks", batch)] if batch else []  # a read that completed no event: read on
 
-    def _ended(self) -> None:
-        """No more upstream work for this stream (under ``lock``): tell the request's accounting, once."""
+    def _ended(self) -> Callable[[], None] | None:
+        """No more upstream work for this stream (under ``lock``): what to call, once, to tell the request's
+        accounting (None when it was told already)."""
         ended, self.work_ended = self.work_ended, None
-        if ended is not None:
-            ended()
+        return ended
 
     def _close(self) -> None:
         if not self.closed and self.response is not None:
