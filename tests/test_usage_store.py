@@ -121,3 +121,34 @@ def test_admit_is_all_or_nothing_and_settle_gives_back_on_both_backends(store):
     kind, _ = store.admit([], ("conc:t", "token-5", 2), [("rpm:t", 2)], 60, 30)
     assert kind == "count"
     assert store.admit([], ("conc:t", "token-6", 2), [], 60, 30) is None  # token-5 was not left behind
+
+
+def test_a_capped_namespace_keeps_its_newest_blobs_within_count_and_bytes(store):
+    store.cap("capped", 3, 10_000)
+    for i in range(5):
+        store.put_blob("capped", f"k{i}", b"x" * 100, ttl=60 + i)
+    assert [store.get_blob("capped", f"k{i}") is not None for i in range(5)] == [False, False, True, True, True]
+    store.put_blob("capped", "k4", b"y" * 100, ttl=70)  # a replaced blob counts once
+    store.put_blob("capped", "big", b"z" * 9_850, ttl=80)  # over the bytes: the oldest go until it fits
+    assert [store.get_blob("capped", k) is not None for k in ("k2", "k3", "k4", "big")] == [False, False, True, True]
+    store.put_blob("other", "free", b"w" * 20_000, ttl=60)  # other namespaces are not capped
+    assert store.get_blob("other", "free") is not None
+
+
+def test_an_existing_state_file_gets_its_blob_totals_from_the_blobs_already_there():
+    import sqlite3
+
+    path = state_path()
+    with sqlite3.connect(path) as db:  # a file from before the totals: its blobs table only
+        db.execute("CREATE TABLE blobs (namespace TEXT NOT NULL, key TEXT NOT NULL, value BLOB NOT NULL, "
+                   "expires REAL NOT NULL, PRIMARY KEY (namespace, key)) WITHOUT ROWID")
+        db.executemany("INSERT INTO blobs VALUES ('capped', ?, ?, ?)",
+                       [(f"old{i}", b"x" * 100, time.time() + 60 + i) for i in range(4)])
+    store = SQLiteStore(path)
+    try:
+        store.cap("capped", 4, 10_000)
+        store.put_blob("capped", "new", b"n" * 100, ttl=600)
+        assert store.get_blob("capped", "old0") is None and store.get_blob("capped", "old1") is not None
+        assert store.get_blob("capped", "new") is not None
+    finally:
+        store.close()

@@ -2,7 +2,8 @@
 
 Keys (all under ``streamfold:``): ``blob:<namespace>:<key>`` (expiring
 strings; a capped namespace also keeps ``blobindex:<namespace>``, its blobs
-by expiry, and ``blobsizes:<namespace>``, their sizes), ``usage:<day>`` (a hash per UTC day; field = JSON
+by expiry, ``blobsizes:<namespace>``, their sizes, and ``blobbytes:<namespace>``,
+their total), ``usage:<day>`` (a hash per UTC day; field = JSON
 ``[client, model, provider, counter]``), ``win:<name>`` + ``wintotal:<name>``
 (a sliding window: a sorted set of entries scored by time, and its running
 total), ``slots:<name>`` (a sorted set of held slot tokens scored by lease
@@ -135,32 +136,39 @@ return 1
 """
 
 
-# A capped namespace's put. KEYS: the blob, the namespace's index (sorted set: blob key by expiry, ms) and its
-# sizes (hash: blob key -> bytes). ARGV: value, ttl ms, max blobs, max bytes. The oldest blobs (first to expire)
-# are dropped until both caps hold; entries of blobs Redis has expired go first.
+# A capped namespace's put. KEYS: the blob, the namespace's index (sorted set: blob key by expiry, ms), its
+# sizes (hash: blob key -> bytes) and their running total. ARGV: value, ttl ms, max blobs, max bytes. The
+# oldest blobs (first to expire) are dropped until both caps hold; entries of blobs Redis expired go first.
 _PUT_CAPPED = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = tonumber(ARGV[2])
-local gone = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)
-for _, key in ipairs(gone) do redis.call('HDEL', KEYS[3], key) end
+local total = tonumber(redis.call('GET', KEYS[4]) or '-1')
+if total < 0 then
+  total = 0
+  for _, size in ipairs(redis.call('HVALS', KEYS[3])) do total = total + tonumber(size) end
+end
+local function forget(key)
+  total = total - tonumber(redis.call('HGET', KEYS[3], key) or 0)
+  redis.call('HDEL', KEYS[3], key)
+end
+for _, key in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)) do forget(key) end
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+forget(KEYS[1])
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
 redis.call('ZADD', KEYS[2], now + ttl, KEYS[1])
 redis.call('HSET', KEYS[3], KEYS[1], string.len(ARGV[1]))
+total = total + string.len(ARGV[1])
 local count = redis.call('ZCARD', KEYS[2])
-local total = 0
-for _, size in ipairs(redis.call('HVALS', KEYS[3])) do total = total + tonumber(size) end
 while count > tonumber(ARGV[3]) or total > tonumber(ARGV[4]) do
   local oldest = redis.call('ZPOPMIN', KEYS[2])
   if #oldest == 0 then break end
-  total = total - tonumber(redis.call('HGET', KEYS[3], oldest[1]) or 0)
-  redis.call('HDEL', KEYS[3], oldest[1])
+  forget(oldest[1])
   redis.call('DEL', oldest[1])
   count = count - 1
 end
-redis.call('PEXPIRE', KEYS[2], ttl + 1000)
-redis.call('PEXPIRE', KEYS[3], ttl + 1000)
+for i = 2, 3 do redis.call('PEXPIRE', KEYS[i], ttl + 1000) end
+redis.call('SET', KEYS[4], total, 'PX', ttl + 1000)
 return count
 """
 
@@ -195,7 +203,8 @@ class RedisStore(Store):
         if cap is None:
             self._run(lambda: self.client.set(f"{PREFIX}blob:{namespace}:{key}", value, px=ttl_ms))
             return
-        keys = [f"{PREFIX}blob:{namespace}:{key}", f"{PREFIX}blobindex:{namespace}", f"{PREFIX}blobsizes:{namespace}"]
+        keys = [f"{PREFIX}blob:{namespace}:{key}", f"{PREFIX}blobindex:{namespace}", f"{PREFIX}blobsizes:{namespace}",
+                f"{PREFIX}blobbytes:{namespace}"]
         self._run(lambda: self._put_capped_script(keys=keys, args=[value, ttl_ms, cap[0], cap[1]]))
 
     def _get_blob(self, namespace: str, key: str, now: float) -> bytes | None:
