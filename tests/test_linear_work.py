@@ -14,8 +14,11 @@ import gc
 import json
 import time
 
+import orjson
 import pytest
+import requests
 
+from proxy.translate import tools
 from tests.conftest import AUTH, make_app, provider, settings_doc
 from tests.upstream import Reply, completion
 
@@ -59,3 +62,39 @@ def test_merging_responses_input_items_is_linear_in_their_number(upstream, shape
     assert ratio < 20, f"8x the items cost {ratio:.1f}x the CPU"
     merged = upstream.requests[-1].body["messages"]
     assert len(merged) == 1  # consecutive messages of one role: one message upstream
+
+
+class _Counting:
+    """Stands in for a JSON module inside ``proxy.translate.tools``: counts the characters parsed."""
+
+    def __init__(self, module, counter: list) -> None:
+        self.module, self.counter = module, counter
+        self.JSONDecodeError = module.JSONDecodeError
+
+    def loads(self, text, **kwargs):
+        self.counter[0] += len(text)
+        return self.module.loads(text, **kwargs)
+
+
+def test_repairing_broken_tool_arguments_parses_the_text_a_few_times_not_once_per_character(upstream, serve,
+                                                                                            monkeypatch):
+    parsed = [0]
+    monkeypatch.setattr(tools, "orjson", _Counting(orjson, parsed))
+    monkeypatch.setattr(tools, "json", _Counting(json, parsed))
+    # Cut off inside a long key: closing it leaves a key without a value, so the repair must cut back
+    # past all of it, to the end of the last complete value.
+    arguments = '{"path": "notes.txt", "content": "' + "x" * 50_000 + '", "' + "k" * 50_000
+    answer = completion(None)
+    answer["choices"][0]["message"]["tool_calls"] = [
+        {"id": "call_1", "type": "function", "function": {"name": "Write", "arguments": arguments}}]
+    answer["choices"][0]["finish_reason"] = "tool_calls"
+    upstream.handler = lambda rec: Reply(body=json.dumps(answer).encode())
+    live = serve(make_app(settings_doc(provider(upstream, **{"native-apis": ["chat"]}))))
+    response = requests.post(live.url + "/v1/messages", headers=AUTH, timeout=30, json={
+        "model": "m", "max_tokens": 100, "messages": [{"role": "user", "content": "write it"}],
+        "tools": [{"name": "Write", "input_schema": {"type": "object"}}]})
+    assert response.status_code == 200, response.text[:300]
+    # At most a few parses of the whole text (the old repair made two per character it cut back, up to 64).
+    assert parsed[0] <= 12 * len(arguments), f"parsed {parsed[0] / len(arguments):.0f}x the arguments"
+    [block] = [b for b in response.json()["content"] if b["type"] == "tool_use"]
+    assert block["input"] == {"path": "notes.txt", "content": "x" * 50_000}
