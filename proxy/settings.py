@@ -119,7 +119,7 @@ class Fleet:
     cache_threshold: float = 0.3            # shortest prefix match (share of the prompt) that routes by prefix
     balance_abs_threshold: int = 64         # imbalance: busiest - idlest above this ...
     balance_rel_threshold: float = 1.5      # ... and busiest above this times the idlest
-    block_chars: int = 1024                 # characters per block of the approximate prefix index
+    block_chars: int = 2048                 # characters per block of the approximate prefix index
     max_sessions: int = 65536               # session -> replica entries kept (LRU); fixes memory
     max_prefix_blocks: int = 262144         # prefix block entries kept (LRU); fixes memory
     session_ttl: float = 3600.0             # seconds a session's replica is remembered without use

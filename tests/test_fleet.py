@@ -378,3 +378,33 @@ def test_affinity_holds_across_two_instances_sharing_redis_and_each_goes_on_alon
     finally:
         for instance in instances:
             instance.stop()
+
+
+def test_memory_is_bounded_by_the_settings_with_100k_distinct_sessions():
+    from proxy.balance.balancer import Balancer
+    from proxy.keys import KeyPool
+    from proxy.routing import Replicas, Target
+    from proxy.settings import Fleet, Model, Provider
+
+    fleet = Fleet(max_sessions=4096, max_prefix_blocks=4096)
+    urls = tuple(f"http://10.0.0.{n}/v1" for n in range(4))
+    gpu = Provider(name="gpu", base_url=urls[0], base_urls=urls)
+    targets = Replicas(Target(gpu, "m", Model("m"), url, f"gpu#{n + 1}") for n, url in enumerate(urls))
+    targets.name, targets.policy = "m", "cache-aware"
+    balancer, keys = Balancer(None, fleet), KeyPool()
+    size = len(balancer.table.buffer)
+    for number in range(100_000):
+        headers = {"x-session-affinity": f"session-{number}"}
+        body = {"messages": [{"role": "user", "content": f"prompt {number} " * 300}]}  # indexed blocks too
+        choice = balancer.route(targets, body, headers, keys, fleet)
+        balancer.served(choice, choice.targets[0], fleet)
+        choice = balancer.route(targets, {"messages": body["messages"]}, {}, keys, fleet)
+        balancer.served(choice, choice.targets[0], fleet)
+    assert len(balancer.table.buffer) == size  # fixed when the table was made: 24 bytes an entry
+    assert size < (4096 + 4096) * 24 + 2_000_000
+    recent = [n for n in range(99_900, 100_000)
+              if balancer.route(targets, {}, {"x-session-affinity": f"session-{n}"}, keys, fleet).reason == "affinity"]
+    assert len(recent) >= 90  # the newest sessions are kept ...
+    old = [n for n in range(1000)
+           if balancer.route(targets, {}, {"x-session-affinity": f"session-{n}"}, keys, fleet).reason == "affinity"]
+    assert len(old) < 50  # ... the oldest were evicted to stay within max-sessions

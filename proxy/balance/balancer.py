@@ -60,6 +60,8 @@ class Choice:
     session: int = 0                       # session hash (0: no hint)
     session_replica: int = 0               # the replica hash the session was on before this request
     blocks: list[int] = field(default_factory=list)  # the prompt's block hashes (cache-aware)
+    matched: int = 0                       # leading blocks the index held, and for which replicas
+    mask: int = 0
 
 
 class Balancer:
@@ -68,25 +70,36 @@ class Balancer:
         self.remote: Any = None   # remote.RemoteLink with Redis: other instances' counts and affinity
         self._turn = itertools.count()
         self._hashes: dict[str, int] = {}
+        self._gauges: dict[tuple[str, str], Any] = {}   # metric children, looked up once (labels() locks)
+        self._counters: dict[tuple[str, str, str], Any] = {}
 
     # -- in flight --------------------------------------------------------------
-    def load(self, target: Target) -> int:
-        name = target.replica_name
-        busy = self.table.busy(self.table.column(name))
+    def loads(self, targets: tuple) -> list[int]:
+        """Requests in flight to each target's replica: this instance's workers, plus other instances'."""
+        column = self.table.column
+        names = [t.replica_name for t in targets]
+        found = self.table.busy([column(name) for name in names])
         remote = self.remote
-        if remote is not None:
-            busy += remote.busy.get(name, 0)
-        return busy
+        if remote is not None and remote.busy:
+            found = [count + remote.busy.get(name, 0) for count, name in zip(found, names)]
+        return found
 
     def begin(self, target: Target) -> int:
         column = self.table.column(target.replica_name)
         self.table.add(column, 1)
-        metrics.REPLICA_IN_FLIGHT.labels(target.provider.name, target.replica_name).inc()
+        self._gauge(target).inc()
         return column
 
     def end(self, target: Target, column: int) -> None:
         self.table.add(column, -1)
-        metrics.REPLICA_IN_FLIGHT.labels(target.provider.name, target.replica_name).dec()
+        self._gauge(target).dec()
+
+    def _gauge(self, target: Target):
+        key = (target.provider.name, target.replica_name)
+        found = self._gauges.get(key)
+        if found is None:
+            found = self._gauges[key] = metrics.REPLICA_IN_FLIGHT.labels(*key)
+        return found
 
     def worker_counts(self) -> dict[str, int]:
         """This worker's requests in flight per replica name (what other instances add to their counts)."""
@@ -108,7 +121,7 @@ class Balancer:
                     choice.session = hints.session_hash(getattr(targets, "name", "") or targets[0].model, key)
             return choice
         self.table.sweep(time.monotonic())
-        loads = [self.load(t) for t in targets]
+        loads = self.loads(targets)
         resting = [keys.resting(t) for t in targets]
         turn = next(self._turn)
         count = len(targets)
@@ -142,7 +155,7 @@ class Balancer:
             data = hints.render(body)
             choice.blocks = blocks = hints.block_hashes(data, fleet.block_chars)
             if blocks:
-                matched, mask = self._longest(blocks, targets)
+                choice.matched, choice.mask = matched, mask = self._longest(blocks, targets)
                 # a match that ends where many prompts branched off is a shared prefix (a system prompt
                 # and tools), not this conversation: it does not pin the request to the replicas holding it
                 if (matched and mask >> 56 < 2
@@ -190,13 +203,19 @@ class Balancer:
             self.table.put(True, choice.session, replica)
             if self.remote is not None and replica != choice.session_replica:
                 self.remote.share_affinity(choice.session, replica, fleet.session_ttl)
-        if choice.blocks:
+        blocks = choice.blocks
+        if blocks:
             bit = 1 << self._bit(target)
             put = self.table.put
-            previous = 0
-            for block in choice.blocks:
+            # The blocks this replica already held are only touched (every 8th, for the LRU); the rest are
+            # entered, and the block before the first new one counts one more branch after it.
+            start = choice.matched if choice.mask & bit else 0
+            for index in range(0, start, 8):
+                put(False, blocks[index], bit, merge=True)
+            previous = blocks[start - 1] if start else 0
+            for block in blocks[start:]:
                 if put(False, block, bit, merge=True) and previous:
-                    put(False, previous, bit, merge=True, bump=1)  # a new branch after the block before
+                    put(False, previous, bit, merge=True, bump=1)
                 previous = block
 
     def forget_session(self, choice: Choice) -> None:
@@ -213,6 +232,9 @@ class Balancer:
     def _bit(self, target: Target) -> int:
         return self.table.column(target.replica_name) % 56
 
-    @staticmethod
-    def _count(targets: tuple, choice: Choice) -> None:
-        metrics.ROUTING.labels(getattr(targets, "name", "") or "-", choice.policy, choice.reason).inc()
+    def _count(self, targets: tuple, choice: Choice) -> None:
+        key = (getattr(targets, "name", "") or "-", choice.policy, choice.reason)
+        found = self._counters.get(key)
+        if found is None:
+            found = self._counters[key] = metrics.ROUTING.labels(*key)
+        found.inc()

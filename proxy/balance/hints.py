@@ -84,23 +84,28 @@ def render(body: dict) -> bytes:
     return "\x1e".join(parts).encode("utf-8", "surrogatepass")
 
 
+_TEXT_KEYS = frozenset(("content", "text", "output", "input", "arguments", "name", "tool_calls", "function",
+                        "refusal", "reasoning_content"))
+_OBJECT_KEYS = frozenset(("input", "arguments"))  # a tool call's arguments: any keys, rendered as JSON
+
+
 def _text(node: Any, add) -> None:
     """Append the text a model sees in ``node`` (strings, content parts, tool calls and results)."""
-    if isinstance(node, str):
+    if type(node) is str:
         add(node)
-    elif isinstance(node, list):
+    elif type(node) is list:
         for item in node:
+            if type(item) is dict:
+                content = item.get("content")
+                if type(content) is str and len(item) <= 2:  # {"role", "content"}: most of a history
+                    add(content)
+                    continue
             _text(item, add)
-    elif isinstance(node, dict):
-        role = node.get("role")
-        if role:
-            add(role)
-        for key in ("content", "text", "output", "input", "arguments", "name", "tool_calls", "function",
-                    "refusal", "reasoning_content"):
-            value = node.get(key)
-            if value:
-                if isinstance(value, dict) and key in ("input", "arguments"):
-                    add(orjson.dumps(value).decode())  # a tool call's arguments: any keys
+    elif type(node) is dict:
+        for key, value in node.items():
+            if key in _TEXT_KEYS and value:
+                if type(value) is dict and key in _OBJECT_KEYS:
+                    add(orjson.dumps(value).decode())
                 elif isinstance(value, (str, list, dict)):
                     _text(value, add)
                 else:

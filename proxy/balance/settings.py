@@ -28,7 +28,7 @@ def fleet_settings(v, node: Any, path: str) -> Fleet:
         cache_threshold=_share(v, mapping, path, "cache-threshold", 0.3),
         balance_abs_threshold=v.integer(mapping, path, "balance-abs-threshold", 64, minimum=0),
         balance_rel_threshold=v.number(mapping, path, "balance-rel-threshold", 1.5, minimum=1.0),
-        block_chars=v.integer(mapping, path, "block-chars", 1024, minimum=16),
+        block_chars=v.integer(mapping, path, "block-chars", 2048, minimum=16),
         max_sessions=v.integer(mapping, path, "max-sessions", 65536, minimum=64),
         max_prefix_blocks=v.integer(mapping, path, "max-prefix-blocks", 262144, minimum=64),
         session_ttl=v.number(mapping, path, "session-ttl", 3600.0, 0, exclusive=True),

@@ -48,6 +48,7 @@ REPLICAS = 1024   # distinct replica names an instance can count
 WAYS = 4
 _HEADER = struct.Struct("8sIIII")     # magic, session buckets, block buckets, claimed worker slots, pad
 HEADER_BYTES = 64
+_CLAIMED = struct.Struct("I")
 _BUCKET = struct.Struct(f"{WAYS}Q{WAYS}Q{WAYS}d")  # keys, values, last use
 SWEEP_INTERVAL = 1.0
 FRESH = 30.0  # seconds a merged entry's last use may lag before it is written again
@@ -204,13 +205,11 @@ class Table:
         with self._lock:
             self.cells[cell] += delta
 
-    def busy(self, column: int) -> int:
-        """Requests in flight to this replica from every worker of the instance."""
-        if column < 0:
-            return 0
-        start = column * WORKERS
-        claimed = _HEADER.unpack_from(self.buffer, 0)[3] or 1
-        return max(0, sum(self.cells[start:start + claimed]))
+    def busy(self, columns: list[int]) -> list[int]:
+        """Requests in flight to each of these replicas from every worker of the instance."""
+        claimed = _CLAIMED.unpack_from(self.buffer, 20)[0] or 1
+        cells = self.cells
+        return [max(0, sum(cells[c * WORKERS:c * WORKERS + claimed])) if c >= 0 else 0 for c in columns]
 
     def mine(self) -> dict[int, int]:
         """This worker's non-zero counts by column (what it reports to other instances)."""
