@@ -235,6 +235,16 @@ def test_a25_pings_before_the_first_upstream_byte_commit_early(live, upstream, f
     assert checked.text == "late"
 
 
+def test_the_first_ping_goes_out_with_message_start_when_the_silence_commits(live, upstream, monkeypatch):
+    # Issue 21: after PING_INTERVAL of silence message_start went out alone and the first ping only after
+    # another interval, so a first token between the two came with no ping before it (README: a ping
+    # before the first token). Silence of 1.5 intervals: exactly one ping, right after message_start.
+    monkeypatch.setattr(anthropic_stream, "PING_INTERVAL", 1.0)
+    checked = check_stream(stream(live, upstream, sse(*text_chunks(["late"])), hang=1.5))
+    assert checked.names[:2] == ["message_start", "ping"] and checked.pings == 1
+    assert checked.text == "late"
+
+
 def test_upstream_error_after_an_early_commit_is_an_error_event(live, upstream, fast_pings):
     upstream.handler = lambda rec: Reply(status=400, hang=1.0, body=json.dumps(
         {"error": {"message": "This model's maximum context length is 8192 tokens", "type": "BadRequestError",

@@ -255,8 +255,8 @@ def events(pump: Pump, pending: list[tuple], stream: MessageStream,
     metrics.ACTIVE_STREAMS.inc()
     try:
         head = stream.start()
-        if not pending:  # committed in a silence: the client must see message_start now
-            yield head
+        if not pending:  # committed in a silence: message_start and the silence's first ping go out now
+            yield head + PING
             head = b""
         while not stream.ended:
             item = next(items, None)
