@@ -71,6 +71,22 @@ def test_page_is_404_when_management_is_off(upstream, tmp_path):
     assert client.get("/healthz").status_code == 200
 
 
+def test_the_readme_says_in_one_line_how_to_turn_the_page_on_and_that_line_works(upstream, tmp_path):
+    # Issue 21, newcomer friction: the Operator page section did not say how to turn the page on.
+    section = (Path(__file__).resolve().parent.parent / "README.md").read_text().split("## Operator page\n", 1)[1]
+    line = next(text for text in section.splitlines() if text.strip())
+    command = re.search(r"`MANAGEMENT_SECRET=\$\(openssl rand -hex 24\) gunicorn app:app`", line)
+    assert command and "/manage" in line, line
+    path = write_settings(tmp_path / "s.yaml", settings_doc(provider(upstream)))  # no remote-management
+    secret = os.urandom(24).hex()  # what the line's $(openssl rand -hex 24) gives
+    client = create_app({"PROXY_SETTINGS": str(path), "ENVIRON": {"MANAGEMENT_SECRET": secret}}).test_client()
+    page = client.get("/manage")
+    page.close()
+    assert page.status_code == 200
+    config = client.get("/v0/management/config", headers={"Authorization": f"Bearer {secret}"})
+    assert config.status_code == 200
+
+
 def test_page_refuses_a_remote_client_unless_allow_remote(upstream):
     refused = page_app(upstream).test_client().get("/manage", environ_base=REMOTE)
     assert refused.status_code == 403
