@@ -89,6 +89,7 @@ class Call:
     usage_option: bool = True  # a forced request also asks for stream_options.include_usage
     log: dict[str, Any] = field(default_factory=dict)
     adapt: Callable[[Target], Plan] | None = None  # per-target request (bridged routes), else the above
+    check: Callable[[bytes], None] | None = None  # raises for a relayed 200 JSON answer of the wrong shape
 
 
 @dataclass(slots=True)
@@ -307,6 +308,8 @@ def _success(settings: Settings, response: HTTPResponse, call: Call, fold: Calla
         return Outcome(200, "application/json", body)
     with closing(response):
         body = upstream.read_body(response, first, settings.max_aggregate_bytes)
+    if call.check is not None and response.status == 200:
+        call.check(body)
     return Outcome(response.status, content_type or "application/json", body)
 
 

@@ -241,6 +241,18 @@ def test_bridges_answer_valid_json_of_the_wrong_shape_with_a_502_naming_it(upstr
     assert messages.json()["type"] == "error" and "not a chat completion" in messages.json()["error"]["message"]
 
 
+@pytest.mark.parametrize("shape", [s for s in WRONG_SHAPES if s != {"choices": []}] + [[1], "text", None],
+                         ids=lambda s: json.dumps(s)[:40])
+def test_the_chat_route_answers_a_relayed_answer_of_the_wrong_shape_with_a_502(upstream, live, shape):
+    # Issue 21, finding 10, on every route: a JSON answer relayed byte for byte is checked to be a completion.
+    upstream.handler = lambda rec: Reply(body=json.dumps(shape).encode())
+    answer = chat(live.url)
+    assert answer.status_code == 502, answer.text[:200]
+    assert answer.json()["error"]["code"] == "upstream_bad_answer"
+    upstream.handler = lambda rec: Reply(body=json.dumps(completion("fine")).encode())
+    assert chat(live.url).json()["choices"][0]["message"]["content"] == "fine"
+
+
 def test_json_nested_deeper_than_the_answer_can_be_written_is_a_502(upstream, serve):
     live = forced(upstream, serve)
     deep = "[" * 400 + "]" * 400  # orjson reads 1,024 levels but writes 255

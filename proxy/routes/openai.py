@@ -17,6 +17,7 @@ from ..executor import Call, client_headers, execute
 from ..fold import fold_chat_chunks, fold_responses_chunks, fold_text_chunks
 from ..relay import padded_answer, to_response
 from ..state.limits import allowed_targets
+from ..translate.completion import check_relayed
 from .common import admit, authenticate, end_logger, holder, openai_request, stream_flag
 
 bp = Blueprint("openai", __name__)
@@ -47,12 +48,13 @@ class Route:
     required: str | None              # a body field the endpoint cannot do without
     usage_option: bool = True         # forced requests add stream_options.include_usage
     streams: bool = True              # False: the client's "stream" field is removed (never streamed)
+    check: Callable[[bytes], None] | None = None  # raises for a relayed 200 JSON answer of the wrong shape
 
 
 # /v1/responses has no stream_options.include_usage (upstreams reject it) and
 # always reports usage in its final event, so forcing it adds only stream: true.
 # Its view is routes/responses.py (passthrough or the chat bridge, per provider).
-CHAT = Route("/chat/completions", fold_chat_chunks, "messages")
+CHAT = Route("/chat/completions", fold_chat_chunks, "messages", check=check_relayed)
 COMPLETIONS = Route("/completions", fold_text_chunks, "prompt")
 RESPONSES = Route("/responses", fold_responses_chunks, None, usage_option=False)
 COMPACT = Route("/responses/compact", None, None, streams=False)
@@ -96,7 +98,7 @@ def proxy_request(route: Route) -> Response:
     stream = stream_flag(body)
     fold = route.fold
     call = Call(route.path, body, stream, g.request_id, client_headers(request.environ), fold,
-                route.usage_option, g.log)
+                route.usage_option, g.log, check=route.check)
 
     def run():
         return execute(settings, config.sessions, config.keys, targets, call, config.balancer)

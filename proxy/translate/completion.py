@@ -4,11 +4,15 @@ A bridge has to understand a JSON answer to translate it. An answer that is
 JSON but not a chat completion (no choices, a choice or message that is no
 object, content that is a number, tool calls that are no list) is the
 upstream's fault: a 502 naming the field, never an empty answer sent as a 200.
-Pure; both bridges' non-stream translations call ``first_choice``.
+Pure; both bridges' non-stream translations call ``first_choice``, and the
+chat route checks a JSON answer it relays with ``check_relayed``.
 """
 from __future__ import annotations
 
+import json
 from typing import Any
+
+import orjson
 
 from ..errors import StreamError
 
@@ -17,38 +21,63 @@ _TEXT_FIELDS = ("content", "reasoning_content", "reasoning")
 
 def first_choice(completion: Any) -> tuple[dict, dict]:
     """``(choice, message)`` of choice 0, or ``StreamError`` (502 ``upstream_bad_answer``) naming what is wrong."""
+    choices = _choices(completion)
+    if not choices:
+        raise _bad("choices is an empty list")
+    return choices[0], _message(choices[0], 0)
+
+
+def check_relayed(body: bytes) -> None:
+    """A chat answer relayed byte for byte (the chat route) must be a chat completion as well: every choice
+    checked as ``first_choice`` checks the first (an empty list passes: nothing in it can be misread)."""
+    try:
+        completion = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        try:  # orjson refuses numbers past a double (a 400-digit count): JSON all the same, relayed as sent
+            completion = json.loads(body)
+        except (ValueError, RecursionError):
+            raise _bad("the answer is not JSON") from None
+    for i, choice in enumerate(_choices(completion)):
+        _message(choice, i)
+
+
+def _choices(completion: Any) -> list:
     if not isinstance(completion, dict):
         raise _bad("the answer is not a JSON object")
     choices = completion.get("choices")
-    if not isinstance(choices, list) or not choices:
-        raise _bad("choices is not a non-empty list")
-    choice = choices[0]
-    if not isinstance(choice, dict):
-        raise _bad("choices[0] is not an object")
-    message = choice.get("message")
-    if not isinstance(message, dict):
-        raise _bad("choices[0].message is not an object")
-    for name in _TEXT_FIELDS:
-        value = message.get(name)
-        if value is not None and not isinstance(value, (str, list)):
-            raise _bad(f"choices[0].message.{name} is neither text nor a list of parts")
-    calls = message.get("tool_calls")
-    if calls is not None:
-        if not isinstance(calls, list):
-            raise _bad("choices[0].message.tool_calls is not a list")
-        for i, call in enumerate(calls):
-            function = call.get("function") if isinstance(call, dict) else None
-            if not isinstance(function, dict):
-                raise _bad(f"choices[0].message.tool_calls[{i}].function is not an object")
-            if not isinstance(function.get("name"), (str, type(None))):
-                raise _bad(f"choices[0].message.tool_calls[{i}].function.name is not a string")
-    finish = choice.get("finish_reason")
-    if finish is not None and not isinstance(finish, str):
-        raise _bad("choices[0].finish_reason is not a string")
+    if not isinstance(choices, list):
+        raise _bad("choices is not a list")
     usage = completion.get("usage")
     if usage is not None and not isinstance(usage, dict):
         raise _bad("usage is not an object")
-    return choice, message
+    return choices
+
+
+def _message(choice: Any, index: int) -> dict:
+    where = f"choices[{index}]"
+    if not isinstance(choice, dict):
+        raise _bad(f"{where} is not an object")
+    message = choice.get("message")
+    if not isinstance(message, dict):
+        raise _bad(f"{where}.message is not an object")
+    for name in _TEXT_FIELDS:
+        value = message.get(name)
+        if value is not None and not isinstance(value, (str, list)):
+            raise _bad(f"{where}.message.{name} is neither text nor a list of parts")
+    calls = message.get("tool_calls")
+    if calls is not None:
+        if not isinstance(calls, list):
+            raise _bad(f"{where}.message.tool_calls is not a list")
+        for i, call in enumerate(calls):
+            function = call.get("function") if isinstance(call, dict) else None
+            if not isinstance(function, dict):
+                raise _bad(f"{where}.message.tool_calls[{i}].function is not an object")
+            if not isinstance(function.get("name"), (str, type(None))):
+                raise _bad(f"{where}.message.tool_calls[{i}].function.name is not a string")
+    finish = choice.get("finish_reason")
+    if finish is not None and not isinstance(finish, str):
+        raise _bad(f"{where}.finish_reason is not a string")
+    return message
 
 
 def _bad(what: str) -> StreamError:
