@@ -137,9 +137,10 @@ def _finish_request(response: Response) -> Response:
 
 
 def _render_proxy_error(exc: ProxyError) -> Response:
+    """A ProxyError no blueprint rendered (one raised before routing found a view): the route family's shape."""
     g.log["status"] = exc.status
     g.log["result"] = exc.code or exc.type
-    return Response(exc.body(), exc.status, {"Content-Type": "application/json", **exc.headers})
+    return _error(exc, exc.headers)
 
 
 def _error(error: ProxyError, headers: dict | None = None) -> Response:

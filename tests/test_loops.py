@@ -101,3 +101,11 @@ def test_a_chain_of_proxies_passes_and_a_loop_behind_it_is_still_cut(looping, se
     answer = requests.post(middle.url + "/v1/chat/completions", json=CHAT, headers=AUTH, timeout=LOOP_TIMEOUT)
     assert answer.status_code == 508 and answer.json()["error"]["code"] == "loop_detected"
     assert_healthy(looping)
+
+
+def test_a_loop_on_an_unknown_messages_path_is_an_anthropic_508(live):
+    # Raised before routing found a view: the app's handler renders it in the route family's shape.
+    looped = {**AUTH, HEADER: forward("sf-from-elsewhere")}
+    answer = requests.post(live.url + "/v1/messages/batches", headers=looped, json={}, timeout=10)
+    assert answer.status_code == 508 and answer.json()["type"] == "error"
+    assert "passed through this proxy" in answer.json()["error"]["message"]

@@ -80,6 +80,8 @@ def render(exc: ProxyError) -> Response:
 def error_shape(error: ProxyError) -> bytes:
     """This family's error body for errors no view rendered (``web`` registers it for ``/v1/messages``):
     routing errors, unexpected failures, and what the gunicorn worker answers itself."""
+    if isinstance(error, AnthropicError):
+        return error.body()
     return error_body(error.status, error.message, "overloaded_error" if error.status == 503 else None)
 
 
