@@ -163,7 +163,7 @@ RESPONSES_STEPS = [
     (chat_stream.ChatStream, "feed", 0), (chat_stream.ChatStream, "close", 0),
     (responses_stream.ResponsesStream, "start", 0), (responses_stream.ResponsesStream, "feed_into", 0),
     (responses_stream.ResponsesStream, "literals", 0), (responses_stream.ResponsesStream, "text", 0),
-    (responses_stream.ResponsesStream, "close", 0), (responses_stream.ResponsesStream, "_open", 0),
+    (responses_stream.ResponsesStream, "close_into", 0), (responses_stream.ResponsesStream, "_open", 0),
     (responses_stream.ResponsesStream, "_close_open", 0), (responses_stream.ResponsesStream, "_start_tool", 0),
     (responses_stream.ResponsesStream, "_close_all", 0), (responses_stream.ResponsesStream, "_event", 0),
     (responses_stream.ResponsesStream, "history_parts", 0), (responses_stream, "envelope", 0),
