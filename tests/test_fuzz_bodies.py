@@ -150,13 +150,15 @@ def check(server, session, path: str, body: dict) -> None:
         assert shaped(response.json()), response.text[:300]
 
 
-@pytest.mark.parametrize("path", list(ROUTES))
-def test_every_mutated_body_gets_a_4xx_in_the_routes_shape_or_a_200(fuzzed, path):
+@pytest.mark.parametrize("path, stream", [(path, stream) for path in ROUTES for stream in (False, True)
+                                          if path != "/v1/messages/count_tokens" or not stream])
+def test_every_mutated_body_gets_a_4xx_in_the_routes_shape_or_a_200(fuzzed, path, stream):
     server, session, upstream = fuzzed
+    base = ROUTES[path] if path.endswith("count_tokens") else dict(ROUTES[path], stream=stream)
 
-    @settings(max_examples=120, deadline=None, database=None,
+    @settings(max_examples=100, deadline=None, database=None,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-    @given(mutated(ROUTES[path]))
+    @given(mutated(base))
     def run(body):
         check(server, session, path, body)
 
