@@ -79,11 +79,15 @@ def count_tokens(client: str, usage: tuple[int, int] | None) -> None:
         TOKENS.labels(client, "completion").inc(usage[1])
 
 
+def registry() -> CollectorRegistry:
+    """Every worker's values (multiprocess mode), or this process's."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        found = CollectorRegistry()
+        MultiProcessCollector(found)
+        return found
+    return REGISTRY
+
+
 @bp.get("/metrics")
 def metrics() -> Response:
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        registry = CollectorRegistry()
-        MultiProcessCollector(registry)
-    else:
-        registry = REGISTRY
-    return Response(generate_latest(registry), 200, {"Content-Type": CONTENT_TYPE_LATEST})
+    return Response(generate_latest(registry()), 200, {"Content-Type": CONTENT_TYPE_LATEST})

@@ -49,6 +49,7 @@ class Replicas(tuple):
 
     policy = "round-robin"
     name = ""  # the name or glob the client's model matched
+    columns = None  # (table, replica names, columns): the balancer's, kept here once looked up
 
 
 def narrowed(targets: tuple[Target, ...], kept) -> tuple[Target, ...]:
@@ -144,6 +145,11 @@ class Router:
             if fnmatchcase(model, pattern):
                 return pattern, targets
         return "", None
+
+    def replica_sets(self) -> list[Replicas]:
+        """The names clients ask for that reach more than one replica (globs too), in file order."""
+        named = [self._table[name] for name in self._listed] + [targets for _, targets in self._globs]
+        return [targets for targets in named if len(targets) > 1]
 
     def knows(self, model: str) -> bool:
         """True when ``model`` routes somewhere (an exact name or a glob alias)."""

@@ -11,9 +11,10 @@ from werkzeug.exceptions import HTTPException, NotFound
 
 from . import activity, demo, hop, instances, metrics
 from .errors import SLASHES, BadRequest, ErrorShapes, LoopDetected, ProxyError
-from .routes import (  # noqa: F401 - page_api, keys_api and usage_api add routes to manage.bp
+from .routes import (  # noqa: F401 - page_api, keys_api, fleet_api and usage_api add routes to manage.bp
     anthropic,
     common,
+    fleet_api,
     keys_api,
     manage,
     openai,

@@ -408,3 +408,44 @@ def test_memory_is_bounded_by_the_settings_with_100k_distinct_sessions():
     old = [n for n in range(1000)
            if balancer.route(targets, {}, {"x-session-affinity": f"session-{n}"}, keys, fleet).reason == "affinity"]
     assert len(old) < 50  # ... the oldest were evicted to stay within max-sessions
+
+
+def test_operator_api_shows_each_replicas_load_and_the_routing_decisions(replicas, serve):
+    pair = replicas[:2]
+    release = threading.Event()
+    for number, fake in enumerate(pair):
+        quick = answer_as(f"replica-{number}")
+        fake.handler = lambda rec, quick=quick: (release.wait(10), quick(rec))[1] \
+            if "slow" in json.dumps(rec.body) else quick(rec)
+    doc = fleet_doc(pair)
+    doc["remote-management"] = {"secret-key": SECRET}
+    server = serve(make_app(doc))
+    # the decision counters are this test process's metrics, shared by every app it made: count what this adds
+    before = requests.get(server.url + "/v0/management/fleet", headers=MGMT, timeout=5).json()["sets"][0]["decisions"]
+    for number in range(3):
+        assert requests.post(server.url + "/v1/chat/completions", json=turn("a", number), timeout=10,
+                             headers={**AUTH, "x-claude-code-session-id": "a"}).status_code == 200
+    pool = ThreadPoolExecutor(1)
+    slow = pool.submit(requests.post, server.url + "/v1/chat/completions", json=turn("slow", 0), headers=AUTH,
+                       timeout=15)
+    try:
+        deadline = time.monotonic() + 5
+        while not any("slow" in json.dumps(r.body) for fake in pair for r in fake.requests):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        busy = next(n for n, fake in enumerate(pair) if any("slow" in json.dumps(r.body) for r in fake.requests))
+        state = requests.get(server.url + "/v0/management/fleet", headers=MGMT, timeout=5).json()
+    finally:
+        release.set()
+        slow.result()
+        pool.shutdown()
+    rows = state["providers"]["gpu"]["replicas"]
+    assert [row["replica"] for row in rows] == ["gpu#1", "gpu#2"]
+    assert [row["in-flight"] for row in rows] == [1 if n == busy else 0 for n in range(2)]
+    assert rows[0]["url"] == pair[0].url and state["providers"]["gpu"]["balance"] == "cache-aware"
+    (only,) = state["sets"]
+    assert only["name"] == "m" and only["policy"] == "cache-aware" and only["replicas"] == ["gpu#1", "gpu#2"]
+    added = {reason: count - before.get(reason, 0) for reason, count in only["decisions"].items()}
+    assert {reason: count for reason, count in added.items() if count} == {"affinity": 2, "least-busy": 2}
+    after = requests.get(server.url + "/v0/management/fleet", headers=MGMT, timeout=5).json()
+    assert [row["in-flight"] for row in after["providers"]["gpu"]["replicas"]] == [0, 0]

@@ -369,6 +369,35 @@ def test_signing_out_stops_the_page_management_calls_until_signed_in_again(drive
     assert console_errors(driver) == []
 
 
+def test_a_replica_set_shows_each_replica_and_why_requests_went_where_they_did(driver, server, upstream):
+    second = FakeUpstream()
+    second.handler = _answer
+    mgmt = {"Authorization": f"Bearer {SECRET}"}
+    try:
+        added = requests.post(server.url + "/v0/management/openai-compatibility", headers=mgmt, timeout=10, json={
+            "value": {"name": "fleet", "base-urls": [upstream.url, second.url], "balance": "cache-aware",
+                      "api-key-entries": [{"api-key": PROVIDER_KEY}],
+                      "models": [{"name": "upstream-model", "alias": "fm"}]}})
+        assert added.status_code == 200, added.text
+        time.sleep(CHECK_INTERVAL + 0.3)  # every worker has the new provider
+        for _ in range(3):
+            answer = requests.post(server.url + "/v1/chat/completions", timeout=15, json={
+                "model": "fm", "messages": [{"role": "user", "content": "hi"}]},
+                headers={**AUTH, "Connection": "close", "x-claude-code-session-id": "page-session"})
+            assert answer.status_code == 200
+        open_panel(driver, "providers")
+        fleet = row(driver, "fleet")
+        listed = [li.text for li in fleet.find_elements(By.CSS_SELECTOR, "li[data-replica]")]
+        assert listed == [f"fleet#1 {upstream.url} · 0 in flight", f"fleet#2 {second.url} · 0 in flight"]
+        decisions = driver.find_element(By.CSS_SELECTOR, '#replica-sets tr[data-set="fm"]').text
+        assert "cache-aware" in decisions and "fleet#1, fleet#2" in decisions
+        assert "least-busy 1" in decisions and "affinity 2" in decisions  # counted over both workers
+        assert console_errors(driver) == []
+    finally:
+        requests.delete(server.url + "/v0/management/openai-compatibility?name=fleet", headers=mgmt, timeout=10)
+        second.stop()
+
+
 def test_a_wrong_secret_shows_an_error_and_five_lock_the_address_out(driver, server):
     """Last in the module: it locks 127.0.0.1 out of management for a minute."""
     driver.find_element(By.ID, "sign-out").click()

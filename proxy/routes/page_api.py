@@ -56,14 +56,7 @@ def keys() -> Response:
     """Each provider's keys (redacted) with their state across the instance: ok, cooling or refused."""
     holder = _holder()
     now = time.time()
-    ends: dict[tuple[str, str], tuple[float, str]] = {}
-    for event in activity.recorder().read("events"):
-        if event.get("kind") == "cooldown" and event.get("until", 0) > now:
-            where = (event.get("provider"), event.get("key"))
-            if event["until"] > ends.get(where, (0.0, ""))[0]:
-                ends[where] = (event["until"], event.get("reason", "rate_limited"))
-    for where, until in holder.keys.cooling().items():  # announced by other instances through Redis
-        ends.setdefault(where, (until, "rate_limited"))
+    ends = cooldown_ends(holder, now)
     out = {}
     for provider in holder.current().settings.providers:
         entries = []
@@ -74,6 +67,20 @@ def keys() -> Response:
         backoff = ends.get((provider.name, ""), (0.0, ""))[0]
         out[provider.name] = {"keys": entries, "backoff-until": backoff or None}
     return _json({"now": now, "providers": out})
+
+
+def cooldown_ends(holder, now: float) -> dict[tuple[str, str], tuple[float, str]]:
+    """(provider or replica, key id or "" for a back-off) -> (end, reason) of what is sitting out now,
+    in any worker of the instance or, through Redis, any instance."""
+    ends: dict[tuple[str, str], tuple[float, str]] = {}
+    for event in activity.recorder().read("events"):
+        if event.get("kind") == "cooldown" and event.get("until", 0) > now:
+            where = (event.get("provider"), event.get("key"))
+            if event["until"] > ends.get(where, (0.0, ""))[0]:
+                ends[where] = (event["until"], event.get("reason", "rate_limited"))
+    for where, until in holder.keys.cooling().items():  # announced by other instances through Redis
+        ends.setdefault(where, (until, "rate_limited"))
+    return ends
 
 
 @bp.get("/traffic")

@@ -6,15 +6,44 @@ import {$, $$, api, el, failed, message, notice, SignedOut, time} from "./dom.js
 let providerList = [];
 
 export async function loadProviders() {
-  const [list, keys] = await Promise.all([api("/openai-compatibility"), api("/keys")]);
+  const [list, keys, fleet] = await Promise.all([api("/openai-compatibility"), api("/keys"), api("/fleet")]);
   if (!list.ok) return failed(list);
   if (!keys.ok) return failed(keys);
+  if (!fleet.ok) return failed(fleet);
   providerList = list.data["openai-compatibility"];
   const state = keys.data.providers;
-  $("#providers tbody").replaceChildren(...providerList.map((p) => providerRow(p, state[p.name])));
+  const replicas = fleet.data.providers;
+  $("#providers tbody").replaceChildren(...providerList.map((p) => providerRow(p, state[p.name], replicas[p.name])));
+  $("#replica-sets tbody").replaceChildren(...fleet.data.sets.map(setRow));
+  $("#replica-sets-none").hidden = fleet.data.sets.length > 0;
 }
 
-function providerRow(p, live) {
+// Each replica of a provider (its base-urls, or its one base URL) with the requests in flight to it now.
+function replicaList(p, fleet) {
+  if (!fleet) return el("div", {}, p["base-url"]);
+  const list = el("ul", {class: "plain replicas"});
+  for (const r of fleet.replicas) {
+    const busy = r["in-flight"] + r["other-instances"];
+    const notes = [busy + " in flight"];
+    if (r["other-instances"]) notes.push(r["other-instances"] + " of them at other instances");
+    if (r["backoff-until"]) notes.push("connect back-off until " + time(r["backoff-until"]));
+    if (r["keys-cooling"]) notes.push(r["keys-cooling"] + " key(s) cooling");
+    list.append(el("li", {"data-replica": r.replica},
+      fleet.replicas.length > 1 ? el("code", {}, r.replica) : null, fleet.replicas.length > 1 ? " " : null,
+      r.url, el("span", {class: "hint"}, " · " + notes.join(" · "))));
+  }
+  if (fleet.balance) list.append(el("li", {class: "hint"}, "balance: " + fleet.balance));
+  return list;
+}
+
+// A name that reaches several replicas: its policy and why the balancer chose as it did (whole instance).
+function setRow(s) {
+  const reasons = Object.entries(s.decisions).map(([reason, count]) => reason + " " + count).join(", ");
+  return el("tr", {"data-set": s.name}, el("td", {}, el("code", {}, s.name)), el("td", {}, s.policy),
+    el("td", {}, s.replicas.join(", ")), el("td", {}, reasons || "none yet"));
+}
+
+function providerRow(p, live, fleet) {
   const models = el("ul", {class: "plain"}, ...p.models.map((m) =>
     el("li", {}, m.alias ? m.alias + " → " + m.name : m.name)));
   const keys = el("ul", {class: "plain keys"});
@@ -38,7 +67,7 @@ function providerRow(p, live) {
   remove.addEventListener("click", () => deleteProvider(p.name));
   return el("tr", {"data-provider": p.name},
     el("td", {}, el("strong", {}, p.name), p.prefix ? el("div", {class: "hint"}, "prefix " + p.prefix) : null),
-    el("td", {}, p["base-url"]), el("td", {}, models), el("td", {}, keys),
+    el("td", {}, replicaList(p, fleet)), el("td", {}, models), el("td", {}, keys),
     el("td", {class: "center"}, toggle("force-upstream-stream")), el("td", {class: "center"}, toggle("disabled")),
     el("td", {}, edit, " ", test, " ", remove, result));
 }

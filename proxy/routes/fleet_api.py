@@ -1,0 +1,58 @@
+"""``GET /v0/management/fleet``: replicas with their live load, and the balancer's decisions, for the page.
+
+Registered on the management blueprint (secret, loopback rule, lockout).
+Numbers are the whole instance's: in-flight counts from the balancer's shared
+table (every worker), decisions from the metrics of every worker (and, with
+Redis, in-flight counts other instances reported); nothing from one worker's
+memory alone.
+"""
+from __future__ import annotations
+
+import time
+
+from flask import Response
+
+from .. import metrics
+from ..keys import key_id
+from ..settings_file import redact_url
+from .manage import _holder, _json, bp
+from .page_api import cooldown_ends
+
+
+@bp.get("/fleet")
+def fleet() -> Response:
+    holder = _holder()
+    runtime = holder.current()
+    balancer = holder.balancer
+    now = time.time()
+    ends = cooldown_ends(holder, now)
+    remote = balancer.remote.busy if balancer.remote is not None else {}
+    replicas = {}
+    for provider in runtime.settings.providers:
+        named = ([(f"{provider.name}#{n}", url) for n, url in enumerate(provider.base_urls, 1)]
+                 or [(provider.name, provider.base_url)])
+        counts = balancer.table.busy([balancer.table.column(name) for name, _ in named])
+        rows = []
+        for (name, url), count in zip(named, counts):
+            cooling = sum(1 for e in provider.api_key_entries if (name, key_id(e.api_key)) in ends)
+            rows.append({"replica": name, "url": redact_url(url), "in-flight": count,
+                         "other-instances": remote.get(name, 0),
+                         "backoff-until": ends.get((name, ""), (None,))[0], "keys-cooling": cooling})
+        replicas[provider.name] = {"balance": provider.balance or None, "replicas": rows}
+    decisions: dict[str, dict[str, int]] = {}
+    for sample in _samples("streamfold_routing_decisions_total"):
+        labels = sample.labels
+        where = decisions.setdefault(labels.get("set", "-"), {})
+        where[labels.get("reason", "-")] = where.get(labels.get("reason", "-"), 0) + int(sample.value)
+    sets = [{"name": group.name, "policy": group.policy,
+             "replicas": list(dict.fromkeys(t.replica_name for t in group)),
+             "decisions": decisions.get(group.name, {})} for group in runtime.router.replica_sets()]
+    return _json({"now": now, "default": runtime.settings.fleet.balance, "providers": replicas, "sets": sets})
+
+
+def _samples(name: str):
+    """Samples of one metric summed over every worker (multiprocess mode) or from this process."""
+    for metric in metrics.registry().collect():
+        for sample in metric.samples:
+            if sample.name == name:
+                yield sample
