@@ -60,6 +60,10 @@ class KeyPool:
             yield from ((target, entry) for entry in self.keys(target.replica_name,
                                                                   target.provider.api_key_entries))
 
+    def sitting_out(self) -> bool:
+        """False when no key cools and no replica backs off here (then nothing is resting)."""
+        return bool(self._cooling or self._backoff)
+
     def resting(self, target: Target) -> bool:
         """True while the replica backs off after a connect failure or every key of it is cooling down."""
         now, name = self.clock(), target.replica_name

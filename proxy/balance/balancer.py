@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .. import metrics
+from ..routing import Replicas
 from . import hints
 from .table import Table, stable_hash
 
@@ -76,9 +77,14 @@ class Balancer:
     # -- in flight --------------------------------------------------------------
     def loads(self, targets: tuple) -> list[int]:
         """Requests in flight to each target's replica: this instance's workers, plus other instances'."""
-        column = self.table.column
-        names = [t.replica_name for t in targets]
-        found = self.table.busy([column(name) for name in names])
+        known = getattr(targets, "columns", None)  # a router's replica set keeps its names and columns
+        if known is None or known[0] is not self.table:
+            names = [t.replica_name for t in targets]
+            known = (self.table, names, [self.table.column(name) for name in names])
+            if isinstance(targets, Replicas):
+                targets.columns = known
+        _, names, columns = known
+        found = self.table.busy(columns)
         remote = self.remote
         if remote is not None and remote.busy:
             found = [count + remote.busy.get(name, 0) for count, name in zip(found, names)]
@@ -122,7 +128,7 @@ class Balancer:
             return choice
         self.table.sweep(time.monotonic())
         loads = self.loads(targets)
-        resting = [keys.resting(t) for t in targets]
+        resting = [keys.resting(t) for t in targets] if keys.sitting_out() else [False] * len(targets)
         turn = next(self._turn)
         count = len(targets)
         # least busy first, usable before resting, ties in turn

@@ -117,11 +117,13 @@ def block_hashes(data: bytes, block: int) -> list[int]:
     count = min(len(data) // block, MAX_BLOCKS)
     if not count:
         return []
-    sample = data[:count * block:STRIDE]
+    sample = memoryview(data[:count * block:STRIDE])
     step = block // STRIDE
     out = []
+    add = out.append
+    crc32 = zlib.crc32
     crc = 0
-    for i in range(count):
-        crc = zlib.crc32(sample[i * step:(i + 1) * step], crc)
-        out.append(crc | ((i + 1) << 32))
+    for number, start in enumerate(range(0, count * step, step), 1):
+        crc = crc32(sample[start:start + step], crc)
+        add(crc | number << 32)
     return out
