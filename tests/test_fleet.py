@@ -146,13 +146,19 @@ def test_each_session_hint_and_the_prefix_index_keep_a_conversation_on_its_repli
     assert len(holders) == 1
 
 
-def test_least_busy_sends_the_next_request_to_the_idle_replica(replicas, serve):
-    pair = replicas[:2]
+def hold_slow_requests(pair) -> threading.Event:
+    """The replicas answer at once, except a request that mentions "slow": held until the event is set."""
     release = threading.Event()
     for number, fake in enumerate(pair):
         quick = answer_as(f"replica-{number}")
         fake.handler = lambda rec, quick=quick: (release.wait(10), quick(rec))[1] \
             if "slow" in json.dumps(rec.body) else quick(rec)
+    return release
+
+
+def test_least_busy_sends_the_next_request_to_the_idle_replica(replicas, serve):
+    pair = replicas[:2]
+    release = hold_slow_requests(pair)
     server = serve(make_app(fleet_doc(pair, "least-busy")))
     pool = ThreadPoolExecutor(1)
     slow = pool.submit(requests.post, server.url + "/v1/chat/completions", json=turn("slow", 0), headers=AUTH,
@@ -412,11 +418,7 @@ def test_memory_is_bounded_by_the_settings_with_100k_distinct_sessions():
 
 def test_operator_api_shows_each_replicas_load_and_the_routing_decisions(replicas, serve):
     pair = replicas[:2]
-    release = threading.Event()
-    for number, fake in enumerate(pair):
-        quick = answer_as(f"replica-{number}")
-        fake.handler = lambda rec, quick=quick: (release.wait(10), quick(rec))[1] \
-            if "slow" in json.dumps(rec.body) else quick(rec)
+    release = hold_slow_requests(pair)
     doc = fleet_doc(pair)
     doc["remote-management"] = {"secret-key": SECRET}
     server = serve(make_app(doc))
