@@ -130,6 +130,22 @@ def test_a_respawned_or_hup_booted_worker_never_serves_a_broken_open_or_half_wri
         assert "keeping the running config" in server.output()
 
 
+def test_a_fresh_start_never_takes_a_file_that_is_being_rewritten(tmp_path, upstream):
+    """No last good config yet: the master waits for the file to read the same twice, and gives up clearly."""
+    path = tmp_path / "settings.yaml"
+    good = settings_text(upstream.url, tmp_path / "s.db")
+    path.write_bytes(good)
+    rewriter = Rewriter(path, good)
+    try:
+        started = subprocess.run([sys.executable, "-m", "gunicorn", "app:app", "--bind", f"127.0.0.1:{free_port()}"],
+                                 cwd=ROOT, env=dict(os.environ, PROXY_SETTINGS=str(path)), capture_output=True,
+                                 text=True, timeout=60)
+    finally:
+        rewriter.finish()
+    assert started.returncode == 1 and "Traceback" not in started.stderr
+    assert "the file kept changing for 10 s; start again once it is written" in started.stderr
+
+
 # -- finding 11: numbers the store cannot hold, settings that need a restart --------------------------------
 
 SECRET = "mgmt-secret-value-3434"
