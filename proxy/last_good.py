@@ -50,6 +50,8 @@ def take(environ: Any = os.environ) -> tuple[Settings, Any, tuple]:
     path = settings_path(environ)
     try:
         raw, fingerprint = read_stable(path)
+        if not raw.strip():  # as the reload says: an empty file is a write in progress or a mistake
+            raise SettingsError([f"{path}: the file is empty"])
         document = parse_document(raw, path)
         return build_settings(document, environ), document, fingerprint
     except SettingsError as exc:

@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -62,28 +61,33 @@ BROKEN = {
 }
 
 
+REWRITE = """
+import sys, time
+path, good, cut = sys.argv[1], open(sys.argv[2], "rb").read(), int(sys.argv[3])
+while True:
+    with open(path, "wb") as fh:
+        fh.write(good[:cut])
+        fh.flush()
+        time.sleep(0.03)
+        fh.write(good[cut:])
+    time.sleep(0.005)
+"""
+
+
 class Rewriter:
     """Rewrites the file in place again and again as cp and > do: truncate, then write, here in two parts
-    with the cut (providers, no api-keys) on disk for most of the time."""
+    with the cut (providers, no api-keys) on disk for most of the time. A process of its own, so a busy
+    test process cannot pause it."""
 
     def __init__(self, path: Path, good: bytes) -> None:
-        self.path, self.good, self.stop = path, good, threading.Event()
-        self.thread = threading.Thread(target=self.run)
-        self.thread.start()
-
-    def run(self) -> None:
-        cut = len(without_api_keys(self.good))
-        while not self.stop.is_set():
-            with open(self.path, "wb") as fh:
-                fh.write(self.good[:cut])
-                fh.flush()
-                time.sleep(0.03)
-                fh.write(self.good[cut:])
-            time.sleep(0.005)
+        source = path.with_suffix(".good")
+        source.write_bytes(good)
+        self.proc = subprocess.Popen([sys.executable, "-c", REWRITE, str(path), str(source),
+                                      str(len(without_api_keys(good)))])
 
     def finish(self) -> None:
-        self.stop.set()
-        self.thread.join()
+        self.proc.terminate()
+        self.proc.wait(10)
 
 
 def assert_closed_and_serving(server: Gunicorn) -> None:
