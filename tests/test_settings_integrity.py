@@ -27,6 +27,9 @@ from tests.conftest import AUTH, CHAT, CLIENT_KEY, PROVIDER_KEY, provider, setti
 from tests.gunicorn_util import ROOT, Gunicorn, write_settings
 from tests.upstream import FakeUpstream, Reply, free_port, sse, text_chunks
 
+SECRET = "mgmt-secret-value-3434"
+MGMT = {"Authorization": f"Bearer {SECRET}"}
+
 
 def settings_text(upstream_url: str, state: Path) -> bytes:
     """Providers first and api-keys last, so the file cut short still validates, with auth off."""
@@ -34,7 +37,7 @@ def settings_text(upstream_url: str, state: Path) -> bytes:
                                      "api-key-entries": [{"api-key": PROVIDER_KEY}],
                                      "models": [{"name": "upstream-model", "alias": "m"}]}],
            "timeouts": {"connect": 2, "read": 10}, "state-path": str(state),
-           "api-keys": [CLIENT_KEY]}
+           "remote-management": {"secret-key": SECRET}, "api-keys": [CLIENT_KEY]}
     return yaml.safe_dump(doc, sort_keys=False).encode()
 
 
@@ -152,8 +155,6 @@ def test_a_fresh_start_never_takes_a_file_that_is_being_rewritten(tmp_path, upst
 
 # -- finding 11: numbers the store cannot hold, settings that need a restart --------------------------------
 
-SECRET = "mgmt-secret-value-3434"
-MGMT = {"Authorization": f"Bearer {SECRET}"}
 
 
 @pytest.fixture
@@ -322,8 +323,10 @@ def from_address(live, address: str, headers: dict) -> http.client.HTTPResponse:
         connection.close()
 
 
-def test_rotating_loopback_addresses_get_twenty_wrong_secrets_then_every_address_is_locked_out(managed):
-    path, live = managed
+@pytest.mark.parametrize("served", ["managed", "deployed"], ids=["werkzeug", "gunicorn"])
+def test_rotating_loopback_addresses_get_twenty_wrong_secrets_then_every_address_is_locked_out(request, served):
+    """Under gunicorn the 2 workers count the failures together (the instance's activity files)."""
+    live = request.getfixturevalue(served)[{"managed": 1, "deployed": 0}[served]]  # the server in each fixture
     answers = [from_address(live, f"127.0.{i // 200}.{i % 200 + 2}", {"Authorization": "Bearer wrong-guess"})
                for i in range(40)]  # four tries from none of them: the per-address lockout never trips
     assert [a.status for a in answers[:20]] == [401] * 20
