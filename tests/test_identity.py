@@ -61,6 +61,9 @@ def test_two_unnamed_keys_with_the_same_last_four_share_no_stored_response_limit
     usage = wait_for_usage(live.url, 7, **{"group-by": "client"})["data"]
     assert len(usage) == 2 and sorted(row["requests"] for row in usage) == [3, 4]
     assert all(row["client"].startswith("key-") and "7777" not in row["client"] for row in usage)
+    # the operator can tell which configured key each row is: /config says how each key is shown
+    config = requests.get(live.url + "/v0/management/config", headers=MGMT, timeout=10).json()
+    assert {k["shown-as"] for k in config["api-keys"]} == {row["client"] for row in usage}
     # the unauthenticated metrics show no character of either key
     metrics = requests.get(live.url + "/metrics", timeout=10).text
     clients = {line.split('client="')[1].split('"')[0] for line in metrics.splitlines() if 'client="' in line}

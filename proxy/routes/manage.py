@@ -29,6 +29,7 @@ from ..errors import BadRequest, NotFound, PayloadTooLarge, ProxyError
 from ..runtime import ConfigHolder, reload_refusal
 from ..settings import SettingsError
 from ..shared import SharedUnavailable
+from ..state.identity import label
 from .guard import guard
 
 bp = Blueprint("management", __name__, url_prefix="/v0/management")
@@ -53,6 +54,11 @@ def get_config() -> Response:
     holder = _holder()
     runtime = holder.current()
     body = settings_file.public_config(runtime.settings)
+    identities = current_app.extensions["streamfold.identity"]
+    for shown, key in zip(body["api-keys"], runtime.settings.api_keys, strict=True):
+        # how usage, metrics, logs and the page show this key (unnamed keys: by their identity)
+        identity = identities.of(key.key)
+        shown["shown-as"] = label(key.name, key.named, identity)
     body["provider-sources"] = runtime.sources
     body["shared-state"] = ("off" if holder.shared is None else
                             f"redis {'up' if holder.shared.up else 'DOWN'}, providers version {holder.shared.version}")
