@@ -188,3 +188,17 @@ class ErrorShapes:
 
 
 SLASHES = re.compile(r"/{2,}")
+
+
+def request_path(head: bytes | bytearray) -> str:
+    """The path in a raw request line, from whatever of it has arrived ("" when not even that): enough for
+    ``ErrorShapes`` to tell the route family of a request no parser accepted (an over-long line still
+    starts with its path)."""
+    line = bytes(head[:1024]).split(b"\n", 1)[0]
+    parts = line.split(b" ", 2)
+    if len(parts) < 2:
+        return ""
+    target = parts[1].split(b"?", 1)[0]
+    if b"://" in target:  # absolute-form: http://host/path
+        target = b"/" + target.split(b"/", 3)[-1] if target.count(b"/") >= 3 else b"/"
+    return target.decode("latin-1")

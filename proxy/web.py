@@ -3,14 +3,16 @@ from __future__ import annotations
 
 import logging
 import os
+from http import HTTPStatus
 from typing import Any, Mapping
 
 import orjson
 from flask import Flask, Response, current_app, g, request
 from werkzeug.exceptions import HTTPException, NotFound
+from werkzeug.serving import WSGIRequestHandler
 
 from . import activity, demo, hop, instances, metrics
-from .errors import SLASHES, BadRequest, ErrorShapes, LoopDetected, ProxyError
+from .errors import SLASHES, BadRequest, ErrorShapes, LoopDetected, ProxyError, request_path
 from .routes import (  # noqa: F401 - page_api, keys_api, fleet_api and usage_api add routes to manage.bp
     anthropic,
     common,
@@ -114,7 +116,33 @@ def run_dev_server() -> None:
     port = int(os.environ.get("PORT", "8317"))
     host = "0.0.0.0" if os.environ.get("PORT") else "127.0.0.1"
     refuse_or_exit(settings, [(host, port)])
-    create_app().run(host=host, port=port, threaded=True)
+    create_app().run(host=host, port=port, threaded=True, request_handler=DevRequestHandler)
+
+
+class DevRequestHandler(WSGIRequestHandler):
+    """werkzeug's development server, with the errors it answers itself (a malformed request line, a line
+    over 64 KB, too many headers) in the route family's JSON shape instead of an HTML page."""
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        try:
+            shapes: ErrorShapes = self.server.app.extensions["streamfold.errors"]
+        except (AttributeError, KeyError):
+            shapes = ErrorShapes()
+        status = HTTPStatus(code)
+        error = ProxyError(message or status.phrase, status=code,
+                           type="invalid_request_error" if code < 500 else "server_error",
+                           code=status.phrase.lower().replace(" ", "_"))
+        body = shapes.body(request_path(getattr(self, "raw_requestline", b"")), error)
+        self.log_error("code %d, message %s", code, message)
+        self.request_version = "HTTP/1.0"  # a line it could not read is taken as 0.9, which gets no status line
+        self.send_response(code, status.phrase)
+        self.send_header("Connection", "close")
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.close_connection = True
+        if self.command != "HEAD":
+            self.wfile.write(body)
 
 
 def _start_request() -> None:

@@ -18,6 +18,7 @@ from werkzeug.serving import make_server
 
 from proxy import create_app
 from proxy.settings import build_settings
+from proxy.web import DevRequestHandler
 from proxy.state import ticker
 from proxy.upstream import Sessions
 from tests.upstream import FakeUpstream
@@ -99,10 +100,10 @@ def client(app):
 
 
 class LiveServer:
-    """The proxy served by werkzeug's threaded server on a loopback port."""
+    """The proxy served by werkzeug's threaded server on a loopback port, as ``python app.py`` serves it."""
 
     def __init__(self, app) -> None:
-        self.server = make_server("127.0.0.1", 0, app, threaded=True)
+        self.server = make_server("127.0.0.1", 0, app, threaded=True, request_handler=DevRequestHandler)
         self.url = f"http://127.0.0.1:{self.server.server_port}"
         self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
         self.thread.start()

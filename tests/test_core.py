@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import socket
 
 import pytest
 import requests
@@ -199,6 +200,29 @@ def test_a_doubled_slash_is_a_404_that_names_the_path_meant_in_the_routes_shape(
     messages = requests.post(live.url + "/v1//messages", headers=AUTH, json={}, timeout=10)
     assert messages.status_code == 404 and messages.json()["type"] == "error"
     assert "Did you mean /v1/messages?" in messages.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("request_line, status", [
+    (b"POST /v1/messages HTTP/9.9\r\n\r\n", 505),
+    (b"POST /v1/messages?" + b"q" * 70_000 + b" HTTP/1.1\r\n\r\n", 414),
+    (b"POST /v1/messages/count_tokens HTTP/1.1 extra\r\n\r\n", 400),
+    (b"POST /v1/chat/completions HTTP/9.9\r\n\r\n", 505),
+])
+def test_the_development_servers_own_errors_are_json_in_the_routes_shape(live, request_line, status):
+    # python app.py: werkzeug answered these with an HTML page.
+    with socket.create_connection(("127.0.0.1", live.server.server_port), timeout=10) as sock:
+        sock.sendall(request_line)
+        answer = b""
+        while more := sock.recv(65536):
+            answer += more
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.split(b" ", 2)[1] == str(status).encode() and b"Content-Type: application/json" in head
+    error = json.loads(body)
+    if b"/v1/messages" in request_line:
+        assert error["type"] == "error" and error["error"]["message"]
+    else:
+        assert error["error"]["message"] and error["error"]["code"]
+    assert requests.get(live.url + "/healthz", timeout=10).status_code == 200
 
 
 def test_options_lists_the_allowed_methods_as_json(client):

@@ -12,10 +12,10 @@ from functools import partial
 from gunicorn import util
 from gunicorn.workers.gthread import TConn, ThreadWorker
 
-from ..errors import ErrorShapes, PayloadTooLarge, ProxyError
+from ..errors import ErrorShapes, PayloadTooLarge, ProxyError, request_path
 from ..routes import head
 from .reading import RequestReader
-from .replies import json_reply, parse_error, reply, request_path
+from .replies import json_reply, parse_error, reply
 
 # Connections still sending their request, per worker, at most (each costs a
 # file descriptor and a small buffer; none costs a thread).

@@ -50,16 +50,3 @@ def reply(status: int, reason: str, body: bytes, extra: bytes = b"") -> bytes:
     """A whole answer with a JSON ``body`` that closes the connection; ``extra``: more header lines."""
     return (b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s"
             b"Connection: close\r\n\r\n" % (status, reason.encode(), len(body), extra)) + body
-
-
-def request_path(head: bytes | bytearray) -> str:
-    """The path in a request line, from whatever of it has arrived ("" when not even that): enough to tell
-    the route family (an over-long line still starts with its path)."""
-    line = bytes(head[:1024]).split(b"\n", 1)[0]
-    parts = line.split(b" ", 2)
-    if len(parts) < 2:
-        return ""
-    target = parts[1].split(b"?", 1)[0]
-    if b"://" in target:  # absolute-form: http://host/path
-        target = b"/" + target.split(b"/", 3)[-1] if target.count(b"/") >= 3 else b"/"
-    return target.decode("latin-1")
