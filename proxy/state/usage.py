@@ -46,14 +46,14 @@ def estimate_tokens(sent: dict | None, received: int, first: bytes) -> Tokens:
     """(prompt, completion, 0, 0) for an answer the upstream gave no usage for (cut short, or never reported).
 
     The prompt by the character rule over the body sent upstream; the
-    completion from the ``received`` body bytes: one token per SSE event
-    (streaming servers send about one token each), the events' size taken
-    from the ``first`` bytes of the body, or bytes / 4 for a JSON body.
+    completion from the ``received`` body bytes of an event stream: one
+    token per SSE event (streaming servers send about one token each), the
+    events' size taken from the ``first`` bytes of the body. A JSON body's
+    bytes are not tokens (an embeddings answer is numbers): no completion.
     """
     prompt = body_tokens(sent) if sent is not None else 0
     events = first.count(b"data:")
-    completion = received * events // len(first) if events else (received + 3) // 4
-    return (prompt, completion, 0, 0)
+    return (prompt, received * events // len(first) if events else 0, 0, 0)
 
 
 def _count(match: re.Match | None) -> int:
