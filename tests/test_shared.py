@@ -12,6 +12,7 @@ from proxy import create_app
 from tests.conftest import AUTH, CHAT, provider, settings_doc
 from tests.gunicorn_util import Gunicorn, write_settings
 from tests.redis_util import RedisServer
+from tests.test_settings_integrity import from_address
 from tests.upstream import Reply, completion, sse, text_chunks
 
 SECRET = "mgmt-secret-shared-5555"
@@ -120,6 +121,18 @@ def test_bad_management_secrets_count_across_instances(two_instances, redis_serv
     # the record in Redis holds times and a random tag, not the secret that was tried
     stored = redis.Redis.from_url(redis_server.url).zrange("streamfold:auth:127.0.0.1", 0, -1)
     assert len(stored) == 5 and not any(b"not-the-secret" in member for member in stored)
+
+
+def test_twenty_bad_secrets_from_rotating_addresses_at_two_instances_lock_everyone_out_at_both(
+        two_instances, redis_server):
+    a, b = two_instances
+    wrong = {"Authorization": "Bearer not-the-secret"}
+    answers = [from_address(instance, f"127.0.1.{i * 2 + k + 2}", wrong)
+               for i in range(10) for k, instance in enumerate((a, b))]  # one try per address, 20 in all
+    assert [answer.status for answer in answers] == [401] * 20
+    for instance in (a, b):  # a fresh address, with the right secret, at either instance
+        assert from_address(instance, "127.0.2.2", MGMT).status == 429
+    assert len(redis.Redis.from_url(redis_server.url).zrange("streamfold:auth:*", 0, -1)) == 20
 
 
 def test_losing_redis_never_fails_a_request_and_changes_flow_again_after_it_returns(
