@@ -21,7 +21,7 @@ from proxy.settings import build_settings
 from proxy.web import DevRequestHandler
 from proxy.state import ticker
 from proxy.upstream import Sessions
-from tests.upstream import FakeUpstream
+from tests.upstream import CHAT_REQUESTS, FakeUpstream, role_problem
 
 pytest.register_assert_rewrite("tests.agent_cli")  # the agent tests' helpers assert what the user saw
 
@@ -141,6 +141,20 @@ def _no_secrets_in_logs(caplog):
     text = "\n".join(r.getMessage() for r in caplog.records)
     assert PROVIDER_KEY not in text
     assert CLIENT_KEY not in text
+
+
+@pytest.fixture(autouse=True)
+def _roles_alternate(request):
+    """Every test: each chat request a scripted upstream received alternates roles after at most one leading
+    system message (SPEC Part 3; strict chat templates refuse anything else). The bridges build them; a test of
+    the chat route that relays a client's own odd messages says so with ``@pytest.mark.any_roles``."""
+    CHAT_REQUESTS.clear()
+    yield
+    if request.node.get_closest_marker("any_roles") is None:
+        problems = [(rec.path, role_problem(rec.body.get("messages"))) for rec in list(CHAT_REQUESTS)]
+        problems = [p for p in problems if p[1] is not None]
+        assert not problems, f"chat requests whose roles do not alternate: {problems[:3]}"
+    CHAT_REQUESTS.clear()
 
 
 @pytest.fixture(autouse=True)

@@ -255,12 +255,12 @@ def test_claude_code_shaped_request_reaches_upstream_as_a_clean_chat_request(ups
     assert "cache_control" not in raw and "billing-header" not in raw and "signature" not in raw
     assert "context_management" not in body and "thinking" not in body and "metadata" not in body
     roles = [m["role"] for m in body["messages"]]
-    assert roles == ["system", "user", "assistant", "tool", "user", "user"]
+    assert roles == ["system", "user", "assistant", "tool", "user"]  # the later system message joins the user turn
     assert body["messages"][0]["content"] == ("You are Claude Code, Anthropic's official CLI for Claude.\n\n"
                                               "Working directory: /src/app")
     assert body["messages"][3] == {"role": "tool", "tool_call_id": "toolu_01A", "content": "3 passed"}
-    assert body["messages"][4] == {"role": "user", "content": "great, now commit"}
-    assert body["messages"][5]["content"] == "<system-reminder>\nThe user changed directory.\n</system-reminder>"
+    assert body["messages"][4] == {"role": "user", "content": "great, now commit\n\n<system-reminder>\n"
+                                                              "The user changed directory.\n</system-reminder>"}
     assert "reasoning_content" not in body["messages"][2]  # reasoning-replay is off
     assert len(body["tools"]) == 19  # the server tool (web_search) is dropped
     assert all(t["type"] == "function" for t in body["tools"])

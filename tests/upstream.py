@@ -4,7 +4,10 @@ Tests set ``upstream.handler`` to a function of the recorded request that
 returns a ``Reply``: JSON, an SSE stream (chunked or close-delimited, with
 delays between events), a hang, or a dropped connection. Every request is
 recorded (path, headers, parsed body, the provider key it carried) and a
-stream notes when the proxy closed the connection on it.
+stream notes when the proxy closed the connection on it. Every chat request
+is also collected in ``CHAT_REQUESTS`` (tests/conftest.py checks their roles
+alternate), and ``strict_roles=True`` answers one whose roles do not with
+the 400 a strict chat template gets from vLLM.
 """
 from __future__ import annotations
 
@@ -80,9 +83,32 @@ def text_chunks(pieces: list[str], model: str = "upstream-model", finish: str = 
     return chunks
 
 
+# Every chat request any FakeUpstream received, for tests/conftest.py's per-test role check (cleared per test).
+CHAT_REQUESTS: list[Recorded] = []
+STRICT_ROLES_ERROR = "Conversation roles must alternate user/assistant/user/assistant/..."
+
+
+def role_problem(messages: object) -> str | None:
+    """Why a chat ``messages`` list would make a strict chat template (Mistral's, Gemma's, many Llama
+    fine-tunes') raise, or None: roles must alternate after at most one leading system message; tool
+    messages may follow each other (one per parallel call)."""
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        return None  # not a chat body the check can read; the proxy's own validation answers those
+    roles = [m.get("role") for m in messages]
+    for i, (a, b) in enumerate(zip(roles, roles[1:], strict=False), start=1):
+        if b == "system":
+            return f"a system message at position {i} (only the first message may be a system message)"
+        if a == b and a != "tool":
+            return f"messages {i - 1} and {i} are both {a!r} ({STRICT_ROLES_ERROR})"
+    return None
+
+
 class FakeUpstream:
-    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None, strict_roles: bool = False) -> None:
+        """``strict_roles``: answer a chat request whose roles do not alternate with vLLM's 400 for a strict
+        template (the message a Jinja ``raise_exception`` gives), instead of the handler's reply."""
         self.requests: list[Recorded] = []
+        self.strict_roles = strict_roles
         self.scheme = "https" if tls is not None else "http"
         self.handler: Callable[[Recorded], Reply] = lambda rec: Reply(body=json.dumps(completion()).encode())
         self.release = threading.Event()  # ends hangs at teardown
@@ -107,6 +133,14 @@ class FakeUpstream:
                 rec = Recorded(self.path, {k.lower(): v for k, v in self.headers.items()}, body, raw,
                                time.monotonic())
                 upstream.requests.append(rec)
+                if rec.path.endswith("/chat/completions") and isinstance(body, dict):
+                    CHAT_REQUESTS.append(rec)
+                    problem = role_problem(body.get("messages"))
+                    if problem is not None and upstream.strict_roles:
+                        upstream.answer(self, rec, Reply(status=400, body=json.dumps({"error": {
+                            "message": STRICT_ROLES_ERROR, "type": "BadRequestError", "param": None,
+                            "code": 400}}).encode()))
+                        return
                 upstream.answer(self, rec, upstream.handler(rec))
 
         self.server = _QuietServer(("127.0.0.1", 0), Handler)

@@ -18,6 +18,7 @@ from typing import Any
 
 import orjson
 
+from ..roles import alternate
 from ..tools import ToolNames
 from .validate import is_int
 
@@ -39,7 +40,7 @@ def to_chat(body: dict, names: ToolNames, *, reasoning_replay: bool = False, vis
         messages.append({"role": "system", "content": system})
     for message in body["messages"]:
         _message(message, messages, names, reasoning_replay, vision)
-    chat: dict[str, Any] = {"messages": messages}
+    chat: dict[str, Any] = {"messages": alternate(messages)}  # strict templates: roles must alternate
     if body.get("stream"):
         chat["stream"] = True
     for name in ("temperature", "top_p", "top_k"):  # top_k: vLLM, llama.cpp, SGLang and Ollama take it

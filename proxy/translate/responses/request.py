@@ -21,6 +21,7 @@ import orjson
 
 from ...errors import BadRequest
 from .. import tools
+from ..roles import alternate
 from .items import Turn, read_items
 from .toolmap import ToolMap
 
@@ -83,7 +84,7 @@ def to_chat(prepared: Prepared, model: str, *, stream: bool, reasoning_replay: b
         messages = [_without_reasoning(m) for m in messages]
     if prepared.system:
         messages = [{"role": "system", "content": prepared.system}, *messages]
-    body: dict[str, Any] = {"model": model, "messages": messages}
+    body: dict[str, Any] = {"model": model, "messages": alternate(messages)}
     if prepared.tools:
         body["tools"] = prepared.tools
         if prepared.tool_choice is not None:
