@@ -248,3 +248,36 @@ def test_an_upstream_error_message_with_a_lone_half_still_reaches_the_client(bri
     assert terminal["response"]["error"]["message"] == "upstream broke \ufffd"
     assert "upstream failed mid-stream" in _access_result(caplog)
     assert not any(r.levelno >= logging.ERROR for r in caplog.records)
+
+
+# -- a failed Codex turn leaves nothing in the history (defect 3) --------------------------------------------
+def codex_turn(server, items: list) -> tuple[list[dict], dict]:
+    """One Codex request as codex-rs reads the answer: the items of ``response.output_item.done`` events are
+    what it records in its history (also for an attempt that fails); returns them and the terminal event."""
+    response = requests.post(server.url + "/v1/responses", headers={**AUTH, **CODEX}, timeout=20,
+                             json={"model": "m", "input": items, "stream": True, "store": False})
+    events = responses_invariants.parse(response.content)
+    terminal = responses_invariants.check(events, codex=True)
+    return [p["item"] for name, p in events if name == "response.output_item.done"], terminal
+
+
+@pytest.mark.parametrize("cut", ["mid-text", "mid-reasoning", "mid-tool-call", "upstream error"])
+def test_a_failed_codex_turn_leaves_no_fragment_for_its_retry(bridged, upstream, cut):
+    head = [chunk({"role": "assistant", "content": ""})]
+    partial = {"mid-text": [chunk({"content": "I'll run "}), chunk({"content": "that"})],
+               "mid-reasoning": [chunk({"reasoning_content": "I'll run "})],
+               "mid-tool-call": [chunk(tool_delta(0, "call_9", "shell", '{"command":"l'))],
+               "upstream error": [chunk({"content": "I'll run "})]}[cut]
+    tail = [{"error": {"message": "upstream overloaded", "type": "server_error"}}] if cut == "upstream error" else []
+    failing = sse(*head, *partial, *tail, done=False)
+    answers = iter([Reply(events=failing, drop_after=len(failing)),
+                    Reply(events=sse(*head, chunk({"content": "Done."}), chunk(finish="stop"), usage_chunk()))])
+    upstream.handler = lambda rec: next(answers)
+    history = [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": "run ls"}]}]
+    recorded, terminal = codex_turn(bridged, history)
+    assert terminal["type"] == "response.failed" and terminal["response"]["output"] == []
+    assert recorded == []  # nothing of the broken answer is a finished item
+    recorded, terminal = codex_turn(bridged, history + recorded)  # Codex's automatic retry
+    assert terminal["type"] == "response.completed" and recorded[-1]["content"][0]["text"] == "Done."
+    retry = upstream.requests[-1].body["messages"]
+    assert retry == [{"role": "user", "content": "run ls"}]

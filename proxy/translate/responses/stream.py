@@ -14,7 +14,9 @@ length or content-filter finish, except for Codex clients, which end a turn
 on nothing but ``response.completed`` (openai/codex ``sse/responses.rs``) and
 so get ``response.completed`` with ``status: incomplete``; after an error
 (or an upstream cut off before its finish) ``response.failed`` for Codex,
-``error`` for other clients, as CPA does.
+``error`` for other clients, as CPA does. A failure leaves the items it cut
+off open (no ``*.done`` events): clients record every ``output_item.done``
+item as finished output, and the failed response lists only those.
 """
 from __future__ import annotations
 
@@ -207,8 +209,7 @@ class ResponsesStream:
 
         It cannot fail itself: the message is cleaned of what ``orjson`` refuses, and should writing the
         event still raise (a bug elsewhere left a value it cannot write), a fixed event says the same.
-        Open items are closed first (their ``*.done`` events repeat what they hold), except after
-        ``aggregate_too_large`` for a client that takes ``error``: that would only send it all again.
+        Open items get no ``*.done`` events (see below; their text would also only be sent again).
         """
         if self.ended:
             return b""
@@ -221,8 +222,9 @@ class ResponsesStream:
         opening = b"" if self.seq else self._opening()
         out = [opening]
         try:
-            if self.codex or code != "aggregate_too_large":
-                self._close_all(out, "incomplete")
+            # The item the failure cut off gets no done events: a client keeps every ``output_item.done`` item as
+            # a finished part of the answer (Codex sends it back on its retry, where each failed attempt stacked
+            # another fragment); the Responses API ends a failed response with ``response.failed`` alone.
             if self.codex:
                 self.final = envelope(self.ctx, "failed", self.done_items(), usage_of(self.usage),
                                       error={"code": code, "message": message})
