@@ -18,6 +18,8 @@ from typing import Any, Mapping
 
 import yaml
 
+from .translate.effort import DEFAULT_LEVELS
+
 DEFAULT_PATH = "settings.yaml"
 DEFAULT_STATE_PATH = "streamfold-state.db"
 DEVELOPMENT_KEY = "sk-streamfold-local"  # the shipped settings' fallback client key, printed in the README
@@ -97,6 +99,7 @@ class Provider:
     # base_url is the first of them (what tokenizer and "test connection" ask).
     base_urls: tuple[str, ...] = ()
     balance: str = ""                 # this provider's replica set's policy; "" = fleet.balance
+    reasoning_efforts: tuple[str, ...] = DEFAULT_LEVELS  # the reasoning_effort values the upstream accepts
 
     @property
     def chat_url(self) -> str:

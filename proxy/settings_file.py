@@ -252,6 +252,7 @@ def public_provider(provider) -> dict[str, Any]:
         "reasoning-replay": provider.reasoning_replay, "stream-usage": provider.stream_usage,
         **({"base-urls": [redact_url(url) for url in provider.base_urls]} if provider.base_urls else {}),
         **({"balance": provider.balance} if provider.balance else {}),
+        "reasoning-efforts": list(provider.reasoning_efforts),
     }
 
 

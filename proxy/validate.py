@@ -26,6 +26,7 @@ from .settings import (
     _join,
     redact,
 )
+from .translate.effort import DEFAULT_LEVELS, LEVELS
 
 # Numbers are bounded to what every consumer holds: SQLite's INTEGER is 64-bit (2^63 and up was an
 # OverflowError on every request of the key) and Redis's Lua numbers are doubles, exact to 2^53.
@@ -42,7 +43,8 @@ TOP_KEYS = {"api-keys", "request-retry", "timeouts", "max-request-bytes", "max-a
             "max-inflight-bytes", "responses-store-max-bytes", "responses-store-max-count", "fleet"}
 PROVIDER_KEYS = {"name", "base-url", "disabled", "prefix", "request-retry", "api-key-entries",
                  "headers", "ca-bundle", "verify-tls", "force-upstream-stream", "models",
-                 "native-apis", "tokenizer", "reasoning-replay", "stream-usage", "base-urls", "balance"}
+                 "native-apis", "tokenizer", "reasoning-replay", "stream-usage", "base-urls", "balance",
+                 "reasoning-efforts"}
 CLIENT_KEY_KEYS = {"key", "name", "models", "rpm", "tpm", "max-concurrent"}
 MODEL_KEYS = {"name", "alias", "max-output-tokens", "context-length", "vision"}
 
@@ -223,12 +225,28 @@ class Validator:
             stream_usage=self.boolean(item, where, "stream-usage", True),
             base_urls=base_urls if len(base_urls) > 1 else (),
             balance=self.choice(item, where, "balance", "", BALANCE_POLICIES) if "balance" in item else "",
+            reasoning_efforts=self.efforts(item.get("reasoning-efforts"), f"{where}.reasoning-efforts"),
         )
 
     def url(self, value: str, path: str) -> None:
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             self.problem(path, "must be an http:// or https:// URL")
+
+    def efforts(self, node: Any, path: str) -> tuple[str, ...]:
+        """The ``reasoning_effort`` values an upstream accepts: a non-empty list of known levels."""
+        if node is None:
+            return DEFAULT_LEVELS
+        items = self.sequence(node, path)
+        levels: list[str] = []
+        for i, item in enumerate(items):
+            if item not in LEVELS:
+                self.problem(f"{path}[{i}]", f"must be one of {', '.join(LEVELS)}")
+            elif item not in levels:
+                levels.append(item)
+        if not items and isinstance(node, list):
+            self.problem(path, f"must list at least one of {', '.join(LEVELS)}")
+        return tuple(levels) or DEFAULT_LEVELS
 
     def native_apis(self, node: Any, path: str) -> frozenset[str]:
         if node is None:

@@ -125,7 +125,8 @@ class Bridge:
             max_tokens = clamp_max_tokens(max_tokens, spec.max_output_tokens, spec.context_length,
                                           self.prompt_tokens if spec.context_length else 0)
         return Plan("/chat/completions",
-                    translate.for_target(chat, target.model, max_tokens, stream_usage=provider.stream_usage),
+                    translate.for_target(chat, target.model, max_tokens, stream_usage=provider.stream_usage,
+                                         efforts=provider.reasoning_efforts),
                     fold=fold_chat_chunks, headers=self.chat_headers, native=False)
 
 

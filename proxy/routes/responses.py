@@ -78,7 +78,8 @@ def create_response() -> Response:
         chat = translate.to_chat(bridge.prepared, target.model, stream=stream,
                                  reasoning_replay=provider.reasoning_replay, stream_usage=provider.stream_usage,
                                  max_output=spec.max_output_tokens if spec else 0,
-                                 context_length=spec.context_length if spec else 0)
+                                 context_length=spec.context_length if spec else 0,
+                                 efforts=provider.reasoning_efforts)
         return Plan("/chat/completions", chat, fold_chat_chunks, native=False)
 
     call = Call(RESPONSES.path, body, stream, g.request_id, client_headers(request.environ), RESPONSES.fold,

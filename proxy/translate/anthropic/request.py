@@ -18,13 +18,11 @@ from typing import Any
 
 import orjson
 
+from ..effort import DEFAULT_LEVELS, for_provider, from_anthropic
 from ..roles import alternate
 from ..tools import ToolNames
-from .validate import is_int
 
 BILLING_HEADER = "x-anthropic-billing-header:"
-# thinking.budget_tokens -> reasoning_effort (upper bounds, exclusive)
-_EFFORT = ((2048, "low"), (16384, "medium"))
 
 
 def to_chat(body: dict, names: ToolNames, *, reasoning_replay: bool = False, vision: bool = True) -> dict:
@@ -58,9 +56,9 @@ def to_chat(body: dict, names: ToolNames, *, reasoning_replay: bool = False, vis
                 chat["tool_choice"] = mapped
             if choice.get("disable_parallel_tool_use") is True:
                 chat["parallel_tool_calls"] = False
-    effort = _reasoning_effort(body.get("thinking"))
+    effort = from_anthropic(body.get("thinking"), body.get("output_config"))
     if effort:
-        chat["reasoning_effort"] = effort
+        chat["reasoning_effort"] = effort  # a level; ``for_target`` maps it onto what the provider accepts
     fmt = _output_format(body)
     if fmt is not None:
         chat["response_format"] = fmt
@@ -70,11 +68,15 @@ def to_chat(body: dict, names: ToolNames, *, reasoning_replay: bool = False, vis
     return chat
 
 
-def for_target(chat: dict, model: str, max_tokens: int, *, stream_usage: bool = True) -> dict:
-    """A copy of ``chat`` for one upstream: its model id, the clamped ``max_tokens``, usage in streams."""
+def for_target(chat: dict, model: str, max_tokens: int, *, stream_usage: bool = True,
+               efforts: tuple[str, ...] = DEFAULT_LEVELS) -> dict:
+    """A copy of ``chat`` for one upstream: its model id, the clamped ``max_tokens``, usage in streams, the
+    reasoning effort as one of the values it accepts (``efforts``)."""
     out = {"model": model, **chat, "max_tokens": max_tokens}
     if chat.get("stream") and stream_usage:
         out["stream_options"] = {"include_usage": True}
+    if "reasoning_effort" in chat:
+        out["reasoning_effort"] = for_provider(chat["reasoning_effort"], efforts)
     return out
 
 
@@ -269,23 +271,6 @@ def _tool_choice(choice: dict, names: ToolNames) -> Any:
         return "none"
     if kind == "tool" and isinstance(choice.get("name"), str):
         return {"type": "function", "function": {"name": names.to_upstream(choice["name"])}}
-    return None
-
-
-def _reasoning_effort(thinking: Any) -> str | None:
-    if not isinstance(thinking, dict):
-        return None
-    kind = thinking.get("type")
-    if kind == "enabled":
-        budget = thinking.get("budget_tokens")
-        if not is_int(budget):
-            return "medium"
-        for limit, effort in _EFFORT:
-            if budget < limit:
-                return effort
-        return "high"
-    if kind in ("adaptive", "auto"):
-        return "medium"
     return None
 
 

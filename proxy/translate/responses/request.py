@@ -21,6 +21,7 @@ import orjson
 
 from ...errors import BadRequest
 from .. import tools
+from ..effort import DEFAULT_LEVELS, for_provider, from_responses
 from ..roles import alternate
 from .items import Turn, read_items
 from .toolmap import ToolMap
@@ -77,7 +78,7 @@ def prepare(body: dict, history: dict | None = None) -> Prepared:
 
 
 def to_chat(prepared: Prepared, model: str, *, stream: bool, reasoning_replay: bool, stream_usage: bool,
-            max_output: int = 0, context_length: int = 0) -> dict:
+            max_output: int = 0, context_length: int = 0, efforts: tuple[str, ...] = DEFAULT_LEVELS) -> dict:
     """The chat body for one target."""
     messages = prepared.messages
     if not reasoning_replay and any("reasoning_content" in m for m in messages):
@@ -92,6 +93,8 @@ def to_chat(prepared: Prepared, model: str, *, stream: bool, reasoning_replay: b
         if prepared.parallel_tool_calls is not None:
             body["parallel_tool_calls"] = prepared.parallel_tool_calls
     body.update(prepared.params)
+    if "reasoning_effort" in body:
+        body["reasoning_effort"] = for_provider(body["reasoning_effort"], efforts)
     max_tokens = clamp_max_tokens(prepared.max_output_tokens, body, max_output, context_length)
     if max_tokens is not None:
         body["max_tokens"] = max_tokens
@@ -218,9 +221,9 @@ def _tool_choice(choice: Any, toolmap: ToolMap) -> Any:
 # -- everything else ------------------------------------------------------------
 def _params(body: dict) -> dict:
     params = {key: body[key] for key in SIMPLE_PARAMS if body.get(key) is not None}
-    reasoning = body.get("reasoning")
-    if isinstance(reasoning, dict) and isinstance(reasoning.get("effort"), str):
-        params["reasoning_effort"] = reasoning["effort"].lower()
+    effort = from_responses(body.get("reasoning"))
+    if effort is not None:
+        params["reasoning_effort"] = effort  # a level; ``to_chat`` maps it onto what the provider accepts
     text = body.get("text")
     fmt = text.get("format") if isinstance(text, dict) else None
     if isinstance(fmt, dict):
