@@ -238,8 +238,10 @@ def answer(outcome: Outcome, bridge: Bridge, model: str) -> Outcome:
         raise AnthropicError("upstream answered with something that is not a chat completion",
                              status=502, type="api_error")
     bridge.usage = completion.get("usage")
-    return Outcome(200, "application/json", orjson.dumps(to_message(completion, model, bridge.names, bridge.stops)),
-                   plan=outcome.plan)
+    message = to_message(completion, model, bridge.names, bridge.stops)
+    if not isinstance(bridge.usage, dict):
+        message["usage"]["input_tokens"] = bridge.prompt_tokens  # the estimate, as a stream without usage says
+    return Outcome(200, "application/json", orjson.dumps(message), plan=outcome.plan)
 
 
 @bp.post("/v1/messages/count_tokens")

@@ -110,13 +110,18 @@ def _message(message: dict, out: list[dict], names: ToolNames, replay: bool, vis
         out.append(_assistant(content, names, replay))
         return
     parts: list[dict] = []
+    images: list[dict] = []  # from tool results: chat puts images in user messages only
     for block in content:
         kind = block["type"]
         if kind == "tool_result":
             # Tool results first: the chat format needs them right after the
             # assistant's tool calls, before the user's own words.
-            out.append({"role": "tool", "tool_call_id": str(block.get("tool_use_id") or ""),
-                        "content": _tool_result_text(block)})
+            call_id = str(block.get("tool_use_id") or "")
+            found = [] if vision else None
+            out.append({"role": "tool", "tool_call_id": call_id, "content": _tool_result_text(block, found)})
+            if found:
+                images.append({"type": "text", "text": f"[images from the result of tool call {call_id}]"})
+                images += found
         elif kind == "text":
             if block["text"].strip():
                 parts.append({"type": "text", "text": block["text"]})
@@ -129,6 +134,7 @@ def _message(message: dict, out: list[dict], names: ToolNames, replay: bool, vis
             if text:
                 parts.append({"type": "text", "text": text})
         # tool_use / thinking in a user turn: ignored (never injected as calls)
+    parts = images + parts  # one user message after the tool messages: the results' images, then the user's own
     if not parts:
         return
     if all(p["type"] == "text" for p in parts):
@@ -166,7 +172,14 @@ def _joined_text(blocks: list) -> str:
     return "\n\n".join(b["text"] for b in blocks if b.get("type") == "text" and isinstance(b.get("text"), str))
 
 
-def _tool_result_text(block: dict) -> str:
+def _tool_result_text(block: dict, images: list[dict] | None) -> str:
+    """A tool result's text. Its images go to ``images`` (an ``image_url`` part each; the text says
+    ``[image attached below]``), or, when ``images`` is None (``vision: false``), become ``[image omitted]``.
+
+    OpenAI's chat format has images in user messages only, and vLLM, llama.cpp and SGLang read tool
+    messages as text (research/translation.md §1.1, CPA's NormalizeOpenAIToolResultsTextOnly): the images
+    follow in the user message right after the tool messages.
+    """
     content = block.get("content")
     if content is None:
         text = ""
@@ -180,7 +193,10 @@ def _tool_result_text(block: dict) -> str:
             if part.get("type") == "text" and isinstance(part.get("text"), str):
                 pieces.append(part["text"])
             elif part.get("type") == "image":
-                pieces.append("[image omitted]")  # chat servers take no images in tool messages
+                image = _image(part) if images is not None else None
+                if image is not None:
+                    images.append(image)
+                pieces.append("[image attached below]" if image is not None else "[image omitted]")
             elif part.get("type") in ("document", "search_result"):
                 pieces.append(_document_text(part))
         text = "\n\n".join(p for p in pieces if p)
