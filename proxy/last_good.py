@@ -17,8 +17,10 @@ worker that boots builds its config from the copy, then looks at the file
 through the hot reload's own check (``ConfigHolder.check_file``): a file that
 is still changing, does not validate, would turn client auth off or would
 drop every provider is refused with an ERROR line, and the worker serves the
-last good config. Without ``STREAMFOLD_LAST_GOOD`` (``python app.py``, tests)
-there is one process and no respawn: the file is read as before.
+last good config (or, if the copy is gone, the config the master started
+with, which workers inherit through fork). Without ``STREAMFOLD_LAST_GOOD``
+(``python app.py``, tests) there is one process and no respawn: the file is
+read as before.
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ ENV = "STREAMFOLD_LAST_GOOD"
 STABLE_DELAY = 0.2    # the file must read the same again after this long (as the hot reload wants)
 STABLE_WAIT = 10.0    # a fresh start gives up on a file that keeps changing for this long
 _HEADER = b"# streamfold last good settings, taken from a file with mtime_ns size sha256: "
+_STARTED: tuple[Any, tuple] | None = None  # set in the master by ``keep``; its workers inherit it through fork
 
 
 def take(environ: Any = os.environ) -> tuple[Settings, Any, tuple]:
@@ -65,6 +68,8 @@ def keep(copy_path: str, document: Any, fingerprint: tuple, environ: Any = os.en
         os.unlink(copy_path)  # a run directory the operator gave may hold an earlier run's copy
     save(copy_path, document, fingerprint)
     environ[ENV] = copy_path
+    global _STARTED
+    _STARTED = (document, fingerprint)
 
 
 def read_stable(path: str) -> tuple[bytes, tuple]:
@@ -103,9 +108,10 @@ def load(environ: Mapping[str, str]) -> tuple[Any, tuple] | None:
         mtime, size, digest = header[len(_HEADER):].split()
         return yaml.safe_load(body), (int(mtime), int(size), bytes.fromhex(digest.decode()))
     except (OSError, ValueError, yaml.YAMLError) as exc:
-        log.error("the last good settings copy %s cannot be read (%s); reading the settings file itself",
-                  copy_path, type(exc).__name__)
-        return None
+        # Deleted (a /tmp cleaner), say: the config the master started with, inherited through fork, stands in.
+        log.error("the last good settings copy %s cannot be read (%s); starting from the config the instance "
+                  "started with", copy_path, type(exc).__name__)
+        return _STARTED
 
 
 def save_taken(environ: Mapping[str, str], document: Any, fingerprint: tuple) -> None:

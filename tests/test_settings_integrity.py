@@ -47,7 +47,8 @@ def deployed(tmp_path_factory):
     upstream.handler = lambda rec: Reply(events=sse(*text_chunks(["fine"])))
     path = Path(tmp_path_factory.mktemp("integrity")) / "settings.yaml"
     path.write_bytes(settings_text(upstream.url, path.with_suffix(".state.db")))
-    server = Gunicorn(path, workers=2, threads=4)
+    # the run directory named, so a test can delete the last good copy kept in it
+    server = Gunicorn(path, workers=2, threads=4, env={"PROMETHEUS_MULTIPROC_DIR": str(path.parent / "run")})
     yield server, path
     server.stop()
     upstream.stop()
@@ -105,7 +106,7 @@ def assert_closed_and_serving(server: Gunicorn) -> None:
     assert answer.status_code == 200 and answer.json()["choices"][0]["message"]["content"] == "fine"
 
 
-@pytest.mark.parametrize("broken", [*BROKEN, "half-written"])
+@pytest.mark.parametrize("broken", [*BROKEN, "half-written", "no-api-keys-and-no-copy"])
 def test_a_respawned_or_hup_booted_worker_never_serves_a_broken_open_or_half_written_file(deployed, broken):
     server, path = deployed
     good = path.read_bytes()
@@ -113,6 +114,9 @@ def test_a_respawned_or_hup_booted_worker_never_serves_a_broken_open_or_half_wri
     rewriter = None
     if broken == "half-written":
         rewriter = Rewriter(path, good)
+    elif broken == "no-api-keys-and-no-copy":  # a /tmp cleaner took the copy: the start's config stands in
+        (path.parent / "run" / "settings.last-good.yaml").unlink()
+        path.write_bytes(without_api_keys(good))
     else:
         path.write_bytes(BROKEN[broken](good))
     try:
@@ -135,6 +139,8 @@ def test_a_respawned_or_hup_booted_worker_never_serves_a_broken_open_or_half_wri
     assert "Worker failed to boot" not in server.output()
     if broken != "half-written":
         assert "keeping the running config" in server.output()
+    if broken == "no-api-keys-and-no-copy":
+        assert "starting from the config the instance started with" in server.output()
 
 
 def test_a_fresh_start_never_takes_a_file_that_is_being_rewritten(tmp_path, upstream):
