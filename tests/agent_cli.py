@@ -202,6 +202,20 @@ def scripted():
     fake.stop()
 
 
+@pytest.fixture(scope="module")
+def strict_scripted():
+    """A second one, with a strict chat template: a request whose roles do not alternate gets vLLM's 400."""
+    fake = ScriptedUpstream(strict_roles=True)
+    yield fake
+    fake.stop()
+
+
+def check_strict(strict: ScriptedUpstream, tag: str) -> None:
+    """Every request of scenario ``tag`` the strict upstream received passed its template (reached the
+    script; the 400s it answers itself never do)."""
+    assert strict.seen[tag] and len(strict.fake.requests) == sum(len(seen) for seen in strict.seen.values())
+
+
 @pytest.fixture
 def where(tmp_path):
     """(HOME, working directory) of one agent user: its own settings, sessions and files."""

@@ -3,8 +3,11 @@ scripted vLLM-like chat upstream (issue 22). Each test checks what the user sees
 really ran, the final text printed, and what reached the upstream."""
 from __future__ import annotations
 
+import base64
 import json
 import re
+import struct
+import zlib
 
 import pytest
 
@@ -16,6 +19,7 @@ from tests.agent_cli import (
     chat_provider,
     check_calls_answered,
     check_continued,
+    check_strict,
     check_upstream,
     claude,
     claude_blocks,
@@ -30,17 +34,19 @@ from tests.agent_cli import (
     turns,
 )
 
-pytest_plugins = ["tests.agent_cli"]  # its fixtures: scripted, where
+pytest_plugins = ["tests.agent_cli"]  # its fixtures: scripted, strict_scripted, where
 
 pytestmark = pytest.mark.timeout(240)
 MODEL = "qwen3-coder"  # what the upstream is asked for: every claude-* name Claude Code uses maps to it
 FORCED = "qwen3-coder-forced"
+STRICT = "mistral-small"  # served with a strict chat template
 
 
 @pytest.fixture(scope="module")
-def proxy(scripted, tmp_path_factory):
+def proxy(scripted, strict_scripted, tmp_path_factory):
     server = deploy(tmp_path_factory.mktemp("claude-proxy"),
                     chat_provider(scripted, "local", MODEL, ["claude-*"]),
+                    chat_provider(strict_scripted, "strict", STRICT, ["strict"]),
                     chat_provider(scripted, "forced", FORCED, ["forced"], **{"force-upstream-stream": True}))
     yield server
     server.stop()
@@ -89,6 +95,56 @@ def test_plain_tool_turn_writes_a_file(scripted, proxy, where):
     assert not scripted.unexpected
 
 
+def test_fresh_session_on_a_strict_template(strict_scripted, proxy, where):
+    """Claude Code opens every session with its prompt and a system reminder of its own (two user turns):
+    a strict chat template (roles must alternate) gets them as one user message."""
+    home, work = where
+    target = work / "strict.txt"
+    tag = strict_scripted.script("strict", turns(
+        lambda rec: answer(rec, write(0, "call_st", target, "alternating\n"), "tool_calls"),
+        lambda rec: answer(rec, text("strict.txt written."))))
+    run = claude(proxy, home, work, f"{tag} Write strict.txt.", model="strict")
+    succeeded(run, "strict.txt written.")
+    assert target.read_text() == "alternating\n"
+    check_strict(strict_scripted, "strict")
+    first, second = check_upstream(strict_scripted, "strict", STRICT)
+    assert [m["role"] for m in first["messages"]] == ["system", "user"]
+    assert [m["role"] for m in second["messages"]][:4] == ["system", "user", "assistant", "tool"]
+    assert not strict_scripted.unexpected
+
+
+def png(width: int = 8, height: int = 8) -> bytes:
+    """A small red RGB PNG."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    rows = b"".join(b"\x00" + b"\xff\x00\x00" * width for _ in range(height))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def test_image_read_by_a_tool_reaches_a_vision_model(strict_scripted, proxy, where):
+    """Claude Code's Read of a PNG answers with an image in the tool result: the vision model upstream
+    gets that image (chat allows images only in user turns: right after the tool message), and the
+    strict template still sees alternating roles."""
+    home, work = where
+    picture = png()
+    (work / "red.png").write_bytes(picture)
+    tag = strict_scripted.script("image", turns(
+        lambda rec: answer(rec, tool_call(0, "call_img", "Read", {"file_path": str(work / "red.png")}), "tool_calls"),
+        lambda rec: answer(rec, text("The picture is red."))))
+    run = claude(proxy, home, work, f"{tag} What colour is red.png?", model="strict")
+    succeeded(run, "The picture is red.")
+    check_strict(strict_scripted, "image")
+    _, second = check_upstream(strict_scripted, "image", STRICT)
+    messages = second["messages"]
+    at = next(i for i, m in enumerate(messages) if m["role"] == "tool")
+    assert messages[at]["tool_call_id"] == "call_img" and messages[at + 1]["role"] == "user"
+    url = "data:image/png;base64," + base64.b64encode(picture).decode()
+    assert {"type": "image_url", "image_url": {"url": url}} in messages[at + 1]["content"]
+    assert "[image omitted]" not in json.dumps(messages)
+    assert not strict_scripted.unexpected
+
+
 def test_parallel_tool_calls_both_run(scripted, proxy, where):
     home, work = where
     tag = scripted.script("parallel", turns(
@@ -111,12 +167,12 @@ def test_reasoning_stream_shows_thinking(scripted, proxy, where):
         lambda rec: answer(rec, reasoning(thought) + text("Writing it.")
                            + write(0, "call_r", work / "r.txt", "reasoned\n"), "tool_calls"),
         lambda rec: answer(rec, [{"reasoning_content": "Done, say so."}] + text("r.txt is written."))))
-    run = claude(proxy, home, work, f"{tag} Think, then write r.txt.")
+    run = claude(proxy, home, work, f"{tag} Think, then write r.txt.", "--effort", "low")
     succeeded(run, "r.txt is written.")
     assert (work / "r.txt").read_text() == "reasoned\n"
     assert [b["thinking"] for b in claude_blocks(run, "thinking")] == [thought, "Done, say so."]
     first, second = check_upstream(scripted, "reasoning", MODEL)
-    assert first["reasoning_effort"] in ("low", "medium", "high")
+    assert first["reasoning_effort"] == "low"  # Claude Code's --effort, sent as output_config.effort
     (called,) = assistant_turns(second)
     assert "reasoning_content" not in called  # reasoning-replay is off: thinking is not sent back
     assert calls(called)[0][:2] == ("call_r", "Write")

@@ -16,10 +16,12 @@ from tests.agent_cli import (
     chat_provider,
     check_calls_answered,
     check_continued,
+    check_strict,
     check_upstream,
     codex,
     codex_items,
     deploy,
+    failing_once,
     reasoning,
     split_surrogates,
     text,
@@ -28,17 +30,19 @@ from tests.agent_cli import (
     turns,
 )
 
-pytest_plugins = ["tests.agent_cli"]  # its fixtures: scripted, where
+pytest_plugins = ["tests.agent_cli"]  # its fixtures: scripted, strict_scripted, where
 
 pytestmark = pytest.mark.timeout(240)
 MODEL = "qwen3-coder"
 FORCED = "qwen3-coder-forced"
+STRICT = "mistral-small"  # served with a strict chat template
 KNOWN = "gpt-5.5"  # a name Codex knows: it then offers its freeform apply_patch tool
 
 
 @pytest.fixture(scope="module")
-def proxy(scripted, tmp_path_factory):
+def proxy(scripted, strict_scripted, tmp_path_factory):
     server = deploy(tmp_path_factory.mktemp("codex-proxy"), chat_provider(scripted, "local", MODEL, ["agent", KNOWN]),
+                    chat_provider(strict_scripted, "strict", STRICT, ["strict"]),
                     chat_provider(scripted, "forced", FORCED, ["forced"], **{"force-upstream-stream": True}))
     yield server
     server.stop()
@@ -75,6 +79,23 @@ def test_plain_tool_turn_runs_a_command(scripted, proxy, where):
     assert not scripted.unexpected
 
 
+def test_session_on_a_strict_template(strict_scripted, proxy, where):
+    """A strict chat template (roles must alternate): Codex's instructions, its environment context and
+    the prompt arrive as one system and one user message, and a tool turn passes it."""
+    home, work = where
+    tag = strict_scripted.script("strict", turns(
+        lambda rec: answer(rec, text("Writing.") + shell(0, "call_st", "echo alternating > strict.txt"), "tool_calls"),
+        lambda rec: answer(rec, text("strict.txt written."))))
+    run = codex(proxy, home, work, f"{tag} Write strict.txt.", model="strict")
+    succeeded(run, "Writing.", "strict.txt written.")
+    assert (work / "strict.txt").read_text() == "alternating\n"
+    check_strict(strict_scripted, "strict")
+    first, second = check_upstream(strict_scripted, "strict", STRICT)
+    assert [m["role"] for m in first["messages"]] == ["system", "user"]
+    assert [m["role"] for m in second["messages"]] == ["system", "user", "assistant", "tool"]
+    assert not strict_scripted.unexpected
+
+
 def test_parallel_tool_calls_both_run(scripted, proxy, where):
     home, work = where
     tag = scripted.script("parallel", turns(
@@ -98,13 +119,32 @@ def test_reasoning_stream_shows_reasoning(scripted, proxy, where):
     tag = scripted.script("reasoning", turns(
         lambda rec: answer(rec, reasoning(thought) + shell(0, "call_r", "echo reasoned > r.txt"), "tool_calls"),
         lambda rec: answer(rec, [{"reasoning_content": "Done, say so."}] + text("r.txt is written."))))
-    run = codex(proxy, home, work, f"{tag} Think, then write r.txt.", "-c", 'model_reasoning_effort="high"')
+    run = codex(proxy, home, work, f"{tag} Think, then write r.txt.", "-c", 'model_reasoning_effort="xhigh"')
     succeeded(run, "r.txt is written.")
     assert (work / "r.txt").read_text() == "reasoned\n"
     assert [item["text"] for item in codex_items(run, "reasoning")] == [thought, "Done, say so."]
     first, second = check_upstream(scripted, "reasoning", MODEL)
-    assert first["reasoning_effort"] == "high"
+    assert first["reasoning_effort"] == "high"  # xhigh, as the nearest level the provider accepts
     assert "reasoning_content" not in assistant_turns(second)[0]  # reasoning-replay is off
+    assert not scripted.unexpected
+
+
+def test_mid_stream_failure_then_codex_retries(scripted, proxy, where):
+    home, work = where
+    tag = scripted.script("failure", failing_once(
+        lambda rec: answer(rec, text("Retrying worked.") + shell(0, "call_f", "echo retried > retry.txt"),
+                           "tool_calls"),
+        lambda rec: answer(rec, text("retry.txt says retried."))))
+    run = codex(proxy, home, work, f"{tag} Write retry.txt.")
+    succeeded(run, "Retrying worked.", "retry.txt says retried.")  # nothing of the broken answer shown
+    assert any(e["type"] == "error" and "Reconnecting" in e["message"] for e in run.events)
+    assert (work / "retry.txt").read_text() == "retried\n"
+    broken, retry, second = check_upstream(scripted, "failure", MODEL)
+    # Codex's own retry after response.failed carries the same conversation: no fragment of the failed answer.
+    assert broken["stream"] is True and retry["stream"] is True
+    assert retry["messages"] == broken["messages"]
+    assert [m["content"] for m in assistant_turns(second)] == ["Retrying worked."]
+    assert "I'll run" not in str(second["messages"])
     assert not scripted.unexpected
 
 
