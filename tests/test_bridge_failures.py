@@ -281,3 +281,16 @@ def test_a_failed_codex_turn_leaves_no_fragment_for_its_retry(bridged, upstream,
     assert terminal["type"] == "response.completed" and recorded[-1]["content"][0]["text"] == "Done."
     retry = upstream.requests[-1].body["messages"]
     assert retry == [{"role": "user", "content": "run ls"}]
+
+
+def test_a_json_answer_with_a_lone_surrogate_half_is_read_as_the_fold_reads_it(bridged, upstream):
+    """Not split over chunks this time: a JSON answer (to a stream request too) whose text ends with half an
+    emoji; orjson refuses it, the fold's slow path reads it, the half becomes U+FFFD (was a 502)."""
+    body = (b'{"id":"c1","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,'
+            b'"message":{"role":"assistant","content":"cut \\ud83d"},"finish_reason":"stop"}]}')
+    upstream.handler = lambda rec: Reply(body=body)
+    assert messages(bridged, stream=False).json()["content"][0]["text"] == "cut \ufffd"
+    assert check_stream(messages(bridged).content).text == "cut \ufffd"
+    assert responses(bridged, stream=False).json()["output"][0]["content"][0]["text"] == "cut \ufffd"
+    terminal = responses_invariants.check(responses(bridged).content)
+    assert terminal["response"]["output"][0]["content"][0]["text"] == "cut \ufffd"

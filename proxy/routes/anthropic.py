@@ -25,6 +25,7 @@ from ..translate.anthropic.response import error_body, error_type, is_context_ov
 from ..translate.anthropic.stream import MessageStream
 from ..translate.anthropic.tokens import estimate
 from ..translate.anthropic.validate import validate
+from ..translate.completion import load as load_completion
 from ..translate.tools import ToolNames, clamp_max_tokens
 from . import anthropic_stream
 from .common import admit, authenticate, end_logger, hold, holder, loggable, read_json_body
@@ -230,10 +231,7 @@ def answer(outcome: Outcome, bridge: Bridge, model: str) -> Outcome:
         return Outcome(status, "application/json", body, headers=outcome.headers, plan=outcome.plan)
     if native or outcome.stream is not None:
         return outcome
-    try:
-        completion = orjson.loads(outcome.body)
-    except orjson.JSONDecodeError:
-        completion = None
+    completion = load_completion(outcome.body)
     if not isinstance(completion, dict) or not isinstance(completion.get("choices"), list):
         raise AnthropicError("upstream answered with something that is not a chat completion",
                              status=502, type="api_error")

@@ -26,6 +26,7 @@ from ..fold import fold_chat_chunks
 from ..relay import SSE_HEADERS, padded_answer, to_response
 from ..routing import Target, narrowed
 from ..translate.chat_stream import DONE, Held
+from ..translate.completion import load as load_completion
 from ..translate.responses import request as translate
 from ..translate.responses import response as reply
 from ..translate.responses.pipeline import chunk_batches, translate_stream
@@ -196,10 +197,7 @@ def _upstream_error(outcome: Outcome) -> Outcome:
 
 
 def _completion(body: bytes) -> dict:
-    try:
-        completion = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        completion = None
+    completion = load_completion(body)
     if not isinstance(completion, dict):
         raise StreamError("upstream answered 200 with a body that is not a JSON object", code="upstream_bad_answer")
     return completion

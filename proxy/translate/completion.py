@@ -15,6 +15,8 @@ from typing import Any
 import orjson
 
 from ..errors import StreamError
+from ..fold.base import slow_json
+from ..fold.guard import repair_surrogates
 
 _TEXT_FIELDS = ("content", "reasoning_content", "reasoning")
 
@@ -25,6 +27,20 @@ def first_choice(completion: Any) -> tuple[dict, dict]:
     if not choices:
         raise _bad("choices is an empty list")
     return choices[0], _message(choices[0], 0)
+
+
+def load(body: bytes) -> Any:
+    """A JSON answer's body as the bridges read it: what ``orjson`` refuses goes through the fold's slow
+    path (lone UTF-16 surrogate halves, raw control characters) with halves joined or replaced as the fold
+    does; None when it is not JSON at all."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        pass
+    try:
+        return repair_surrogates(slow_json(body))
+    except (StreamError, RecursionError):
+        return None
 
 
 def check_relayed(body: bytes) -> None:

@@ -28,7 +28,7 @@ import orjson
 
 from ...errors import StreamError
 from ...fold.chat import stream_error
-from ..completion import first_choice
+from ..completion import first_choice, load
 from ..tools import ToolNames, sanitize_tool_id
 from .response import error_event, new_message_id, stop_fields, tool_input, usage
 
@@ -64,10 +64,9 @@ def completion_as_chunk(body: bytes) -> dict:
     ``index``: each new id starts a call), so it goes through the same
     ``ChatStream`` as any stream.
     """
-    try:
-        completion = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        raise StreamError("upstream answered a stream request with JSON that does not parse") from None
+    completion = load(body)
+    if completion is None:
+        raise StreamError("upstream answered a stream request with JSON that does not parse")
     if not isinstance(completion, dict):
         raise StreamError("upstream answered a stream request with JSON that is not an object")
     if completion.get("error") is not None:
