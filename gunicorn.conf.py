@@ -58,7 +58,7 @@ def on_starting(server):
     """
     from proxy import last_good
     from proxy.hop import SECRET_ENV
-    from proxy.settings import refuse_or_exit
+    from proxy.exposure import refuse_or_exit
 
     settings, document, fingerprint = last_good.take()
     # The README's development key on a public address (PORT set binds 0.0.0.0) stops here.

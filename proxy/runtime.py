@@ -34,9 +34,10 @@ from typing import Any, Mapping
 import yaml
 
 from . import last_good
+from .exposure import EXPOSED_ENV, published_key_refusal
 from .keys import KeyPool
 from .routing import Router
-from .settings import EXPOSED_ENV, Settings, SettingsError, build_settings, published_key_refusal
+from .settings import Settings, SettingsError, build_settings
 from .settings_file import redact_url
 from .shared import Shared
 from .upstream import Sessions

@@ -9,7 +9,6 @@ the resulting immutable objects: nothing here runs per request.
 """
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 import sys
@@ -22,8 +21,6 @@ from .translate.effort import DEFAULT_LEVELS
 
 DEFAULT_PATH = "settings.yaml"
 DEFAULT_STATE_PATH = "streamfold-state.db"
-DEVELOPMENT_KEY = "sk-streamfold-local"  # the shipped settings' fallback client key, printed in the README
-EXPOSED_ENV = "STREAMFOLD_EXPOSED_BINDS"  # the addresses served that are not loopback, set at start
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -276,57 +273,6 @@ def redact(secret: str, short: bool = False) -> str:
         return f"...{tail}"
     head = "sk-" if secret.startswith("sk-") and len(secret) > 12 else ""
     return f"{head}...{tail}"
-
-
-def published_key_refusal(settings: Settings, exposed: str) -> str | None:
-    """Why these settings must not be served on the ``exposed`` addresses (not loopback), or None.
-
-    The shipped settings.yaml falls back to the development key the README
-    prints: fine on loopback (the first-run commands), an open door on any
-    other address (``PORT`` set makes ``gunicorn app:app`` bind 0.0.0.0).
-    """
-    uses = [i for i, key in enumerate(settings.api_keys) if key.key == DEVELOPMENT_KEY]
-    if not exposed or not uses:
-        return None
-    return (f"api-keys[{uses[0]}] is the published development key {DEVELOPMENT_KEY} and the proxy serves "
-            f"{exposed} (not loopback): set STREAMFOLD_CLIENT_KEY to a key of your own (the shipped "
-            "settings.yaml reads it), or list your own api-keys in the settings file")
-
-
-def exposed_binds(binds: list[Any]) -> str:
-    """The listening addresses that are not loopback, for ``published_key_refusal`` ("" when none).
-
-    ``binds`` are gunicorn's parsed addresses: (host, port), a unix socket path,
-    or an inherited descriptor (an int, counted as not loopback: it may be anything).
-    """
-    return ", ".join(f"{b[0]}:{b[1]}" if isinstance(b, tuple) else f"fd://{b}"
-                     for b in binds if not isinstance(b, str) and not _is_loopback(b))
-
-
-def _is_loopback(bind: Any) -> bool:
-    if not isinstance(bind, tuple):
-        return False
-    host = bind[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # a host name other than localhost: it may resolve to anything
-
-
-def refuse_or_exit(settings: Settings, binds: list[Any], environ: Any = os.environ) -> None:
-    """At start: stop the process (status 1, one line) if ``published_key_refusal`` names a reason.
-
-    Otherwise the exposed addresses go into the environment (``EXPOSED_ENV``),
-    so every worker's reload refuses a file that brings the key in later.
-    """
-    exposed = exposed_binds(binds)
-    refusal = published_key_refusal(settings, exposed)
-    if refusal is not None:
-        print(f"streamfold: not starting: {refusal}", file=sys.stderr)
-        sys.exit(1)
-    environ[EXPOSED_ENV] = exposed
 
 
 def load_or_exit(path: str | None = None) -> Settings:

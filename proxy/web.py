@@ -110,7 +110,8 @@ def balancer(settings: Settings, config: ConfigHolder) -> Balancer:
 
 def run_dev_server() -> None:
     """``python app.py``: werkzeug's threaded server on the settings gunicorn would use."""
-    from .settings import load_or_exit, refuse_or_exit
+    from .exposure import refuse_or_exit
+    from .settings import load_or_exit
 
     settings = load_or_exit()
     port = int(os.environ.get("PORT", "8317"))
