@@ -14,6 +14,7 @@ import pytest
 import requests
 
 from proxy import create_app
+from proxy.balance import remote
 from proxy.settings import SettingsError, build_settings
 from tests.conftest import AUTH, make_app, provider, settings_doc
 from tests.gunicorn_util import Gunicorn, write_settings
@@ -377,6 +378,33 @@ def test_affinity_holds_across_two_instances_sharing_redis_and_each_goes_on_alon
         _run_sessions([i.url for i in instances], sessions=8, turns=6)  # turns alternate between instances
         placed = served_by(replicas)
         assert all(len(placed[f"s{n}"]) == 1 for n in range(8)), placed
+        # in-flight counts too: three requests held at instance a fill three replicas; new sessions at b
+        # then go to the fourth (by chance: (1/4)^3 that all three would)
+        release = hold_slow_requests(replicas)
+        time.sleep(remote.INTERVAL * 3)  # the counts each instance reported while the sessions ran are gone
+        pool = ThreadPoolExecutor(3)
+        held = []
+        try:
+            for n in range(3):  # one at a time, each counted before the next is chosen
+                held.append(pool.submit(requests.post, instances[0].url + "/v1/chat/completions",
+                                        json=turn("slow", 0), timeout=20, headers={
+                                            **AUTH, "x-claude-code-session-id": f"slow{n}", "Connection": "close"}))
+                deadline = time.monotonic() + 10
+                while sum("slow" in json.dumps(r.body) for fake in replicas for r in fake.requests) <= n:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.02)
+            busy = {n for n, fake in enumerate(replicas) if any("slow" in json.dumps(r.body) for r in fake.requests)}
+            assert len(busy) == 3
+            time.sleep(remote.INTERVAL * 3)  # each worker reports its counts every INTERVAL
+            answers = {requests.post(instances[1].url + "/v1/chat/completions", json=turn(f"probe{n}", 0),
+                                     headers={**AUTH, "x-claude-code-session-id": f"probe{n}", "Connection": "close"},
+                                     timeout=20).json()["choices"][0]["message"]["content"] for n in range(3)}
+            (idle,) = set(range(4)) - busy
+            assert answers == {f"replica-{idle}"}
+        finally:
+            release.set()
+            assert [h.result().status_code for h in held] == [200] * 3
+            pool.shutdown()
         for fake in replicas:
             fake.requests.clear()
         redis_server.stop()

@@ -33,6 +33,7 @@ disabled provider is not in the set at all. Ties go round-robin.
 from __future__ import annotations
 
 import itertools
+import os
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -60,6 +61,7 @@ class Choice:
     reason: str
     session: int = 0                       # session hash (0: no hint)
     session_replica: int = 0               # the replica hash the session was on before this request
+    claimed: int = 0                       # the replica hash Redis holds for the session after this request
     blocks: list[int] = field(default_factory=list)  # the prompt's block hashes (cache-aware)
     matched: int = 0                       # leading blocks the index held, and for which replicas
     mask: int = 0
@@ -69,7 +71,8 @@ class Balancer:
     def __init__(self, path: str | None, fleet: Fleet) -> None:
         self.table = Table(path, fleet.max_sessions, fleet.max_prefix_blocks)
         self.remote: Any = None   # remote.RemoteLink with Redis: other instances' counts and affinity
-        self._turn = itertools.count()
+        # ties go in turn, from a random start: workers deciding at the same moment seldom pick alike
+        self._turn = itertools.count(int.from_bytes(os.urandom(2), "little"))
         self._hashes: dict[str, int] = {}
         self._gauges: dict[tuple[str, str], Any] = {}   # metric children, looked up once (labels() locks)
         self._counters: dict[tuple[str, str, str], Any] = {}
@@ -148,7 +151,12 @@ class Balancer:
             choice.session = hints.session_hash(group, key)
             replica = self.table.get(True, choice.session, fleet.session_ttl)
             if not replica and self.remote is not None:
-                replica = self.remote.affinity(choice.session)
+                # new here: put it on the least busy replica unless another instance already placed it
+                # (one atomic step in Redis, so two instances seeing its first turns agree)
+                ours = self._hash(targets[order[0]])
+                replica = choice.claimed = self.remote.claim(choice.session, ours, fleet.session_ttl)
+                if replica == ours:
+                    replica = 0  # ours: placed below like any new session
             choice.session_replica = replica
             if replica:
                 for i in range(count):
@@ -207,8 +215,8 @@ class Balancer:
         if choice.session:
             replica = self._hash(target)
             self.table.put(True, choice.session, replica)
-            if self.remote is not None and replica != choice.session_replica:
-                self.remote.share_affinity(choice.session, replica, fleet.session_ttl)
+            if self.remote is not None and replica not in (choice.session_replica, choice.claimed):
+                self.remote.move(choice.session, replica, fleet.session_ttl)  # it moved (or Redis said nothing)
         blocks = choice.blocks
         if blocks:
             bit = 1 << self._bit(target)

@@ -1,16 +1,15 @@
 """The balancer across instances sharing Redis: in-flight counts and session affinity.
 
-The request path never waits for Redis except once per session an instance
-has not seen (one GET, to learn where another instance put it). Everything
-else runs in one daemon thread per worker:
-
-* every ``INTERVAL`` seconds it writes this worker's in-flight counts per
-  replica to ``streamfold:fleet:busy:<instance>:<pid>`` (expiring after
-  ``TTL``) and sums the other instances' keys into ``busy``, which ``load``
-  adds to the instance's own live counts;
-* it writes the session -> replica assignments this worker made
-  (``streamfold:fleet:session:<hash>``, expiring after ``fleet.session-ttl``),
-  from a bounded queue.
+The request path talks to Redis once per session an instance has not seen:
+one MULTI/EXEC that puts the session on the replica this instance would pick
+unless another instance already put it somewhere, and reads back the winner
+(``streamfold:fleet:session:<hash>``, expiring after ``fleet.session-ttl``),
+so two instances that see a session's first turns at once agree; and once
+more when a session moves off a failed replica. In-flight counts never wait:
+every ``INTERVAL`` seconds a daemon thread per worker writes this worker's
+counts per replica to ``streamfold:fleet:busy:<instance>:<pid>`` (expiring
+after ``TTL_MS``) and sums the other instances' keys into ``busy``, which the
+balancer adds to the instance's own live counts.
 
 While Redis does not answer, ``busy`` is emptied and nothing is queued or
 asked: each instance decides alone, with its own counts and sessions, and
@@ -18,7 +17,6 @@ catches up when Redis is back.
 """
 from __future__ import annotations
 
-import collections
 import logging
 import os
 import threading
@@ -33,7 +31,6 @@ BUSY_PREFIX = PREFIX + "fleet:busy:"
 SESSION_PREFIX = PREFIX + "fleet:session:"
 INTERVAL = 0.25
 TTL_MS = 2000
-QUEUE = 10000  # session assignments waiting to be written; older ones are dropped beyond this
 
 
 class RemoteLink:
@@ -43,7 +40,6 @@ class RemoteLink:
         self.instance = instance
         self.busy: dict[str, int] = {}   # replica name -> requests in flight at the other instances
         self.counts = None               # set by the balancer: () -> {replica name: this worker's count}
-        self._queue: collections.deque = collections.deque(maxlen=QUEUE)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._pid = 0
@@ -67,13 +63,18 @@ class RemoteLink:
         return self.shared.up
 
     # -- request path -------------------------------------------------------------
-    def affinity(self, session: int) -> int:
-        """The replica hash another instance put this session on (0: none, or Redis down)."""
+    def claim(self, session: int, replica: int, ttl: float) -> int:
+        """Put a session this instance has not seen on ``replica`` unless another instance already put it
+        somewhere; the replica hash it is on now (0: Redis cannot say)."""
         if not self.up:
             return 0
         self.start()
+        key = f"{SESSION_PREFIX}{session:x}"
         try:
-            found = self.client.get(f"{SESSION_PREFIX}{session:x}")
+            pipe = self.client.pipeline()  # MULTI/EXEC: set-if-absent and read back, atomically
+            pipe.set(key, replica, px=max(1, int(ttl * 1000)), nx=True)
+            pipe.get(key)
+            found = pipe.execute()[1]
         except (redis.RedisError, OSError):
             return 0
         try:
@@ -81,12 +82,14 @@ class RemoteLink:
         except ValueError:
             return 0
 
-    def share_affinity(self, session: int, replica: int, ttl: float) -> None:
+    def move(self, session: int, replica: int, ttl: float) -> None:
+        """The session is on ``replica`` now (its old one failed here); skipped while Redis is down."""
         if not self.up:
             return
-        self.start()
-        self._queue.append((session, replica, ttl))
-        self._wake.set()
+        try:
+            self.client.set(f"{SESSION_PREFIX}{session:x}", replica, px=max(1, int(ttl * 1000)))
+        except (redis.RedisError, OSError):
+            pass
 
     # -- the thread -------------------------------------------------------------------
     def _run(self) -> None:
@@ -99,13 +102,8 @@ class RemoteLink:
                 self.busy = {}
                 continue
             try:
-                pipe = self.client.pipeline(transaction=False)
-                while self._queue:
-                    session, replica, ttl = self._queue.popleft()
-                    pipe.set(f"{SESSION_PREFIX}{session:x}", replica, px=max(1, int(ttl * 1000)))
                 counts = self.counts() if self.counts is not None else {}
-                pipe.set(key, orjson.dumps(counts), px=TTL_MS)
-                pipe.execute()
+                self.client.set(key, orjson.dumps(counts), px=TTL_MS)
                 busy: dict[str, int] = {}
                 names = [k for k in self.client.scan_iter(match=BUSY_PREFIX + "*", count=1000)
                          if not k.decode("utf-8", "replace").startswith(mine)]
