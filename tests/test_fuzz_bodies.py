@@ -193,6 +193,17 @@ def test_function_call_arguments_nested_too_deep_are_a_400_before_the_upstream(f
     assert len(upstream.requests) == asked
 
 
+def test_a_tool_description_nested_too_deep_to_count_is_a_400_before_a_stream_starts(fuzzed):
+    # Found by the fuzzer: the stream's prompt estimate (for message_start) failed after the upstream was
+    # asked, a 500 that also left the upstream connection open.
+    server, session, upstream = fuzzed
+    asked = len(upstream.requests)
+    body = dict(MESSAGES_BODY, stream=True, tools=[dict(BASH, description=nested(254, None, "list"))])
+    response = session.post(server.url + "/v1/messages", data=json.dumps(body), headers=AUTH, timeout=10)
+    assert response.status_code == 400 and anthropic_shaped(response.json()), response.text[:300]
+    assert len(upstream.requests) == asked
+
+
 @pytest.mark.parametrize("field", ["metadata", "text", "reasoning", "tools", "tool_choice"])
 @pytest.mark.parametrize("stream", [False, True])
 def test_echoed_fields_nested_too_deep_are_a_400_before_the_upstream_is_called(upstream, serve, field, stream):

@@ -180,6 +180,10 @@ def _stream(run, bridge: Bridge, model: str, max_bytes: int, on_end, early_commi
     event: a native stream is relayed byte for byte, so nothing of ours may
     precede it.
     """
+    try:  # message_start needs it: estimated before any upstream is asked, so a body it cannot read is a 400
+        prompt_tokens = bridge.prompt_tokens
+    except orjson.JSONEncodeError:
+        raise _too_deep() from None
     pump = anthropic_stream.Pump(run, max_bytes, hold(g.log))
     try:
         outcome, pending = anthropic_stream.first_items(
@@ -198,7 +202,7 @@ def _stream(run, bridge: Bridge, model: str, max_bytes: int, on_end, early_commi
         bridge.usage = chat.usage
         on_end(200, result, b"")
 
-    stream = MessageStream(model, bridge.names, bridge.prompt_tokens, bridge.stops)
+    stream = MessageStream(model, bridge.names, prompt_tokens, bridge.stops)
     body = anthropic_stream.events(pump, pending, stream, _failure, ended)
     response = Response(body, 200, {"Content-Type": "text/event-stream", **SSE_HEADERS}, direct_passthrough=True)
     response.call_on_close(pump.cancel)  # also when the body never started (the client left first)
