@@ -69,19 +69,20 @@ def check(events: bytes | list[tuple[str, dict]], codex: bool = False) -> dict:
             index = payload["output_index"]
             assert index not in items and index == len(items), f"output_index {index} reused or skipped"
             item = payload["item"]
-            items[index] = {"id": item["id"], "type": item["type"], "added": item, "acc": "", "parts_done": 0,
+            items[index] = {"id": item["id"], "type": item["type"], "added": item, "acc": [], "parts_done": 0,
                             "done": False}
         elif name in DELTAS or name in PART_DONE or name in PART_ADDED:
             state = _open(items, payload)
             if name in DELTAS:
                 assert state["parts_done"] == 0, f"{name} after its part was done"
-                state["acc"] += payload["delta"]
+                state["acc"].append(payload["delta"])  # joined when compared: += is quadratic on big answers
             elif name in PART_DONE:
                 state["parts_done"] += 1
                 value = payload.get("text", payload.get("arguments", payload.get("input")))
                 if value is None and "part" in payload:
                     value = payload["part"]["text"]
-                assert value == state["acc"], f"{name} says {value!r}, deltas gave {state['acc']!r}"
+                added = _joined(state)
+                assert value == added, f"{name} says {value[:200]!r}, deltas gave {added[:200]!r}"
         elif name == "response.output_item.done":
             state = _open(items, payload)
             item = payload["item"]
@@ -132,13 +133,20 @@ def _open(items: dict, payload: dict) -> dict:
 def _complete(item: dict, state: dict) -> None:
     kind = item["type"]
     if kind == "message":
-        assert item["content"][0]["text"] == state["acc"] and state["parts_done"] == 2
+        assert item["content"][0]["text"] == _joined(state) and state["parts_done"] == 2
     elif kind == "reasoning":
-        assert item["summary"][0]["text"] == state["acc"] and state["parts_done"] == 2
+        assert item["summary"][0]["text"] == _joined(state) and state["parts_done"] == 2
     elif kind == "function_call":
-        assert item["arguments"] == state["acc"] and state["parts_done"] == 1
+        assert item["arguments"] == _joined(state) and state["parts_done"] == 1
         assert item["call_id"] and item["id"] == state["added"]["id"]
     elif kind == "custom_tool_call":
-        assert item["input"] == state["acc"] and state["parts_done"] == 1 and item["call_id"]
+        assert item["input"] == _joined(state) and state["parts_done"] == 1 and item["call_id"]
     else:
         raise AssertionError(f"unexpected item type {kind}")
+
+
+def _joined(state: dict) -> str:
+    """What the deltas of an item added up to (kept joined, so each comparison costs one join at most)."""
+    if len(state["acc"]) != 1:
+        state["acc"][:] = ["".join(state["acc"])]
+    return state["acc"][0]
