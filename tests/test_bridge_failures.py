@@ -195,7 +195,7 @@ def test_an_exception_in_any_messages_step_ends_the_stream_with_event_error(brid
     assert response.status_code == 200
     checked = check_stream(response.content, broken=True)  # message_start first, error last, nothing cut
     assert checked.error["type"] == "api_error"
-    assert "internal error" in _access_result(caplog)
+    assert _access_result(caplog).strip('"') == "internal error: RuntimeError"
     monkeypatch.undo()
     assert check_stream(messages(bridged).content).stop_reason == "tool_use"  # the worker is fine
 
@@ -215,7 +215,7 @@ def test_an_exception_in_any_responses_step_ends_the_stream_with_its_failure_eve
         assert terminal["type"] == "response.failed" and terminal["response"]["error"]["code"] == "server_error"
     else:
         assert terminal["type"] == "error" and terminal["code"] == "server_error"
-    assert "internal error" in _access_result(caplog)
+    assert _access_result(caplog).strip('"') == "internal error: RuntimeError"
     monkeypatch.undo()
     assert responses_invariants.check(responses(bridged, codex).content)["type"] == "response.completed"
 

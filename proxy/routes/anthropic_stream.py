@@ -168,7 +168,7 @@ class Pump:
             self.batches = None
         except Exception as exc:  # noqa: BLE001 - reported to the client, never a dead thread silently
             log.error("streaming reader failed: %s", type(exc).__name__, exc_info=exc)
-            items = [("error", ProxyError(f"internal error: {type(exc).__name__}"))]
+            items = [("error", ProxyError(f"internal error: {type(exc).__name__}", code="internal_error"))]
             self.batches = None
         with self.lock:
             self.running = False
@@ -289,7 +289,8 @@ def events(pump: Pump, pending: list[tuple], stream: MessageStream,
                     raise value
             except ProxyError as exc:
                 status, message = failure(exc)
-                result = f"upstream failed mid-stream: {loggable(message, 200)}"
+                result = exc.message if exc.code == "internal_error" else \
+                    f"upstream failed mid-stream: {loggable(message, 200)}"
                 data = stream.fail(status, message)
             if data:
                 yield head + data
