@@ -197,7 +197,8 @@ def post(sessions: Sessions, provider: Provider, url: str, body: bytes, headers:
         raise UpstreamTimeout(f"could not connect to {_where(provider, entry)} within timeouts.connect "
                               f"({timeouts.connect:g} s)") from None
     except urllib3.exceptions.TimeoutError:
-        raise UpstreamTimeout(f"upstream timed out ({provider.name})") from None
+        raise UpstreamTimeout(f"{_where(provider, entry)} sent no answer within timeouts.read "
+                              f"({timeouts.read:g} s)") from None
     except (urllib3.exceptions.HTTPError, OSError) as exc:
         raise UpstreamUnavailable(f"could not reach upstream {provider.name!r}: {type(exc).__name__}") from None
     coding = response.headers.get("Content-Encoding")

@@ -258,6 +258,8 @@ def test_upstream_timeout_is_504(upstream):
     response = app.test_client().post("/v1/chat/completions", json=CHAT, headers=AUTH)
     assert response.status_code == 504
     assert error_of(response)["code"] == "upstream_timeout"
+    assert error_of(response)["message"] == (f"provider 'up' at 127.0.0.1:{upstream.port} (base-url) sent no answer "
+                                             "within timeouts.read (0.3 s)")
 
 
 @pytest.mark.parametrize("status", [400, 404, 413, 422])
