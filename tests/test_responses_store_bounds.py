@@ -10,10 +10,13 @@ dropping the oldest (SQLite and a real redis-server).
 """
 from __future__ import annotations
 
+import json
+
 import pytest
+import requests
 
 from proxy import create_app
-from tests.conftest import settings_doc
+from tests.conftest import AUTH, settings_doc
 from tests.gunicorn_util import write_settings
 from tests.redis_util import RedisServer
 from tests.test_responses_bridge import TEXT, answer, chat_only, chunk, post, usage
@@ -59,6 +62,10 @@ def test_a_conversation_past_max_request_bytes_is_a_413_before_the_upstream_is_c
     assert "max-request-bytes" in error["message"]
     assert len(upstream.requests) == asked  # refused before any upstream call
     assert 3 <= turns  # 40 KB a turn against 200 KB: a few turns fit
+    chunked = requests.post(server.url + "/v1/responses", headers=AUTH, timeout=10,  # no Content-Length: counted too
+                            data=iter([json.dumps({"model": "m", "input": TURN, "previous_response_id": previous})
+                                       .encode()]))
+    assert chunked.status_code == 413 and len(upstream.requests) == asked
     fresh = post(server, {"model": "m", "input": "a new conversation"})
     assert fresh.status_code == 200
 

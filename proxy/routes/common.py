@@ -204,6 +204,7 @@ def read_json_body(limit: int) -> dict:
     raw = request.stream.read(limit + 1)
     if len(raw) > limit:
         raise PayloadTooLarge(f"Request body exceeds the limit of {limit} bytes.")
+    g.body_bytes = len(raw)  # what the request weighs, chunked or not (a continued conversation adds its history)
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:

@@ -59,7 +59,7 @@ def create_response() -> Response:
             raw = store.get_blob(STORE_NAMESPACE, _store_key(g.client.identity, previous))
             history = _history(raw)
             if history is not None:
-                _check_size(previous, history, len(raw) + (request.content_length or 0), settings.max_request_bytes)
+                _check_size(previous, history, len(raw) + g.body_bytes, settings.max_request_bytes)
             if history is None and all(not _native(t) for t in targets):
                 raise BadRequest(f"Previous response with id '{loggable(previous)}' not found.",
                                  code="previous_response_not_found", param="previous_response_id")
