@@ -230,6 +230,14 @@ def deploy(directory: Path, *providers: dict) -> Gunicorn:
     return Gunicorn(write_settings(directory / "settings.yaml", settings_doc(*providers)), workers=2, threads=4)
 
 
+def stop_checked(server: Gunicorn) -> None:
+    """Stops the proxy, whose log must hold no traceback and no error line: an agent that finished may
+    still have met an exception the proxy turned into an error event."""
+    output = server.output()
+    server.stop()
+    assert not re.search(r"Traceback|\] ERROR |\[ERROR\]", output), output[-8000:]
+
+
 def chat_provider(upstream: ScriptedUpstream, name: str, model: str, aliases: list[str], **extra) -> dict:
     """A chat-only provider (both bridges translate to chat for it) serving ``model`` under ``aliases``."""
     return provider(upstream.url, name=name, **{"native-apis": ["chat"],

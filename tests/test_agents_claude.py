@@ -28,6 +28,7 @@ from tests.agent_cli import (
     failing_once,
     reasoning,
     split_surrogates,
+    stop_checked,
     text,
     tool_call,
     tool_results,
@@ -49,7 +50,7 @@ def proxy(scripted, strict_scripted, tmp_path_factory):
                     chat_provider(strict_scripted, "strict", STRICT, ["strict"]),
                     chat_provider(scripted, "forced", FORCED, ["forced"], **{"force-upstream-stream": True}))
     yield server
-    server.stop()
+    stop_checked(server)
 
 
 def access_line(proxy, request_id: str) -> str:

@@ -24,6 +24,7 @@ from tests.agent_cli import (
     failing_once,
     reasoning,
     split_surrogates,
+    stop_checked,
     text,
     tool_call,
     tool_results,
@@ -45,7 +46,7 @@ def proxy(scripted, strict_scripted, tmp_path_factory):
                     chat_provider(strict_scripted, "strict", STRICT, ["strict"]),
                     chat_provider(scripted, "forced", FORCED, ["forced"], **{"force-upstream-stream": True}))
     yield server
-    server.stop()
+    stop_checked(server)
 
 
 def shell(index: int, call_id: str, command: str) -> list[dict]:
