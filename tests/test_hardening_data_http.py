@@ -253,6 +253,19 @@ def test_the_chat_route_answers_a_relayed_answer_of_the_wrong_shape_with_a_502(u
     assert chat(live.url).json()["choices"][0]["message"]["content"] == "fine"
 
 
+@pytest.mark.parametrize("path, body, shape", [
+    ("/v1/completions", {"model": "m", "prompt": "Once"}, {"choices": [{"text": 5}]}),
+    ("/v1/completions", {"model": "m", "prompt": "Once"}, {"object": "text_completion"}),
+    ("/v1/embeddings", {"model": "m", "input": "hi"}, {"data": [{"embedding": {"a": 1}}]}),
+    ("/v1/embeddings", {"model": "m", "input": "hi"}, [0.25, 0.5]),
+], ids=["completion-text-number", "completion-no-choices", "embedding-object", "embeddings-bare-list"])
+def test_completions_and_embeddings_answer_a_relayed_answer_of_the_wrong_shape_with_a_502(upstream, live, path,
+                                                                                          body, shape):
+    upstream.handler = lambda rec: Reply(body=json.dumps(shape).encode())
+    answer = requests.post(live.url + path, json=body, headers=AUTH, timeout=10)
+    assert answer.status_code == 502 and answer.json()["error"]["code"] == "upstream_bad_answer", answer.text[:200]
+
+
 def test_json_nested_deeper_than_the_answer_can_be_written_is_a_502(upstream, serve):
     live = forced(upstream, serve)
     deep = "[" * 400 + "]" * 400  # orjson reads 1,024 levels but writes 255

@@ -5,7 +5,8 @@ JSON but not a chat completion (no choices, a choice or message that is no
 object, content that is a number, tool calls that are no list) is the
 upstream's fault: a 502 naming the field, never an empty answer sent as a 200.
 Pure; both bridges' non-stream translations call ``first_choice``, and the
-chat route checks a JSON answer it relays with ``check_relayed``.
+chat, completions and embeddings routes check a JSON answer they relay with
+``check_relayed``, ``check_text_completion`` and ``check_embeddings``.
 """
 from __future__ import annotations
 
@@ -46,26 +47,48 @@ def load(body: bytes) -> Any:
 def check_relayed(body: bytes) -> None:
     """A chat answer relayed byte for byte (the chat route) must be a chat completion as well: every choice
     checked as ``first_choice`` checks the first (an empty list passes: nothing in it can be misread)."""
-    try:
-        completion = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        try:  # orjson refuses numbers past a double (a 400-digit count): JSON all the same, relayed as sent
-            completion = json.loads(body)
-        except (ValueError, RecursionError):
-            raise _bad("the answer is not JSON") from None
-    for i, choice in enumerate(_choices(completion)):
+    for i, choice in enumerate(_choices(_parsed(body))):
         _message(choice, i)
 
 
-def _choices(completion: Any) -> list:
+def check_text_completion(body: bytes) -> None:
+    """A relayed ``/v1/completions`` answer: an object whose ``choices`` are objects with text."""
+    for i, choice in enumerate(_choices(_parsed(body), "text completion")):
+        if not isinstance(choice, dict) or not isinstance(choice.get("text"), (str, type(None))):
+            raise _bad(f"choices[{i}] is not an object with a text", "text completion")
+
+
+def check_embeddings(body: bytes) -> None:
+    """A relayed ``/v1/embeddings`` answer: an object whose ``data`` is a list of objects, each with an
+    ``embedding`` (a list of numbers, or base64 text)."""
+    answer = _parsed(body)
+    data = answer.get("data") if isinstance(answer, dict) else None
+    if not isinstance(data, list):
+        raise _bad("data is not a list", "list of embeddings")
+    for i, item in enumerate(data):
+        if not isinstance(item, dict) or not isinstance(item.get("embedding"), (list, str)):
+            raise _bad(f"data[{i}] is not an object with an embedding", "list of embeddings")
+
+
+def _parsed(body: bytes) -> Any:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        try:  # orjson refuses numbers past a double (a 400-digit count): JSON all the same, relayed as sent
+            return json.loads(body)
+        except (ValueError, RecursionError):
+            raise _bad("the answer is not JSON") from None
+
+
+def _choices(completion: Any, kind: str = "chat completion") -> list:
     if not isinstance(completion, dict):
-        raise _bad("the answer is not a JSON object")
+        raise _bad("the answer is not a JSON object", kind)
     choices = completion.get("choices")
     if not isinstance(choices, list):
-        raise _bad("choices is not a list")
+        raise _bad("choices is not a list", kind)
     usage = completion.get("usage")
     if usage is not None and not isinstance(usage, dict):
-        raise _bad("usage is not an object")
+        raise _bad("usage is not an object", kind)
     return choices
 
 
@@ -96,5 +119,5 @@ def _message(choice: Any, index: int) -> dict:
     return message
 
 
-def _bad(what: str) -> StreamError:
-    return StreamError(f"upstream answer is not a chat completion: {what}", code="upstream_bad_answer")
+def _bad(what: str, kind: str = "chat completion") -> StreamError:
+    return StreamError(f"upstream answer is not a {kind}: {what}", code="upstream_bad_answer")
