@@ -1,0 +1,180 @@
+"""The import rules of issue 23 (acceptance 1), checked from the source of ``proxy/``.
+
+Nothing is imported: ``tests/arch_graph.py`` builds the graph from ``ast``, counting
+module-level and function-level imports alike. The rules:
+
+- no import cycle among proxy modules;
+- nothing outside ``proxy/routes/`` imports ``proxy.routes`` (routes are the top layer),
+  except the app factory (``COMPOSITION_ROOT``), which registers them;
+- ``proxy/fold/`` and ``proxy/translate/`` import neither flask, werkzeug, requests nor
+  urllib3, directly or through another proxy module; ``proxy/state/`` imports no
+  web framework (flask, werkzeug), directly or through another proxy module;
+- a route module (``proxy/routes/*.py``) holds at most ``ROUTE_CODE_LINES`` lines of code
+  (not blank, not only a comment, not a docstring).
+
+What breaks a rule today is listed below by name (issue 23: to be removed). A violation
+not listed fails the test; a listed one that no longer exists fails it too, so the lists
+only shrink.
+"""
+from __future__ import annotations
+
+from tests import arch_graph
+from tests.arch_graph import Import, code_lines, cycle_path, cycles, graph, module_path
+
+ROUTE_CODE_LINES = 120
+COMPOSITION_ROOT = "proxy.web"  # create_app registers every blueprint: the one module above routes
+PURE_PACKAGES = ("proxy.fold", "proxy.translate")
+PURE_FORBIDDEN = ("flask", "werkzeug", "requests", "urllib3")
+STATE_PACKAGES = ("proxy.state",)
+STATE_FORBIDDEN = ("flask", "werkzeug")
+
+# issue 23: to be removed. Each entry: the modules of one import cycle (a strongly
+# connected component, exactly).
+KNOWN_CYCLES: dict[str, frozenset[str]] = {
+    # settings.py imports validate and balance/settings inside functions, both import settings
+    # back; the config/ package (issue 23, "config/ and management in one place") removes it.
+    "settings-validate": frozenset({"proxy.settings", "proxy.validate", "proxy.balance.settings"}),
+    # the package's create_app imports web, which imports page_api, which imports __version__
+    # from the package.
+    "package-version": frozenset({"proxy", "proxy.web", "proxy.routes.page_api", "proxy.routes.fleet_api"}),
+}
+
+# issue 23: to be removed. (importer, imported) pairs reaching up into proxy.routes.
+KNOWN_UPWARD: dict[str, tuple[str, str]] = {
+    "demo-uses-routes-common": ("proxy.demo", "proxy.routes.common"),  # demo.py is a Blueprint outside routes/
+    "worker-uses-routes-head": ("proxy.worker.gthread", "proxy.routes.head"),  # head.py has no Flask
+}
+
+# issue 23: to be removed. (importer, forbidden library) pairs, where the import may be
+# through other proxy modules.
+KNOWN_LIBRARY: dict[str, tuple[str, str]] = {
+    # state/limits.py counts refusals in proxy.metrics, which also holds the /metrics Blueprint
+    "limits-imports-metrics-blueprint": ("proxy.state.limits", "flask"),
+}
+
+# issue 23: to be removed. Route modules over ROUTE_CODE_LINES (code lines when listed).
+# The bridges come out of the routes with the bridge interface (translate/<protocol>/bridge.py);
+# common.py's request record and access log go with the request record; page_api.py and
+# manage.py with routes/manage/ as a package.
+KNOWN_LONG_ROUTES: dict[str, int] = {
+    "proxy.routes.anthropic": 205,
+    "proxy.routes.anthropic_stream": 221,
+    "proxy.routes.common": 183,
+    "proxy.routes.manage": 140,
+    "proxy.routes.page_api": 205,
+    "proxy.routes.responses": 186,
+}
+
+
+def _in(module: str, packages: tuple[str, ...]) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in packages)
+
+
+def _edges(edges: list[Import]) -> str:
+    return "\n".join(f"  {e.source} -> {e.target}   at {e.where()}" for e in edges)
+
+
+def _check_known(kind: str, found: dict, known: dict) -> None:
+    """No violation beyond the named list, and every listed one still there (then remove it)."""
+    listed = {value: name for name, value in known.items()}
+    new = [value for value in found if value not in listed]
+    gone = [name for value, name in listed.items() if value not in found]
+    message = []
+    if new:
+        message.append(f"new {kind} (fix it; do not add it to the list):\n"
+                       + "\n".join(str(found[value]) for value in new))
+    if gone:
+        message.append(f"fixed {kind} still listed as known (remove from the list): {sorted(gone)}")
+    assert not message, "\n".join(message)
+
+
+MODULES, INTERNAL, EXTERNAL = graph()
+
+
+def test_the_graph_sees_the_package():
+    # a sanity floor: a parser that found nothing would pass every rule
+    assert "proxy.web" in MODULES and "proxy.fold.sse" in MODULES and "proxy.routes.openai" in MODULES
+    assert any(e.source == "proxy.web" and e.target == "proxy.routes.openai" for e in INTERNAL)
+    assert any(e.in_function for e in INTERNAL), "function-level imports must be counted"
+
+
+def test_no_import_cycles():
+    found = {}
+    for component in cycles(INTERNAL):
+        path = cycle_path(component, INTERNAL)
+        found[frozenset(component)] = (f"cycle among {component}; one loop:\n{_edges(path)}")
+    _check_known("import cycle", found, KNOWN_CYCLES)
+
+
+def test_nothing_imports_upward_into_routes():
+    found: dict[tuple[str, str], str] = {}
+    for edge in INTERNAL:
+        if _in(edge.target, ("proxy.routes",)) and not _in(edge.source, ("proxy.routes",)) \
+                and edge.source != COMPOSITION_ROOT:
+            found.setdefault((edge.source, edge.target), "")
+            found[(edge.source, edge.target)] += _edges([edge]) + "\n"
+    _check_known("import up into proxy.routes", found, KNOWN_UPWARD)
+
+
+def _reach(library: str) -> dict[str, list[str]]:
+    """For each proxy module that imports the library, itself or through proxy modules: one chain."""
+    direct: dict[str, Import] = {}
+    for edge in EXTERNAL:
+        if edge.target.split(".")[0] == library and edge.source not in direct:
+            direct[edge.source] = edge
+    succ: dict[str, list[Import]] = {}
+    for edge in INTERNAL:
+        succ.setdefault(edge.source, []).append(edge)
+    chains: dict[str, list[str]] = {}
+    for start in MODULES:
+        # breadth first: the shortest chain from start to a module importing the library
+        previous: dict[str, Import | None] = {start: None}
+        frontier = [start]
+        while frontier and start not in chains:
+            following = []
+            for node in frontier:
+                if node in direct:
+                    last = direct[node]
+                    steps = [f"  {last.source} imports {last.target}   at {last.where()}"]
+                    while previous[node] is not None:
+                        edge = previous[node]
+                        steps.insert(0, f"  {edge.source} -> {edge.target}   at {edge.where()}")
+                        node = edge.source
+                    chains[start] = steps
+                    break
+                for edge in succ.get(node, []):
+                    if edge.target not in previous:
+                        previous[edge.target] = edge
+                        following.append(edge.target)
+            frontier = following
+    return chains
+
+
+def test_pure_packages_import_no_web_or_http_library():
+    found: dict[tuple[str, str], str] = {}
+    for packages, forbidden in ((PURE_PACKAGES, PURE_FORBIDDEN), (STATE_PACKAGES, STATE_FORBIDDEN)):
+        for library in forbidden:
+            for module, chain in _reach(library).items():
+                if _in(module, packages):
+                    found[(module, library)] = f"{module} reaches {library}:\n" + "\n".join(chain)
+    _check_known("web/HTTP library import from a pure package", found, KNOWN_LIBRARY)
+
+
+def test_route_modules_are_short():
+    found: dict[str, str] = {}
+    lines = {}
+    for module, path in MODULES.items():
+        if module.startswith("proxy.routes.") and module.count(".") == 2:
+            lines[module] = code_lines(path)
+            if lines[module] > ROUTE_CODE_LINES:
+                found[module] = f"{module_path(module)}: {lines[module]} code lines (at most {ROUTE_CODE_LINES})"
+    _check_known("route module over the line budget", {m: text for m, text in found.items()},
+                 {name: name for name in KNOWN_LONG_ROUTES})
+
+
+def test_code_lines_skip_blanks_comments_and_docstrings(tmp_path):
+    sample = tmp_path / "sample.py"
+    sample.write_text('"""Module\n\ndocstring."""\n# a comment\n\nimport os  # trailing\n\n\n'
+                      'def f():\n    """Doc."""\n    return (1,\n            2)\n\n\nTEXT = """a\nb"""\n')
+    # import os; def f():; return (1,; 2); TEXT = """a; b"""
+    assert arch_graph.code_lines(sample) == 6
