@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-__version__ = "2.0.0.dev0"  # Part 2 in progress; shown on the operator page
+from .version import __version__  # noqa: F401 - proxy.__version__
 
 
 def create_app(test_config: Mapping[str, Any] | None = None):

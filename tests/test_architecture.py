@@ -34,9 +34,6 @@ KNOWN_CYCLES: dict[str, frozenset[str]] = {
     # settings.py imports validate and balance/settings inside functions, both import settings
     # back; the config/ package (issue 23, "config/ and management in one place") removes it.
     "settings-validate": frozenset({"proxy.settings", "proxy.validate", "proxy.balance.settings"}),
-    # the package's create_app imports web, which imports page_api, which imports __version__
-    # from the package.
-    "package-version": frozenset({"proxy", "proxy.web", "proxy.routes.page_api", "proxy.routes.fleet_api"}),
 }
 
 # issue 23: to be removed. (importer, imported) pairs reaching up into proxy.routes.

@@ -15,11 +15,12 @@ import orjson
 import requests
 from flask import Response, request
 
-from .. import __version__, activity, instances, metrics
+from .. import activity, instances, metrics
 from ..errors import BadRequest, NotFound
 from ..keys import key_id
 from ..settings import Provider, redact
 from ..settings_file import redact_url
+from ..version import __version__
 from .manage import _body, _holder, _json, _write, bp
 
 WINDOWS = (300, 3600)  # the traffic panel: last 5 minutes, last hour
