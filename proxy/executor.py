@@ -74,6 +74,7 @@ class Plan:
     headers: dict[str, str] | None = None     # client headers to send instead of Call.client_headers
     native: bool = True                       # False: the route must translate the answer back
     key_header: str | None = None             # also send the provider key in this header (x-api-key)
+    check: Callable[[bytes], None] | None = None  # raises for a 200 JSON answer of the wrong shape (native)
 
 
 @dataclass(slots=True)
@@ -269,7 +270,7 @@ def _attempt(settings: Settings, sessions: upstream.Sessions, keys: KeyPool,
             failed.plan = plan
             return failed
     try:
-        outcome = _success(settings, response, call, fold, forced)
+        outcome = _success(settings, response, call, fold, forced, call.check if plan is None else plan.check)
         outcome.plan = plan
         outcome.strip_usage = strip_usage and outcome.stream is not None
     except BaseException:
@@ -282,7 +283,7 @@ def _attempt(settings: Settings, sessions: upstream.Sessions, keys: KeyPool,
 
 
 def _success(settings: Settings, response: HTTPResponse, call: Call, fold: Callable[..., dict] | None,
-             forced: bool) -> Outcome:
+             forced: bool, check: Callable[[bytes], None] | None) -> Outcome:
     content_type = upstream.header_value(response.headers.get("Content-Type")) or ""
     first = upstream.read_first(response)
     call.log["received"] = (response, first)  # what an answer without usage is charged by (routes/common.account)
@@ -308,8 +309,8 @@ def _success(settings: Settings, response: HTTPResponse, call: Call, fold: Calla
         return Outcome(200, "application/json", body)
     with closing(response):
         body = upstream.read_body(response, first, settings.max_aggregate_bytes)
-    if call.check is not None and response.status == 200:
-        call.check(body)
+    if check is not None and response.status == 200:
+        check(body)
     return Outcome(response.status, content_type or "application/json", body)
 
 

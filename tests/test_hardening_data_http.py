@@ -266,6 +266,19 @@ def test_completions_and_embeddings_answer_a_relayed_answer_of_the_wrong_shape_w
     assert answer.status_code == 502 and answer.json()["error"]["code"] == "upstream_bad_answer", answer.text[:200]
 
 
+@pytest.mark.parametrize("shape", [{"choices": [{"message": {"content": "hi"}}]}, {"type": "message"}, [1]],
+                         ids=["a-chat-completion", "no-content", "a-list"])
+def test_native_passthroughs_answer_json_of_the_wrong_shape_with_a_502(upstream, serve, shape):
+    live = serve(make_app(settings_doc(provider(upstream, **{"native-apis": ["chat", "messages", "responses"]}))))
+    upstream.handler = lambda rec: Reply(body=json.dumps(shape).encode())
+    messages = requests.post(live.url + "/v1/messages", headers=AUTH, timeout=10, json={
+        "model": "m", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]})
+    assert messages.status_code == 502 and messages.json()["type"] == "error", messages.text[:200]
+    assert "not a message of the Anthropic API" in messages.json()["error"]["message"]
+    responses = requests.post(live.url + "/v1/responses", headers=AUTH, timeout=10, json={"model": "m", "input": "hi"})
+    assert responses.status_code == 502 and responses.json()["error"]["code"] == "upstream_bad_answer"
+
+
 def test_json_nested_deeper_than_the_answer_can_be_written_is_a_502(upstream, serve):
     live = forced(upstream, serve)
     deep = "[" * 400 + "]" * 400  # orjson reads 1,024 levels but writes 255

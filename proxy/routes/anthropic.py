@@ -25,6 +25,7 @@ from ..translate.anthropic.response import error_body, error_type, is_context_ov
 from ..translate.anthropic.stream import MessageStream
 from ..translate.anthropic.tokens import estimate
 from ..translate.anthropic.validate import validate
+from ..translate.completion import check_message
 from ..translate.completion import load as load_completion
 from ..translate.tools import ToolNames, clamp_max_tokens
 from . import anthropic_stream
@@ -114,7 +115,7 @@ class Bridge:
         provider = target.provider
         if "messages" in provider.native_apis:
             return Plan("/messages", {**self.body, "model": target.model}, fold=None,
-                        headers=self.native_headers, native=True, key_header="x-api-key")
+                        headers=self.native_headers, native=True, key_header="x-api-key", check=check_message)
         spec = target.spec
         variant = (provider.reasoning_replay, spec is None or spec.vision)
         chat = self._chat.get(variant)

@@ -26,6 +26,7 @@ from ..fold import fold_chat_chunks
 from ..relay import SSE_HEADERS, padded_answer, to_response
 from ..routing import Target, narrowed
 from ..translate.chat_stream import DONE, Held
+from ..translate.completion import check_response
 from ..translate.completion import load as load_completion
 from ..translate.responses import request as translate
 from ..translate.responses import response as reply
@@ -74,7 +75,7 @@ def create_response() -> Response:
     def adapt(target: Target) -> Plan:
         if _native(target):
             return Plan(RESPONSES.path, dict(body, model=target.model), RESPONSES.fold,
-                        usage_option=RESPONSES.usage_option)
+                        usage_option=RESPONSES.usage_option, check=check_response)
         spec, provider = target.spec, target.provider
         chat = translate.to_chat(bridge.prepared, target.model, stream=stream,
                                  reasoning_replay=provider.reasoning_replay, stream_usage=provider.stream_usage,

@@ -5,8 +5,9 @@ JSON but not a chat completion (no choices, a choice or message that is no
 object, content that is a number, tool calls that are no list) is the
 upstream's fault: a 502 naming the field, never an empty answer sent as a 200.
 Pure; both bridges' non-stream translations call ``first_choice``, and the
-chat, completions and embeddings routes check a JSON answer they relay with
-``check_relayed``, ``check_text_completion`` and ``check_embeddings``.
+routes check every JSON answer they relay as it came: ``check_relayed``
+(chat), ``check_text_completion``, ``check_embeddings``, and for providers
+serving a protocol natively ``check_message`` and ``check_response``.
 """
 from __future__ import annotations
 
@@ -68,6 +69,21 @@ def check_embeddings(body: bytes) -> None:
     for i, item in enumerate(data):
         if not isinstance(item, dict) or not isinstance(item.get("embedding"), (list, str)):
             raise _bad(f"data[{i}] is not an object with an embedding", "list of embeddings")
+
+
+def check_message(body: bytes) -> None:
+    """A native ``/v1/messages`` answer relayed as it came: an Anthropic message (``type`` message, a list of
+    content blocks)."""
+    answer = _parsed(body)
+    if not isinstance(answer, dict) or answer.get("type") != "message" or not isinstance(answer.get("content"), list):
+        raise _bad("no message with a list of content blocks", "message of the Anthropic API")
+
+
+def check_response(body: bytes) -> None:
+    """A native ``/v1/responses`` answer relayed as it came: a Response object with a list of output items."""
+    answer = _parsed(body)
+    if not isinstance(answer, dict) or not isinstance(answer.get("output"), list):
+        raise _bad("no object with a list of output items", "Response")
 
 
 def _parsed(body: bytes) -> Any:
