@@ -18,6 +18,7 @@ import orjson
 from flask import current_app, g, request
 
 from .. import activity, metrics
+from ..head import NO_KEY, WRONG_KEY, find_key
 from ..errors import BadRequest, PayloadTooLarge, Unauthorized
 from ..routing import Target
 from ..runtime import ConfigHolder, Runtime
@@ -25,7 +26,6 @@ from ..settings import ClientKey
 from ..state.identity import OPEN, label
 from ..state.limits import Limiter, Ticket
 from ..state.usage import Recorder, estimate_tokens, usage_counts
-from .head import NO_KEY, WRONG_KEY, find_key
 
 access_log = logging.getLogger("streamfold.access")
 LOG_VALUE_LIMIT = 256  # characters per logged value; longer ones are cut and end in "..."

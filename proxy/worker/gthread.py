@@ -12,8 +12,8 @@ from functools import partial
 from gunicorn import util
 from gunicorn.workers.gthread import TConn, ThreadWorker
 
+from .. import head
 from ..errors import ErrorShapes, PayloadTooLarge, ProxyError, request_path
-from ..routes import head
 from .reading import RequestReader
 from .replies import json_reply, parse_error, reply
 

@@ -45,7 +45,7 @@ class RequestReader:
         self.method = ""            # from the request line, once the head is complete
         self.path = ""              # the target without its query
         self.headers: dict[bytes, list[bytes]] = {}
-        self.gated = False          # the worker has judged the head (``proxy.routes.head``)
+        self.gated = False          # the worker has judged the head (``proxy.head``)
 
     @property
     def head_done(self) -> bool:
