@@ -11,11 +11,12 @@ from flask import Flask, Response, current_app, g, request
 from werkzeug.exceptions import HTTPException, NotFound
 from werkzeug.serving import WSGIRequestHandler
 
-from . import activity, demo, hop, instances, metrics
+from . import activity, hop, instances, metrics
 from .errors import SLASHES, BadRequest, ErrorShapes, LoopDetected, ProxyError, request_path
 from .routes import (  # noqa: F401 - page_api, keys_api, fleet_api and usage_api add routes to manage.bp
     anthropic,
     common,
+    demo,
     fleet_api,
     keys_api,
     manage,

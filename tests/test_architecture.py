@@ -38,7 +38,6 @@ KNOWN_CYCLES: dict[str, frozenset[str]] = {
 
 # issue 23: to be removed. (importer, imported) pairs reaching up into proxy.routes.
 KNOWN_UPWARD: dict[str, tuple[str, str]] = {
-    "demo-uses-routes-common": ("proxy.demo", "proxy.routes.common"),  # demo.py is a Blueprint outside routes/
 }
 
 # issue 23: to be removed. (importer, forbidden library) pairs, where the import may be

@@ -164,7 +164,7 @@ def test_each_demo_request_is_logged_and_counted_once_and_no_key_reaches_the_log
 @pytest.fixture
 def unpaced(monkeypatch):
     """No pause between the demo's events: these tests read whole answers; the shipped tests see it pace."""
-    monkeypatch.setattr("proxy.demo.WORD_DELAY", 0.0)
+    monkeypatch.setattr("proxy.routes.demo.WORD_DELAY", 0.0)
 
 
 def test_demo_answers_sse_even_for_stream_false_and_the_same_bytes_every_time(serve, unpaced):

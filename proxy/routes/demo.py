@@ -30,10 +30,10 @@ import orjson
 from flask import Blueprint, Response, g, request
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
-from . import hop
-from .errors import BadRequest
-from .relay import SSE_HEADERS
-from .routes.common import holder, read_json_body
+from .. import hop
+from ..errors import BadRequest
+from ..relay import SSE_HEADERS
+from .common import holder, read_json_body
 
 bp = Blueprint("demo", __name__, url_prefix="/demo")
 
