@@ -8,7 +8,8 @@ characters (``/metrics`` is unauthenticated): clients are labelled by their
 configured name or ``key-`` and 8 digits of their identity (a keyed hash of
 the key, ``state/identity.py``), and the model label is the
 configured alias of the model served (a glob alias stays the glob; an unknown
-model is ``-``), so clients cannot grow the series.
+model is ``-``), so clients cannot grow the series. No Flask here (``state/`` and ``balance/`` count
+into it); the ``/metrics`` view is ``routes/metrics_api.py``.
 Reasons that come from an upstream (an in-stream error ``code``) are mapped to
 a fixed set by ``reason`` (``other`` beyond it), and token counts from upstream
 usage are taken only when they are plausible numbers (at most 15 digits).
@@ -17,19 +18,8 @@ from __future__ import annotations
 
 import os
 
-from flask import Blueprint, Response
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    REGISTRY,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-)
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.multiprocess import MultiProcessCollector
-
-bp = Blueprint("metrics", __name__)
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
@@ -86,8 +76,3 @@ def registry() -> CollectorRegistry:
         MultiProcessCollector(found)
         return found
     return REGISTRY
-
-
-@bp.get("/metrics")
-def metrics() -> Response:
-    return Response(generate_latest(registry()), 200, {"Content-Type": CONTENT_TYPE_LATEST})

@@ -11,7 +11,7 @@ from flask import Flask, Response, current_app, g, request
 from werkzeug.exceptions import HTTPException, NotFound
 from werkzeug.serving import WSGIRequestHandler
 
-from . import activity, hop, instances, metrics
+from . import activity, hop, instances
 from .errors import SLASHES, BadRequest, ErrorShapes, LoopDetected, ProxyError, request_path
 from .routes import (  # noqa: F401 - page_api, keys_api, fleet_api and usage_api add routes to manage.bp
     anthropic,
@@ -20,6 +20,7 @@ from .routes import (  # noqa: F401 - page_api, keys_api, fleet_api and usage_ap
     fleet_api,
     keys_api,
     manage,
+    metrics_api,
     openai,
     page,
     page_api,
@@ -78,7 +79,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(responses.bp)
     app.register_blueprint(anthropic.bp)
     app.register_blueprint(manage.bp)
-    app.register_blueprint(metrics.bp)
+    app.register_blueprint(metrics_api.bp)
     app.register_blueprint(demo.bp)  # answers 404 unless demo-upstream is on (checked per request)
     app.register_blueprint(page.bp)
     app.extensions["streamfold"].keys.observe = activity.record_cooldown  # the page's instance-wide key state

@@ -43,8 +43,6 @@ KNOWN_UPWARD: dict[str, tuple[str, str]] = {
 # issue 23: to be removed. (importer, forbidden library) pairs, where the import may be
 # through other proxy modules.
 KNOWN_LIBRARY: dict[str, tuple[str, str]] = {
-    # state/limits.py counts refusals in proxy.metrics, which also holds the /metrics Blueprint
-    "limits-imports-metrics-blueprint": ("proxy.state.limits", "flask"),
 }
 
 # issue 23: to be removed. Route modules over ROUTE_CODE_LINES (code lines when listed).
