@@ -70,6 +70,7 @@ class _Collector(ast.NodeVisitor):
         self.modules = modules
         self.depth = 0  # > 0 inside a function (or lambda) body
         self.imports: list[tuple[str, int, bool]] = []  # (dotted name, line, in_function)
+        self.names: list[tuple[str, str, int]] = []  # (module, name taken from it, line) of "from m import name"
 
     def _function(self, node: ast.AST) -> None:
         self.depth += 1
@@ -92,14 +93,39 @@ class _Collector(ast.NodeVisitor):
             candidate = f"{base}.{alias.name}"
             target = candidate if candidate in self.modules else base
             self.imports.append((target, node.lineno, self.depth > 0))
+            if target == base:
+                self.names.append((base, alias.name, node.lineno))
+
+
+_PARSED: dict[tuple[str, Path], _Collector] = {}
+
+
+def _collect(module: str, modules: dict[str, Path]) -> _Collector:
+    key = (module, modules[module])
+    if key in _PARSED:
+        return _PARSED[key]
+    tree = ast.parse(modules[module].read_text(encoding="utf-8"), filename=str(modules[module]))
+    collector = _Collector(module, modules)
+    collector.visit(tree)
+    _PARSED[key] = collector
+    return collector
 
 
 def imports_of(module: str, modules: dict[str, Path]) -> list[tuple[str, int, bool]]:
     """Every dotted name ``module`` imports (proxy modules and third-party ones alike)."""
-    tree = ast.parse(modules[module].read_text(encoding="utf-8"), filename=str(modules[module]))
-    collector = _Collector(module, modules)
-    collector.visit(tree)
-    return collector.imports
+    return _collect(module, modules).imports
+
+
+def names_taken(package: str = PACKAGE) -> list[tuple[str, str, str, int]]:
+    """(importer, proxy module, name, line) for every ``from <proxy module> import <name>`` of a
+    name that is not a module (a function, class, constant)."""
+    modules = source_modules(package)
+    found = []
+    for module in modules:
+        for source, name, line in _collect(module, modules).names:
+            if source in modules:
+                found.append((module, source, name, line))
+    return found
 
 
 def _owning_module(name: str, modules: dict[str, Path]) -> str | None:
