@@ -529,9 +529,10 @@ def test_native_responses_providers_still_get_the_request_as_is(upstream, serve)
     server = serve(make_app(settings_doc(provider(upstream))))  # default native-apis include responses
     native = {"id": "resp_up", "object": "response", "status": "completed", "output": [], "model": "upstream-model"}
     upstream.handler = lambda rec: Reply(body=json.dumps(native).encode())
-    result = post(server, {"model": "m", "input": "hi", "previous_response_id": "resp_native_only"}).json()
-    assert result["id"] == "resp_up" and upstream.requests[0].path == "/v1/responses"
-    assert upstream.requests[0].body["previous_response_id"] == "resp_native_only"
+    assert post(server, {"model": "m", "input": "hi"}).json()["id"] == "resp_up"
+    result = post(server, {"model": "m", "input": "hi", "previous_response_id": "resp_up"}).json()
+    assert result["id"] == "resp_up" and upstream.requests[1].path == "/v1/responses"
+    assert upstream.requests[1].body == {"model": "upstream-model", "input": "hi", "previous_response_id": "resp_up"}
 
 
 def test_bridged_events_go_out_as_the_upstream_sends_them_not_at_the_end(bridged, upstream):

@@ -23,6 +23,7 @@ from ..errors import BadRequest, PayloadTooLarge, Unauthorized
 from ..routing import Target
 from ..runtime import ConfigHolder, Runtime
 from ..settings import ClientKey
+from ..state import owners
 from ..state.identity import OPEN, label
 from ..state.limits import Limiter, Ticket
 from ..state.usage import Recorder, estimate_tokens, usage_counts
@@ -213,6 +214,23 @@ def read_json_body(limit: int) -> dict:
     if not isinstance(body, dict):
         raise BadRequest("The request body must be a JSON object.")
     return body
+
+
+def previous_response(body: dict, store) -> tuple[str | None, bool]:
+    """The request's ``previous_response_id`` (None when absent), and whether a provider serving /responses
+    itself created it for this client's identity (state/owners.py); a malformed one is a 400."""
+    previous = body.get("previous_response_id")
+    if previous is None:
+        return None, False
+    if not isinstance(previous, str) or not previous:
+        raise BadRequest("previous_response_id must be a non-empty string", param="previous_response_id")
+    return previous, owners.owns(store, g.client.identity, previous)
+
+
+def previous_not_found(previous: str) -> BadRequest:
+    """What an id this client may not continue gets: exactly what an id that never existed gets."""
+    return BadRequest(f"Previous response with id '{loggable(previous)}' not found.",
+                      code="previous_response_not_found", param="previous_response_id")
 
 
 def loggable(text: str, limit: int = 128) -> str:

@@ -10,7 +10,7 @@ from functools import partial
 from typing import Callable
 
 import orjson
-from flask import Blueprint, Response, g, request
+from flask import Blueprint, Response, current_app, g, request
 
 from ..errors import BadRequest
 from ..executor import Call, client_headers, execute
@@ -18,7 +18,8 @@ from ..fold import fold_chat_chunks, fold_responses_chunks, fold_text_chunks
 from ..relay import padded_answer, to_response
 from ..state.limits import allowed_targets
 from ..translate.completion import check_embeddings, check_relayed, check_text_completion
-from .common import admit, authenticate, end_logger, holder, openai_request, stream_flag
+from .common import (admit, authenticate, end_logger, holder, openai_request, previous_not_found, previous_response,
+                     stream_flag)
 
 bp = Blueprint("openai", __name__)
 
@@ -88,6 +89,10 @@ def proxy_request(route: Route) -> Response:
     settings = runtime.settings
     body, model = openai_request(runtime)
     targets = admit(model, runtime.router.resolve(model))
+    if route is COMPACT:  # compacting a conversation the key may not continue: as for an unknown id
+        previous, owned = previous_response(body, current_app.extensions["streamfold.state"])
+        if previous is not None and not owned:
+            raise previous_not_found(previous)
     required = route.required
     if required is not None and required not in body:
         raise BadRequest(f"Missing required parameter: '{required}'.", param=required)

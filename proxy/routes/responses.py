@@ -14,6 +14,7 @@ and ``current_app`` before a stream's generator runs.
 from __future__ import annotations
 
 import logging
+from functools import partial
 from typing import Callable, Iterator
 
 import orjson
@@ -25,6 +26,7 @@ from ..executor import Call, Outcome, Plan, client_headers, execute
 from ..fold import fold_chat_chunks
 from ..relay import SSE_HEADERS, padded_answer, to_response
 from ..routing import Target, narrowed
+from ..state import owners
 from ..translate.chat_stream import DONE, Held
 from ..translate.completion import check_response
 from ..translate.completion import load as load_completion
@@ -32,7 +34,8 @@ from ..translate.responses import request as translate
 from ..translate.responses import response as reply
 from ..translate.responses.pipeline import chunk_batches, translate_stream
 from ..translate.responses.stream import INTERNAL, ResponsesStream
-from .common import admit, end_logger, holder, loggable, openai_request, stream_flag
+from .common import (admit, end_logger, holder, loggable, openai_request, previous_not_found, previous_response,
+                     stream_flag)
 from .openai import RESPONSES
 
 bp = Blueprint("responses", __name__)
@@ -50,27 +53,29 @@ def create_response() -> Response:
     targets = admit(model, runtime.router.resolve(model))  # the key's policy: allowed targets, rpm, tpm, concurrency
     store = current_app.extensions["streamfold.state"]
     store.cap(STORE_NAMESPACE, settings.responses_store_max_count, settings.responses_store_max_bytes)
+    identity, ttl = g.client.identity, settings.responses_store_ttl
+    store.cap(owners.NAMESPACE, settings.responses_store_max_count, settings.responses_store_max_bytes)
+    # a native provider's id is passed on only for the identity it was relayed to (state/owners.py)
+    previous, owned = previous_response(body, store)
     bridge = None
     if any(not _native(t) for t in targets):
         history = None
-        previous = body.get("previous_response_id")
         if previous is not None:
-            if not isinstance(previous, str) or not previous:
-                raise BadRequest("previous_response_id must be a non-empty string", param="previous_response_id")
-            raw = store.get_blob(STORE_NAMESPACE, _store_key(g.client.identity, previous))
+            raw = store.get_blob(STORE_NAMESPACE, _store_key(identity, previous))
             history = _history(raw)
             if history is not None:
                 _check_size(previous, history, len(raw) + g.body_bytes, settings.max_request_bytes)
-            if history is None and all(not _native(t) for t in targets):
-                raise BadRequest(f"Previous response with id '{loggable(previous)}' not found.",
-                                 code="previous_response_not_found", param="previous_response_id")
-            if history is None:  # the id can only have come from a provider that serves /responses itself
+            if history is None and (not owned or all(not _native(t) for t in targets)):
+                raise previous_not_found(previous)
+            if history is None:  # the id came from a provider that serves /responses itself
                 targets = narrowed(targets, [t for t in targets if _native(t)])
         prepared = translate.prepare(body, history)
         ctx = reply.new_context(body, prepared.toolmap)
-        keep = None if body.get("store") is False else (store, settings.responses_store_ttl, g.client.identity,
-                                                        settings.max_request_bytes)
+        keep = None if body.get("store") is False else (store, ttl, identity, settings.max_request_bytes)
         bridge = _Bridge(prepared, ctx, keep, _is_codex(request.environ), settings.max_aggregate_bytes)
+    elif previous is not None and not owned:
+        raise previous_not_found(previous)
+    mine = None if body.get("store") is False else partial(owners.record, store, identity, ttl=ttl)
 
     def adapt(target: Target) -> Plan:
         if _native(target):
@@ -95,6 +100,10 @@ def create_response() -> Response:
     def run() -> Outcome:
         outcome = execute(settings, config.sessions, config.keys, targets, call, config.balancer)
         if outcome.plan is None or outcome.plan.native:
+            if mine is not None and outcome.stream is None and outcome.status == 200:
+                response_id = owners.answer_id(outcome.body)
+                if response_id is not None:
+                    mine(response_id)
             return outcome
         return bridge.answer(outcome, usage)
 
@@ -106,6 +115,9 @@ def create_response() -> Response:
         if not outcome.plan.native:
             return Response(bridge.events(outcome, usage, on_end), 200,
                             {"Content-Type": "text/event-stream", **SSE_HEADERS}, direct_passthrough=True)
+        answer = to_response(outcome, on_end)
+        answer.response = owners.watch(answer.response, mine)
+        return answer
     return to_response(outcome, on_end)
 
 
