@@ -303,7 +303,8 @@ def describe_changes(old: Settings, new: Settings) -> str:
 
 def _provider_diff(old, new) -> list[str]:
     out = []
-    for attribute in ("base_url", "disabled", "prefix", "request_retry", "verify_tls", "force_upstream_stream"):
+    for attribute in ("base_url", "disabled", "prefix", "request_retry", "verify_tls", "force_upstream_stream",
+                      "balance"):
         a, b = getattr(old, attribute), getattr(new, attribute)
         if a != b:
             label = attribute.replace("_", "-")
@@ -319,6 +320,8 @@ def _provider_diff(old, new) -> list[str]:
     if old.api_key_entries != new.api_key_entries:
         out.append(f"api-key-entries: {len(old.api_key_entries)} -> {len(new.api_key_entries)}"
                    + (" (changed)" if len(old.api_key_entries) == len(new.api_key_entries) else ""))
+    if old.base_urls != new.base_urls:
+        out.append(f"base-urls: {len(old.replicas)} -> {len(new.replicas)} replicas")
     if old.headers != new.headers:
         out.append("headers changed")
     if old.ca_bundle != new.ca_bundle:

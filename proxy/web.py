@@ -105,7 +105,7 @@ def balancer(settings: Settings, config: ConfigHolder) -> Balancer:
     found = Balancer(os.path.join(folder, "fleet.shm") if folder else None, settings.fleet)
     if config.shared is not None:
         found.remote = RemoteLink(config.shared, instances.instance_id())
-        found.remote.counts = found.worker_counts
+        found.remote.counts = found.table.mine
         found.remote.start()
     return found
 

@@ -110,7 +110,8 @@ def test_prefixed_provider_is_reached_only_with_its_prefix(upstream):
 
 def test_one_alias_on_two_providers_goes_round_robin(upstream):
     app = make_app(settings_doc(provider(upstream, name="a"),
-                                provider(upstream, name="b", **{"api-key-entries": [{"api-key": "sk-b-key-0000"}]})))
+                                provider(upstream, name="b", **{"api-key-entries": [{"api-key": "sk-b-key-0000"}]}),
+                                fleet={"balance": "round-robin"}))
     client = app.test_client()
     for _ in range(4):
         assert client.post("/v1/chat/completions", json=CHAT, headers=AUTH).status_code == 200

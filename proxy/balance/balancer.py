@@ -33,7 +33,6 @@ disabled provider is not in the set at all. Ties go round-robin.
 from __future__ import annotations
 
 import itertools
-import os
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -71,8 +70,9 @@ class Balancer:
     def __init__(self, path: str | None, fleet: Fleet) -> None:
         self.table = Table(path, fleet.max_sessions, fleet.max_prefix_blocks)
         self.remote: Any = None   # remote.RemoteLink with Redis: other instances' counts and affinity
-        # ties go in turn, from a random start: workers deciding at the same moment seldom pick alike
-        self._turn = itertools.count(int.from_bytes(os.urandom(2), "little"))
+        # ties go in turn, each worker from its own start (its slot in the table): workers deciding at the
+        # same moment seldom pick alike, and one process always starts at the first replica
+        self._turn = itertools.count(self.table.me() * 7919)
         self._hashes: dict[str, int] = {}
         self._gauges: dict[tuple[str, str], Any] = {}   # metric children, looked up once (labels() locks)
         self._counters: dict[tuple[str, str, str], Any] = {}
@@ -109,11 +109,6 @@ class Balancer:
         if found is None:
             found = self._gauges[key] = metrics.REPLICA_IN_FLIGHT.labels(*key)
         return found
-
-    def worker_counts(self) -> dict[str, int]:
-        """This worker's requests in flight per replica name (what other instances add to their counts)."""
-        mine = self.table.mine()
-        return {name: mine[column] for name, column in list(self.table._slots.items()) if column in mine}
 
     # -- choosing -----------------------------------------------------------------
     def route(self, targets: tuple, body: dict, headers: dict[str, str], keys: KeyPool, fleet: Fleet) -> Choice:

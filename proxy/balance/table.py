@@ -38,6 +38,8 @@ import os
 import struct
 import threading
 import time
+from contextlib import contextmanager
+from typing import Iterator
 
 from ..activity import alive as _alive
 
@@ -121,19 +123,17 @@ class Table:
         self.names = view[self.replicas_at:self.cells_at].cast("Q")
         self.cells = view[self.cells_at:self.sessions_at].cast("i")
 
-    def _locked(self):
-        table = self
-
-        class _Guard:
-            def __enter__(self):
-                if table._fd >= 0:
-                    fcntl.flock(table._fd, fcntl.LOCK_EX)
-
-            def __exit__(self, *exc):
-                if table._fd >= 0:
-                    fcntl.flock(table._fd, fcntl.LOCK_UN)
-
-        return _Guard()
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """The file's lock across processes (slot and column tables only; never on the request path twice)."""
+        if self._fd < 0:
+            yield
+            return
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     # -- worker slots ---------------------------------------------------------
     def me(self) -> int:
@@ -211,10 +211,10 @@ class Table:
         cells = self.cells
         return [max(0, sum(cells[c * WORKERS:c * WORKERS + claimed])) if c >= 0 else 0 for c in columns]
 
-    def mine(self) -> dict[int, int]:
-        """This worker's non-zero counts by column (what it reports to other instances)."""
+    def mine(self) -> dict[str, int]:
+        """This worker's non-zero counts by replica name (what it reports to other instances)."""
         me, cells = self.me(), self.cells
-        return {column: cells[column * WORKERS + me] for column in self._slots.values()
+        return {name: cells[column * WORKERS + me] for name, column in list(self._slots.items())
                 if column >= 0 and cells[column * WORKERS + me] > 0}
 
     # -- the two maps -----------------------------------------------------------
