@@ -49,15 +49,8 @@ KNOWN_UPWARD: dict[str, tuple[str, str]] = {
 KNOWN_LIBRARY: dict[str, tuple[str, str]] = {
 }
 
-# issue 23: to be removed. (importer, module, private name) triples: management helpers that
-# page_api.py, keys_api.py and fleet_api.py borrow from manage.py (one management module).
+# issue 23: to be removed. (importer, module, private name) triples.
 KNOWN_PRIVATE: dict[str, tuple[str, str, str]] = {
-    f"{importer.rsplit('.', 1)[1]}-uses-manage.{name}": (importer, "proxy.routes.manage", name)
-    for importer, names in (("proxy.routes.fleet_api", ("_holder", "_json")),
-                            ("proxy.routes.keys_api", ("_body",)),
-                            ("proxy.routes.page_api", ("_body", "_holder", "_json", "_write")))
-    for name in names
-} | {
     # validate.py borrows settings.py's path joiner (the config/ package gives it one owner)
     "validate-uses-settings._join": ("proxy.validate", "proxy.settings", "_join"),
 }

@@ -15,17 +15,18 @@ from flask import Response
 from .. import metrics
 from ..keys import key_id
 from ..settings_file import redact_url
-from .manage import _holder, _json, bp
+from .common import holder
+from .manage import bp, json_response
 from .page_api import cooldown_ends
 
 
 @bp.get("/fleet")
 def fleet() -> Response:
-    holder = _holder()
-    runtime = holder.current()
-    balancer = holder.balancer
+    config = holder()
+    runtime = config.current()
+    balancer = config.balancer
     now = time.time()
-    ends = cooldown_ends(holder, now)
+    ends = cooldown_ends(config, now)
     remote = balancer.remote.busy if balancer.remote is not None else {}
     replicas = {}
     for provider in runtime.settings.providers:
@@ -47,7 +48,7 @@ def fleet() -> Response:
     sets = [{"name": group.name, "policy": group.policy,
              "replicas": list(dict.fromkeys(t.replica_name for t in group)),
              "decisions": decisions.get(group.name, {})} for group in runtime.router.replica_sets()]
-    return _json({"now": now, "default": runtime.settings.fleet.balance, "providers": replicas, "sets": sets})
+    return json_response({"now": now, "default": runtime.settings.fleet.balance, "providers": replicas, "sets": sets})
 
 
 def _samples(name: str):

@@ -18,7 +18,7 @@ from .. import settings_file
 from ..errors import BadRequest, NotFound, ProxyError
 from ..runtime import ConfigHolder, layer
 from ..settings import SettingsError, build_settings
-from .manage import _body, bp
+from .manage import bp, read_body
 
 POLICY_FIELDS = ("models", "rpm", "tpm", "max-concurrent")
 
@@ -26,7 +26,7 @@ POLICY_FIELDS = ("models", "rpm", "tpm", "max-concurrent")
 @bp.patch("/api-keys")
 def patch_client_key() -> Response:
     holder: ConfigHolder = current_app.extensions["streamfold"]
-    body = _body()  # the management API's capped reader (a chunked body cannot exceed max-request-bytes)
+    body = read_body()  # the management API's capped reader (a chunked body cannot exceed max-request-bytes)
     if not isinstance(body, dict) or not isinstance(body.get("name"), str) or not isinstance(body.get("value"), dict):
         raise BadRequest('send {"name": <client key name>, "value": {"rpm": ..., ...}}')
     name, value = body["name"], body["value"]

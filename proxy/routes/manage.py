@@ -30,14 +30,11 @@ from ..runtime import ConfigHolder, reload_refusal
 from ..settings import SettingsError
 from ..shared import SharedUnavailable
 from ..state.identity import label
+from .common import holder
 from .guard import guard
 
 bp = Blueprint("management", __name__, url_prefix="/v0/management")
 _INDEX = re.compile(r"[0-9]{1,9}")  # str.isdigit() is true for "²", which int() refuses
-
-
-def _holder() -> ConfigHolder:
-    return current_app.extensions["streamfold"]
 
 
 @bp.before_request
@@ -45,14 +42,14 @@ def _guard() -> None:
     guard(require_secret=True)  # shared with the operator page (routes/page.py)
 
 
-def _json(body, status: int = 200) -> Response:
+def json_response(body, status: int = 200) -> Response:
     return Response(orjson.dumps(body), status, {"Content-Type": "application/json"})
 
 
 @bp.get("/config")
 def get_config() -> Response:
-    holder = _holder()
-    runtime = holder.current()
+    config = holder()
+    runtime = config.current()
     body = settings_file.public_config(runtime.settings)
     identities = current_app.extensions["streamfold.identity"]
     for shown, key in zip(body["api-keys"], runtime.settings.api_keys, strict=True):
@@ -60,20 +57,20 @@ def get_config() -> Response:
         identity = identities.of(key.key)
         shown["shown-as"] = label(key.name, key.named, identity)
     body["provider-sources"] = runtime.sources
-    body["shared-state"] = ("off" if holder.shared is None else
-                            f"redis {'up' if holder.shared.up else 'DOWN'}, providers version {holder.shared.version}")
-    return _json(body)
+    body["shared-state"] = ("off" if config.shared is None else
+                            f"redis {'up' if config.shared.up else 'DOWN'}, providers version {config.shared.version}")
+    return json_response(body)
 
 
 @bp.get("/openai-compatibility")
 def get_providers() -> Response:
-    providers = _holder().current().settings.providers
-    return _json({"openai-compatibility": [settings_file.public_provider(p) for p in providers]})
+    providers = holder().current().settings.providers
+    return json_response({"openai-compatibility": [settings_file.public_provider(p) for p in providers]})
 
 
 @bp.put("/openai-compatibility")
 def put_providers() -> Response:
-    body = _body()
+    body = read_body()
     items = body.get("items", body.get("openai-compatibility")) if isinstance(body, dict) else body
     if not isinstance(items, list):
         raise BadRequest("send a JSON array of providers (or {\"items\": [...]})")
@@ -83,12 +80,12 @@ def put_providers() -> Response:
     def change(document: dict) -> None:
         document["openai-compatibility"] = items
 
-    return _write(change)
+    return write_change(change)
 
 
 @bp.patch("/openai-compatibility")
 def patch_provider() -> Response:
-    body = _body()
+    body = read_body()
     if not isinstance(body, dict) or not isinstance(body.get("value"), dict):
         raise BadRequest('send {"name": ..., "value": {...}} or {"index": ..., "value": {...}}')
     value = body["value"]
@@ -101,7 +98,7 @@ def patch_provider() -> Response:
             else:
                 entry[key] = new
 
-    return _write(change)
+    return write_change(change)
 
 
 @bp.delete("/openai-compatibility")
@@ -117,7 +114,7 @@ def delete_provider() -> Response:
         entry = _find(document, name, int(index) if index is not None else None)
         document["openai-compatibility"].remove(entry)
 
-    return _write(change)
+    return write_change(change)
 
 
 def _find(document: dict, name, index) -> dict:
@@ -135,8 +132,8 @@ def _find(document: dict, name, index) -> dict:
     raise NotFound(f"no provider at index {index!r}")
 
 
-def _body():
-    limit = _holder().runtime.settings.max_request_bytes
+def read_body():
+    limit = holder().runtime.settings.max_request_bytes
     if (request.content_length or 0) > limit:
         raise PayloadTooLarge(f"Request body exceeds the limit of {limit} bytes.")
     # Read through the stream with a cap: a chunked body has no Content-Length to check first.
@@ -149,24 +146,24 @@ def _body():
         raise BadRequest("the body is not valid JSON") from None
 
 
-def _write(change) -> Response:
-    holder = _holder()
-    if holder.shared is not None:
-        return _write_shared(holder, change)
-    if holder.path is None:
+def write_change(change) -> Response:
+    config = holder()
+    if config.shared is not None:
+        return _write_shared(config, change)
+    if config.path is None:
         raise ProxyError("this instance was started without a settings file; nothing to write", status=409,
                          type="invalid_request_error", code="no_settings_file")
     # The file may hold a version the reload guard refused (auth off, say): a write on top of
     # it must not install that through the back door.
-    running = holder.runtime.settings
+    running = config.runtime.settings
     try:
         settings, document, fingerprint = settings_file.update(
-            holder.path, holder.environ, change, guard=lambda new: reload_refusal(running, new))
+            config.path, config.environ, change, guard=lambda new: reload_refusal(running, new))
     except SettingsError as exc:
         return _invalid(exc)
-    holder.file_document = document
-    holder.install(settings, document, fingerprint)
-    return _json({"status": "ok",
+    config.file_document = document
+    config.install(settings, document, fingerprint)
+    return json_response({"status": "ok",
                   "openai-compatibility": [settings_file.public_provider(p) for p in settings.providers]})
 
 
@@ -186,12 +183,12 @@ def _write_shared(holder: ConfigHolder, change) -> Response:
         raise ProxyError(f"shared state is unavailable, nothing was changed: {exc}", status=503,
                          type="server_error", code="shared_state_unavailable") from None
     holder.apply_runtime_providers(version, providers)
-    return _json({"status": "ok", "version": version,
+    return json_response({"status": "ok", "version": version,
                   "openai-compatibility": [settings_file.public_provider(p) for p in settings.providers]})
 
 
 def _invalid(exc: SettingsError) -> Response:
-    return _json({"error": {"message": "the change does not validate: " + "; ".join(exc.problems),
+    return json_response({"error": {"message": "the change does not validate: " + "; ".join(exc.problems),
                             "type": "invalid_request_error", "param": None, "code": "invalid_settings",
                             "problems": exc.problems}}, 400)
 
@@ -203,5 +200,5 @@ def export_yaml() -> Response:
     ``${VAR}`` references are kept as written; literal secrets are redacted as
     ``/config`` shows them (put them back, or better, into the environment).
     """
-    document = settings_file.redacted_document(_holder().runtime.document)
+    document = settings_file.redacted_document(holder().runtime.document)
     return Response(settings_file.to_yaml(document), 200, {"Content-Type": "application/yaml"})

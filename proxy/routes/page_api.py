@@ -21,7 +21,8 @@ from ..keys import key_id
 from ..settings import Provider, redact
 from ..settings_file import redact_url
 from ..version import __version__
-from .manage import _body, _holder, _json, _write, bp
+from .common import holder
+from .manage import bp, json_response, read_body, write_change
 
 WINDOWS = (300, 3600)  # the traffic panel: last 5 minutes, last hour
 RECENT_LIMIT = 200
@@ -31,18 +32,18 @@ _STATUS_FILTER = re.compile(r"[1-5]xx|[1-5][0-9][0-9]|error")
 
 @bp.get("/overview")
 def overview() -> Response:
-    holder = _holder()
-    runtime = holder.current()
+    config = holder()
+    runtime = config.current()
     now = time.time()
     workers = activity.workers()
     started = min((w["started"] for w in workers), default=activity.recorder().started)
-    shared = holder.shared
-    error = holder.reload_error
-    return _json({
+    shared = config.shared
+    error = config.reload_error
+    return json_response({
         "version": __version__, "now": now, "started": started, "uptime": round(now - started, 1),
-        "settings": holder.path or "(in memory, no settings file)",
+        "settings": config.path or "(in memory, no settings file)",
         "providers": len(runtime.settings.providers), "provider-sources": runtime.sources,
-        "last-reload": holder.reloaded_at,
+        "last-reload": config.reloaded_at,
         "reload-error": {"at": error[0], "message": error[1]} if error else None,
         "redis": ({"state": "off"} if shared is None else
                   {"state": "up" if shared.up else "down", "url": redact_url(shared.url),
@@ -55,11 +56,11 @@ def overview() -> Response:
 @bp.get("/keys")
 def keys() -> Response:
     """Each provider's keys (redacted) with their state across the instance: ok, cooling or refused."""
-    holder = _holder()
+    config = holder()
     now = time.time()
-    ends = cooldown_ends(holder, now)
+    ends = cooldown_ends(config, now)
     out = {}
-    for provider in holder.current().settings.providers:
+    for provider in config.current().settings.providers:
         entries = []
         for entry in provider.api_key_entries:
             until, reason = ends.get((provider.name, key_id(entry.api_key)), (0.0, ""))
@@ -67,7 +68,7 @@ def keys() -> Response:
             entries.append({"key": redact(entry.api_key), "state": state, "until": until or None})
         backoff = ends.get((provider.name, ""), (0.0, ""))[0]
         out[provider.name] = {"keys": entries, "backoff-until": backoff or None}
-    return _json({"now": now, "providers": out})
+    return json_response({"now": now, "providers": out})
 
 
 def cooldown_ends(holder, now: float) -> dict[tuple[str, str], tuple[float, str]]:
@@ -104,7 +105,7 @@ def traffic() -> Response:
             "workers": sorted({r.get("worker") for r in every}),
             "rows": [dict(provider=p, model=m, **_stats(group)) for (p, m), group in sorted(rows.items())],
             "total": _stats(every)})
-    return _json({"now": now, "complete-since": complete_since or None, "windows": windows})
+    return json_response({"now": now, "complete-since": complete_since or None, "windows": windows})
 
 
 def _stats(records: list[dict]) -> dict:
@@ -135,7 +136,7 @@ def recent() -> Response:
                and (not provider or r.get("provider") == provider)
                and (not client or r.get("client") == client)]
     newest = records[-RECENT_LIMIT:][::-1]
-    return _json({"matching": len(records), "records": newest,
+    return json_response({"matching": len(records), "records": newest,
                   "workers": sorted({r.get("worker") for r in newest})})
 
 
@@ -173,7 +174,7 @@ def client_usage() -> Response:
             status = record.get("status")
             counts[1] += not isinstance(status, int) or status >= 400
     clients = sorted(set(tokens) | set(requests_by))
-    return _json({"source": "metrics", "clients": [
+    return json_response({"source": "metrics", "clients": [
         {"client": name, "requests-last-hour": requests_by.get(name, [0, 0])[0],
          "errors-last-hour": requests_by.get(name, [0, 0])[1],
          "prompt-tokens": int(tokens.get(name, {}).get("prompt", 0)),
@@ -194,7 +195,7 @@ def _registry():
 @bp.post("/openai-compatibility")
 def add_provider() -> Response:
     """Append one provider (``{"value": {...}}`` or the provider itself), validated like the file."""
-    body = _body()
+    body = read_body()
     value = body.get("value", body) if isinstance(body, dict) else None
     if not isinstance(value, dict):
         raise BadRequest('send the new provider as a JSON object (or {"value": {...}})')
@@ -203,32 +204,32 @@ def add_provider() -> Response:
         providers = document.get("openai-compatibility")
         document["openai-compatibility"] = [*(providers if isinstance(providers, list) else []), value]
 
-    return _write(change)
+    return write_change(change)
 
 
 @bp.post("/test-connection")
 def test_connection() -> Response:
     """Ask the provider's ``/models`` with each of its keys, from the server (no CORS, same network path)."""
-    body = _body()
+    body = read_body()
     name = body.get("name") if isinstance(body, dict) else None
     if not isinstance(name, str) or not name:
         raise BadRequest('send {"name": "<provider>"}', param="name")
-    provider = next((p for p in _holder().current().settings.providers if p.name == name), None)
+    provider = next((p for p in holder().current().settings.providers if p.name == name), None)
     if provider is None:
         raise NotFound(f"no provider named {name!r}")
     entries = provider.api_key_entries or (None,)
-    return _json({"provider": provider.name, "url": redact_url(provider.base_url) + "/models",
+    return json_response({"provider": provider.name, "url": redact_url(provider.base_url) + "/models",
                   "results": [_probe(provider, entry) for entry in entries]})
 
 
 def _probe(provider: Provider, entry) -> dict:
-    session = _holder().sessions.get(provider)
+    session = holder().sessions.get(provider)
     headers = dict(provider.headers)
     headers["Accept"] = "application/json"
     if entry is not None and entry.api_key:
         headers["Authorization"] = f"Bearer {entry.api_key}"
     proxies = {"http": entry.proxy_url, "https": entry.proxy_url} if entry is not None and entry.proxy_url else None
-    timeouts = _holder().current().settings.timeouts
+    timeouts = holder().current().settings.timeouts
     result: dict = {"key": redact(entry.api_key) if entry is not None else "(no key)"}
     started = time.perf_counter()
     try:
