@@ -19,6 +19,7 @@ from proxy import create_app
 from tests.conftest import AUTH, settings_doc
 from tests.gunicorn_util import write_settings
 from tests.redis_util import RedisServer
+from tests.test_identity import ALICE, BOB, respond
 from tests.test_responses_bridge import TEXT, answer, chat_only, chunk, post, usage
 
 LIMIT = 200_000  # max-request-bytes here
@@ -94,3 +95,26 @@ def test_the_store_keeps_at_most_its_count_and_bytes_dropping_the_oldest(upstrea
     kept = [post(server, {"model": "m", "input": "again", "store": False, "previous_response_id": i}).status_code
             for i in ids]
     assert kept[:2] == [400, 400] and kept[2:] == [200, 200]
+
+
+def continuable(server, key: str, ids: list[str]) -> list[int]:
+    """Whether each id can still be continued by ``key`` (the checks themselves store nothing)."""
+    return [requests.post(server.url + "/v1/responses", timeout=20, headers={"Authorization": f"Bearer {key}"},
+                          json={"model": "m", "input": "again", "store": False, "previous_response_id": i}).status_code
+            for i in ids]
+
+
+def test_a_tenant_past_the_caps_drops_its_own_oldest_answers_not_another_tenants(upstream, serve, store_settings,
+                                                                                 tmp_path):
+    server = bounded(upstream, serve, store_settings, tmp_path, **{"api-keys": [ALICE, BOB],
+                                                                   "responses-store-max-count": 4})
+    alice = [respond(server.url, ALICE, f"alice {i}").json()["id"] for i in range(2)]
+    bob = [respond(server.url, BOB, f"bob {i}").json()["id"] for i in range(6)]  # a flood past the count cap
+    assert continuable(server, ALICE, alice) == [200, 200]
+    assert continuable(server, BOB, bob) == [400] * 4 + [200, 200]
+    server = bounded(upstream, serve, store_settings, tmp_path, **{"api-keys": [ALICE, BOB],
+                                                                   "responses-store-max-bytes": 100_000})
+    alice = [respond(server.url, ALICE, "small").json()["id"]]
+    bob = [respond(server.url, BOB, TURN).json()["id"] for _ in range(5)]  # ~40 KB stored each
+    assert continuable(server, ALICE, alice) == [200]
+    assert continuable(server, BOB, bob) == [400, 400, 400, 200, 200]

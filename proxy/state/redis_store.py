@@ -138,7 +138,8 @@ return 1
 
 # A capped namespace's put. KEYS: the blob, the namespace's index (sorted set: blob key by expiry, ms), its
 # sizes (hash: blob key -> bytes) and their running total. ARGV: value, ttl ms, max blobs, max bytes. The
-# oldest blobs (first to expire) are dropped until both caps hold; entries of blobs Redis expired go first.
+# oldest blobs (first to expire) of the owner holding the most (sqlite.owner_of; ARGV[5]: the length of the
+# blob keys' prefix before it) are dropped until both caps hold; entries of blobs Redis expired go first.
 _PUT_CAPPED = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -160,12 +161,41 @@ redis.call('ZADD', KEYS[2], now + ttl, KEYS[1])
 redis.call('HSET', KEYS[3], KEYS[1], string.len(ARGV[1]))
 total = total + string.len(ARGV[1])
 local count = redis.call('ZCARD', KEYS[2])
-while count > tonumber(ARGV[3]) or total > tonumber(ARGV[4]) do
-  local oldest = redis.call('ZPOPMIN', KEYS[2])
-  if #oldest == 0 then break end
-  forget(oldest[1])
-  redis.call('DEL', oldest[1])
-  count = count - 1
+local max_count, max_bytes, skip = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+if count > max_count or total > max_bytes then
+  local function owner(key)
+    local slash = string.find(key, '/', skip + 1, true)
+    return slash and string.sub(key, skip + 1, slash - 1) or ''
+  end
+  local sizes, held = {}, {}  -- held: owner -> {count, bytes, its blobs oldest first, their expiries, next}
+  local all = redis.call('HGETALL', KEYS[3])
+  for i = 1, #all, 2 do sizes[all[i]] = tonumber(all[i + 1]) end
+  local index = redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')
+  for i = 1, #index, 2 do
+    local key = index[i]
+    local o = owner(key)
+    local e = held[o]
+    if not e then e = {0, 0, {}, {}, 1}; held[o] = e end
+    e[1], e[2] = e[1] + 1, e[2] + (sizes[key] or 0)
+    e[3][#e[3] + 1], e[4][#e[4] + 1] = key, tonumber(index[i + 1])
+  end
+  while count > max_count or total > max_bytes do
+    local field = count > max_count and 1 or 2
+    local victim, best, first = nil, -1, 0
+    for o, e in pairs(held) do
+      if e[1] > 0 and (e[field] > best or (e[field] == best and e[4][e[5]] < first)) then
+        victim, best, first = o, e[field], e[4][e[5]]
+      end
+    end
+    if victim == nil then break end
+    local e = held[victim]
+    local key = e[3][e[5]]
+    e[5], e[1], e[2] = e[5] + 1, e[1] - 1, e[2] - (sizes[key] or 0)
+    forget(key)
+    redis.call('ZREM', KEYS[2], key)
+    redis.call('DEL', key)
+    count = count - 1
+  end
 end
 for i = 2, 3 do redis.call('PEXPIRE', KEYS[i], ttl + 1000) end
 redis.call('SET', KEYS[4], total, 'PX', ttl + 1000)
@@ -205,7 +235,8 @@ class RedisStore(Store):
             return
         keys = [f"{PREFIX}blob:{namespace}:{key}", f"{PREFIX}blobindex:{namespace}", f"{PREFIX}blobsizes:{namespace}",
                 f"{PREFIX}blobbytes:{namespace}"]
-        self._run(lambda: self._put_capped_script(keys=keys, args=[value, ttl_ms, cap[0], cap[1]]))
+        skip = len(f"{PREFIX}blob:{namespace}:".encode())
+        self._run(lambda: self._put_capped_script(keys=keys, args=[value, ttl_ms, cap[0], cap[1], skip]))
 
     def _get_blob(self, namespace: str, key: str, now: float) -> bytes | None:
         return self._run(self.client.get, f"{PREFIX}blob:{namespace}:{key}")

@@ -20,6 +20,7 @@ import os
 import sqlite3
 import threading
 import time
+from collections import deque
 from contextlib import contextmanager
 from typing import Iterator, Mapping, Sequence
 
@@ -293,18 +294,36 @@ def _now() -> float:
     return time.time()
 
 
+def owner_of(key: str) -> str:
+    """Whose blob ``key`` is: what comes before its first ``/`` (stored responses are ``<identity>/<id>``);
+    keys without one share the owner ``""``."""
+    return key.split("/", 1)[0] if "/" in key else ""
+
+
 def _drop_oldest(db: sqlite3.Connection, namespace: str, max_count: int, max_bytes: int) -> None:
-    """Delete ``namespace``'s blobs that expire first until at most ``max_count`` and ``max_bytes`` remain
-    (expired ones first of all; ``length`` reads a blob's size without its content)."""
+    """Delete ``namespace``'s blobs until at most ``max_count`` and ``max_bytes`` remain: expired ones first of
+    all, then, one at a time, the oldest (first to expire) of the owner holding the most blobs (bytes, for
+    the bytes cap; of those, the one with the oldest blob), so one tenant's flood drops its own answers, not
+    another's. ``length`` reads a blob's size without its content."""
     db.execute("DELETE FROM blobs WHERE namespace = ? AND expires <= ?", (namespace, _now()))
     count, total = db.execute("SELECT count, bytes FROM blob_totals WHERE namespace = ?", (namespace,)).fetchone()
     if count <= max_count and total <= max_bytes:
         return
+    held: dict[str, list] = {}  # owner -> [count, bytes, its blobs (key, size, expires) oldest first]
+    for key, size, expires in db.execute("SELECT key, length(value), expires FROM blobs WHERE namespace = ? "
+                                         "ORDER BY expires", (namespace,)):
+        entry = held.setdefault(owner_of(key), [0, 0, deque()])
+        entry[0], entry[1] = entry[0] + 1, entry[1] + size
+        entry[2].append((key, size, expires))
     drop = []
-    for key, size in db.execute("SELECT key, length(value) FROM blobs WHERE namespace = ? ORDER BY expires",
-                                (namespace,)):
-        if count <= max_count and total <= max_bytes:
-            break
+    while (count > max_count or total > max_bytes) and held:
+        field = 0 if count > max_count else 1
+        victim = max(held, key=lambda owner: (held[owner][field], -held[owner][2][0][2]))
+        entry = held[victim]
+        key, size, _ = entry[2].popleft()
         drop.append((namespace, key))
         count, total = count - 1, total - size
+        entry[0], entry[1] = entry[0] - 1, entry[1] - size
+        if not entry[2]:
+            del held[victim]
     db.executemany("DELETE FROM blobs WHERE namespace = ? AND key = ?", drop)

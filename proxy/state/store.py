@@ -8,7 +8,8 @@ Two kinds of callers, two contracts:
 
 * ``put_blob`` / ``get_blob`` never raise. A namespace may be capped
   (``cap``: at most so many blobs and so many bytes together); a put past the
-  cap drops the namespace's oldest blobs (those that expire first) in the same
+  cap drops the oldest blobs (those that expire first) of the
+  owner holding the most (the key's part before its first ``/``) in the same
   transaction, so the store holds neither more nor fewer than it says. While the backend is down a put is
   kept in this process's memory (served to ``get_blob`` from there) and written
   by the background tick once the backend is back; it is dropped when its TTL
