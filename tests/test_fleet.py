@@ -6,9 +6,14 @@ recorded the request (and the chat answers name it too).
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import requests
@@ -479,3 +484,23 @@ def test_operator_api_shows_each_replicas_load_and_the_routing_decisions(replica
     assert {reason: count for reason, count in added.items() if count} == {"affinity": 2, "least-busy": 2}
     after = requests.get(server.url + "/v0/management/fleet", headers=MGMT, timeout=5).json()
     assert [row["in-flight"] for row in after["providers"]["gpu"]["replicas"]] == [0, 0]
+
+
+@pytest.mark.timeout(120)
+def test_the_fleet_bench_and_the_decision_bench_run_end_to_end_in_smoke_mode():
+    """No figure asserted (speed is the bench's business): the harness runs and says what it measured."""
+    root = Path(__file__).resolve().parent.parent
+    for command, needles in (
+            (["bench/fleet/run.py", "--smoke"], ["round-robin", "least-busy", "cache-aware (flood)", "oracle",
+                                                  "cache-aware TTFT p50 / round-robin's", "goal"]),
+            (["bench/fleet/decision.py", "--seconds", "0.1", "--prompt-kb", "8"], ["with session hint", "32"])):
+        bench = subprocess.Popen([sys.executable, *command], cwd=root, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        try:
+            stdout, _ = bench.communicate(timeout=100)
+        finally:
+            if bench.poll() is None:  # its gunicorn too
+                os.killpg(bench.pid, signal.SIGKILL)
+                bench.wait(5)
+        assert bench.returncode == 0, stdout
+        assert all(needle in stdout for needle in needles), stdout
