@@ -13,7 +13,7 @@ from werkzeug.serving import WSGIRequestHandler
 
 from . import activity, hop, instances
 from .errors import SLASHES, BadRequest, ErrorShapes, LoopDetected, ProxyError, request_path
-from .routes import (  # noqa: F401 - page_api, keys_api, fleet_api and usage_api add routes to manage.bp
+from .routes import (
     anthropic,
     common,
     demo,
@@ -78,7 +78,8 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(openai.bp)
     app.register_blueprint(responses.bp)
     app.register_blueprint(anthropic.bp)
-    app.register_blueprint(manage.bp)
+    for management in (manage, page_api, keys_api, fleet_api, usage_api):  # each behind the management guard
+        app.register_blueprint(management.bp)
     app.register_blueprint(metrics_api.bp)
     app.register_blueprint(demo.bp)  # answers 404 unless demo-upstream is on (checked per request)
     app.register_blueprint(page.bp)

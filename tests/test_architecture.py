@@ -55,13 +55,8 @@ KNOWN_PRIVATE: dict[str, tuple[str, str, str]] = {
     "validate-uses-settings._join": ("proxy.validate", "proxy.settings", "_join"),
 }
 
-# issue 23: to be removed. Modules that attach their views to manage.py's Blueprint by being
-# imported (web.py imports them for that side effect); routes/manage/ as a package whose
-# modules register explicitly removes these.
-KNOWN_FOREIGN_BLUEPRINT: dict[str, tuple[str, str]] = {
-    f"{importer}-on-manage.bp": (f"proxy.routes.{importer}", "proxy.routes.manage")
-    for importer in ("fleet_api", "keys_api", "page_api", "usage_api")
-}
+# (importer, module) pairs adding views to another module's Blueprint: none left.
+KNOWN_FOREIGN_BLUEPRINT: dict[str, tuple[str, str]] = {}
 
 # issue 23: to be removed. Route modules over ROUTE_CODE_LINES (code lines when listed).
 # The bridges come out of the routes with the bridge interface (translate/<protocol>/bridge.py);

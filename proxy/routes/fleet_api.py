@@ -16,8 +16,11 @@ from .. import metrics
 from ..keys import key_id
 from ..settings_file import redact_url
 from .common import holder
-from .manage import bp, json_response
+from .guard import management_blueprint
+from .manage import json_response
 from .page_api import cooldown_ends
+
+bp = management_blueprint("fleet_api", __name__)
 
 
 @bp.get("/fleet")

@@ -22,7 +22,7 @@ import ipaddress
 import threading
 import time
 
-from flask import current_app, g, request
+from flask import Blueprint, current_app, g, request
 
 from .. import activity
 from ..errors import Forbidden, ManagementUnauthorized, NotFound, RateLimited
@@ -100,6 +100,20 @@ def guard(require_secret: bool = True) -> None:
         # Another worker may have written the file a moment ago; a management read must not show the
         # old config (the request path may lag up to a second; management answers never do).
         holder.check_file()
+
+
+def management_blueprint(name: str, import_name: str) -> Blueprint:
+    """A Blueprint under ``/v0/management`` whose every view is behind ``guard`` (the secret required).
+
+    Each management module (``manage.py``, ``page_api.py``, ...) makes its own;
+    ``web.create_app`` registers each one."""
+    bp = Blueprint(name, import_name, url_prefix="/v0/management")
+    bp.before_request(_require_secret)
+    return bp
+
+
+def _require_secret() -> None:
+    guard(require_secret=True)  # the operator page's shell asks without one (routes/page.py)
 
 
 def is_loopback(address: str) -> bool:

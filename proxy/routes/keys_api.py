@@ -18,7 +18,10 @@ from .. import settings_file
 from ..errors import BadRequest, NotFound, ProxyError
 from ..runtime import ConfigHolder, layer
 from ..settings import SettingsError, build_settings
-from .manage import bp, read_body
+from .guard import management_blueprint
+from .manage import read_body
+
+bp = management_blueprint("keys_api", __name__)
 
 POLICY_FIELDS = ("models", "rpm", "tpm", "max-concurrent")
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 
 import orjson
-from flask import Blueprint, Response, current_app, request
+from flask import Response, current_app, request
 
 from .. import settings_file
 from ..errors import BadRequest, NotFound, PayloadTooLarge, ProxyError
@@ -31,15 +31,10 @@ from ..settings import SettingsError
 from ..shared import SharedUnavailable
 from ..state.identity import label
 from .common import holder
-from .guard import guard
+from .guard import management_blueprint
 
-bp = Blueprint("management", __name__, url_prefix="/v0/management")
+bp = management_blueprint("management", __name__)
 _INDEX = re.compile(r"[0-9]{1,9}")  # str.isdigit() is true for "²", which int() refuses
-
-
-@bp.before_request
-def _guard() -> None:
-    guard(require_secret=True)  # shared with the operator page (routes/page.py)
 
 
 def json_response(body, status: int = 200) -> Response:

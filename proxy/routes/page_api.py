@@ -22,7 +22,10 @@ from ..settings import Provider, redact
 from ..settings_file import redact_url
 from ..version import __version__
 from .common import holder
-from .manage import bp, json_response, read_body, write_change
+from .guard import management_blueprint
+from .manage import json_response, read_body, write_change
+
+bp = management_blueprint("page_api", __name__)
 
 WINDOWS = (300, 3600)  # the traffic panel: last 5 minutes, last hour
 RECENT_LIMIT = 200

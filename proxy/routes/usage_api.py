@@ -24,7 +24,9 @@ from ..errors import BadRequest, ProxyError
 from ..state import COUNTERS, Store, StoreUnavailable
 from ..state.identity import IDENTITY_HEX, Identities, label
 from ..state.usage import Recorder
-from .manage import bp
+from .guard import management_blueprint
+
+bp = management_blueprint("usage_api", __name__)
 
 DIMENSIONS = ("day", "client", "model", "provider")
 _IDENTITY = re.compile(f"[0-9a-f]{{{IDENTITY_HEX}}}")
