@@ -101,12 +101,6 @@ class ClientRateLimited(RateLimited):
     code = "client_rate_limited"
 
 
-class ModelNotAllowed(Forbidden):
-    """The client key's ``models`` globs do not cover the requested model."""
-
-    code = "model_not_allowed"
-
-
 class UpstreamUnavailable(ProxyError):
     """The upstream could not be reached or refused the provider's credentials."""
 

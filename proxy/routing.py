@@ -131,8 +131,7 @@ class Router:
         if targets is None:
             key, targets = self.match_glob(model)
         if targets is None:
-            raise ModelNotFound(f"The model `{model}` does not exist or you do not have access to it.",
-                                param="model")
+            raise model_not_found(model)
         turns = self._turns.get(key)
         if turns is None:
             return targets
@@ -168,3 +167,9 @@ class Router:
                         "providers": list(dict.fromkeys(t.provider.name for t in targets)),
                         "force_upstream_stream": any(t.provider.force_upstream_stream for t in targets)})
         return out
+
+
+def model_not_found(model: str) -> ModelNotFound:
+    """What a name that serves nothing gets; a model outside the key's allow-list gets exactly this too
+    (state/limits.py), as /v1/models hides it: the answer never tells that a model exists."""
+    return ModelNotFound(f"The model `{model}` does not exist or you do not have access to it.", param="model")

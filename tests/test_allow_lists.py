@@ -46,8 +46,8 @@ PATTERNS = ["qwen*", "claude-*", "claude-opus*", "llama", "llama*", "*70b", "qwe
             "team/phi*", "tiny", "gemma*", "mistral*", "phi*", "*", "qwen3-coder"]
 
 
-def ask(client, route: str, model: str):
-    """One request for ``model`` on ``route``: (status, the upstream request it caused or None)."""
+def ask(client, route: str, model: str, whole: bool = False):
+    """One request for ``model`` on ``route``: its status (the whole response with ``whole``)."""
     if route == "chat":
         body, path = {"model": model, "messages": [{"role": "user", "content": "hi"}]}, "/v1/chat/completions"
     elif route == "responses":
@@ -55,7 +55,8 @@ def ask(client, route: str, model: str):
     else:
         body = {"model": model, "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
         path = "/v1/messages/count_tokens" if route == "count_tokens" else "/v1/messages"
-    return client.post(path, json=body, headers=HEADERS).status_code
+    response = client.post(path, json=body, headers=HEADERS)
+    return response if whole else response.status_code
 
 
 @pytest.fixture(scope="module")
@@ -89,10 +90,10 @@ def test_every_spelling_of_a_model_gets_the_decision_of_the_target_it_resolves_t
     before = len(chat_upstream.requests)
     status = ask(client, route, spelling)
     sent = chat_upstream.requests[before:]
-    assert status in (200, 403)
+    assert status in (200, 404)
     assert status == ask(client, route, canonical)  # the same decision as the target's own name
     assert (status == 200) == (canonical in listed(client))  # /v1/models lists exactly what may be called
-    if status == 403:
+    if status == 404:
         assert not sent  # a refused request reaches no upstream, not even a tokenizer
     elif route != "count_tokens":  # served by the target it resolves to, whatever the spelling
         assert [(r.headers["x-which"], r.body["model"]) for r in sent] == [(provider, model)]
@@ -103,7 +104,7 @@ def test_a_provider_named_like_an_allowed_model_does_not_open_its_other_models(c
     before = len(chat_upstream.requests)
     for route in ("chat", "messages", "responses", "count_tokens"):
         for spelling in ("qwen-pool/mistral-large", "mistral-large", "qwen-pool/tiny"):
-            assert ask(client, route, spelling) == 403, (route, spelling)
+            assert ask(client, route, spelling) == 404, (route, spelling)
     assert len(chat_upstream.requests) == before  # not even qwen-pool's tokenizer was asked
     assert listed(client) == {"qwen", "qwen3-coder"}  # qwen3-coder: the upstream name is qwen*
     assert ask(client, "chat", "claude-sonnet-4-5") == 200  # a glob alias served by qwen3-coder
@@ -111,7 +112,28 @@ def test_a_provider_named_like_an_allowed_model_does_not_open_its_other_models(c
     # a pattern with "/" names a provider (or prefix) namespace on purpose
     scoped = app_for(chat_upstream, ["qwen-pool/*", "tm/*"]).test_client()
     assert listed(scoped) == {"mistral-large", "tiny", "tm/phi"}
-    assert [ask(scoped, "chat", m) for m in ("gemma-2", "team/phi-4", "qwen", "claude-x")] == [200, 200, 403, 403]
+    assert [ask(scoped, "chat", m) for m in ("gemma-2", "team/phi-4", "qwen", "claude-x")] == [200, 200, 404, 404]
+
+
+@pytest.mark.parametrize("route", ["chat", "responses", "messages", "count_tokens", "compact", "embeddings",
+                                   "completions"])
+def test_a_model_outside_the_allow_list_is_answered_exactly_like_one_that_does_not_exist(chat_upstream, route):
+    client = app_for(chat_upstream, ["qwen*"]).test_client()
+    before = len(chat_upstream.requests)
+    if route in ("compact", "embeddings", "completions"):
+        path = {"compact": "/v1/responses/compact", "embeddings": "/v1/embeddings", "completions": "/v1/completions"}
+        body = {"model": "@", "input": "hi", "prompt": "hi"}
+
+        def answer(model):
+            return client.post(path[route], json=dict(body, model=model), headers=HEADERS)
+    else:
+        def answer(model):
+            return ask(client, route, model, whole=True)
+    for real in ("llama", "qwen-pool/mistral-large", "tm/phi"):
+        refused, unknown = answer(real), answer("no-such-model")
+        assert refused.status_code == unknown.status_code == 404, (real, refused.get_data(as_text=True))
+        assert refused.get_json() == json.loads(unknown.get_data(as_text=True).replace("no-such-model", real))
+    assert len(chat_upstream.requests) == before
 
 
 def test_count_tokens_counts_toward_rpm_and_is_refused_over_it_in_the_anthropic_shape(chat_upstream):

@@ -37,7 +37,7 @@ def limited(response: requests.Response) -> bool:
     return True
 
 
-def test_models_globs_refuse_other_models_with_403_and_hide_them_from_the_listing(upstream, serve):
+def test_models_globs_refuse_other_models_as_unknown_and_hide_them_from_the_listing(upstream, serve):
     upstream.handler = openai_like
     live = serve(make_app(policy_doc(upstream, team_a={"models": ["qwen*"]})))
     counter = 'streamfold_client_limited_total{client="team-a",reason="model"} '
@@ -45,9 +45,9 @@ def test_models_globs_refuse_other_models_with_403_and_hide_them_from_the_listin
     sdk = openai.OpenAI(base_url=live.url + "/v1", api_key=KEY_A, max_retries=0, timeout=10)
     assert [m.id for m in sdk.models.list()] == ["qwen"]
     assert sdk.chat.completions.create(model="qwen", messages=[{"role": "user", "content": "hi"}]).usage
-    with pytest.raises(openai.PermissionDeniedError) as refused:
+    with pytest.raises(openai.NotFoundError) as refused:  # as for a model that does not exist: /v1/models hides it
         sdk.chat.completions.create(model="llama", messages=[{"role": "user", "content": "hi"}])
-    assert refused.value.status_code == 403 and refused.value.body["code"] == "model_not_allowed"
+    assert refused.value.status_code == 404 and refused.value.body["code"] == "model_not_found"
     assert refused.value.body["param"] == "model"
     assert len(upstream.requests) == 1  # the refused request never went upstream
     other = openai.OpenAI(base_url=live.url + "/v1", api_key=KEY_B, max_retries=0, timeout=10)
@@ -197,7 +197,7 @@ def test_management_api_changes_a_policy_live_and_refuses_unknown_fields(upstrea
     assert patch.status_code == 200
     assert patch.json()["api-keys"][1] == {"key": "sk-...0002", "name": "team-b", "models": ["llama"], "rpm": 100}
     assert yaml.safe_load(path.read_text())["api-keys"][1]["models"] == ["llama"]
-    assert chat(live.url, KEY_B, "qwen").status_code == 403
+    assert chat(live.url, KEY_B, "qwen").status_code == 404
     for body, status in (({"name": "team-b", "value": {"key": "sk-stolen"}}, 400),
                          ({"name": "nobody", "value": {"rpm": 1}}, 404), ({"value": {}}, 400)):
         response = requests.patch(live.url + "/v0/management/api-keys", headers=MGMT, json=body, timeout=10)
@@ -231,8 +231,8 @@ def test_the_bridges_apply_the_same_policy_in_their_own_error_shapes_and_record_
     headers = {"x-api-key": KEY_A, "anthropic-version": "2023-06-01"}
     message = {"model": "qwen", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
     refused = requests.post(live.url + "/v1/messages", headers=headers, json={**message, "model": "llama"}, timeout=10)
-    assert refused.status_code == 403
-    assert refused.json()["type"] == "error" and refused.json()["error"]["type"] == "permission_error"
+    assert refused.status_code == 404
+    assert refused.json()["type"] == "error" and refused.json()["error"]["type"] == "not_found_error"
     assert requests.post(live.url + "/v1/messages", headers=headers, json=message, timeout=10).status_code == 200
     answer = requests.post(live.url + "/v1/responses", headers=auth_header(KEY_A), timeout=10,
                            json={"model": "qwen", "input": "hi"})

@@ -25,8 +25,8 @@ from collections import deque
 from dataclasses import dataclass
 
 from .. import metrics
-from ..errors import ClientRateLimited, ModelNotAllowed
-from ..routing import Target, narrowed
+from ..errors import ClientRateLimited
+from ..routing import Target, model_not_found, narrowed
 from ..settings import ClientKey
 from .store import Store, StoreUnavailable
 
@@ -84,7 +84,7 @@ class Limiter:
     def admit(self, key: ClientKey, identity: str, label: str, model: str,
               targets: tuple[Target, ...]) -> tuple[tuple[Target, ...], Ticket]:
         """Check ``key``'s policy for one request for ``model`` (resolved to ``targets``): the targets it may
-        use and its ticket; raise ``ModelNotAllowed`` or ``ClientRateLimited``.
+        use and its ticket; raise ``ModelNotFound`` (a model outside the allow-list) or ``ClientRateLimited``.
 
         Windows and slots are kept per ``identity``; ``label`` is only shown.
         One store call for all of the key's limits (one Lua script with Redis,
@@ -94,7 +94,7 @@ class Limiter:
             targets = allowed_targets(key, targets)
             if not targets:
                 metrics.CLIENT_LIMITED.labels(label, "model").inc()
-                raise ModelNotAllowed(f"The client key {label!r} may not use the model {model!r}.", param="model")
+                raise model_not_found(model)  # the 404 of an unknown model: which models exist stays hidden
         if not (key.rpm or key.tpm or key.max_concurrent):
             return targets, Ticket(identity)
         ticket = Ticket(identity, key.tpm, os.urandom(9).hex() if key.max_concurrent else "")
