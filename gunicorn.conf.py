@@ -54,11 +54,11 @@ def on_starting(server):
     there is no last good config yet. A valid one is kept as the last good
     copy that every worker booted later (respawn, HUP) starts from, so a file
     broken, opened or half-written since then never reaches a worker
-    unguarded (proxy/last_good.py).
+    unguarded (proxy/config/last_good.py).
     """
-    from proxy import last_good
+    from proxy.config import last_good
+    from proxy.config.exposure import refuse_or_exit
     from proxy.hop import SECRET_ENV
-    from proxy.exposure import refuse_or_exit
 
     settings, document, fingerprint = last_good.take()
     # The README's development key on a public address (PORT set binds 0.0.0.0) stops here.

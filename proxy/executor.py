@@ -23,10 +23,10 @@ import orjson
 from urllib3 import HTTPResponse
 
 from . import hop, metrics, upstream
+from .config.model import KeyEntry, Settings, redact
 from .errors import BadRequest, ProxyError, RateLimited, StreamError, UpstreamUnavailable, error_body
 from .keys import RATE_LIMIT_DEFAULT, REFUSED_KEY_COOLDOWN, KeyPool
 from .routing import Target
-from .settings import KeyEntry, Settings, redact
 
 if TYPE_CHECKING:
     from .balance.balancer import Balancer

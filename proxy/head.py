@@ -19,8 +19,8 @@ from __future__ import annotations
 import hmac
 
 from . import hop
+from .config.model import ClientKey, Settings
 from .errors import LoopDetected, ProxyError, Unauthorized
-from .settings import ClientKey, Settings
 
 NO_KEY = "You didn't provide an API key. Send it as 'Authorization: Bearer <key>' or 'x-api-key: <key>'."
 WRONG_KEY = "Incorrect API key provided."

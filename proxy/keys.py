@@ -22,8 +22,8 @@ import threading
 import time
 from typing import Callable, Iterator
 
+from .config.model import KeyEntry
 from .routing import Target
-from .settings import KeyEntry
 
 REFUSED_KEY_COOLDOWN = 300.0  # an upstream 401/403: the key is wrong, don't hammer it
 RATE_LIMIT_DEFAULT = 30.0     # a 429 without Retry-After

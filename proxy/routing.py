@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Callable
 
+from .config.model import Model, Provider, Settings
 from .errors import ModelNotFound
-from .settings import Model, Provider, Settings
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,7 +34,7 @@ from typing import Callable
 import orjson
 import redis
 
-from .settings_file import redact_url
+from .config.file import redact_url
 
 log = logging.getLogger(__name__)
 PREFIX = "streamfold:"

@@ -24,9 +24,9 @@ from collections import OrderedDict
 import orjson
 
 from . import upstream
+from .config.model import KeyEntry, Timeouts
 from .errors import ProxyError
 from .routing import Target
-from .settings import KeyEntry, Timeouts
 
 log = logging.getLogger(__name__)
 TIMEOUTS = Timeouts(connect=2.0, read=2.0)

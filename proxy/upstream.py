@@ -44,8 +44,8 @@ import urllib3
 from requests.adapters import HTTPAdapter
 from urllib3 import HTTPResponse
 
+from .config.model import KeyEntry, Provider, Timeouts
 from .errors import UpstreamTimeout, UpstreamUnavailable
-from .settings import KeyEntry, Provider, Timeouts
 
 READ_SIZE = 65536
 # ``finish``: how long to wait for, and how many bytes to read past an answer's end ([DONE]) to keep its

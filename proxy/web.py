@@ -12,6 +12,10 @@ from werkzeug.exceptions import HTTPException, NotFound
 from werkzeug.serving import WSGIRequestHandler
 
 from . import activity, hop, instances
+from .balance.balancer import Balancer
+from .balance.remote import RemoteLink
+from .config.live import ConfigHolder
+from .config.model import Settings, settings_path
 from .errors import SLASHES, BadRequest, ErrorShapes, LoopDetected, ProxyError, request_path
 from .routes import (
     anthropic,
@@ -27,10 +31,6 @@ from .routes import (
     responses,
     usage_api,
 )
-from .balance.balancer import Balancer
-from .balance.remote import RemoteLink
-from .runtime import ConfigHolder
-from .settings import Settings, settings_path
 from .state import open_store
 from .state.identity import Identities
 from .state.limits import Limiter
@@ -113,8 +113,8 @@ def balancer(settings: Settings, config: ConfigHolder) -> Balancer:
 
 def run_dev_server() -> None:
     """``python app.py``: werkzeug's threaded server on the settings gunicorn would use."""
-    from .exposure import refuse_or_exit
-    from .settings import load_or_exit
+    from .config.exposure import refuse_or_exit
+    from .config.model import load_or_exit
 
     settings = load_or_exit()
     port = int(os.environ.get("PORT", "8317"))

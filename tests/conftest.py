@@ -17,10 +17,10 @@ import pytest
 from werkzeug.serving import make_server
 
 from proxy import create_app
-from proxy.settings import build_settings
-from proxy.web import DevRequestHandler
+from proxy.config.model import build_settings
 from proxy.state import ticker
 from proxy.upstream import Sessions
+from proxy.web import DevRequestHandler
 from tests.upstream import CHAT_REQUESTS, FakeUpstream, role_problem
 
 pytest.register_assert_rewrite("tests.agent_cli")  # the agent tests' helpers assert what the user saw

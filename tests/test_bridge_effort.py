@@ -8,8 +8,7 @@ import json
 import pytest
 import requests
 
-from proxy.settings import SettingsError, build_settings
-
+from proxy.config.model import SettingsError, build_settings
 from tests.conftest import AUTH, CLIENT_KEY, make_app, provider, settings_doc
 from tests.upstream import Reply, completion
 

@@ -20,7 +20,7 @@ import requests
 
 from proxy import create_app
 from proxy.balance import remote
-from proxy.settings import SettingsError, build_settings
+from proxy.config.model import SettingsError, build_settings
 from tests.conftest import AUTH, make_app, provider, settings_doc
 from tests.gunicorn_util import Gunicorn, write_settings
 from tests.redis_util import RedisServer
@@ -421,9 +421,9 @@ def test_affinity_holds_across_two_instances_sharing_redis_and_each_goes_on_alon
 
 def test_memory_is_bounded_by_the_settings_with_100k_distinct_sessions():
     from proxy.balance.balancer import Balancer
+    from proxy.config.model import Fleet, Model, Provider
     from proxy.keys import KeyPool
     from proxy.routing import Replicas, Target
-    from proxy.settings import Fleet, Model, Provider
 
     fleet = Fleet(max_sessions=4096, max_prefix_blocks=4096)
     urls = tuple(f"http://10.0.0.{n}/v1" for n in range(4))

@@ -27,7 +27,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import WebDriverWait
 
-from proxy.runtime import CHECK_INTERVAL
+from proxy.config.live import CHECK_INTERVAL
 from tests.conftest import AUTH, CLIENT_KEY, PROVIDER_KEY, settings_doc
 from tests.gunicorn_util import Gunicorn, write_settings
 from tests.upstream import FakeUpstream, Reply, completion, sse, text_chunks

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from proxy.settings import SettingsError, build_settings, load_settings, redact
+from proxy.config.model import SettingsError, build_settings, load_settings, redact
 
 ROOT = Path(__file__).resolve().parent.parent
 

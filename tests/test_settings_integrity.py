@@ -22,7 +22,7 @@ import requests
 import yaml
 
 from proxy import create_app
-from proxy.settings import SettingsError, build_settings
+from proxy.config.model import SettingsError, build_settings
 from tests.conftest import AUTH, CHAT, CLIENT_KEY, PROVIDER_KEY, provider, settings_doc
 from tests.gunicorn_util import ROOT, Gunicorn, write_settings
 from tests.upstream import FakeUpstream, Reply, free_port, sse, text_chunks

@@ -21,9 +21,9 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from proxy.balance.balancer import Balancer  # noqa: E402
+from proxy.config.model import Fleet, Model, Provider  # noqa: E402
 from proxy.keys import KeyPool  # noqa: E402
 from proxy.routing import Replicas, Target  # noqa: E402
-from proxy.settings import Fleet, Model, Provider  # noqa: E402
 
 
 def replica_set(count: int) -> Replicas:

@@ -43,9 +43,9 @@ from . import hints
 from .table import Table, stable_hash
 
 if TYPE_CHECKING:
+    from ..config.model import Fleet
     from ..keys import KeyPool
     from ..routing import Target
-    from ..settings import Fleet
 
 BRANCHES = 0xFF << 56  # a prefix entry's top byte: how many different blocks came after it (saturating)
 REASONS = ("round-robin", "least-busy", "affinity", "prefix", "imbalance", "failover")

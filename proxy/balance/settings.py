@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..settings import BALANCE_POLICIES, Fleet
+from ..config.model import BALANCE_POLICIES, Fleet
 
 FLEET_KEYS = {"balance", "aliases", "cache-threshold", "balance-abs-threshold", "balance-rel-threshold",
               "block-chars", "max-sessions", "max-prefix-blocks", "session-ttl"}

@@ -18,11 +18,11 @@ import orjson
 from flask import current_app, g, request
 
 from .. import activity, metrics
-from ..head import NO_KEY, WRONG_KEY, find_key
+from ..config.live import ConfigHolder, Runtime
+from ..config.model import ClientKey
 from ..errors import BadRequest, PayloadTooLarge, Unauthorized
+from ..head import NO_KEY, WRONG_KEY, find_key
 from ..routing import Target
-from ..runtime import ConfigHolder, Runtime
-from ..settings import ClientKey
 from ..state import owners
 from ..state.identity import OPEN, label
 from ..state.limits import Limiter, Ticket

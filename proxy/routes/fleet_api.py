@@ -13,8 +13,8 @@ import time
 from flask import Response
 
 from .. import metrics
+from ..config.file import redact_url
 from ..keys import key_id
-from ..settings_file import redact_url
 from .common import holder
 from .guard import management_blueprint
 from .manage import json_response

@@ -14,10 +14,10 @@ from __future__ import annotations
 import orjson
 from flask import Response, current_app
 
-from .. import settings_file
+from ..config import file as settings_file
+from ..config.live import ConfigHolder, layer
+from ..config.model import SettingsError, build_settings
 from ..errors import BadRequest, NotFound, ProxyError
-from ..runtime import ConfigHolder, layer
-from ..settings import SettingsError, build_settings
 from .guard import management_blueprint
 from .manage import read_body
 

@@ -24,10 +24,10 @@ import re
 import orjson
 from flask import Response, current_app, request
 
-from .. import settings_file
+from ..config import file as settings_file
+from ..config.live import ConfigHolder, reload_refusal
+from ..config.model import SettingsError
 from ..errors import BadRequest, NotFound, PayloadTooLarge, ProxyError
-from ..runtime import ConfigHolder, reload_refusal
-from ..settings import SettingsError
 from ..shared import SharedUnavailable
 from ..state.identity import label
 from .common import holder

@@ -16,10 +16,10 @@ import requests
 from flask import Response, request
 
 from .. import activity, instances, metrics
+from ..config.file import redact_url
+from ..config.model import Provider, redact
 from ..errors import BadRequest, NotFound
 from ..keys import key_id
-from ..settings import Provider, redact
-from ..settings_file import redact_url
 from ..version import __version__
 from .common import holder
 from .guard import management_blueprint

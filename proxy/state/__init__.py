@@ -6,7 +6,7 @@ interface and what happens while the backend is down.
 """
 from __future__ import annotations
 
-from ..settings import Settings
+from ..config.model import Settings
 from .store import COUNTERS, Store, StoreUnavailable
 
 __all__ = ["COUNTERS", "Store", "StoreUnavailable", "open_store"]

@@ -25,9 +25,9 @@ from collections import deque
 from dataclasses import dataclass
 
 from .. import metrics
+from ..config.model import ClientKey
 from ..errors import ClientRateLimited
 from ..routing import Target, model_not_found, narrowed
-from ..settings import ClientKey
 from .store import Store, StoreUnavailable
 
 WINDOW = 60.0      # seconds: rpm and tpm are per minute

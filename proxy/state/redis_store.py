@@ -23,7 +23,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from ..settings_file import redact_url
+from ..config.file import redact_url
 from .store import COUNTERS, Store, StoreUnavailable, UsageKey
 
 PREFIX = "streamfold:"

@@ -33,14 +33,14 @@ from typing import Any, Mapping
 
 import yaml
 
+from ..keys import KeyPool
+from ..routing import Router
+from ..shared import Shared
+from ..upstream import Sessions
 from . import last_good
 from .exposure import EXPOSED_ENV, published_key_refusal
-from .keys import KeyPool
-from .routing import Router
-from .settings import Settings, SettingsError, build_settings
-from .settings_file import redact_url
-from .shared import Shared
-from .upstream import Sessions
+from .file import redact_url
+from .model import Settings, SettingsError, build_settings
 
 log = logging.getLogger(__name__)
 CHECK_INTERVAL = 1.0

@@ -15,7 +15,7 @@ import os
 import sys
 from typing import Any
 
-from .settings import Settings
+from .model import Settings
 
 DEVELOPMENT_KEY = "sk-streamfold-local"  # the shipped settings' fallback client key, printed in the README
 EXPOSED_ENV = "STREAMFOLD_EXPOSED_BINDS"  # the addresses served that are not loopback, set at start

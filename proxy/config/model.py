@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from .translate.effort import DEFAULT_LEVELS
+from ..translate.effort import DEFAULT_LEVELS
 
 DEFAULT_PATH = "settings.yaml"
 DEFAULT_STATE_PATH = "streamfold-state.db"
@@ -194,7 +194,7 @@ def load_settings(path: str | None = None, environ: Mapping[str, str] | None = N
 
 def build_settings(document: Any, environ: Mapping[str, str] | None = None) -> Settings:
     """Validate a parsed (unresolved) settings document into ``Settings``."""
-    from .balance.settings import fleet_settings
+    from ..balance.settings import fleet_settings
     from .validate import TOP_KEYS, Validator  # validate.py builds the dataclasses defined here
 
     environ = os.environ if environ is None else environ

@@ -11,8 +11,9 @@ import re
 from typing import Any, Mapping
 from urllib.parse import urlsplit
 
-from .balance.settings import replica_urls
-from .settings import (
+from ..balance.settings import replica_urls
+from ..translate.effort import DEFAULT_LEVELS, LEVELS
+from .model import (
     BALANCE_POLICIES,
     DEFAULT_NATIVE_APIS,
     NATIVE_APIS,
@@ -26,7 +27,6 @@ from .settings import (
     _join,
     redact,
 )
-from .translate.effort import DEFAULT_LEVELS, LEVELS
 
 # Numbers are bounded to what every consumer holds: SQLite's INTEGER is 64-bit (2^63 and up was an
 # OverflowError on every request of the key) and Redis's Lua numbers are doubles, exact to 2^53.

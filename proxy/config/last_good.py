@@ -34,8 +34,8 @@ from typing import Any, Mapping
 
 import yaml
 
-from .settings import Settings, SettingsError, build_settings, parse_document, print_problems, settings_path
-from .settings_file import locked, to_yaml, write_atomically
+from .file import locked, to_yaml, write_atomically
+from .model import Settings, SettingsError, build_settings, parse_document, print_problems, settings_path
 
 log = logging.getLogger(__name__)
 ENV = "STREAMFOLD_LAST_GOOD"
