@@ -15,7 +15,8 @@ from . import activity, hop, instances
 from .balance.balancer import Balancer
 from .balance.remote import RemoteLink
 from .config.live import ConfigHolder
-from .config.model import Settings, settings_path
+from .config.load import settings_path
+from .config.model import Settings
 from .errors import SLASHES, BadRequest, ErrorShapes, LoopDetected, ProxyError, request_path
 from .routes import (
     anthropic,
@@ -114,7 +115,7 @@ def balancer(settings: Settings, config: ConfigHolder) -> Balancer:
 def run_dev_server() -> None:
     """``python app.py``: werkzeug's threaded server on the settings gunicorn would use."""
     from .config.exposure import refuse_or_exit
-    from .config.model import load_or_exit
+    from .config.load import load_or_exit
 
     settings = load_or_exit()
     port = int(os.environ.get("PORT", "8317"))

@@ -17,7 +17,7 @@ import pytest
 from werkzeug.serving import make_server
 
 from proxy import create_app
-from proxy.config.model import build_settings
+from proxy.config.load import build_settings
 from proxy.state import ticker
 from proxy.upstream import Sessions
 from proxy.web import DevRequestHandler

@@ -35,9 +35,6 @@ STATE_FORBIDDEN = ("flask", "werkzeug")
 # issue 23: to be removed. Each entry: the modules of one import cycle (a strongly
 # connected component, exactly).
 KNOWN_CYCLES: dict[str, frozenset[str]] = {
-    # config/model.py imports validate and balance/settings inside functions, both import model
-    # back; splitting the loading out of model.py removes it.
-    "settings-validate": frozenset({"proxy.config.model", "proxy.config.validate", "proxy.balance.settings"}),
 }
 
 # issue 23: to be removed. (importer, imported) pairs reaching up into proxy.routes.
@@ -51,8 +48,6 @@ KNOWN_LIBRARY: dict[str, tuple[str, str]] = {
 
 # issue 23: to be removed. (importer, module, private name) triples.
 KNOWN_PRIVATE: dict[str, tuple[str, str, str]] = {
-    # config/validate.py borrows config/model.py's path joiner (splitting model.py gives it one owner)
-    "validate-uses-settings._join": ("proxy.config.validate", "proxy.config.model", "_join"),
 }
 
 # (importer, module) pairs adding views to another module's Blueprint: none left.

@@ -8,7 +8,8 @@ import json
 import pytest
 import requests
 
-from proxy.config.model import SettingsError, build_settings
+from proxy.config.load import build_settings
+from proxy.config.model import SettingsError
 from tests.conftest import AUTH, CLIENT_KEY, make_app, provider, settings_doc
 from tests.upstream import Reply, completion
 

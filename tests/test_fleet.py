@@ -20,7 +20,8 @@ import requests
 
 from proxy import create_app
 from proxy.balance import remote
-from proxy.config.model import SettingsError, build_settings
+from proxy.config.load import build_settings
+from proxy.config.model import SettingsError
 from tests.conftest import AUTH, make_app, provider, settings_doc
 from tests.gunicorn_util import Gunicorn, write_settings
 from tests.redis_util import RedisServer

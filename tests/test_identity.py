@@ -16,7 +16,8 @@ import redis
 import requests
 
 from proxy import create_app
-from proxy.config.model import SettingsError, build_settings
+from proxy.config.load import build_settings
+from proxy.config.model import SettingsError
 from tests.conftest import make_app, provider, settings_doc
 from tests.gunicorn_util import Gunicorn, write_settings
 from tests.redis_util import RedisServer

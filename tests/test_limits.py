@@ -212,7 +212,7 @@ def test_bad_policy_in_the_file_stops_startup_with_one_line_per_problem(tmp_path
     doc = {"api-keys": [{"key": "sk-x-1234", "rpm": -5, "models": "qwen*", "team": "a"}]}
     path = tmp_path / "bad.yaml"
     path.write_text(json.dumps(doc))
-    result = subprocess.run([sys.executable, "-c", "from proxy.config.model import load_or_exit; load_or_exit()"],
+    result = subprocess.run([sys.executable, "-c", "from proxy.config.load import load_or_exit; load_or_exit()"],
                             cwd=ROOT, env=dict(os.environ, PROXY_SETTINGS=str(path)), capture_output=True,
                             text=True, timeout=30)
     assert result.returncode == 1 and "Traceback" not in result.stderr

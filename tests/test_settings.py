@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from proxy.config.model import SettingsError, build_settings, load_settings, redact
+from proxy.config.load import build_settings, load_settings
+from proxy.config.model import SettingsError, redact
 
 ROOT = Path(__file__).resolve().parent.parent
 

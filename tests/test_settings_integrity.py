@@ -22,7 +22,8 @@ import requests
 import yaml
 
 from proxy import create_app
-from proxy.config.model import SettingsError, build_settings
+from proxy.config.load import build_settings
+from proxy.config.model import SettingsError
 from tests.conftest import AUTH, CHAT, CLIENT_KEY, PROVIDER_KEY, provider, settings_doc
 from tests.gunicorn_util import ROOT, Gunicorn, write_settings
 from tests.upstream import FakeUpstream, Reply, free_port, sse, text_chunks

@@ -100,7 +100,7 @@ def test_blob_api_never_raises_while_redis_is_down_and_writes_held_puts_when_it_
 
 
 def test_open_store_picks_redis_when_a_redis_url_is_set(redis_server):
-    from proxy.config.model import build_settings
+    from proxy.config.load import build_settings
 
     settings = build_settings({"redis-url": redis_server.url, "state-path": state_path()}, {})
     assert isinstance(open_store(settings), RedisStore)

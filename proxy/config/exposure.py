@@ -6,7 +6,7 @@ anywhere else (``PORT`` set makes ``gunicorn app:app`` bind 0.0.0.0, as on
 Heroku). So a start that would serve such an address with that key stops
 with one line naming the fix, and the addresses are recorded in the
 environment (``EXPOSED_ENV``) so every worker's reload refuses a file that
-brings the key in later (``runtime.ConfigHolder``).
+brings the key in later (``config.live.ConfigHolder``).
 """
 from __future__ import annotations
 

@@ -23,7 +23,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
-from .model import Settings, SettingsError, build_settings, read_document, redact
+from .load import build_settings, read_document
+from .model import Settings, SettingsError, redact
 
 SECRET_HEADER_WORDS = ("key", "token", "auth", "secret", "password")
 # Providers in one management write: 10,000 took seconds to validate and route while

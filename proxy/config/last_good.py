@@ -35,7 +35,8 @@ from typing import Any, Mapping
 import yaml
 
 from .file import locked, to_yaml, write_atomically
-from .model import Settings, SettingsError, build_settings, parse_document, print_problems, settings_path
+from .load import build_settings, parse_document, print_problems, settings_path
+from .model import Settings, SettingsError
 
 log = logging.getLogger(__name__)
 ENV = "STREAMFOLD_LAST_GOOD"

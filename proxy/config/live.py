@@ -40,7 +40,8 @@ from ..upstream import Sessions
 from . import last_good
 from .exposure import EXPOSED_ENV, published_key_refusal
 from .file import redact_url
-from .model import Settings, SettingsError, build_settings
+from .load import build_settings
+from .model import Settings, SettingsError
 
 log = logging.getLogger(__name__)
 CHECK_INTERVAL = 1.0

@@ -2,7 +2,7 @@
 
 ``Validator`` records a problem (``openai-compatibility[1].base-url: required``)
 instead of raising, so one pass reports everything wrong with a file;
-``settings.build_settings`` raises ``SettingsError`` with the whole list.
+``load.build_settings`` raises ``SettingsError`` with the whole list.
 """
 from __future__ import annotations
 
@@ -24,7 +24,6 @@ from .model import (
     Model,
     Provider,
     Timeouts,
-    _join,
     redact,
 )
 
@@ -49,6 +48,11 @@ CLIENT_KEY_KEYS = {"key", "name", "models", "rpm", "tpm", "max-concurrent"}
 MODEL_KEYS = {"name", "alias", "max-output-tokens", "context-length", "vision"}
 
 
+def join_path(path: str, key: Any) -> str:
+    """A key path: ``providers[0]`` + ``name`` is ``providers[0].name``."""
+    return f"{path}.{key}" if path else str(key)
+
+
 class Validator:
     """Typed getters that record a problem (with its key path) instead of raising."""
 
@@ -61,7 +65,7 @@ class Validator:
     def unknown(self, mapping: dict, path: str, allowed: set[str]) -> None:
         for key in mapping:
             if key not in allowed:
-                self.problem(_join(path, key), "unknown key")
+                self.problem(join_path(path, key), "unknown key")
 
     def mapping(self, node: Any, path: str) -> dict:
         if node is None:
@@ -83,31 +87,31 @@ class Validator:
         value = mapping.get(key)
         if value is None:
             if default is None:
-                self.problem(_join(path, key), "required")
+                self.problem(join_path(path, key), "required")
                 return ""
             return default
         if not isinstance(value, str):
-            self.problem(_join(path, key), f"must be a string, not {_kind(value)}")
+            self.problem(join_path(path, key), f"must be a string, not {_kind(value)}")
             return default or ""
         return value
 
     def boolean(self, mapping: dict, path: str, key: str, default: bool) -> bool:
         value = mapping.get(key, default)
         if not isinstance(value, bool):
-            self.problem(_join(path, key), f"must be true or false, not {_kind(value)}")
+            self.problem(join_path(path, key), f"must be true or false, not {_kind(value)}")
             return default
         return value
 
     def integer(self, mapping: dict, path: str, key: str, default: int, minimum: int) -> int:
         value = mapping.get(key, default)
         if isinstance(value, bool) or not isinstance(value, int):
-            self.problem(_join(path, key), f"must be an integer, not {_kind(value)}")
+            self.problem(join_path(path, key), f"must be an integer, not {_kind(value)}")
             return default
         if value < minimum:
-            self.problem(_join(path, key), f"must be >= {minimum}")
+            self.problem(join_path(path, key), f"must be >= {minimum}")
             return default
         if value > MAX_INTEGER:
-            self.problem(_join(path, key), f"must be <= {MAX_INTEGER}")
+            self.problem(join_path(path, key), f"must be <= {MAX_INTEGER}")
             return default
         return value
 
@@ -115,13 +119,13 @@ class Validator:
                exclusive: bool = False) -> float:
         value = mapping.get(key, default)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            self.problem(_join(path, key), f"must be a number, not {_kind(value)}")
+            self.problem(join_path(path, key), f"must be a number, not {_kind(value)}")
             return default
         if value != value or value > MAX_SECONDS:  # nan, inf, or a number float() cannot even hold
-            self.problem(_join(path, key), f"must be a number of seconds <= {MAX_SECONDS}")
+            self.problem(join_path(path, key), f"must be a number of seconds <= {MAX_SECONDS}")
             return default
         if value < minimum or (exclusive and value == minimum):
-            self.problem(_join(path, key), f"must be {'>' if exclusive else '>='} {minimum}")
+            self.problem(join_path(path, key), f"must be {'>' if exclusive else '>='} {minimum}")
             return default
         return float(value)
 
@@ -262,7 +266,7 @@ class Validator:
     def choice(self, mapping: dict, path: str, key: str, default: str, allowed: tuple[str, ...]) -> str:
         value = self.string(mapping, path, key, default)
         if value not in allowed:
-            self.problem(_join(path, key), f"must be one of {', '.join(allowed)}")
+            self.problem(join_path(path, key), f"must be one of {', '.join(allowed)}")
             return default
         return value
 
@@ -284,7 +288,7 @@ class Validator:
         pairs = []
         for key, value in self.mapping(node, path).items():
             if not isinstance(key, str) or not isinstance(value, (str, int)) or isinstance(value, bool):
-                self.problem(_join(path, key), "header names and values must be strings")
+                self.problem(join_path(path, key), "header names and values must be strings")
                 continue
             pairs.append((key, str(value)))
         return tuple(pairs)

@@ -16,7 +16,8 @@ from flask import Response, current_app
 
 from ..config import file as settings_file
 from ..config.live import ConfigHolder, layer
-from ..config.model import SettingsError, build_settings
+from ..config.load import build_settings
+from ..config.model import SettingsError
 from ..errors import BadRequest, NotFound, ProxyError
 from .guard import management_blueprint
 from .manage import read_body

@@ -6,11 +6,11 @@ Who may call it (on/off, loopback, lockout, secret) is decided in
 Writes go through ``settings_file.update``: validated like the file at startup (400
 naming each problem, running config untouched), then written atomically. This
 worker installs the new config at once; the others see the file change within
-about a second (``runtime.ConfigHolder``).
+about a second (``config.live.ConfigHolder``).
 
 Input is read to the letter: a body is read at most ``max-request-bytes`` (with
 or without Content-Length), an ``index`` is ASCII digits only, a write holds at
-most ``settings_file.MAX_PROVIDERS`` providers and may not remove every provider
+most ``config.file.MAX_PROVIDERS`` providers and may not remove every provider
 (the other workers' reload guard would refuse that file, so they would diverge;
 emptying the list takes a hand edit and a restart). Management writes cannot
 change ``api-keys``; a write on top of a hand edit the reload guard refused
