@@ -373,3 +373,47 @@ def test_usage_rows_name_the_glob_alias_so_made_up_names_cannot_grow_the_table(u
         assert chat(live.url, KEY_A, asked).status_code == 200
     rows = wait_for_usage(live.url, 3, **{"group-by": "model"})["data"]
     assert [(row["model"], row["requests"]) for row in rows] == [("claude-*", 3)]
+
+
+def _native_answers(rec) -> Reply:
+    """A provider serving /v1/responses and /v1/messages itself; it echoes the request's ``metadata`` after its
+    ``usage``, as OpenAI does. Responses: 40 in, 9 out; Messages: 50000 in (6 read from cache), 10 out."""
+    body = rec.body or {}
+    if rec.path.endswith("/messages"):
+        start = {"type": "message_start", "message": {
+            "id": "msg_1", "type": "message", "role": "assistant", "model": body["model"], "content": [],
+            "stop_reason": None, "usage": {"input_tokens": 50000, "cache_read_input_tokens": 6, "output_tokens": 1}}}
+        events = [start, {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+                  {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "hi"}},
+                  {"type": "content_block_stop", "index": 0},
+                  {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 10}},
+                  {"type": "message_stop"}]
+        return Reply(events=[f"event: {e['type']}\ndata: {json.dumps(e)}\n\n".encode() for e in events],
+                     content_type="text/event-stream")
+    response = {"id": "resp_1", "object": "response", "status": "completed", "model": body["model"],
+                "output": [{"type": "message", "id": "msg_1", "role": "assistant", "status": "completed",
+                            "content": [{"type": "output_text", "text": "hi", "annotations": []}]}],
+                "usage": {"input_tokens": 40, "output_tokens": 9, "total_tokens": 49},
+                "metadata": body.get("metadata") or {}}
+    if not body.get("stream"):
+        return Reply(body=json.dumps(response).encode())
+    done = {"type": "response.completed", "sequence_number": 1, "response": response}
+    return Reply(events=[f"event: response.completed\ndata: {json.dumps(done)}\n\n".encode()],
+                 content_type="text/event-stream")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_native_responses_usage_is_the_answers_own_not_a_usage_the_client_had_echoed(upstream, serve, stream):
+    """The upstream echoes metadata {"usage": ...} after the real usage: the real one is charged (a search for
+    the last "usage" in the bytes charged 0 tokens)."""
+    upstream.handler = _native_answers
+    doc = usage_doc(upstream)
+    doc["openai-compatibility"][0]["native-apis"] = ["chat", "responses"]
+    live = serve(make_app(doc))
+    for metadata in ({"usage": "x"}, {"usage": '{"input_tokens": 0}', "note": "output_tokens\": 0"}):
+        answer = requests.post(live.url + "/v1/responses", headers=auth(KEY_A), timeout=10,
+                               json={"model": "qwen", "input": "hi", "metadata": metadata, "stream": stream})
+        assert answer.status_code == 200 and b"resp_1" in answer.content
+    total = wait_for_usage(live.url, 2)["total"]
+    assert (total["requests"], total["prompt_tokens"], total["completion_tokens"]) == (2, 80, 18)
+

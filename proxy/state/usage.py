@@ -8,38 +8,88 @@ writes what is left on a graceful stop.
 """
 from __future__ import annotations
 
-import re
 import threading
 import time
 from typing import Callable
 
+import orjson
+
 from ..translate.anthropic.tokens import body_tokens
 from .store import COUNTERS, Store, StoreUnavailable, UsageKey
 
-_PROMPT = re.compile(rb'"(?:prompt_tokens|input_tokens)"\s*:\s*(\d+)')
-_COMPLETION = re.compile(rb'"(?:completion_tokens|output_tokens)"\s*:\s*(\d+)')
-_CACHED = re.compile(rb'"(?:cached_tokens|cache_read_input_tokens)"\s*:\s*(\d+)')
-_REASONING = re.compile(rb'"reasoning_tokens"\s*:\s*(\d+)')
+_PROMPT = ("prompt_tokens", "input_tokens")
+_COMPLETION = ("completion_tokens", "output_tokens")
+_DETAILS = ("prompt_tokens_details", "input_tokens_details", "completion_tokens_details", "output_tokens_details")
 
 Tokens = tuple[int, int, int, int]  # prompt, completion, cached, reasoning
 
 
 def usage_counts(data: bytes) -> Tokens | None:
-    """(prompt, completion, cached, reasoning) from the last ``usage`` object in raw JSON or SSE bytes.
+    """(prompt, completion, cached, reasoning) from a JSON answer's top-level ``usage``, or from an SSE stream's
+    events: each event's top-level ``usage``, ``response.usage`` (Responses ``response.completed``) or
+    ``message.usage`` (Anthropic ``message_start``), the largest count of each kind across events (counts in a
+    stream are running totals: Anthropic's input in message_start, its output in message_delta).
 
-    A targeted scan, not a parse: relayed answers are never decoded. Accepts
-    OpenAI (``prompt_tokens``, ``*_tokens_details``) and Responses/Anthropic
-    (``input_tokens``, ``cache_read_input_tokens``) names.
+    Parsed, never searched: a ``"usage"`` the client made the upstream echo (Responses ``metadata``, a tool
+    schema, text) is not a usage object. Only SSE events holding ``_tokens"`` are parsed. Accepts OpenAI
+    (``prompt_tokens``, ``*_tokens_details``) and Responses/Anthropic (``input_tokens``,
+    ``cache_read_input_tokens``) names.
     """
-    at = data.rfind(b'"usage"')
-    if at < 0:
+    head = data.lstrip()[:1]
+    if head in (b"{", b"["):
+        try:
+            return _counts(_usage_of(orjson.loads(data)))
+        except orjson.JSONDecodeError:
+            return None
+    if b'_tokens"' not in data:
         return None
-    tail = data[at:]
-    prompt, completion = _PROMPT.search(tail), _COMPLETION.search(tail)
+    found = None
+    for line in data.splitlines():
+        if line[:5] != b"data:" or b'_tokens"' not in line:
+            continue
+        try:
+            tokens = _counts(_usage_of(orjson.loads(line[5:])))
+        except orjson.JSONDecodeError:
+            continue
+        if tokens is not None:
+            found = tokens if found is None else tuple(max(a, b) for a, b in zip(found, tokens))
+    return found
+
+
+def _usage_of(event: object) -> object:
+    """The usage object of an answer or event: top-level, or that of its ``response`` / ``message``."""
+    if not isinstance(event, dict):
+        return None
+    usage = event.get("usage")
+    if isinstance(usage, dict):
+        return usage
+    for wrapper in ("response", "message"):
+        inner = event.get(wrapper)
+        if isinstance(inner, dict) and isinstance(inner.get("usage"), dict):
+            return inner["usage"]
+    return None
+
+
+def _counts(usage: object) -> Tokens | None:
+    if not isinstance(usage, dict):
+        return None
+    prompt, completion = _first(usage, _PROMPT), _first(usage, _COMPLETION)
     if prompt is None and completion is None:
         return None
-    cached, reasoning = _CACHED.search(tail), _REASONING.search(tail)
-    return (_count(prompt), _count(completion), _count(cached), _count(reasoning))
+    cached, reasoning = _count(usage.get("cache_read_input_tokens")), 0
+    for name in _DETAILS:
+        details = usage.get(name)
+        if isinstance(details, dict):
+            cached = max(cached, _count(details.get("cached_tokens")))
+            reasoning = max(reasoning, _count(details.get("reasoning_tokens")))
+    return (_count(prompt), _count(completion), cached, reasoning)
+
+
+def _first(usage: dict, names: tuple[str, ...]) -> object:
+    for name in names:
+        if usage.get(name) is not None:
+            return usage[name]
+    return None
 
 
 def estimate_tokens(sent: dict | None, received: int, first: bytes) -> Tokens:
@@ -56,12 +106,12 @@ def estimate_tokens(sent: dict | None, received: int, first: bytes) -> Tokens:
     return (prompt, received * events // len(first) if events else 0, 0, 0)
 
 
-def _count(match: re.Match | None) -> int:
-    """A token count from an upstream; absurd ones (more than 15 digits) count as 0, not as an overflow later."""
-    if match is None:
-        return 0
-    digits = match.group(1)
-    return int(digits) if len(digits) <= 15 else 0
+def _count(value: object) -> int:
+    """A token count from an upstream; anything but a sane non-negative integer (absurd ones, more than 15
+    digits, would overflow later) counts as 0."""
+    if type(value) is int and 0 <= value < 10 ** 15:
+        return value
+    return 0
 
 
 class Recorder:
