@@ -62,6 +62,19 @@ def test_a_stream_the_upstream_breaks_off_without_usage_is_charged_too(upstream,
     assert limited(chat(live.url, KEY_A, "qwen"))
 
 
+def test_a_long_prompt_without_spaces_up_front_is_estimated_by_its_length_not_as_one_image(upstream, serve):
+    """A usage-less answer's prompt is estimated from the body sent: a 200 000-character prompt starting with
+    "data:" or with 5000 characters without a space was charged as one image (1600 tokens)."""
+    upstream.handler = lambda rec: long_stream(rec, drop_after=5)
+    live = serve(make_app(policy_doc(upstream)))
+    prose = "the quick brown fox jumps over the lazy dog " * 4600
+    for prompt in ("data:" + prose, "x" * 5000 + " " + prose):
+        assert len(prompt) > 200_000
+        assert b'"error"' in chat(live.url, KEY_A, "qwen", prompt, stream=True).content
+    total = wait_for_usage(live.url, 2)["total"]
+    assert total["prompt_tokens"] >= 2 * 200_000 // 4
+
+
 def test_a_client_leaving_a_padded_answer_keeps_its_slot_until_the_upstream_is_done(upstream, serve, caplog):
     release = threading.Event()
 

@@ -17,6 +17,7 @@ messages is the 93 % undercount CLIProxyAPI#679 reports), by characters:
 """
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import orjson
@@ -94,21 +95,35 @@ def _content(content: Any, texts: list[str]) -> int:
     return fixed
 
 
+_IMAGE_FIELDS = frozenset(("url", "image_url", "data"))  # chat image_url.url, Responses input_image, Anthropic source
+_BASE64 = re.compile(r"[A-Za-z0-9+/_-]*=*")
+
+
+def _image_payload(text: str) -> bool:
+    """Whether ``text`` looks like an encoded image: a base64 ``data:`` URL, or a long base64 run."""
+    if text.startswith("data:"):
+        head, comma, payload = text.partition(",")
+        return bool(comma) and head.endswith(";base64") and _BASE64.fullmatch(payload) is not None
+    return len(text) > 4096 and _BASE64.fullmatch(text) is not None
+
+
 def body_tokens(body: object) -> int:
     """Input tokens of any JSON request body (chat, completions, Responses, Anthropic), roughly: every string
-    by the character rule, except a ``data:`` URL or a long run without spaces (base64), which counts as one
-    image. For charging an answer that came without usage; a walk with a stack, however deep the body."""
+    by the character rule, except an image payload in an image field (``url``, ``image_url``, ``data``: a
+    base64 ``data:`` URL or a long base64 run), which counts as one image. Any other string counts by its
+    length however it looks, so a prompt without spaces is not an image. For charging an answer that came
+    without usage; a walk with a stack, however deep the body, linear in its size."""
     texts: list[str] = []
-    fixed, stack = BASE, [body]
+    fixed, stack = BASE, [("", body)]
     while stack:
-        node = stack.pop()
+        key, node = stack.pop()
         if isinstance(node, str):
-            if node.startswith("data:") or (len(node) > 4096 and not any(c.isspace() for c in node[:4096])):
+            if key in _IMAGE_FIELDS and _image_payload(node):
                 fixed += PER_IMAGE
             else:
                 texts.append(node)
         elif isinstance(node, dict):
-            stack.extend(node.values())
+            stack.extend(node.items())
         elif isinstance(node, list):
-            stack.extend(node)
+            stack.extend((key, item) for item in node)
     return fixed + text_tokens("".join(texts))
