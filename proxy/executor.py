@@ -103,6 +103,7 @@ class Outcome:
     headers: dict[str, str] = field(default_factory=dict)
     plan: Plan | None = None  # the plan that produced this outcome (bridged routes)
     strip_usage: bool = False  # the proxy asked for the stream's usage chunk; the client did not
+    usage_limit: int = 64 * 1024 * 1024  # max-aggregate-bytes: the longest stream event read for its usage
 
 
 def execute(settings: Settings, sessions: upstream.Sessions, keys: KeyPool,
@@ -273,6 +274,7 @@ def _attempt(settings: Settings, sessions: upstream.Sessions, keys: KeyPool,
         outcome = _success(settings, response, call, fold, forced, call.check if plan is None else plan.check)
         outcome.plan = plan
         outcome.strip_usage = strip_usage and outcome.stream is not None
+        outcome.usage_limit = settings.max_aggregate_bytes
     except BaseException:
         response.close()
         raise

@@ -18,6 +18,7 @@ from . import metrics, upstream
 from .errors import ProxyError
 from .executor import Outcome
 from .fold.usage_strip import UsageStripper
+from .state.usage import StreamUsage, usage_bytes
 
 log = logging.getLogger(__name__)
 # Sent with every response that is written bit by bit (streams, padded folds).
@@ -35,14 +36,14 @@ def to_response(outcome: Outcome, on_end: Callable[[int, str, bytes], None]) -> 
 
 
 def _relay(outcome: Outcome, on_end: Callable[[int, str, bytes], None]):
-    response, result, usage = outcome.stream, "client closed", b""
+    response, result = outcome.stream, "client closed"
     stripper = UsageStripper() if outcome.strip_usage else None
+    usage = StreamUsage(outcome.usage_limit)  # the stream's token counts, for the token metrics and accounting
     metrics.ACTIVE_STREAMS.inc()
     try:
         for data in upstream.read_chunks(response, outcome.first):
+            usage.feed(data)
             tokens = b'_tokens"' in data
-            if tokens:  # keep the read that carries usage, for the token metrics
-                usage = data
             if stripper is not None:
                 data = stripper.feed(data, tokens)
                 if not data:
@@ -61,7 +62,7 @@ def _relay(outcome: Outcome, on_end: Callable[[int, str, bytes], None]):
     finally:
         response.close()
         metrics.ACTIVE_STREAMS.dec()
-        on_end(200, result, stripper.usage or usage if stripper is not None else usage)
+        on_end(200, result, usage_bytes(usage.finish()))
 
 
 def padded_answer(interval: float, run: Callable[[], Outcome], on_end: Callable[[int, str, bytes], None],

@@ -15,6 +15,7 @@ import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import anthropic
 import openai
 import pytest
 import requests
@@ -417,3 +418,17 @@ def test_native_responses_usage_is_the_answers_own_not_a_usage_the_client_had_ec
     total = wait_for_usage(live.url, 2)["total"]
     assert (total["requests"], total["prompt_tokens"], total["completion_tokens"]) == (2, 80, 18)
 
+
+def test_native_anthropic_stream_is_charged_message_starts_input_and_message_deltas_output(upstream, serve):
+    """Input (and cache reads) arrive in message_start, output in message_delta: both are counted (keeping only
+    the last read with token counts charged 0 input tokens)."""
+    upstream.handler = _native_answers
+    doc = usage_doc(upstream)
+    doc["openai-compatibility"][0]["native-apis"] = ["messages"]
+    live = serve(make_app(doc))
+    sdk = anthropic.Anthropic(base_url=live.url, api_key=KEY_A, max_retries=0, timeout=10)
+    with sdk.messages.stream(model="qwen", max_tokens=20, messages=[{"role": "user", "content": "hi"}]) as stream:
+        assert stream.get_final_text() == "hi"
+    sdk.close()
+    total = wait_for_usage(live.url, 1)["total"]
+    assert (total["prompt_tokens"], total["completion_tokens"], total["cached_tokens"]) == (50000, 10, 6)

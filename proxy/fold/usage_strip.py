@@ -22,11 +22,10 @@ import orjson
 class UsageStripper:
     """Feed it the upstream's reads in order; send what ``feed`` and ``finish`` return."""
 
-    __slots__ = ("held", "usage")
+    __slots__ = ("held",)
 
     def __init__(self) -> None:
         self.held = b""
-        self.usage = b""  # the last complete events that carried token counts (for usage recording)
 
     def feed(self, data: bytes, tokens: bool) -> bytes:
         """``tokens``: whether ``data`` contains ``_tokens"`` (the relay tests that anyway)."""
@@ -66,7 +65,6 @@ class UsageStripper:
             if has_cr:
                 start = max(start, _after_last(data, b"\r\r", at, usage), _after_last(data, b"\n\r\n", at, usage))
             end, separator_end = _next_boundary(data, found, has_cr)
-            self.usage = data[start:separator_end]
             out.append(data[at:start])
             out.append(_strip_event(data[start:end], data[end:separator_end]))
             at = separator_end

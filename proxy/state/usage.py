@@ -56,6 +56,62 @@ def usage_counts(data: bytes) -> Tokens | None:
     return found
 
 
+def usage_bytes(tokens: Tokens | None) -> bytes:
+    """``tokens`` as a JSON ``usage`` answer that ``usage_counts`` reads back (b"" for None)."""
+    if tokens is None:
+        return b""
+    return orjson.dumps({"usage": {"prompt_tokens": tokens[0], "completion_tokens": tokens[1],
+                                   "prompt_tokens_details": {"cached_tokens": tokens[2]},
+                                   "completion_tokens_details": {"reasoning_tokens": tokens[3]}}})
+
+
+class StreamUsage:
+    """The token counts of an SSE stream fed read by read (``usage_counts`` over its whole events).
+
+    Only lines holding ``_tokens"`` are parsed; a line split across reads is
+    held until it ends, at most ``limit`` bytes (a longer one is skipped).
+    """
+
+    __slots__ = ("limit", "tokens", "_held", "_size")
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.tokens = limit, None
+        self._held: list[bytes] = []
+        self._size = 0
+
+    def feed(self, data: bytes) -> None:
+        end = data.rfind(b"\n")
+        if end < 0:
+            self._hold(data)
+            return
+        lines = b"".join((*self._held, data[:end])) if self._held else data[:end]
+        if self._size < 0:  # the line that overflowed ends in this read: skip its rest
+            lines = lines.partition(b"\n")[2]
+        self._held, self._size = [], 0
+        self._hold(data[end + 1:])
+        self._scan(lines)
+
+    def finish(self) -> Tokens | None:
+        if self._held:
+            lines, self._held, self._size = b"".join(self._held), [], 0
+            self._scan(lines)
+        return self.tokens
+
+    def _hold(self, part: bytes) -> None:
+        if not part or self._size < 0:
+            return
+        self._size += len(part)
+        if self._size > self.limit:
+            self._held, self._size = [], -1  # skipped to the end of this line
+        else:
+            self._held.append(part)
+
+    def _scan(self, lines: bytes) -> None:
+        tokens = usage_counts(lines)
+        if tokens is not None:
+            self.tokens = tokens if self.tokens is None else tuple(max(a, b) for a, b in zip(self.tokens, tokens))
+
+
 def _usage_of(event: object) -> object:
     """The usage object of an answer or event: top-level, or that of its ``response`` / ``message``."""
     if not isinstance(event, dict):
