@@ -118,6 +118,32 @@ def test_tpm_counts_real_usage_and_refuses_once_the_minute_is_spent(upstream, se
     assert chat(live.url, KEY_B, "qwen").status_code == 200
 
 
+def test_tpm_reserves_each_requests_estimate_so_parallel_requests_cannot_overrun_it(upstream, serve):
+    """8 requests at once, each asking for up to 30 tokens, against 100 tokens per minute: only those whose
+    reservation fits are sent (tpm was checked at cost 0 and charged at the end, so all 8 passed); once they
+    are done their real usage (9 tokens each) replaces the reservation, and the key may go on."""
+    release = threading.Event()
+
+    def held(rec):
+        release.wait(10)
+        return openai_like(rec)
+
+    upstream.handler = held
+    live = serve(make_app(policy_doc(upstream, team_a={"tpm": 100})))
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(chat, live.url, KEY_A, "qwen", max_tokens=30) for _ in range(8)]
+        deadline = time.monotonic() + 10
+        while sum(f.done() for f in futures) + len(upstream.requests) < 8 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        release.set()
+        answers = [f.result() for f in futures]
+    refused = [a for a in answers if limited(a)]
+    assert all("100 tokens per minute" in a.json()["error"]["message"] for a in refused)
+    admitted = [a for a in answers if a.status_code == 200]
+    assert len(admitted) + len(refused) == 8 and 1 <= len(admitted) <= 3 and len(upstream.requests) == len(admitted)
+    assert chat(live.url, KEY_A, "qwen", max_tokens=30).status_code == 200  # 9 per answer spent, not 30+
+
+
 def test_max_concurrent_2_lets_exactly_two_slow_streams_in_across_workers(upstream, tmp_path):
     release = threading.Event()
 

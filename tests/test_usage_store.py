@@ -109,11 +109,11 @@ def test_open_store_picks_redis_when_a_redis_url_is_set(redis_server):
 def test_admit_is_all_or_nothing_and_settle_gives_back_on_both_backends(store):
     """The limit operations the limiter builds on: same answers from SQLite and Redis."""
     slot = ("conc:t", "token-1", 1)
-    assert store.admit([("tpm:t", 10)], slot, [("rpm:t", 2)], 60, 30) is None
+    assert store.admit([("tpm:t", 10, 0)], slot, [("rpm:t", 2)], 60, 30) is None
     kind, wait = store.admit([], ("conc:t", "token-2", 1), [("rpm:t", 2)], 60, 30)
     assert kind == "slot" and wait >= 1  # the one slot is held
     store.settle(("conc:t", "token-1"), ("tpm:t", 12), 60)  # answer done: slot back, 12 tokens spent
-    kind, wait = store.admit([("tpm:t", 10)], ("conc:t", "token-3", 1), [("rpm:t", 2)], 60, 30)
+    kind, wait = store.admit([("tpm:t", 10, 0)], ("conc:t", "token-3", 1), [("rpm:t", 2)], 60, 30)
     assert kind == "check" and 59 <= wait <= 60  # tpm spent; nothing was taken
     assert store.admit([], ("conc:t", "token-4", 1), [("rpm:t", 2)], 60, 30) is None  # the slot was free
     kind, _ = store.admit([], None, [("rpm:t", 2)], 60, 30)
@@ -121,6 +121,24 @@ def test_admit_is_all_or_nothing_and_settle_gives_back_on_both_backends(store):
     kind, _ = store.admit([], ("conc:t", "token-5", 2), [("rpm:t", 2)], 60, 30)
     assert kind == "count"
     assert store.admit([], ("conc:t", "token-6", 2), [], 60, 30) is None  # token-5 was not left behind
+
+
+def test_a_tpm_reservation_counts_until_settled_and_is_replaced_by_the_real_tokens_on_both_backends(store):
+    """Requests in flight at once hold their estimate in the tpm window; the end swaps it for the real count,
+    and a request refused by another limit leaves no reservation behind."""
+    assert store.admit([("tpm:r", 100, 60)], None, [], 60, 30, "n1") is None
+    assert store.admit([("tpm:r", 100, 60)], None, [], 60, 30, "n2") is None  # 60 < 100: still under
+    kind, _ = store.admit([("tpm:r", 100, 60)], None, [], 60, 30, "n3")
+    assert kind == "check"  # 120 reserved by the two in flight
+    store.settle(None, ("tpm:r", 5), 60, ("tpm:r", 60, "n1"))
+    store.settle(None, ("tpm:r", 5), 60, ("tpm:r", 60, "n2"))  # both used 5: 10 in the window
+    assert store.admit([("tpm:r", 100, 60)], ("conc:r", "t1", 1), [], 60, 30, "n4") is None  # 70
+    kind, _ = store.admit([("tpm:r", 100, 20)], ("conc:r", "t2", 1), [], 60, 30, "n5")
+    assert kind == "slot"  # refused by the slot: its reservation of 20 is given back
+    assert store.admit([("tpm:r", 100, 25)], None, [], 60, 30, "n6") is None  # 70 < 100, now 95
+    assert store.admit([("tpm:r", 100, 5)], None, [], 60, 30, "n7") is None  # 95 < 100 (n5's 20 was not kept)
+    kind, _ = store.admit([("tpm:r", 100, 1)], None, [], 60, 30, "n8")
+    assert kind == "check"
 
 
 def test_a_capped_namespace_keeps_its_newest_blobs_within_count_and_bytes(store):

@@ -144,7 +144,7 @@ def messages() -> Response:
         g.log["model"] = loggable(model)
     validate(body)
     stream = bool(body.get("stream"))
-    targets = admit(model, runtime.router.resolve(model))  # the key's policy: allowed targets, rpm, tpm, concurrency
+    targets = admit(model, runtime.router.resolve(model), body)  # the key's policy: allowed targets, rpm, tpm, concurrency
     bridge = Bridge(body, client_headers(request.environ))
     call = Call("/chat/completions", body, stream, g.request_id, bridge.native_headers, fold_chat_chunks,
                 True, g.log, adapt=bridge.plan)

@@ -27,8 +27,10 @@ from ..state import owners
 from ..state.identity import OPEN, label
 from ..state.limits import Limiter, Ticket
 from ..state.usage import Recorder, estimate_tokens, usage_counts
+from ..translate.anthropic.tokens import body_tokens
 
 access_log = logging.getLogger("streamfold.access")
+DEFAULT_OUTPUT_RESERVE = 1024  # tokens reserved for the answer of a request that names no output bound (tpm)
 LOG_VALUE_LIMIT = 256  # characters per logged value; longer ones are cut and end in "..."
 # A value made only of these goes out bare; anything else is quoted and escaped (logfmt).
 _BARE = re.compile(r"[A-Za-z0-9_./:,+*@%?&~^!#$()\[\]{}|<>;'-]+")
@@ -79,7 +81,7 @@ def authenticate(runtime: Runtime, *, account: bool = True) -> str:
     return client.label
 
 
-def admit(model: str, targets: tuple[Target, ...]) -> tuple[Target, ...]:
+def admit(model: str, targets: tuple[Target, ...], body: dict | None = None) -> tuple[Target, ...]:
     """Apply the client key's policy to a request for ``model``: the targets it may be served by (raises 403 /
     429); free without a policy.
 
@@ -87,14 +89,35 @@ def admit(model: str, targets: tuple[Target, ...]) -> tuple[Target, ...]:
     allow-list is decided on the targets that would serve it, whatever the
     client typed. The concurrency slot it may take is given back when the
     answer has gone out or failed and the upstream work it started has ended.
+    With a ``tpm``, the request's ``body`` is estimated and that many tokens are
+    reserved in the window until its real usage is known (``reservation``).
     """
     client: Client = g.client
     key = client.key
     if key is None or not key.limited:
         return targets
     limiter: Limiter = current_app.extensions["streamfold.limits"]
-    targets, g.log["ticket"] = limiter.admit(key, client.identity, client.label, model, targets)
+    reserve = reservation(body, targets) if key.tpm and body is not None else 0
+    targets, g.log["ticket"] = limiter.admit(key, client.identity, client.label, model, targets, reserve)
     return targets
+
+
+def reservation(body: dict, targets: tuple[Target, ...]) -> int:
+    """The tokens a request may use, reserved against its key's tpm on admission: its prompt by the character
+    rule plus its output bound (the body's max_tokens / max_completion_tokens / max_output_tokens, clamped
+    to the model's max-output-tokens; without one, the model's max-output-tokens or DEFAULT_OUTPUT_RESERVE)."""
+    limit = max((t.spec.max_output_tokens for t in targets if t.spec is not None), default=0)
+    output = 0
+    for name in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
+        value = body.get(name)
+        if type(value) is int and value > 0:
+            output = value
+            break
+    if not output:
+        output = limit or DEFAULT_OUTPUT_RESERVE
+    elif limit:
+        output = min(output, limit)
+    return body_tokens(body) + output
 
 
 def _account_at_close(client: Client) -> None:

@@ -50,7 +50,7 @@ def create_response() -> Response:
     settings = runtime.settings
     body, model = openai_request(runtime)
     stream = stream_flag(body)
-    targets = admit(model, runtime.router.resolve(model))  # the key's policy: allowed targets, rpm, tpm, concurrency
+    targets = admit(model, runtime.router.resolve(model), body)  # the key's policy: allowed targets, rpm, tpm, concurrency
     store = current_app.extensions["streamfold.state"]
     store.cap(STORE_NAMESPACE, settings.responses_store_max_count, settings.responses_store_max_bytes)
     identity, ttl = g.client.identity, settings.responses_store_ttl

@@ -6,9 +6,10 @@ Counts live in the state store, so every worker of an instance (SQLite) or
 every instance (Redis) sees the same numbers: windows are sliding (the last
 60 s, not the calendar minute), and each check-and-add is atomic in the store
 (one SQL statement, one Lua script), so N rpm admits at most N in any 60 s. ``tpm`` is checked on admission
-against the tokens recorded in the last 60 s and charged when the answer's
-usage is known, so the request that crosses the budget finishes and the next
-one is refused. A concurrency slot is a lease the holder renews every
+against the tokens in the last 60 s and the request's estimate is reserved
+there in the same step, so requests in flight at once count; when the
+answer's usage is known the reservation is replaced by it. The request that
+crosses the budget finishes and the next ones are refused. A concurrency slot is a lease the holder renews every
 ``RENEW_EVERY`` s, so a killed worker's slots free themselves within ``LEASE``.
 
 While the store is down every count falls back to this worker's own memory
@@ -43,6 +44,8 @@ class Ticket:
     name: str             # the client key's identity (limits are kept per identity, never per label)
     tpm: int = 0
     slot: str = ""        # the concurrency slot's token, "" when the key has no max-concurrent
+    reserved: int = 0     # tokens reserved in the tpm window on admission, replaced by the real ones at the end
+    nonce: str = ""       # names the reservation in the store
     local: bool = False   # the slot was taken in this worker's memory (store down)
 
 
@@ -82,11 +85,13 @@ class Limiter:
         store.on_tick(self._renew)
 
     def admit(self, key: ClientKey, identity: str, label: str, model: str,
-              targets: tuple[Target, ...]) -> tuple[tuple[Target, ...], Ticket]:
+              targets: tuple[Target, ...], reserve: int = 0) -> tuple[tuple[Target, ...], Ticket]:
         """Check ``key``'s policy for one request for ``model`` (resolved to ``targets``): the targets it may
         use and its ticket; raise ``ModelNotFound`` (a model outside the allow-list) or ``ClientRateLimited``.
 
         Windows and slots are kept per ``identity``; ``label`` is only shown.
+        With a ``tpm``, ``reserve`` tokens (the request's estimate) are added to
+        its window on admission, so requests in flight at once count against it.
         One store call for all of the key's limits (one Lua script with Redis,
         a few single-statement steps with SQLite); nothing is kept when any refuses.
         """
@@ -97,19 +102,20 @@ class Limiter:
                 raise model_not_found(model)  # the 404 of an unknown model: which models exist stays hidden
         if not (key.rpm or key.tpm or key.max_concurrent):
             return targets, Ticket(identity)
-        ticket = Ticket(identity, key.tpm, os.urandom(9).hex() if key.max_concurrent else "")
-        checks = ((f"tpm:{identity}", key.tpm),) if key.tpm else ()
+        ticket = Ticket(identity, key.tpm, os.urandom(9).hex() if key.max_concurrent else "",
+                        max(0, reserve) if key.tpm else 0, os.urandom(6).hex())
+        checks = ((f"tpm:{identity}", key.tpm, ticket.reserved),) if key.tpm else ()
         slot = (f"conc:{identity}", ticket.slot, key.max_concurrent) if key.max_concurrent else None
         counts = ((f"rpm:{identity}", key.rpm),) if key.rpm else ()
         try:
-            refused = self.store.admit(checks, slot, counts, WINDOW, LEASE)
+            refused = self.store.admit(checks, slot, counts, WINDOW, LEASE, ticket.nonce)
             if refused is None and slot is not None:
                 self._held[ticket.slot] = (slot[0], time.monotonic())
         except StoreUnavailable:
             ticket.local = True
             refused = self.local.admit(checks, slot, counts)
         if refused is not None:
-            ticket.slot = ""
+            ticket.slot, ticket.reserved = "", 0
             kind, wait = refused
             if kind == "check":
                 self._refuse(label, "tpm", f"{key.tpm} tokens per minute", wait)
@@ -119,22 +125,24 @@ class Limiter:
         return targets, ticket
 
     def finish(self, ticket: Ticket, tokens: int) -> None:
-        """The request is over: give back its slot, charge its tokens to the tpm window (one store operation)."""
+        """The request is over: give back its slot, charge its tokens to the tpm window in place of its
+        reservation (one store operation)."""
         token, ticket.slot = ticket.slot, ""
+        reserved, ticket.reserved = ticket.reserved, 0
         release = (f"conc:{ticket.name}", token) if token else None
         record = (f"tpm:{ticket.name}", tokens) if ticket.tpm and tokens > 0 else None
-        if release is None and record is None:
+        unreserve = (f"tpm:{ticket.name}", reserved, ticket.nonce) if reserved else None
+        if release is None and record is None and unreserve is None:
             return
         if token:
             self._held.pop(token, None)
         if not ticket.local:
             try:
-                self.store.settle(release, record, WINDOW)
+                self.store.settle(release, record, WINDOW, unreserve)
                 return
-            except StoreUnavailable:
-                if release is not None:  # taken in the store: its lease runs out on its own
-                    release = None
-        self.local.settle(release, record)
+            except StoreUnavailable:  # taken in the store: the lease and the reservation run out on their own
+                release = unreserve = None
+        self.local.settle(release, record, unreserve)
 
     def _renew(self) -> None:
         if not self._held or self.store.ticks % RENEW_EVERY:
@@ -179,6 +187,16 @@ class _LocalCounts:
                 return 0.0
             return max(0.001, window[0][0] + WINDOW - now)
 
+    def unreserve(self, name: str, amount: int) -> None:
+        """Remove one entry of ``amount`` (a reservation; any such entry is as good) from window ``name``."""
+        with self._lock:
+            window = self._windows.get(name)
+            if window:
+                for index, (_, taken) in enumerate(window):
+                    if taken == amount:
+                        del window[index]
+                        return
+
     def record(self, name: str, amount: int) -> None:
         with self._lock:
             self._windows.setdefault(name, deque()).append((time.monotonic(), amount))
@@ -196,22 +214,33 @@ class _LocalCounts:
             self._slots.get(name, set()).discard(token)
 
     def admit(self, checks, slot, counts) -> tuple[str, float] | None:
-        for name, limit in checks:
-            wait = self.take(name, limit, 0)
+        refused, reserved = None, []
+        for name, limit, cost in checks:
+            wait = self.take(name, limit, cost)
             if wait:
-                return "check", wait
-        if slot is not None and not self.acquire(*slot):
-            return "slot", 1.0
-        for name, limit in counts:
-            wait = self.take(name, limit, 1)
-            if wait:
-                if slot is not None:
-                    self.release(slot[0], slot[1])
-                return "count", wait
-        return None
+                refused = "check", wait
+                break
+            reserved.append((name, cost))
+        if refused is None and slot is not None and not self.acquire(*slot):
+            refused = "slot", 1.0
+        elif refused is None:
+            for name, limit in counts:
+                wait = self.take(name, limit, 1)
+                if wait:
+                    if slot is not None:
+                        self.release(slot[0], slot[1])
+                    refused = "count", wait
+                    break
+        if refused is not None:
+            for name, cost in reserved:
+                if cost:
+                    self.unreserve(name, cost)
+        return refused
 
-    def settle(self, release, record) -> None:
+    def settle(self, release, record, unreserve=None) -> None:
         if release is not None:
             self.release(*release)
+        if unreserve is not None:
+            self.unreserve(*unreserve[:2])
         if record is not None:
             self.record(*record)

@@ -60,7 +60,8 @@ return tostring(span)
 """
 # One request's limits in one step, all or nothing (see Store.admit). KEYS: (window, total) per
 # check, the slots key when a slot is wanted, (window, total) per count. ARGV: span, lease, nonce,
-# slot token ("" = none), slot limit, number of checks, number of counts, then each limit in order.
+# slot token ("" = none), slot limit, number of checks, number of counts, then each limit in order,
+# then each check's reservation (added as entry <nonce>r<i>:<amount> once everything passed).
 # Returns nil when admitted, else {kind, seconds to wait}.
 _ADMIT = """
 local now_parts = redis.call('TIME')
@@ -112,7 +113,25 @@ for i = 1, ncounts do
   redis.call('PEXPIRE', KEYS[k + 1], ttl)
   k = k + 2
 end
+k = 1
+for i = 1, nchecks do
+  local cost = tonumber(ARGV[7 + nchecks + ncounts + i])
+  if cost > 0 then
+    redis.call('ZADD', KEYS[k], now, nonce .. 'r' .. i .. ':' .. cost)
+    redis.call('INCRBY', KEYS[k + 1], cost)
+    redis.call('PEXPIRE', KEYS[k], ttl)
+    redis.call('PEXPIRE', KEYS[k + 1], ttl)
+  end
+  k = k + 2
+end
 return false
+"""
+# KEYS: window, total. ARGV: a reservation's entry. Takes it out unless it has left the window already.
+_UNRESERVE = """
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 then
+  redis.call('DECRBY', KEYS[2], tonumber(string.match(ARGV[1], ':(%d+)$')))
+end
+return 0
 """
 # KEYS: slots. ARGV: limit, lease s, token. Returns 1 when a slot was taken.
 _ACQUIRE = """
@@ -215,6 +234,7 @@ class RedisStore(Store):
         self._acquire_script = self.client.register_script(_ACQUIRE)
         self._renew_script = self.client.register_script(_RENEW)
         self._admit_script = self.client.register_script(_ADMIT)
+        self._unreserve_script = self.client.register_script(_UNRESERVE)
         self._put_capped_script = self.client.register_script(_PUT_CAPPED)
 
     def _run(self, operation, *args):
@@ -290,9 +310,9 @@ class RedisStore(Store):
     def _release(self, name: str, token: str) -> None:
         self._run(self.client.zrem, f"{PREFIX}slots:{name}", token)
 
-    def _admit(self, checks, slot, counts, span: float, lease: float) -> tuple[str, float] | None:
+    def _admit(self, checks, slot, counts, span: float, lease: float, nonce: str = "") -> tuple[str, float] | None:
         keys, limits = [], []
-        for name, limit in checks:
+        for name, limit, _ in checks:
             keys += [f"{PREFIX}win:{name}", f"{PREFIX}wintotal:{name}"]
             limits.append(limit)
         if slot is not None:
@@ -301,18 +321,27 @@ class RedisStore(Store):
             keys += [f"{PREFIX}win:{name}", f"{PREFIX}wintotal:{name}"]
             limits.append(limit)
         token, slot_limit = (slot[1], slot[2]) if slot is not None else ("", 0)
-        answer = self._run(self._admit_script, keys, [span, lease, os.urandom(6).hex(), token, slot_limit,
-                                                      len(checks), len(counts), *limits])
+        answer = self._run(self._admit_script, keys, [span, lease, nonce or os.urandom(6).hex(), token, slot_limit,
+                                                      len(checks), len(counts), *limits,
+                                                      *(cost for _, _, cost in checks)])
         if answer is None:
             return None
         kind, wait = answer
         return (kind.decode() if isinstance(kind, bytes) else kind), float(wait)
 
-    def _settle(self, release, record, span: float) -> None:
+    def _unreserve(self, name: str, amount: int, nonce: str) -> None:
+        # the only check is tpm's, so its reservation is entry 1 (see _ADMIT)
+        self._run(self._unreserve_script, [f"{PREFIX}win:{name}", f"{PREFIX}wintotal:{name}"], [f"{nonce}r1:{amount}"])
+
+    def _settle(self, release, record, span: float, unreserve=None) -> None:
         def both() -> None:
             pipe = self.client.pipeline(transaction=False)  # one round trip
             if release is not None:
                 pipe.zrem(f"{PREFIX}slots:{release[0]}", release[1])
+            if unreserve is not None:
+                name, amount, nonce = unreserve
+                self._unreserve_script(keys=[f"{PREFIX}win:{name}", f"{PREFIX}wintotal:{name}"],
+                                       args=[f"{nonce}r1:{amount}"], client=pipe)
             if record is not None:
                 self._take_script(keys=[f"{PREFIX}win:{record[0]}", f"{PREFIX}wintotal:{record[0]}"],
                                   args=[-1, span, record[1], os.urandom(6).hex()], client=pipe)

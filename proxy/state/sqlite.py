@@ -257,6 +257,11 @@ class SQLiteStore(Store):
         (oldest,) = self._one("SELECT MIN(at) FROM windows WHERE name = ?", (name,)).fetchone()
         return max(0.001, oldest + span - now) if oldest is not None else span
 
+    def _unreserve(self, name: str, amount: int, nonce: str) -> None:
+        # Entries are not named here: the oldest of that amount goes (as good as the reservation, or older)
+        self._one("DELETE FROM windows WHERE rowid = (SELECT rowid FROM windows WHERE name = ? AND amount = ? "
+                  "ORDER BY at LIMIT 1)", (name, amount))
+
     def _record(self, name: str, amount: int, span: float) -> None:
         self._one("INSERT INTO windows VALUES (?, ?, ?)", (name, _now(), amount))
 

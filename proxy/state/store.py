@@ -148,19 +148,24 @@ class Store:
         self._guard(self._release, name, token)
 
     def admit(self, checks: Sequence[tuple[str, int]], slot: tuple[str, str, int] | None,
-              counts: Sequence[tuple[str, int]], span: float, lease: float) -> tuple[str, float] | None:
+              counts: Sequence[tuple[str, int]], span: float, lease: float,
+              nonce: str = "") -> tuple[str, float] | None:
         """One request's limits, all or nothing; ``None`` when admitted.
 
-        ``checks`` are windows (name, limit) that must be under their limit,
+        ``checks`` are windows (name, limit, reserve) that must be under their
+        limit and then get an entry of ``reserve`` (when > 0; named by ``nonce``
+        so ``settle`` can take it out again),
         ``slot`` (name, token, limit) a slot to take, ``counts`` windows that
         must be under their limit and then get one more entry. A refusal is
         ``("check" | "slot" | "count", seconds to wait)``, and leaves nothing taken.
         """
-        return self._guard(self._admit, checks, slot, counts, span, lease)
+        return self._guard(self._admit, checks, slot, counts, span, lease, nonce)
 
-    def settle(self, release: tuple[str, str] | None, record: tuple[str, int] | None, span: float) -> None:
-        """A request is over: give back its slot (name, token), add its tokens (name, amount) to a window."""
-        self._guard(self._settle, release, record, span)
+    def settle(self, release: tuple[str, str] | None, record: tuple[str, int] | None, span: float,
+               unreserve: tuple[str, int, str] | None = None) -> None:
+        """A request is over: give back its slot (name, token), take its reservation (name, amount, nonce) out
+        of a window and add its tokens (name, amount)."""
+        self._guard(self._settle, release, record, span, unreserve)
 
     def renew(self, held: Iterable[tuple[str, str]], lease: float) -> None:
         """Extend the lease of slots (name, token) this process still holds."""
@@ -268,27 +273,43 @@ class Store:
     def _secret(self, candidate: bytes | None) -> bytes | None:
         raise NotImplementedError
 
-    def _admit(self, checks, slot, counts, span: float, lease: float) -> tuple[str, float] | None:
-        # Each step is atomic on its own; a backend that can do all in one
-        # transaction (SQLite) overrides this. Only the last steps add
-        # anything, so a refusal has at most a slot to give back.
-        for name, limit in checks:
-            wait = self._take(name, limit, span, 0)
+    def _unreserve(self, name: str, amount: int, nonce: str) -> None:
+        """Take reservation ``amount`` (named ``nonce``) out of window ``name``, unless it has left already."""
+        raise NotImplementedError
+
+    def _admit(self, checks, slot, counts, span: float, lease: float, nonce: str = "") -> tuple[str, float] | None:
+        # Each step is atomic on its own (a check and its reservation are one
+        # step); a backend that can do all in one transaction overrides this.
+        # A refusal gives back what the earlier steps took.
+        reserved = []
+        for name, limit, cost in checks:
+            wait = self._take(name, limit, span, cost)
             if wait:
+                self._undo(reserved, None, nonce)
                 return "check", wait
+            if cost:
+                reserved.append((name, cost))
         if slot is not None and not self._acquire(slot[0], slot[1], slot[2], lease):
+            self._undo(reserved, None, nonce)
             return "slot", 1.0
         for name, limit in counts:
             wait = self._take(name, limit, span, 1)
             if wait:
-                if slot is not None:
-                    self._release(slot[0], slot[1])
+                self._undo(reserved, slot, nonce)
                 return "count", wait
         return None
 
-    def _settle(self, release, record, span: float) -> None:
+    def _undo(self, reserved, slot, nonce: str) -> None:
+        if slot is not None:
+            self._release(slot[0], slot[1])
+        for name, cost in reserved:
+            self._unreserve(name, cost, nonce)
+
+    def _settle(self, release, record, span: float, unreserve=None) -> None:
         if release is not None:
             self._release(*release)
+        if unreserve is not None:
+            self._unreserve(*unreserve)
         if record is not None:
             self._record(record[0], record[1], span)
 
