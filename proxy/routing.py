@@ -19,7 +19,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
-from typing import Callable
+from typing import Callable, Iterator
 
 from .config.model import Model, Provider, Settings
 from .errors import ModelNotFound
@@ -149,6 +149,11 @@ class Router:
         """The names clients ask for that reach more than one replica (globs too), in file order."""
         named = [self._table[name] for name in self._listed] + [targets for _, targets in self._globs]
         return [targets for targets in named if len(targets) > 1]
+
+    def targets(self) -> Iterator[Target]:
+        """Every configured target (one may come more than once: it answers to several names)."""
+        for group in [*self._table.values(), *(targets for _, targets in self._globs)]:
+            yield from group
 
     def knows(self, model: str) -> bool:
         """True when ``model`` routes somewhere (an exact name or a glob alias)."""

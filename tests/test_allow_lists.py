@@ -28,7 +28,9 @@ def providers(url: str) -> list[dict]:
     return [one("gpu", [{"name": "qwen3-coder", "alias": "claude-*"}, {"name": "llama-3.3-70b", "alias": "llama"},
                         {"name": "qwen2.5-72b", "alias": "qwen"}]),
             one("qwen-pool", [{"name": "mistral-large"}, {"name": "gemma-2", "alias": "tiny"}], tokenizer="vllm"),
-            one("team", [{"name": "phi-4", "alias": "phi"}], prefix="tm")]
+            one("team", [{"name": "phi-4", "alias": "phi"}], prefix="tm"),
+            # vLLM's usual ids hold a "/" of their own
+            one("vllm", [{"name": "Qwen/Qwen2.5-7B-Instruct"}, {"name": "meta-llama/Llama-3.1-8B", "alias": "llama8"}])]
 
 
 # Every spelling the router accepts, with the target it resolves to (provider, upstream model) and the
@@ -40,10 +42,15 @@ TARGETS = {
     ("qwen-pool", "mistral-large"): ("mistral-large", ["mistral-large", "qwen-pool/mistral-large"]),
     ("qwen-pool", "gemma-2"): ("tiny", ["tiny", "gemma-2", "qwen-pool/gemma-2", "qwen-pool/tiny"]),
     ("team", "phi-4"): ("tm/phi", ["tm/phi", "tm/phi-4", "team/phi-4", "team/phi"]),
+    ("vllm", "Qwen/Qwen2.5-7B-Instruct"): ("Qwen/Qwen2.5-7B-Instruct", ["Qwen/Qwen2.5-7B-Instruct",
+                                                                      "vllm/Qwen/Qwen2.5-7B-Instruct"]),
+    ("vllm", "meta-llama/Llama-3.1-8B"): ("llama8", ["llama8", "meta-llama/Llama-3.1-8B",
+                                                     "vllm/meta-llama/Llama-3.1-8B", "vllm/llama8"]),
 }
 SPELLINGS = [(spelling, target) for target, (_, spellings) in TARGETS.items() for spelling in spellings]
 PATTERNS = ["qwen*", "claude-*", "claude-opus*", "llama", "llama*", "*70b", "qwen-pool/*", "gpu/*", "tm/*",
-            "team/phi*", "tiny", "gemma*", "mistral*", "phi*", "*", "qwen3-coder"]
+            "team/phi*", "tiny", "gemma*", "mistral*", "phi*", "*", "qwen3-coder", "Qwen/*",
+            "meta-llama/Llama-3.1*", "vllm/*", "*/Qwen2.5*", "Qwen/Qwen2.5-7B-Instruct", "llama8"]
 
 
 def ask(client, route: str, model: str, whole: bool = False):
@@ -134,6 +141,23 @@ def test_a_model_outside_the_allow_list_is_answered_exactly_like_one_that_does_n
         assert refused.status_code == unknown.status_code == 404, (real, refused.get_data(as_text=True))
         assert refused.get_json() == json.loads(unknown.get_data(as_text=True).replace("no-such-model", real))
     assert len(chat_upstream.requests) == before
+
+
+def test_a_pattern_with_a_slash_matches_upstream_names_that_hold_one(chat_upstream):
+    client = app_for(chat_upstream, ["Qwen/*", "meta-llama/Llama-3.1-8B"]).test_client()
+    assert listed(client) == {"Qwen/Qwen2.5-7B-Instruct", "llama8"}
+    for spelling in ("Qwen/Qwen2.5-7B-Instruct", "vllm/Qwen/Qwen2.5-7B-Instruct", "llama8", "vllm/llama8"):
+        assert ask(client, "chat", spelling) == 200, spelling
+        assert chat_upstream.requests[-1].headers["x-which"] == "vllm"
+    assert ask(client, "chat", "qwen") == 404  # the provider/prefix forms still mean what they meant
+    assert [ask(app_for(chat_upstream, ["vllm/*"]).test_client(), "chat", m) for m in ("llama8", "qwen")] == [200, 404]
+
+
+def test_an_allow_list_pattern_that_matches_no_configured_model_is_logged_at_load(chat_upstream, caplog):
+    app_for(chat_upstream, ["qwen*", "Qwen2.5/*", "nothing-like-it"])
+    warned = [r.getMessage() for r in caplog.records if "matches no configured model" in r.getMessage()]
+    assert warned == ["settings: api-keys[0].models: 'Qwen2.5/*' matches no configured model",
+                      "settings: api-keys[0].models: 'nothing-like-it' matches no configured model"]
 
 
 def test_count_tokens_counts_toward_rpm_and_is_refused_over_it_in_the_anthropic_shape(chat_upstream):

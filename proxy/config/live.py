@@ -36,6 +36,7 @@ import yaml
 from ..keys import KeyPool
 from ..routing import Router
 from ..shared import Shared
+from ..state.limits import unmatched_patterns
 from ..upstream import Sessions
 from . import last_good
 from .exposure import EXPOSED_ENV, published_key_refusal
@@ -89,7 +90,7 @@ class ConfigHolder:
                 raw = self._read()
                 self.file_document = yaml.safe_load(raw) if raw is not None else None
             settings = build_settings(self.file_document, environ)
-        self.runtime = Runtime(settings, Router(settings), self.file_document, _sources(self.file_document, None))
+        self.runtime = Runtime(settings, _router(settings), self.file_document, _sources(self.file_document, None))
         if good is not None:
             self.check_file()
         self.keys.max_cooldown = settings.max_cooldown
@@ -209,7 +210,7 @@ class ConfigHolder:
         # The store and the shared state were opened at start: the running ones stay in force (and /config
         # shows them) until a restart; the log line says the change waits for one.
         settings = replace(settings, state_path=old.state_path, redis_url=old.redis_url)
-        self.runtime = Runtime(settings, Router(settings), document,
+        self.runtime = Runtime(settings, _router(settings), document,
                                _sources(self.file_document, self.runtime_providers))
         self.keys.max_cooldown = settings.max_cooldown
         if fingerprint is not None:
@@ -328,3 +329,11 @@ def _provider_diff(old, new) -> list[str]:
     if old.ca_bundle != new.ca_bundle:
         out.append("ca-bundle changed")
     return out or ["changed"]
+
+
+def _router(settings: Settings) -> Router:
+    """The router for ``settings``; an allow-list pattern that admits none of its models is logged."""
+    router = Router(settings)
+    for line in unmatched_patterns(settings.api_keys, list(router.targets())):
+        log.warning("settings: %s", line)
+    return router

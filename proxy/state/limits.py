@@ -54,7 +54,7 @@ def allowed_targets(key: ClientKey, targets: tuple[Target, ...]) -> tuple[Target
 
     A pattern without ``/`` is matched against the served model's alias (a
     glob alias as written) and its upstream name; a pattern with ``/``
-    against the provider-qualified names (``<provider>/<model>``,
+    against those and the provider-qualified names (``<provider>/<model>``,
     ``<prefix>/<model>``). So ``qwen*`` never admits ``qwen-pool/llama`` (a
     provider whose name starts with qwen), and every spelling of one model
     gets the same answer.
@@ -70,11 +70,20 @@ def _target_allowed(patterns: tuple[str, ...], target: Target) -> bool:
     qualified = [f"{provider.name}/{name}" for name in bare]
     if provider.prefix:
         qualified += [f"{provider.prefix}/{name}" for name in bare]
+    qualified += bare  # a name with its own "/" (vLLM's Qwen/Qwen2.5-7B-Instruct) is matched as it is, too
     for pattern in patterns:
         names = qualified if "/" in pattern else bare
         if any(fnmatch.fnmatchcase(name, pattern) for name in names):
             return True
     return False
+
+
+def unmatched_patterns(keys: tuple[ClientKey, ...], targets: list[Target]) -> list[str]:
+    """``api-keys[i].models`` patterns that admit no configured model (a typo, or a model since removed):
+    one line each, naming the key by its place in the file, never by its characters."""
+    return [f"api-keys[{i}].models: {pattern!r} matches no configured model"
+            for i, key in enumerate(keys) for pattern in key.models
+            if not any(_target_allowed((pattern,), target) for target in targets)]
 
 
 class Limiter:
