@@ -29,9 +29,10 @@ def native(rec) -> Reply:
     if rec.path.endswith("/compact"):
         return Reply(body=json.dumps({"id": "cmp_1", "object": "response.compaction", "output": []}).encode())
     if rec.body.get("stream"):
-        return Reply(events=sse({"type": "response.created", "response": dict(answer, status="in_progress",
-                                                                              output=[])},
-                                {"type": "response.completed", "response": answer}, done=False))
+        events = sse({"type": "response.created", "response": dict(answer, status="in_progress", output=[])},
+                     {"type": "response.completed", "response": answer}, done=False)
+        half = len(events[0]) // 2  # the id's event comes in two reads: the proxy joins its line
+        return Reply(events=[b": ok\n\n", events[0][:half], events[0][half:], *events[1:]], delay=0.05)
     return Reply(body=json.dumps(answer).encode())
 
 
