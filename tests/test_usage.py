@@ -389,8 +389,9 @@ def _native_answers(rec) -> Reply:
                   {"type": "content_block_stop", "index": 0},
                   {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 10}},
                   {"type": "message_stop"}]
-        return Reply(events=[f"event: {e['type']}\ndata: {json.dumps(e)}\n\n".encode() for e in events],
-                     content_type="text/event-stream")
+        raw = [f"event: {e['type']}\ndata: {json.dumps(e)}\n\n".encode() for e in events]
+        cut = raw[0].index(b"ut_tokens")  # message_start's usage split over two reads
+        return Reply(events=[raw[0][:cut], raw[0][cut:], *raw[1:]], content_type="text/event-stream", delay=0.05)
     response = {"id": "resp_1", "object": "response", "status": "completed", "model": body["model"],
                 "output": [{"type": "message", "id": "msg_1", "role": "assistant", "status": "completed",
                             "content": [{"type": "output_text", "text": "hi", "annotations": []}]}],
@@ -421,7 +422,7 @@ def test_native_responses_usage_is_the_answers_own_not_a_usage_the_client_had_ec
 
 def test_native_anthropic_stream_is_charged_message_starts_input_and_message_deltas_output(upstream, serve):
     """Input (and cache reads) arrive in message_start, output in message_delta: both are counted (keeping only
-    the last read with token counts charged 0 input tokens)."""
+    the last read with token counts charged 0 input tokens), also when an event comes in two reads."""
     upstream.handler = _native_answers
     doc = usage_doc(upstream)
     doc["openai-compatibility"][0]["native-apis"] = ["messages"]

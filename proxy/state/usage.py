@@ -84,7 +84,10 @@ class StreamUsage:
         if end < 0:
             self._hold(data)
             return
-        lines = b"".join((*self._held, data[:end])) if self._held else data[:end]
+        if self._held:
+            lines = b"".join((*self._held, data[:end]))
+        else:  # the common read: whole events, copied only when one may carry usage
+            lines = data[:end] if b'_tokens"' in data else b""
         if self._size < 0:  # the line that overflowed ends in this read: skip its rest
             lines = lines.partition(b"\n")[2]
         self._held, self._size = [], 0
