@@ -47,6 +47,7 @@ OPERATOR_ROUTES = ("/v0/management", "/manage", "/healthz", "/metrics")
 
 
 def directory() -> str | None:
+    """The activity directory the environment names; read when the recorder is made, never per request."""
     given = os.environ.get("STREAMFOLD_ACTIVITY_DIR")
     if given:
         return given
@@ -99,6 +100,7 @@ class Recorder:
     """This worker's journals."""
 
     def __init__(self, folder: str | None) -> None:
+        self.configured = folder  # the directory asked for (files shared by the workers), even if unusable here
         if folder:
             try:
                 os.makedirs(folder, exist_ok=True)
@@ -167,14 +169,15 @@ _lock = threading.Lock()
 
 
 def recorder() -> Recorder:
-    """This process's recorder (a forked worker gets its own, on first use)."""
+    """This process's recorder: the app factory makes it, reading the environment then; a forked worker
+    gets its own on first use, on the directory its parent's was made with."""
     global _recorder
     found = _recorder
     if found is None or found.pid != os.getpid():
         with _lock:
             found = _recorder
             if found is None or found.pid != os.getpid():
-                found = _recorder = Recorder(directory())
+                found = _recorder = Recorder(directory() if found is None else found.configured)
     return found
 
 

@@ -41,6 +41,11 @@ _secret: bytes | None = None
 _lock = threading.Lock()
 
 
+def read_secret() -> None:
+    """Take the instance secret from the environment (the app factory calls this, so no request reads it)."""
+    _instance_secret()
+
+
 def _instance_secret() -> bytes:
     global _secret
     if _secret is None:

@@ -21,6 +21,10 @@ import os
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.multiprocess import MultiProcessCollector
 
+# Read once, when the process imports this (as prometheus_client decides then whether values go to files),
+# never per scrape.
+MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
 REQUESTS = Counter("streamfold_requests_total", "Client requests by route, model, provider and status",
@@ -71,7 +75,7 @@ def count_tokens(client: str, usage: tuple[int, int] | None) -> None:
 
 def registry() -> CollectorRegistry:
     """Every worker's values (multiprocess mode), or this process's."""
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    if MULTIPROCESS:
         found = CollectorRegistry()
         MultiProcessCollector(found)
         return found

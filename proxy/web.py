@@ -60,7 +60,8 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     app.config.from_mapping(PROXY_SETTINGS=None, SETTINGS=None, ENVIRON=None)
     if test_config:
         app.config.update(test_config)
-    environ = app.config["ENVIRON"] if app.config["ENVIRON"] is not None else os.environ
+    # The environment is read here, once: no request reads the process environment (a reload's ${VAR} too).
+    environ = app.config["ENVIRON"] if app.config["ENVIRON"] is not None else dict(os.environ)
     given: Settings | None = app.config["SETTINGS"]
     path = None if given is not None else (app.config["PROXY_SETTINGS"] or settings_path(environ))
     _configure_logging()  # first: the holder may already log (Redis unreachable, ...)
@@ -85,7 +86,8 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(demo.bp)  # answers 404 unless demo-upstream is on (checked per request)
     app.register_blueprint(page.bp)
     app.extensions["streamfold"].keys.observe = activity.record_cooldown  # the page's instance-wide key state
-    activity.recorder()  # this worker's start goes on record before its first request
+    activity.recorder()  # this worker's start goes on record before its first request (reads the environment)
+    hop.read_secret()  # the instance secret from the environment now, not on a request
     if app.extensions["streamfold"].shared is not None:
         instances.start(app.extensions["streamfold"].shared)  # the page lists the instances sharing Redis
     app.before_request(_start_request)

@@ -56,7 +56,7 @@ class _Lockout:
                                   headers={"Retry-After": str(int(until - now) + 1)})
 
     def _local(self, address: str) -> list[float]:
-        if activity.directory():
+        if activity.recorder().configured:
             return [r["t"] for r in activity.recorder().read("auth") if address in (EVERYONE, r.get("address"))]
         return [t for a, t in self.failures if address in (EVERYONE, a)]
 
@@ -64,7 +64,7 @@ class _Lockout:
         if shared is not None:
             shared.record_auth_failure(address, LOCKOUT_WINDOW + LOCKOUT_SECONDS)
             shared.record_auth_failure(EVERYONE, LOCKOUT_WINDOW + LOCKOUT_SECONDS)
-        if activity.directory():  # counted locally all the same, for when Redis does not answer
+        if activity.recorder().configured:  # counted locally all the same, for when Redis does not answer
             activity.record_auth_failure(address)
             return
         now = time.time()

@@ -7,7 +7,6 @@ the memory of the worker that happens to answer.
 """
 from __future__ import annotations
 
-import os
 import re
 import time
 
@@ -160,7 +159,7 @@ def client_usage() -> Response:
     The page uses this until the usage store (``/v0/management/usage``) is there.
     """
     tokens: dict[str, dict[str, float]] = {}
-    for metric in _registry().collect():
+    for metric in metrics.registry().collect():
         if metric.name != "streamfold_tokens":
             continue
         for sample in metric.samples:
@@ -182,17 +181,6 @@ def client_usage() -> Response:
          "errors-last-hour": requests_by.get(name, [0, 0])[1],
          "prompt-tokens": int(tokens.get(name, {}).get("prompt", 0)),
          "completion-tokens": int(tokens.get(name, {}).get("completion", 0))} for name in clients]})
-
-
-def _registry():
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        from prometheus_client import CollectorRegistry
-        from prometheus_client.multiprocess import MultiProcessCollector
-
-        registry = CollectorRegistry()
-        MultiProcessCollector(registry)
-        return registry
-    return metrics.REGISTRY
 
 
 @bp.post("/openai-compatibility")
