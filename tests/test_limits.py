@@ -19,6 +19,7 @@ from tests.conftest import make_app, provider, settings_doc
 from tests.gunicorn_util import ROOT, Gunicorn, write_settings
 from tests.redis_util import RedisServer
 from tests.test_usage import KEY_A, KEY_B, MGMT, MODELS, SECRET, chat, openai_like, wait_for_usage
+from tests.upstream import Reply
 
 
 def policy_doc(upstream, team_a: dict | None = None, team_b: dict | None = None, **top) -> dict:
@@ -118,30 +119,48 @@ def test_tpm_counts_real_usage_and_refuses_once_the_minute_is_spent(upstream, se
     assert chat(live.url, KEY_B, "qwen").status_code == 200
 
 
-def test_tpm_reserves_each_requests_estimate_so_parallel_requests_cannot_overrun_it(upstream, serve):
-    """8 requests at once, each asking for up to 30 tokens, against 100 tokens per minute: only those whose
-    reservation fits are sent (tpm was checked at cost 0 and charged at the end, so all 8 passed); once they
-    are done their real usage (9 tokens each) replaces the reservation, and the key may go on."""
+def all_at_once(upstream, n: int, send, answer=openai_like) -> list[requests.Response]:
+    """``n`` calls of ``send`` at once; the upstream (answering with ``answer``) holds every request it
+    gets until each call was either refused or has reached it, so the admitted ones are all in flight."""
     release = threading.Event()
 
     def held(rec):
         release.wait(10)
-        return openai_like(rec)
+        return answer(rec)
 
     upstream.handler = held
-    live = serve(make_app(policy_doc(upstream, team_a={"tpm": 100})))
-    with ThreadPoolExecutor(8) as pool:
-        futures = [pool.submit(chat, live.url, KEY_A, "qwen", max_tokens=30) for _ in range(8)]
+    with ThreadPoolExecutor(n) as pool:
+        futures = [pool.submit(send) for _ in range(n)]
         deadline = time.monotonic() + 10
-        while sum(f.done() for f in futures) + len(upstream.requests) < 8 and time.monotonic() < deadline:
+        while sum(f.done() for f in futures) + len(upstream.requests) < n and time.monotonic() < deadline:
             time.sleep(0.02)
         release.set()
-        answers = [f.result() for f in futures]
+        return [f.result() for f in futures]
+
+
+def test_tpm_reserves_each_requests_estimate_so_parallel_requests_cannot_overrun_it(upstream, serve):
+    """8 requests at once, each asking for up to 30 tokens, against 100 tokens per minute: only those whose
+    reservation fits are sent (tpm was checked at cost 0 and charged at the end, so all 8 passed); once they
+    are done their real usage (9 tokens each) replaces the reservation, and the key may go on."""
+    live = serve(make_app(policy_doc(upstream, team_a={"tpm": 100})))
+    answers = all_at_once(upstream, 8, lambda: chat(live.url, KEY_A, "qwen", max_tokens=30))
     refused = [a for a in answers if limited(a)]
     assert all("100 tokens per minute" in a.json()["error"]["message"] for a in refused)
     admitted = [a for a in answers if a.status_code == 200]
     assert len(admitted) + len(refused) == 8 and 1 <= len(admitted) <= 3 and len(upstream.requests) == len(admitted)
     assert chat(live.url, KEY_A, "qwen", max_tokens=30).status_code == 200  # 9 per answer spent, not 30+
+
+
+def test_an_embeddings_request_reserves_its_input_only(upstream, serve):
+    """Embeddings have no output: 3 at once fit 2000 tokens per minute (reserving 1024 for an answer each
+    refused the third)."""
+    live = serve(make_app(policy_doc(upstream, team_a={"tpm": 2000})))
+    answers = all_at_once(upstream, 3, lambda: requests.post(
+        live.url + "/v1/embeddings", headers={"Authorization": f"Bearer {KEY_A}"}, timeout=20,
+        json={"model": "qwen", "input": "hi"}), lambda rec: Reply(body=json.dumps({
+            "object": "list", "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2]}],
+            "model": "qwen2.5-72b-instruct", "usage": {"prompt_tokens": 2, "total_tokens": 2}}).encode()))
+    assert [a.status_code for a in answers] == [200] * 3 and len(upstream.requests) == 3
 
 
 def test_max_concurrent_2_lets_exactly_two_slow_streams_in_across_workers(upstream, tmp_path):

@@ -81,7 +81,8 @@ def authenticate(runtime: Runtime, *, account: bool = True) -> str:
     return client.label
 
 
-def admit(model: str, targets: tuple[Target, ...], body: dict | None = None) -> tuple[Target, ...]:
+def admit(model: str, targets: tuple[Target, ...], body: dict | None = None,
+          answers: bool = True) -> tuple[Target, ...]:
     """Apply the client key's policy to a request for ``model``: the targets it may be served by (raises 403 /
     429); free without a policy.
 
@@ -90,19 +91,20 @@ def admit(model: str, targets: tuple[Target, ...], body: dict | None = None) -> 
     client typed. The concurrency slot it may take is given back when the
     answer has gone out or failed and the upstream work it started has ended.
     With a ``tpm``, the request's ``body`` is estimated and that many tokens are
-    reserved in the window until its real usage is known (``reservation``).
+    reserved in the window until its real usage is known (``reservation``; an
+    embeddings request, ``answers=False``, reserves no output).
     """
     client: Client = g.client
     key = client.key
     if key is None or not key.limited:
         return targets
     limiter: Limiter = current_app.extensions["streamfold.limits"]
-    reserve = reservation(body, targets) if key.tpm and body is not None else 0
+    reserve = reservation(body, targets, answers) if key.tpm and body is not None else 0
     targets, g.log["ticket"] = limiter.admit(key, client.identity, client.label, model, targets, reserve)
     return targets
 
 
-def reservation(body: dict, targets: tuple[Target, ...]) -> int:
+def reservation(body: dict, targets: tuple[Target, ...], answers: bool = True) -> int:
     """The tokens a request may use, reserved against its key's tpm on admission: its prompt by the character
     rule plus its output bound (the body's max_tokens / max_completion_tokens / max_output_tokens, clamped
     to the model's max-output-tokens; without one, the model's max-output-tokens or DEFAULT_OUTPUT_RESERVE)."""
@@ -117,7 +119,7 @@ def reservation(body: dict, targets: tuple[Target, ...]) -> int:
         output = limit or DEFAULT_OUTPUT_RESERVE
     elif limit:
         output = min(output, limit)
-    return body_tokens(body) + output
+    return body_tokens(body) + (output if answers else 0)
 
 
 def _account_at_close(client: Client) -> None:

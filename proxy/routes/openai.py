@@ -88,7 +88,7 @@ def proxy_request(route: Route) -> Response:
     runtime = config.current()
     settings = runtime.settings
     body, model = openai_request(runtime)
-    targets = admit(model, runtime.router.resolve(model), body)
+    targets = admit(model, runtime.router.resolve(model), body, answers=route is not EMBEDDINGS)
     if route is COMPACT:  # compacting a conversation the key may not continue: as for an unknown id
         previous, owned = previous_response(body, current_app.extensions["streamfold.state"])
         if previous is not None and not owned:
