@@ -277,6 +277,9 @@ def test_native_passthroughs_answer_json_of_the_wrong_shape_with_a_502(upstream,
     assert "not a message of the Anthropic API" in messages.json()["error"]["message"]
     responses = requests.post(live.url + "/v1/responses", headers=AUTH, timeout=10, json={"model": "m", "input": "hi"})
     assert responses.status_code == 502 and responses.json()["error"]["code"] == "upstream_bad_answer"
+    compact = requests.post(live.url + "/v1/responses/compact", headers=AUTH, timeout=10,
+                            json={"model": "m", "input": "hi"})
+    assert compact.status_code == 502 and compact.json()["error"]["code"] == "upstream_bad_answer", compact.text[:200]
 
 
 def test_json_nested_deeper_than_the_answer_can_be_written_is_a_502(upstream, serve):

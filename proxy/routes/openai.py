@@ -17,7 +17,7 @@ from ..executor import Call, client_headers, execute
 from ..fold import fold_chat_chunks, fold_responses_chunks, fold_text_chunks
 from ..relay import padded_answer, to_response
 from ..state.limits import allowed_targets
-from ..translate.completion import check_embeddings, check_relayed, check_text_completion
+from ..translate.completion import check_embeddings, check_relayed, check_response, check_text_completion
 from .common import (admit, authenticate, end_logger, holder, openai_request, previous_not_found, previous_response,
                      stream_flag)
 
@@ -58,7 +58,7 @@ class Route:
 CHAT = Route("/chat/completions", fold_chat_chunks, "messages", check=check_relayed)
 COMPLETIONS = Route("/completions", fold_text_chunks, "prompt", check=check_text_completion)
 RESPONSES = Route("/responses", fold_responses_chunks, None, usage_option=False)
-COMPACT = Route("/responses/compact", None, None, streams=False)
+COMPACT = Route("/responses/compact", None, None, streams=False, check=check_response)
 EMBEDDINGS = Route("/embeddings", None, "input", streams=False, check=check_embeddings)
 
 

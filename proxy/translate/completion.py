@@ -7,7 +7,7 @@ upstream's fault: a 502 naming the field, never an empty answer sent as a 200.
 Pure; both bridges' non-stream translations call ``first_choice``, and the
 routes check every JSON answer they relay as it came: ``check_relayed``
 (chat), ``check_text_completion``, ``check_embeddings``, and for providers
-serving a protocol natively ``check_message`` and ``check_response``.
+serving a protocol natively ``check_message`` and ``check_response`` (also for ``/v1/responses/compact``).
 """
 from __future__ import annotations
 
