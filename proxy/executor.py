@@ -15,9 +15,8 @@ import threading
 import time
 import weakref
 from contextlib import closing
-from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 import orjson
 from urllib3 import HTTPResponse
@@ -26,6 +25,7 @@ from . import hop, metrics, upstream
 from .config.model import KeyEntry, Settings, redact
 from .errors import BadRequest, ProxyError, RateLimited, StreamError, UpstreamUnavailable, error_body
 from .keys import RATE_LIMIT_DEFAULT, REFUSED_KEY_COOLDOWN, KeyPool
+from .models import Call, Outcome, Plan
 from .routing import Target
 
 if TYPE_CHECKING:
@@ -54,56 +54,6 @@ DROP_HEADERS = frozenset((
 # X-Amz-Security-Token, X-Client-Secret, X-Proxy-Authorization, ...
 CREDENTIAL_SUFFIXES = ("api-key", "apikey", "-token", "-secret", "-password", "-credential",
                        "-credentials", "-authorization", "-cookie", "-session")
-
-
-@dataclass(frozen=True, slots=True)
-class Plan:
-    """How one target is asked, when that depends on the provider (``Call.adapt``).
-
-    A bridged route (Anthropic or Responses clients) talks to a provider that
-    serves its protocol natively by passing the request through, and to any
-    other by translating it to chat; the executor only sends what the plan
-    says and hands the plan back on the ``Outcome``, never knowing which
-    client protocol asked.
-    """
-
-    path: str                                 # appended to the provider's base-url
-    body: dict                                # the upstream body, model already rewritten
-    fold: Callable[..., dict] | None = None   # how to fold a stream on this path, None = never
-    usage_option: bool = True                 # a forced request also asks for include_usage
-    headers: dict[str, str] | None = None     # client headers to send instead of Call.client_headers
-    native: bool = True                       # False: the route must translate the answer back
-    key_header: str | None = None             # also send the provider key in this header (x-api-key)
-    check: Callable[[bytes], None] | None = None  # raises for a 200 JSON answer of the wrong shape (native)
-
-
-@dataclass(slots=True)
-class Call:
-    """What the view asks for: the client's body and how the answer must come back."""
-
-    path: str                      # appended to the provider's base-url, e.g. "/chat/completions"
-    body: dict
-    client_stream: bool
-    request_id: str
-    client_headers: dict[str, str]
-    fold: Callable[..., dict] | None = None  # how to fold a stream for this route, None = never
-    usage_option: bool = True  # a forced request also asks for stream_options.include_usage
-    log: dict[str, Any] = field(default_factory=dict)
-    adapt: Callable[[Target], Plan] | None = None  # per-target request (bridged routes), else the above
-    check: Callable[[bytes], None] | None = None  # raises for a relayed 200 JSON answer of the wrong shape
-
-
-@dataclass(slots=True)
-class Outcome:
-    status: int
-    content_type: str
-    body: bytes = b""
-    stream: HTTPResponse | None = None  # set for a live stream: relay ``first`` then the rest
-    first: bytes = b""
-    headers: dict[str, str] = field(default_factory=dict)
-    plan: Plan | None = None  # the plan that produced this outcome (bridged routes)
-    strip_usage: bool = False  # the proxy asked for the stream's usage chunk; the client did not
-    usage_limit: int = 64 * 1024 * 1024  # max-aggregate-bytes: the longest stream event read for its usage
 
 
 def execute(settings: Settings, sessions: upstream.Sessions, keys: KeyPool,

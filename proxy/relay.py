@@ -16,7 +16,7 @@ from flask import Response
 
 from . import metrics, upstream
 from .errors import ProxyError
-from .executor import Outcome
+from .models import Outcome
 from .fold.usage_strip import UsageStripper
 from .state.usage import StreamUsage, usage_bytes
 

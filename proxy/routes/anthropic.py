@@ -16,7 +16,8 @@ from flask import Blueprint, Response, g, request
 
 from .. import tokenizer
 from ..errors import BadRequest, ModelNotFound, ProxyError, UpstreamTimeout, UpstreamUnavailable
-from ..executor import Call, Outcome, Plan, client_headers, execute
+from ..executor import client_headers, execute
+from ..models import Call, Outcome, Plan
 from ..fold import fold_chat_chunks
 from ..relay import SSE_HEADERS, padded_answer, to_response
 from ..routing import Target

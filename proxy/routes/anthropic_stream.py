@@ -32,7 +32,7 @@ from typing import Callable, Iterator
 
 from .. import metrics, upstream
 from ..errors import ProxyError
-from ..executor import Outcome
+from ..models import Outcome
 from ..translate.anthropic.stream import INTERNAL, PING, MessageStream, completion_as_chunk
 from ..translate.chat_reads import chat_events, read_batches
 from ..translate.chat_stream import DONE, ChatStream, Held

@@ -13,7 +13,8 @@ import orjson
 from flask import Blueprint, Response, current_app, g, request
 
 from ..errors import BadRequest
-from ..executor import Call, client_headers, execute
+from ..executor import client_headers, execute
+from ..models import Call
 from ..fold import fold_chat_chunks, fold_responses_chunks, fold_text_chunks
 from ..relay import padded_answer, to_response
 from ..state.limits import allowed_targets

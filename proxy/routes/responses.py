@@ -22,7 +22,8 @@ from flask import Blueprint, Response, current_app, g, request
 
 from .. import metrics, upstream
 from ..errors import BadRequest, PayloadTooLarge, StreamError, error_body
-from ..executor import Call, Outcome, Plan, client_headers, execute
+from ..executor import client_headers, execute
+from ..models import Call, Outcome, Plan
 from ..fold import fold_chat_chunks
 from ..relay import SSE_HEADERS, padded_answer, to_response
 from ..routing import Target, narrowed

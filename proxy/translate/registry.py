@@ -1,0 +1,22 @@
+"""Every client protocol bridged to chat, one line each (the interface: ``translate/bridge.py``).
+
+``proxy/web.py`` registers, for each protocol here, its route's Blueprint and
+its error shape for the paths it owns; the generic runner
+(``proxy/bridging.py``) serves any of them. Adding a protocol is its folder
+under ``translate/`` and one line in ``PROTOCOLS``.
+"""
+from __future__ import annotations
+
+from .bridge import Protocol
+
+PROTOCOLS: tuple[Protocol, ...] = (
+    # the Anthropic Messages and Responses bridges join here as they move to translate/<protocol>/bridge.py
+)
+
+
+def protocol(name: str) -> Protocol:
+    """The registered protocol called ``name`` (a KeyError names a typo at start, not per request)."""
+    for found in PROTOCOLS:
+        if found.name == name:
+            return found
+    raise KeyError(name)
