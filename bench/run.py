@@ -119,26 +119,35 @@ http {{
     return proc
 
 
-def settings(nginx_port: int, slow_port: int) -> Path:
-    import yaml
+def providers(nginx_port: int, bridges: bool = True) -> list[dict]:
+    """The nginx-served providers (bridges: the two chat-only ones the bridged rows ask; needs native-apis)."""
     base = f"http://127.0.0.1:{nginx_port}"
-    providers = [
+    out = [
         {"name": "json", "base-url": f"{base}/json/v1", "models": [{"name": "bench-model", "alias": "bench-json"}]},
         {"name": "fold", "base-url": f"{base}/sse200/v1", "force-upstream-stream": True,
          "models": [{"name": "bench-model", "alias": "bench-fold"}]},
         {"name": "stream", "base-url": f"{base}/sse200/v1",
          "models": [{"name": "bench-model", "alias": "bench-stream"}]},
-        {"name": "bridge", "base-url": f"{base}/sse200/v1", "native-apis": ["chat"],
-         "models": [{"name": "bench-model", "alias": "bench-bridge"}]},
-        {"name": "bridge-fold", "base-url": f"{base}/sse200/v1", "native-apis": ["chat"],
-         "force-upstream-stream": True, "models": [{"name": "bench-model", "alias": "bench-bridge-fold"}]},
-        {"name": "slow", "base-url": f"http://127.0.0.1:{slow_port}/v1",
-         "models": [{"name": "bench-model", "alias": "bench-slow"}]},
     ]
+    if bridges:
+        out += [
+            {"name": "bridge", "base-url": f"{base}/sse200/v1", "native-apis": ["chat"],
+             "models": [{"name": "bench-model", "alias": "bench-bridge"}]},
+            {"name": "bridge-fold", "base-url": f"{base}/sse200/v1", "native-apis": ["chat"],
+             "force-upstream-stream": True, "models": [{"name": "bench-model", "alias": "bench-bridge-fold"}]},
+        ]
+    return out
+
+
+def settings(nginx_port: int, slow_port: int) -> Path:
+    import yaml
+    providers_ = providers(nginx_port) + [
+        {"name": "slow", "base-url": f"http://127.0.0.1:{slow_port}/v1",
+         "models": [{"name": "bench-model", "alias": "bench-slow"}]}]
     path = WORK / "settings.yaml"
     path.write_text(yaml.safe_dump({"api-keys": [KEY, LIMITED], "timeouts": {"connect": 5, "read": 60},
                                     "state-path": str(WORK / "state.db"),  # not the checkout
-                                    "openai-compatibility": providers}, sort_keys=False))
+                                    "openai-compatibility": providers_}, sort_keys=False))
     return path
 
 

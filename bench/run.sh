@@ -14,4 +14,4 @@ if [ -z "${VIRTUAL_ENV:-}" ]; then
   . .venv/bin/activate
   pip install -q -r requirements.txt
 fi
-exec python bench/run.py "$@"
+exec python "bench/${BENCH_SCRIPT:-run.py}" "$@"
