@@ -6,7 +6,8 @@ A client may ask for a model's ``alias``, its upstream ``name``, or
 names always win, then the globs in file order (the first that matches; all
 providers that share that glob serve it). Disabled providers route nothing.
 
-A provider with ``base-urls`` gives one target per address (its replicas).
+A provider with ``base-urls`` gives one target per address (its replicas),
+except the replicas disabled there.
 All targets of one name are its replica set, balanced by the set's policy
 (``fleet.aliases`` for that name, else the first provider's ``balance``, else
 ``fleet.balance``): round-robin sets are rotated here, the others are ordered
@@ -79,6 +80,8 @@ class Router:
             for model in provider.models:
                 if urls:
                     for number, url in enumerate(urls, 1):
+                        if number in provider.replicas_off:
+                            continue  # a disabled replica keeps its number: the others keep their names
                         self._place(Target(provider, model.name, model, url, f"{provider.name}#{number}"),
                                     add, globs)
                 else:

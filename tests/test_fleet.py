@@ -116,7 +116,47 @@ def test_fleet_settings_are_in_the_config_export(replicas):
     body = make_app(doc).test_client().get("/v0/management/openai-compatibility", headers=MGMT).get_json()
     entry = body["openai-compatibility"][0]
     assert entry["base-urls"] == [replicas[0].url, replicas[1].url] and entry["balance"] == "least-busy"
-    assert entry["base-url"] == replicas[0].url
+    assert "base-url" not in entry  # the file takes one or the other
+
+
+def test_a_provider_with_replicas_goes_back_as_get_shows_it(replicas, tmp_path):
+    """GET -> PUT of the provider list is accepted as is (a disabled replica and URL credentials included),
+    and the file keeps what GET redacted."""
+    doc = fleet_doc(replicas[:3])
+    secret_url = replicas[2].url.replace("http://", "http://ops:pw-7777@")
+    doc["openai-compatibility"][0]["base-urls"][1:] = [{"url": replicas[1].url, "disabled": True}, secret_url]
+    path = write_settings(tmp_path / "s.yaml", {**doc, "remote-management": {"secret-key": SECRET}})
+    client = create_app({"PROXY_SETTINGS": str(path)}).test_client()
+    listed = client.get("/v0/management/openai-compatibility", headers=MGMT).get_json()["openai-compatibility"]
+    assert listed[0]["base-urls"] == [replicas[0].url, {"url": replicas[1].url, "disabled": True},
+                                      secret_url.replace("pw-7777", "***")]
+    response = client.put("/v0/management/openai-compatibility", headers=MGMT, json=listed)
+    assert response.status_code == 200, response.get_data(as_text=True)
+    assert client.get("/v0/management/openai-compatibility", headers=MGMT).get_json()["openai-compatibility"] \
+        == listed
+    assert "pw-7777" in path.read_text()  # the credentials sent back redacted were kept
+    for number in range(6):  # the disabled replica gets nothing
+        assert client.post("/v1/chat/completions", json=turn(f"s{number}", 0),
+                           headers={**AUTH, "x-claude-code-session-id": f"s{number}"}).status_code == 200
+    assert not replicas[1].requests and replicas[0].requests and replicas[2].requests
+
+
+def test_the_replica_switch_refuses_what_it_cannot_do(replicas, tmp_path):
+    path = write_settings(tmp_path / "s.yaml", {**fleet_doc(replicas[:2]), "remote-management": {"secret-key": SECRET}})
+    client = create_app({"PROXY_SETTINGS": str(path)}).test_client()
+    for body, status in (({"replica": "gpu#1"}, 400), ({"replica": "gpu", "disabled": True}, 400),
+                         ({"replica": "gpu#x", "disabled": True}, 400), ([1], 400),
+                         ({"replica": "gpu#99999", "disabled": True}, 400),
+                         ({"replica": "gpu#3", "disabled": True}, 404), ({"replica": "gpu#0", "disabled": True}, 404),
+                         ({"replica": "other#1", "disabled": True}, 404)):
+        response = client.patch("/v0/management/fleet/replica", headers=MGMT, json=body)
+        assert response.status_code == status and response.get_json()["error"]["message"], body
+    client.patch("/v0/management/fleet/replica", headers=MGMT, json={"replica": "gpu#1", "disabled": True})
+    response = client.patch("/v0/management/fleet/replica", headers=MGMT, json={"replica": "gpu#2", "disabled": True})
+    assert response.status_code == 400
+    assert response.get_json()["error"]["problems"] == [
+        "openai-compatibility[0].base-urls: every replica is disabled; disable the provider instead"]
+    assert client.post("/v1/chat/completions", json=turn("s", 0), headers=AUTH).status_code == 200
 
 
 # -- policies ----------------------------------------------------------------------------
@@ -217,7 +257,7 @@ def _session_replica(replicas, session: str) -> int:
     return only
 
 
-@pytest.mark.parametrize("failure", ["error", "down", "cooling", "disabled"])
+@pytest.mark.parametrize("failure", ["error", "down", "cooling", "disabled", "replica-disabled"])
 def test_a_replica_that_fails_loses_its_sessions_without_an_error_and_gets_new_ones_when_back(replicas, failure,
                                                                                             tmp_path):
     pair = [FakeUpstream(), FakeUpstream()] if failure == "down" else replicas[:2]
@@ -228,6 +268,9 @@ def test_a_replica_that_fails_loses_its_sessions_without_an_error_and_gets_new_o
         path = write_settings(tmp_path / "s.yaml", settings_doc(
             provider(pair[0], name="p0"), provider(pair[1], name="p1"),
             **{"remote-management": {"secret-key": SECRET}}))
+        client = create_app({"PROXY_SETTINGS": str(path)}).test_client()
+    elif failure == "replica-disabled":  # one provider's base-urls; the management API disables one of them
+        path = write_settings(tmp_path / "s.yaml", {**fleet_doc(pair), "remote-management": {"secret-key": SECRET}})
         client = create_app({"PROXY_SETTINGS": str(path)}).test_client()
     else:
         client = make_app(fleet_doc(pair)).test_client()
@@ -249,6 +292,9 @@ def test_a_replica_that_fails_loses_its_sessions_without_an_error_and_gets_new_o
         broken.stop()
     elif failure == "cooling":
         broken.handler = lambda rec: Reply(status=429, headers={"Retry-After": "1"}, body=b"{}")
+    elif failure == "replica-disabled":
+        assert client.patch("/v0/management/fleet/replica", headers=MGMT,
+                            json={"replica": f"gpu#{first + 1}", "disabled": True}).status_code == 200
     else:
         assert client.patch("/v0/management/openai-compatibility", headers=MGMT,
                             json={"name": f"p{first}", "value": {"disabled": True}}).status_code == 200
@@ -266,6 +312,11 @@ def test_a_replica_that_fails_loses_its_sessions_without_an_error_and_gets_new_o
         time.sleep(1.1)
     elif failure == "error":
         broken.handler = handler
+    elif failure == "replica-disabled":
+        replicas_shown = client.get("/v0/management/fleet", headers=MGMT).get_json()["providers"]["gpu"]["replicas"]
+        assert [row["disabled"] for row in replicas_shown] == [n == first for n in range(2)]
+        assert client.patch("/v0/management/fleet/replica", headers=MGMT,
+                            json={"replica": f"gpu#{first + 1}", "disabled": False}).status_code == 200
     else:
         assert client.patch("/v0/management/openai-compatibility", headers=MGMT,
                             json={"name": f"p{first}", "value": {"disabled": False}}).status_code == 200

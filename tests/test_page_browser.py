@@ -388,10 +388,18 @@ def test_a_replica_set_shows_each_replica_and_why_requests_went_where_they_did(d
         open_panel(driver, "providers")
         fleet = row(driver, "fleet")
         listed = [li.text for li in fleet.find_elements(By.CSS_SELECTOR, "li[data-replica]")]
-        assert listed == [f"fleet#1 {upstream.url} · 0 in flight", f"fleet#2 {second.url} · 0 in flight"]
+        assert listed == [f"fleet#1 {upstream.url} · 0 in flight disabled",
+                          f"fleet#2 {second.url} · 0 in flight disabled"]  # the last word labels a checkbox
         decisions = driver.find_element(By.CSS_SELECTOR, '#replica-sets tr[data-set="fm"]').text
         assert "cache-aware" in decisions and "fleet#1, fleet#2" in decisions
         assert "least-busy 1" in decisions and "affinity 2" in decisions  # counted over both workers
+        # the checkbox takes one replica out of the set (the settings file says so) and the set shows it
+        fleet.find_element(By.CSS_SELECTOR, 'input[aria-label="disabled fleet#2"]').click()
+        wait(driver, lambda d: row(d, "fleet").find_element(
+            By.CSS_SELECTOR, 'li[data-replica="fleet#2"]').text.endswith("· disabled disabled"))
+        shown = requests.get(server.url + "/v0/management/openai-compatibility", headers=mgmt, timeout=10).json()
+        (entry,) = [p for p in shown["openai-compatibility"] if p["name"] == "fleet"]
+        assert entry["base-urls"] == [upstream.url, {"url": second.url, "disabled": True}]
         assert console_errors(driver) == []
     finally:
         requests.delete(server.url + "/v0/management/openai-compatibility?name=fleet", headers=mgmt, timeout=10)

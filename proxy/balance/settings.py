@@ -43,16 +43,25 @@ def _share(v, mapping: dict, path: str, key: str, default: float) -> float:
     return value
 
 
-def replica_urls(v, item: dict, where: str) -> tuple[str, ...]:
-    """A provider's ``base-urls`` (each checked like ``base-url``); () when absent."""
+def replica_urls(v, item: dict, where: str) -> tuple[tuple[str, ...], frozenset[int]]:
+    """A provider's ``base-urls`` (each checked like ``base-url``) and the numbers (1 = the first) of those
+    disabled; ((), {}) when absent. An entry is a URL, or ``{url: ..., disabled: true}`` for a replica taken
+    out of the set (it keeps its place, so the others keep their names)."""
     if "base-urls" not in item:
-        return ()
+        return (), frozenset()
     if "base-url" in item:
         v.problem(f"{where}.base-urls", "use base-url (one address) or base-urls (replicas), not both")
-    urls = []
-    for i, url in enumerate(v.sequence(item.get("base-urls"), f"{where}.base-urls")):
+    urls: list[str] = []
+    off = set()
+    for i, entry in enumerate(v.sequence(item.get("base-urls"), f"{where}.base-urls")):
+        url = entry
+        if isinstance(entry, dict):
+            v.unknown(entry, f"{where}.base-urls[{i}]", {"url", "disabled"})
+            url = entry.get("url")
+            if v.boolean(entry, f"{where}.base-urls[{i}]", "disabled", False):
+                off.add(i + 1)
         if not isinstance(url, str) or not url:
-            v.problem(f"{where}.base-urls[{i}]", "must be an http:// or https:// URL")
+            v.problem(f"{where}.base-urls[{i}]", "must be an http:// or https:// URL (or {url: ..., disabled: true})")
             continue
         url = url.rstrip("/")
         v.url(url, f"{where}.base-urls[{i}]")
@@ -63,4 +72,6 @@ def replica_urls(v, item: dict, where: str) -> tuple[str, ...]:
         v.problem(f"{where}.base-urls", "must list at least one URL")
     elif len(urls) > MAX_REPLICAS:
         v.problem(f"{where}.base-urls", f"at most {MAX_REPLICAS} replicas")
-    return tuple(urls)
+    elif len(off) >= len(urls):
+        v.problem(f"{where}.base-urls", "every replica is disabled; disable the provider instead")
+    return tuple(urls), frozenset(off)

@@ -120,7 +120,8 @@ def _resolved_keys(document: dict, environ: Mapping[str, str]) -> dict[str, list
     for provider in settings.providers:
         raw = raw_providers.get(provider.name, {})
         pairs = [(raw.get("base-url", provider.base_url), provider.base_url)]
-        written_replicas = raw.get("base-urls") if isinstance(raw.get("base-urls"), list) else []
+        written_replicas = [item.get("url") if isinstance(item, dict) else item
+                            for item in (raw.get("base-urls") if isinstance(raw.get("base-urls"), list) else [])]
         pairs += [(written_replicas[i] if i < len(written_replicas) else url, url)
                   for i, url in enumerate(provider.base_urls)]
         written = raw.get("api-key-entries") or []
@@ -156,7 +157,11 @@ def _redacted_places(provider: dict) -> list[tuple[Any, Any, Callable[[str], str
     places: list[tuple[Any, Any, Callable[[str], str]]] = [(provider, "base-url", redact_url)] \
         if "base-url" in provider else []
     replicas = provider.get("base-urls")
-    places += [(replicas, i, redact_url) for i in range(len(replicas))] if isinstance(replicas, list) else []
+    for i, item in enumerate(replicas if isinstance(replicas, list) else []):
+        if not isinstance(item, dict):
+            places.append((replicas, i, redact_url))
+        elif "url" in item:  # a disabled replica: {url, disabled}
+            places.append((item, "url", redact_url))
     for entry in provider.get("api-key-entries") or []:
         if isinstance(entry, dict):
             places += [(entry, field, how) for field, how in (("api-key", redact), ("proxy-url", redact_url))
@@ -241,7 +246,10 @@ def _public_client_key(key) -> dict[str, Any]:
 
 def public_provider(provider) -> dict[str, Any]:
     return {
-        "name": provider.name, "base-url": redact_url(provider.base_url), "disabled": provider.disabled,
+        "name": provider.name, "disabled": provider.disabled,
+        # one address or replicas, as the file takes them (a GET's answer can be PUT back)
+        **({"base-urls": [_public_replica(provider, n, url) for n, url in enumerate(provider.base_urls, 1)]}
+           if provider.base_urls else {"base-url": redact_url(provider.base_url)}),
         "prefix": provider.prefix, "request-retry": provider.request_retry,
         "api-key-entries": [{"api-key": redact(e.api_key), "proxy-url": redact_url(e.proxy_url)}
                             for e in provider.api_key_entries],
@@ -251,10 +259,13 @@ def public_provider(provider) -> dict[str, Any]:
         "models": [_public_model(m) for m in provider.models],
         "native-apis": sorted(provider.native_apis), "tokenizer": provider.tokenizer,
         "reasoning-replay": provider.reasoning_replay, "stream-usage": provider.stream_usage,
-        **({"base-urls": [redact_url(url) for url in provider.base_urls]} if provider.base_urls else {}),
         **({"balance": provider.balance} if provider.balance else {}),
         "reasoning-efforts": list(provider.reasoning_efforts),
     }
+
+
+def _public_replica(provider, number: int, url: str) -> Any:
+    return {"url": redact_url(url), "disabled": True} if number in provider.replicas_off else redact_url(url)
 
 
 def _public_model(model) -> dict[str, Any]:

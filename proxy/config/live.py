@@ -324,6 +324,8 @@ def _provider_diff(old, new) -> list[str]:
                    + (" (changed)" if len(old.api_key_entries) == len(new.api_key_entries) else ""))
     if old.base_urls != new.base_urls:
         out.append(f"base-urls: {len(old.replicas)} -> {len(new.replicas)} replicas")
+    if old.replicas_off != new.replicas_off:
+        out.append(f"disabled replicas: {_numbers(old)} -> {_numbers(new)}")
     if old.headers != new.headers:
         out.append("headers changed")
     if old.ca_bundle != new.ca_bundle:
@@ -337,3 +339,7 @@ def _router(settings: Settings) -> Router:
     for line in unmatched_patterns(settings.api_keys, list(router.targets())):
         log.warning("settings: %s", line)
     return router
+
+
+def _numbers(provider) -> str:
+    return ", ".join(f"#{n}" for n in sorted(provider.replicas_off)) or "none"

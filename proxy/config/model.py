@@ -84,6 +84,7 @@ class Provider:
     # Replicas (``base-urls``): the same keys and models at several addresses; () = base_url alone.
     # base_url is the first of them (what tokenizer and "test connection" ask).
     base_urls: tuple[str, ...] = ()
+    replicas_off: frozenset[int] = frozenset()  # numbers (1 = first) of base_urls disabled: out of the set
     balance: str = ""                 # this provider's replica set's policy; "" = fleet.balance
     reasoning_efforts: tuple[str, ...] = DEFAULT_LEVELS  # the reasoning_effort values the upstream accepts
 

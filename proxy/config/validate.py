@@ -205,8 +205,10 @@ class Validator:
             self.problem(f"{where}.name", "use only a-z, 0-9, '-' and '_'")
         elif not name and isinstance(item.get("name"), str):
             self.problem(f"{where}.name", "must not be empty")
-        base_urls = replica_urls(self, item, where)
-        base_url = base_urls[0] if base_urls else self.string(item, where, "base-url", None).rstrip("/")
+        base_urls, replicas_off = replica_urls(self, item, where)
+        # with replicas, base_url is the first one enabled
+        base_url = next((url for n, url in enumerate(base_urls, 1) if n not in replicas_off), base_urls[0]) \
+            if base_urls else self.string(item, where, "base-url", None).rstrip("/")
         if base_url and not base_urls:
             self.url(base_url, f"{where}.base-url")
         ca_bundle = self.string(item, where, "ca-bundle", "")
@@ -228,6 +230,7 @@ class Validator:
             reasoning_replay=self.boolean(item, where, "reasoning-replay", False),
             stream_usage=self.boolean(item, where, "stream-usage", True),
             base_urls=base_urls if len(base_urls) > 1 else (),
+            replicas_off=replicas_off if len(base_urls) > 1 else frozenset(),
             balance=self.choice(item, where, "balance", "", BALANCE_POLICIES) if "balance" in item else "",
             reasoning_efforts=self.efforts(item.get("reasoning-efforts"), f"{where}.reasoning-efforts"),
         )

@@ -1,4 +1,5 @@
-"""``GET /v0/management/fleet``: replicas with their live load, and the balancer's decisions, for the page.
+"""``GET /v0/management/fleet``: replicas with their live load, and the balancer's decisions, for the page;
+``PATCH /v0/management/fleet/replica``: disable or enable one replica of a provider's ``base-urls``.
 
 Registered on the management blueprint (secret, loopback rule, lockout).
 Numbers are the whole instance's: in-flight counts from the balancer's shared
@@ -14,10 +15,11 @@ from flask import Response
 
 from .. import metrics
 from ..config.file import redact_url
+from ..errors import BadRequest, NotFound
 from ..keys import key_id
 from .common import holder
 from .guard import management_blueprint
-from .manage import json_response
+from .manage import json_response, read_body, write_change
 from .page_api import cooldown_ends
 
 bp = management_blueprint("fleet_api", __name__)
@@ -37,9 +39,10 @@ def fleet() -> Response:
                  or [(provider.name, provider.base_url)])
         counts = balancer.table.busy([balancer.table.column(name) for name, _ in named])
         rows = []
-        for (name, url), count in zip(named, counts):
+        for number, ((name, url), count) in enumerate(zip(named, counts), 1):
             cooling = sum(1 for e in provider.api_key_entries if (name, key_id(e.api_key)) in ends)
             rows.append({"replica": name, "url": redact_url(url), "in-flight": count,
+                         "disabled": number in provider.replicas_off,
                          "other-instances": remote.get(name, 0),
                          "backoff-until": ends.get((name, ""), (None,))[0], "keys-cooling": cooling})
         replicas[provider.name] = {"balance": provider.balance or None, "replicas": rows}
@@ -52,6 +55,33 @@ def fleet() -> Response:
              "replicas": list(dict.fromkeys(t.replica_name for t in group)),
              "decisions": decisions.get(group.name, {})} for group in runtime.router.replica_sets()]
     return json_response({"now": now, "default": runtime.settings.fleet.balance, "providers": replicas, "sets": sets})
+
+
+@bp.patch("/fleet/replica")
+def set_replica() -> Response:
+    """``{"replica": "<provider>#<n>", "disabled": true|false}``: written to the settings file (or, with
+    Redis, the shared providers) like a provider's ``disabled``; a disabled replica's sessions move to the
+    next best replica, and new sessions reach it again once it is enabled."""
+    body = read_body()
+    replica = body.get("replica") if isinstance(body, dict) else None
+    disabled = body.get("disabled") if isinstance(body, dict) else None
+    name, _, number = replica.rpartition("#") if isinstance(replica, str) else ("", "", "")
+    if not (name and number.isascii() and number.isdigit() and len(number) <= 4 and isinstance(disabled, bool)):
+        raise BadRequest('send {"replica": "<provider>#<n>", "disabled": true or false}')
+    index = int(number) - 1
+
+    def change(document: dict) -> None:
+        providers = document.get("openai-compatibility")
+        entry = next((p for p in providers if isinstance(p, dict) and p.get("name") == name), None) \
+            if isinstance(providers, list) else None
+        urls = entry.get("base-urls") if entry is not None else None
+        if not isinstance(urls, list) or not 0 <= index < len(urls):
+            raise NotFound(f"no replica {replica!r} (a provider's base-urls are <provider>#1, #2, ...)")
+        item = urls[index]
+        url = item.get("url") if isinstance(item, dict) else item
+        urls[index] = {"url": url, "disabled": True} if disabled else url
+
+    return write_change(change)
 
 
 def _samples(name: str):

@@ -28,12 +28,37 @@ function replicaList(p, fleet) {
     if (r["other-instances"]) notes.push(r["other-instances"] + " of them at other instances");
     if (r["backoff-until"]) notes.push("connect back-off until " + time(r["backoff-until"]));
     if (r["keys-cooling"]) notes.push(r["keys-cooling"] + " key(s) cooling");
-    list.append(el("li", {"data-replica": r.replica},
-      fleet.replicas.length > 1 ? el("code", {}, r.replica) : null, fleet.replicas.length > 1 ? " " : null,
-      r.url, el("span", {class: "hint"}, " · " + notes.join(" · "))));
+    const several = fleet.replicas.length > 1;
+    list.append(el("li", {"data-replica": r.replica, class: r.disabled ? "replica-off" : ""},
+      several ? el("code", {}, r.replica) : null, several ? " " : null,
+      r.url, el("span", {class: "hint"}, " · " + (r.disabled ? "disabled" : notes.join(" · "))),
+      several ? " " : null, several ? replicaSwitch(r) : null));
   }
   if (fleet.balance) list.append(el("li", {class: "hint"}, "balance: " + fleet.balance));
   return list;
+}
+
+// One replica of base-urls taken out of its set (or put back): its sessions move to the next best replica.
+function replicaSwitch(r) {
+  const box = el("input", {type: "checkbox", name: "replica-disabled", checked: Boolean(r.disabled),
+                           "aria-label": "disabled " + r.replica});
+  box.addEventListener("change", async () => {
+    box.disabled = true;
+    try {
+      const response = await api("/fleet/replica", {method: "PATCH", body: {replica: r.replica, disabled: box.checked}});
+      if (!response.ok) {
+        box.checked = !box.checked;
+        return failed(response);
+      }
+      notice(r.replica + " is now " + (box.checked ? "disabled" : "enabled") + " (every worker within about a second).", "ok");
+      await loadProviders();
+    } catch (error) {
+      if (!(error instanceof SignedOut)) notice("Could not save: " + error.message, "error");
+    } finally {
+      box.disabled = false;
+    }
+  });
+  return el("label", {class: "hint"}, box, " disabled");
 }
 
 // A name that reaches several replicas: its policy and why the balancer chose as it did (whole instance).
@@ -123,7 +148,7 @@ export function openForm(p) {
   $("#provider-form-title").textContent = p ? "Edit provider " + p.name : "Add provider";
   const f = form.elements;
   f.namedItem("name").value = p ? p.name : "";
-  f.namedItem("base-url").value = p ? p["base-url"] : "";
+  f.namedItem("base-url").value = p ? p["base-url"] || "" : "";  // a provider with base-urls has none
   f.namedItem("prefix").value = p ? p.prefix : "";
   f.namedItem("request-retry").value = p ? p["request-retry"] : -1;
   f.namedItem("api-key-entries").value = p ? p["api-key-entries"].map((e) => e["api-key"]).join("\n") : "";
@@ -160,6 +185,7 @@ function changedFields(value, original) {
   const originalKeys = original["api-key-entries"].map((e) => ({"api-key": e["api-key"]}));
   const originalModels = original.models.map((m) => (m.alias ? {name: m.name, alias: m.alias} : {name: m.name}));
   for (const [key, now] of Object.entries(value)) {
+    if (key === "base-url" && !now && original["base-urls"]) continue;  // replicas: the form leaves them be
     const before = key === "api-key-entries" ? originalKeys : key === "models" ? originalModels : original[key];
     if (!same(now, before)) out[key] = now;
   }
