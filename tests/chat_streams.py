@@ -14,6 +14,10 @@ import json
 
 from hypothesis import strategies as st
 
+from proxy.errors import ProxyError
+from proxy.fold.chat import fold_chat_chunks
+from proxy.translate.chat_stream import DONE, ChatStream, iter_chat_chunks
+
 TEXT = st.text(alphabet=st.sampled_from(list("ab é中😀\u2028\r\n\"\\{}:,")), min_size=1, max_size=30)
 NAME = st.from_regex(r"[A-Za-z][A-Za-z0-9_]{0,10}", fullmatch=True)
 ARGS = st.dictionaries(st.from_regex(r"[a-z]{1,6}", fullmatch=True),
@@ -80,3 +84,28 @@ def chat_streams(draw):
     parts = {"reasoning": reasoning, "content": content, "calls": calls, "finish": finish, "usage": usage,
              "done": done}
     return reads, parts
+
+
+def run_bridge(reads: list[bytes], out) -> bytes:
+    """What a bridge's stream does with the reads, minus the threads: decode each chunk, feed ``ChatStream``,
+    write with ``out`` (a bridge's stream writer: ``start``/``feed``/``close``/``fail``)."""
+    chat, done = ChatStream(), False
+    parts = [out.start()]
+    try:
+        for chunk in iter_chat_chunks(reads, 1 << 20):
+            if chunk == DONE:
+                done = True
+                break
+            parts.append(out.feed(chat.feed(chunk)))
+        parts.append(out.close(chat.close(done), chat.ended_early))
+    except ProxyError as exc:
+        parts.append(out.fail(exc.status, exc.message))
+    return b"".join(parts)
+
+
+def folded(reads: list[bytes]) -> dict | None:
+    """The chat fold's answer for the reads, or None where it refuses them."""
+    try:
+        return fold_chat_chunks(reads, 1 << 20)
+    except ProxyError:
+        return None

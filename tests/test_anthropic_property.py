@@ -7,40 +7,20 @@ import json
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.errors import ProxyError
-from proxy.fold.chat import fold_chat_chunks
 from proxy.translate.anthropic.response import error_type, stop_reason, usage
 from proxy.translate.anthropic.stream import MessageStream
-from proxy.translate.chat_stream import DONE, ChatStream, iter_chat_chunks
 from proxy.translate.tools import ToolNames, sanitize_tool_id
 from tests.anthropic_invariants import check_stream
-from tests.chat_streams import chat_streams
+from tests.chat_streams import chat_streams, folded, run_bridge
 
 
 def translate(reads: list[bytes], message_id: str | None = None) -> bytes:
-    """What the route does with the reads, minus the threads: decode each chunk, ChatStream, MessageStream
-    (also tests/test_bridge_fast_path.py's reference; ``message_id`` fixes the random one)."""
-    chat, out, done = ChatStream(), MessageStream("claude-x", ToolNames(), 42), False
+    """The Anthropic stream for the reads (also tests/test_bridge_fast_path.py's reference; ``message_id``
+    fixes the random one)."""
+    out = MessageStream("claude-x", ToolNames(), 42)
     if message_id is not None:
         out.message_id = message_id
-    parts = [out.start()]
-    try:
-        for chunk in iter_chat_chunks(reads, 1 << 20):
-            if chunk == DONE:
-                done = True
-                break
-            parts.append(out.feed(chat.feed(chunk)))
-        parts.append(out.close(chat.close(done), chat.ended_early))
-    except ProxyError as exc:
-        parts.append(out.fail(exc.status, exc.message))
-    return b"".join(parts)
-
-
-def folded(reads: list[bytes]) -> dict | None:
-    try:
-        return fold_chat_chunks(reads, 1 << 20)
-    except ProxyError:
-        return None
+    return run_bridge(reads, out)
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -1,5 +1,5 @@
 """Property: the bridges' no-decode fast path (proxy/translate/chat_reads.py) writes exactly the bytes the
-full decode writes, for both bridges, over random chat streams, every captured stream and crafted near-misses.
+full decode writes, for every bridge, over random chat streams, every captured stream and crafted near-misses.
 
 Random ids (a message id, ``call_<random>`` for calls that never got one) are fixed or masked first: they
 differ between any two runs, fast or not.
@@ -18,6 +18,7 @@ from proxy.errors import ProxyError
 from proxy.translate.anthropic.stream import MessageStream
 from proxy.translate.chat_reads import FastDelta, chat_events, raw, read_batches
 from proxy.translate.chat_stream import ChatStream
+from proxy.translate.gemini.stream import GeminiStream
 from proxy.translate.responses.pipeline import chunk_batches, translate_stream
 from proxy.translate.responses.response import new_context
 from proxy.translate.responses.stream import ResponsesStream
@@ -31,10 +32,10 @@ RANDOM_CALL_ID = re.compile(rb"call_[0-9a-f]{16}")
 HEAD = b'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1764000000,"model":"m","choices":['
 
 
-def anthropic(reads: list[bytes], fast: bool) -> bytes:
-    """What routes/anthropic_stream.py does with the reads, minus the reader thread."""
-    chat, stream, done = ChatStream(), MessageStream("claude-x", ToolNames(), 42), False
-    stream.message_id = "msg_fixed"
+def bridged(reads: list[bytes], fast: bool, stream) -> bytes:
+    """What the bridged stream routes do with the reads, minus the reader thread (``stream``: a bridge's
+    stream writer)."""
+    chat, done = ChatStream(), False
     out = [stream.start()]
     try:
         for batch in read_batches(reads, 1 << 20, fast):
@@ -45,6 +46,16 @@ def anthropic(reads: list[bytes], fast: bool) -> bytes:
     except ProxyError as exc:
         out.append(stream.fail(exc.status, exc.message))
     return RANDOM_CALL_ID.sub(b"call_random", b"".join(out))
+
+
+def anthropic(reads: list[bytes], fast: bool) -> bytes:
+    stream = MessageStream("claude-x", ToolNames(), 42)
+    stream.message_id = "msg_fixed"
+    return bridged(reads, fast, stream)
+
+
+def gemini(reads: list[bytes], fast: bool, sse: bool) -> bytes:
+    return bridged(reads, fast, GeminiStream("gemini-x", ToolNames(), thoughts=True, sse=sse, response_id="fixed"))
 
 
 def anthropic_per_chunk(reads: list[bytes]) -> bytes:
@@ -59,6 +70,8 @@ def responses(reads: list[bytes], fast: bool, ctx, codex: bool) -> bytes:
 
 def assert_same_both_ways(reads: list[bytes], codex: bool = False) -> None:
     assert anthropic(reads, True) == anthropic(reads, False)
+    assert gemini(reads, True, True) == gemini(reads, False, True)
+    assert gemini(reads, True, False) == gemini(reads, False, False)
     ctx = new_context({"model": "m"}, ToolMap())
     assert responses(reads, True, ctx, codex) == responses(reads, False, ctx, codex)
 

@@ -19,6 +19,7 @@ import orjson
 from ..errors import StreamError
 from ..fold.base import slow_json
 from ..fold.guard import repair_surrogates
+from .tools import ToolNames
 
 _TEXT_FIELDS = ("content", "reasoning_content", "reasoning")
 
@@ -43,6 +44,52 @@ def load(body: bytes) -> Any:
         return repair_surrogates(slow_json(body))
     except (StreamError, RecursionError):
         return None
+
+
+def message_text(content: Any) -> str:
+    """A chat message's ``content`` as text: the string, or the text parts of a parts array (some servers
+    answer with one), joined; anything else is no text."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p["text"] for p in content
+                       if isinstance(p, dict) and p.get("type") in ("text", "output_text")
+                       and isinstance(p.get("text"), str))
+    return ""
+
+
+def message_calls(message: dict, names: ToolNames) -> list[tuple[int, str, str, Any]]:
+    """``(index, id, name, arguments)`` of each tool call of a message ``first_choice`` checked: the id as
+    sent ("" when none), the name as the client knows it (``tool_<index>`` when the model gave none)."""
+    calls = message.get("tool_calls")
+    found = []
+    for i, call in enumerate(calls if isinstance(calls, list) else ()):
+        if not isinstance(call, dict):
+            continue
+        function = call.get("function") if isinstance(call.get("function"), dict) else {}
+        name = function.get("name")
+        found.append((i, str(call.get("id") or ""), names.to_client(name) if isinstance(name, str) and name
+                      else f"tool_{i}", function.get("arguments")))
+    return found
+
+
+def upstream_message(status: int, body: bytes) -> str:
+    """An upstream error answer's message, for the bridges' own error bodies: ``error.message`` of an
+    OpenAI-style (or Anthropic- or Gemini-style) body, else its ``code``/``type``/``detail``, else the raw text."""
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        parsed = None
+    if isinstance(parsed, dict):
+        error = parsed.get("error", parsed)
+        if isinstance(error, dict):
+            for key in ("message", "code", "type", "detail"):
+                if isinstance(error.get(key), str) and error[key]:
+                    return error[key]
+        elif isinstance(error, str) and error:
+            return error
+    text = body[:500].decode("utf-8", "replace").strip()
+    return text or f"upstream returned HTTP {status}"
 
 
 def check_relayed(body: bytes) -> None:

@@ -13,6 +13,11 @@ Anthropic (translation.md §1.1, A8): ``thinking: disabled`` leaves it out;
 ``max``) wins when given; else ``thinking: enabled`` buckets its
 ``budget_tokens`` (< 2048 low, < 16384 medium, else high) and
 adaptive thinking is medium; no thinking and no effort: left out.
+
+Gemini (``generationConfig.thinkingConfig``): ``thinkingLevel`` (Gemini 3:
+MINIMAL/LOW/MEDIUM/HIGH) is that level; else ``thinkingBudget`` 0 (thinking
+off) leaves it out, -1 (dynamic) is medium, and a budget is bucketed as
+Anthropic's ``budget_tokens`` are; no thinkingConfig: left out.
 """
 from __future__ import annotations
 
@@ -37,8 +42,27 @@ def from_anthropic(thinking: Any, output_config: Any) -> str | None:
         budget = thinking.get("budget_tokens")
         if type(budget) is not int:
             return "medium"
-        return next((level for limit, level in _BUDGET if budget < limit), "high")
+        return _bucket(budget)
     return "medium" if kind in ("adaptive", "auto") else None
+
+
+def from_gemini(config: Any) -> str | None:
+    """The level a Gemini ``thinkingConfig`` asks for (see the module docstring), or None."""
+    if not isinstance(config, dict):
+        return None
+    level = config.get("thinkingLevel", config.get("thinking_level"))
+    if isinstance(level, str) and level.lower() in LEVELS:
+        return level.lower()
+    budget = config.get("thinkingBudget", config.get("thinking_budget"))
+    if type(budget) is not int or budget == 0:
+        return None
+    if budget < 0:
+        return "medium"
+    return _bucket(budget)
+
+
+def _bucket(budget: int) -> str:
+    return next((level for limit, level in _BUDGET if budget < limit), "high")
 
 
 def from_responses(reasoning: Any) -> str | None:

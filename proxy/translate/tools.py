@@ -144,6 +144,59 @@ def _close(text: str, scan: _Scan | None = None) -> str | None:
     return text.rstrip().rstrip(",:").rstrip() + closers
 
 
+# JSON Schema keywords holding subschemas: maps of them, lists of them, one of them.
+_NESTED_MAPS = ("properties", "$defs", "definitions", "patternProperties")
+_NESTED_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_NESTED_ONE = ("items", "additionalProperties", "not")
+_MAX_SCHEMA_DEPTH = 32  # real schemas are a few levels deep; deeper ones are copied as they are
+# Gemini's OpenAPI-subset schemas (``Schema``): upper-case type names, ``nullable``, and keys with no JSON Schema
+# meaning a chat server may refuse.
+_OPENAPI_TYPES = {"STRING": "string", "NUMBER": "number", "INTEGER": "integer", "BOOLEAN": "boolean",
+                  "ARRAY": "array", "OBJECT": "object", "NULL": "null"}
+_OPENAPI_ONLY = ("nullable", "propertyOrdering", "example")
+
+
+def chat_schema(schema: dict, openapi: bool = False, depth: int = 0) -> dict:
+    """A copy of a tool's parameter schema that chat servers accept: every ``type: object`` schema has
+    ``properties`` (vLLM and others reject it missing). ``openapi``: the schema is Gemini's OpenAPI subset
+    (``type: "STRING"``, ``nullable: true``), written as the JSON Schema it means (``"string"``,
+    ``["string", "null"]``); ``TYPE_UNSPECIFIED`` says nothing and is left out."""
+    out = dict(schema)
+    if openapi:
+        _from_openapi(out)
+    if depth >= _MAX_SCHEMA_DEPTH:
+        return out
+    depth += 1
+    for key in _NESTED_MAPS:
+        value = out.get(key)
+        if isinstance(value, dict):
+            out[key] = {k: chat_schema(v, openapi, depth) if isinstance(v, dict) else v for k, v in value.items()}
+    for key in _NESTED_LISTS:
+        value = out.get(key)
+        if isinstance(value, list):
+            out[key] = [chat_schema(v, openapi, depth) if isinstance(v, dict) else v for v in value]
+    for key in _NESTED_ONE:
+        if isinstance(out.get(key), dict):
+            out[key] = chat_schema(out[key], openapi, depth)
+    if out.get("type") == "object" and not isinstance(out.get("properties"), dict):
+        out["properties"] = {}
+    return out
+
+
+def _from_openapi(out: dict) -> None:
+    kind = out.get("type")
+    if isinstance(kind, str):
+        kind = _OPENAPI_TYPES.get(kind.upper(), kind.lower())
+        if kind == "type_unspecified":
+            del out["type"]
+        else:
+            out["type"] = kind
+    if out.get("nullable") is True and isinstance(out.get("type"), str):
+        out["type"] = [out["type"], "null"]
+    for key in _OPENAPI_ONLY:
+        out.pop(key, None)
+
+
 class ToolNames:
     """Per request: function names an upstream accepts (<= 64 chars), and the way back to the client's names.
 

@@ -20,7 +20,7 @@ import orjson
 
 from ..effort import DEFAULT_LEVELS, for_provider, from_anthropic
 from ..roles import alternate
-from ..tools import ToolNames
+from ..tools import ToolNames, chat_schema
 
 BILLING_HEADER = "x-anthropic-billing-header:"
 
@@ -244,37 +244,8 @@ def _tool(tool: dict, names: ToolNames) -> dict:
     if isinstance(tool.get("description"), str):
         function["description"] = tool["description"]
     schema = tool.get("input_schema")
-    function["parameters"] = _schema(schema) if isinstance(schema, dict) else {"type": "object", "properties": {}}
+    function["parameters"] = chat_schema(schema) if isinstance(schema, dict) else {"type": "object", "properties": {}}
     return {"type": "function", "function": function}
-
-
-_NESTED_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
-_NESTED_MAPS = ("properties", "$defs", "definitions", "patternProperties")
-
-
-_MAX_SCHEMA_DEPTH = 32  # real schemas are a few levels deep; deeper ones are copied as they are
-
-
-def _schema(schema: dict, depth: int = 0) -> dict:
-    """A copy where every ``type: object`` schema has ``properties`` (vLLM and others reject it missing)."""
-    out = dict(schema)
-    if depth >= _MAX_SCHEMA_DEPTH:
-        return out
-    depth += 1
-    for key in _NESTED_MAPS:
-        value = out.get(key)
-        if isinstance(value, dict):
-            out[key] = {k: _schema(v, depth) if isinstance(v, dict) else v for k, v in value.items()}
-    for key in _NESTED_LISTS:
-        value = out.get(key)
-        if isinstance(value, list):
-            out[key] = [_schema(v, depth) if isinstance(v, dict) else v for v in value]
-    for key in ("items", "additionalProperties", "not"):
-        if isinstance(out.get(key), dict):
-            out[key] = _schema(out[key], depth)
-    if out.get("type") == "object" and not isinstance(out.get("properties"), dict):
-        out["properties"] = {}
-    return out
 
 
 def _tool_choice(choice: dict, names: ToolNames) -> Any:

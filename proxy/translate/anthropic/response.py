@@ -11,7 +11,7 @@ from typing import Any, Collection
 import orjson
 
 from ..chat_stream import clean
-from ..completion import first_choice
+from ..completion import first_choice, message_calls, message_text, upstream_message
 from ..tools import ToolNames, is_context_overflow, repair_json_object, sanitize_tool_id
 
 # HTTP status -> Anthropic error type (Anthropic's docs, CLIProxyAPI claudeErrorTypeFromStatus).
@@ -52,31 +52,13 @@ def upstream_error(status: int, body: bytes) -> tuple[int, bytes]:
     what makes Claude Code compact the conversation instead of resending it.
     An upstream 503 (overloaded) becomes 529, which Anthropic clients retry.
     """
-    message = _upstream_message(status, body)
+    message = upstream_message(status, body)
     if status >= 400 and status != 429 and is_context_overflow(message):
         text = message if message.lower().startswith("prompt is too long") else f"prompt is too long: {message}"
         return 400, error_body(400, text, "invalid_request_error")
     if status == 503:
         status = 529
     return status, error_body(status, message)
-
-
-def _upstream_message(status: int, body: bytes) -> str:
-    """``error.message`` of an OpenAI-style body, else ``error.code``, else the raw text."""
-    try:
-        parsed = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        parsed = None
-    if isinstance(parsed, dict):
-        error = parsed.get("error", parsed)
-        if isinstance(error, dict):
-            for key in ("message", "code", "type", "detail"):
-                if isinstance(error.get(key), str) and error[key]:
-                    return error[key]
-        elif isinstance(error, str) and error:
-            return error
-    text = body[:500].decode("utf-8", "replace").strip()
-    return text or f"upstream returned HTTP {status}"
 
 
 def usage(chat_usage: Any) -> dict:
@@ -133,30 +115,14 @@ def to_message(completion: dict, model: str, names: ToolNames, stops: Collection
     reasoning = message.get("reasoning_content") or message.get("reasoning")
     if isinstance(reasoning, str) and reasoning:
         content.append({"type": "thinking", "thinking": reasoning, "signature": ""})
-    text = _text(message.get("content"))
+    text = message_text(message.get("content"))
     if text:
         content.append({"type": "text", "text": text})
-    calls = message.get("tool_calls")
-    for i, call in enumerate(calls if isinstance(calls, list) else ()):
-        if not isinstance(call, dict):
-            continue
-        function = call.get("function") if isinstance(call.get("function"), dict) else {}
-        name = function.get("name")
-        content.append({"type": "tool_use", "id": sanitize_tool_id(call.get("id") or ""),
-                        "name": names.to_client(name) if isinstance(name, str) and name else f"tool_{i}",
-                        "input": tool_input(function.get("arguments"))})
+    for _, call_id, name, arguments in message_calls(message, names):
+        content.append({"type": "tool_use", "id": sanitize_tool_id(call_id), "name": name,
+                        "input": tool_input(arguments)})
     emitted_tool = any(block["type"] == "tool_use" for block in content)
     reason, sequence = stop_fields(choice.get("finish_reason"), emitted_tool, choice.get("stop_reason"), stops)
     return {"id": new_message_id(), "type": "message", "role": "assistant", "model": model,
             "content": content, "stop_reason": reason, "stop_sequence": sequence,
             "usage": usage(completion.get("usage"))}
-
-
-def _text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):  # some servers answer with a parts array
-        return "".join(p["text"] for p in content
-                       if isinstance(p, dict) and p.get("type") in ("text", "output_text")
-                       and isinstance(p.get("text"), str))
-    return ""

@@ -1,0 +1,87 @@
+"""chat.completion -> Gemini ``GenerateContentResponse``, and the pieces the stream shares with it.
+
+Pure: dicts in, dicts out. One candidate (index 0) whose ``content`` is role
+``model`` with parts in the order thought text, text, function calls;
+``finishReason`` STOP for an answer that ended or called tools (the Gemini
+API says STOP for a function call too), MAX_TOKENS for ``length``, SAFETY for
+a content filter; ``usageMetadata`` with prompt, candidates (the answer
+without reasoning), thoughts and cached token counts; ``modelVersion`` is the
+model the client asked for, ``responseId`` ours.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ..completion import first_choice, message_calls, message_text
+from ..tools import ToolNames, repair_json_object
+
+_FINISH = {"stop": "STOP", "length": "MAX_TOKENS", "tool_calls": "STOP", "function_call": "STOP",
+           "content_filter": "SAFETY"}
+
+
+def new_response_id() -> str:
+    return os.urandom(12).hex()
+
+
+def finish_reason(finish: Any) -> str:
+    """The Gemini ``finishReason`` for a chat ``finish_reason`` (STOP when there is none)."""
+    return _FINISH.get(finish, "STOP") if isinstance(finish, str) else "STOP"
+
+
+def usage_metadata(chat_usage: Any, prompt_estimate: int = 0) -> dict:
+    """``usageMetadata`` from a chat ``usage``; without one, the prompt estimate and no output.
+
+    Gemini counts thoughts apart from the candidates: ``candidatesTokenCount`` is the completion without its
+    reasoning tokens, ``thoughtsTokenCount`` those (when the upstream says), and the total is all of them.
+    """
+    if not isinstance(chat_usage, dict):
+        return {"promptTokenCount": prompt_estimate, "candidatesTokenCount": 0, "totalTokenCount": prompt_estimate}
+    prompt, completion = _int(chat_usage.get("prompt_tokens")), _int(chat_usage.get("completion_tokens"))
+    details = chat_usage.get("completion_tokens_details")
+    thoughts = min(_int(details.get("reasoning_tokens")), completion) if isinstance(details, dict) else 0
+    details = chat_usage.get("prompt_tokens_details")
+    cached = min(_int(details.get("cached_tokens")), prompt) if isinstance(details, dict) else 0
+    metadata = {"promptTokenCount": prompt, "candidatesTokenCount": completion - thoughts,
+                "totalTokenCount": prompt + completion}
+    if thoughts:
+        metadata["thoughtsTokenCount"] = thoughts
+    if cached:
+        metadata["cachedContentTokenCount"] = cached
+    return metadata
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def function_call(call_id: str, name: str, arguments: Any) -> dict:
+    """A ``functionCall`` part: the whole call, its arguments an object (repaired when the model wrote broken
+    JSON, ``{}`` when hopeless)."""
+    if isinstance(arguments, dict):
+        args = arguments
+    elif isinstance(arguments, str) and arguments.strip():
+        args = repair_json_object(arguments)
+    else:
+        args = {}
+    return {"functionCall": {"id": call_id, "name": name, "args": args}}
+
+
+def to_response(completion: dict, model: str, names: ToolNames, *, thoughts: bool = False,
+                prompt_estimate: int = 0, response_id: str | None = None) -> dict:
+    """The ``GenerateContentResponse`` for a ``chat.completion`` (choice 0). ``model``: the name the client
+    asked for; ``thoughts``: the client asked for thought parts (``includeThoughts``)."""
+    choice, message = first_choice(completion)
+    parts: list[dict] = []
+    reasoning = message.get("reasoning_content") or message.get("reasoning")
+    if thoughts and isinstance(reasoning, str) and reasoning:
+        parts.append({"text": reasoning, "thought": True})
+    text = message_text(message.get("content"))
+    if text:
+        parts.append({"text": text})
+    for i, call_id, name, arguments in message_calls(message, names):
+        parts.append(function_call(call_id or f"call_{i}", name, arguments))
+    return {"candidates": [{"content": {"role": "model", "parts": parts},
+                            "finishReason": finish_reason(choice.get("finish_reason")), "index": 0}],
+            "usageMetadata": usage_metadata(completion.get("usage"), prompt_estimate),
+            "modelVersion": model, "responseId": response_id or new_response_id()}
