@@ -8,10 +8,11 @@
 # own processes on free loopback ports; the packages' own services are not
 # needed.
 #
-# Then the real Claude Code and Codex CLIs the agent tests drive, pinned in
+# Then the real Claude Code, Codex and Gemini CLIs the agent tests drive, pinned in
 # tests/agents/package-lock.json, from the npm registry (their native
 # binaries come inside platform packages npm picks from the lockfile; nothing
-# else is downloaded); installed again only when the lockfile changed.
+# else is downloaded; Gemini CLI is one bundled JavaScript package); installed again only when the
+# lockfile changed.
 set -euo pipefail
 missing=()
 command -v redis-server >/dev/null || missing+=(redis-server)
@@ -33,7 +34,7 @@ fi
 agents="$(cd "$(dirname "$0")/agents" && pwd)"
 stamp="$agents/node_modules/.installed-from-lock"
 if ! cmp -s "$agents/package-lock.json" "$stamp" || [ ! -x "$agents/node_modules/.bin/claude" ] \
-    || [ ! -x "$agents/node_modules/.bin/codex" ]; then
+    || [ ! -x "$agents/node_modules/.bin/codex" ] || [ ! -x "$agents/node_modules/.bin/gemini" ]; then
   (cd "$agents" && npm ci --no-audit --no-fund --loglevel=error)
   # Claude Code's postinstall puts the platform's binary in place of a stub; an npm that
   # held back install scripts left the stub, so run it (it only links a file npm installed).
@@ -41,5 +42,6 @@ if ! cmp -s "$agents/package-lock.json" "$stamp" || [ ! -x "$agents/node_modules
     || node "$agents/node_modules/@anthropic-ai/claude-code/install.cjs"
   "$agents/node_modules/.bin/claude" --version >/dev/null
   "$agents/node_modules/.bin/codex" --version >/dev/null
+  "$agents/node_modules/.bin/gemini" --version >/dev/null
   cp "$agents/package-lock.json" "$stamp"
 fi
