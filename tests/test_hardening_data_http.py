@@ -67,7 +67,7 @@ def from_file(tmp_path, upstream, serve):
     holder = app.extensions["streamfold"]
 
     def check() -> None:
-        holder._next_check = 0.0  # the next request checks the file now, not within a second
+        holder.check_file()  # now, not within CHECK_INTERVAL
     return path, serve(app), check
 
 

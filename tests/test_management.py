@@ -48,7 +48,7 @@ def file_doc(path) -> dict:
 
 
 def force_reload_check(app) -> None:
-    app.extensions["streamfold"]._next_check = 0.0
+    app.extensions["streamfold"].check_file()  # now, not within CHECK_INTERVAL
 
 
 def test_management_is_absent_without_a_secret(upstream, tmp_path):

@@ -2,11 +2,16 @@
 
 ``Runtime`` is one immutable snapshot (settings, router, the unresolved YAML
 document for management writes). ``ConfigHolder`` hands the current snapshot
-to each request, and at most once a second checks the file's mtime, size and
-hash; a changed file that validates is swapped in (requests already running
-keep the snapshot they started with), one that doesn't is logged and ignored.
+to each request without a lock or a look at the file. Off the request path, a
+background thread (``CHECKS``, one per process) checks the file's mtime, size
+and hash every ``POLL_INTERVAL``; a changed file that validates is swapped in
+(requests already running keep the snapshot they started with), one that
+doesn't is logged and ignored. The file is read, parsed and validated with no
+lock held that a request waits on; only the swap is made under the lock.
 Each gunicorn worker does this on its own, so a write by one worker or a hand
-edit reaches all of them within about a second, without a restart.
+edit reaches all of them within about a second, without a restart, whether or
+not they have traffic. A management request checks the file itself first
+(``check_file``), so it never shows or edits an older config.
 
 A reload never opens or empties the proxy. ``cp``, ``>`` and some editors
 truncate the file and then write it, so a check can see it empty or cut. A
@@ -37,6 +42,7 @@ from ..keys import KeyPool
 from ..routing import Router
 from ..shared import Shared
 from ..state.limits import unmatched_patterns
+from ..state.ticker import Ticker
 from ..upstream import Sessions
 from . import last_good
 from .exposure import EXPOSED_ENV, published_key_refusal
@@ -45,7 +51,8 @@ from .load import build_settings
 from .model import Settings, SettingsError
 
 log = logging.getLogger(__name__)
-CHECK_INTERVAL = 1.0
+POLL_INTERVAL = 0.25  # seconds between checks of the file (a stat; the file is read only when it changed)
+CHECK_INTERVAL = 1.0  # a change is taken within this long: POLL_INTERVAL + STABLE_DELAY + the parse, with room
 STABLE_DELAY = 0.2  # a changed file must read the same again after this long before it is taken
 LOG_DETAIL_LIMIT = 2000  # characters of "what changed" in one log line; the rest is counted
 
@@ -73,8 +80,12 @@ class ConfigHolder:
         self.shared: Shared | None = None
         self.file_document = document
         self.runtime_providers: list | None = None  # the shared runtime list (Redis), when there is one
+        # No request ever waits while the file is read, parsed or validated: requests take no lock (they read
+        # ``runtime``), the file is checked by the background thread or a management request, and ``_lock``
+        # is held only to swap a judged config in.
         self._lock = threading.Lock()
-        self._next_check = time.monotonic() + CHECK_INTERVAL
+        self._checking = threading.Lock()  # one check of the file at a time (no proxied request takes it)
+        self._applying = threading.Lock()  # shared provider lists are applied one at a time, in order
         self._fingerprint: tuple | None = None
         self.reloaded_at: float | None = None  # wall clock of the last config installed after start
         self.reload_error: tuple[float, str] | None = None  # (when, problems) of the last refused file
@@ -98,70 +109,88 @@ class ConfigHolder:
             self.shared = Shared(settings.redis_url, self.apply_runtime_providers, self.keys.apply_remote)
             self.keys.publish = self.shared.publish_cooldown
             self.shared.start()
+        if path is not None:
+            CHECKS.add(self)
 
     def current(self) -> Runtime:
-        if self.path is not None and time.monotonic() >= self._next_check:
-            self.check_file(force=False)
+        """The running config (the file is followed off the request path: ``CHECKS``)."""
         return self.runtime
 
-    def check_file(self, force: bool = True) -> bool:
+    def check_file(self) -> bool:
         """Reload if the file changed and validates; True when a new config was installed.
 
-        Threads that arrive while another one is reloading wait for it, so no
-        request that starts after the check is served by the old config.
+        Called by the background thread, by a management request (which must
+        not show or edit an older config than the file's) and when a worker
+        boots. Checks are made one at a time; proxied requests never wait for
+        one (they read ``runtime``), and only the swap is made under the lock.
         """
-        with self._lock:
-            if not force and time.monotonic() < self._next_check:
-                return False  # another thread checked while we waited
-            try:
-                return self._check_file()
-            finally:
-                # Only now: a thread arriving mid-check must wait for it, not
-                # skip it and serve the old config.
-                self._next_check = time.monotonic() + CHECK_INTERVAL
+        with self._checking:
+            return self._check_file()
 
     def _check_file(self) -> bool:
-        seen = self._stat_and_read()
-        if seen is None:
-            return False
-        fingerprint, raw = seen
-        if self._fingerprint is not None and self._fingerprint[2] == fingerprint[2]:
-            self._fingerprint = fingerprint  # rewritten with the same bytes: nothing to do
-            return False
-        # Maybe half-written (truncate, then write): take it only if it reads the same a moment later.
-        time.sleep(STABLE_DELAY)
-        again = self._stat_and_read()
-        if again is None or again[0] != fingerprint:
-            return False  # still changing; judged at a later check, once it has settled
-        self._fingerprint = fingerprint  # judged now, whatever the verdict: each version is logged once
-        problem = None
+        while True:
+            judged = self._fingerprint  # what the running config was judged from; a swap requires it unchanged
+            seen = self._stat_and_read()
+            if seen is None:
+                return False
+            fingerprint, raw = seen
+            if self._fingerprint is not None and self._fingerprint[2] == fingerprint[2]:
+                with self._lock:
+                    if self._fingerprint == judged:
+                        self._fingerprint = fingerprint  # rewritten with the same bytes: nothing to do
+                return False
+            # Maybe half-written (truncate, then write): take it only if it reads the same a moment later.
+            time.sleep(STABLE_DELAY)
+            again = self._stat_and_read()
+            if again is None or again[0] != fingerprint:
+                return False  # still changing; judged at a later check, once it has settled
+            taken = self._take(judged, fingerprint, raw)
+            if taken is not None:
+                return taken
+            # A management write in this worker took a newer file meanwhile: look at the file again.
+
+    def _take(self, judged: tuple | None, fingerprint: tuple, raw: bytes) -> bool | None:
+        """Judge the file's bytes with no lock held, then swap them in under it; None if the file was taken
+        meanwhile (by a management write: the running config is no longer the one judged against)."""
+        while True:
+            providers = self.runtime_providers
+            document, settings, problem = self._judge(raw, providers)  # outside the lock: requests go on
+            with self._lock:
+                if self._fingerprint != judged:
+                    return None
+                if self.runtime_providers is not providers:
+                    continue  # the shared provider list changed meanwhile: judge again over the new one
+                self._fingerprint = fingerprint  # judged now, whatever the verdict: each version is logged once
+                if problem is None:  # against the config running now (cheap, so under the lock)
+                    problem = reload_refusal(self.runtime.settings, settings)
+                    exposed = published_key_refusal(settings, self.environ.get(EXPOSED_ENV, ""))
+                    problem = problem or (exposed and f"cannot be taken: {exposed} (RELOAD REFUSED)")
+                if problem is not None:
+                    log.error("settings file %s changed but %s; keeping the running config",
+                              self.path, bounded(problem))
+                    self.reload_error = (time.time(), bounded(problem))
+                    return False
+                self.file_document = document
+                self._install(settings, layer(document, providers), fingerprint)
+                return True
+
+    def _judge(self, raw: bytes, providers: list | None) -> tuple[Any, Settings | None, str | None]:
+        """The file's bytes parsed and validated (over the shared providers): document, settings, problem."""
         try:
             if not raw.strip():
                 raise SettingsError(["(top level): the file is empty"])
             document = yaml.safe_load(raw)
-            settings = build_settings(layer(document, self.runtime_providers), self.environ)
+            return document, build_settings(layer(document, providers), self.environ), None
         except yaml.YAMLError as exc:
-            problem = "is not valid YAML: " + yaml_problem(exc)
+            return None, None, "is not valid YAML: " + yaml_problem(exc)
         except SettingsError as exc:
-            problem = "does not validate: " + "; ".join(exc.problems)
-        else:
-            problem = reload_refusal(self.runtime.settings, settings)
-            exposed = published_key_refusal(settings, self.environ.get(EXPOSED_ENV, ""))
-            problem = problem or (exposed and f"cannot be taken: {exposed} (RELOAD REFUSED)")
-        if problem is not None:
-            log.error("settings file %s changed but %s; keeping the running config",
-                      self.path, bounded(problem))
-            self.reload_error = (time.time(), bounded(problem))
-            return False
-        self.file_document = document
-        self.install(settings, layer(document, self.runtime_providers), fingerprint)
-        return True
+            return None, None, "does not validate: " + "; ".join(exc.problems)
 
     def _stat_and_read(self) -> tuple[tuple, bytes] | None:
         """The file's fingerprint (mtime, size, sha256) and bytes, or None when it cannot be read.
 
         When only the stamp is needed to see that nothing changed, the file is
-        not read at all (the common case, once a second).
+        not read at all (the common case, every ``POLL_INTERVAL``).
         """
         try:
             stat = os.stat(self.path)
@@ -187,16 +216,22 @@ class ConfigHolder:
 
     def apply_runtime_providers(self, version: int, providers: list | None) -> None:
         """A new shared provider list (or none): layer it over the file and install it if it validates."""
-        with self._lock:
-            document = layer(self.file_document, providers)
-            try:
-                settings = build_settings(document, self.environ)
-            except SettingsError as exc:
-                log.error("shared providers version %d does not validate here; keeping the running config: %s",
-                          version, bounded("; ".join(exc.problems)))
-                return
-            self.runtime_providers = providers
-            self.install(settings, document)
+        with self._applying:
+            while True:
+                file_document = self.file_document
+                document = layer(file_document, providers)
+                try:
+                    settings = build_settings(document, self.environ)  # outside the lock: requests go on
+                except SettingsError as exc:
+                    log.error("shared providers version %d does not validate here; keeping the running config: %s",
+                              version, bounded("; ".join(exc.problems)))
+                    return
+                with self._lock:
+                    if self.file_document is not file_document:
+                        continue  # the file was taken meanwhile: validate again over it
+                    self.runtime_providers = providers
+                    self._install(settings, document)
+                    return
 
     def install(self, settings: Settings, document: Any, fingerprint: tuple | None = None) -> None:
         """Swap in a validated config and log what changed.
@@ -205,6 +240,12 @@ class ConfigHolder:
         check, or a writer that just wrote it, so the next check does not load
         the same content again): that version becomes the last good copy.
         """
+        with self._lock:
+            if fingerprint is not None and fingerprint == self._fingerprint:
+                return  # a check took this very file meanwhile
+            self._install(settings, document, fingerprint)
+
+    def _install(self, settings: Settings, document: Any, fingerprint: tuple | None = None) -> None:
         old = self.runtime.settings
         changes = describe_changes(old, settings)
         # The store and the shared state were opened at start: the running ones stay in force (and /config
@@ -343,3 +384,6 @@ def _router(settings: Settings) -> Router:
 
 def _numbers(provider) -> str:
     return ", ".join(f"#{n}" for n in sorted(provider.replicas_off)) or "none"
+
+
+CHECKS = Ticker("streamfold-config", POLL_INTERVAL, ConfigHolder.check_file)
