@@ -38,6 +38,7 @@ LOOP_MESSAGE = ("This request has already passed through this proxy (its Streamf
                 "provider's base-url points back at the proxy itself. Point it at the model server instead.")
 
 _secret: bytes | None = None
+_own_id: str | None = None  # derived once: the secret never changes after it is read
 _lock = threading.Lock()
 
 
@@ -62,7 +63,11 @@ def _derived(purpose: bytes) -> str:
 
 def own_id() -> str:
     """This instance's hop id (public: upstreams see it; it proves nothing, it only marks)."""
-    return "sf-" + _derived(b"hop")[:16]
+    global _own_id
+    found = _own_id
+    if found is None:
+        found = _own_id = "sf-" + _derived(b"hop")[:16]
+    return found
 
 
 def forward(incoming: str | None) -> str:
