@@ -199,7 +199,7 @@ def _attempt(settings: Settings, sessions: upstream.Sessions, keys: KeyPool,
         raise
     finally:
         call.log["upstream_ms"] = round((time.perf_counter() - started) * 1000, 1)
-    metrics.UPSTREAM_TTFB.labels(provider.name).observe(time.perf_counter() - started)
+    metrics.child(metrics.UPSTREAM_TTFB, provider.name).observe(time.perf_counter() - started)
     keys.connected(target.replica_name)
     status = response.status
     if status < 200 or 300 <= status < 400:
@@ -230,7 +230,7 @@ def _attempt(settings: Settings, sessions: upstream.Sessions, keys: KeyPool,
         raise
     call.log["started"] = started
     if outcome.stream is None:
-        metrics.UPSTREAM_SECONDS.labels(provider.name).observe(time.perf_counter() - started)
+        metrics.child(metrics.UPSTREAM_SECONDS, provider.name).observe(time.perf_counter() - started)
     return outcome
 
 
@@ -257,7 +257,7 @@ def _success(settings: Settings, response: HTTPResponse, call: Call, fold: Calla
         except ProxyError as exc:
             metrics.FOLDS.labels(provider, metrics.reason(exc.code or exc.status)).inc()
             raise
-        metrics.FOLDS.labels(provider, "ok").inc()
+        metrics.child(metrics.FOLDS, provider, "ok").inc()
         return Outcome(200, "application/json", body)
     with closing(response):
         body = upstream.read_body(response, first, settings.max_aggregate_bytes)

@@ -67,10 +67,23 @@ def reason(code: object) -> str:
     return text if text in REASONS or text in _STATUSES else "other"
 
 
+_children: dict[tuple, object] = {}
+
+
+def child(metric, *labels: str):
+    """``metric.labels(*labels)``, looked up once per label set: ``labels()`` takes a lock and checks its
+    arguments on every call. As many entries as the metric has series (bounded by the labels' design)."""
+    key = (metric, *labels)
+    found = _children.get(key)
+    if found is None:
+        found = _children[key] = metric.labels(*labels)
+    return found
+
+
 def count_tokens(client: str, usage: tuple[int, int] | None) -> None:
     if usage is not None:
-        TOKENS.labels(client, "prompt").inc(usage[0])
-        TOKENS.labels(client, "completion").inc(usage[1])
+        child(TOKENS, client, "prompt").inc(usage[0])
+        child(TOKENS, client, "completion").inc(usage[1])
 
 
 def registry() -> CollectorRegistry:

@@ -299,7 +299,7 @@ def end_logger(fields: dict):
         if fields.get("deferred"):
             started = fields.get("started")
             if started is not None and fields.get("provider"):
-                metrics.UPSTREAM_SECONDS.labels(fields["provider"]).observe(time.perf_counter() - started)
+                metrics.child(metrics.UPSTREAM_SECONDS, fields["provider"]).observe(time.perf_counter() - started)
             write_access_log(fields)
     return on_end
 
@@ -313,8 +313,9 @@ def write_access_log(fields: dict) -> None:
     if settle is not None:
         settle.answer_over()
     provider = fields.get("provider", "-")
-    metrics.REQUESTS.labels(fields.get("rule", "unmatched"), fields.get("model_label", "-") if provider != "-" else "-",
-                            provider, str(fields.get("status", "-"))).inc()
+    metrics.child(metrics.REQUESTS, fields.get("rule", "unmatched"),
+                  fields.get("model_label", "-") if provider != "-" else "-", provider,
+                  str(fields.get("status", "-"))).inc()
     access_log.info(
         "request_id=%s route=%s model=%s provider=%s status=%s upstream_ms=%s forced_stream=%s "
         "folded=%s attempts=%s keys=%s client=%s result=%s",
