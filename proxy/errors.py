@@ -67,6 +67,20 @@ class NotFound(ProxyError):
     code = "not_found"
 
 
+class InvalidSettings(BadRequest):
+    """A management change that does not validate: each problem named by its key path (also in ``problems``)."""
+
+    code = "invalid_settings"
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("the change does not validate: " + "; ".join(problems))
+        self.problems = problems
+
+    def body(self) -> bytes:
+        return orjson.dumps({"error": {"message": self.message, "type": self.type, "param": self.param,
+                                       "code": self.code, "problems": self.problems}})
+
+
 class ModelNotFound(ProxyError):
     status = 404
     type = "invalid_request_error"

@@ -14,7 +14,7 @@ Two things are shared, both layered over what each instance has locally:
 * **Failed management secrets.** Each is added to an expiring sorted set per
   client address (``streamfold:auth:<address>``, and ``streamfold:auth:*`` for
   all addresses together), so the lockout counts the
-  tries made at every instance (``routes/guard.py``).
+  tries made at every instance (``routes/manage/guard.py``).
 
 Each worker runs one background thread that listens to the channel, polls the
 version once a second in case a message was missed, and on (re)connecting

@@ -186,21 +186,7 @@ def _reason(exc: Exception) -> str:
 def post(sessions: Sessions, provider: Provider, url: str, body: bytes, headers: dict,
          entry: KeyEntry, timeouts: Timeouts) -> HTTPResponse:
     """POST ``body`` and return the response with its body unread."""
-    pool, target, via_http_proxy = sessions.route(provider, url, entry)
-    try:
-        response = pool.urlopen("POST", target, body=body, headers=headers, retries=False, redirect=False,
-                                assert_same_host=not via_http_proxy, preload_content=False,
-                                timeout=urllib3.Timeout(connect=timeouts.connect, read=timeouts.read))
-    except urllib3.exceptions.NewConnectionError as exc:  # a subclass of ConnectTimeoutError in urllib3
-        raise UpstreamUnavailable(f"could not connect to {_where(provider, entry)}: {_reason(exc)}") from None
-    except urllib3.exceptions.ConnectTimeoutError:
-        raise UpstreamTimeout(f"could not connect to {_where(provider, entry)} within timeouts.connect "
-                              f"({timeouts.connect:g} s)") from None
-    except urllib3.exceptions.TimeoutError:
-        raise UpstreamTimeout(f"{_where(provider, entry)} sent no answer within timeouts.read "
-                              f"({timeouts.read:g} s)") from None
-    except (urllib3.exceptions.HTTPError, OSError) as exc:
-        raise UpstreamUnavailable(f"could not reach upstream {provider.name!r}: {type(exc).__name__}") from None
+    response = _open(sessions, provider, "POST", url, body, headers, entry, timeouts)
     coding = response.headers.get("Content-Encoding")
     if coding and not all(c.strip().lower() in DECODABLE for c in coding.split(",")):
         response.close()
@@ -295,3 +281,40 @@ def read_body(response: HTTPResponse, first: bytes, limit: int) -> bytes:
         if size > limit:
             raise UpstreamUnavailable(f"upstream answer exceeds max-aggregate-bytes ({limit} bytes)")
     return b"".join(parts)
+
+
+
+def get(sessions: Sessions, provider: Provider, url: str, headers: dict, entry: KeyEntry, timeouts: Timeouts,
+        limit: int) -> tuple[int, bytes]:
+    """GET ``url`` (no redirects): the status and at most ``limit`` bytes of the body (the rest is not read)."""
+    response = _open(sessions, provider, "GET", url, None, headers, entry, timeouts)
+    parts, size = [], 0
+    try:
+        for data in read_chunks(response):
+            parts.append(data[:limit - size])
+            size += len(parts[-1])
+            if size >= limit:
+                break
+    finally:
+        response.close()
+    return response.status, b"".join(parts)
+
+
+def _open(sessions: Sessions, provider: Provider, method: str, url: str, body: bytes | None, headers: dict,
+          entry: KeyEntry, timeouts: Timeouts) -> HTTPResponse:
+    """Send one request on the pooled connection; its response's body unread. Transport errors become ours."""
+    pool, target, via_http_proxy = sessions.route(provider, url, entry)
+    try:
+        return pool.urlopen(method, target, body=body, headers=headers, retries=False, redirect=False,
+                            assert_same_host=not via_http_proxy, preload_content=False,
+                            timeout=urllib3.Timeout(connect=timeouts.connect, read=timeouts.read))
+    except urllib3.exceptions.NewConnectionError as exc:  # a subclass of ConnectTimeoutError in urllib3
+        raise UpstreamUnavailable(f"could not connect to {_where(provider, entry)}: {_reason(exc)}") from None
+    except urllib3.exceptions.ConnectTimeoutError:
+        raise UpstreamTimeout(f"could not connect to {_where(provider, entry)} within timeouts.connect "
+                              f"({timeouts.connect:g} s)") from None
+    except urllib3.exceptions.TimeoutError:
+        raise UpstreamTimeout(f"{_where(provider, entry)} sent no answer within timeouts.read "
+                              f"({timeouts.read:g} s)") from None
+    except (urllib3.exceptions.HTTPError, OSError) as exc:
+        raise UpstreamUnavailable(f"could not reach upstream {provider.name!r}: {type(exc).__name__}") from None

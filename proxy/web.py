@@ -18,20 +18,9 @@ from .config.live import ConfigHolder
 from .config.load import settings_path
 from .config.model import Settings
 from .errors import SLASHES, BadRequest, ErrorShapes, LoopDetected, ProxyError, request_path
-from .routes import (
-    anthropic,
-    common,
-    demo,
-    fleet_api,
-    keys_api,
-    manage,
-    metrics_api,
-    openai,
-    page,
-    page_api,
-    responses,
-    usage_api,
-)
+from .routes import anthropic, common, demo, metrics_api, openai, page, responses
+from .routes.manage import client_keys, fleet, providers, status, traffic
+from .routes.manage import usage as usage_api
 from .state import open_store
 from .state.identity import Identities
 from .state.limits import Limiter
@@ -80,7 +69,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(openai.bp)
     app.register_blueprint(responses.bp)
     app.register_blueprint(anthropic.bp)
-    for management in (manage, page_api, keys_api, fleet_api, usage_api):  # each behind the management guard
+    for management in (providers, client_keys, status, traffic, fleet, usage_api):  # behind the management guard
         app.register_blueprint(management.bp)
     app.register_blueprint(metrics_api.bp)
     app.register_blueprint(demo.bp)  # answers 404 unless demo-upstream is on (checked per request)

@@ -13,7 +13,7 @@ module-level and function-level imports alike. The rules:
   two modules share is public, in the module that owns it;
 - no module adds routes to another module's Blueprint (``from .manage import bp``): each
   route module defines its blueprint and the app factory registers it in one visible call;
-- a route module (``proxy/routes/*.py``) holds at most ``ROUTE_CODE_LINES`` lines of code
+- a route module (``proxy/routes/**.py``) holds at most ``ROUTE_CODE_LINES`` lines of code
   (not blank, not only a comment, not a docstring).
 
 What breaks a rule today is listed below by name (issue 23: to be removed). A violation
@@ -59,8 +59,6 @@ KNOWN_LONG_ROUTES: dict[str, str] = {
     "proxy.routes.anthropic_stream": "the same; its thread pump is no view at all",
     "proxy.routes.responses": "the bridge interface (translate/responses/bridge.py) and a generic runner",
     "proxy.routes.common": "the request record (its access log and settlement out of routes/)",
-    "proxy.routes.manage": "management changes applied through one module (keys_api.py copies its write)",
-    "proxy.routes.page_api": "the same, and its upstream calls through upstream.py",
 }
 
 
@@ -178,7 +176,7 @@ def test_route_modules_are_short():
     found: dict[str, str] = {}
     lines = {}
     for module, path in MODULES.items():
-        if module.startswith("proxy.routes.") and module.count(".") == 2:
+        if module.startswith("proxy.routes."):  # routes/manage/ and any other route package too
             lines[module] = code_lines(path)
             if lines[module] > ROUTE_CODE_LINES:
                 found[module] = f"{module_path(module)}: {lines[module]} code lines (at most {ROUTE_CODE_LINES})"

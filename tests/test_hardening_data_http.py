@@ -439,3 +439,20 @@ def test_a_management_write_on_top_of_a_refused_file_cannot_turn_auth_off(manage
     answer = management(live, "patch", json={"name": "up", "value": {"force-upstream-stream": True}})
     assert answer.status_code == 400 and "client authentication off" in answer.json()["error"]["message"]
     assert chat(live.url, headers={}).status_code == 401
+
+
+def test_a_client_key_write_on_top_of_a_refused_file_cannot_empty_the_proxy(tmp_path, upstream, serve, caplog):
+    doc = settings_doc(provider(upstream), **{"api-keys": [{"key": CLIENT_KEY, "name": "team"}],
+                                              "remote-management": {"secret-key": SECRET}})
+    path = write_settings(tmp_path / "k.yaml", doc)
+    app = create_app({"PROXY_SETTINGS": str(path), "ENVIRON": {}})
+    live = serve(app)
+    doc["openai-compatibility"] = []
+    write_settings(path, doc)  # a hand edit the reload guard refuses
+    app.extensions["streamfold"].check_file()
+    assert any("would remove every provider" in r.getMessage() for r in caplog.records)
+    answer = requests.patch(live.url + "/v0/management/api-keys", headers=MGMT, timeout=30,
+                            json={"name": "team", "value": {"rpm": 100}})
+    assert answer.status_code == 400 and "would remove every provider" in answer.json()["error"]["message"]
+    assert answer.json()["error"]["code"] == "invalid_settings"
+    assert chat(live.url).status_code == 200  # still routed by the running config

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -213,7 +214,20 @@ def test_test_connection_explains_a_refusal_and_an_unreachable_upstream(pclient,
     assert refused["results"][0]["error"].startswith("upstream answered HTTP 401")
     nothing = page_app(f"http://127.0.0.1:{free_port()}/v1").test_client()  # nobody listens there
     down = nothing.post("/v0/management/test-connection", json={"name": "up"}, headers=MGMT).get_json()
-    assert down["results"][0]["error"] == "could not reach the upstream: ConnectionError"
+    error = down["results"][0]["error"]  # upstream.py's own words: which provider, which host, what the socket said
+    assert error.startswith("could not connect to provider 'up' at 127.0.0.1:") and error.endswith("connection refused")
+
+
+def test_test_connection_reads_at_most_a_mebibyte_of_the_answer(pclient, upstream):
+    # 200 reads of 64 KiB (12.5 MiB): the test stops reading after the first MiB and drops the connection
+    upstream.handler = lambda rec: Reply(events=[b"x" * 65536] * 200, delay=0.01)
+    result = pclient.post("/v0/management/test-connection", json={"name": "up"}, headers=MGMT).get_json()
+    assert result["results"][0]["error"] == "upstream answered HTTP 200 without an OpenAI model list"
+    deadline = time.monotonic() + 30
+    while upstream.requests[-1].disconnected_at is None:
+        assert time.monotonic() < deadline, "the proxy read the whole answer"
+        time.sleep(0.05)
+    assert upstream.requests[-1].events_sent < 200
 
 
 @pytest.mark.parametrize("body,status", [(b"{", 400), (b"[]", 400), (b'{"name": 3}', 400), (b'{"name": "x"}', 404)])

@@ -3,7 +3,7 @@
 The page is a shell: it holds no data and no secret. Its script signs in with
 the management secret (kept in ``sessionStorage``, sent as a Bearer token on
 every ``fetch``) and draws every panel from the management API
-(``manage.py``, ``page_api.py``). No cookie, so no CSRF; the risk left is
+(``routes/manage/``). No cookie, so no CSRF; the risk left is
 script injection, hence a strict Content-Security-Policy (only this origin's
 script and style files, nothing inline), DOM text set with ``textContent``
 only (``static/manage.js``), and no caching.
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, render_template
 
-from .guard import guard
+from .manage.guard import guard
 
 bp = Blueprint("page", __name__, template_folder="../templates", static_folder="../static",
                static_url_path="/manage/static")

@@ -24,9 +24,9 @@ import time
 
 from flask import Blueprint, current_app, g, request
 
-from .. import activity
-from ..errors import Forbidden, ManagementUnauthorized, NotFound, RateLimited
-from ..shared import Shared
+from ... import activity
+from ...errors import Forbidden, ManagementUnauthorized, NotFound, RateLimited
+from ...shared import Shared
 
 LOCKOUT_FAILURES, LOCKOUT_WINDOW, LOCKOUT_SECONDS = 5, 60.0, 60.0
 # Failed secrets from all addresses together within the window: past it every address is locked out
@@ -98,14 +98,14 @@ def guard(require_secret: bool = True) -> None:
     g.log["client"] = "management"
     if holder.path is not None:
         # Another worker may have written the file a moment ago; a management read must not show the
-        # old config (the request path may lag up to a second; management answers never do).
+        # old config (the background check may lag up to a second; management answers never do).
         holder.check_file()
 
 
 def management_blueprint(name: str, import_name: str) -> Blueprint:
     """A Blueprint under ``/v0/management`` whose every view is behind ``guard`` (the secret required).
 
-    Each management module (``manage.py``, ``page_api.py``, ...) makes its own;
+    Each management module (``providers.py``, ``status.py``, ...) makes its own;
     ``web.create_app`` registers each one."""
     bp = Blueprint(name, import_name, url_prefix="/v0/management")
     bp.before_request(_require_secret)

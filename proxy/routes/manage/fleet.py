@@ -1,7 +1,7 @@
 """``GET /v0/management/fleet``: replicas with their live load, and the balancer's decisions, for the page;
 ``PATCH /v0/management/fleet/replica``: disable or enable one replica of a provider's ``base-urls``.
 
-Registered on the management blueprint (secret, loopback rule, lockout).
+Behind the management guard (secret, loopback rule, lockout); changes go through ``proxy/management.py``.
 Numbers are the whole instance's: in-flight counts from the balancer's shared
 table (every worker), decisions from the metrics of every worker (and, with
 Redis, in-flight counts other instances reported); nothing from one worker's
@@ -13,16 +13,15 @@ import time
 
 from flask import Response
 
-from .. import metrics
-from ..config.file import redact_url
-from ..errors import BadRequest, NotFound
-from ..keys import key_id
-from .common import holder
+from ... import management, metrics, report
+from ...config.file import redact_url
+from ...errors import BadRequest, NotFound
+from ...keys import key_id
+from ..common import holder
+from .bodies import json_response, providers_answer, read_body
 from .guard import management_blueprint
-from .manage import json_response, read_body, write_change
-from .page_api import cooldown_ends
 
-bp = management_blueprint("fleet_api", __name__)
+bp = management_blueprint("manage_fleet", __name__)
 
 
 @bp.get("/fleet")
@@ -31,7 +30,7 @@ def fleet() -> Response:
     runtime = config.current()
     balancer = config.balancer
     now = time.time()
-    ends = cooldown_ends(config, now)
+    ends = report.cooldown_ends(config.keys, now)
     remote = balancer.remote.busy if balancer.remote is not None else {}
     replicas = {}
     for provider in runtime.settings.providers:
@@ -81,7 +80,7 @@ def set_replica() -> Response:
         url = item.get("url") if isinstance(item, dict) else item
         urls[index] = {"url": url, "disabled": True} if disabled else url
 
-    return write_change(change)
+    return providers_answer(*management.change_providers(holder(), change))
 
 
 def _samples(name: str):

@@ -1,6 +1,6 @@
 """``GET /v0/management/usage``: recorded usage per day, client, model and provider, as JSON or CSV.
 
-Registered on the management blueprint, so the secret, the loopback rule and
+Behind the management guard, so the secret, the loopback rule and
 the lockout apply. Query: ``from`` / ``to`` (UTC days, ``YYYY-MM-DD``, both
 included, default today), ``group-by`` (``client``, ``model``, ``provider``,
 ``day``, or several joined by commas; default all four: one row per day,
@@ -20,13 +20,13 @@ import re
 import orjson
 from flask import Response, current_app, request
 
-from ..errors import BadRequest, ProxyError
-from ..state import COUNTERS, Store, StoreUnavailable
-from ..state.identity import IDENTITY_HEX, Identities, label
-from ..state.usage import Recorder
+from ...errors import BadRequest, ProxyError
+from ...state import COUNTERS, Store, StoreUnavailable
+from ...state.identity import IDENTITY_HEX, Identities, label
+from ...state.usage import Recorder
 from .guard import management_blueprint
 
-bp = management_blueprint("usage_api", __name__)
+bp = management_blueprint("manage_usage", __name__)
 
 DIMENSIONS = ("day", "client", "model", "provider")
 _IDENTITY = re.compile(f"[0-9a-f]{{{IDENTITY_HEX}}}")
