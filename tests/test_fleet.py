@@ -471,6 +471,39 @@ def test_affinity_holds_across_two_instances_sharing_redis_and_each_goes_on_alon
             instance.stop()
 
 
+def test_the_prefix_index_keys_the_blocks_of_the_prompt_as_the_model_reads_it_whatever_shape_the_history_has():
+    """The block keys are those of the rendered prompt's text cut into blocks, whether a plain history took the
+    fast path or a mixed one was walked message by message, and each block is cut from the parts it spans."""
+    import random
+    import zlib
+
+    from proxy.balance import hints
+
+    rng = random.Random(7)
+    for _ in range(300):
+        messages = []
+        for _ in range(rng.randint(1, 9)):
+            text = "".join(rng.choice("ab\u00e9\U0001F600 \n") for _ in range(rng.choice([0, 1, 7, 50, 300])))
+            kind = rng.random()
+            messages.append({"role": "user", "content": text} if kind < 0.7 else
+                            {"role": "tool", "content": text, "tool_call_id": "c1"} if kind < 0.8 else
+                            {"role": "assistant", "content": None,
+                             "tool_calls": [{"function": {"name": "f", "arguments": text}}]} if kind < 0.9 else
+                            {"role": "user", "content": [{"type": "text", "text": text}]})
+        body = {"messages": messages, **({"system": "sys " * rng.randint(1, 30)} if rng.random() < 0.5 else {})}
+        walked: list[str] = []
+        for field in ("system", "messages"):
+            if body.get(field):
+                hints._text(body[field], walked.append)
+        text, size = "\x1e".join(walked), rng.choice([1, 16, 64])
+        blocks = hints.Blocks(*hints.render(body), size)
+        assert blocks.length == len(text) and blocks.count == len(text) // size
+        wanted = [zlib.crc32(text[i * size:(i + 1) * size].encode("utf-8", "surrogatepass")) | (i + 1) << 32
+                  for i in range(blocks.count)]
+        start = rng.randint(0, blocks.count)
+        assert [blocks.key(i) for i in range(start)] + blocks.keys_from(start) == wanted
+
+
 def test_memory_is_bounded_by_the_settings_with_100k_distinct_sessions():
     from proxy.balance.balancer import Balancer
     from proxy.config.model import Fleet, Model, Provider

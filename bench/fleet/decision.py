@@ -2,12 +2,23 @@
 
     .venv/bin/python bench/fleet/decision.py [--prompt-kb 120] [--seconds 2]
 
-For 4 and 32 replicas, three kinds of request: a Claude Code turn with its
-session header (the affinity path), the same turn without any hint (the
-prompt is rendered and its blocks hashed: the prefix path), and a short
-one-off prompt. The prompt is agent-sized (``--prompt-kb`` of rendered text:
-a system prompt and tool list, then a long history). Prints microseconds per
-request (median of repeated timed loops) and the shared table's size.
+For 4 and 32 replicas, four kinds of request, agent-sized (``--prompt-kb`` of
+rendered text: a system prompt shared by every conversation, then a long
+history of its own):
+
+* a Claude Code turn with its session header (the affinity path: the prompt
+  is never rendered);
+* the next turn of a conversation without any hint, whose last turn the
+  index has seen (the prefix path: rendered, its last blocks looked up, its
+  new tail of about 2 KB entered); 40 conversations take 12 turns each, in turn;
+* the first turn of a conversation without any hint (everything after the
+  shared system prompt is entered into the index);
+* a short one-off prompt.
+
+Prints microseconds per request: the CPU time this thread spent (so the time
+other jobs on a shared machine take from it does not count, but what they do
+to its caches does), median of loops of 50 and, in brackets, the best loop;
+and the shared table's size.
 """
 from __future__ import annotations
 
@@ -48,15 +59,41 @@ def agent_body(kb: int, session: int) -> dict:
             "messages": [{"role": "system", "content": system}, {"role": "user", "content": "task"}, *history]}
 
 
-def timed(step, seconds: float) -> float:
-    """Median microseconds per call over repeated loops lasting ``seconds`` in all."""
+def timed(step, seconds: float) -> tuple[float, float]:
+    """(median, best) CPU microseconds per call over repeated loops of 50 calls lasting ``seconds`` in all."""
     samples, deadline = [], time.perf_counter() + seconds
     while time.perf_counter() < deadline:
-        started = time.perf_counter()
+        started = time.thread_time()
         for _ in range(50):
             step()
-        samples.append((time.perf_counter() - started) / 50 * 1e6)
-    return statistics.median(samples)
+        samples.append((time.thread_time() - started) / 50 * 1e6)
+    return statistics.median(samples), min(samples)
+
+
+def timed_once(step, bodies: list[dict]) -> tuple[float, float]:
+    """(median, best) CPU microseconds per call over loops of 50 calls, each body sent once, in order."""
+    samples = []
+    for start in range(0, len(bodies) - 49, 50):
+        batch = bodies[start:start + 50]
+        started = time.thread_time()
+        for body in batch:
+            step(body)
+        samples.append((time.thread_time() - started) / 50 * 1e6)
+    return statistics.median(samples), min(samples)
+
+
+def next_turns(kb: int, conversations: int, turns: int) -> tuple[list[dict], list[dict]]:
+    """(first turns, then each conversation's next turns in rounds): each turn adds about 2 KB."""
+    firsts = [agent_body(kb, 100 + n) for n in range(conversations)]
+    rounds = []
+    for turn in range(turns):
+        for number, first in enumerate(firsts):
+            tail = []
+            for earlier in range(turn + 1):
+                tail += [{"role": "assistant", "content": f"conversation {number} calls a tool ({earlier})"},
+                         {"role": "user", "content": f"result {number}.{earlier}\n" + "a line of tool output\n" * 90}]
+            rounds.append({**first, "messages": first["messages"] + tail})
+    return firsts, rounds
 
 
 def main() -> None:
@@ -67,14 +104,18 @@ def main() -> None:
     fleet = Fleet()
     keys = KeyPool()
     print(f"routing decision, in process; prompt {args.prompt_kb} KB rendered, block-chars {fleet.block_chars}")
-    print(f"{'replicas':>8} {'with session hint':>18} {'prefix index':>13} {'short one-off':>14}")
+    print("CPU microseconds per request (this thread's CPU time, so other jobs on the machine do not count): "
+          "median loop of 50 (best loop)")
+    print(f"{'replicas':>8}{'with session hint':>22}{'next turn, no hint':>22}{'new conv., no hint':>22}"
+          f"{'short one-off':>22}")
     for count in (4, 32):
         balancer = Balancer(None, fleet)
         targets = replica_set(count)
         hinted = agent_body(args.prompt_kb, 1)
         headers = {"x-claude-code-session-id": "abc"}
-        bare = agent_body(args.prompt_kb, 2)
         short = {"model": "m", "messages": [{"role": "user", "content": "What is 2+2?"}]}
+        firsts, rounds = next_turns(args.prompt_kb, 40, 12)
+        fresh = [agent_body(args.prompt_kb, 1000 + n) for n in range(100)]
 
         def request(body: dict, hint: dict) -> None:
             choice = balancer.route(targets, body, hint, keys, fleet)
@@ -84,11 +125,13 @@ def main() -> None:
             balancer.end(target, column)
 
         request(hinted, headers)
-        request(bare, {})
+        for body in firsts:
+            request(body, {})
         results = [timed(lambda: request(hinted, headers), args.seconds),
-                   timed(lambda: request(bare, {}), args.seconds),
+                   timed_once(lambda body: request(body, {}), rounds),
+                   timed_once(lambda body: request(body, {}), fresh),
                    timed(lambda: request(short, {}), args.seconds)]
-        print(f"{count:>8} {results[0]:>16.1f}us {results[1]:>11.1f}us {results[2]:>12.1f}us")
+        print(f"{count:>8}" + "".join(f"{median:>14.1f} ({best:>5.1f})" for median, best in results))
     print(f"shared table: {balancer.table.size / 1e6:.1f} MB for max-sessions {fleet.max_sessions}, "
           f"max-prefix-blocks {fleet.max_prefix_blocks}")
 

@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     from ..routing import Target
 
 BRANCHES = 0xFF << 56  # a prefix entry's top byte: how many different blocks came after it (saturating)
+BRANCH = 1 << 56
 REASONS = ("round-robin", "least-busy", "affinity", "prefix", "imbalance", "failover")
 
 
@@ -61,9 +62,10 @@ class Choice:
     session: int = 0                       # session hash (0: no hint)
     session_replica: int = 0               # the replica hash the session was on before this request
     claimed: int = 0                       # the replica hash Redis holds for the session after this request
-    blocks: list[int] = field(default_factory=list)  # the prompt's block hashes (cache-aware)
+    blocks: hints.Blocks | None = None     # the prompt's blocks, keyed as they are looked at (cache-aware)
     matched: int = 0                       # leading blocks the index held, and for which replicas
     mask: int = 0
+    stale: list[int] = field(default_factory=list)  # keys of held blocks the search saw not used for a while
 
 
 class Balancer:
@@ -78,15 +80,22 @@ class Balancer:
         self._counters: dict[tuple[str, str, str], Any] = {}
 
     # -- in flight --------------------------------------------------------------
-    def loads(self, targets: tuple) -> list[int]:
-        """Requests in flight to each target's replica: this instance's workers, plus other instances'."""
-        known = getattr(targets, "columns", None)  # a router's replica set keeps its names and columns
+    def _known(self, targets: tuple) -> tuple:
+        """(table, replica names, their columns, their bits in a prefix entry, those bits together), looked
+        up once per replica set (a router's replica set keeps them)."""
+        known = getattr(targets, "columns", None)
         if known is None or known[0] is not self.table:
             names = [t.replica_name for t in targets]
-            known = (self.table, names, [self.table.column(name) for name in names])
+            columns = [self.table.column(name) for name in names]
+            bits = [column % 56 for column in columns]
+            known = (self.table, names, columns, bits, sum({1 << bit for bit in bits}))
             if isinstance(targets, Replicas):
                 targets.columns = known
-        _, names, columns = known
+        return known
+
+    def loads(self, targets: tuple) -> list[int]:
+        """Requests in flight to each target's replica: this instance's workers, plus other instances'."""
+        _, names, columns, _, _ = self._known(targets)
         found = self.table.busy(columns)
         remote = self.remote
         if remote is not None and remote.busy:
@@ -161,15 +170,15 @@ class Balancer:
                 else:
                     choice.reason = "failover"  # its replica is resting or gone: the next best takes it
         else:
-            data = hints.render(body)
-            choice.blocks = blocks = hints.block_hashes(data, fleet.block_chars)
-            if blocks:
-                choice.matched, choice.mask = matched, mask = self._longest(blocks, targets)
+            choice.blocks = blocks = hints.Blocks(*hints.render(body), fleet.block_chars)
+            if blocks.count:
+                _, _, _, bits, wanted = self._known(targets)
+                choice.matched, choice.mask = matched, mask = self._longest(blocks, wanted, choice.stale)
                 # a match that ends where many prompts branched off is a shared prefix (a system prompt
                 # and tools), not this conversation: it does not pin the request to the replicas holding it
                 if (matched and mask >> 56 < 2
-                        and matched * fleet.block_chars >= fleet.cache_threshold * len(data)):
-                    holders = [i for i in order if not resting[i] and mask >> self._bit(targets[i]) & 1]
+                        and matched * fleet.block_chars >= fleet.cache_threshold * blocks.length):
+                    holders = [i for i in order if not resting[i] and mask >> bits[i] & 1]
                     if holders:
                         chosen, choice.reason = holders[0], "prefix"
         if chosen >= 0 and choice.reason in ("affinity", "prefix"):
@@ -183,24 +192,31 @@ class Balancer:
         self._count(targets, choice)
         return choice
 
-    def _longest(self, blocks: list[int], targets: tuple) -> tuple[int, int]:
-        """(number of leading blocks some replica of the set holds, bit mask of those replicas).
+    def _longest(self, blocks: hints.Blocks, wanted: int, stale: list[int]) -> tuple[int, int]:
+        """(number of leading blocks some replica of the set (``wanted``: their bits) holds, bit mask of those
+        replicas).
 
-        A block hash chains all blocks before it, so "replica r holds block i"
-        implies it holds every earlier block: a binary search finds the end.
+        A replica sent block i of a prompt was sent every block before it, so
+        the end of the run is searched for, keying only the blocks probed:
+        first back from the end in growing steps (a conversation's next turn
+        is its last turn plus a tail of a block or two, so a couple of probes
+        find it), then by bisection (about twice log2 of the blocks at most).
+        Held blocks found not used for a while go into ``stale``, to be touched
+        once a replica takes the request.
         """
-        wanted = 0
-        for target in targets:
-            wanted |= 1 << self._bit(target)
-        get = self.table.get
-        low, high, mask = 0, len(blocks), 0
+        probe = self.table.probe
+        key = blocks.key
+        low, high, mask, step = 0, blocks.count, 0, 1  # the run is at least low and at most high blocks long
         while low < high:
-            middle = (low + high + 1) // 2
-            found = get(False, blocks[middle - 1])
+            length = max(1, high + 1 - step) if step else (low + high + 1) // 2
+            block = key(length - 1)
+            found, old = probe(block)
             if found & wanted:
-                low, mask = middle, found
+                low, mask, step = length, found, 0  # found from the end: bisect from here on
+                if old:
+                    stale.append(block)
             else:
-                high = middle - 1
+                high, step = length - 1, step * 2
         return low, mask & (wanted | BRANCHES)
 
     def served(self, choice: Choice, target: Target, fleet: Fleet) -> None:
@@ -213,19 +229,21 @@ class Balancer:
             if self.remote is not None and replica not in (choice.session_replica, choice.claimed):
                 self.remote.move(choice.session, replica, fleet.session_ttl)  # it moved (or Redis said nothing)
         blocks = choice.blocks
-        if blocks:
+        if blocks is not None and blocks.count:
             bit = 1 << self._bit(target)
-            put = self.table.put
-            # The blocks this replica already held are only touched (every 8th, for the LRU); the rest are
-            # entered, and the block before the first new one counts one more branch after it.
+            put, key = self.table.put, blocks.key
+            # The blocks this replica already held are only touched (those the search found stale, for the
+            # LRU); the rest are entered. An entry counts the different blocks seen after it (its top byte): a
+            # new block counts one more after the block before it, which a block entered here starts with.
             start = choice.matched if choice.mask & bit else 0
-            for index in range(0, start, 8):
-                put(False, blocks[index], bit, merge=True)
-            previous = blocks[start - 1] if start else 0
-            for block in blocks[start:]:
-                if put(False, block, bit, merge=True) and previous:
+            for block in choice.stale if start else ():
+                put(False, block, bit, merge=True)
+            previous, entered, last = key(start - 1) if start else 0, False, blocks.count - 1
+            for index, block in enumerate(blocks.keys_from(start), start):
+                new = put(False, block, bit, merge=True, first=BRANCH if index < last else 0)
+                if new and previous and not entered:
                     put(False, previous, bit, merge=True, bump=1)
-                previous = block
+                previous, entered = block, new
 
     def forget_session(self, choice: Choice) -> None:
         if choice.session:

@@ -232,22 +232,35 @@ class Table:
                 return bucket[WAYS + way]
         return 0
 
-    def put(self, sessions: bool, key: int, value: int, merge: bool = False, bump: int = 0) -> bool:
-        """Store ``value`` (or OR it into the one there, with ``merge``, and add ``bump``), evicting the
-        bucket's oldest entry; True when ``key`` was not there before."""
+    def probe(self, key: int) -> tuple[int, bool]:
+        """A prefix block's value (0: none), and whether its last use is older than ``FRESH`` (worth a touch)."""
+        bucket = _BUCKET.unpack_from(self.buffer, self.blocks_at + (key % self.block_buckets) * _BUCKET.size)
+        try:
+            way = bucket.index(key, 0, WAYS)
+        except ValueError:
+            return 0, False
+        return bucket[WAYS + way], bucket[2 * WAYS + way] < time.time() - FRESH
+
+    def put(self, sessions: bool, key: int, value: int, merge: bool = False, bump: int = 0, first: int = 0) -> bool:
+        """Store ``value`` (or OR it into the one there, with ``merge``, and add ``bump``; a new entry gets
+        ``first`` added), evicting the bucket's oldest entry; True when ``key`` was not there before."""
         offset, bucket = self._find(*self._where(sessions), key)
         now = time.time()
-        way = next((w for w in range(WAYS) if bucket[w] == key), None)
-        new = way is None
-        if new:
-            way = min(range(WAYS), key=lambda w: bucket[2 * WAYS + w])
-        elif merge:
-            old = bucket[WAYS + way]
-            if not bump and old & value == value and bucket[2 * WAYS + way] > now - FRESH:
-                return False  # already there and fresh: skip the write
-            value |= old
-            if bump and (old >> 56) < 255:
-                value += bump << 56
+        try:
+            way = bucket.index(key, 0, WAYS)
+        except ValueError:
+            times = bucket[2 * WAYS:]
+            way, new = times.index(min(times)), True
+            value += first
+        else:
+            new = False
+            if merge:
+                old = bucket[WAYS + way]
+                if not bump and old & value == value and bucket[2 * WAYS + way] > now - FRESH:
+                    return False  # already there and fresh: skip the write
+                value |= old
+                if bump and (old >> 56) < 255:
+                    value += bump << 56
         struct.pack_into("Q", self.buffer, offset + 8 * way, key)
         struct.pack_into("Q", self.buffer, offset + 8 * (WAYS + way), value)
         struct.pack_into("d", self.buffer, offset + 8 * (2 * WAYS + way), now)
