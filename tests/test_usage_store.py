@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-from proxy.state import StoreUnavailable, open_store
+from proxy.state import Store, StoreUnavailable, open_store
+from proxy.state.memory import MemoryStore
 from proxy.state.redis_store import RedisStore
 from proxy.state.sqlite import SQLiteStore
 from tests.conftest import make_app, provider, settings_doc, state_path
@@ -25,12 +26,26 @@ def redis_server():
     server.stop()
 
 
+def opened(kind: str, request) -> Store:
+    if kind == "memory":
+        return MemoryStore()
+    if kind == "sqlite":
+        return SQLiteStore(state_path())
+    return RedisStore(request.getfixturevalue("redis_server").url)
+
+
 @pytest.fixture(params=["sqlite", "redis"])
 def store(request):
-    if request.param == "sqlite":
-        made = SQLiteStore(state_path())
-    else:
-        made = RedisStore(request.getfixturevalue("redis_server").url)
+    made = opened(request.param, request)
+    yield made
+    made.close()
+
+
+@pytest.fixture(params=["sqlite", "redis", "memory"])
+def limit_store(request):
+    """The backends of the limit operations: the two stores, and the memory store the limiter counts in while
+    the store is down (state/memory.py), so all three answer alike."""
+    made = opened(request.param, request)
     yield made
     made.close()
 
@@ -106,8 +121,9 @@ def test_open_store_picks_redis_when_a_redis_url_is_set(redis_server):
     assert isinstance(open_store(settings), RedisStore)
 
 
-def test_admit_is_all_or_nothing_and_settle_gives_back_on_both_backends(store):
-    """The limit operations the limiter builds on: same answers from SQLite and Redis."""
+def test_admit_is_all_or_nothing_and_settle_gives_back_on_every_backend(limit_store):
+    """The limit operations the limiter builds on: same answers from SQLite, Redis and memory."""
+    store = limit_store
     slot = ("conc:t", "token-1", 1)
     assert store.admit([("tpm:t", 10, 0)], slot, [("rpm:t", 2)], 60, 30) is None
     kind, wait = store.admit([], ("conc:t", "token-2", 1), [("rpm:t", 2)], 60, 30)
@@ -123,9 +139,10 @@ def test_admit_is_all_or_nothing_and_settle_gives_back_on_both_backends(store):
     assert store.admit([], ("conc:t", "token-6", 2), [], 60, 30) is None  # token-5 was not left behind
 
 
-def test_a_tpm_reservation_counts_until_settled_and_is_replaced_by_the_real_tokens_on_both_backends(store):
+def test_a_tpm_reservation_counts_until_settled_and_is_replaced_by_the_real_tokens_on_every_backend(limit_store):
     """Requests in flight at once hold their estimate in the tpm window; the end swaps it for the real count,
     and a request refused by another limit leaves no reservation behind."""
+    store = limit_store
     assert store.admit([("tpm:r", 100, 60)], None, [], 60, 30, "n1") is None
     assert store.admit([("tpm:r", 100, 60)], None, [], 60, 30, "n2") is None  # 60 < 100: still under
     kind, _ = store.admit([("tpm:r", 100, 60)], None, [], 60, 30, "n3")

@@ -13,22 +13,22 @@ crosses the budget finishes and the next ones are refused. A concurrency slot is
 ``RENEW_EVERY`` s, so a killed worker's slots free themselves within ``LEASE``.
 
 While the store is down every count falls back to this worker's own memory
-(the store logs that once), so limits still hold, per worker.
+(the store logs that once), so limits still hold, per worker: a
+``MemoryStore`` (``memory.py``) answers the same operations by the same rules.
 """
 from __future__ import annotations
 
 import fnmatch
 import math
 import os
-import threading
 import time
-from collections import deque
 from dataclasses import dataclass
 
 from .. import metrics
 from ..config.model import ClientKey
 from ..errors import ClientRateLimited
 from ..routing import Target, model_not_found, narrowed
+from .memory import MemoryStore
 from .store import Store, StoreUnavailable
 
 WINDOW = 60.0      # seconds: rpm and tpm are per minute
@@ -89,7 +89,7 @@ def unmatched_patterns(keys: tuple[ClientKey, ...], targets: list[Target]) -> li
 class Limiter:
     def __init__(self, store: Store) -> None:
         self.store = store
-        self.local = _LocalCounts()
+        self.local = MemoryStore()  # counts while the store is down: the same operations, per worker
         self._held: dict[str, tuple[str, float]] = {}  # slot token -> (name, since), taken in the store here
         store.on_tick(self._renew)
 
@@ -122,7 +122,7 @@ class Limiter:
                 self._held[ticket.slot] = (slot[0], time.monotonic())
         except StoreUnavailable:
             ticket.local = True
-            refused = self.local.admit(checks, slot, counts)
+            refused = self.local.admit(checks, slot, counts, WINDOW, LEASE, ticket.nonce)
         if refused is not None:
             ticket.slot, ticket.reserved = "", 0
             kind, wait = refused
@@ -151,7 +151,7 @@ class Limiter:
                 return
             except StoreUnavailable:  # taken in the store: the lease and the reservation run out on their own
                 release = unreserve = None
-        self.local.settle(release, record, unreserve)
+        self.local.settle(release, record, WINDOW, unreserve)
 
     def _renew(self) -> None:
         if not self._held or self.store.ticks % RENEW_EVERY:
@@ -175,81 +175,3 @@ class Limiter:
         raise ClientRateLimited(f"Rate limit reached for client key {label!r}: {what}. "
                                 f"Retry after {seconds} s.", headers={"Retry-After": str(seconds)})
 
-
-class _LocalCounts:
-    """Per-worker windows and slots, used only while the store is down (the same rules as the store's)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._windows: dict[str, deque[tuple[float, int]]] = {}
-        self._slots: dict[str, set[str]] = {}
-
-    def take(self, name: str, limit: int, cost: int) -> float:
-        now = time.monotonic()
-        with self._lock:
-            window = self._windows.setdefault(name, deque())
-            while window and window[0][0] <= now - WINDOW:
-                window.popleft()
-            if sum(amount for _, amount in window) < limit:
-                if cost:
-                    window.append((now, cost))
-                return 0.0
-            return max(0.001, window[0][0] + WINDOW - now)
-
-    def unreserve(self, name: str, amount: int) -> None:
-        """Remove one entry of ``amount`` (a reservation; any such entry is as good) from window ``name``."""
-        with self._lock:
-            window = self._windows.get(name)
-            if window:
-                for index, (_, taken) in enumerate(window):
-                    if taken == amount:
-                        del window[index]
-                        return
-
-    def record(self, name: str, amount: int) -> None:
-        with self._lock:
-            self._windows.setdefault(name, deque()).append((time.monotonic(), amount))
-
-    def acquire(self, name: str, token: str, limit: int) -> bool:
-        with self._lock:
-            held = self._slots.setdefault(name, set())
-            if len(held) >= limit:
-                return False
-            held.add(token)
-            return True
-
-    def release(self, name: str, token: str) -> None:
-        with self._lock:
-            self._slots.get(name, set()).discard(token)
-
-    def admit(self, checks, slot, counts) -> tuple[str, float] | None:
-        refused, reserved = None, []
-        for name, limit, cost in checks:
-            wait = self.take(name, limit, cost)
-            if wait:
-                refused = "check", wait
-                break
-            reserved.append((name, cost))
-        if refused is None and slot is not None and not self.acquire(*slot):
-            refused = "slot", 1.0
-        elif refused is None:
-            for name, limit in counts:
-                wait = self.take(name, limit, 1)
-                if wait:
-                    if slot is not None:
-                        self.release(slot[0], slot[1])
-                    refused = "count", wait
-                    break
-        if refused is not None:
-            for name, cost in reserved:
-                if cost:
-                    self.unreserve(name, cost)
-        return refused
-
-    def settle(self, release, record, unreserve=None) -> None:
-        if release is not None:
-            self.release(*release)
-        if unreserve is not None:
-            self.unreserve(*unreserve[:2])
-        if record is not None:
-            self.record(*record)
