@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from http import HTTPStatus
 from typing import Any, Mapping
 
@@ -211,10 +212,27 @@ def _configure_logging() -> None:
         logger = logging.getLogger(name)
         if not logger.handlers and not logging.getLogger().handlers:
             handler = logging.StreamHandler()
-            handler.setFormatter(logging.Formatter("%(asctime)s [%(process)d] %(levelname)s %(name)s %(message)s"))
+            handler.setFormatter(_LineFormatter("%(asctime)s [%(process)d] %(levelname)s %(name)s %(message)s"))
             logger.addHandler(handler)
         if logger.level == logging.NOTSET:
             logger.setLevel(logging.INFO)
+
+
+class _LineFormatter(logging.Formatter):
+    """logging's default line, with the date and time part formatted once a second instead of on every line
+    (each request writes one: the access log)."""
+
+    _cached = (-1, "")  # (second, its text), replaced whole so threads never pair one's second with another's text
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        if datefmt is not None:
+            return super().formatTime(record, datefmt)
+        second, text = self._cached
+        if second != int(record.created):
+            second = int(record.created)
+            text = time.strftime(self.default_time_format, self.converter(second))
+            self._cached = (second, text)
+        return self.default_msec_format % (text, record.msecs)
 
 
 def _warn_about(settings: Settings) -> None:
