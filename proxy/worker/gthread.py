@@ -32,6 +32,7 @@ class _Conn(TConn):
     """A connection whose graceful close lingers in the worker's event loop, not blocking it."""
 
     linger = None  # the worker's StreamfoldWorker._linger
+    watched = False  # registered with the poller while its request is read
 
     def close(self, graceful: bool = False) -> None:
         if graceful and self.linger is not None:
@@ -128,6 +129,7 @@ class StreamfoldWorker(ThreadWorker):
         if conn not in self.reading:
             return  # handed over or closed already
         self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_readable, conn))
+        conn.watched = True
         if len(self.reading) >= self.max_reading:
             self.set_accept_enabled(False)
 
@@ -204,6 +206,10 @@ class StreamfoldWorker(ThreadWorker):
     def _forget(self, conn: TConn) -> None:
         self.inflight -= self.reading[conn].held
         del self.reading[conn]
+        if not conn.watched:
+            return  # most requests: whole in the first read, never registered (a failed unregister formats
+            # the socket's repr for its KeyError, two system calls, on every request)
+        conn.watched = False
         try:
             self.poller.unregister(conn.sock)
         except (KeyError, ValueError, OSError):
@@ -233,12 +239,13 @@ class StreamfoldWorker(ThreadWorker):
 
     def finish_request(self, conn, fs) -> None:
         """As gthread; but a pipelined next request, partly read already, is read on here too."""
-        if (self.buffered and self.alive and not fs.cancelled() and fs.exception() is None
-                and fs.result() is True):
-            leftover = conn.parser.unreader.take_buffered()
-            if leftover:
+        if self.buffered and self.alive:
+            unreader = getattr(conn.parser, "unreader", None)
+            # the future is asked only when bytes are left over (its every question takes its lock)
+            if (unreader is not None and unreader.buf.getbuffer().nbytes and not fs.cancelled()
+                    and fs.exception() is None and fs.result() is True):
                 self.nr_conns -= 1
-                self._read(conn, leftover)
+                self._read(conn, unreader.take_buffered())
                 return
         super().finish_request(conn, fs)
 
