@@ -59,6 +59,7 @@ class StreamfoldWorker(ThreadWorker):
         # whole from its head on), bounded by max-inflight-bytes.
         self.inflight = 0
         self.buffered = not self.cfg.is_ssl and getattr(self.cfg, "http2_cleartext", "off") == "off"
+        self.line_limit = max(self.cfg.limit_request_line, self.cfg.limit_request_field_size) + 2  # not per request
         self.handling = threading.local()  # the path of the request a pool thread parses, for handle_error
 
     def init_process(self) -> None:
@@ -114,9 +115,7 @@ class StreamfoldWorker(ThreadWorker):
 
     def _read(self, conn: TConn, already: bytes) -> None:
         timeout, body_limit, _ = self._limits()
-        cfg = self.cfg
-        reader = RequestReader(body_limit + 1, max(cfg.limit_request_line, cfg.limit_request_field_size) + 2,
-                               wanted=head.HEADERS)
+        reader = RequestReader(body_limit + 1, self.line_limit, wanted=head.HEADERS)
         conn.sock.setblocking(False)
         conn.timeout = time.monotonic() + timeout
         self.reading[conn] = reader
