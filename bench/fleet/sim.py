@@ -249,16 +249,15 @@ def trace(sessions: int, turns: int, seed: int, prefix_tokens: tuple[int, int], 
     return out
 
 
-def working_set_tokens(sessions: list[Session]) -> int:
-    """The distinct prompt tokens live while the sessions run: shared prefixes once, plus each session's
-    context averaged over its turns (a session's context grows from its first prompt to its last)."""
-    seen_prefixes, total = set(), 0
+def working_set_tokens(sessions: list[Session], block_tokens: int) -> int:
+    """The trace's working set: its distinct prompt tokens, counted in cache blocks (every block of every
+    prompt it sends, each once: the shared prefixes once, each session's final context, the one-offs).
+    This is what one replica with an unbounded cache would hold at the end of the run, so "a cache of a
+    third of the working set" means four such replicas together could hold all of it once, but not one
+    replica all of it, nor each of them every session."""
+    probe = Replica(-1, ReplicaParams(block_tokens=block_tokens))
+    seen: set[int] = set()
     for session in sessions:
-        first = session.turns[0].messages
-        system = first[0]["content"] if first and first[0]["role"] == "system" else ""
-        if system not in seen_prefixes:
-            seen_prefixes.add(system)
-            total += len(system) // CHARS_PER_TOKEN
-        own = [len(render(turn.messages)) - len(system) for turn in session.turns]
-        total += sum(own) // len(own) // CHARS_PER_TOKEN
-    return total
+        for turn in session.turns:
+            seen.update(probe.blocks(render(turn.messages)))
+    return len(seen) * block_tokens
