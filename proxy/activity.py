@@ -35,9 +35,12 @@ import logging
 import os
 import threading
 import time
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import orjson
+
+if TYPE_CHECKING:
+    from .models import Record
 
 log = logging.getLogger(__name__)
 SEGMENT_BYTES = 4 * 1024 * 1024
@@ -181,22 +184,21 @@ def recorder() -> Recorder:
     return found
 
 
-def record_request(fields: dict) -> None:
-    """Called with every access-log line's fields (``routes.common.write_access_log``)."""
-    route = fields.get("route") or ""
+def record_request(record: Record) -> None:
+    """Called with every access-log line's record (``Ledger.close``)."""
+    route = record.route
     if route.startswith(OPERATOR_ROUTES):
         return
-    started = fields.get("started")
+    started = record.started
     # Until the answer was complete: the log is written after a fold, and at the end of a stream.
-    ms = round((time.perf_counter() - started) * 1000, 1) if started is not None else fields.get("upstream_ms")
+    ms = round((time.perf_counter() - started) * 1000, 1) if started is not None else record.upstream_ms
     found = recorder()
     found.requests.append({
         # route is the path asked for: bounded, since an unmatched one is anything a client sends
-        "t": round(time.time(), 3), "worker": found.pid, "id": fields.get("request_id"), "route": route[:200],
-        "model": fields.get("model", "-"), "provider": fields.get("provider", "-"),
-        "status": fields.get("status", "-"), "ms": ms, "folded": bool(fields.get("folded")),
-        "forced": bool(fields.get("forced")), "client": fields.get("client", "-"),
-        "result": fields.get("result", "-")})
+        "t": round(time.time(), 3), "worker": found.pid, "id": record.request_id, "route": route[:200],
+        "model": record.model, "provider": record.provider, "status": "-" if record.status is None else record.status,
+        "ms": ms, "folded": record.folded, "forced": record.forced, "client": record.who,
+        "result": "-" if record.result is None else record.result})
 
 
 def record_cooldown(provider: str, key_id: str, seconds: float, reason: str) -> None:

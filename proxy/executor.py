@@ -62,26 +62,25 @@ def execute(settings: Settings, sessions: upstream.Sessions, keys: KeyPool,
 
     With a ``balancer``, the replica set is ordered for this request first, and
     each attempt counts as in flight at its replica until its answer is complete
-    (a stream: until the access log is written, ``release`` in the log fields).
+    (a stream: until the access log is written, ``Record.release``).
     """
     retry = targets[0].provider.request_retry
     budget = 1 + (settings.request_retry if retry < 0 else retry)
-    log = call.log
-    log["attempts"], log["keys"] = 0, []
+    record = call.record
     failure: ProxyError | Outcome | None = None
     choice = None
     if balancer is not None:
         choice = balancer.route(targets, call.body, call.client_headers, keys, settings.fleet)
         targets = choice.targets
     for target, entry in keys.plan(targets):
-        if log["attempts"] >= budget:
+        if record.attempts >= budget:
             break
-        log["attempts"] += 1
-        log["provider"] = target.provider.name
-        log["replica"] = target.replica_name
+        record.attempts += 1
+        record.provider = target.provider.name
+        record.replica = target.replica_name
         # the metrics' model label: the configured alias (a glob stays the glob), never the client's string
-        log["model_label"] = (target.spec.alias or target.spec.name) if target.spec else target.model
-        log["keys"].append(redact(entry.api_key, short=True) or "-")
+        record.model_label = (target.spec.alias or target.spec.name) if target.spec else target.model
+        record.keys.append(redact(entry.api_key, short=True) or "-")
         column = balancer.begin(target) if balancer is not None else -1
         try:
             outcome = _attempt(settings, sessions, keys, target, entry, call)
@@ -109,7 +108,7 @@ def execute(settings: Settings, sessions: upstream.Sessions, keys: KeyPool,
             if outcome.stream is None:
                 balancer.end(target, column)
             else:  # in flight until the stream is over: the access log releases it (or, failing that, GC)
-                log["release"] = release = Release(partial(balancer.end, target, column))
+                record.release = release = Release(partial(balancer.end, target, column))
                 weakref.finalize(outcome.stream, release)
         return outcome
     if failure is None:
@@ -119,7 +118,7 @@ def execute(settings: Settings, sessions: upstream.Sessions, keys: KeyPool,
     if isinstance(failure, ProxyError):
         raise failure
     if failure.status in REFUSED_STATUSES:
-        raise UpstreamUnavailable(f"provider {log['provider']!r} refused its API key "
+        raise UpstreamUnavailable(f"provider {record.provider!r} refused its API key "
                                   f"(upstream HTTP {failure.status}); check api-key-entries",
                                   code="upstream_auth_failed")
     if failure.status == 429 and "Retry-After" not in failure.headers:
@@ -156,7 +155,8 @@ def _attempt(settings: Settings, sessions: upstream.Sessions, keys: KeyPool,
         path, fold, usage_option, body = plan.path, plan.fold, plan.usage_option, plan.body
         client = call.client_headers if plan.headers is None else plan.headers
     forced = fold is not None and not call.client_stream and provider.force_upstream_stream
-    call.log["forced"] = forced
+    record = call.record
+    record.forced = forced
     if forced:
         body["stream"] = True
         if usage_option:
@@ -182,7 +182,7 @@ def _attempt(settings: Settings, sessions: upstream.Sessions, keys: KeyPool,
         headers["Authorization"] = f"Bearer {entry.api_key}"
         if plan is not None and plan.key_header:
             headers[plan.key_header] = entry.api_key
-    call.log["sent"] = body
+    record.sent = body
     try:
         payload = orjson.dumps(body)
     except orjson.JSONEncodeError:
@@ -198,7 +198,7 @@ def _attempt(settings: Settings, sessions: upstream.Sessions, keys: KeyPool,
         keys.connect_failed(target.replica_name)
         raise
     finally:
-        call.log["upstream_ms"] = round((time.perf_counter() - started) * 1000, 1)
+        record.upstream_ms = round((time.perf_counter() - started) * 1000, 1)
     metrics.child(metrics.UPSTREAM_TTFB, provider.name).observe(time.perf_counter() - started)
     keys.connected(target.replica_name)
     status = response.status
@@ -228,9 +228,9 @@ def _attempt(settings: Settings, sessions: upstream.Sessions, keys: KeyPool,
     except BaseException:
         response.close()
         raise
-    call.log["started"] = started
+    record.started = started
     if outcome.stream is None:
-        metrics.child(metrics.UPSTREAM_SECONDS, provider.name).observe(time.perf_counter() - started)
+        record.upstream_seconds = time.perf_counter() - started  # counted when the request is over
     return outcome
 
 
@@ -238,7 +238,7 @@ def _success(settings: Settings, response: HTTPResponse, call: Call, fold: Calla
              forced: bool, check: Callable[[bytes], None] | None) -> Outcome:
     content_type = upstream.header_value(response.headers.get("Content-Type")) or ""
     first = upstream.read_first(response)
-    call.log["received"] = (response, first)  # what an answer without usage is charged by (routes/common.account)
+    call.record.received = (response, first)  # what an answer without usage is charged by (Ledger.settle)
     if not first.strip():
         raise UpstreamUnavailable("upstream answered 200 and closed without sending anything")
     if call.client_stream:
@@ -247,8 +247,8 @@ def _success(settings: Settings, response: HTTPResponse, call: Call, fold: Calla
     is_sse = ("text/event-stream" in content_type or head == b"data:" or head[:1] == b":"
               or (forced and "json" not in content_type))
     if fold is not None and is_sse:
-        call.log["folded"] = True
-        provider = call.log["provider"]
+        call.record.folded = True
+        provider = call.record.provider
         try:
             with closing(response):  # on a failure; a complete answer is finished, its connection kept
                 folded = fold(upstream.read_chunks(response, first), settings.max_aggregate_bytes)

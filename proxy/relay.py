@@ -16,9 +16,9 @@ from flask import Response
 
 from . import metrics, upstream
 from .errors import ProxyError
-from .models import Outcome
 from .fold.usage_strip import UsageStripper
-from .state.usage import StreamUsage, usage_bytes
+from .models import Outcome, Record
+from .state.usage import StreamUsage
 
 log = logging.getLogger(__name__)
 # Sent with every response that is written bit by bit (streams, padded folds).
@@ -26,7 +26,8 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def to_response(outcome: Outcome, on_end: Callable[[int, str, bytes], None]) -> Response:
-    """The client's response; ``on_end(status, result, usage_bytes)`` runs once the body is out or cut."""
+    """The client's response; ``on_end(status, result, usage)`` runs once the body is out or cut (``usage``: a
+    JSON answer's body, to read its token counts from, or a stream's counts)."""
     if outcome.stream is None:
         headers = {"Content-Type": outcome.content_type, **outcome.headers}
         on_end(outcome.status, "complete", outcome.body if outcome.status < 300 else b"")
@@ -62,17 +63,16 @@ def _relay(outcome: Outcome, on_end: Callable[[int, str, bytes], None]):
     finally:
         response.close()
         metrics.ACTIVE_STREAMS.dec()
-        on_end(200, result, usage_bytes(usage.finish()))
+        on_end(200, result, usage.finish())
 
 
 def padded_answer(interval: float, run: Callable[[], Outcome], on_end: Callable[[int, str, bytes], None],
-                  log: dict) -> Response:
+                  record: Record) -> Response:
     """``with_keepalive`` for a route: once padding has committed the 200, the log line waits for the JSON,
     and the request's accounting (its concurrency slot) waits for the fold, even after the client left."""
-    settle = log.get("settle")  # routes/common.Settlement, when the request's usage is accounted
-    response = with_keepalive(interval, run, on_end, None if settle is None else settle.hold())
+    response = with_keepalive(interval, run, on_end, record.hold())
     if response.is_streamed:
-        log["deferred"] = True
+        record.streamed = True
     return response
 
 

@@ -19,7 +19,9 @@ from .config.live import ConfigHolder
 from .config.load import settings_path
 from .config.model import Settings
 from .errors import SLASHES, BadRequest, ErrorShapes, LoopDetected, ProxyError, request_path
-from .routes import anthropic, common, demo, metrics_api, openai, page, responses
+from .ledger import Ledger, logfmt, loggable
+from .models import Record
+from .routes import anthropic, demo, metrics_api, openai, page, responses
 from .routes.manage import client_keys, fleet, providers, status, traffic
 from .routes.manage import usage as usage_api
 from .state import open_store
@@ -62,8 +64,9 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     # or redis-url needs a restart.
     store = app.extensions["streamfold.state"] = open_store(settings)
     identities = app.extensions["streamfold.identity"] = Identities(store)  # who each client key is
-    app.extensions["streamfold.usage"] = Recorder(store, identities.settled)
-    app.extensions["streamfold.limits"] = Limiter(store)
+    recorder = app.extensions["streamfold.usage"] = Recorder(store, identities.settled)
+    limiter = app.extensions["streamfold.limits"] = Limiter(store)
+    app.extensions["streamfold.ledger"] = Ledger(recorder, limiter)  # what every request's end does
     _warn_about(settings)
     log.info("streamfold ready: %d providers, settings %s", len(settings.providers), path or "(in memory)")
 
@@ -145,27 +148,30 @@ class DevRequestHandler(WSGIRequestHandler):
 def _start_request() -> None:
     given = request.headers.get("X-Request-Id", "")
     # echoed and logged: accept a sane id only, else make one
-    g.request_id = given if 0 < len(given) <= 128 and given.isprintable() else os.urandom(12).hex()
+    request_id = given if 0 < len(given) <= 128 and given.isprintable() else os.urandom(12).hex()
     rule = request.url_rule
-    g.log = {"request_id": g.request_id, "route": request.path, "rule": rule.rule if rule else "unmatched"}
+    g.record = g.log = Record(request_id, request.path, rule.rule if rule else "unmatched",
+                              current_app.extensions["streamfold.ledger"])
+    g.request_id = request_id  # issue 23: read by the bridged routes until they move to the runner
     if hop.ENVIRON_KEY in request.environ and request.blueprint != "demo" \
             and hop.looped(request.environ[hop.ENVIRON_KEY]):
         raise LoopDetected(hop.LOOP_MESSAGE)
 
 
 def _finish_request(response: Response) -> Response:
-    response.headers["X-Request-Id"] = g.request_id
-    fields = g.log
-    fields.setdefault("status", response.status_code)
-    if not fields.get("deferred") and not fields.get("demo_hop"):
-        common.write_access_log(fields)
+    record: Record = g.record
+    response.headers["X-Request-Id"] = record.request_id
+    if record.status is None:
+        record.status = response.status_code
+    if not record.streamed and not record.quiet:
+        record.finish()  # a streamed body finishes it when it ends
     return response
 
 
 def _render_proxy_error(exc: ProxyError) -> Response:
     """A ProxyError no blueprint rendered (one raised before routing found a view): the route family's shape."""
-    g.log["status"] = exc.status
-    g.log["result"] = exc.code or exc.type
+    g.record.status = exc.status
+    g.record.result = exc.code or exc.type
     return _error(exc, exc.headers)
 
 
@@ -178,9 +184,9 @@ def _error(error: ProxyError, headers: dict | None = None) -> Response:
 
 def _render_http_error(exc: HTTPException) -> Response:
     status = exc.code or 500
-    if status == 405 and request.path.startswith("/demo") and not g.log.get("demo_hop") and not demo.is_open():
+    if status == 405 and request.path.startswith("/demo") and not g.record.quiet and not demo.is_open():
         # a method no demo route lists (TRACE, PROPFIND): while the demo does not answer, /demo is unknown
-        g.log["rule"] = "unmatched"
+        g.record.rule = "unmatched"
         status, exc = 404, NotFound()
     path = request.path
     messages = {404: f"Unknown request URL: {request.method} {path}.",
@@ -199,10 +205,10 @@ def _render_unexpected(exc: Exception) -> Response:
     if isinstance(exc, ConnectionError) or type(exc).__module__.startswith("gunicorn.http"):
         # The client's request broke while the view read it (it hung up, ran
         # out of client-timeout, or sent a malformed chunked body): its fault.
-        log.info("request body not read: %s in %s", type(exc).__name__, common.loggable(request.path))
+        log.info("request body not read: %s in %s", type(exc).__name__, loggable(request.path))
         return _error(BadRequest("The request body could not be read.", code="invalid_request_body"))
     # Log the type and where, never the request body (it holds message content).
-    log.error("unhandled %s in %s", type(exc).__name__, common.logfmt(request.path), exc_info=exc)
+    log.error("unhandled %s in %s", type(exc).__name__, logfmt(request.path), exc_info=exc)
     return _error(ProxyError("The proxy hit an internal error; see its log for details."))
 
 

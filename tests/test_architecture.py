@@ -58,7 +58,6 @@ KNOWN_LONG_ROUTES: dict[str, str] = {
     "proxy.routes.anthropic": "the bridge interface (translate/anthropic/bridge.py) and a generic runner",
     "proxy.routes.anthropic_stream": "the same; its thread pump is no view at all",
     "proxy.routes.responses": "the bridge interface (translate/responses/bridge.py) and a generic runner",
-    "proxy.routes.common": "the request record (its access log and settlement out of routes/)",
 }
 
 

@@ -18,6 +18,7 @@ import requests
 
 from tests.conftest import AUTH, CHAT, CLIENT_KEY, make_app, provider, settings_doc
 from tests.forward_proxy import ForwardProxy, Socks5Proxy
+from tests.test_routes import metric_value
 from tests.upstream import Reply, completion, free_port, sse, text_chunks
 
 KEYS = ["sk-key-one-1111", "sk-key-two-2222", "sk-key-three-3333"]
@@ -246,6 +247,22 @@ def test_keepalive_pads_a_long_fold_and_the_sdk_parses_it(upstream, serve):
     sdk = openai.OpenAI(base_url=live.url + "/v1", api_key=CLIENT_KEY, max_retries=0)
     result = sdk.chat.completions.create(model="m", messages=CHAT["messages"])
     assert result.choices[0].message.content == "slow but sure"
+
+
+def test_keepalive_padded_fold_counts_its_upstream_time_once(upstream, serve):
+    upstream.handler = slow_fold_reply
+    app = make_app(settings_doc(provider(upstream, **{"force-upstream-stream": True}),
+                                **{"nonstream-keepalive-interval": 0.2}))
+    live = serve(app)
+
+    def count() -> float:
+        text = requests.get(live.url + "/metrics", timeout=10).text
+        return metric_value(text, "streamfold_upstream_seconds_count", provider="up")
+
+    before = count()
+    raw = requests.post(live.url + "/v1/chat/completions", json=CHAT, headers=AUTH, timeout=10)
+    assert raw.content.startswith(b"\n") and json.loads(raw.content)["choices"][0]["message"]["content"]
+    assert count() - before == 1  # one request, one sample (it was counted by the fold and again by the padding)
 
 
 def test_keepalive_error_after_commit_is_an_openai_error_body(upstream, serve):

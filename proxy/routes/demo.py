@@ -57,9 +57,9 @@ def is_open() -> bool:
 def _open_for(*methods: str) -> None:
     """404 unless the demo answers this request (``is_open``); then 405 for other methods."""
     if not is_open():
-        g.log["rule"] = "unmatched"  # logged and counted exactly like an unknown URL
+        g.record.rule = "unmatched"  # logged and counted exactly like an unknown URL
         raise NotFound()
-    g.log["demo_hop"] = True  # the client's request that came here through the demo provider is logged
+    g.record.quiet = True  # the client's request that came here through the demo provider is logged
     if request.method not in methods:
         raise MethodNotAllowed(valid_methods=list(methods))
 

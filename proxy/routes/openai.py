@@ -34,7 +34,7 @@ def healthz() -> Response:
 def models() -> Response:
     runtime = holder().current()
     authenticate(runtime, account=False)
-    key = g.client.key
+    key = g.record.client.key
     # exactly what the key may call: names whose served targets its allow-list admits
     listing = runtime.router.listing(partial(allowed_targets, key) if key is not None and key.models else None)
     body = {"object": "list", "data": listing}
@@ -103,16 +103,17 @@ def proxy_request(route: Route) -> Response:
         body.pop("stream", None)
     stream = stream_flag(body)
     fold = route.fold
-    call = Call(route.path, body, stream, g.request_id, client_headers(request.environ), fold,
-                route.usage_option, g.log, check=route.check)
+    record = g.record
+    call = Call(route.path, body, stream, record.request_id, client_headers(request.environ), fold,
+                route.usage_option, record, check=route.check)
 
     def run():
         return execute(settings, config.sessions, config.keys, targets, call, config.balancer)
 
-    on_end = end_logger(g.log)
+    on_end = end_logger(record)
     if not stream and fold is not None and settings.nonstream_keepalive_interval > 0:
-        return padded_answer(settings.nonstream_keepalive_interval, run, on_end, g.log)
+        return padded_answer(settings.nonstream_keepalive_interval, run, on_end, record)
     outcome = run()
     if outcome.stream is not None:
-        g.log["deferred"] = True  # logged when the stream ends
+        record.streamed = True  # logged when the stream ends
     return to_response(outcome, on_end)

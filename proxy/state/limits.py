@@ -39,7 +39,7 @@ MAX_HOLD = 6 * 3600.0  # a slot still held after this long is a leak, not a stre
 
 @dataclass(slots=True)
 class Ticket:
-    """What an admitted request holds until its answer has gone out (no key material: it sits in g.log)."""
+    """What an admitted request holds until its answer has gone out (``Record.ticket``; no key material)."""
 
     name: str             # the client key's identity (limits are kept per identity, never per label)
     tpm: int = 0

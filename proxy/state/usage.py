@@ -56,15 +56,6 @@ def usage_counts(data: bytes) -> Tokens | None:
     return found
 
 
-def usage_bytes(tokens: Tokens | None) -> bytes:
-    """``tokens`` as a JSON ``usage`` answer that ``usage_counts`` reads back (b"" for None)."""
-    if tokens is None:
-        return b""
-    return orjson.dumps({"usage": {"prompt_tokens": tokens[0], "completion_tokens": tokens[1],
-                                   "prompt_tokens_details": {"cached_tokens": tokens[2]},
-                                   "completion_tokens_details": {"reasoning_tokens": tokens[3]}}})
-
-
 class StreamUsage:
     """The token counts of an SSE stream fed read by read (``usage_counts`` over its whole events).
 

@@ -95,7 +95,7 @@ def guard(require_secret: bool = True) -> None:
     if not given or not hmac.compare_digest(given.encode(), management.secret_key.encode()):
         lockout.failed(address, holder.shared)
         raise ManagementUnauthorized("missing or wrong management key")
-    g.log["client"] = "management"
+    g.record.who = "management"
     if holder.path is not None:
         # Another worker may have written the file a moment ago; a management read must not show the
         # old config (the background check may lag up to a second; management answers never do).
