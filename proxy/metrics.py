@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import os
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 
 # Read once, when the process imports this (as prometheus_client decides then whether values go to files),
@@ -42,8 +43,6 @@ COOLDOWNS = Counter("streamfold_cooldowns_total", "Keys put on cooldown (429 or 
 ACTIVE_STREAMS = Gauge("streamfold_active_streams", "Streams being relayed right now", multiprocess_mode="livesum")
 TOKENS = Counter("streamfold_tokens_total", "Tokens reported by upstream usage, by client key label",
                  ["client", "kind"])
-REPLICA_IN_FLIGHT = Gauge("streamfold_replica_in_flight", "Requests in flight to each replica",
-                          ["provider", "replica"], multiprocess_mode="livesum")
 ROUTING = Counter("streamfold_routing_decisions_total",
                   "Replica choices by replica set, policy and reason (affinity, prefix, least-busy, imbalance, "
                   "failover, round-robin)", ["set", "policy", "reason"])
@@ -93,3 +92,23 @@ def registry() -> CollectorRegistry:
         MultiProcessCollector(found)
         return found
     return REGISTRY
+
+
+def exposition(replicas: list[tuple[str, str, int]]) -> bytes:
+    """What ``/metrics`` answers: ``registry()``'s values, and ``streamfold_replica_in_flight`` from
+    ``replicas`` (provider, replica, in flight), which the balancer's table already counts for every worker."""
+    extra = CollectorRegistry(auto_describe=False)
+    extra.register(_InFlight(replicas))
+    return generate_latest(registry()) + generate_latest(extra)
+
+
+class _InFlight:
+    def __init__(self, replicas: list[tuple[str, str, int]]) -> None:
+        self.replicas = replicas
+
+    def collect(self):
+        family = GaugeMetricFamily("streamfold_replica_in_flight", "Requests in flight to each replica",
+                                   labels=["provider", "replica"])
+        for provider, replica, count in self.replicas:
+            family.add_metric([provider, replica], count)
+        yield family

@@ -35,7 +35,7 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterable
 
 from .. import metrics
 from ..routing import Replicas
@@ -76,7 +76,6 @@ class Balancer:
         # same moment seldom pick alike, and one process always starts at the first replica
         self._turn = itertools.count(self.table.me() * 7919)
         self._hashes: dict[str, int] = {}
-        self._gauges: dict[tuple[str, str], Any] = {}   # metric children, looked up once (labels() locks)
         self._counters: dict[tuple[str, str, str], Any] = {}
 
     # -- in flight --------------------------------------------------------------
@@ -105,19 +104,21 @@ class Balancer:
     def begin(self, target: Target) -> int:
         column = self.table.column(target.replica_name)
         self.table.add(column, 1)
-        self._gauge(target).inc()
         return column
 
     def end(self, target: Target, column: int) -> None:
         self.table.add(column, -1)
-        self._gauge(target).dec()
 
-    def _gauge(self, target: Target):
-        key = (target.provider.name, target.replica_name)
-        found = self._gauges.get(key)
-        if found is None:
-            found = self._gauges[key] = metrics.REPLICA_IN_FLIGHT.labels(*key)
-        return found
+    def in_flight(self, targets: Iterable[Target]) -> list[tuple[str, str, int]]:
+        """(provider, replica, requests in flight from this instance's workers) for each replica of ``targets``:
+        the ``streamfold_replica_in_flight`` gauge, read from the table when ``/metrics`` is scraped rather
+        than written twice per request."""
+        providers: dict[str, str] = {}
+        for target in targets:
+            providers.setdefault(target.replica_name, target.provider.name)
+        names = list(providers)
+        counts = self.table.busy([self.table.column(name) for name in names])
+        return [(providers[name], name, count) for name, count in zip(names, counts)]
 
     # -- choosing -----------------------------------------------------------------
     def route(self, targets: tuple, body: dict, headers: dict[str, str], keys: KeyPool, fleet: Fleet) -> Choice:

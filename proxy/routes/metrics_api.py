@@ -1,8 +1,8 @@
 """``GET /metrics``: every worker's Prometheus values (``proxy.metrics`` holds them, without Flask)."""
 from __future__ import annotations
 
-from flask import Blueprint, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from flask import Blueprint, Response, current_app
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from .. import metrics as counters
 
@@ -11,4 +11,6 @@ bp = Blueprint("metrics", __name__)
 
 @bp.get("/metrics")
 def metrics() -> Response:
-    return Response(generate_latest(counters.registry()), 200, {"Content-Type": CONTENT_TYPE_LATEST})
+    config = current_app.extensions["streamfold"]
+    replicas = config.balancer.in_flight(config.current().router.targets())
+    return Response(counters.exposition(replicas), 200, {"Content-Type": CONTENT_TYPE_LATEST})
