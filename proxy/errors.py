@@ -210,3 +210,10 @@ def request_path(head: bytes | bytearray) -> str:
     if b"://" in target:  # absolute-form: http://host/path
         target = b"/" + target.split(b"/", 3)[-1] if target.count(b"/") >= 3 else b"/"
     return target.decode("latin-1")
+
+
+def loggable(text: str, limit: int = 128) -> str:
+    """A client-supplied string made safe for one log line or an error message: no control characters, bounded."""
+    if text.isprintable() and len(text) <= limit:
+        return text
+    return text[:limit].encode("unicode_escape").decode("ascii")[:limit * 4]

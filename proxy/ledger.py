@@ -1,7 +1,7 @@
 """The end of every request: its access log line, request metrics and operator-page record, and for a proxied
 request its usage and client-key limits settled (``Record.finish`` and ``Record.answered`` land here).
 
-Also how a value is made safe for a log line (``logfmt``, ``loggable``).
+Also how a value is written into a ``key=value`` log line (``logfmt``).
 No Flask: the app factory makes one ``Ledger`` and hands it to every request's record.
 """
 from __future__ import annotations
@@ -94,13 +94,6 @@ class Ledger:
                 self.limiter.finish(ticket, tokens[0] + tokens[1] if tokens is not None else 0)
         except Exception:  # noqa: BLE001 - accounting must never break an answer (streams end here)
             log.exception("usage accounting failed")
-
-
-def loggable(text: str, limit: int = 128) -> str:
-    """A client-supplied string made safe for one log line: no control characters, bounded length."""
-    if text.isprintable() and len(text) <= limit:
-        return text
-    return text[:limit].encode("unicode_escape").decode("ascii")[:limit * 4]
 
 
 def logfmt(value: object, limit: int = LOG_VALUE_LIMIT) -> str:

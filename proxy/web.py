@@ -18,8 +18,8 @@ from .balance.remote import RemoteLink
 from .config.live import ConfigHolder
 from .config.load import settings_path
 from .config.model import Settings
-from .errors import SLASHES, BadRequest, ErrorShapes, LoopDetected, ProxyError, request_path
-from .ledger import Ledger, logfmt, loggable
+from .errors import SLASHES, BadRequest, ErrorShapes, LoopDetected, ProxyError, loggable, request_path
+from .ledger import Ledger, logfmt
 from .models import Record
 from .routes import anthropic, demo, metrics_api, openai, page, responses
 from .routes.manage import client_keys, fleet, providers, status, traffic

@@ -13,9 +13,8 @@ from flask import current_app, g, request
 
 from ..config.live import ConfigHolder, Runtime
 from ..config.model import ClientKey
-from ..errors import BadRequest, PayloadTooLarge, Unauthorized
+from ..errors import BadRequest, PayloadTooLarge, Unauthorized, loggable
 from ..head import NO_KEY, WRONG_KEY, find_key
-from ..ledger import loggable
 from ..models import Client, Record
 from ..routing import Target
 from ..state import owners
