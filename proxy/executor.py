@@ -329,11 +329,29 @@ def client_headers(environ: dict) -> dict[str, str]:
     named = environ.get("HTTP_CONNECTION")  # hop-by-hop headers the client declared
     declared = {n.strip().lower() for n in named.split(",")} if named else ()
     out = {}
+    known = _FORWARDED
     for key, value in environ.items():
-        if key.startswith("HTTP_"):
-            name = key[5:].replace("_", "-").lower()
-            if (name not in DROP_HEADERS and name not in declared and not name.endswith(CREDENTIAL_SUFFIXES)
-                    and not name.startswith("proxy-")):
-                out[name] = value
+        name = known.get(key, False)
+        if name is False:
+            name = _forwarded_name(key)
+        if name is not None and name not in declared:
+            out[name] = value
     out["streamfold-hop"] = hop.forward(environ.get(hop.ENVIRON_KEY))
     return out
+
+
+_FORWARDED: dict[str, str | None] = {}  # environ key -> the header name sent upstream, or None (never sent)
+FORWARDED_NAMES = 4096  # keys remembered; past that, a client sending ever new header names has them worked out
+
+
+def _forwarded_name(key: str) -> str | None:
+    """The upstream name of the client header in environ ``key``, or None when it is not a header (no
+    ``HTTP_`` prefix) or never forwarded (``DROP_HEADERS``, credential-looking names, ``proxy-*``)."""
+    name = None
+    if key.startswith("HTTP_"):
+        name = key[5:].replace("_", "-").lower()
+        if name in DROP_HEADERS or name.endswith(CREDENTIAL_SUFFIXES) or name.startswith("proxy-"):
+            name = None
+    if len(_FORWARDED) < FORWARDED_NAMES:
+        _FORWARDED[key] = name
+    return name

@@ -72,6 +72,8 @@ def own_id() -> str:
 
 def forward(incoming: str | None) -> str:
     """The ``Streamfold-Hop`` value for an upstream request made for a request that came with ``incoming``."""
+    if not incoming:
+        return own_id()
     ids = _ids(incoming)[-MAX_HOPS:]
     ids.append(own_id())
     return ", ".join(ids)
