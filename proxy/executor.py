@@ -27,6 +27,7 @@ from .errors import BadRequest, ProxyError, RateLimited, StreamError, UpstreamUn
 from .keys import RATE_LIMIT_DEFAULT, REFUSED_KEY_COOLDOWN, KeyPool
 from .models import Call, Outcome, Plan
 from .routing import Target
+from .state.usage import answer_counts
 
 if TYPE_CHECKING:
     from .balance.balancer import Balancer
@@ -258,7 +259,7 @@ def _success(settings: Settings, response: HTTPResponse, call: Call, fold: Calla
             metrics.FOLDS.labels(provider, metrics.reason(exc.code or exc.status)).inc()
             raise
         metrics.child(metrics.FOLDS, provider, "ok").inc()
-        return Outcome(200, "application/json", body)
+        return Outcome(200, "application/json", body, usage=answer_counts(folded))
     with closing(response):
         body = upstream.read_body(response, first, settings.max_aggregate_bytes)
     if check is not None and response.status == 200:

@@ -79,6 +79,7 @@ class Outcome:
     plan: Plan | None = None  # the plan that produced this outcome (bridged routes)
     strip_usage: bool = False  # the proxy asked for the stream's usage chunk; the client did not
     usage_limit: int = 64 * 1024 * 1024  # max-aggregate-bytes: the longest stream event read for its usage
+    usage: Tokens | None = None  # the answer's token counts when already read (a fold's); None: read from body
 
 
 _SETTLING = threading.Lock()  # guards every record's count of what its settlement waits for (held briefly)

@@ -30,7 +30,7 @@ def to_response(outcome: Outcome, on_end: Callable[[int, str, bytes], None]) -> 
     JSON answer's body, to read its token counts from, or a stream's counts)."""
     if outcome.stream is None:
         headers = {"Content-Type": outcome.content_type, **outcome.headers}
-        on_end(outcome.status, "complete", outcome.body if outcome.status < 300 else b"")
+        on_end(outcome.status, "complete", _usage(outcome))
         return Response(outcome.body, outcome.status, headers)
     return Response(_relay(outcome, on_end), 200,
                     {"Content-Type": outcome.content_type, **SSE_HEADERS}, direct_passthrough=True)
@@ -64,6 +64,14 @@ def _relay(outcome: Outcome, on_end: Callable[[int, str, bytes], None]):
         response.close()
         metrics.ACTIVE_STREAMS.dec()
         on_end(200, result, usage.finish())
+
+
+def _usage(outcome: Outcome):
+    """What ``on_end`` reads a complete answer's tokens from: the counts when the executor had them (a fold),
+    else the body (an error answer carries none)."""
+    if outcome.usage is not None:
+        return outcome.usage
+    return outcome.body if outcome.status < 300 else b""
 
 
 def padded_answer(interval: float, run: Callable[[], Outcome], on_end: Callable[[int, str, bytes], None],
@@ -121,7 +129,7 @@ def with_keepalive(interval: float, run: Callable[[], Outcome], on_end: Callable
             else:
                 outcome = box["outcome"]
                 result = "complete" if outcome.status < 400 else f"upstream {outcome.status} after keep-alive"
-                body = outcome.body if outcome.status < 300 else b""
+                body = _usage(outcome)
                 yield outcome.body
         finally:
             on_end(200, result, body)

@@ -38,7 +38,7 @@ def usage_counts(data: bytes) -> Tokens | None:
     head = data.lstrip()[:1]
     if head in (b"{", b"["):
         try:
-            return _counts(_usage_of(orjson.loads(data)))
+            return answer_counts(orjson.loads(data))
         except orjson.JSONDecodeError:
             return None
     if b'_tokens"' not in data:
@@ -48,7 +48,7 @@ def usage_counts(data: bytes) -> Tokens | None:
         if line[:5] != b"data:" or b'_tokens"' not in line:
             continue
         try:
-            tokens = _counts(_usage_of(orjson.loads(line[5:])))
+            tokens = answer_counts(orjson.loads(line[5:]))
         except orjson.JSONDecodeError:
             continue
         if tokens is not None:
@@ -106,6 +106,11 @@ class StreamUsage:
             self.tokens = tokens if self.tokens is None else tuple(max(a, b) for a, b in zip(self.tokens, tokens))
 
 
+def answer_counts(answer: object) -> Tokens | None:
+    """``usage_counts`` of an answer or event already parsed (a folded answer: no JSON written and read back)."""
+    return counts(_usage_of(answer))
+
+
 def _usage_of(event: object) -> object:
     """The usage object of an answer or event: top-level, or that of its ``response`` / ``message``."""
     if not isinstance(event, dict):
@@ -120,7 +125,8 @@ def _usage_of(event: object) -> object:
     return None
 
 
-def _counts(usage: object) -> Tokens | None:
+def counts(usage: object) -> Tokens | None:
+    """(prompt, completion, cached, reasoning) of one usage object (None: not one)."""
     if not isinstance(usage, dict):
         return None
     prompt, completion = _first(usage, _PROMPT), _first(usage, _COMPLETION)
