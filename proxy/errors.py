@@ -129,6 +129,14 @@ class UpstreamTimeout(ProxyError):
     code = "upstream_timeout"
 
 
+class StateStoreDown(ProxyError):
+    """The state store cannot answer a question only it can (recorded usage)."""
+
+    status = 503
+    type = "server_error"
+    code = "state_store_unavailable"
+
+
 class StreamError(ProxyError):
     """An upstream event stream that cannot be folded into an honest answer.
 

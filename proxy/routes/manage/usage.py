@@ -20,7 +20,7 @@ import re
 import orjson
 from flask import Response, current_app, request
 
-from ...errors import BadRequest, ProxyError
+from ...errors import BadRequest, StateStoreDown
 from ...state import COUNTERS, Store, StoreUnavailable
 from ...state.identity import IDENTITY_HEX, Identities, label
 from ...state.usage import Recorder
@@ -31,12 +31,6 @@ bp = management_blueprint("manage_usage", __name__)
 DIMENSIONS = ("day", "client", "model", "provider")
 _IDENTITY = re.compile(f"[0-9a-f]{{{IDENTITY_HEX}}}")
 MAX_DAYS = 400
-
-
-class StoreDown(ProxyError):
-    status = 503
-    type = "server_error"
-    code = "state_store_unavailable"
 
 
 @bp.get("/usage")
@@ -60,7 +54,7 @@ def usage() -> Response:
     try:
         rows = store.usage(first.isoformat(), last.isoformat())
     except StoreUnavailable:
-        raise StoreDown("the state store is unavailable; usage is kept in memory and will be written "
+        raise StateStoreDown("the state store is unavailable; usage is kept in memory and will be written "
                         "when it is back") from None
     grouped = _group(_shown(rows), group_by)
     if kind == "csv":
