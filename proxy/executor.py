@@ -16,7 +16,7 @@ import time
 import weakref
 from contextlib import closing
 from functools import partial
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import orjson
 from urllib3 import HTTPResponse
@@ -236,7 +236,7 @@ def _attempt(settings: Settings, sessions: upstream.Sessions, keys: KeyPool,
 
 
 def _success(settings: Settings, response: HTTPResponse, call: Call, fold: Callable[..., dict] | None,
-             forced: bool, check: Callable[[bytes], None] | None) -> Outcome:
+             forced: bool, check: Callable[[bytes], Any] | None) -> Outcome:
     content_type = upstream.header_value(response.headers.get("Content-Type")) or ""
     first = upstream.read_first(response)
     call.record.received = (response, first)  # what an answer without usage is charged by (Ledger.settle)
@@ -262,8 +262,8 @@ def _success(settings: Settings, response: HTTPResponse, call: Call, fold: Calla
         return Outcome(200, "application/json", body, usage=answer_counts(folded))
     with closing(response):
         body = upstream.read_body(response, first, settings.max_aggregate_bytes)
-    if check is not None and response.status == 200:
-        check(body)
+    if check is not None and response.status == 200:  # parsed once: its shape, then its usage
+        return Outcome(200, content_type or "application/json", body, usage=answer_counts(check(body)))
     return Outcome(response.status, content_type or "application/json", body)
 
 

@@ -47,7 +47,7 @@ class Plan:
     headers: dict[str, str] | None = None     # client headers to send instead of Call.client_headers
     native: bool = True                       # False: the route must translate the answer back
     key_header: str | None = None             # also send the provider key in this header (x-api-key)
-    check: Callable[[bytes], None] | None = None  # raises for a 200 JSON answer of the wrong shape (native)
+    check: Callable[[bytes], Any] | None = None  # raises for a 200 JSON answer of the wrong shape (native)
 
 
 @dataclass(slots=True)
@@ -63,7 +63,7 @@ class Call:
     usage_option: bool = True  # a forced request also asks for stream_options.include_usage
     record: Record | None = None   # the request's record: the executor writes the target, attempts, timings
     adapt: Callable[[Target], Plan] | None = None  # per-target request (bridged routes), else the above
-    check: Callable[[bytes], None] | None = None  # raises for a relayed 200 JSON answer of the wrong shape
+    check: Callable[[bytes], Any] | None = None  # raises for a relayed 200 JSON answer of the wrong shape
 
 
 @dataclass(slots=True)
@@ -79,7 +79,7 @@ class Outcome:
     plan: Plan | None = None  # the plan that produced this outcome (bridged routes)
     strip_usage: bool = False  # the proxy asked for the stream's usage chunk; the client did not
     usage_limit: int = 64 * 1024 * 1024  # max-aggregate-bytes: the longest stream event read for its usage
-    usage: Tokens | None = None  # the answer's token counts when already read (a fold's); None: read from body
+    usage: Tokens | None = None  # the answer's token counts when already read (a fold's, a checked answer's)
 
 
 _SETTLING = threading.Lock()  # guards every record's count of what its settlement waits for (held briefly)

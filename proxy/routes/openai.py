@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable
+from typing import Any, Callable
 
 import orjson
 from flask import Blueprint, Response, current_app, g, request
@@ -50,7 +50,7 @@ class Route:
     required: str | None              # a body field the endpoint cannot do without
     usage_option: bool = True         # forced requests add stream_options.include_usage
     streams: bool = True              # False: the client's "stream" field is removed (never streamed)
-    check: Callable[[bytes], None] | None = None  # raises for a relayed 200 JSON answer of the wrong shape
+    check: Callable[[bytes], Any] | None = None  # raises for a relayed 200 JSON answer of the wrong shape
 
 
 # /v1/responses has no stream_options.include_usage (upstreams reject it) and

@@ -92,21 +92,27 @@ def upstream_message(status: int, body: bytes) -> str:
     return text or f"upstream returned HTTP {status}"
 
 
-def check_relayed(body: bytes) -> None:
+def check_relayed(body: bytes) -> Any:
     """A chat answer relayed byte for byte (the chat route) must be a chat completion as well: every choice
-    checked as ``first_choice`` checks the first (an empty list passes: nothing in it can be misread)."""
-    for i, choice in enumerate(_choices(_parsed(body))):
+    checked as ``first_choice`` checks the first (an empty list passes: nothing in it can be misread).
+
+    Every ``check_*`` returns the answer it parsed, so its usage is read without parsing it again."""
+    answer = _parsed(body)
+    for i, choice in enumerate(_choices(answer)):
         _message(choice, i)
+    return answer
 
 
-def check_text_completion(body: bytes) -> None:
+def check_text_completion(body: bytes) -> Any:
     """A relayed ``/v1/completions`` answer: an object whose ``choices`` are objects with text."""
-    for i, choice in enumerate(_choices(_parsed(body), "text completion")):
+    answer = _parsed(body)
+    for i, choice in enumerate(_choices(answer, "text completion")):
         if not isinstance(choice, dict) or not isinstance(choice.get("text"), (str, type(None))):
             raise _bad(f"choices[{i}] is not an object with a text", "text completion")
+    return answer
 
 
-def check_embeddings(body: bytes) -> None:
+def check_embeddings(body: bytes) -> Any:
     """A relayed ``/v1/embeddings`` answer: an object whose ``data`` is a list of objects, each with an
     ``embedding`` (a list of numbers, or base64 text)."""
     answer = _parsed(body)
@@ -116,21 +122,24 @@ def check_embeddings(body: bytes) -> None:
     for i, item in enumerate(data):
         if not isinstance(item, dict) or not isinstance(item.get("embedding"), (list, str)):
             raise _bad(f"data[{i}] is not an object with an embedding", "list of embeddings")
+    return answer
 
 
-def check_message(body: bytes) -> None:
+def check_message(body: bytes) -> Any:
     """A native ``/v1/messages`` answer relayed as it came: an Anthropic message (``type`` message, a list of
     content blocks)."""
     answer = _parsed(body)
     if not isinstance(answer, dict) or answer.get("type") != "message" or not isinstance(answer.get("content"), list):
         raise _bad("no message with a list of content blocks", "message of the Anthropic API")
+    return answer
 
 
-def check_response(body: bytes) -> None:
+def check_response(body: bytes) -> Any:
     """A native ``/v1/responses`` answer relayed as it came: a Response object with a list of output items."""
     answer = _parsed(body)
     if not isinstance(answer, dict) or not isinstance(answer.get("output"), list):
         raise _bad("no object with a list of output items", "Response")
+    return answer
 
 
 def _parsed(body: bytes) -> Any:
