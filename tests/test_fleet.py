@@ -229,6 +229,40 @@ def test_least_busy_sends_the_next_request_to_the_idle_replica(replicas, serve):
     assert answers == {"replica-0", "replica-1"}
 
 
+def test_a_turn_sent_elsewhere_for_imbalance_leaves_its_session_on_the_replica_holding_its_history(replicas, serve):
+    pair = replicas[:2]
+    for number, fake in enumerate(pair):  # a stream that mentions "slow" stays in flight for about 1.5 s
+        quick = answer_as(f"replica-{number}")
+        fake.handler = lambda rec, quick=quick: (
+            Reply(events=sse(*text_chunks(["a", "b", "c"])), delay=0.5) if "slow" in json.dumps(rec.body)
+            else quick(rec))
+    doc = fleet_doc(pair)
+    doc["fleet"] = {"balance-abs-threshold": 1}
+    server = serve(make_app(doc))
+    hint = {**AUTH, "x-claude-code-session-id": "h"}
+
+    def ask(body: dict) -> str:
+        response = requests.post(server.url + "/v1/chat/completions", json=body, headers=hint, timeout=15)
+        assert response.status_code == 200, response.text
+        return response.text if body.get("stream") else response.json()["choices"][0]["message"]["content"]
+
+    home = ask(turn("h", 0))
+    slow = [requests.post(server.url + "/v1/chat/completions", json={**turn("h-slow", 1), "stream": True},
+                          headers=hint, timeout=15, stream=True) for _ in range(2)]
+    lines = [response.iter_lines() for response in slow]
+    try:
+        for read in lines:  # each relays its first event: the proxy has placed it (on the session's replica)
+            assert next(line for line in read if line.startswith(b"data:"))
+        slow_at = [sum("slow" in json.dumps(r.body) for r in fake.requests) for fake in pair]
+        assert slow_at == ([2, 0] if home == "replica-0" else [0, 2])
+        away = ask(turn("h", 2))  # its replica has two in flight, the other none: this turn goes there
+        assert away != home
+    finally:
+        for read in lines:  # to their end: nothing in flight any more
+            assert b"data: [DONE]" in list(read)
+    assert ask(turn("h", 3)) == home  # the session's history is still where it was (it moved before)
+
+
 def test_round_robin_takes_turns(replicas):
     client = make_app(fleet_doc(replicas[:2], "round-robin")).test_client()
     answers = [client.post("/v1/chat/completions", json=turn("s", 2),

@@ -143,7 +143,7 @@ def replay(url: str, policy: str, sessions: list[sim.Session], oracle: Oracle | 
     lock = threading.Lock()
     started = time.monotonic()
 
-    def one(http: requests.Session, turn: sim.Turn) -> None:
+    def one(http: requests.Session, turn: sim.Turn, name: str = "") -> None:
         sent = time.monotonic()  # the oracle's decision counts in its time to first token, as streamfold's does
         pinned = oracle.pick(turn.messages) if oracle is not None else -1
         model = f"pin-{pinned}" if oracle is not None else policy
@@ -166,7 +166,7 @@ def replay(url: str, policy: str, sessions: list[sim.Session], oracle: Oracle | 
             oracle.done(pinned)
         with lock:
             records.append({"start": sent - started, "ttft": first - sent, "end": time.monotonic() - started,
-                            "replica": replica, "prompt": usage["prompt_tokens"],
+                            "session": name, "replica": replica, "prompt": usage["prompt_tokens"],
                             "cached": usage["prompt_tokens_details"]["cached_tokens"],
                             "output": usage["completion_tokens"]})
 
@@ -175,14 +175,14 @@ def replay(url: str, policy: str, sessions: list[sim.Session], oracle: Oracle | 
         for turn in run.turns:
             time.sleep(turn.delay)
             if run.concurrent > 1:
-                helpers = [threading.Thread(target=one, args=(requests.Session(), turn))
+                helpers = [threading.Thread(target=one, args=(requests.Session(), turn, run.name))
                            for _ in range(run.concurrent)]
                 for helper in helpers:
                     helper.start()
                 for helper in helpers:
                     helper.join()
             else:
-                one(http, turn)
+                one(http, turn, run.name)
 
     threads = [threading.Thread(target=session, args=(run,)) for run in sessions]
     for thread in threads:

@@ -24,7 +24,9 @@ cache-aware, per request:
    more than ``balance-rel-threshold`` times as many, the least busy replica
    instead (``imbalance``), as the SGLang gateway does (it compares the
    busiest with the idlest; comparing the chosen one does not move a request
-   off an idle replica because some other one is busy).
+   off an idle replica because some other one is busy). Only the request
+   moves: a hinted session stays on the replica holding its history, where
+   its next turn goes unless that one is still overloaded.
 
 A replica backing off after a connect failure or with every key cooling down
 is tried last (its sessions move to the next best and stay there); a
@@ -226,6 +228,8 @@ class Balancer:
             return
         if choice.session:
             replica = self._hash(target)
+            if choice.reason == "imbalance" and choice.session_replica and target is choice.targets[0]:
+                replica = choice.session_replica  # only this turn went elsewhere: its history stays home
             self.table.put(True, choice.session, replica)
             if self.remote is not None and replica not in (choice.session_replica, choice.claimed):
                 self.remote.move(choice.session, replica, fleet.session_ttl)  # it moved (or Redis said nothing)
