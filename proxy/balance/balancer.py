@@ -37,6 +37,7 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any, Iterable
 
 from .. import metrics
@@ -138,13 +139,18 @@ class Balancer:
             return choice
         self.table.sweep(time.monotonic())
         loads = self.loads(targets)
-        resting = [keys.resting(t) for t in targets] if keys.sitting_out() else [False] * len(targets)
-        turn = next(self._turn)
         count = len(targets)
-        # least busy first, usable before resting, ties in turn
-        order = sorted(range(count), key=lambda i: (resting[i], loads[i], (i - turn) % count))
+        turn = next(self._turn) % count
+        # least busy first, usable before resting, ties in turn: a stable sort of the indices from this turn on
+        rotated = [*range(turn, count), *range(turn)]
+        if keys.sitting_out():
+            resting = [keys.resting(t) for t in targets]
+            order = sorted(rotated, key=lambda i: (resting[i], loads[i]))
+        else:
+            resting = [False] * count
+            order = sorted(rotated, key=loads.__getitem__)
         if policy == "least-busy":
-            choice = Choice(tuple(targets[i] for i in order), policy, "least-busy")
+            choice = Choice(itemgetter(*order)(targets), policy, "least-busy")
             self._count(targets, choice)
             return choice
         choice = Choice((), policy, "least-busy")
@@ -191,7 +197,10 @@ class Balancer:
                 chosen, choice.reason = -1, "imbalance"
         if chosen < 0:
             chosen = order[0]
-        choice.targets = (targets[chosen], *(targets[i] for i in order if i != chosen))
+        ordered = itemgetter(*order)(targets)
+        if chosen != order[0]:
+            ordered = (targets[chosen], *(target for target in ordered if target is not targets[chosen]))
+        choice.targets = ordered
         self._count(targets, choice)
         return choice
 
