@@ -20,6 +20,8 @@ access_log = logging.getLogger("streamfold.access")
 LOG_VALUE_LIMIT = 256  # characters per logged value; longer ones are cut and end in "..."
 # A value made only of these goes out bare; anything else is quoted and escaped (logfmt).
 _BARE = re.compile(r"[A-Za-z0-9_./:,+*@%?&~^!#$()\[\]{}|<>;'-]+")
+BARE_VALUES = 4096  # values remembered as safe to log bare (see logfmt)
+_bare_seen: dict[str, None] = {}
 _ESCAPE = re.compile(r'["\\]|[^\x20-\x7e\xa0-\U0010ffff]|[\u2028\u2029\u200b-\u200f\u202a-\u202e\ud800-\udfff]')
 
 
@@ -60,7 +62,7 @@ class Ledger:
         access_log.info(
             "request_id=%s route=%s model=%s provider=%s status=%s upstream_ms=%s forced_stream=%s "
             "folded=%s attempts=%s keys=%s client=%s result=%s",
-            logfmt(record.request_id), logfmt(record.route), logfmt(record.model), logfmt(provider),
+            logfmt(record.request_id, remember=False), logfmt(record.route), logfmt(record.model), logfmt(provider),
             logfmt(status), "-" if record.upstream_ms is None else record.upstream_ms,
             "yes" if record.forced else "no", "yes" if record.folded else "no", record.attempts,
             logfmt(",".join(record.keys) or "-"), logfmt(record.who),
@@ -96,15 +98,22 @@ class Ledger:
             log.exception("usage accounting failed")
 
 
-def logfmt(value: object, limit: int = LOG_VALUE_LIMIT) -> str:
+def logfmt(value: object, limit: int = LOG_VALUE_LIMIT, remember: bool = True) -> str:
     """One value for a ``key=value`` log line: bare when safe, else ``"quoted"`` with escapes, bounded.
 
     Newlines, ANSI escapes and other control characters, quotes and
     backslashes are escaped, so a value can neither start a line of its own
-    nor add a field (``status=...``) to this one.
+    nor add a field (``status=...``) to this one. Values found safe are
+    remembered (``BARE_VALUES`` at most; ``remember=False`` for one-off values
+    such as request ids): routes, models, providers, statuses and results
+    recur on every line and skip the pattern.
     """
     text = value if type(value) is str else str(value)
+    if text in _bare_seen and len(text) <= limit:
+        return text
     if len(text) <= limit and _BARE.fullmatch(text):
+        if remember and len(_bare_seen) < BARE_VALUES:
+            _bare_seen[text] = None
         return text
     if len(text) > limit:
         text = text[:limit] + "..."
