@@ -231,7 +231,8 @@ def _attempt(settings: Settings, sessions: upstream.Sessions, keys: KeyPool,
         raise
     record.started = started
     if outcome.stream is None:
-        record.upstream_seconds = time.perf_counter() - started  # counted when the request is over
+        record.upstream_seconds = seconds = time.perf_counter() - started  # counted here, once
+        metrics.child(metrics.UPSTREAM_SECONDS, provider.name).observe(seconds)
     return outcome
 
 

@@ -43,7 +43,9 @@ class Ledger:
             metrics.count_tokens(record.who, tokens[:2])
         if record.streamed:
             if record.upstream_seconds is None and record.started is not None and record.provider != "-":
-                record.upstream_seconds = time.perf_counter() - record.started
+                # a stream's upstream time ends with it (a complete body's was counted by the executor)
+                record.upstream_seconds = seconds = time.perf_counter() - record.started
+                metrics.child(metrics.UPSTREAM_SECONDS, record.provider).observe(seconds)
             self.close(record)
 
     def close(self, record: Record) -> None:
@@ -54,8 +56,6 @@ class Ledger:
         if record.over():
             self.settle(record)
         provider = record.provider
-        if record.upstream_seconds is not None:
-            metrics.child(metrics.UPSTREAM_SECONDS, provider).observe(record.upstream_seconds)
         status = "-" if record.status is None else record.status
         metrics.child(metrics.REQUESTS, record.rule, record.model_label if provider != "-" else "-", provider,
                       str(status)).inc()

@@ -123,7 +123,7 @@ class Record:
         # timings
         self.started: float | None = None      # perf_counter when the answering attempt was sent
         self.upstream_ms: float | None = None  # until the upstream's response headers
-        self.upstream_seconds: float | None = None  # until its answer was complete (counted once, at finish)
+        self.upstream_seconds: float | None = None  # until its answer was complete (set once it is counted)
         # the end
         self.status: int | None = None
         self.result: str | None = None         # "complete", "client closed", an error code, ...
