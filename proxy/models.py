@@ -182,9 +182,3 @@ class Record:
             self._waiting -= 1
             return not self._waiting
 
-    # issue 23, until the bridged routes move to the generic runner: their g.log writes
-    def __setitem__(self, name: str, value: Any) -> None:
-        setattr(self, _OLD_NAMES.get(name, name), value)
-
-
-_OLD_NAMES = {"client": "who", "deferred": "streamed"}

@@ -265,6 +265,26 @@ def finish(response: HTTPResponse) -> None:
     response.close()
 
 
+def ready(response: HTTPResponse) -> bool:
+    """Whether the next read of ``response`` returns without waiting on the upstream: the body is complete,
+    or the socket holds bytes (one read returns them). Otherwise (bytes only in a buffer, a compressed or
+    TLS body) it may wait: a caller that must not block hands it to another thread (slower, never wrong).
+
+    The one place that looks inside urllib3 and http.client for this (``_fp``, ``connection.sock``).
+    """
+    raw = getattr(response, "_fp", None)  # urllib3 wraps http.client's response
+    if raw is None or getattr(raw, "fp", None) is None or getattr(raw, "length", None) == 0:
+        return True
+    if response.headers.get("content-encoding", "identity") != "identity":
+        return False
+    sock = getattr(response.connection, "sock", None)
+    if sock is None or hasattr(sock, "pending"):
+        return False
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(0))
+
+
 def read_first(response: HTTPResponse) -> bytes:
     """The first bytes of the body (``b""`` when it is empty)."""
     for data in read_chunks(response):

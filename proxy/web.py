@@ -28,6 +28,7 @@ from .state import open_store
 from .state.identity import Identities
 from .state.limits import Limiter
 from .state.usage import Recorder
+from .translate.registry import PROTOCOLS
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,9 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     app.before_request(_start_request)
     app.after_request(_finish_request)
     shapes = app.extensions["streamfold.errors"] = ErrorShapes()  # errors no view rendered, per route family
-    shapes.register("/v1/messages", anthropic.error_shape)
+    for protocol in PROTOCOLS:  # each bridged protocol's errors where no view answers (404, 405, the worker's)
+        for prefix in protocol.error_paths:
+            shapes.register(prefix, protocol.error_body)
     app.register_error_handler(ProxyError, _render_proxy_error)
     app.register_error_handler(HTTPException, _render_http_error)
     app.register_error_handler(Exception, _render_unexpected)
@@ -150,7 +153,7 @@ def _start_request() -> None:
     # echoed and logged: accept a sane id only, else make one
     request_id = given if 0 < len(given) <= 128 and given.isprintable() else os.urandom(12).hex()
     rule = request.url_rule
-    g.record = g.log = Record(request_id, request.path, rule.rule if rule else "unmatched",
+    g.record = Record(request_id, request.path, rule.rule if rule else "unmatched",
                               current_app.extensions["streamfold.ledger"])
     g.request_id = request_id  # issue 23: read by the bridged routes until they move to the runner
     if hop.ENVIRON_KEY in request.environ and request.blueprint != "demo" \

@@ -7,7 +7,8 @@ import json
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.translate.anthropic.response import error_type, stop_reason, usage
+from proxy.translate.anthropic.errors import error_type
+from proxy.translate.anthropic.response import stop_reason, usage
 from proxy.translate.anthropic.stream import MessageStream
 from proxy.translate.tools import ToolNames, sanitize_tool_id
 from tests.anthropic_invariants import check_stream

@@ -8,7 +8,7 @@ import time
 import pytest
 import requests
 
-from proxy.routes import anthropic_stream
+from proxy import pump
 from tests.anthropic_invariants import check_stream
 from tests.conftest import AUTH, CLIENT_KEY
 from tests.upstream import Reply, sse, text_chunks
@@ -219,7 +219,7 @@ def test_in_stream_rate_limit_before_the_first_event_is_an_ordinary_429(live, up
 
 @pytest.fixture
 def fast_pings(monkeypatch):
-    monkeypatch.setattr(anthropic_stream, "PING_INTERVAL", 0.3)
+    monkeypatch.setattr(pump, "KEEPALIVE_INTERVAL", 0.3)
 
 
 def test_a25_pings_while_the_upstream_is_silent_mid_stream(live, upstream, fast_pings):
@@ -239,7 +239,7 @@ def test_the_first_ping_goes_out_with_message_start_when_the_silence_commits(liv
     # Issue 21: after PING_INTERVAL of silence message_start went out alone and the first ping only after
     # another interval, so a first token between the two came with no ping before it (README: a ping
     # before the first token). Silence of 1.5 intervals: exactly one ping, right after message_start.
-    monkeypatch.setattr(anthropic_stream, "PING_INTERVAL", 1.0)
+    monkeypatch.setattr(pump, "KEEPALIVE_INTERVAL", 1.0)
     checked = check_stream(stream(live, upstream, sse(*text_chunks(["late"])), hang=1.5))
     assert checked.names[:2] == ["message_start", "ping"] and checked.pings == 1
     assert checked.text == "late"

@@ -55,9 +55,6 @@ KNOWN_FOREIGN_BLUEPRINT: dict[str, tuple[str, str]] = {}
 
 # issue 23: to be removed. Route modules over ROUTE_CODE_LINES, and what takes them under it:
 KNOWN_LONG_ROUTES: dict[str, str] = {
-    "proxy.routes.anthropic": "the bridge interface (translate/anthropic/bridge.py) and a generic runner",
-    "proxy.routes.anthropic_stream": "the same; its thread pump is no view at all",
-    "proxy.routes.responses": "the bridge interface (translate/responses/bridge.py) and a generic runner",
 }
 
 

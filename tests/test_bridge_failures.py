@@ -16,13 +16,11 @@ import openai
 import pytest
 import requests
 
+from proxy import pump
 from proxy.fold.chat import fold_chat_chunks
-from proxy.routes import anthropic_stream as messages_route
-from proxy.routes import responses as responses_route
 from proxy.translate import chat_reads, chat_stream
 from proxy.translate.anthropic import response as anthropic_response
 from proxy.translate.anthropic import stream as anthropic_stream
-from proxy.translate.responses import pipeline
 from proxy.translate.responses import response as responses_response
 from proxy.translate.responses import stream as responses_stream
 from tests import responses_invariants
@@ -151,18 +149,18 @@ def _ids(steps) -> list[str]:
 # Every step a bridged stream runs through, in-process: (module or class, attribute, calls that still work).
 # The reader's steps run before the commit point too; they break on a later read, after the 200 went out.
 MESSAGES_STEPS = [
-    (messages_route, "chat_events", 0), (chat_reads, "_scan", 1), (chat_reads, "_by_event", 2),
+    (pump, "chat_events", 0), (chat_reads, "_scan", 1), (chat_reads, "_by_event", 2),
     (chat_stream.ChatStream, "feed", 0), (chat_stream.ChatStream, "close", 0),
-    (anthropic_stream.MessageStream, "start", 0), (anthropic_stream.MessageStream, "feed", 0),
+    (anthropic_stream.MessageStream, "start", 0), (anthropic_stream.MessageStream, "feed_into", 0),
     (anthropic_stream.MessageStream, "close", 0), (anthropic_stream.MessageStream, "_open", 0),
     (anthropic_stream.MessageStream, "_tool_block", 0), (anthropic_stream, "frame", 0),
     (anthropic_stream, "stop_fields", 0), (anthropic_stream, "usage", 0), (anthropic_stream, "tool_input", 0),
 ]
 RESPONSES_STEPS = [
-    (responses_route, "chunk_batches", 0), (pipeline, "_plain_text", 0), (chat_reads, "_scan", 1),
+    (pump, "read_batches", 0), (pump, "chat_events", 0), (chat_reads, "_plain_text", 0), (chat_reads, "_scan", 1),
     (chat_stream.ChatStream, "feed", 0), (chat_stream.ChatStream, "close", 0),
     (responses_stream.ResponsesStream, "start", 0), (responses_stream.ResponsesStream, "feed_into", 0),
-    (responses_stream.ResponsesStream, "literals", 0), (responses_stream.ResponsesStream, "text", 0),
+    (responses_stream.ResponsesStream, "literals", 0),
     (responses_stream.ResponsesStream, "close_into", 0), (responses_stream.ResponsesStream, "_open", 0),
     (responses_stream.ResponsesStream, "_close_open", 0), (responses_stream.ResponsesStream, "_start_tool", 0),
     (responses_stream.ResponsesStream, "_close_all", 0), (responses_stream.ResponsesStream, "_event", 0),
@@ -223,7 +221,7 @@ def test_an_exception_in_any_responses_step_ends_the_stream_with_its_failure_eve
 def test_the_failure_handler_cannot_fail_on_what_it_reports(bridged, upstream, monkeypatch, caplog):
     """A step breaks, and so does writing the error event: fixed bytes still end the stream properly."""
     upstream_sends(upstream, ALL_KINDS)
-    monkeypatch.setattr(anthropic_stream.MessageStream, "feed", _broken)
+    monkeypatch.setattr(anthropic_stream.MessageStream, "feed_into", _broken)
     monkeypatch.setattr(anthropic_stream, "error_event", _broken)
     checked = check_stream(messages(bridged).content, broken=True)
     assert checked.error["type"] == "api_error"

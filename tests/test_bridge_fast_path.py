@@ -14,16 +14,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.errors import ProxyError
 from proxy.translate.anthropic.stream import MessageStream
-from proxy.translate.chat_reads import FastDelta, chat_events, raw, read_batches
-from proxy.translate.chat_stream import ChatStream
+from proxy.translate.chat_reads import TextRun, raw, read_batches
 from proxy.translate.gemini.stream import GeminiStream
-from proxy.translate.responses.pipeline import chunk_batches, translate_stream
 from proxy.translate.responses.response import new_context
 from proxy.translate.responses.stream import ResponsesStream
 from proxy.translate.responses.toolmap import ToolMap
 from proxy.translate.tools import ToolNames
+from tests.bridge_run import anthropic_written, machine_written, responses_written
 from tests.chat_streams import chat_streams
 from tests.test_anthropic_property import translate as translate_per_chunk
 
@@ -33,25 +31,15 @@ HEAD = b'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":176
 
 
 def bridged(reads: list[bytes], fast: bool, stream) -> bytes:
-    """What the bridged stream routes do with the reads, minus the reader thread (``stream``: a bridge's
-    stream writer)."""
-    chat, done = ChatStream(), False
-    out = [stream.start()]
-    try:
-        for batch in read_batches(reads, 1 << 20, fast):
-            events, ended = chat_events(chat, batch)
-            done = done or ended
-            out.append(stream.feed(events))
-        out.append(stream.close(chat.close(done), chat.ended_early))
-    except ProxyError as exc:
-        out.append(stream.fail(exc.status, exc.message))
-    return RANDOM_CALL_ID.sub(b"call_random", b"".join(out))
+    """What a bridged stream route writes for the reads (the runner's loop), minus the reader thread
+    (``stream``: a bridge's stream state machine shaped like ``MessageStream``)."""
+    return RANDOM_CALL_ID.sub(b"call_random", machine_written(stream, reads, fast))
 
 
 def anthropic(reads: list[bytes], fast: bool) -> bytes:
     stream = MessageStream("claude-x", ToolNames(), 42)
     stream.message_id = "msg_fixed"
-    return bridged(reads, fast, stream)
+    return RANDOM_CALL_ID.sub(b"call_random", anthropic_written(stream, reads, fast))
 
 
 def gemini(reads: list[bytes], fast: bool, sse: bool) -> bytes:
@@ -64,8 +52,7 @@ def anthropic_per_chunk(reads: list[bytes]) -> bytes:
 
 
 def responses(reads: list[bytes], fast: bool, ctx, codex: bool) -> bytes:
-    raw = b"".join(translate_stream(ResponsesStream(ctx, codex), chunk_batches(reads, 1 << 20, fast)))
-    return RANDOM_CALL_ID.sub(b"call_random", raw)
+    return RANDOM_CALL_ID.sub(b"call_random", responses_written(ResponsesStream(ctx, codex), reads, fast))
 
 
 def assert_same_both_ways(reads: list[bytes], codex: bool = False) -> None:
@@ -107,8 +94,8 @@ def test_plain_deltas_take_the_fast_path_with_their_literals_as_sent():
     events = [HEAD + b'{"index":0,"delta":{"content":"%s"},"logprobs":null,"finish_reason":null}]}\n\n' % t
               for t in texts]
     [batch] = list(read_batches([b"".join(events)], 1 << 20))
-    assert all(type(item) is FastDelta and item[0] == "text" for item in batch)
-    assert [body for item in batch for body in item[1]] == texts
+    assert all(type(item) is TextRun and item.kind == "text" for item in batch)
+    assert [body for item in batch for body in item.bodies] == texts
     assert b"".join(raw(item) for item in batch) == b"".join(events)
 
 

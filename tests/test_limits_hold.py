@@ -13,7 +13,7 @@ import time
 
 import requests
 
-from proxy.routes import anthropic_stream
+from proxy import pump
 from tests.conftest import make_app
 from tests.test_limits import limited, policy_doc
 from tests.test_usage import KEY_A, chat, openai_like, wait_for_usage
@@ -105,7 +105,7 @@ def test_a_client_leaving_a_padded_answer_keeps_its_slot_until_the_upstream_is_d
 
 def test_a_client_leaving_an_anthropic_stream_before_the_upstream_answered_keeps_its_slot(upstream, serve, caplog,
                                                                                            monkeypatch):
-    monkeypatch.setattr(anthropic_stream, "PING_INTERVAL", 0.05)  # commit early, then ping through the silence
+    monkeypatch.setattr(pump, "KEEPALIVE_INTERVAL", 0.05)  # commit early, then ping through the silence
     release = threading.Event()
 
     def slow(rec) -> Reply:

@@ -11,17 +11,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from proxy.fold.chat import fold_chat_chunks
-from proxy.translate.responses.pipeline import chunk_batches, translate_stream
 from proxy.translate.responses.response import from_completion, new_context
 from proxy.translate.responses.stream import ResponsesStream
 from proxy.translate.responses.toolmap import ToolMap
 from tests import responses_invariants
+from tests.bridge_run import responses_written
 from tests.chat_streams import chat_streams
 
 
 def translate(reads: list[bytes], toolmap: ToolMap, codex: bool):
     ctx = new_context({"model": "m"}, toolmap)
-    return ctx, b"".join(translate_stream(ResponsesStream(ctx, codex), chunk_batches(reads, 1 << 20)))
+    return ctx, responses_written(ResponsesStream(ctx, codex), reads)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

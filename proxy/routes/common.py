@@ -6,8 +6,6 @@ same whichever protocol a client speaks.
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import orjson
 from flask import current_app, g, request
 
@@ -17,10 +15,10 @@ from ..errors import BadRequest, PayloadTooLarge, Unauthorized, loggable
 from ..head import NO_KEY, WRONG_KEY, find_key
 from ..models import Client, Record
 from ..routing import Target
-from ..state import owners
 from ..state.identity import OPEN, label
 from ..state.limits import Limiter
 from ..translate.anthropic.tokens import body_tokens
+from ..translate.openai import requested_model
 
 DEFAULT_OUTPUT_RESERVE = 1024  # tokens reserved for the answer of a request that names no output bound (tpm)
 OPEN_CLIENT = Client(None, OPEN, "-")
@@ -52,7 +50,7 @@ def authenticate(runtime: Runtime, *, account: bool = True) -> str:
     else:
         client = OPEN_CLIENT
     record: Record = g.record
-    g.client = record.client = client  # g.client: issue 23, read by the bridged routes until the runner
+    record.client = client
     if account:
         record.account(client)
     return client.label
@@ -104,20 +102,9 @@ def openai_request(runtime: Runtime) -> tuple[dict, str]:
     """The start of every OpenAI-shaped route: authenticate, read the JSON body, check and log its ``model``."""
     authenticate(runtime)
     body = read_json_body(runtime.settings.max_request_bytes)
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise BadRequest("you must provide a model parameter" if model is None
-                         else "model must be a non-empty string", param="model")
+    model = requested_model(body)
     g.record.model = loggable(model)
     return body, model
-
-
-def stream_flag(body: dict) -> bool:
-    """The body's ``stream`` (absent = false); anything but a boolean is the client's mistake."""
-    stream = body.get("stream")
-    if stream is not None and not isinstance(stream, bool):
-        raise BadRequest("stream must be a boolean", param="stream")
-    return bool(stream)
 
 
 def read_json_body(limit: int) -> dict:
@@ -127,9 +114,8 @@ def read_json_body(limit: int) -> dict:
     raw = request.stream.read(limit + 1)
     if len(raw) > limit:
         raise PayloadTooLarge(f"Request body exceeds the limit of {limit} bytes.")
-    # what the request weighs, chunked or not (a continued conversation adds its history); g.body_bytes: issue 23,
-    # read by the bridged routes until the runner
-    g.body_bytes = g.record.body_bytes = len(raw)
+    # what the request weighs, chunked or not (a continued conversation adds its history)
+    g.record.body_bytes = len(raw)
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -140,34 +126,12 @@ def read_json_body(limit: int) -> dict:
     return body
 
 
-def previous_response(body: dict, store) -> tuple[str | None, bool]:
-    """The request's ``previous_response_id`` (None when absent), and whether a provider serving /responses
-    itself created it for this client's identity (state/owners.py); a malformed one is a 400."""
-    previous = body.get("previous_response_id")
-    if previous is None:
-        return None, False
-    if not isinstance(previous, str) or not previous:
-        raise BadRequest("previous_response_id must be a non-empty string", param="previous_response_id")
-    return previous, owners.owns(store, g.record.client.identity, previous)
-
-
-def previous_not_found(previous: str) -> BadRequest:
-    """What an id this client may not continue gets: exactly what an id that never existed gets."""
-    return BadRequest(f"Previous response with id '{loggable(previous)}' not found.",
-                      code="previous_response_not_found", param="previous_response_id")
-
-
 def end_logger(record: Record):
-    """The answer's end (issue 23: the bridged routes' on_end until they move to the runner): ``usage`` is a
-    JSON body to read the token counts of, or the counts themselves."""
+    """The answer's end, as ``relay.to_response`` reports it: ``usage`` is a JSON body to read the token
+    counts of, or the counts themselves."""
     def on_end(status: int, result: str, usage: bytes | tuple | None = None) -> None:
         if isinstance(usage, bytes):
             record.answered(status, result, None, usage)
         else:
             record.answered(status, result, usage)
     return on_end
-
-
-def hold(record: Record) -> Callable[[bytes], None] | None:
-    """``Record.hold`` (issue 23: for the bridged routes until they move to the runner)."""
-    return record.hold()

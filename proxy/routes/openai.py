@@ -14,13 +14,14 @@ from flask import Blueprint, Response, current_app, g, request
 
 from ..errors import BadRequest
 from ..executor import client_headers, execute
-from ..models import Call
 from ..fold import fold_chat_chunks, fold_responses_chunks, fold_text_chunks
+from ..models import Call
 from ..relay import padded_answer, to_response
+from ..state import owners
 from ..state.limits import allowed_targets
 from ..translate.completion import check_embeddings, check_relayed, check_response, check_text_completion
-from .common import (admit, authenticate, end_logger, holder, openai_request, previous_not_found, previous_response,
-                     stream_flag)
+from ..translate.openai import stream_flag
+from .common import admit, authenticate, end_logger, holder, openai_request
 
 bp = Blueprint("openai", __name__)
 
@@ -91,9 +92,10 @@ def proxy_request(route: Route) -> Response:
     body, model = openai_request(runtime)
     targets = admit(model, runtime.router.resolve(model), body, answers=route is not EMBEDDINGS)
     if route is COMPACT:  # compacting a conversation the key may not continue: as for an unknown id
-        previous, owned = previous_response(body, current_app.extensions["streamfold.state"])
+        store = current_app.extensions["streamfold.state"]
+        previous, owned = owners.previous_response(body, store, g.record.client.identity)
         if previous is not None and not owned:
-            raise previous_not_found(previous)
+            raise owners.previous_not_found(previous)
     required = route.required
     if required is not None and required not in body:
         raise BadRequest(f"Missing required parameter: '{required}'.", param=required)

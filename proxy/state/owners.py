@@ -15,6 +15,8 @@ from typing import Callable, Iterator
 
 import orjson
 
+from ..errors import BadRequest, loggable
+
 NAMESPACE = "response-owners"
 # How much of one SSE line is looked at for the id: response.created comes first and is small; a longer
 # line (a large response.completed) is skipped rather than held.
@@ -79,3 +81,20 @@ def watch(chunks: Iterator[bytes], found: Callable[[str], None]) -> Iterator[byt
         close = getattr(chunks, "close", None)
         if close is not None:
             close()
+
+
+def previous_response(body: dict, store, identity: str) -> tuple[str | None, bool]:
+    """The request's ``previous_response_id`` (None when absent), and whether a provider serving /responses
+    itself created it for this client ``identity``; a malformed one is a 400."""
+    previous = body.get("previous_response_id")
+    if previous is None:
+        return None, False
+    if not isinstance(previous, str) or not previous:
+        raise BadRequest("previous_response_id must be a non-empty string", param="previous_response_id")
+    return previous, owns(store, identity, previous)
+
+
+def previous_not_found(previous: str) -> BadRequest:
+    """What an id this client may not continue gets: exactly what an id that never existed gets."""
+    return BadRequest(f"Previous response with id '{loggable(previous)}' not found.",
+                      code="previous_response_not_found", param="previous_response_id")

@@ -1,7 +1,7 @@
 """What one client protocol bridged to chat provides: the interface every ``translate/<protocol>/bridge.py`` implements.
 
 A client protocol (Anthropic Messages, OpenAI Responses, Gemini ...) is served
-by ONE generic runner (``proxy/bridging.py``) that authenticates, admits, runs
+by ONE generic runner (``proxy/routes/bridged.py``) that authenticates, admits, runs
 the executor and writes the answer; the protocol only says how its bodies,
 answers, events and errors look. Like CLIProxyAPI's translator pairs
 (``internal/translator/<to>/<from>/init.go`` registers request/response
@@ -28,15 +28,15 @@ stream into the protocol's event bytes.
 
 ``EventWriter`` (one per translated stream): ``start`` / ``feed`` /
 ``close`` / ``fail``, fed with the events of the one chat-stream reader
-(``proxy/translate/chat_stream.py``):
+(``translate/chat_reads.py`` frames a read and batches it, its
+``chat_events`` turns a batch into ``chat_stream.ChatStream`` events):
 
     ("reasoning", text)        ("text", text)
     ("tool_start", tool)       ("tool_args", tool, fragment)    tool: chat_stream.ToolCall
     ("finish", reason, stop)   ("usage", usage)                 stop: vLLM's matched stop string, else None
-    TextRun(kind, bodies)      a run of plain "text"/"reasoning" deltas as JSON string-literal bodies,
-                               still escaped and without quotes; ``EventWriter.text_run`` takes it
-                               (the default decodes it and feeds ("text"/"reasoning", text) events,
-                               so a new protocol needs no fast path of its own)
+    ("run", TextRun)           a run of plain "text"/"reasoning" deltas as JSON string-literal bodies,
+                               still escaped and without quotes (the measured fast path; a writer
+                               without one reads ``plain_events(events)`` and sees (kind, text))
 
 Within one chunk the order is reasoning, text, tools, finish; usage
 whenever it comes. Tool names and ids are complete at ``tool_start`` (the
@@ -44,11 +44,13 @@ reader holds arguments that came first and replays them after it); calls
 that never got a name or id are started at ``close``. Surrogate halves are
 already joined, text is valid for ``orjson.dumps``.
 
-What the runner does with them, in order (``proxy/bridging.py``):
+What the runner does with them, in order (``proxy/routes/bridged.py``,
+its stream loop ``proxy/pump.py``):
 
 1. ``protocol.open(body, incoming)`` (a ``BadRequest`` is a 400 in the
    protocol's shape), then the key's policy (``admit``), then
-   ``exchange.targets(targets)`` may narrow the targets.
+   ``exchange.targets(targets)`` (after admission, before any upstream: it
+   may narrow the targets or raise a 4xx).
 2. ``execute`` with a ``Call`` whose ``adapt`` is ``exchange.plan``.
 3. Not a client stream: ``exchange.answer(outcome)`` (a native answer comes
    back as it is), relayed, padded with blank lines while a fold runs
@@ -58,50 +60,34 @@ What the runner does with them, in order (``proxy/bridging.py``):
    (``exchange.relay`` may watch the bytes). A translated one: the 200
    goes out with the first upstream event (or earlier when
    ``Protocol.keepalive`` is set: then its bytes are sent every
-   ``KEEPALIVE_INTERVAL`` of upstream silence, the first with
+   ``pump.KEEPALIVE_INTERVAL`` of upstream silence, the first with
    ``writer.start()``); each upstream read becomes one client write of
-   ``writer.feed(events)``; the end ``writer.close(events, ended_early)``;
-   a failure after the commit ``writer.fail(protocol.client_error(exc))``.
+   what ``writer.feed(out, events)`` appended; the end
+   ``writer.close(out, events, ended_early)``; a failure after the commit
+   ``writer.fail(protocol.client_error(exc))`` (``failed_answer`` for an
+   upstream error answer after a keep-alive committed the stream).
 5. ``exchange.usage`` (the upstream's chat usage, when it had one) is what
    the request is charged with.
 
 To add a protocol: ``translate/<protocol>/`` with ``validate.py``,
 ``request.py``, ``response.py``, ``stream.py``, ``errors.py`` (the error
-body) and ``bridge.py`` (a ``Protocol`` subclass instance tying them), then
-one line in ``translate/registry.py``. ``tests/`` hold the template.
+body) and ``bridge.py`` (a ``Protocol`` subclass instance tying them, see
+``anthropic/bridge.py`` and ``responses/bridge.py``), then one line in
+``translate/registry.py`` and a route module like ``routes/anthropic.py``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, NamedTuple
-
-import orjson
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from ..errors import ProxyError
+from .chat_reads import TextRun
 
 if TYPE_CHECKING:
     from ..models import Outcome, Plan
     from ..routing import Target
 
-KEEPALIVE_INTERVAL = 10.0  # seconds of upstream silence before ``Protocol.keepalive`` is sent
-
-
-class TextRun(NamedTuple):
-    """Plain text or reasoning deltas taken from the stream without decoding them (the reader's fast path).
-
-    ``bodies`` are the deltas' JSON string literals without their quotes:
-    valid UTF-8, only the escapes orjson writes itself (``\\" \\\\ \\b \\f
-    \\n \\r \\t``), never empty. So ``b'"' + body + b'"'`` is byte-identical
-    to ``orjson.dumps(text)``, and bodies concatenate into the body of the
-    concatenated text.
-    """
-
-    kind: str            # "text" | "reasoning"
-    bodies: list[bytes]
-
-    def text(self) -> str:
-        """The run's text, decoded (for a writer without a fast path)."""
-        return orjson.loads(b'"' + b"".join(self.bodies) + b'"')
+__all__ = ["EventWriter", "Exchange", "Incoming", "MachineWriter", "Protocol", "TextRun", "plain_events"]
 
 
 @dataclass(slots=True)
@@ -120,31 +106,34 @@ class Incoming:
 class EventWriter:
     """One translated stream: ``chat_stream`` events in, the protocol's event bytes out.
 
-    ``ended`` is True once a terminal event went out (``close`` or ``fail``);
-    after that every method returns ``b""``. ``usage`` is the chat usage the
-    stream reported (None without one). Methods must not raise for anything
-    the upstream sent; a ``ProxyError`` raised by ``feed`` (a bound, a broken
-    stream) is turned into ``fail`` by the runner.
+    ``feed`` and ``close`` append to the runner's ``out`` list (one client
+    write per upstream read is joined from it): what a writer appended before
+    it raised still goes out, so a protocol that numbers its events keeps
+    them contiguous. ``ended`` is True once a terminal event was produced
+    (``close`` or ``fail``). Methods must not raise for anything the upstream
+    sent; a ``ProxyError`` they raise (a bound, a broken stream) is turned
+    into ``fail`` by the runner, any other exception too (logged, with the
+    generic internal-error message).
     """
 
     ended: bool = False
-    usage: dict | None = None
-    result: str | None = None  # a note for the access log when the stream failed in the writer itself
 
     def start(self) -> bytes:
         """The opening event(s), once (``message_start``, ``response.created`` ...)."""
         raise NotImplementedError
 
-    def feed(self, events: Iterable[Any]) -> bytes:
-        """The protocol's events for one batch of reader events (tuples and ``TextRun``)."""
+    def feed(self, out: list[bytes], events: Iterable[tuple]) -> None:
+        """Append the protocol's events for one batch of reader events to ``out``.
+
+        ``("run", TextRun)`` events carry plain deltas undecoded: write their
+        bodies between quotes where the protocol puts a JSON string (they are
+        what ``orjson.dumps`` gives), or take ``run.kind`` and ``run.text()``
+        as a ``(kind, text)`` event (``plain_events`` does that for a batch).
+        """
         raise NotImplementedError
 
-    def text_run(self, run: TextRun) -> list[tuple]:
-        """The one place a ``TextRun`` is consumed when a writer has no fast path: as ordinary events."""
-        return [(run.kind, run.text())]
-
-    def close(self, events: Iterable[Any], ended_early: bool) -> bytes:
-        """The last events (the reader's ``close``) and the terminal event; ``ended_early``: the upstream
+    def close(self, out: list[bytes], events: Iterable[tuple], ended_early: bool) -> None:
+        """Append the last events (the reader's ``close``) and the terminal event; ``ended_early``: the upstream
         stopped without ``[DONE]`` or a finish reason (an error ending, not a clean one)."""
         raise NotImplementedError
 
@@ -152,6 +141,50 @@ class EventWriter:
         """The protocol's terminal error event for a failure after the 200 went out (``error`` already mapped
         by ``Protocol.client_error``); ``b""`` when a terminal event went out already. Must not raise."""
         raise NotImplementedError
+
+
+class MachineWriter(EventWriter):
+    """An ``EventWriter`` over a protocol's stream state machine shaped like ``anthropic/stream.py``'s
+    ``MessageStream`` (and ``gemini/stream.py``'s): ``start() -> bytes``, ``feed(events) -> bytes``,
+    ``close(events, ended_early) -> bytes``, ``fail(status, message) -> bytes`` and ``ended`` (and, when it
+    has one, ``feed_into(out, events)``, ``feed`` appending to ``out``). A machine of another shape
+    subclasses it (``responses/bridge.py``)."""
+
+    __slots__ = ("stream",)
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        into = getattr(stream, "feed_into", None)
+        if into is not None:  # the machine appends to the runner's list itself: one call and one join less per read
+            self.feed = into
+
+    @property
+    def ended(self) -> bool:  # type: ignore[override]
+        return self.stream.ended
+
+    def start(self) -> bytes:
+        return self.stream.start()
+
+    def feed(self, out: list[bytes], events: Iterable[tuple]) -> None:
+        data = self.stream.feed(events)
+        if data:
+            out.append(data)
+
+    def close(self, out: list[bytes], events: Iterable[tuple], ended_early: bool) -> None:
+        out.append(self.stream.close(events, ended_early))
+
+    def fail(self, error: ProxyError) -> bytes:
+        return self.stream.fail(error.status, error.message)
+
+
+def plain_events(events: Iterable[tuple]) -> Iterator[tuple]:
+    """``events`` with each ``("run", TextRun)`` as the one ``(kind, text)`` event it stands for: for a
+    writer without a fast path of its own."""
+    for event in events:
+        if event[0] == "run":
+            yield (event[1].kind, event[1].text())
+        else:
+            yield event
 
 
 class Exchange:
@@ -210,3 +243,8 @@ class Protocol:
     def error_body(self, error: ProxyError) -> bytes:
         """The body for an error no view rendered (404, 405, what the worker writes itself)."""
         return self.client_error(error).body()
+
+    def failed_answer(self, outcome: Outcome) -> ProxyError:
+        """An upstream's error answer (``outcome.status`` >= 400, its body) that came after a keep-alive
+        committed the stream, as the error ``EventWriter.fail`` ends it with (keep-alive protocols)."""
+        return self.client_error(ProxyError(f"upstream returned HTTP {outcome.status}", status=outcome.status))

@@ -15,28 +15,62 @@ its bytes before and after the string literal become the stream's template
 call; when every piece starts with the head (the read rebuilt from the
 pieces without their heads comes back byte for byte) the pieces are the
 literals' bodies (one slice per event, nothing decoded), and a run
-of them is handed over undecoded as a ``FastDelta`` tuple
-``(kind, [bodies], head, tail)``. Only bodies that ``orjson.dumps`` writes
+of them is handed over undecoded as one ``TextRun`` (the only place one is
+made; ``chat_events`` passes it on as the event ``("run", run)``, which a
+bridge's writer takes in one method). Only bodies that ``orjson.dumps`` writes
 the same way are taken (raw valid UTF-8, only the escapes
 ``\\" \\\\ \\b \\f \\n \\r \\t``), so writing a body between quotes is
 byte-identical to decoding and re-encoding its text, and bodies concatenate
 into the body of the concatenated text. Anything else (and any read with a
 CR) goes through ``iter_chat_chunks`` (the full decode and its error rules),
-in order. A consumer whose state needs whole chunks (the answer's
-``id``/``model``/``created`` not known yet) decodes ``raw(item)`` instead.
+in order. While ``ChatStream`` still needs whole chunks (the answer's
+``id``/``model``/``created`` not known yet, a surrogate half waiting),
+``chat_events`` decodes ``raw(run)`` instead.
+
+This module with ``chat_stream`` is the one reader of a chat stream for the
+bridges: ``read_batches`` frames and decodes, ``chat_events`` turns a batch
+into ``ChatStream`` events (the tool-call assembler, surrogate joining and
+in-stream errors live there), so every bridge reads a stream the same way.
 
 Pure: bytes in, lists out; no Flask, no requests.
 """
 from __future__ import annotations
 
 import re
+from operator import itemgetter
 from typing import Generator, Iterable, Iterator
 
+import orjson
+
 from ..errors import ProxyError, StreamError
-from .chat_stream import DONE, ChatStream, decode_event, iter_chat_chunks
+from .chat_stream import DONE, ChatStream, decode_event, has_surrogates, iter_chat_chunks
 
-FastDelta = tuple  # (kind "text" | "reasoning", [literal bodies], head, tail): see ``raw``
 
+class TextRun(tuple):
+    """A run of plain text or reasoning deltas of choice 0, undecoded: the reader's fast path, as one event.
+
+    ``kind`` is "text" or "reasoning". ``bodies`` are the deltas' JSON string
+    literals without their quotes: valid UTF-8, only the escapes ``orjson``
+    writes itself (``\\" \\\\ \\b \\f \\n \\r \\t``), so ``b'"' + body + b'"'``
+    is byte-identical to ``orjson.dumps(text)`` and bodies concatenate into
+    the body of the concatenated text. In a ``("run", run)`` event they are
+    never empty. ``head`` and ``tail`` are the upstream bytes around each
+    literal (``raw``). A tuple made here only, by ``_run_of`` (one C call: a
+    run is made per upstream read), read by name or index.
+    """
+
+    __slots__ = ()
+    kind = property(itemgetter(0))
+    bodies = property(itemgetter(1))
+    head = property(itemgetter(2))
+    tail = property(itemgetter(3))
+
+    def text(self) -> str:
+        """The run's text, decoded (a writer without a fast path of its own)."""
+        return orjson.loads(b'"%s"' % b"".join(self[1]))
+
+
+_run_of = tuple.__new__  # TextRun(...) without a Python-level call
 _LITERAL = rb'"(?:[^"\\\x00-\x1f]|\\["\\bfnrt])*"'
 _ASCII_STRING = rb'"[\x20\x21\x23-\x5b\x5d-\x7e]*"'
 _NUMBER = rb"-?(?:0|[1-9][0-9]{0,17})"
@@ -55,7 +89,7 @@ _SEPARATORS = (b"\n\n", b"\r\n\r\n", b"\r\r", b"\n\r\n")
 
 def read_batches(reads: Iterable[bytes], max_bytes: int, fast: bool = True,
                  every_read: bool = False) -> Iterator[list]:
-    """Decoded chunks (dicts, ``FastDelta`` when ``fast``) grouped per upstream read; ``DONE`` ends it.
+    """Decoded chunks (dicts, and ``TextRun`` when ``fast``) grouped per upstream read; ``DONE`` ends it.
 
     ``every_read``: a read that completed no chunk yields ``[]`` (so a caller
     that must not block longer than one read can step it read by read).
@@ -87,37 +121,64 @@ def read_batches(reads: Iterable[bytes], max_bytes: int, fast: bool = True,
         yield from _decoded(carry, max_bytes, None)
 
 
-def raw(item: tuple) -> bytes:
-    """The upstream events a ``FastDelta`` stands for, for a consumer that must decode them after all."""
-    _, bodies, head, tail = item
+def raw(run: TextRun) -> bytes:
+    """The upstream events a ``TextRun`` stands for, for a consumer that must decode them after all."""
+    _, bodies, head, tail = run
     end = tail + b"\n\n"
     return head + (end + head).join(bodies) + end
 
 
-def chat_events(chat: ChatStream, batch: list) -> tuple[list[tuple], bool]:
-    """The ``ChatStream`` events of one batch, and whether it ended with ``DONE``.
+def chat_events(chat: ChatStream, batch: list, events: list[tuple]) -> bool:
+    """The ``ChatStream`` events of one batch, appended to ``events`` (so a caller keeps those before an
+    in-stream error that this raises); True when the batch ended with ``DONE``.
 
-    A ``FastDelta`` becomes ``("literals", kind, [literal bodies])`` once
-    ``chat`` is ``plain`` (its chunks change nothing else in it); before that
-    its chunks are decoded and fed like any chunk.
+    A ``TextRun`` becomes the event ``("run", run)`` once ``chat`` is
+    ``plain`` (its chunks change nothing else in it); before that its chunks
+    are decoded and fed like any chunk. So does a decoded chunk that is one
+    plain text delta and nothing else: ``("text", text)`` without going
+    through ``ChatStream`` (what it would give; about half a bridge's
+    per-token CPU when the fast path's template does not fit the upstream).
     """
-    events: list[tuple] = []
+    plain = chat.plain
     for chunk in batch:
-        if type(chunk) is FastDelta:
-            if chat.plain:
+        if type(chunk) is TextRun:
+            if plain:
                 bodies = chunk[1]
                 if b"" in bodies:
                     bodies = [body for body in bodies if body]
+                    chunk = _run_of(TextRun, (chunk[0], bodies, chunk[2], chunk[3]))
                 if bodies:
-                    events.append(("literals", chunk[0], bodies))
+                    events.append(("run", chunk))
             else:
                 for decoded in iter_chat_chunks((raw(chunk),), 1 << 62):
                     events += chat.feed(decoded)
+                plain = chat.plain
         elif chunk == DONE:
-            return events, True
+            return True
         else:
+            if plain:
+                text = _plain_text(chunk)
+                if text is not None:
+                    events.append(("text", text))
+                    continue
             events += chat.feed(chunk)
-    return events, False
+            plain = chat.plain
+    return False
+
+
+def _plain_text(chunk: dict) -> str | None:
+    """The text of a chunk that carries one non-empty text delta of choice 0 and nothing else, else None."""
+    choices = chunk.get("choices")
+    if type(choices) is not list or len(choices) != 1 or chunk.get("usage") is not None:
+        return None
+    choice = choices[0]
+    if type(choice) is not dict or choice.get("finish_reason") or choice.get("index", 0) != 0:
+        return None
+    delta = choice.get("delta")
+    if type(delta) is not dict or len(delta) != 1:
+        return None
+    text = delta.get("content")
+    return text if type(text) is str and text and not has_surrogates(text) else None
 
 
 def _events_end(data: bytes) -> int:
@@ -150,7 +211,7 @@ def _decoded(data: bytes, max_bytes: int, template: list | None) -> Generator[li
 
 
 def _scan(data: bytes, max_bytes: int, template: list, batch: list) -> None:
-    """Complete events ``data`` (no CR in it) into ``batch``: runs of plain deltas as ``FastDelta``, other
+    """Complete events ``data`` (no CR in it) into ``batch``: runs of plain deltas as ``TextRun``, other
     events decoded. Once the stream's template is known, the read is split at every "end of one plain
     delta, start of the next" in one C call, so a run of plain deltas costs no Python per event."""
     at = 0
@@ -192,12 +253,12 @@ def _scan(data: bytes, max_bytes: int, template: list, batch: list) -> None:
 
 
 def _run(bodies: list[bytes], max_bytes: int, template: tuple, batch: list) -> bool:
-    """A run of bodies that stood between the template's head and tail: one ``FastDelta`` for the ones that
+    """A run of bodies that stood between the template's head and tail: one ``TextRun`` for the ones that
     are canonical literal bodies, the others decoded in order. True when the stream ended (``DONE``)."""
     head, tail, kind = template
     joined = b"".join(bodies)
     if _SPECIAL.search(joined) is None and joined.isascii():
-        batch.append((kind, bodies, head, tail))
+        batch.append(_run_of(TextRun, (kind, bodies, head, tail)))
         return False
     good: list[bytes] = []
     for body in bodies:
@@ -205,12 +266,12 @@ def _run(bodies: list[bytes], max_bytes: int, template: tuple, batch: list) -> b
             good.append(body)
             continue
         if good:
-            batch.append((kind, good, head, tail))
+            batch.append(_run_of(TextRun, (kind, good, head, tail)))
             good = []
         if _slow([head + body + tail], max_bytes, batch):
             return True
     if good:
-        batch.append((kind, good, head, tail))
+        batch.append(_run_of(TextRun, (kind, good, head, tail)))
     return False
 
 
@@ -235,7 +296,7 @@ def _by_event(data: bytes, max_bytes: int, template: list, batch: list, learn: b
                     if _slow(run, max_bytes, batch):
                         return -1
                     run = []
-                append((kind, [body], head, tail))
+                append(_run_of(TextRun, (kind, [body], head, tail)))
                 continue
         m = _FAST.fullmatch(event) if _DELTA_KEY.search(event) is not None else None
         if m is not None and len(event) <= max_bytes and _utf8(m.group(2)):
@@ -246,7 +307,7 @@ def _by_event(data: bytes, max_bytes: int, template: list, batch: list, learn: b
                 if _slow(run, max_bytes, batch):
                     return -1
                 run = []
-            append((kind, [m.group(2)[1:-1]], head, tail))
+            append(_run_of(TextRun, (kind, [m.group(2)[1:-1]], head, tail)))
             if learn:
                 return at
             continue

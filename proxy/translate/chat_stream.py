@@ -20,7 +20,6 @@ text, tools, finish; usage whenever it comes):
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from typing import Any, Iterable, Iterator
@@ -28,9 +27,10 @@ from typing import Any, Iterable, Iterator
 import orjson
 
 from ..errors import StreamError
-from ..fold.chat import stream_error
+from ..fold.base import slow_json, stream_error
 from ..fold.guard import FRAGMENT, repair_surrogates
 from ..fold.sse import iter_event_batches
+from .completion import first_choice, load
 
 DONE = "[DONE]"
 _DONE_DATA = (b" [DONE]", b"[DONE]")  # "data: [DONE]" and "data:[DONE]" (iter_event_batches keeps the space)
@@ -81,14 +81,41 @@ def decode_event(event: bytes, data: bytes, max_bytes: int) -> dict | str | None
             return None  # blank data: lines are sent by some servers; not an error
         if stripped == b"[DONE]":
             return DONE
-        try:  # llama.cpp verbose mode: raw control characters inside JSON strings
-            chunk = json.loads(data.decode("utf-8", "replace"), strict=False)
-        except (ValueError, RecursionError):
-            raise StreamError("upstream sent a data line that is not JSON") from None
+        chunk = slow_json(data)  # the fold's slow path and its guards (llama.cpp's raw control characters ...)
     if type(chunk) is not dict:
         raise StreamError("upstream sent an event that is not a JSON object")
     if event == b"error" or chunk.get("error") is not None:
         raise stream_error(chunk)
+    return chunk
+
+
+def completion_as_chunk(body: bytes) -> dict:
+    """One ``chat.completion`` JSON (a server that ignored ``stream: true``) as the one chunk saying it all.
+
+    The message becomes the delta (content, reasoning, tool calls indexed by
+    their place in the message), so it goes through the same ``ChatStream``
+    as any stream. An error object or a body that is no completion is the
+    ``StreamError`` a stream saying so would give.
+    """
+    completion = load(body)
+    if completion is None:
+        raise StreamError("upstream answered a stream request with JSON that does not parse",
+                          code="upstream_bad_answer")
+    if type(completion) is not dict:
+        raise StreamError("upstream answered a stream request with JSON that is not an object",
+                          code="upstream_bad_answer")
+    if completion.get("error") is not None:
+        raise stream_error(completion)
+    choice, message = first_choice(completion)
+    calls = message.get("tool_calls")
+    delta = {k: v for k, v in message.items() if k != "tool_calls"}
+    if type(calls) is list:
+        delta["tool_calls"] = [{**call, "index": i} for i, call in enumerate(calls) if type(call) is dict]
+    chunk = {k: completion[k] for k in ("id", "model", "created") if k in completion}
+    chunk["choices"] = [{"index": 0, "delta": delta, "finish_reason": choice.get("finish_reason") or "stop",
+                         "stop_reason": choice.get("stop_reason")}]  # vLLM's matched stop string, if any
+    if type(completion.get("usage")) is dict:
+        chunk["usage"] = completion["usage"]
     return chunk
 
 

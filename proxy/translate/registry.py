@@ -2,15 +2,18 @@
 
 ``proxy/web.py`` registers, for each protocol here, its route's Blueprint and
 its error shape for the paths it owns; the generic runner
-(``proxy/bridging.py``) serves any of them. Adding a protocol is its folder
+(``proxy/routes/bridged.py``) serves any of them. Adding a protocol is its folder
 under ``translate/`` and one line in ``PROTOCOLS``.
 """
 from __future__ import annotations
 
+from .anthropic.bridge import MESSAGES
 from .bridge import Protocol
+from .responses.bridge import RESPONSES
 
 PROTOCOLS: tuple[Protocol, ...] = (
-    # the Anthropic Messages and Responses bridges join here as they move to translate/<protocol>/bridge.py
+    MESSAGES,   # Anthropic Messages: /v1/messages
+    RESPONSES,  # OpenAI Responses: /v1/responses
 )
 
 

@@ -1,7 +1,7 @@
-"""chat.completion -> Anthropic message, and the Anthropic error shape (translation.md §1.2, §1.3, §1.7).
+"""chat.completion -> Anthropic message (translation.md §1.2, §1.3); the error shape is ``errors.py``'s.
 
-Pure: dicts in, dicts or bytes out. Shared with the stream translator:
-``usage``, ``stop_reason``, ``error_type`` and ``error_event``.
+Pure: dicts in, dicts out. Shared with the stream translator: ``usage``,
+``stop_fields`` and ``tool_input``.
 """
 from __future__ import annotations
 
@@ -10,55 +10,15 @@ from typing import Any, Collection
 
 import orjson
 
-from ..chat_stream import clean
-from ..completion import first_choice, message_calls, message_text, upstream_message
-from ..tools import ToolNames, is_context_overflow, repair_json_object, sanitize_tool_id
+from ..completion import first_choice, message_calls, message_text
+from ..tools import ToolNames, repair_json_object, sanitize_tool_id
 
-# HTTP status -> Anthropic error type (Anthropic's docs, CLIProxyAPI claudeErrorTypeFromStatus).
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: "billing_error",
-               403: "permission_error", 404: "not_found_error", 413: "request_too_large",
-               429: "rate_limit_error", 504: "timeout_error", 529: "overloaded_error"}
 _FINISH = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "end_turn", "function_call": "end_turn",
            "content_filter": "end_turn"}
 
 
 def new_message_id() -> str:
     return "msg_" + os.urandom(12).hex()
-
-
-def error_type(status: int) -> str:
-    """The Anthropic error ``type`` for an HTTP status."""
-    kind = ERROR_TYPES.get(status)
-    if kind is not None:
-        return kind
-    return "api_error" if status >= 500 else "invalid_request_error"
-
-
-def error_body(status: int, message: str, kind: str | None = None) -> bytes:
-    """``{"type":"error","error":{"type","message"}}`` (surrogate halves in an upstream's message replaced)."""
-    return orjson.dumps({"type": "error", "error": {"type": kind or error_type(status), "message": clean(message)}})
-
-
-def error_event(status: int, message: str) -> bytes:
-    """The ``event: error`` frame that ends a stream that broke after it was committed."""
-    return b"event: error\ndata: " + error_body(status, message) + b"\n\n"
-
-
-def upstream_error(status: int, body: bytes) -> tuple[int, bytes]:
-    """An upstream error answer as an Anthropic one: ``(status, body)``.
-
-    A prompt that does not fit becomes 400 ``prompt is too long: ...``
-    whatever status the upstream used: that is Anthropic's own wording, and
-    what makes Claude Code compact the conversation instead of resending it.
-    An upstream 503 (overloaded) becomes 529, which Anthropic clients retry.
-    """
-    message = upstream_message(status, body)
-    if status >= 400 and status != 429 and is_context_overflow(message):
-        text = message if message.lower().startswith("prompt is too long") else f"prompt is too long: {message}"
-        return 400, error_body(400, text, "invalid_request_error")
-    if status == 503:
-        status = 529
-    return status, error_body(status, message)
 
 
 def usage(chat_usage: Any) -> dict:

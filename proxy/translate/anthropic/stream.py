@@ -26,11 +26,9 @@ from typing import Any, Collection, Iterable
 
 import orjson
 
-from ...errors import StreamError
-from ...fold.chat import stream_error
-from ..completion import first_choice, load
 from ..tools import ToolNames, sanitize_tool_id
-from .response import error_event, new_message_id, stop_fields, tool_input, usage
+from .errors import FIXED_ERROR_EVENT, INTERNAL, error_event
+from .response import new_message_id, stop_fields, tool_input, usage
 
 PING = b'event: ping\ndata: {"type":"ping"}\n\n'
 _TEXT_DELTA = b'event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,' \
@@ -48,40 +46,10 @@ _THINKING_START = b'event: content_block_start\ndata: {"type":"content_block_sta
                   b'"content_block":{"type":"thinking","thinking":"","signature":""}}\n\n'
 _STOP = b'event: content_block_stop\ndata: {"type":"content_block_stop","index":%d}\n\n'
 _MESSAGE_STOP = b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
-INTERNAL = "The proxy hit an internal error; see its log for details."
 # The last resort of ``fail``: written without anything that could fail
 _FIXED_START = (b'event: message_start\ndata: {"type":"message_start","message":{"id":"%s","type":"message",'
                 b'"role":"assistant","model":"","content":[],"stop_reason":null,"stop_sequence":null,'
                 b'"usage":{"input_tokens":0,"output_tokens":0}}}\n\n')
-_FIXED_ERROR = (b'event: error\ndata: {"type":"error","error":{"type":"api_error","message":"'
-                + INTERNAL.encode() + b'"}}\n\n')
-
-
-def completion_as_chunk(body: bytes) -> dict:
-    """One ``chat.completion`` JSON (a server that ignored ``stream: true``) as the one chunk saying it all.
-
-    The message becomes the delta (content, reasoning, tool calls without
-    ``index``: each new id starts a call), so it goes through the same
-    ``ChatStream`` as any stream.
-    """
-    completion = load(body)
-    if completion is None:
-        raise StreamError("upstream answered a stream request with JSON that does not parse")
-    if not isinstance(completion, dict):
-        raise StreamError("upstream answered a stream request with JSON that is not an object")
-    if completion.get("error") is not None:
-        raise stream_error(completion)
-    choice, message = first_choice(completion)
-    calls = message.get("tool_calls")
-    delta = {k: v for k, v in message.items() if k != "tool_calls"}
-    if isinstance(calls, list):
-        delta["tool_calls"] = [{k: v for k, v in c.items() if k != "index"} for c in calls if isinstance(c, dict)]
-    chunk = {k: completion[k] for k in ("id", "model", "created") if k in completion}
-    chunk["choices"] = [{"index": 0, "delta": delta, "finish_reason": choice.get("finish_reason") or "stop",
-                         "stop_reason": choice.get("stop_reason")}]  # vLLM's matched stop string, if any
-    if isinstance(completion.get("usage"), dict):
-        chunk["usage"] = completion["usage"]
-    return chunk
 
 
 def frame(kind: str, payload: dict) -> bytes:
@@ -126,13 +94,21 @@ class MessageStream:
 
     def feed(self, events: Iterable[tuple]) -> bytes:
         """The Anthropic events for a run of ``ChatStream`` events."""
+        out: list[bytes] = []
+        self.feed_into(out, events)
+        return b"".join(out)
+
+    def feed_into(self, out: list[bytes], events: Iterable[tuple]) -> None:
+        """``feed``, its events appended to ``out`` (the runner joins one write per upstream read)."""
         if self.ended:
-            return b""
-        out = [self.start()] if not self.started else []
+            return
+        if not self.started:
+            out.append(self.start())
         for event in events:
             kind = event[0]
-            if kind == "literals":  # ("literals", "text" | "reasoning", [JSON string bodies]): chat_reads
-                if event[1] == "text":
+            if kind == "run":  # ("run", TextRun): plain deltas as JSON string bodies (chat_reads)
+                run = event[1]
+                if run[0] == "text":
                     if self.open_kind != "text":
                         out.append(self._open("text", _TEXT_START))
                     pre, post = _TEXT_PRE % self.open_index, _TEXT_POST
@@ -140,7 +116,7 @@ class MessageStream:
                     if self.open_kind != "thinking":
                         out.append(self._open("thinking", _THINKING_START))
                     pre, post = _THINKING_PRE % self.open_index, _TEXT_POST
-                out.append(pre + (post + pre).join(event[2]) + post)  # = one _TEXT_DELTA per body
+                out.append(pre + (post + pre).join(run[1]) + post)  # = one _TEXT_DELTA per body
             elif kind == "text":
                 if self.open_kind != "text":
                     out.append(self._open("text", _TEXT_START))
@@ -156,7 +132,6 @@ class MessageStream:
             elif kind == "usage":
                 self.usage = event[1]
             # "tool_args": the ToolCall keeps its fragments; they are sent whole at the end
-        return b"".join(out)
 
     def close(self, events: Iterable[tuple], ended_early: bool) -> bytes:
         """The end of the stream: the last events (from ``ChatStream.close``), then the tools and the stop.
@@ -199,7 +174,7 @@ class MessageStream:
         except Exception:  # noqa: BLE001 - the stream must still end with its error event
             head = b"" if self.started else _FIXED_START % self.message_id.encode()
             self.started = True
-            return head + _FIXED_ERROR
+            return head + FIXED_ERROR_EVENT
 
     # -- blocks ------------------------------------------------------------
     def _open(self, kind: str, template: bytes) -> bytes:

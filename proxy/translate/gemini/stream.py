@@ -80,10 +80,11 @@ class GeminiStream:
         out: list[bytes] = []
         for event in events:
             kind = event[0]
-            if kind == "literals":  # ("literals", "text" | "reasoning", [JSON string bodies]): chat_reads
-                if event[1] == "text" or self.thoughts:
-                    pre, post = self._text if event[1] == "text" else self._thought
-                    out.append(self._lead + pre + (post + self._next_lead + pre).join(event[2]) + post)
+            if kind == "run":  # ("run", TextRun): plain deltas as JSON string bodies (chat_reads)
+                run = event[1]
+                if run.kind == "text" or self.thoughts:
+                    pre, post = self._text if run.kind == "text" else self._thought
+                    out.append(self._lead + pre + (post + self._next_lead + pre).join(run.bodies) + post)
                     self._lead = self._next_lead
             elif kind == "text" or (kind == "reasoning" and self.thoughts):
                 pre, post = self._text if kind == "text" else self._thought

@@ -201,17 +201,3 @@ def _text(value: Any) -> str:
     if isinstance(value, list):  # content or reasoning as a list of parts
         return "".join(p.get("text", "") for p in value if isinstance(p, dict) and isinstance(p.get("text"), str))
     return ""
-
-
-def completion_as_chunk(completion: dict) -> dict:
-    """A ``chat.completion`` as one stream chunk, for an upstream that answered JSON to ``stream: true``."""
-    choice, message = first_choice(completion)
-    delta = {key: message[key] for key in ("content", "reasoning_content", "reasoning") if message.get(key)}
-    calls = message.get("tool_calls")
-    if isinstance(calls, list) and calls:
-        delta["tool_calls"] = [{**call, "index": i} for i, call in enumerate(calls) if isinstance(call, dict)]
-    chunk = {key: completion[key] for key in ("id", "model", "created") if key in completion}
-    chunk["choices"] = [{"index": 0, "delta": delta, "finish_reason": choice.get("finish_reason") or "stop"}]
-    if completion.get("usage"):
-        chunk["usage"] = completion["usage"]
-    return chunk

@@ -108,16 +108,8 @@ class ResponsesStream:
         self.feed_into(out, events)
         return b"".join(out)
 
-    def text(self, out: list[bytes], text: str) -> None:
-        """One text delta into the open message (``translate_stream``'s shortcut for plain text chunks)."""
-        if self.held is not None:
-            self.held.charge(text)
-        self.parts.append(text)
-        self.texts.append(text)
-        self._delta(out, _TEXT_DELTA, self.middle, orjson.dumps(text), _TEXT_TAIL)
-
     def literals(self, out: list[bytes], kind: str, bodies: list[bytes]) -> None:
-        """Text or reasoning deltas given as JSON string literal bodies (``chat_reads.FastDelta``): written as
+        """Text or reasoning deltas given as JSON string literal bodies (a ``chat_reads.TextRun``): written as
         they came (each is what ``orjson.dumps`` of its text gives), their text decoded once."""
         if b"" in bodies:
             bodies = [body for body in bodies if body]
@@ -154,7 +146,10 @@ class ResponsesStream:
     def feed_into(self, out: list[bytes], events: list[tuple]) -> None:
         for event in events:
             kind = event[0]
-            if kind == "text":
+            if kind == "run":  # ("run", TextRun): plain deltas as JSON string bodies (chat_reads)
+                run = event[1]
+                self.literals(out, run[0], run[1])
+            elif kind == "text":
                 if self.held is not None:
                     self.held.charge(event[1])
                 if self.kind != "message":
