@@ -384,3 +384,40 @@ def test_vllm_stop_reason_survives_an_upstream_that_answers_json_to_a_stream_req
                              headers={"x-api-key": CLIENT_KEY, "anthropic-version": "2023-06-01"}, timeout=10)
     checked = check_stream(response.content)
     assert checked.text == "Here it" and checked.stop_reason == "stop_sequence"
+
+
+def test_an_upstream_answering_json_to_a_stream_request_keeps_tool_calls_without_ids_apart(live, upstream):
+    # llama.cpp/Ollama-style calls with no id: each is its own call (they were merged into one, their
+    # arguments run together, when the JSON answer was replayed as a stream without the calls' places)
+    calls = [{"type": "function", "function": {"name": "Read", "arguments": '{"path":"a"}'}},
+             {"type": "function", "function": {"name": "Bash", "arguments": '{"command":"ls"}'}}]
+    answer = {"id": "chatcmpl-j2", "object": "chat.completion", "created": 1764000001, "model": "upstream-model",
+              "choices": [{"index": 0, "message": {"role": "assistant", "content": None, "tool_calls": calls},
+                           "finish_reason": "tool_calls"}]}
+    upstream.handler = lambda rec: Reply(body=json.dumps(answer).encode())
+    response = requests.post(live.url + "/v1/messages", json=dict(MESSAGES, stream=True), headers=AUTH, timeout=10)
+    checked = check_stream(response.content)
+    assert [(t["name"], t["input"]) for t in checked.tools] == [("Read", {"path": "a"}), ("Bash", {"command": "ls"})]
+    assert checked.stop_reason == "tool_use"
+
+
+def test_text_before_a_refused_chunk_in_the_same_read_still_reaches_the_client(live, upstream):
+    # one upstream write: text deltas, then a chunk the chat reader refuses (choices not a list); the text
+    # must go out before the error event (it was dropped with the rest of the read)
+    read = b"".join(sse(chunk({"role": "assistant", "content": ""}), chunk({"content": "Hel"}),
+                        chunk({"content": "lo"}), done=False))
+    read += b'data: {"id":"chatcmpl-s1","object":"chat.completion.chunk","choices":{"index":0}}\n\n'
+    checked = check_stream(stream(live, upstream, [read]), broken=True)
+    assert checked.text == "Hello"
+    assert checked.error["type"] == "api_error" and "choices" in checked.error["message"]
+
+
+def test_a_usage_count_no_number_can_hold_does_not_break_the_stream(live, upstream):
+    # 400 digits: orjson refuses it, the slow JSON path reads it; its guards make it no count (as the fold
+    # does) instead of an integer no JSON writer can write back (the stream ended in an internal error)
+    huge = b'data: {"id":"chatcmpl-s1","object":"chat.completion.chunk","choices":[],"usage":{"prompt_tokens":' \
+           + b"9" * 400 + b',"completion_tokens":2}}\n\n'
+    events = [*sse(*text_chunks(["Hi"]), done=False), huge, b"data: [DONE]\n\n"]
+    checked = check_stream(stream(live, upstream, events))
+    assert checked.text == "Hi" and checked.stop_reason == "end_turn"
+    assert checked.usage["input_tokens"] == 0 and checked.usage["output_tokens"] == 2
