@@ -70,7 +70,8 @@ class Side:
         path = SCENARIOS[scenario][0]
         return path == "/v1/chat/completions" or (path in self.knows and "native-apis" in self.knows)
 
-    def start(self, nginx_port: int, env: dict) -> None:
+    def write_settings(self, nginx_port: int) -> Path:
+        """The bench providers against nginx, in the settings this commit understands."""
         import yaml
         providers = bench.providers(nginx_port, bridges="native-apis" in self.knows)
         document = {"api-keys": [KEY], "timeouts": {"connect": 5, "read": 60}, "openai-compatibility": providers}
@@ -78,6 +79,10 @@ class Side:
             document["state-path"] = str(self.tree / "bench-state.db")
         settings = self.tree / "bench-settings.yaml"
         settings.write_text(yaml.safe_dump(document, sort_keys=False))
+        return settings
+
+    def start(self, nginx_port: int, env: dict) -> None:
+        settings = self.write_settings(nginx_port)
         self.port = bench.free_port()
         environ = dict(os.environ, PROXY_SETTINGS=str(settings), LOG_LEVEL="warning", **env)
         for name in ("PORT", "PROMETHEUS_MULTIPROC_DIR", "STREAMFOLD_METRICS_DIR_MADE", "REDIS_URL"):
