@@ -35,7 +35,8 @@ def test_text_turns_system_instruction_and_generation_config():
 
 def test_snake_case_spellings_read_like_camel_case():
     chat = chat_of({"system_instruction": {"parts": [{"text": "S"}]},
-                    "contents": [{"role": "user", "parts": [{"inline_data": {"mime_type": "image/png", "data": "AAA"}}]}],
+                    "contents": [{"role": "user",
+                                  "parts": [{"inline_data": {"mime_type": "image/png", "data": "AAA"}}]}],
                     "generation_config": {"max_output_tokens": 5, "thinking_config": {"thinking_budget": 100}}})
     assert chat["messages"][0] == {"role": "system", "content": "S"}
     assert chat["messages"][1]["content"] == [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAA"}}]
@@ -163,3 +164,15 @@ def test_answer_parts_finish_and_usage():
     assert answer["candidates"][0]["finishReason"] == "MAX_TOKENS"
     assert [p for p in answer["candidates"][0]["content"]["parts"] if p.get("thought")] == []
     assert usage_metadata(None, 12) == {"promptTokenCount": 12, "candidatesTokenCount": 0, "totalTokenCount": 12}
+
+
+def test_json_schemas_with_gemini_type_names_are_written_as_json_schema():
+    """Gemini CLI 0.61.0 sends upper-case OpenAPI type names in responseJsonSchema and parametersJsonSchema;
+    constrained decoders of chat servers know only JSON Schema's lower-case ones."""
+    schema = {"type": "OBJECT", "properties": {"score": {"type": "INTEGER"}}, "required": ["score"]}
+    chat = chat_of({"contents": [{"parts": [{"text": "x"}]}],
+                    "tools": [{"functionDeclarations": [{"name": "f", "parametersJsonSchema": schema}]}],
+                    "generationConfig": {"responseMimeType": "application/json", "responseJsonSchema": schema}})
+    expected = {"type": "object", "properties": {"score": {"type": "integer"}}, "required": ["score"]}
+    assert chat["response_format"]["json_schema"]["schema"] == expected
+    assert chat["tools"][0]["function"]["parameters"] == expected

@@ -27,7 +27,8 @@ Field mapping (README "Gemini CLI with your own models" has the table):
 - ``generationConfig``: temperature, topP, topK, seed, presence/frequency
   penalties, stopSequences -> stop, maxOutputTokens -> max_tokens,
   responseMimeType ``application/json`` (+ responseSchema /
-  responseJsonSchema) -> ``response_format``, thinkingConfig ->
+  responseJsonSchema; Gemini CLI writes upper-case type names even in
+  the latter, so both are read as the OpenAPI subset) -> ``response_format``, thinkingConfig ->
   ``reasoning_effort`` (``effort.from_gemini``);
 - ``safetySettings``, ``labels`` and the like are ignored.
 """
@@ -246,8 +247,10 @@ def _function(declaration: dict, names: ToolNames) -> dict:
     function: dict[str, Any] = {"name": names.to_upstream(declaration["name"])}
     if declaration.get("description"):
         function["description"] = declaration["description"]
+    # Gemini CLI writes Gemini's upper-case type names in its JSON schemas too: both are read as the OpenAPI subset
+    # (lower-case JSON Schema types are left as they are)
     if isinstance(declaration.get("parametersJsonSchema"), dict):
-        function["parameters"] = chat_schema(declaration["parametersJsonSchema"])
+        function["parameters"] = chat_schema(declaration["parametersJsonSchema"], openapi=True)
     elif isinstance(declaration.get("parameters"), dict):
         function["parameters"] = chat_schema(declaration["parameters"], openapi=True)
     else:
@@ -260,7 +263,7 @@ def _response_format(config: dict) -> dict | None:
     if not isinstance(mime, str) or mime.lower() != "application/json":
         return None  # text/plain; text/x.enum is not bridged (the answer is plain text)
     if isinstance(config.get("responseJsonSchema"), dict):
-        schema = config["responseJsonSchema"]
+        schema = chat_schema(config["responseJsonSchema"], openapi=True)
     elif isinstance(config.get("responseSchema"), dict):
         schema = chat_schema(config["responseSchema"], openapi=True)
     else:
