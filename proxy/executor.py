@@ -180,7 +180,8 @@ def _attempt(settings: Settings, sessions: upstream.Sessions, keys: KeyPool,
     if hop.is_demo_url(provider.base_url):
         headers[hop.DEMO_HEADER] = hop.demo_secret()
     if entry.api_key:
-        headers["Authorization"] = f"Bearer {entry.api_key}"
+        if plan is None or plan.bearer:
+            headers["Authorization"] = f"Bearer {entry.api_key}"
         if plan is not None and plan.key_header:
             headers[plan.key_header] = entry.api_key
     record.sent = body

@@ -28,8 +28,11 @@ WRONG_KEY = "Incorrect API key provided."
 # The routes whose view authenticates the client key before it reads the body.
 CLIENT_KEY_ROUTES = frozenset(("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses",
                                "/v1/messages", "/v1/messages/count_tokens"))
+# Path prefixes of routes that take the key from a header or the query (Gemini's ``?key=``): refused from the
+# head only when a header carries a wrong key (the query is not read here; without a header the app decides).
+CLIENT_KEY_PREFIXES = ("/v1beta/models/", "/v1/models/")
 # Header names (lower case) ``refusal`` reads; the worker collects just these from the head.
-HEADERS = frozenset((b"authorization", b"x-api-key", b"streamfold-hop"))
+HEADERS = frozenset((b"authorization", b"x-api-key", b"x-goog-api-key", b"streamfold-hop"))
 
 
 def refusal(settings: Settings, method: str, path: str, headers: dict[bytes, list[bytes]]) -> ProxyError | None:
@@ -38,18 +41,38 @@ def refusal(settings: Settings, method: str, path: str, headers: dict[bytes, lis
     hops = headers.get(b"streamfold-hop")
     if hops and not path.startswith("/demo/") and hop.looped(",".join(v.decode("latin-1") for v in hops)):
         return LoopDetected(hop.LOOP_MESSAGE)
-    if method != "POST" or path not in CLIENT_KEY_ROUTES or not settings.api_keys:
+    if method != "POST" or not settings.api_keys:
         return None
-    auth, api_key = headers.get(b"authorization", ()), headers.get(b"x-api-key", ())
-    if len(auth) > 1 or len(api_key) > 1:
+    exact = path in CLIENT_KEY_ROUTES
+    if not exact and not path.startswith(CLIENT_KEY_PREFIXES):
+        return None
+    if any(len(headers.get(name, ())) > 1 for name in (b"authorization", b"x-api-key", b"x-goog-api-key")):
         return None  # repeated: how the app joins them is the app's business
-    value = auth[0].decode("latin-1") if auth else ""
-    token = value[7:].strip() if value[:7].lower() == "bearer " else (api_key[0].decode("latin-1") if api_key else "")
+    token = client_token({"Authorization": _one(headers, b"authorization"), "x-api-key": _one(headers, b"x-api-key"),
+                          "x-goog-api-key": _one(headers, b"x-goog-api-key")})
     if not token:
-        return Unauthorized(NO_KEY)
+        return Unauthorized(NO_KEY) if exact else None
     if find_key(settings.api_keys, token) is None:
         return Unauthorized(WRONG_KEY)
     return None
+
+
+def _one(headers: dict[bytes, list[bytes]], name: bytes) -> str:
+    values = headers.get(name)
+    return values[0].decode("latin-1") if values else ""
+
+
+def client_token(headers, args=None, query: str | None = None) -> str:
+    """The client key a request carries: ``Authorization: Bearer``, else ``x-api-key``, else ``x-goog-api-key``
+    (Gemini clients), else the ``query`` parameter of ``args`` when the route takes one; "" when none.
+    ``headers``/``args``: mappings with ``get`` (werkzeug's, or plain dicts of str)."""
+    auth = headers.get("Authorization", "") or ""
+    if auth[:7].lower() == "bearer ":
+        return auth[7:].strip()
+    token = headers.get("x-api-key", "") or headers.get("x-goog-api-key", "")
+    if not token and query and args is not None:
+        token = args.get(query, "") or ""
+    return token
 
 
 def find_key(keys: tuple[ClientKey, ...], token: str) -> ClientKey | None:

@@ -47,6 +47,8 @@ class Plan:
     headers: dict[str, str] | None = None     # client headers to send instead of Call.client_headers
     native: bool = True                       # False: the route must translate the answer back
     key_header: str | None = None             # also send the provider key in this header (x-api-key)
+    bearer: bool = True                       # the key as Authorization: Bearer (False: key_header only; Google
+                                              # refuses an API key sent as a bearer token)
     check: Callable[[bytes], Any] | None = None  # raises for a 200 JSON answer of the wrong shape (native)
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from http import HTTPStatus
 from typing import Any, Mapping
@@ -21,7 +22,7 @@ from .config.model import Settings
 from .errors import SLASHES, BadRequest, ErrorShapes, LoopDetected, ProxyError, loggable, request_path
 from .ledger import Ledger, logfmt
 from .models import Record
-from .routes import anthropic, demo, metrics_api, openai, page, responses
+from .routes import anthropic, demo, gemini, metrics_api, openai, page, responses
 from .routes.manage import client_keys, fleet, providers, status, traffic
 from .routes.manage import usage as usage_api
 from .state import open_store
@@ -74,6 +75,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(openai.bp)
     app.register_blueprint(responses.bp)
     app.register_blueprint(anthropic.bp)
+    app.register_blueprint(gemini.bp)
     for management in (providers, client_keys, status, traffic, fleet, usage_api):  # behind the management guard
         app.register_blueprint(management.bp)
     app.register_blueprint(metrics_api.bp)
@@ -122,9 +124,25 @@ def run_dev_server() -> None:
     create_app().run(host=host, port=port, threaded=True, request_handler=DevRequestHandler)
 
 
+QUERY_KEY = re.compile(r"([?&]key=)[^&\s#]*", re.IGNORECASE)  # a client key in a query string, for the log
+
+
 class DevRequestHandler(WSGIRequestHandler):
     """werkzeug's development server, with the errors it answers itself (a malformed request line, a line
     over 64 KB, too many headers) in the route family's JSON shape instead of an HTML page."""
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        """werkzeug's request line, with a client key in the query (Gemini's ``?key=``) replaced."""
+        line, path = self.requestline, getattr(self, "path", None)
+        self.requestline = QUERY_KEY.sub(r"\1[redacted]", line)
+        if path is not None:
+            self.path = QUERY_KEY.sub(r"\1[redacted]", path)
+        try:
+            super().log_request(code, size)
+        finally:
+            self.requestline = line
+            if path is not None:
+                self.path = path
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         try:

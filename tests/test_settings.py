@@ -162,7 +162,8 @@ def test_part2_settings_are_validated_with_their_key_paths():
         "responses-store-ttl: must be >= 1",
         "demo-upstream: must be true or false, not a string",
         "openai-compatibility[0].name: use only a-z, 0-9, '-' and '_'",
-        "openai-compatibility[0].native-apis[1]: must be one of chat, completions, embeddings, responses, messages",
+        "openai-compatibility[0].native-apis[1]: must be one of chat, completions, embeddings, responses, messages, "
+        "gemini",
         "openai-compatibility[0].tokenizer: must be one of none, vllm, llama.cpp",
         "openai-compatibility[0].models[0].max-output-tokens: must be >= 0",
         "openai-compatibility[0].models[0].context-length: must be an integer, not a string",

@@ -57,7 +57,7 @@ class Model:
         return any(c in self.alias for c in "*?[")
 
 
-NATIVE_APIS = ("chat", "completions", "embeddings", "responses", "messages")
+NATIVE_APIS = ("chat", "completions", "embeddings", "responses", "messages", "gemini")
 DEFAULT_NATIVE_APIS = frozenset(("chat", "completions", "embeddings", "responses"))
 TOKENIZERS = ("none", "vllm", "llama.cpp")
 

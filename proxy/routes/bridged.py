@@ -57,7 +57,7 @@ def serve(protocol: Protocol, **path_args: str) -> Response:
     runtime = config.current()
     settings = runtime.settings
     record: Record = g.record
-    authenticate(runtime)
+    authenticate(runtime, query=protocol.key_query)
     body = read_json_body(settings.max_request_bytes)
     incoming = Incoming(client_headers(request.environ), g.request_id, record.client.identity, path_args, settings,
                         current_app.extensions["streamfold.state"], record.body_bytes)
@@ -137,6 +137,6 @@ def _stream(protocol: Protocol, exchange: Exchange, run: Callable[[], Outcome], 
     g.record.streamed = True
     body = pump.events(protocol, exchange, exchange.writer(), source, pending, on_end,
                        silent=keepalive is not None and not pending)
-    response = Response(body, 200, {"Content-Type": "text/event-stream", **SSE_HEADERS}, direct_passthrough=True)
+    response = Response(body, 200, {"Content-Type": exchange.stream_type, **SSE_HEADERS}, direct_passthrough=True)
     response.call_on_close(source.cancel)  # also when the body never started (the client left first)
     return response

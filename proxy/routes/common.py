@@ -12,7 +12,7 @@ from flask import current_app, g, request
 from ..config.live import ConfigHolder, Runtime
 from ..config.model import ClientKey
 from ..errors import BadRequest, PayloadTooLarge, Unauthorized, loggable
-from ..head import NO_KEY, WRONG_KEY, find_key
+from ..head import NO_KEY, WRONG_KEY, client_token, find_key
 from ..models import Client, Record
 from ..routing import Target
 from ..state.identity import OPEN, label
@@ -28,9 +28,10 @@ def holder() -> ConfigHolder:
     return current_app.extensions["streamfold"]
 
 
-def authenticate(runtime: Runtime, *, account: bool = True) -> str:
+def authenticate(runtime: Runtime, *, account: bool = True, query: str | None = None) -> str:
     """The client key's label (its name or ``key-`` plus 8 digits of its identity), or ``-`` for an open proxy.
 
+    ``query``: the name of a query parameter that may carry the key instead (Gemini clients' ``?key=``).
     Also keeps who the client is on the request's record (``Record.client``)
     for ``admit`` and the stored responses and, with ``account`` (every
     proxied route; not ``/v1/models``), logs it and arranges for the request's
@@ -38,8 +39,7 @@ def authenticate(runtime: Runtime, *, account: bool = True) -> str:
     """
     keys: tuple[ClientKey, ...] = runtime.settings.api_keys
     if keys:
-        auth = request.headers.get("Authorization", "")
-        token = auth[7:].strip() if auth[:7].lower() == "bearer " else request.headers.get("x-api-key", "")
+        token = client_token(request.headers, request.args if query else None, query)
         if not token:
             raise Unauthorized(NO_KEY)
         found = find_key(keys, token)

@@ -21,6 +21,7 @@ from ..state import owners
 from ..state.limits import allowed_targets
 from ..translate.completion import check_embeddings, check_relayed, check_response, check_text_completion
 from ..translate.openai import stream_flag
+from . import gemini
 from .common import admit, authenticate, end_logger, holder, openai_request
 
 bp = Blueprint("openai", __name__)
@@ -33,6 +34,8 @@ def healthz() -> Response:
 
 @bp.get("/v1/models")
 def models() -> Response:
+    if gemini.from_gemini_client():
+        return gemini.models(None)  # google-genai lists models at /v1/models by default: its shape
     runtime = holder().current()
     authenticate(runtime, account=False)
     key = g.record.client.key

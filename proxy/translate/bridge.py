@@ -192,6 +192,7 @@ class Exchange:
 
     model: str = ""            # the model the client named (what answers say back to it)
     stream: bool = False       # the client asked for a stream
+    stream_type: str = "text/event-stream"  # the Content-Type of a translated stream (Gemini's array: JSON)
     usage: dict | None = None  # the upstream's chat usage of a translated answer (accounting reads it)
 
     def targets(self, targets: tuple[Target, ...]) -> tuple[Target, ...]:
@@ -227,6 +228,7 @@ class Protocol:
     native_api: str = ""           # the ``native-apis`` entry of a provider serving this protocol itself
     error_paths: tuple[str, ...] = ()  # path prefixes whose errors come in this shape when no view renders them
     keepalive: bytes | None = None  # an event to commit the stream early with and repeat in silences
+    key_query: str | None = None   # a query parameter that may carry the client key (Gemini's ``key``)
 
     def open(self, body: dict, incoming: Incoming) -> Exchange:
         """Validate the client's body (``errors.BadRequest`` naming the field) and start its exchange."""

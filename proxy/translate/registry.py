@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from .anthropic.bridge import MESSAGES
 from .bridge import Protocol
+from .gemini.bridge import GEMINI
 from .responses.bridge import RESPONSES
 
 PROTOCOLS: tuple[Protocol, ...] = (
     MESSAGES,   # Anthropic Messages: /v1/messages
     RESPONSES,  # OpenAI Responses: /v1/responses
+    GEMINI,     # the Gemini API: /v1beta/models/{model}:generateContent, :streamGenerateContent
 )
 
 

@@ -1,6 +1,8 @@
 """The Gemini error shape, rendered here and nowhere else: ``{"error": {"code", "message", "status"}}``.
 
-Pure: a status and a message in, bytes out. ``status`` is the google.rpc
+Pure: a status and a message in, bytes out; ``client_error`` maps any of the
+proxy's errors to the status a Gemini client gets (``GeminiError``, whose
+``body()`` is this shape). ``status`` is the google.rpc
 code name the Gemini API and its SDKs use (``google-genai`` raises
 ``ClientError``/``ServerError`` by the HTTP code and shows ``status``; the
 Gemini CLI retries 429 and 5xx and reads ``message``). In a stream that
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import orjson
 
+from ...errors import ProxyError, UpstreamTimeout, UpstreamUnavailable
 from ..chat_stream import clean
 from ..completion import upstream_message
 from ..tools import is_context_overflow
@@ -65,3 +68,27 @@ def is_gemini_error(body: bytes) -> bool:
         parsed = parsed[0]
     error = parsed.get("error") if isinstance(parsed, dict) else None
     return isinstance(error, dict) and isinstance(error.get("status"), str) and isinstance(error.get("code"), int)
+
+
+class GeminiError(ProxyError):
+    """A failure already mapped to the status a Gemini client gets; ``body()`` is Gemini-shaped."""
+
+    def body(self) -> bytes:
+        return error_body(self.status, self.message)
+
+
+def client_error(error: ProxyError) -> GeminiError:
+    """Any of the proxy's errors as a Gemini client should see it (status names: ``errors.STATUS``)."""
+    if isinstance(error, GeminiError):
+        return error
+    status = error.status
+    if isinstance(error, UpstreamTimeout):
+        status = 504  # DEADLINE_EXCEEDED
+    elif isinstance(error, UpstreamUnavailable):
+        # a provider refusing its own key: PERMISSION_DENIED (retrying cannot help); unreachable: UNAVAILABLE,
+        # which Gemini clients retry
+        status = 403 if error.code == "upstream_auth_failed" else 503
+    elif status >= 400 and status != 429 and is_context_overflow(error.message):
+        status = 400
+    return GeminiError(error.message, status=status, type=status_name(status), code=error.code,
+                       headers=error.headers)

@@ -10,9 +10,14 @@ model the client asked for, ``responseId`` ours.
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
+import orjson
+
+from ...errors import StreamError
+from ..anthropic.tokens import body_tokens
 from ..completion import first_choice, message_calls, message_text
 from ..tools import ToolNames, repair_json_object
 
@@ -85,3 +90,86 @@ def to_response(completion: dict, model: str, names: ToolNames, *, thoughts: boo
                             "finishReason": finish_reason(choice.get("finish_reason")), "index": 0}],
             "usageMetadata": usage_metadata(completion.get("usage"), prompt_estimate),
             "modelVersion": model, "responseId": response_id or new_response_id()}
+
+
+def check_native(body: bytes) -> Any:
+    """A native provider's 200 JSON answer, relayed as it came, must be a ``GenerateContentResponse`` (a list of
+    candidates, or the prompt feedback of a blocked prompt): else a 502 ``upstream_bad_answer``. Returns it parsed."""
+    try:
+        answer = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        answer = None
+    if not isinstance(answer, dict) or not (isinstance(answer.get("candidates"), list)
+                                            or isinstance(answer.get("promptFeedback"), dict)):
+        raise StreamError("upstream answer is not a GenerateContentResponse: no list of candidates",
+                          code="upstream_bad_answer")
+    return answer
+
+
+def native_usage(body: bytes) -> dict | None:
+    """A native answer's ``usageMetadata`` as the chat usage the proxy counts (None without one)."""
+    try:
+        answer = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    return _chat_usage(answer.get("usageMetadata") if isinstance(answer, dict) else None)
+
+
+def streamed_usage(tail: bytes) -> dict | None:
+    """The last complete ``usageMetadata`` object in the end of a native stream (either framing), as chat usage;
+    None when there is none (yet)."""
+    text = tail.decode("utf-8", "replace")
+    at = text.rfind('"usageMetadata"')
+    while at >= 0:
+        start = text.find("{", at)
+        if start >= 0:
+            try:
+                return _chat_usage(_DECODER.raw_decode(text, start)[0])
+            except ValueError:
+                pass  # cut off at the end of what came so far: the one before, if any
+        at = text.rfind('"usageMetadata"', 0, at)
+    return None
+
+
+_DECODER = json.JSONDecoder()
+
+
+def _chat_usage(metadata: Any) -> dict | None:
+    if not isinstance(metadata, dict):
+        return None
+    prompt, thoughts = _int(metadata.get("promptTokenCount")), _int(metadata.get("thoughtsTokenCount"))
+    completion = _int(metadata.get("candidatesTokenCount")) + thoughts
+    usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    if thoughts:
+        usage["completion_tokens_details"] = {"reasoning_tokens": thoughts}
+    cached = _int(metadata.get("cachedContentTokenCount"))
+    if cached:
+        usage["prompt_tokens_details"] = {"cached_tokens": cached}
+    return usage
+
+
+GENERATION_METHODS = ["generateContent", "streamGenerateContent", "countTokens"]
+
+
+def model_resource(name: str, context_length: int = 0, max_output_tokens: int = 0) -> dict:
+    """The ``Model`` resource ``GET /v1beta/models[/{name}]`` answers for a name the client may call; the token
+    limits when the model entry sets them (``context-length``, ``max-output-tokens``)."""
+    resource: dict[str, Any] = {"name": f"models/{name}", "baseModelId": name, "version": "", "displayName": name,
+                                "description": f"{name}, served by streamfold",
+                                "supportedGenerationMethods": GENERATION_METHODS}
+    if context_length:
+        resource["inputTokenLimit"] = context_length
+    if max_output_tokens:
+        resource["outputTokenLimit"] = max_output_tokens
+    return resource
+
+
+def estimate(chat: dict) -> int:
+    """The prompt's tokens, estimated from its chat translation (messages and tools by the character rule,
+    images at a fixed cost each): ``countTokens`` without a tokenizer, the clamp, an answer without usage."""
+    return body_tokens([chat["messages"], chat.get("tools")])
+
+
+def count_response(count: int | None, chat: dict) -> dict:
+    """``countTokens``' answer: the tokenizer's ``count``, else the estimate."""
+    return {"totalTokens": count if count is not None else estimate(chat)}
