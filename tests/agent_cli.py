@@ -1,8 +1,9 @@
-"""The real Claude Code and Codex CLIs driven through the proxy (issue 22): the harness the agent tests share.
+"""The real Claude Code, Codex and Gemini CLIs driven through the proxy (issues 22, 24): the harness the agent tests
+share.
 
 ``tests/system-deps.sh`` installs both from the npm registry, pinned by ``tests/agents/package-lock.json``
 (their native binaries come inside the packages). A test runs one non-interactively (``claude -p``,
-``codex exec``) against the proxy under gunicorn (2 workers) and a scripted loopback upstream that speaks
+``codex exec``, ``gemini -p``) against the proxy under gunicorn (2 workers) and a scripted loopback upstream that speaks
 chat completions the way vLLM does: chunked SSE, one event per chunk, the usage chunk only when asked.
 
 Each scenario's prompt carries a tag, ``[[name]]``. The upstream answers by the tag of the conversation's
@@ -30,7 +31,7 @@ from tests.gunicorn_util import Gunicorn, write_settings
 from tests.upstream import FakeUpstream, Recorded, Reply, sse
 
 AGENTS = Path(__file__).resolve().parent / "agents"
-PACKAGES = {"claude": "@anthropic-ai/claude-code", "codex": "@openai/codex"}
+PACKAGES = {"claude": "@anthropic-ai/claude-code", "codex": "@openai/codex", "gemini": "@google/gemini-cli"}
 VERSIONS = {cli: json.loads((AGENTS / "package.json").read_text())["dependencies"][package]
             for cli, package in PACKAGES.items()}  # the exact versions the lockfile pins
 TAG = re.compile(r"\[\[([a-z0-9-]+)\]\]")
@@ -337,6 +338,29 @@ def codex(proxy: Gunicorn, home: Path, cwd: Path, prompt: str, *args: str, model
 def codex_items(run: Run, kind: str) -> list[dict]:
     """The completed items of type ``kind`` Codex printed (agent_message, reasoning, command_execution...)."""
     return [e["item"] for e in run.events if e.get("type") == "item.completed" and e["item"].get("type") == kind]
+
+
+def gemini(proxy: Gunicorn, home: Path, cwd: Path, prompt: str, *args: str, model: str = "agent") -> Run:
+    """``gemini -p PROMPT --yolo`` in stream-json against the proxy's Gemini API: ``GOOGLE_GEMINI_BASE_URL``
+    and ``GEMINI_API_KEY``, the API-key auth type in ``settings.json`` (without it the pinned CLI picks its
+    ``gateway`` type from the base URL, which its headless mode refuses: "Invalid auth method selected"),
+    and ``-m`` (a named model skips the CLI's routing classifier, another request to a flash model)."""
+    settings = home / ".gemini"
+    settings.mkdir(parents=True, exist_ok=True)
+    (settings / "settings.json").write_text(json.dumps({
+        "security": {"auth": {"selectedType": "gemini-api-key"}},
+        "privacy": {"usageStatisticsEnabled": False}, "telemetry": {"enabled": False},
+        "general": {"disableAutoUpdate": True, "disableUpdateNag": True}}))
+    env = _base_env(home) | {"GEMINI_CLI_HOME": str(home), "GOOGLE_GEMINI_BASE_URL": proxy.url,
+                             "GEMINI_API_KEY": CLIENT_KEY, "GEMINI_CLI_TRUST_WORKSPACE": "true",
+                             "GEMINI_SANDBOX": "false"}
+    cmd = [binary("gemini"), "-m", model, "-p", prompt, "--output-format", "stream-json", "--yolo", *args]
+    return _run("gemini", TAG.findall(prompt)[-1], cmd, cwd, env)
+
+
+def gemini_events(run: Run, kind: str) -> list[dict]:
+    """The stream-json events of type ``kind`` Gemini CLI printed (message, tool_use, tool_result, result)."""
+    return [e for e in run.events if e.get("type") == kind]
 
 
 # --- what reached the upstream ------------------------------------------------------------------------------
