@@ -1,6 +1,6 @@
 """streamfold benchmark: the proxy against the same upstream called directly, one table.
 
-    bench/run.sh [--seconds 5] [--smoke] [--with-litellm] [--only json,fold,stream,responses,messages,endurance]
+    bench/run.sh [--seconds 5] [--smoke] [--with-litellm] [--only json,fold,stream,responses,messages,gemini,endurance]
 
 Starts nginx (a static upstream that is never the bottleneck) serving fixture
 answers, the proxy under gunicorn with the shipped gunicorn.conf.py, and wrk as
@@ -43,6 +43,10 @@ BODY = {"model": "{model}", "messages": [{"role": "user", "content": "Say hello 
 # The same question as a Responses request (the bridged /v1/responses rows), as Codex sends it: store false
 # (a stored answer adds one SQLite write, ~0.3 ms CPU, measured separately and noted in the README).
 RESPONSES_BODY = {"model": "{model}", "input": "Say hello in one word.", "max_output_tokens": 16, "store": False}
+# The same question as a Gemini generateContent body (the model and the stream are in the URL; the "model" and
+# "stream" keys wrk_once adds are fields the Gemini API ignores).
+GEMINI_BODY = {"contents": [{"role": "user", "parts": [{"text": "Say hello in one word."}]}],
+               "generationConfig": {"maxOutputTokens": 16}}
 
 
 def free_port() -> int:
@@ -260,6 +264,8 @@ def run(args) -> list[dict]:
             rows += responses_rows(via, proxy.pid, pairs)
         if "messages" in args.only:
             rows += messages_rows(via, proxy.pid, pairs)
+        if "gemini" in args.only:
+            rows += gemini_rows(via, proxy.pid, pairs)
         if "limits" in args.only:
             # Interleaved, so both sides see the same machine load.
             for label, model, stream in (("JSON relay, c8", "bench-json", False),
@@ -327,6 +333,22 @@ def messages_rows(via: str, proxy_pid: int, pairs: int) -> list[dict]:
                                  ("non-stream (forced fold), 200 events", "bench-fold", False)):
         runs = cpu_pairs(proxy_pid, pairs, (via, model, BODY), (messages, model, BODY), stream)
         rows += pair_rows(f"/v1/messages {label}", runs)
+    return rows
+
+
+def gemini_rows(via: str, proxy_pid: int, pairs: int) -> list[dict]:
+    """The Gemini API (translated to chat) next to the same chat request: streamGenerateContent (?alt=sse, as
+    the SDKs and Gemini CLI ask) and generateContent to a forced provider (the same fold, then one
+    translation). CPU per request as in ``responses_rows``."""
+    base = via.replace("/v1/chat/completions", "/v1beta/models/")
+    rows = []
+    for label, model, stream, method in (
+            ("streaming, 200 events", "bench-stream", True, "streamGenerateContent?alt=sse"),
+            ("non-stream (forced fold), 200 events", "bench-fold", False, "generateContent")):
+        url = f"{base}{model}:{method}"
+        wrk_once(url, model, 8, 1, stream, GEMINI_BODY)  # warm-up
+        runs = cpu_pairs(proxy_pid, pairs, (via, model, BODY), (url, model, GEMINI_BODY), stream)
+        rows += pair_rows(f"Gemini {label}", runs)
     return rows
 
 
@@ -409,7 +431,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="wrk runs per figure; the median is reported")
     parser.add_argument("--smoke", action="store_true", help="a few seconds in all, to check the harness works")
     parser.add_argument("--with-litellm", action="store_true", help="also run LiteLLM's proxy on scenarios 1-3")
-    parser.add_argument("--only", default="json,fold,stream,responses,messages,endurance")
+    parser.add_argument("--only", default="json,fold,stream,responses,messages,gemini,endurance")
     parser.add_argument("--streams", type=int, default=1000, help="concurrent slow streams (endurance)")
     parser.add_argument("--endurance-seconds", type=float, default=10, help="length of each slow stream")
     parser.add_argument("--output", default=str(HERE / "results.json"))
