@@ -10,7 +10,7 @@ import pytest
 from tests.anthropic_invariants import check_stream
 from tests.conftest import CLIENT_KEY, provider, settings_doc
 from tests.gunicorn_util import Gunicorn, write_settings
-from tests.upstream import Reply, completion, sse, text_chunks
+from tests.upstream import Reply, completion, described, sse, text_chunks
 
 PNG = base64.b64encode(bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010806000000"
                                      "1f15c4890000000d49444154789c6360000002000100e221bc330000000049454e44ae426082"
@@ -38,10 +38,7 @@ def answer(rec) -> Reply:
         return Reply(events=sse(*text_chunks(["Hello", " from", " the stream"],
                                              usage={"prompt_tokens": 12, "completion_tokens": 3,
                                                     "total_tokens": 15})))
-    system = body["messages"][0]["content"] if body["messages"][0]["role"] == "system" else "-"
-    images = sum(1 for m in body["messages"] if isinstance(m.get("content"), list)
-                 for p in m["content"] if p.get("type") == "image_url")
-    return Reply(body=json.dumps(completion(f"system={system} images={images}")).encode())
+    return described(body)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from google.genai import errors, types
 from tests.conftest import CLIENT_KEY, provider, settings_doc
 from tests.gemini_invariants import check_stream
 from tests.gunicorn_util import Gunicorn, write_settings
-from tests.upstream import FakeUpstream, Reply, completion, sse, text_chunks
+from tests.upstream import FakeUpstream, Reply, completion, described, sse, text_chunks
 
 PNG = bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010806000000"
                     "1f15c4890000000d49444154789c6360000002000100e221bc330000000049454e44ae426082")
@@ -67,10 +67,7 @@ def answer(rec) -> Reply:
                                                     "total_tokens": 15})))
     if body.get("response_format"):
         return Reply(body=json.dumps(completion('{"name": "Ada", "age": 36}')).encode())
-    system = messages[0]["content"] if messages and messages[0]["role"] == "system" else "-"
-    images = sum(1 for m in messages if isinstance(m.get("content"), list)
-                 for p in m["content"] if p.get("type") == "image_url")
-    return Reply(body=json.dumps(completion(f"system={system} images={images}")).encode())
+    return described(body)
 
 
 @pytest.fixture(scope="module")

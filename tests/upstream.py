@@ -88,6 +88,16 @@ CHAT_REQUESTS: list[Recorded] = []
 STRICT_ROLES_ERROR = "Conversation roles must alternate user/assistant/user/assistant/..."
 
 
+def described(body: dict) -> Reply:
+    """A completion that says what the request held: its system message (``-`` for none) and how many images,
+    ``system=<text> images=<n>`` (the SDK tests' default answer)."""
+    messages = body.get("messages") or []
+    system = messages[0]["content"] if messages and messages[0]["role"] == "system" else "-"
+    images = sum(1 for m in messages if isinstance(m.get("content"), list)
+                 for p in m["content"] if p.get("type") == "image_url")
+    return Reply(body=json.dumps(completion(f"system={system} images={images}")).encode())
+
+
 def role_problem(messages: object) -> str | None:
     """Why a chat ``messages`` list would make a strict chat template (Mistral's, Gemma's, many Llama
     fine-tunes') raise, or None: roles must alternate after at most one leading system message; tool
