@@ -2,7 +2,7 @@
 
 A property test (issue 21, finding 9) takes a rich valid body per route (a
 Claude-Code-shaped Messages request, a Codex-shaped Responses request, a chat
-request with tools) and replaces, deletes or adds values anywhere in it:
+request with tools, a Gemini-CLI-shaped generateContent request) and replaces, deletes or adds values anywhere in it:
 other JSON types (lists where a name is hashed, objects where text is
 joined), JSON nested to 240-300 levels (orjson reads 1024 but writes 254),
 huge numbers, empty strings. Each body goes through a real server to a real
@@ -54,12 +54,32 @@ CHAT_BODY = {
     "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}],
     "stream_options": {"include_usage": True},
 }
+GEMINI_BODY = {  # Gemini-CLI-shaped: the stream is the path's, not the body's
+    "systemInstruction": {"parts": [{"text": "You are Gemini CLI."}]},
+    "contents": [
+        {"role": "user", "parts": [{"text": "list files"}, {"inlineData": {"mimeType": "image/png", "data": "iVBO"}}]},
+        {"role": "model", "parts": [{"text": "ls", "thought": True, "thoughtSignature": "c2ln"},
+                                    {"functionCall": {"id": "c1", "name": "ls", "args": {"dir": "."}}}]},
+        {"role": "user", "parts": [{"functionResponse": {"id": "c1", "name": "ls", "response": {"output": "a.txt"}}},
+                                   {"text": "thanks"}]}],
+    "tools": [{"functionDeclarations": [{"name": "ls", "description": "list", "parametersJsonSchema": {
+        "type": "OBJECT", "properties": {"dir": {"type": "STRING", "nullable": True}}}}]}, {"googleSearch": {}}],
+    "toolConfig": {"functionCallingConfig": {"mode": "ANY", "allowedFunctionNames": ["ls"]}},
+    "generationConfig": {"temperature": 0.2, "maxOutputTokens": 64, "stopSequences": ["###"],
+                         "responseMimeType": "application/json", "responseSchema": {"type": "OBJECT"},
+                         "thinkingConfig": {"includeThoughts": True, "thinkingBudget": 1024}},
+    "safetySettings": [{"category": "HARM_CATEGORY_HARASSMENT", "threshold": "BLOCK_NONE"}],
+}
 ROUTES = {"/v1/messages": MESSAGES_BODY, "/v1/messages/count_tokens": COUNT_BODY,
-          "/v1/responses": dict(CODEX_BODY, stream=False), "/v1/chat/completions": CHAT_BODY}
+          "/v1/responses": dict(CODEX_BODY, stream=False), "/v1/chat/completions": CHAT_BODY,
+          "/v1beta/models/m:generateContent": GEMINI_BODY,
+          "/v1beta/models/m:streamGenerateContent?alt=sse": GEMINI_BODY, "/v1beta/models/m:countTokens": GEMINI_BODY}
+ONE_WAY = ("/v1/messages/count_tokens", "/v1beta/")  # paths whose body does not choose the stream
 # Strings that mean something somewhere in these bodies, so type confusions between them get tried.
 WORDS = ["text", "image", "tool_use", "tool_result", "thinking", "message", "function_call", "function_call_output",
          "custom_tool_call", "reasoning", "input_text", "output_text", "input_image", "function", "custom",
-         "namespace", "user", "assistant", "system", "developer", "tool", "auto", "none", "required", "m", ""]
+         "namespace", "user", "assistant", "system", "developer", "tool", "auto", "none", "required", "m", "",
+         "model", "parts", "functionCall", "functionResponse", "inlineData", "OBJECT", "STRING", "ANY", "NONE"]
 
 
 def nested(depth: int, leaf, kind: str):
@@ -117,6 +137,12 @@ def anthropic_shaped(body: dict) -> bool:
             and isinstance(error.get("message"), str))
 
 
+def gemini_shaped(body: dict) -> bool:
+    error = body.get("error")
+    return (list(body) == ["error"] and isinstance(error, dict) and isinstance(error.get("code"), int)
+            and isinstance(error.get("message"), str) and isinstance(error.get("status"), str))
+
+
 def openai_shaped(body: dict) -> bool:
     error = body.get("error")
     return isinstance(error, dict) and isinstance(error.get("message"), str) and isinstance(error.get("type"), str)
@@ -146,16 +172,17 @@ def check(server, session, path: str, body: dict) -> None:
     assert response.status_code == 200 or 400 <= response.status_code < 500, (response.status_code, response.text[:300])
     assert b"internal error" not in response.content, response.text[:300]
     if response.status_code >= 400:
-        shaped = anthropic_shaped if path.startswith("/v1/messages") else openai_shaped
+        shaped = (anthropic_shaped if path.startswith("/v1/messages") else
+                  gemini_shaped if path.startswith("/v1beta/") else openai_shaped)
         assert shaped(response.json()), response.text[:300]
 
 
 @pytest.mark.parametrize("path, stream", [
     pytest.param(path, stream, marks=pytest.mark.any_roles) if path == "/v1/chat/completions" else (path, stream)
-    for path in ROUTES for stream in (False, True) if path != "/v1/messages/count_tokens" or not stream])
+    for path in ROUTES for stream in (False, True) if not path.startswith(ONE_WAY) or not stream])
 def test_every_mutated_body_gets_a_4xx_in_the_routes_shape_or_a_200(fuzzed, path, stream):
     server, session, upstream = fuzzed
-    base = ROUTES[path] if path.endswith("count_tokens") else dict(ROUTES[path], stream=stream)
+    base = ROUTES[path] if path.startswith(ONE_WAY) else dict(ROUTES[path], stream=stream)
 
     @settings(max_examples=100, deadline=None, database=None,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -73,6 +73,22 @@ def test_bad_input_is_a_gemini_400_naming_the_field_and_the_worker_stays_healthy
     healthy(client, upstream)
 
 
+def test_json_nested_too_deep_to_forward_is_a_400_not_a_500(client, upstream):
+    deep: dict = {}
+    node = deep
+    for _ in range(400):  # orjson reads 1024 levels but writes 255
+        node["a"] = node = {}
+    for part, where in (({"functionCall": {"name": "f", "args": deep}}, "functionCall.args"),
+                        ({"functionResponse": {"name": "f", "response": deep}}, "functionResponse.response")):
+        body = {"contents": [{"role": "model" if "functionCall" in part else "user", "parts": [part]},
+                             {"role": "user", "parts": [{"text": "x"}]}]}
+        for method in ("generateContent", "streamGenerateContent", "countTokens"):
+            error = error_of(client.post(f"/v1beta/models/m:{method}", json=body, headers=KEY), 400)
+            assert error["status"] == "INVALID_ARGUMENT" and where in error["message"]
+    assert upstream.requests == []
+    healthy(client, upstream)
+
+
 def test_huge_body_is_a_gemini_413(upstream):
     client = make_app(settings_doc(provider(upstream), **{"max-request-bytes": 1000})).test_client()
     body = {"contents": [{"parts": [{"text": "x" * 5000}]}]}

@@ -39,6 +39,7 @@ from typing import Any
 
 import orjson
 
+from ...errors import BadRequest
 from ..effort import DEFAULT_LEVELS, for_provider, from_gemini
 from ..roles import alternate
 from ..tools import ToolNames, chat_schema
@@ -129,9 +130,9 @@ def _model_turn(parts: list, turn: int, out: list[dict], names: ToolNames, calls
             call_id = call.get("id") or f"call_{turn}_{index}"
             calls[call["name"]].append(call_id)
             args = call.get("args")
+            arguments = _json(args if args is not None else {}, f"contents[{turn}].parts[{index}].functionCall.args")
             tool_calls.append({"id": call_id, "type": "function",
-                               "function": {"name": names.to_upstream(call["name"]),
-                                            "arguments": orjson.dumps(args if args is not None else {}).decode()}})
+                               "function": {"name": names.to_upstream(call["name"]), "arguments": arguments}})
         # executableCode / codeExecutionResult: Google's server tool, nothing a chat server can read back
     message: dict[str, Any] = {"role": "assistant", "content": "".join(texts)}
     if tool_calls:
@@ -152,7 +153,8 @@ def _user_turn(parts: list, turn: int, out: list[dict], calls: dict, vision: boo
             response = part["functionResponse"]
             call_id = _answered_call(response, calls, turn, index)
             found: list[dict] | None = [] if vision else None
-            out.append({"role": "tool", "tool_call_id": call_id, "content": _response_text(response, found)})
+            text = _response_text(response, found, f"contents[{turn}].parts[{index}].functionResponse.response")
+            out.append({"role": "tool", "tool_call_id": call_id, "content": text})
             if found:
                 images.append({"type": "text", "text": f"[images from the result of tool call {call_id}]"})
                 images += found
@@ -182,7 +184,18 @@ def _answered_call(response: dict, calls: dict, turn: int, index: int) -> str:
     return f"call_{turn}_{index}"  # a response to no call we saw: still a tool message, with an id of its own
 
 
-def _response_text(response: dict, images: list[dict] | None) -> str:
+def _json(value: Any, where: str) -> str:
+    """``value`` as JSON text; a 400 naming ``where`` when it nests deeper than orjson writes (255 levels)."""
+    try:
+        return orjson.dumps(value).decode()
+    except orjson.JSONEncodeError:
+        error = BadRequest(f"'{where}' nests JSON too deeply to be forwarded (the limit is 255 levels).",
+                           param=where)
+        error.retryable = False  # the same for every target
+        raise error from None
+
+
+def _response_text(response: dict, images: list[dict] | None, where: str) -> str:
     """A function's result as the tool message's text: the ``output``/``content``/``result`` string when the
     response is just that, else the response as JSON; images among its ``parts`` go to ``images``."""
     value = response.get("response")
@@ -192,7 +205,7 @@ def _response_text(response: dict, images: list[dict] | None) -> str:
             value = inner
         elif key == "error" and isinstance(inner, str):
             value = "Error: " + inner
-    text = value if isinstance(value, str) else orjson.dumps(value if value is not None else {}).decode()
+    text = value if isinstance(value, str) else _json(value if value is not None else {}, where)
     for part in response.get("parts") or ():
         item = _media_or_text(part, images is not None)
         if item is None:
