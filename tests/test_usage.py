@@ -378,12 +378,19 @@ def test_usage_rows_name_the_glob_alias_so_made_up_names_cannot_grow_the_table(u
 
 def _native_answers(rec) -> Reply:
     """A provider serving /v1/responses and /v1/messages itself; it echoes the request's ``metadata`` after its
-    ``usage``, as OpenAI does. Responses: 40 in, 9 out; Messages: 50000 in (6 read from cache), 10 out."""
+    ``usage``, as OpenAI does. Responses: 40 in, 9 out; Messages: 50000 in besides 6 read from the cache and
+    300 written to it, 10 out."""
     body = rec.body or {}
     if rec.path.endswith("/messages"):
+        usage = {"input_tokens": 50000, "cache_creation_input_tokens": 300, "cache_read_input_tokens": 6}
+        if not body.get("stream"):
+            return Reply(body=json.dumps({
+                "id": "msg_1", "type": "message", "role": "assistant", "model": body["model"],
+                "content": [{"type": "text", "text": "hi"}], "stop_reason": "end_turn", "stop_sequence": None,
+                "usage": {**usage, "output_tokens": 10}}).encode())
         start = {"type": "message_start", "message": {
             "id": "msg_1", "type": "message", "role": "assistant", "model": body["model"], "content": [],
-            "stop_reason": None, "usage": {"input_tokens": 50000, "cache_read_input_tokens": 6, "output_tokens": 1}}}
+            "stop_reason": None, "usage": {**usage, "output_tokens": 1}}}
         events = [start, {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
                   {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "hi"}},
                   {"type": "content_block_stop", "index": 0},
@@ -420,16 +427,26 @@ def test_native_responses_usage_is_the_answers_own_not_a_usage_the_client_had_ec
     assert (total["requests"], total["prompt_tokens"], total["completion_tokens"]) == (2, 80, 18)
 
 
-def test_native_anthropic_stream_is_charged_message_starts_input_and_message_deltas_output(upstream, serve):
-    """Input (and cache reads) arrive in message_start, output in message_delta: both are counted (keeping only
-    the last read with token counts charged 0 input tokens), also when an event comes in two reads."""
+@pytest.mark.parametrize("stream", [False, True])
+def test_native_anthropic_answer_is_charged_its_input_with_the_cache_reads_and_writes(upstream, serve, stream):
+    """Input (and the cache counts) arrive in message_start, output in message_delta: both are counted (keeping
+    only the last read with token counts charged 0 input tokens), also when an event comes in two reads.
+    Anthropic's input_tokens leave out the prompt read from and written to its cache: the prompt charged to
+    usage and tpm is all three (only input_tokens were, so a cached prompt was nearly free)."""
     upstream.handler = _native_answers
     doc = usage_doc(upstream)
     doc["openai-compatibility"][0]["native-apis"] = ["messages"]
+    doc["api-keys"] = [dict(TEAMS[0], tpm=50_100), TEAMS[1]]  # over it with the cache counts, under it without
     live = serve(make_app(doc))
     sdk = anthropic.Anthropic(base_url=live.url, api_key=KEY_A, max_retries=0, timeout=10)
-    with sdk.messages.stream(model="qwen", max_tokens=20, messages=[{"role": "user", "content": "hi"}]) as stream:
-        assert stream.get_final_text() == "hi"
-    sdk.close()
+    message = {"model": "qwen", "max_tokens": 20, "messages": [{"role": "user", "content": "hi"}]}
+    if stream:
+        with sdk.messages.stream(**message) as answer:
+            assert answer.get_final_text() == "hi"
+    else:
+        assert sdk.messages.create(**message).content[0].text == "hi"
     total = wait_for_usage(live.url, 1)["total"]
-    assert (total["prompt_tokens"], total["completion_tokens"], total["cached_tokens"]) == (50000, 10, 6)
+    assert (total["prompt_tokens"], total["completion_tokens"], total["cached_tokens"]) == (50306, 10, 6)
+    with pytest.raises(anthropic.RateLimitError):
+        sdk.messages.create(**message)
+    sdk.close()

@@ -33,7 +33,8 @@ def usage_counts(data: bytes) -> Tokens | None:
     Parsed, never searched: a ``"usage"`` the client made the upstream echo (Responses ``metadata``, a tool
     schema, text) is not a usage object. Only SSE events holding ``_tokens"`` are parsed. Accepts OpenAI
     (``prompt_tokens``, ``*_tokens_details``) and Responses/Anthropic (``input_tokens``,
-    ``cache_read_input_tokens``) names.
+    ``cache_read_input_tokens``, ``cache_creation_input_tokens``) names; Anthropic's prompt is its
+    ``input_tokens`` plus both cache counts (``counts``).
     """
     head = data.lstrip()[:1]
     if head in (b"{", b"["):
@@ -133,12 +134,17 @@ def counts(usage: object) -> Tokens | None:
     if prompt is None and completion is None:
         return None
     cached, reasoning = _count(usage.get("cache_read_input_tokens")), 0
+    prompt = _count(prompt)
+    if "prompt_tokens" not in usage and "input_tokens" in usage:
+        # Anthropic's input_tokens leave out the prompt read from or written to its cache (OpenAI's
+        # prompt_tokens and the Responses input_tokens hold their cached part): the prompt is all three
+        prompt += cached + _count(usage.get("cache_creation_input_tokens"))
     for name in _DETAILS:
         details = usage.get(name)
         if isinstance(details, dict):
             cached = max(cached, _count(details.get("cached_tokens")))
             reasoning = max(reasoning, _count(details.get("reasoning_tokens")))
-    return (_count(prompt), _count(completion), cached, reasoning)
+    return (prompt, _count(completion), cached, reasoning)
 
 
 def _first(usage: dict, names: tuple[str, ...]) -> object:
