@@ -186,3 +186,40 @@ def test_code_lines_skip_blanks_comments_and_docstrings(tmp_path):
                       'def f():\n    """Doc."""\n    return (1,\n            2)\n\n\nTEXT = """a\nb"""\n')
     # import os; def f():; return (1,; 2); TEXT = """a; b"""
     assert arch_graph.code_lines(sample) == 6
+
+
+# Acceptance 3: one chat-stream reader. Each rule of reading a chat stream is defined in exactly one module
+# (a second definition, by name, is a second reader), and the fold and the bridges' reader both use it.
+ONE_DEFINITION = {
+    "call_slot": "proxy.fold.tool_calls",              # which tool call a delta belongs to (index rules)
+    "slow_json": "proxy.fold.base",                    # what orjson refuses, read with the fold's guards
+    "repair_surrogates": "proxy.fold.guard",           # UTF-16 halves joined or replaced
+    "completion_as_chunk": "proxy.translate.chat_stream",  # a JSON answer to a stream request, as one chunk
+    "TextRun": "proxy.translate.chat_reads",           # the fast path's one event
+    "read_batches": "proxy.translate.chat_reads",      # upstream reads -> batches (framing + fast path)
+    "chat_events": "proxy.translate.chat_reads",       # a batch -> the events every bridge's writer takes
+}
+# Modules that may parse JSON with the standard library: the slow path itself, the repair of a model's broken
+# tool arguments, and the shape check of a native answer relayed as it came (no chat stream is read there).
+STDLIB_JSON = {"proxy.fold.base", "proxy.translate.tools", "proxy.translate.completion"}
+
+
+def _defined_names(path) -> set[str]:
+    import ast
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    return {node.name for node in ast.walk(tree)
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
+
+
+def test_each_chat_stream_rule_is_defined_once_and_shared():
+    where: dict[str, set[str]] = {name: set() for name in ONE_DEFINITION}
+    for module, path in MODULES.items():
+        for name in _defined_names(path) & set(ONE_DEFINITION):
+            where[name].add(module)
+    assert {name: sorted(found) for name, found in where.items()} == {
+        name: [module] for name, module in ONE_DEFINITION.items()}
+    # the fold and the bridges' reader take the tool-call rule from the same place
+    users = {edge.source for edge in INTERNAL if edge.target == "proxy.fold.tool_calls"}
+    assert {"proxy.fold.chat", "proxy.translate.chat_stream"} <= users
+    parsers = {edge.source for edge in EXTERNAL if edge.target == "json"}
+    assert parsers <= STDLIB_JSON, f"a second slow JSON path: {sorted(parsers - STDLIB_JSON)}"

@@ -34,6 +34,7 @@ from .choice import ToolCall as _ToolCall
 from .choice import render_choice as _render_choice
 from .guard import CONTAINER_FACTOR, EXACT_ABOVE, FRAGMENT, Budget, held
 from .sse import batches_from_lines, iter_event_batches
+from .tool_calls import call_slot
 
 __all__ = ["DEFAULT_MAX_BYTES", "ChatFold", "fold_chat", "fold_chat_chunks", "run_fold", "stream_error"]
 
@@ -214,17 +215,9 @@ class ChatFold(Budget):
     def _tool_calls(self, state: _Choice, deltas: list) -> None:
         calls = state.calls
         for delta in deltas:
-            index = delta.get("index")
-            call_id = delta.get("id")
-            if index is None:
-                # Gemini/Ollama omit the index: a new id starts a call, no id continues the last.
-                call = state.last_call
-                if call is None or (call_id and call_id != call.id):
-                    call = self._new_call(calls, max(calls) + 1 if calls else 0)
-            else:
-                call = calls.get(index)
-                if call is None:
-                    call = self._new_call(calls, index)
+            call, index = call_slot(calls, state.last_call, delta.get("index"), delta.get("id"))
+            if call is None:
+                call = self._new_call(calls, index)
             state.last_call = call
             for key, value in delta.items():
                 if key == "function":
@@ -241,10 +234,7 @@ class ChatFold(Budget):
                 elif key != "index":
                     self._keep(call.extra, key, value)
 
-    def _new_call(self, calls: dict[int, _ToolCall], index: Any) -> _ToolCall:
-        if type(index) is not int:
-            raise StreamError(f"upstream sent a chunk of the wrong shape: a tool call index is {index!r}, "
-                              "not an integer", code="upstream_bad_chunk")
+    def _new_call(self, calls: dict[int, _ToolCall], index: int) -> _ToolCall:
         self.size += guard.CALL_COST
         call = calls[index] = _ToolCall()
         return call

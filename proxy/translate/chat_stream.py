@@ -30,6 +30,7 @@ from ..errors import StreamError
 from ..fold.base import slow_json, stream_error
 from ..fold.guard import FRAGMENT, repair_surrogates
 from ..fold.sse import iter_event_batches
+from ..fold.tool_calls import call_slot
 from .completion import first_choice, load
 
 DONE = "[DONE]"
@@ -267,20 +268,11 @@ class ChatStream:
     def _tool_delta(self, delta: Any, events: list[tuple]) -> None:
         if type(delta) is not dict:
             raise StreamError("upstream chunk has a tool call that is not an object")
-        index, call_id = delta.get("index"), delta.get("id")
+        call_id = delta.get("id")
         calls = self._calls
-        if index is None:
-            # Gemini/Ollama omit the index: a new id starts a call, no id continues the last (as the fold does).
-            call = self._last
-            if call is None or (call_id and call_id != call.id):
-                call = ToolCall(max((i for i in calls if i >= 0), default=-1) + 1)
-                calls[call.index] = call
-        else:
-            if type(index) is not int:
-                raise StreamError("upstream chunk has a tool-call `index` that is not an integer")
-            call = calls.get(index)
-            if call is None:
-                call = calls[index] = ToolCall(index)
+        call, index = call_slot(calls, self._last, delta.get("index"), call_id)  # the fold's rule
+        if call is None:
+            call = calls[index] = ToolCall(index)
         self._last = call
         if call_id and call.id is None:
             if type(call_id) is not str:
