@@ -200,8 +200,10 @@ ONE_DEFINITION = {
     "chat_events": "proxy.translate.chat_reads",       # a batch -> the events every bridge's writer takes
 }
 # Modules that may parse JSON with the standard library: the slow path itself, the repair of a model's broken
-# tool arguments, and the shape check of a native answer relayed as it came (no chat stream is read there).
-STDLIB_JSON = {"proxy.fold.base", "proxy.translate.tools", "proxy.translate.completion"}
+# tool arguments, the shape check of a native answer relayed as it came, and the usage found in a native
+# Gemini answer's text (raw_decode at an offset); no chat stream is read in any of them.
+STDLIB_JSON = {"proxy.fold.base", "proxy.translate.tools", "proxy.translate.completion",
+               "proxy.translate.gemini.response"}
 
 
 def _defined_names(path) -> set[str]:
