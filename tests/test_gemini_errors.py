@@ -200,3 +200,14 @@ def test_under_gunicorn_bad_input_huge_bodies_and_bad_keys_then_a_good_stream(gu
                                  params={"key": CLIENT_KEY}, json=BODY, timeout=10)
         assert response.status_code == 200 and check_stream(response.content).text == "Hi there"
     assert CLIENT_KEY.encode() not in server.log_path.read_bytes()
+
+
+def test_an_openai_client_asking_get_v1_models_id_gets_the_openai_shape(client):
+    """``GET /v1/models/{id}`` is Gemini's only for a Gemini client (its key as x-goog-api-key or ?key=): the OpenAI
+    SDK's ``models.retrieve`` (a bearer key) gets the OpenAI 404 it got before the Gemini routes existed."""
+    for name in ("m", "nope"):
+        response = client.get(f"/v1/models/{name}", headers={"Authorization": f"Bearer {CLIENT_KEY}"})
+        assert response.status_code == 404 and response.headers["Content-Type"] == "application/json"
+        error = response.get_json()["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error", error
+    assert client.get("/v1/models/m", headers=KEY).get_json()["name"] == "models/m"  # a Gemini client's: Gemini's

@@ -13,10 +13,9 @@ from functools import partial
 
 import orjson
 from flask import Blueprint, Response, g, request
-from werkzeug.exceptions import NotFound
 
 from .. import tokenizer
-from ..errors import ModelNotFound, ProxyError
+from ..errors import ModelNotFound, NotFound, ProxyError
 from ..state.limits import allowed_targets
 from ..translate.gemini.bridge import GEMINI, count_body, model_name
 from ..translate.gemini.request import to_chat
@@ -65,7 +64,10 @@ def from_gemini_client() -> bool:
 @bp.get("/v1/models/<path:name>")
 def v1_model(name: str) -> Response:
     if not from_gemini_client():
-        raise NotFound()  # what any other client got before: the app's 404, OpenAI-shaped on /v1/
+        # what any other client got before the Gemini routes: the app's 404, OpenAI-shaped (not this path
+        # family's Gemini shape: the OpenAI SDK's models.retrieve asks here with a bearer key)
+        error = NotFound(f"Unknown request URL: GET {request.path}.")
+        return Response(error.body(), 404, bridged.JSON)
     return models(name)
 
 
