@@ -4,7 +4,7 @@ With ``PROMETHEUS_MULTIPROC_DIR`` set (``gunicorn.conf.py`` creates and
 cleans one), each worker writes its values to files there and ``/metrics``
 sums them with ``MultiProcessCollector``; without it (tests, ``python app.py``)
 the process's own registry is served. Labels never carry a key or any of its
-characters (``/metrics`` is unauthenticated): clients are labelled by their
+characters (``/metrics`` needs no secret for the rest): clients are labelled by their
 configured name or ``key-`` and 8 digits of their identity (a keyed hash of
 the key, ``state/identity.py``), and the model label is the
 configured alias of the model served (a glob alias stays the glob; an unknown
@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
 # Read once, when the process imports this (as prometheus_client decides then whether values go to files),
@@ -94,12 +94,42 @@ def registry() -> CollectorRegistry:
     return REGISTRY
 
 
-def exposition(replicas: list[tuple[str, str, int]]) -> bytes:
+# The families labelled by client key (tenant names, and how much each used or was refused): per client only
+# for a scrape that proved it may see them (routes/metrics_api.py), summed over clients for anyone else.
+TENANT_FAMILIES = frozenset(("streamfold_tokens", "streamfold_client_limited"))
+
+
+def exposition(replicas: list[tuple[str, str, int]], tenants: bool = False) -> bytes:
     """What ``/metrics`` answers: ``registry()``'s values, and ``streamfold_replica_in_flight`` from
-    ``replicas`` (provider, replica, in flight), which the balancer's table already counts for every worker."""
+    ``replicas`` (provider, replica, in flight), which the balancer's table already counts for every worker.
+    Without ``tenants`` the ``TENANT_FAMILIES`` are summed over clients (no ``client`` label)."""
     extra = CollectorRegistry(auto_describe=False)
     extra.register(_InFlight(replicas))
-    return generate_latest(registry()) + generate_latest(extra)
+    values = registry() if tenants else _Tenantless(registry())
+    return generate_latest(values) + generate_latest(extra)
+
+
+class _Tenantless:
+    """A registry's families with those of ``TENANT_FAMILIES`` summed over the ``client`` label (per scrape,
+    never on the request path)."""
+
+    def __init__(self, source) -> None:
+        self.source = source
+
+    def collect(self):
+        for family in self.source.collect():
+            if family.name not in TENANT_FAMILIES:
+                yield family
+                continue
+            sums: dict[tuple, float] = {}
+            for sample in family.samples:
+                if sample.name.endswith("_total"):  # a counter's _created has no meaning summed
+                    labels = tuple(sorted((k, v) for k, v in sample.labels.items() if k != "client"))
+                    sums[labels] = sums.get(labels, 0.0) + sample.value
+            summed = Metric(family.name, family.documentation + " (summed over clients)", family.type)
+            for labels, value in sorted(sums.items()):
+                summed.add_sample(family.name + "_total", dict(labels), value)
+            yield summed
 
 
 class _InFlight:

@@ -22,6 +22,7 @@ from tests.conftest import make_app, provider, settings_doc
 from tests.gunicorn_util import Gunicorn, write_settings
 from tests.redis_util import RedisServer
 from tests.test_responses_bridge import TEXT, answer
+from tests.test_routes import metric_value
 from tests.test_usage import MGMT, SECRET, get_usage, wait_for_usage
 
 ALICE, BOB = "sk-alice-secret-7777", "sk-bob-other-7777"  # unnamed: the old label of both was "...7777"
@@ -65,8 +66,8 @@ def test_two_unnamed_keys_with_the_same_last_four_share_no_stored_response_limit
     # the operator can tell which configured key each row is: /config says how each key is shown
     config = requests.get(live.url + "/v0/management/config", headers=MGMT, timeout=10).json()
     assert {k["shown-as"] for k in config["api-keys"]} == {row["client"] for row in usage}
-    # the unauthenticated metrics show no character of either key
-    metrics = requests.get(live.url + "/metrics", timeout=10).text
+    # the operator's metrics (per client with the management secret) show no character of either key
+    metrics = requests.get(live.url + "/metrics", headers=MGMT, timeout=10).text
     clients = {line.split('client="')[1].split('"')[0] for line in metrics.splitlines() if 'client="' in line}
     assert {row["client"] for row in usage} <= clients
     assert not any("7777" in client for client in clients) and "sk-" not in metrics  # (timestamps may hold 7777)
@@ -164,7 +165,7 @@ def test_two_instances_sharing_redis_agree_on_identities_with_separate_state_fil
         redis_server.stop()
 
 
-def test_the_unauthenticated_metrics_show_no_character_of_an_unnamed_key(upstream, serve):
+def test_metrics_show_no_character_of_an_unnamed_key(upstream, serve):
     """Finding 14: /metrics labelled an unnamed key's tokens and refusals with its last four characters."""
     upstream.handler = answer(*TEXT)
     key = "sk-short-9z9z"
@@ -173,11 +174,33 @@ def test_the_unauthenticated_metrics_show_no_character_of_an_unnamed_key(upstrea
     assert respond(live.url, key, "hi").status_code == 200  # tokens
     assert respond(live.url, key, "hi").status_code == 200
     assert respond(live.url, key, "hi").status_code == 429  # refused by rpm: counted per client
-    metrics = requests.get(live.url + "/metrics", timeout=10).text
+    metrics = requests.get(live.url + "/metrics", headers=MGMT, timeout=10).text  # per client: the operator's
     assert "9z9z" not in metrics and "sk-short" not in metrics
     shown = "key-" + app.extensions["streamfold.identity"].of(key)[:8]
     assert f'streamfold_tokens_total{{client="{shown}",kind="prompt"}}' in metrics
     assert f'streamfold_client_limited_total{{client="{shown}",reason="rpm"}} 1.0' in metrics
+
+
+def test_metrics_name_tenants_only_to_a_scrape_with_the_management_secret(upstream, serve):
+    """Red team of issue 21: the unauthenticated /metrics named every tenant and how many tokens it used (and
+    was refused). Anyone still gets the sums over clients; the operator, with the management secret, each
+    client's; a wrong secret is refused (and counted toward the lockout) as on the management API."""
+    upstream.handler = answer(*TEXT)
+    keys = [{"key": ALICE, "name": "tenant-alice", "rpm": 1}, {"key": BOB, "name": "tenant-bob"}]
+    live = serve(make_app(doc_for(upstream, keys)))
+    assert [respond(live.url, key, "hi").status_code for key in (ALICE, ALICE, BOB)] == [200, 429, 200]
+    anyone = requests.get(live.url + "/metrics", timeout=10)
+    assert anyone.status_code == 200 and "tenant-" not in anyone.text and 'client="' not in anyone.text
+    operator = requests.get(live.url + "/metrics", headers=MGMT, timeout=10).text
+    per_client = [metric_value(operator, "streamfold_tokens_total", client=name, kind="prompt")
+                  for name in ("tenant-alice", "tenant-bob")]
+    assert all(tokens > 0 for tokens in per_client)
+    # the sums hold every client's (this process's registry also holds other tests' counts)
+    assert metric_value(anyone.text, "streamfold_tokens_total", kind="prompt") >= sum(per_client)
+    assert metric_value(anyone.text, "streamfold_client_limited_total", reason="rpm") >= \
+        metric_value(operator, "streamfold_client_limited_total", client="tenant-alice", reason="rpm") == 1
+    wrong = requests.get(live.url + "/metrics", headers={"X-Management-Key": "not-it"}, timeout=10)
+    assert wrong.status_code == 401 and "tenant-" not in wrong.text
 
 
 def wait_for(check, seconds: float = 10.0):

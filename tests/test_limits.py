@@ -59,7 +59,9 @@ def test_models_globs_refuse_other_models_as_unknown_and_hide_them_from_the_list
 
 
 def _metric(url: str, prefix: str) -> float:
-    lines = [line for line in requests.get(url + "/metrics", timeout=10).text.splitlines() if line.startswith(prefix)]
+    """The value of the line starting with ``prefix`` in the operator's /metrics (per client: the secret)."""
+    text = requests.get(url + "/metrics", headers=MGMT, timeout=10).text
+    lines = [line for line in text.splitlines() if line.startswith(prefix)]
     return float(lines[0][len(prefix):]) if lines else 0.0
 
 
@@ -79,7 +81,7 @@ def test_rpm_60_across_three_gunicorn_workers_admits_60_give_or_take_the_workers
         assert [r.status_code for r in b] == [200] * 200  # the other key is not limited at all
         pids = {line.split("[")[1].split("]")[0] for line in server.output().splitlines() if "client=team-a" in line}
         assert len(pids) == 3  # the limit held across all three workers
-        text = requests.get(server.url + "/metrics", timeout=10).text
+        text = requests.get(server.url + "/metrics", headers=MGMT, timeout=10).text
         assert f'streamfold_client_limited_total{{client="team-a",reason="rpm"}} {200 - ok}.0' in text
     finally:
         server.stop()
@@ -296,9 +298,7 @@ def test_the_bridges_apply_the_same_policy_in_their_own_error_shapes_and_record_
 
 
 def limited_count(url: str, reason: str) -> float:
-    prefix = f'streamfold_client_limited_total{{client="team-a",reason="{reason}"}} '
-    lines = [line for line in requests.get(url + "/metrics", timeout=10).text.splitlines() if line.startswith(prefix)]
-    return float(lines[0][len(prefix):]) if lines else 0.0
+    return _metric(url, f'streamfold_client_limited_total{{client="team-a",reason="{reason}"}} ')
 
 
 def auth_header(key: str) -> dict:

@@ -153,9 +153,11 @@ def metric_value(text: str, name: str, **labels) -> float:
 
 def test_metrics_count_requests_folds_and_tokens_without_keys(upstream):
     app = make_app(settings_doc(provider(upstream, **{"force-upstream-stream": True}),
-                                **{"api-keys": [{"key": CLIENT_KEY, "name": "team-a"}]}))
+                                **{"api-keys": [{"key": CLIENT_KEY, "name": "team-a"}],
+                                   "remote-management": {"secret-key": "metrics-secret-1234"}}))
     client = app.test_client()
-    before = client.get("/metrics").get_data(as_text=True)
+    operator = {"X-Management-Key": "metrics-secret-1234"}  # the per-client series are the operator's
+    before = client.get("/metrics", headers=operator).get_data(as_text=True)
     upstream.handler = lambda rec: Reply(events=sse(
         {"id": "c", "choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": "stop"}]},
         {"id": "c", "choices": [], "usage": {"prompt_tokens": 11, "completion_tokens": 5, "total_tokens": 16}}))
@@ -163,7 +165,7 @@ def test_metrics_count_requests_folds_and_tokens_without_keys(upstream):
         assert client.post("/v1/chat/completions", headers=AUTH,
                            json={"model": "m", "messages": [{"role": "user", "content": "x"}]}).status_code == 200
     client.post("/v1/chat/completions", headers=AUTH, json={"model": "random-name-123", "messages": []})
-    text = client.get("/metrics").get_data(as_text=True)
+    text = client.get("/metrics", headers=operator).get_data(as_text=True)
     labels = {"route": "/v1/chat/completions", "model": "m", "provider": "up", "status": "200"}
     assert metric_value(text, "streamfold_requests_total", **labels) - \
         metric_value(before, "streamfold_requests_total", **labels) == 3
