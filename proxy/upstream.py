@@ -31,6 +31,7 @@ close-delimited bodies alike), so nothing is held back waiting for a fixed
 from __future__ import annotations
 
 import http.client
+import os
 import re
 import select
 import ssl
@@ -337,4 +338,7 @@ def _open(sessions: Sessions, provider: Provider, method: str, url: str, body: b
         raise UpstreamTimeout(f"{_where(provider, entry)} sent no answer within timeouts.read "
                               f"({timeouts.read:g} s)") from None
     except (urllib3.exceptions.HTTPError, OSError) as exc:
+        if provider.ca_bundle and not os.path.isfile(provider.ca_bundle):  # deleted since the settings took it
+            raise UpstreamUnavailable(f"could not reach upstream {provider.name!r}: the file its ca-bundle "
+                                      "names is missing") from None
         raise UpstreamUnavailable(f"could not reach upstream {provider.name!r}: {type(exc).__name__}") from None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import http.client
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -26,6 +27,7 @@ from proxy.config.load import build_settings
 from proxy.config.model import SettingsError
 from tests.conftest import AUTH, CHAT, CLIENT_KEY, PROVIDER_KEY, provider, settings_doc
 from tests.gunicorn_util import ROOT, Gunicorn, write_settings
+from tests.test_upstream_reuse import certificate  # noqa: F401 (a fixture)
 from tests.upstream import FakeUpstream, Reply, free_port, sse, text_chunks
 
 SECRET = "mgmt-secret-value-3434"
@@ -142,6 +144,49 @@ def test_a_respawned_or_hup_booted_worker_never_serves_a_broken_open_or_half_wri
         assert "keeping the running config" in server.output()
     if broken == "no-api-keys-and-no-copy":
         assert "starting from the config the instance started with" in server.output()
+
+
+def test_a_worker_booted_from_a_copy_whose_ca_bundle_was_deleted_serves_it_and_fails_only_that_provider(
+        deployed, certificate, tmp_path):
+    """Red team of issue 21: the last good copy names a ca-bundle deleted since, so it no longer validates; every
+    worker gunicorn booted from it failed ("Worker failed to boot"), which halts gunicorn. Now the worker boots
+    from the copy (its keys still required), logs why, and only that provider's requests fail, with a 502."""
+    server, path = deployed
+    good = path.read_bytes()
+    bundle = tmp_path / "ca.pem"
+    bundle.write_bytes(Path(certificate[0]).read_bytes())
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(*certificate)
+    secure = FakeUpstream(tls=context)
+    secure.handler = lambda rec: Reply(events=sse(*text_chunks(["secure"])))
+    doc = yaml.safe_load(good)
+    doc["openai-compatibility"].append({"name": "tls", "base-url": secure.url, "ca-bundle": str(bundle),
+                                        "api-key-entries": [{"api-key": PROVIDER_KEY}], "models": [{"name": "t"}]})
+    copy = path.parent / "run" / "settings.last-good.yaml"
+    try:
+        path.write_bytes(yaml.safe_dump(doc, sort_keys=False).encode())
+        deadline = time.monotonic() + 10
+        while str(bundle).encode() not in copy.read_bytes():  # a worker took it: the copy names the bundle
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        bundle.unlink()
+        booted = server.output().count("streamfold ready")
+        os.kill(server.worker_pids()[0], signal.SIGKILL)
+        server.wait_ready(booted + 1)
+        os.kill(server.proc.pid, signal.SIGHUP)  # both workers now boot from the copy
+        server.wait_ready(booted + 3)
+        assert_closed_and_serving(server)
+        for _ in range(6):  # both workers: the provider whose bundle is gone is a clear 502, never a 500
+            failed = requests.post(server.url + "/v1/chat/completions", headers={**AUTH, "Connection": "close"},
+                                   json=dict(CHAT, model="t"), timeout=10)
+            assert failed.status_code == 502 and "ca-bundle" in failed.json()["error"]["message"]
+    finally:
+        path.write_bytes(good)
+        secure.stop()
+    assert server.proc.poll() is None
+    assert "Worker failed to boot" not in server.output()
+    assert f"the last good settings no longer validate: openai-compatibility[1].ca-bundle: file not found: " \
+           f"{bundle}; booting from them anyway" in server.output()
 
 
 def test_a_fresh_start_never_takes_a_file_that_is_being_rewritten(tmp_path, upstream):

@@ -115,6 +115,28 @@ def load(environ: Mapping[str, str]) -> tuple[Any, tuple] | None:
         return _STARTED
 
 
+def build(document: Any, environ: Mapping[str, str]) -> Settings:
+    """The settings of the copy (or of the start's document) ``load`` gave, for a worker that boots.
+
+    It validated when it was taken, but a file it names may have gone since
+    (a provider's ``ca-bundle`` deleted): refusing it would fail the boot,
+    and gunicorn halts on a worker that fails to boot. So it is built without
+    the file checks, with an ERROR line per problem: the worker serves the
+    copy's policy (client keys, limits) as the workers already running do,
+    and that provider's HTTPS requests fail with a 502 naming the missing
+    file (``upstream.py``). Any other problem still fails the boot (there is
+    no config left that is known to be safe).
+    """
+    try:
+        return build_settings(document, environ)
+    except SettingsError as exc:
+        settings = build_settings(document, environ, check_files=False)
+        for problem in exc.problems:
+            log.error("the last good settings no longer validate: %s; booting from them anyway (the files they "
+                      "name are not checked again); fix it in the settings file", problem)
+        return settings
+
+
 def save_taken(environ: Mapping[str, str], document: Any, fingerprint: tuple) -> None:
     """A process took this version of the file: it becomes the last good copy (when there is one to keep)."""
     copy_path = environ.get(ENV)

@@ -97,10 +97,11 @@ class ConfigHolder:
             good = last_good.load(environ)
             if good is not None:
                 self.file_document, self._fingerprint = good
+                settings = last_good.build(self.file_document, environ)
             else:
                 raw = self._read()
                 self.file_document = yaml.safe_load(raw) if raw is not None else None
-            settings = build_settings(self.file_document, environ)
+                settings = build_settings(self.file_document, environ)
         self.runtime = Runtime(settings, _router(settings), self.file_document, _sources(self.file_document, None))
         if good is not None:
             self.check_file()

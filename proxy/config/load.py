@@ -57,14 +57,15 @@ def load_settings(path: str | None = None, environ: Mapping[str, str] | None = N
     return build_settings(read_document(path), environ)
 
 
-def build_settings(document: Any, environ: Mapping[str, str] | None = None) -> Settings:
-    """Validate a parsed (unresolved) settings document into ``Settings``."""
+def build_settings(document: Any, environ: Mapping[str, str] | None = None, check_files: bool = True) -> Settings:
+    """Validate a parsed (unresolved) settings document into ``Settings``; without ``check_files`` the files it
+    names (a provider's ``ca-bundle``) need not exist (``last_good.build``: a copy validated when taken)."""
     environ = os.environ if environ is None else environ
     problems: list[str] = []
     doc = _substitute(document, "", environ, problems)
     if doc is None:
         doc = {}
-    v = Validator(problems)
+    v = Validator(problems, check_files)
     if not isinstance(doc, dict):
         raise SettingsError(["(top level): must be a mapping of settings"])
     v.unknown(doc, "", TOP_KEYS)

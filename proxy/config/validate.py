@@ -56,8 +56,9 @@ def join_path(path: str, key: Any) -> str:
 class Validator:
     """Typed getters that record a problem (with its key path) instead of raising."""
 
-    def __init__(self, problems: list[str]) -> None:
+    def __init__(self, problems: list[str], check_files: bool = True) -> None:
         self.problems = problems
+        self.check_files = check_files  # whether a file the settings name must exist (load.build_settings)
 
     def problem(self, path: str, message: str) -> None:
         self.problems.append(f"{path}: {message}")
@@ -212,7 +213,7 @@ class Validator:
         if base_url and not base_urls:
             self.url(base_url, f"{where}.base-url")
         ca_bundle = self.string(item, where, "ca-bundle", "")
-        if ca_bundle and not os.path.isfile(ca_bundle):
+        if ca_bundle and self.check_files and not os.path.isfile(ca_bundle):
             self.problem(f"{where}.ca-bundle", f"file not found: {ca_bundle}")
         return Provider(
             name=name, base_url=base_url,
