@@ -124,7 +124,9 @@ def run_dev_server() -> None:
     create_app().run(host=host, port=port, threaded=True, request_handler=DevRequestHandler)
 
 
-QUERY_KEY = re.compile(r"([?&]key=)[^&\s#]*", re.IGNORECASE)  # a client key in a query string, for the log
+# a client key in a query string, for the log: its name as werkzeug reads it (``k%65y`` is ``key``), which
+# it logs decoded
+QUERY_KEY = re.compile(r"([?&](?:k|%6b)(?:e|%65)(?:y|%79)=)[^&\s#]*", re.IGNORECASE)
 
 
 class DevRequestHandler(WSGIRequestHandler):
