@@ -42,19 +42,29 @@ def usage_counts(data: bytes) -> Tokens | None:
             return answer_counts(orjson.loads(data))
         except orjson.JSONDecodeError:
             return None
-    if b'_tokens"' not in data:
-        return None
     found = None
-    for line in data.splitlines():
-        if line[:5] != b"data:" or b'_tokens"' not in line:
+    at = data.find(b'_tokens"')
+    while at >= 0:  # only the lines holding it (a 200-event read has one or two), not every line
+        start = max(data.rfind(b"\n", 0, at), data.rfind(b"\r", 0, at)) + 1  # as splitlines() cuts lines
+        end = _line_end(data, at)
+        at = data.find(b'_tokens"', end)
+        if data[start:start + 5] != b"data:":
             continue
         try:
-            tokens = answer_counts(orjson.loads(line[5:]))
+            tokens = answer_counts(orjson.loads(data[start + 5:end]))
         except orjson.JSONDecodeError:
             continue
         if tokens is not None:
             found = tokens if found is None else tuple(max(a, b) for a, b in zip(found, tokens))
     return found
+
+
+def _line_end(data: bytes, at: int) -> int:
+    """Where the line holding ``at`` ends (its \\n or \\r, or the end of ``data``)."""
+    newline, ret = data.find(b"\n", at), data.find(b"\r", at)
+    if newline < 0:
+        return len(data) if ret < 0 else ret
+    return newline if ret < 0 else min(newline, ret)
 
 
 class StreamUsage:
