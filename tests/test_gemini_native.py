@@ -10,7 +10,7 @@ import requests
 from tests.conftest import CLIENT_KEY, PROVIDER_KEY, make_app, provider, settings_doc
 from tests.gemini_invariants import check_stream
 from tests.test_usage import MGMT, wait_for_usage
-from tests.upstream import Reply
+from tests.upstream import Reply, completion
 
 KEY = {"x-goog-api-key": CLIENT_KEY}
 BODY = {"contents": [{"role": "user", "parts": [{"text": "hi"}]}],
@@ -97,3 +97,26 @@ def test_usage_is_counted_translated_and_native_json_and_stream(upstream, serve)
     tokens = {row["provider"]: (row["requests"], row["prompt_tokens"], row["completion_tokens"],
                                 row["reasoning_tokens"]) for row in rows}
     assert tokens == {"chat": (2, 22, 10, 0), "native": (2, 6, 12, 4)}
+
+
+def test_a_native_stream_that_is_not_in_the_framing_asked_is_a_502_before_the_200(upstream):
+    """A provider listed as ``native-apis: [gemini]`` that answers a stream with a chat completion, an HTML page
+    or SSE to a JSON-array request: a Gemini 502 (``google-genai`` read the chat completion as an empty answer, a
+    clean finish); a real Gemini stream in either framing still passes."""
+    client = native_client(upstream)
+    record = json.dumps(ANSWER).encode()
+    for method, reply in (
+            ("streamGenerateContent?alt=sse", Reply(body=json.dumps(completion()).encode())),
+            ("streamGenerateContent?alt=sse", Reply(body=b"<html>not here</html>", content_type="text/html")),
+            ("streamGenerateContent", Reply(events=[b"data: " + record + b"\r\n\r\n"],
+                                            content_type="text/event-stream"))):
+        upstream.handler = lambda rec, reply=reply: reply
+        response = client.post(f"/v1beta/models/gem:{method}", json=BODY, headers=KEY)
+        assert response.status_code == 502, (method, response.data[:200])
+        assert response.get_json()["error"]["status"] == "UNAVAILABLE"
+    for method, reply in (("streamGenerateContent?alt=sse", Reply(events=[b"data: " + record + b"\r\n\r\n"],
+                                                                  content_type="text/event-stream")),
+                          ("streamGenerateContent", Reply(body=b"[" + record + b"]"))):
+        upstream.handler = lambda rec, reply=reply: reply
+        response = client.post(f"/v1beta/models/gem:{method}", json=BODY, headers=KEY)
+        assert response.status_code == 200 and response.data == (reply.body or b"".join(reply.events)), method

@@ -132,6 +132,11 @@ class GeminiExchange(Exchange):
             status, body = upstream_error(outcome.status, outcome.body)
             return Outcome(status, "application/json", body, headers=outcome.headers, plan=outcome.plan)
         if outcome.stream is not None:
+            if native and not self.framed(outcome.first):
+                outcome.stream.close()
+                raise GeminiError("upstream's stream is not a Gemini stream in the framing asked ("
+                                  + ("SSE events" if self.sse else "a JSON array") + ")", status=502,
+                                  code="upstream_bad_answer")
             return outcome
         if native:
             self.usage = native_usage(outcome.body)
@@ -143,6 +148,15 @@ class GeminiExchange(Exchange):
         answer = to_response(completion, self.model, self.names, thoughts=self.thoughts,
                              prompt_estimate=0 if self.usage else self.prompt_tokens)
         return Outcome(200, "application/json", orjson.dumps(answer), plan=outcome.plan)
+
+    def framed(self, first: bytes) -> bool:
+        """Whether a native stream's first bytes open the framing the client asked (``data:`` or an SSE comment
+        with ``alt=sse``, else ``[``): a provider answering a chat completion, an HTML page or anything else with
+        a 200 is a 502 before the client's 200, not bytes ``google-genai`` reads as an empty answer."""
+        head = first.lstrip()[:6]
+        if self.sse:
+            return head.startswith((b"data:", b":", b"event:", b"id:", b"retry:"))
+        return head.startswith(b"[")
 
     def relay(self, body: Iterator[bytes]) -> Iterator[bytes]:
         """A native stream as it comes; its ``usageMetadata`` (the last one, running totals) is what the
