@@ -84,6 +84,9 @@ class Outcome:
     usage: Tokens | None = None  # the answer's token counts when already read (a fold's, a checked answer's)
 
 
+# What the end of an answer's body calls: ``Record.answered(status, result, tokens=None, body=b"")`` or a
+# wrapper of it (the relay, the padded answer and the bridges' event streams call it once).
+AnswerEnd = Callable[..., None]
 _SETTLING = threading.Lock()  # guards every record's count of what its settlement waits for (held briefly)
 
 

@@ -36,7 +36,7 @@ from typing import Callable, Iterator
 
 from . import metrics, upstream
 from .errors import ProxyError, loggable
-from .models import Outcome
+from .models import AnswerEnd, Outcome
 from .translate.bridge import EventWriter, Exchange, Protocol
 from .translate.chat_reads import chat_events, read_batches
 from .translate.chat_stream import DONE, ChatStream, Held, completion_as_chunk
@@ -279,7 +279,7 @@ def first_items(pump: Pump, deadline: float | None) -> tuple[Outcome | None, lis
 
 
 def events(protocol: Protocol, exchange: Exchange, writer: EventWriter, source: Pump | Direct,
-            pending: list[tuple], on_end: Callable[[int, str, bytes], None], silent: bool = False) -> Iterator[bytes]:
+            pending: list[tuple], on_end: AnswerEnd, silent: bool = False) -> Iterator[bytes]:
     """The protocol's event stream: its opening, then the translated reads, keep-alives in silences.
 
     The opening goes out with the first read's events (at once when the 200
@@ -360,7 +360,7 @@ def events(protocol: Protocol, exchange: Exchange, writer: EventWriter, source: 
         source.cancel(interrupt=not writer.ended)  # ended: the reader is done; else the client went away
         metrics.ACTIVE_STREAMS.dec()
         exchange.usage = chat.usage
-        on_end(200, result, b"")
+        on_end(200, result)
 
 
 def _written(out: list[bytes]) -> Iterator[bytes]:

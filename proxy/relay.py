@@ -17,26 +17,25 @@ from flask import Response
 from . import metrics, upstream
 from .errors import ProxyError
 from .fold.usage_strip import UsageStripper
-from .models import Outcome, Record
-from .state.usage import StreamUsage
+from .models import AnswerEnd, Outcome, Record
+from .state.usage import StreamUsage, Tokens
 
 log = logging.getLogger(__name__)
 # Sent with every response that is written bit by bit (streams, padded folds).
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def to_response(outcome: Outcome, on_end: Callable[[int, str, bytes], None]) -> Response:
-    """The client's response; ``on_end(status, result, usage)`` runs once the body is out or cut (``usage``: a
-    JSON answer's body, to read its token counts from, or a stream's counts)."""
+def to_response(outcome: Outcome, on_end: AnswerEnd) -> Response:
+    """The client's response; ``on_end`` (``Record.answered``) runs once the body is out or cut."""
     if outcome.stream is None:
         headers = {"Content-Type": outcome.content_type, **outcome.headers}
-        on_end(outcome.status, "complete", _usage(outcome))
+        on_end(outcome.status, "complete", *_usage(outcome))
         return Response(outcome.body, outcome.status, headers)
     return Response(_relay(outcome, on_end), 200,
                     {"Content-Type": outcome.content_type, **SSE_HEADERS}, direct_passthrough=True)
 
 
-def _relay(outcome: Outcome, on_end: Callable[[int, str, bytes], None]):
+def _relay(outcome: Outcome, on_end: AnswerEnd):
     response, result = outcome.stream, "client closed"
     stripper = UsageStripper() if outcome.strip_usage else None
     usage = StreamUsage(outcome.usage_limit)  # the stream's token counts, for the token metrics and accounting
@@ -66,15 +65,15 @@ def _relay(outcome: Outcome, on_end: Callable[[int, str, bytes], None]):
         on_end(200, result, usage.finish())
 
 
-def _usage(outcome: Outcome):
-    """What ``on_end`` reads a complete answer's tokens from: the counts when the executor had them (a fold),
-    else the body (an error answer carries none)."""
+def _usage(outcome: Outcome) -> tuple[Tokens | None, bytes]:
+    """A complete answer's (tokens, body to read them from) for ``on_end``: the counts when the executor had
+    them (a fold, a checked answer), else the body (an error answer carries none)."""
     if outcome.usage is not None:
-        return outcome.usage
-    return outcome.body if outcome.status < 300 else b""
+        return outcome.usage, b""
+    return None, outcome.body if outcome.status < 300 else b""
 
 
-def padded_answer(interval: float, run: Callable[[], Outcome], on_end: Callable[[int, str, bytes], None],
+def padded_answer(interval: float, run: Callable[[], Outcome], on_end: AnswerEnd,
                   record: Record) -> Response:
     """``with_keepalive`` for a route: once padding has committed the 200, the log line waits for the JSON,
     and the request's accounting (its concurrency slot) waits for the fold, even after the client left."""
@@ -84,7 +83,7 @@ def padded_answer(interval: float, run: Callable[[], Outcome], on_end: Callable[
     return response
 
 
-def with_keepalive(interval: float, run: Callable[[], Outcome], on_end: Callable[[int, str, bytes], None],
+def with_keepalive(interval: float, run: Callable[[], Outcome], on_end: AnswerEnd,
                    work_ended: Callable[[bytes], None] | None = None) -> Response:
     """Run ``run`` in a helper thread; if it takes longer than ``interval``, commit 200 and pad.
 
@@ -118,7 +117,7 @@ def with_keepalive(interval: float, run: Callable[[], Outcome], on_end: Callable
         return to_response(box["outcome"], on_end)
 
     def padded():
-        result, body = "client closed", b""
+        result, usage = "client closed", (None, b"")
         try:
             yield b"\n"  # commit the 200 now: the interval has already passed once
             while not done.wait(interval):
@@ -129,9 +128,9 @@ def with_keepalive(interval: float, run: Callable[[], Outcome], on_end: Callable
             else:
                 outcome = box["outcome"]
                 result = "complete" if outcome.status < 400 else f"upstream {outcome.status} after keep-alive"
-                body = _usage(outcome)
+                usage = _usage(outcome)
                 yield outcome.body
         finally:
-            on_end(200, result, body)
+            on_end(200, result, *usage)
 
     return Response(padded(), 200, {"Content-Type": "application/json", **SSE_HEADERS}, direct_passthrough=True)

@@ -174,8 +174,7 @@ def _start_request() -> None:
     request_id = given if 0 < len(given) <= 128 and given.isprintable() else os.urandom(12).hex()
     rule = request.url_rule
     g.record = Record(request_id, request.path, rule.rule if rule else "unmatched",
-                              current_app.extensions["streamfold.ledger"])
-    g.request_id = request_id  # issue 23: read by the bridged routes until they move to the runner
+                      current_app.extensions["streamfold.ledger"])
     if hop.ENVIRON_KEY in request.environ and request.blueprint != "demo" \
             and hop.looped(request.environ[hop.ENVIRON_KEY]):
         raise LoopDetected(hop.LOOP_MESSAGE)

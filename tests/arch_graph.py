@@ -258,3 +258,16 @@ def code_lines(path: Path) -> int:
             if line not in docstring_lines:
                 lines.add(line)
     return len(lines)
+
+
+def request_globals(package: str = PACKAGE) -> list[tuple[str, str, int]]:
+    """(module, attribute, line) for every ``g.<attribute>`` of a module that takes Flask's ``g``."""
+    modules = source_modules(package)
+    found = []
+    for module, path in modules.items():
+        if ("flask", "g") not in {(source, name) for source, name, _ in _collect(module, modules).names}:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "g":
+                found.append((module, node.attr, node.lineno))
+    return found

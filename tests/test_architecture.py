@@ -15,6 +15,8 @@ module-level and function-level imports alike. The rules:
   route module defines its blueprint and the app factory registers it in one visible call;
 - a route module (``proxy/routes/**.py``) holds at most ``ROUTE_CODE_LINES`` lines of code
   (not blank, not only a comment, not a docstring).
+- a request's state lives in its record (``models.Record``, ``g.record``): no module keeps
+  anything else on Flask's ``g`` (the string-keyed ``g.log``, ``g.client``, ... it replaced).
 
 What breaks a rule today is listed below by name (issue 23: to be removed). A violation
 not listed fails the test; a listed one that no longer exists fails it too, so the lists
@@ -178,6 +180,14 @@ def test_route_modules_are_short():
                 found[module] = f"{module_path(module)}: {lines[module]} code lines (at most {ROUTE_CODE_LINES})"
     _check_known("route module over the line budget", {m: text for m, text in found.items()},
                  {name: name for name in KNOWN_LONG_ROUTES})  # the value says why, the key is the entry
+
+
+def test_request_state_lives_in_its_record():
+    uses = arch_graph.request_globals()
+    found = [f"  {module_path(module)}:{line} uses g.{attribute}" for module, attribute, line in uses
+             if attribute != "record"]
+    assert not found, "request state kept on flask.g beside its record (put it on models.Record):\n" + "\n".join(found)
+    assert any(module == "proxy.web" and attribute == "record" for module, attribute, _ in uses)  # the scan sees
 
 
 def test_code_lines_skip_blanks_comments_and_docstrings(tmp_path):

@@ -28,7 +28,7 @@ bp.post("/v1/messages", endpoint="messages")(partial(bridged.serve, MESSAGES))
 
 @bp.after_request
 def _request_id(response: Response) -> Response:
-    response.headers["request-id"] = g.request_id  # where Anthropic SDKs read it (``message._request_id``)
+    response.headers["request-id"] = g.record.request_id  # where Anthropic SDKs read it (``message._request_id``)
     return response
 
 

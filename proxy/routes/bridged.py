@@ -31,12 +31,12 @@ from flask import Blueprint, Response, current_app, g, request
 from .. import pump
 from ..errors import ProxyError, loggable
 from ..executor import client_headers, execute
-from ..models import Call, Outcome, Record
+from ..models import AnswerEnd, Call, Outcome, Record
 from ..relay import SSE_HEADERS, padded_answer, to_response
 from ..routing import Target
-from ..state.usage import counts
+from ..state.usage import Tokens, counts
 from ..translate.bridge import Exchange, Incoming, Protocol
-from .common import admit, authenticate, end_logger, holder, read_json_body
+from .common import admit, authenticate, holder, read_json_body
 
 JSON = {"Content-Type": "application/json"}
 
@@ -59,7 +59,7 @@ def serve(protocol: Protocol, **path_args: str) -> Response:
     record: Record = g.record
     authenticate(runtime, query=protocol.key_query)
     body = read_json_body(settings.max_request_bytes)
-    incoming = Incoming(client_headers(request.environ), g.request_id, record.client.identity, path_args, settings,
+    incoming = Incoming(client_headers(request.environ), record.request_id, record.client.identity, path_args, settings,
                         current_app.extensions["streamfold.state"], record.body_bytes)
     model = protocol.model_of(body, incoming)
     if isinstance(model, str) and model:
@@ -67,13 +67,13 @@ def serve(protocol: Protocol, **path_args: str) -> Response:
     exchange = protocol.open(body, incoming)
     # the key's policy: allowed targets, rpm, tpm, concurrency
     targets = exchange.targets(admit(exchange.model, runtime.router.resolve(exchange.model), body))
-    call = Call("/chat/completions", body, exchange.stream, g.request_id, incoming.headers, record=record,
+    call = Call("/chat/completions", body, exchange.stream, record.request_id, incoming.headers, record=record,
                 adapt=exchange.plan)
 
     def run() -> Outcome:
         return execute(settings, config.sessions, config.keys, targets, call, config.balancer)
 
-    on_end = _charged(end_logger(record), exchange)
+    on_end = _charged(record, exchange)
     if exchange.stream:
         return _stream(protocol, exchange, run, targets, settings.max_aggregate_bytes, on_end)
 
@@ -88,7 +88,7 @@ def serve(protocol: Protocol, **path_args: str) -> Response:
     return _answer(answered(), exchange, on_end)
 
 
-def _answer(outcome: Outcome, exchange: Exchange, on_end: Callable[[int, str, bytes], None]) -> Response:
+def _answer(outcome: Outcome, exchange: Exchange, on_end: AnswerEnd) -> Response:
     """A complete answer, or a native stream relayed as it comes."""
     response = to_response(outcome, on_end)
     if outcome.stream is not None:
@@ -97,12 +97,15 @@ def _answer(outcome: Outcome, exchange: Exchange, on_end: Callable[[int, str, by
     return response
 
 
-def _charged(on_end: Callable[[int, str, bytes], None], exchange: Exchange) -> Callable[[int, str, bytes], None]:
-    """The token metrics and usage count the upstream's CHAT usage when the answer was translated (the counts,
-    no JSON written and read back)."""
-    def end(status: int, result: str, usage: bytes | tuple | None = None) -> None:
+def _charged(record: Record, exchange: Exchange) -> AnswerEnd:
+    """``record.answered``, counting the upstream's CHAT usage when the answer was translated (the counts, no
+    JSON written and read back)."""
+    def end(status: int, result: str, tokens: Tokens | None = None, body: bytes = b"") -> None:
         chat = exchange.usage
-        on_end(status, result, counts(chat) if chat else usage)
+        if chat:
+            record.answered(status, result, counts(chat))
+        else:
+            record.answered(status, result, tokens, body)
     return end
 
 
@@ -111,7 +114,7 @@ def _translated(outcome: Outcome) -> bool:
 
 
 def _stream(protocol: Protocol, exchange: Exchange, run: Callable[[], Outcome], targets: tuple[Target, ...],
-            max_bytes: int, on_end: Callable[[int, str, bytes], None]) -> Response:
+            max_bytes: int, on_end: AnswerEnd) -> Response:
     """A streamed answer: translated (with keep-alives in silences, for a protocol that has them), or relayed.
 
     Only an all-translated target list may commit before the upstream's first

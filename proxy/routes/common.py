@@ -124,14 +124,3 @@ def read_json_body(limit: int) -> dict:
     if not isinstance(body, dict):
         raise BadRequest("The request body must be a JSON object.")
     return body
-
-
-def end_logger(record: Record):
-    """The answer's end, as ``relay.to_response`` reports it: ``usage`` is a JSON body to read the token
-    counts of, or the counts themselves."""
-    def on_end(status: int, result: str, usage: bytes | tuple | None = None) -> None:
-        if isinstance(usage, bytes):
-            record.answered(status, result, None, usage)
-        else:
-            record.answered(status, result, usage)
-    return on_end

@@ -22,7 +22,7 @@ from ..state.limits import allowed_targets
 from ..translate.completion import check_embeddings, check_relayed, check_response, check_text_completion
 from ..translate.openai import stream_flag
 from . import gemini
-from .common import admit, authenticate, end_logger, holder, openai_request
+from .common import admit, authenticate, holder, openai_request
 
 bp = Blueprint("openai", __name__)
 
@@ -115,7 +115,7 @@ def proxy_request(route: Route) -> Response:
     def run():
         return execute(settings, config.sessions, config.keys, targets, call, config.balancer)
 
-    on_end = end_logger(record)
+    on_end = record.answered
     if not stream and fold is not None and settings.nonstream_keepalive_interval > 0:
         return padded_answer(settings.nonstream_keepalive_interval, run, on_end, record)
     outcome = run()
