@@ -120,3 +120,16 @@ def test_a_native_stream_that_is_not_in_the_framing_asked_is_a_502_before_the_20
         upstream.handler = lambda rec, reply=reply: reply
         response = client.post(f"/v1beta/models/gem:{method}", json=BODY, headers=KEY)
         assert response.status_code == 200 and response.data == (reply.body or b"".join(reply.events)), method
+
+
+def test_a_native_stream_whose_usage_nests_too_deep_to_read_is_still_relayed_whole(upstream):
+    """The relay's usage reader must not raise for what the provider sent: a usageMetadata nested past Python's
+    recursion limit stopped the relay mid-stream (RecursionError; the client got a cut stream); now it is
+    relayed byte for byte."""
+    record = b"data: " + json.dumps(ANSWER).encode() + b"\r\n\r\n"
+    deep = b'data: {"usageMetadata":' + b'{"a":' * 5000 + b"1" + b"}" * 5001 + b"\r\n\r\n"
+    events = [record, deep, record]
+    upstream.handler = lambda rec: Reply(events=events, content_type="text/event-stream")
+    response = native_client(upstream).post("/v1beta/models/gem:streamGenerateContent?alt=sse", json=BODY,
+                                            headers=KEY)
+    assert response.status_code == 200 and response.data == b"".join(events)

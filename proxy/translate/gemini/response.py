@@ -125,8 +125,8 @@ def streamed_usage(tail: bytes) -> dict | None:
         if start >= 0:
             try:
                 return _chat_usage(_DECODER.raw_decode(text, start)[0])
-            except ValueError:
-                pass  # cut off at the end of what came so far: the one before, if any
+            except (ValueError, RecursionError):
+                pass  # cut off at the end of what came so far (or nested past the stack): the one before, if any
         at = text.rfind('"usageMetadata"', 0, at)
     return None
 
