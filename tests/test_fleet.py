@@ -516,7 +516,7 @@ def test_the_prefix_index_keys_the_blocks_of_the_prompt_as_the_model_reads_it_wh
     rng = random.Random(7)
     for _ in range(300):
         messages = []
-        for _ in range(rng.randint(1, 9)):
+        for _ in range(rng.randint(1, 30)):
             text = "".join(rng.choice("ab\u00e9\U0001F600 \n") for _ in range(rng.choice([0, 1, 7, 50, 300])))
             kind = rng.random()
             messages.append({"role": "user", "content": text} if kind < 0.7 else
@@ -534,6 +534,10 @@ def test_the_prefix_index_keys_the_blocks_of_the_prompt_as_the_model_reads_it_wh
         assert blocks.length == len(text) and blocks.count == len(text) // size
         wanted = [zlib.crc32(text[i * size:(i + 1) * size].encode("utf-8", "surrogatepass")) | (i + 1) << 32
                   for i in range(blocks.count)]
+        # asked for in any order (a search probes from the end, then bisects: starts are walked back part by
+        # part, or, far back, all worked out at once)
+        probes = rng.sample(range(blocks.count), min(blocks.count, rng.randint(0, 6)))
+        assert [blocks.key(i) for i in probes] == [wanted[i] for i in probes]
         start = rng.randint(0, blocks.count)
         assert [blocks.key(i) for i in range(start)] + blocks.keys_from(start) == wanted
 

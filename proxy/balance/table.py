@@ -52,6 +52,7 @@ _HEADER = struct.Struct("8sIIII")     # magic, session buckets, block buckets, c
 HEADER_BYTES = 64
 _CLAIMED = struct.Struct("I")
 _BUCKET = struct.Struct(f"{WAYS}Q{WAYS}Q{WAYS}d")  # keys, values, last use
+_WORDS = _BUCKET.size // 8
 SWEEP_INTERVAL = 1.0
 FRESH = 30.0  # seconds a merged entry's last use may lag before it is written again
 
@@ -95,6 +96,7 @@ class Table:
         self.sessions_at = self.cells_at + REPLICAS * WORKERS * 4
         self.blocks_at = self.sessions_at + session_buckets * _BUCKET.size
         self.size = self.blocks_at + block_buckets * _BUCKET.size
+        self._block_words = (self.blocks_at - self.sessions_at) // 8
 
     def _open(self, path: str, session_buckets: int, block_buckets: int) -> None:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -122,6 +124,10 @@ class Table:
         self.pids = view[self.workers_at:self.replicas_at].cast("q")
         self.names = view[self.replicas_at:self.cells_at].cast("Q")
         self.cells = view[self.cells_at:self.sessions_at].cast("i")
+        # the two maps read and written in place a word at a time (a bucket is 3 * WAYS words: keys, values,
+        # last uses), not unpacked and packed whole
+        self.words = view[self.sessions_at:].cast("Q")
+        self.floats = view[self.sessions_at:].cast("d")
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
@@ -234,37 +240,38 @@ class Table:
 
     def probe(self, key: int) -> tuple[int, bool]:
         """A prefix block's value (0: none), and whether its last use is older than ``FRESH`` (worth a touch)."""
-        bucket = _BUCKET.unpack_from(self.buffer, self.blocks_at + (key % self.block_buckets) * _BUCKET.size)
-        try:
-            way = bucket.index(key, 0, WAYS)
-        except ValueError:
-            return 0, False
-        return bucket[WAYS + way], bucket[2 * WAYS + way] < time.time() - FRESH
+        words = self.words
+        at = self._block_words + (key % self.block_buckets) * _WORDS
+        for way in range(at, at + WAYS):
+            if words[way] == key:
+                return words[way + WAYS], self.floats[way + 2 * WAYS] < time.time() - FRESH
+        return 0, False
 
     def put(self, sessions: bool, key: int, value: int, merge: bool = False, bump: int = 0, first: int = 0) -> bool:
         """Store ``value`` (or OR it into the one there, with ``merge``, and add ``bump``; a new entry gets
         ``first`` added), evicting the bucket's oldest entry; True when ``key`` was not there before."""
-        offset, bucket = self._find(*self._where(sessions), key)
+        words, floats = self.words, self.floats
+        at = (0 if sessions else self._block_words) + key % (
+            self.session_buckets if sessions else self.block_buckets) * _WORDS
         now = time.time()
-        try:
-            way = bucket.index(key, 0, WAYS)
-        except ValueError:
-            times = bucket[2 * WAYS:]
-            way, new = times.index(min(times)), True
-            value += first
-        else:
-            new = False
-            if merge:
-                old = bucket[WAYS + way]
-                if not bump and old & value == value and bucket[2 * WAYS + way] > now - FRESH:
-                    return False  # already there and fresh: skip the write
-                value |= old
-                if bump and (old >> 56) < 255:
-                    value += bump << 56
-        struct.pack_into("Q", self.buffer, offset + 8 * way, key)
-        struct.pack_into("Q", self.buffer, offset + 8 * (WAYS + way), value)
-        struct.pack_into("d", self.buffer, offset + 8 * (2 * WAYS + way), now)
-        return new
+        for way in range(at, at + WAYS):
+            if words[way] == key:
+                if merge:
+                    old = words[way + WAYS]
+                    if not bump and old & value == value and floats[way + 2 * WAYS] > now - FRESH:
+                        return False  # already there and fresh: skip the write
+                    value |= old
+                    if bump and (old >> 56) < 255:
+                        value += bump << 56
+                words[way + WAYS] = value
+                floats[way + 2 * WAYS] = now
+                return False
+        times = floats[at + 2 * WAYS:at + 3 * WAYS].tolist()
+        way = at + times.index(min(times))
+        words[way] = key
+        words[way + WAYS] = value + first
+        floats[way + 2 * WAYS] = now
+        return True
 
     def drop(self, sessions: bool, key: int) -> None:
         offset, bucket = self._find(*self._where(sessions), key)
