@@ -514,10 +514,11 @@ def test_the_prefix_index_keys_the_blocks_of_the_prompt_as_the_model_reads_it_wh
     from proxy.balance import hints
 
     rng = random.Random(7)
-    for _ in range(300):
+    for number in range(300):
         messages = []
+        alphabet = "ab \n" if number % 2 else "ab\u00e9\U0001F600 \n"  # ASCII prompts are keyed from their bytes
         for _ in range(rng.randint(1, 30)):
-            text = "".join(rng.choice("ab\u00e9\U0001F600 \n") for _ in range(rng.choice([0, 1, 7, 50, 300])))
+            text = "".join(rng.choice(alphabet) for _ in range(rng.choice([0, 1, 7, 50, 300])))
             kind = rng.random()
             messages.append({"role": "user", "content": text} if kind < 0.7 else
                             {"role": "tool", "content": text, "tool_call_id": "c1"} if kind < 0.8 else

@@ -210,6 +210,14 @@ class Blocks:
         first = self._part(start * size)
         text = "\x1e".join(self.parts[first:])
         offset = start * size - self._starts[first]
+        if text.isascii():
+            # a character is a byte: encoded once, each block's CRC read from a view of its bytes (no copies)
+            data = memoryview(text.encode("ascii"))
+            for index in range(start, self.count):
+                if not keys[index]:
+                    keys[index] = crc32(data[offset:offset + size]) | (index + 1) << 32
+                offset += size
+            return keys[start:]
         for index in range(start, self.count):
             if not keys[index]:
                 data = text[offset:offset + size].encode("utf-8", "surrogatepass")
