@@ -46,6 +46,11 @@ def load(body: bytes) -> Any:
         return None
 
 
+def usage_count(value: Any) -> int:
+    """A chat usage field's token count: a positive int, else 0 (a bool, a string or a negative is no count)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
 def message_text(content: Any) -> str:
     """A chat message's ``content`` as text: the string, or the text parts of a parts array (some servers
     answer with one), joined; anything else is no text."""

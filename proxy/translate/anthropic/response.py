@@ -10,7 +10,7 @@ from typing import Any, Collection
 
 import orjson
 
-from ..completion import first_choice, message_calls, message_text
+from ..completion import first_choice, message_calls, message_text, usage_count
 from ..tools import ToolNames, repair_json_object, sanitize_tool_id
 
 _FINISH = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "end_turn", "function_call": "end_turn",
@@ -25,17 +25,13 @@ def usage(chat_usage: Any) -> dict:
     """Anthropic usage from a chat ``usage`` (zeros when the upstream sent none)."""
     prompt = completion = cached = 0
     if isinstance(chat_usage, dict):
-        prompt = _int(chat_usage.get("prompt_tokens"))
-        completion = _int(chat_usage.get("completion_tokens"))
+        prompt = usage_count(chat_usage.get("prompt_tokens"))
+        completion = usage_count(chat_usage.get("completion_tokens"))
         details = chat_usage.get("prompt_tokens_details")
         if isinstance(details, dict):
-            cached = min(_int(details.get("cached_tokens")), prompt)
+            cached = min(usage_count(details.get("cached_tokens")), prompt)
     return {"input_tokens": prompt - cached, "output_tokens": completion,
             "cache_creation_input_tokens": 0, "cache_read_input_tokens": cached}
-
-
-def _int(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
 def stop_reason(finish: Any, emitted_tool: bool) -> str:

@@ -18,7 +18,7 @@ import orjson
 
 from ...errors import StreamError
 from ..anthropic.tokens import body_tokens
-from ..completion import first_choice, message_calls, message_text
+from ..completion import first_choice, message_calls, message_text, usage_count
 from ..tools import ToolNames, repair_json_object
 
 _FINISH = {"stop": "STOP", "length": "MAX_TOKENS", "tool_calls": "STOP", "function_call": "STOP",
@@ -42,11 +42,12 @@ def usage_metadata(chat_usage: Any, prompt_estimate: int = 0) -> dict:
     """
     if not isinstance(chat_usage, dict):
         return {"promptTokenCount": prompt_estimate, "candidatesTokenCount": 0, "totalTokenCount": prompt_estimate}
-    prompt, completion = _int(chat_usage.get("prompt_tokens")), _int(chat_usage.get("completion_tokens"))
+    prompt = usage_count(chat_usage.get("prompt_tokens"))
+    completion = usage_count(chat_usage.get("completion_tokens"))
     details = chat_usage.get("completion_tokens_details")
-    thoughts = min(_int(details.get("reasoning_tokens")), completion) if isinstance(details, dict) else 0
+    thoughts = min(usage_count(details.get("reasoning_tokens")), completion) if isinstance(details, dict) else 0
     details = chat_usage.get("prompt_tokens_details")
-    cached = min(_int(details.get("cached_tokens")), prompt) if isinstance(details, dict) else 0
+    cached = min(usage_count(details.get("cached_tokens")), prompt) if isinstance(details, dict) else 0
     metadata = {"promptTokenCount": prompt, "candidatesTokenCount": completion - thoughts,
                 "totalTokenCount": prompt + completion}
     if thoughts:
@@ -54,10 +55,6 @@ def usage_metadata(chat_usage: Any, prompt_estimate: int = 0) -> dict:
     if cached:
         metadata["cachedContentTokenCount"] = cached
     return metadata
-
-
-def _int(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
 def function_call(call_id: str, name: str, arguments: Any) -> dict:
@@ -137,12 +134,13 @@ _DECODER = json.JSONDecoder()
 def _chat_usage(metadata: Any) -> dict | None:
     if not isinstance(metadata, dict):
         return None
-    prompt, thoughts = _int(metadata.get("promptTokenCount")), _int(metadata.get("thoughtsTokenCount"))
-    completion = _int(metadata.get("candidatesTokenCount")) + thoughts
+    prompt = usage_count(metadata.get("promptTokenCount"))
+    thoughts = usage_count(metadata.get("thoughtsTokenCount"))
+    completion = usage_count(metadata.get("candidatesTokenCount")) + thoughts
     usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
     if thoughts:
         usage["completion_tokens_details"] = {"reasoning_tokens": thoughts}
-    cached = _int(metadata.get("cachedContentTokenCount"))
+    cached = usage_count(metadata.get("cachedContentTokenCount"))
     if cached:
         usage["prompt_tokens_details"] = {"cached_tokens": cached}
     return usage
