@@ -20,6 +20,7 @@ from ..errors import StreamError
 from ..fold.base import slow_json
 from ..fold.guard import repair_surrogates
 from .tools import ToolNames
+from .values import is_int
 
 _TEXT_FIELDS = ("content", "reasoning_content", "reasoning")
 
@@ -48,7 +49,7 @@ def load(body: bytes) -> Any:
 
 def usage_count(value: Any) -> int:
     """A chat usage field's token count: a positive int, else 0 (a bool, a string or a negative is no count)."""
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+    return value if is_int(value) and value > 0 else 0
 
 
 def message_text(content: Any) -> str:

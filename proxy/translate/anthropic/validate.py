@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from ...errors import BadRequest
+from ..values import is_int, is_number
 
 # Block types a client may send. Server-side ones (web search results, code
 # execution, MCP) only mean something to Anthropic's servers: accepted, dropped.
@@ -25,15 +26,6 @@ ROLES = ("user", "assistant", "system")
 
 def _fail(message: str, param: str | None = None) -> BadRequest:
     return BadRequest(message, param=param)
-
-
-def is_int(value: Any) -> bool:
-    """An int that is not a bool (JSON ``true`` is not a token count)."""
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def validate(body: dict, need_max_tokens: bool = True) -> None:
@@ -63,8 +55,8 @@ def validate(body: dict, need_max_tokens: bool = True) -> None:
     system = body.get("system")
     if system is not None and not isinstance(system, str):
         _check_blocks(system, "system")
-    for name, check in (("stream", lambda v: isinstance(v, bool)), ("temperature", _is_number),
-                        ("top_p", _is_number), ("top_k", is_int),
+    for name, check in (("stream", lambda v: isinstance(v, bool)), ("temperature", is_number),
+                        ("top_p", is_number), ("top_k", is_int),
                         ("stop_sequences", lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v)),
                         ("metadata", lambda v: isinstance(v, dict)), ("thinking", lambda v: isinstance(v, dict)),
                         ("tool_choice", lambda v: isinstance(v, dict) and isinstance(v.get("type"), str))):

@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 from ...errors import BadRequest
+from ..values import is_int, is_number
 
 ROLES = ("user", "model")
 DATA_FIELDS = ("text", "inlineData", "fileData", "functionCall", "functionResponse", "executableCode",
@@ -44,14 +45,6 @@ def camel(obj: dict) -> dict:
 
 def _fail(message: str, param: str | None = None) -> BadRequest:
     return BadRequest(message, param=param)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _object(value: Any, where: str) -> dict:
@@ -193,10 +186,10 @@ def _tool_config(value: Any) -> dict:
 def _generation_config(value: Any) -> dict:
     config = _object(value, "generationConfig")
     for name in _NUMBERS:
-        if config.get(name) is not None and not _is_number(config[name]):
+        if config.get(name) is not None and not is_number(config[name]):
             raise _fail(f"Invalid value at 'generationConfig.{name}': expected a number.", f"generationConfig.{name}")
     for name in _INTEGERS:
-        if config.get(name) is not None and not _is_int(config[name]):
+        if config.get(name) is not None and not is_int(config[name]):
             raise _fail(f"Invalid value at 'generationConfig.{name}': expected an integer.",
                         f"generationConfig.{name}")
     if config.get("maxOutputTokens") is not None and config["maxOutputTokens"] < 1:
@@ -220,7 +213,7 @@ def _generation_config(value: Any) -> dict:
         if thinking.get("includeThoughts") is not None and not isinstance(thinking["includeThoughts"], bool):
             raise _fail(f"Invalid value at '{where}.includeThoughts': expected true or false.",
                         f"{where}.includeThoughts")
-        if thinking.get("thinkingBudget") is not None and not _is_int(thinking["thinkingBudget"]):
+        if thinking.get("thinkingBudget") is not None and not is_int(thinking["thinkingBudget"]):
             raise _fail(f"Invalid value at '{where}.thinkingBudget': expected an integer.", f"{where}.thinkingBudget")
         _string(thinking, "thinkingLevel", where)
     return config
