@@ -14,7 +14,7 @@ from typing import Callable
 
 import orjson
 
-from ..translate.anthropic.tokens import body_tokens
+from ..translate.tokens import body_tokens
 from .store import COUNTERS, Store, StoreUnavailable, UsageKey
 
 _PROMPT = ("prompt_tokens", "input_tokens")

@@ -17,8 +17,8 @@ from typing import Any
 import orjson
 
 from ...errors import StreamError
-from ..anthropic.tokens import body_tokens
 from ..completion import first_choice, message_calls, message_text, usage_count
+from ..tokens import body_tokens
 from ..tools import ToolNames, repair_json_object
 
 _FINISH = {"stop": "STOP", "length": "MAX_TOKENS", "tool_calls": "STOP", "function_call": "STOP",
