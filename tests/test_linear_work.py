@@ -20,7 +20,7 @@ import requests
 
 from proxy.translate import tools
 from tests.conftest import AUTH, make_app, provider, settings_doc
-from tests.upstream import Reply, completion
+from tests.upstream import Reply, completion, tool_call
 
 SHAPES = {
     "user text": lambda n: [{"role": "user", "content": "word " * 40} for _ in range(n)],
@@ -84,11 +84,8 @@ def test_repairing_broken_tool_arguments_parses_the_text_a_few_times_not_once_pe
     # Cut off inside a long key: closing it leaves a key without a value, so the repair must cut back
     # past all of it, to the end of the last complete value.
     arguments = '{"path": "notes.txt", "content": "' + "x" * 50_000 + '", "' + "k" * 50_000
-    answer = completion(None)
-    answer["choices"][0]["message"]["tool_calls"] = [
-        {"id": "call_1", "type": "function", "function": {"name": "Write", "arguments": arguments}}]
-    answer["choices"][0]["finish_reason"] = "tool_calls"
-    upstream.handler = lambda rec: Reply(body=json.dumps(answer).encode())
+    reply = tool_call("Write", arguments, "call_1")
+    upstream.handler = lambda rec: reply
     live = serve(make_app(settings_doc(provider(upstream, **{"native-apis": ["chat"]}))))
     response = requests.post(live.url + "/v1/messages", headers=AUTH, timeout=30, json={
         "model": "m", "max_tokens": 100, "messages": [{"role": "user", "content": "write it"}],

@@ -98,6 +98,16 @@ def described(body: dict) -> Reply:
     return Reply(body=json.dumps(completion(f"system={system} images={images}")).encode())
 
 
+def tool_call(name: str, arguments: str, call_id: str = "call_7") -> Reply:
+    """A completion that calls one tool, ``name`` with ``arguments`` (a JSON string as chat servers send it),
+    finish_reason ``tool_calls`` (the SDK tests' tool turn)."""
+    reply = completion(None)
+    reply["choices"][0]["message"]["tool_calls"] = [
+        {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}]
+    reply["choices"][0]["finish_reason"] = "tool_calls"
+    return Reply(body=json.dumps(reply).encode())
+
+
 def role_problem(messages: object) -> str | None:
     """Why a chat ``messages`` list would make a strict chat template (Mistral's, Gemma's, many Llama
     fine-tunes') raise, or None: roles must alternate after at most one leading system message; tool
