@@ -1,6 +1,7 @@
 """State shared by several instances through Redis (``REDIS_URL`` or ``redis-url``).
 
-Two things are shared, both layered over what each instance has locally:
+It talks to Redis through the state store's client (``state/redis_store.py``: one client per
+process). Shared, each layered over what the instance has locally:
 
 * **Runtime provider changes.** With Redis on, management writes store the
   whole ``openai-compatibility`` list (as written, ``${VAR}`` unresolved) under
@@ -14,10 +15,6 @@ Two things are shared, both layered over what each instance has locally:
 * **The instance list.** Each instance refreshes an expiring record
   (``streamfold:instance:<host>:<master pid>``) for the operator page
   (``instances.py`` says what is in it and when).
-* **Failed management secrets.** Each is added to an expiring sorted set per
-  client address (``streamfold:auth:<address>``, and ``streamfold:auth:*`` for
-  all addresses together), so the lockout counts the
-  tries made at every instance (``routes/manage/guard.py``).
 
 Each worker runs one background thread that listens to the channel, polls the
 version once a second in case a message was missed, and on (re)connecting
@@ -37,14 +34,13 @@ from typing import Callable
 import orjson
 import redis
 
-from .config.file import redact_url
+from .state import Store
 
 log = logging.getLogger(__name__)
 PREFIX = "streamfold:"
 PROVIDERS_KEY = PREFIX + "providers"
 CHANNEL = PREFIX + "events"
 COOL_PREFIX = PREFIX + "cool:"
-AUTH_PREFIX = PREFIX + "auth:"
 INSTANCE_PREFIX = PREFIX + "instance:"
 POLL_INTERVAL = 1.0
 BACKOFF_MAX = 30.0
@@ -57,14 +53,13 @@ class SharedUnavailable(Exception):
 class Shared:
     """One worker's link to Redis: a command client and a listener thread."""
 
-    def __init__(self, url: str, on_providers: Callable[[int, list | None], None],
+    def __init__(self, store: Store, on_providers: Callable[[int, list | None], None],
                  on_cooldown: Callable[[str, str, float, str], None]) -> None:
-        self.url = url
-        self.safe_url = redact_url(url)
+        self.store = store
+        self.safe_url = store.where  # the URL without its password
         self.on_providers = on_providers
         self.on_cooldown = on_cooldown
-        self.client = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5,
-                                           retry_on_timeout=False)
+        self.client = store.client
         self.version = 0
         self.revision: bytes | None = None  # random id of the list last applied (numbers restart with Redis)
         self.providers: list | None = None
@@ -122,34 +117,6 @@ class Shared:
         except (redis.RedisError, OSError):
             self.up = False
             log.error("shared state: redis unreachable while sharing a cooldown; it stays local to this worker")
-
-    def record_auth_failure(self, address: str, keep: float) -> None:
-        """Add a failed management secret from ``address``, kept ``keep`` seconds; skipped (the caller counts
-        it locally too) while Redis is known to be down."""
-        if not self.up:
-            return
-        now = time.time()
-        key = AUTH_PREFIX + address
-        try:
-            pipe = self.client.pipeline()
-            pipe.zadd(key, {f"{now:.6f}:{os.urandom(4).hex()}": now})
-            pipe.zremrangebyscore(key, "-inf", now - keep)
-            pipe.expire(key, int(keep) + 1)
-            pipe.execute()
-        except (redis.RedisError, OSError):
-            self.up = False
-
-    def auth_failures(self, address: str, keep: float) -> list[float] | None:
-        """Times of the failed management secrets from ``address`` at any instance in the last ``keep``
-        seconds; None when Redis cannot say (the caller's local count stands in)."""
-        if not self.up:
-            return None
-        try:
-            found = self.client.zrangebyscore(AUTH_PREFIX + address, time.time() - keep, "+inf", withscores=True)
-        except (redis.RedisError, OSError):
-            self.up = False
-            return None
-        return [score for _, score in found]
 
     def announce(self, name: str, record: dict, ttl: int) -> None:
         """Set instance ``name``'s record, expiring after ``ttl`` seconds; skipped when Redis does not answer

@@ -21,6 +21,7 @@ from .config.load import settings_path
 from .config.model import Settings
 from .errors import SLASHES, BadRequest, ErrorShapes, LoopDetected, ProxyError, loggable, request_path
 from .ledger import Ledger, logfmt
+from .lockout import Lockout
 from .models import Record
 from .routes import anthropic, demo, gemini, metrics_api, openai, page, responses
 from .routes.manage import client_keys, fleet, providers, status, traffic
@@ -60,15 +61,18 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     path = None if given is not None else (app.config["PROXY_SETTINGS"] or settings_path(environ))
     _configure_logging()  # first: the holder may already log (Redis unreachable, ...)
     app.extensions["streamfold"] = config = ConfigHolder(path, environ, settings=given)
+    # Usage, limit windows, stored responses, the identity secret and, when instances share it (Redis), what
+    # they tell each other. Chosen once: changing state-path or redis-url needs a restart.
+    store = app.extensions["streamfold.state"] = open_store(config.runtime.settings)
+    if store.shares:
+        config.share(store)  # the shared provider list and cooldowns (shared.py), before the first request
     settings = config.runtime.settings
     config.balancer = balancer(settings, config)
-    # Usage, limit windows, stored responses and the identity secret. Chosen once: changing state-path
-    # or redis-url needs a restart.
-    store = app.extensions["streamfold.state"] = open_store(settings)
     identities = app.extensions["streamfold.identity"] = Identities(store)  # who each client key is
     recorder = app.extensions["streamfold.usage"] = Recorder(store, identities.settled)
     limiter = app.extensions["streamfold.limits"] = Limiter(store)
     app.extensions["streamfold.ledger"] = Ledger(recorder, limiter)  # what every request's end does
+    app.extensions["streamfold.lockout"] = Lockout(store)  # failed management secrets (routes/manage/guard.py)
     _warn_about(settings)
     log.info("streamfold ready: %d providers, settings %s", len(settings.providers), path or "(in memory)")
 

@@ -41,6 +41,7 @@ import yaml
 from ..keys import KeyPool
 from ..routing import Router
 from ..shared import Shared
+from ..state import Store
 from ..state.limits import unmatched_patterns
 from ..state.ticker import Ticker
 from ..upstream import Sessions
@@ -106,12 +107,14 @@ class ConfigHolder:
         if good is not None:
             self.check_file()
         self.keys.max_cooldown = settings.max_cooldown
-        if settings.redis_url:
-            self.shared = Shared(settings.redis_url, self.apply_runtime_providers, self.keys.apply_remote)
-            self.keys.publish = self.shared.publish_cooldown
-            self.shared.start()
         if path is not None:
             CHECKS.add(self)
+
+    def share(self, store: Store) -> None:
+        """Follow the provider list and cooldowns other instances share through ``store`` (``shared.py``)."""
+        self.shared = Shared(store, self.apply_runtime_providers, self.keys.apply_remote)
+        self.keys.publish = self.shared.publish_cooldown
+        self.shared.start()
 
     def current(self) -> Runtime:
         """The running config (the file is followed off the request path: ``CHECKS``)."""

@@ -7,7 +7,9 @@ their total), ``usage:<day>`` (a hash per UTC day; field = JSON
 ``[client, model, provider, counter]``), ``win:<name>`` + ``wintotal:<name>``
 (a sliding window: a sorted set of entries scored by time, and its running
 total), ``slots:<name>`` (a sorted set of held slot tokens scored by lease
-expiry), ``identity-secret`` (the deployment's, ``identity.py``). Window and slot updates are Lua scripts using Redis's own clock, so
+expiry), ``identity-secret`` (the deployment's, ``identity.py``); shared by
+instances: ``auth:<address>`` (``mark``: a sorted set of times, the management
+lockout's failures). Window and slot updates are Lua scripts using Redis's own clock, so
 the check and the add are one atomic step and instances' clocks need not
 agree.
 """
@@ -224,6 +226,7 @@ return count
 
 class RedisStore(Store):
     kind = "redis"
+    shares = True
 
     def __init__(self, url: str) -> None:
         super().__init__(redact_url(url))
@@ -364,6 +367,23 @@ class RedisStore(Store):
             pipe.get(key)
             return pipe.execute()[1]
         return self._run(read)
+
+    # -- shared by instances -------------------------------------------------------
+    def _mark(self, name: str, keep: float) -> None:
+        now, key = time.time(), PREFIX + name
+
+        def write() -> None:
+            pipe = self.client.pipeline()  # a sorted set of times, each member tagged so equal times both count
+            pipe.zadd(key, {f"{now:.6f}:{os.urandom(4).hex()}": now})
+            pipe.zremrangebyscore(key, "-inf", now - keep)
+            pipe.expire(key, int(keep) + 1)
+            pipe.execute()
+        self._run(write)
+
+    def _marks(self, name: str, keep: float) -> list[float]:
+        found = self._run(lambda: self.client.zrangebyscore(PREFIX + name, time.time() - keep, "+inf",
+                                                            withscores=True))
+        return [score for _, score in found]
 
 
 def _days(first_day: str, last_day: str):

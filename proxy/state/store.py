@@ -52,6 +52,7 @@ class Store:
     """Base class: the outage handling; subclasses implement the ``_``-prefixed backend operations."""
 
     kind = "none"
+    shares = False  # True when other instances reach the same store (the operations under "shared by instances")
 
     def __init__(self, where: str) -> None:
         self.where = where            # for log lines: a path, or a Redis URL without its password
@@ -177,6 +178,17 @@ class Store:
         stored first (create-if-absent in one atomic step, so concurrent callers all get the one that won)."""
         return self._guard(self._secret, candidate)
 
+    # -- shared by instances (a store whose ``shares`` is True): raise StoreUnavailable --
+    # Names are the store's keys without its prefix (``auth:<address>``); an instance-local store has none of
+    # these: each instance decides alone then, as it does while a shared store is down.
+    def mark(self, name: str, keep: float) -> None:
+        """Add the time now to the marks of ``name`` (each kept ``keep`` seconds)."""
+        self._guard(self._mark, name, keep)
+
+    def marks(self, name: str, keep: float) -> list[float]:
+        """The times (epoch seconds) of the marks of ``name`` made at any instance in the last ``keep`` seconds."""
+        return self._guard(self._marks, name, keep)
+
     def _guard(self, operation, *args):
         if not self.up:
             raise StoreUnavailable(f"the {self.kind} state store is down")
@@ -271,6 +283,12 @@ class Store:
         raise NotImplementedError
 
     def _secret(self, candidate: bytes | None) -> bytes | None:
+        raise NotImplementedError
+
+    def _mark(self, name: str, keep: float) -> None:
+        raise NotImplementedError
+
+    def _marks(self, name: str, keep: float) -> list[float]:
         raise NotImplementedError
 
     def _unreserve(self, name: str, amount: int, nonce: str) -> None:

@@ -8,7 +8,7 @@ out for a minute, and twenty from all addresses together lock every address
 out for a minute (rotating source addresses buys no more guesses). Under
 gunicorn the failures are counted across all workers of the instance
 (``activity``), and with Redis across all instances
-(``shared``), so the fifth bad try locks the address out whichever worker of
+(the state store), so the fifth bad try locks the address out whichever worker of
 whichever instance it reached. While Redis does not answer, each instance
 counts its own (``proxy/lockout.py``). An accepted management request first looks at
 the settings file, so it never answers from a config another worker has
@@ -23,7 +23,7 @@ import ipaddress
 from flask import Blueprint, current_app, g, request
 
 from ...errors import Forbidden, ManagementUnauthorized, NotFound
-from ...lockout import Lockout
+
 
 def guard(require_secret: bool = True) -> None:
     """Raise unless this request may use management: 404 off, 403 remote, 429 locked out, 401 bad secret.
@@ -38,14 +38,14 @@ def guard(require_secret: bool = True) -> None:
     address = request.remote_addr or ""
     if not management.allow_remote and not is_loopback(address):
         raise Forbidden("remote management is disabled; connect from loopback or set allow-remote")
-    lockout = current_app.extensions.setdefault("streamfold.lockout", Lockout())
-    lockout.check(address, holder.shared)
+    lockout = current_app.extensions["streamfold.lockout"]
+    lockout.check(address)
     if not require_secret:
         return
     auth = request.headers.get("Authorization", "")
     given = auth[7:].strip() if auth[:7].lower() == "bearer " else request.headers.get("X-Management-Key", "")
     if not given or not hmac.compare_digest(given.encode(), management.secret_key.encode()):
-        lockout.failed(address, holder.shared)
+        lockout.failed(address)
         raise ManagementUnauthorized("missing or wrong management key")
     g.record.who = "management"
     if holder.path is not None:
