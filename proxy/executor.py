@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 RETRY_STATUSES = frozenset((429, 500, 502, 503, 504))
 REFUSED_STATUSES = frozenset((401, 403))
+BACK_OFF_STATUSES = frozenset((429, 503))  # whose Retry-After the client gets (RFC 9110 10.2.3, RFC 6585)
 ERROR_BODY_LIMIT = 1024 * 1024
 # Client headers never sent upstream (nginx-like): the client's credentials and
 # cookies; hop-by-hop headers (RFC 9110 section 7.6.1, plus those the client's
@@ -291,9 +292,11 @@ def passthrough_error(response: HTTPResponse, max_cooldown: float = 3600.0) -> O
         body = error_body(f"upstream returned HTTP {status}" + (f": {text}" if text else ""),
                           "rate_limit_error" if status == 429 else "upstream_error", status)
     headers = {}
-    if status == 429 and response.headers.get("Retry-After"):
-        # normalised: the client gets whole seconds, never the upstream's "inf" or garbage
-        headers["Retry-After"] = str(math.ceil(retry_after(response.headers["Retry-After"], max_cooldown)))
+    wait = _seconds(response.headers.get("Retry-After")) if status in BACK_OFF_STATUSES else None
+    if wait is not None:
+        # normalised: the client gets whole seconds within max-cooldown, never the upstream's "inf" or garbage
+        # (an unreadable one is dropped; a 429 then gets its key's cooldown from execute)
+        headers["Retry-After"] = str(math.ceil(min(wait, max_cooldown)))
     return Outcome(status, "application/json", body, headers=headers)
 
 
@@ -312,8 +315,14 @@ def retry_after(value: str | None, cap: float = 3600.0) -> float:
     The upstream is not trusted: a value that is no number or date (``nan``,
     garbage) counts as absent (30 s), ``inf`` or a date in 2100 as ``cap``.
     """
+    seconds = _seconds(value)
+    return min(RATE_LIMIT_DEFAULT if seconds is None else seconds, cap)
+
+
+def _seconds(value: str | None) -> float | None:
+    """A ``Retry-After`` value in seconds, at least 0 (``inf`` stays), or None when absent or unreadable."""
     if not value:
-        return min(RATE_LIMIT_DEFAULT, cap)
+        return None
     value = value.strip()
     try:
         seconds = float(value)
@@ -321,10 +330,8 @@ def retry_after(value: str | None, cap: float = 3600.0) -> float:
         try:
             seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
         except (TypeError, ValueError, IndexError, OverflowError):
-            return min(RATE_LIMIT_DEFAULT, cap)
-    if math.isnan(seconds):
-        return min(RATE_LIMIT_DEFAULT, cap)
-    return min(max(0.0, seconds), cap)
+            return None
+    return None if math.isnan(seconds) else max(0.0, seconds)
 
 
 def client_headers(environ: dict) -> dict[str, str]:

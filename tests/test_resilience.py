@@ -83,6 +83,59 @@ def test_every_key_cooling_gives_429_with_retry_after_and_no_upstream_call(upstr
     assert len(upstream.requests) == calls
 
 
+# Every route, with a body the upstream gets (streaming where the route streams).
+EVERY_ROUTE = {
+    "chat": ("/v1/chat/completions", CHAT),
+    "chat-stream": ("/v1/chat/completions", {**CHAT, "stream": True}),
+    "completions": ("/v1/completions", {"model": "m", "prompt": "hi"}),
+    "embeddings": ("/v1/embeddings", {"model": "m", "input": "hi"}),
+    "responses": ("/v1/responses", {"model": "m", "input": "hi"}),
+    "responses-stream": ("/v1/responses", {"model": "m", "input": "hi", "stream": True}),
+    "messages": ("/v1/messages", {"model": "m", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}),
+    "messages-stream": ("/v1/messages", {"model": "m", "max_tokens": 16, "stream": True,
+                                         "messages": [{"role": "user", "content": "hi"}]}),
+    "gemini": ("/v1beta/models/m:generateContent", {"contents": [{"role": "user", "parts": [{"text": "hi"}]}]}),
+    "gemini-stream": ("/v1beta/models/m:streamGenerateContent?alt=sse",
+                      {"contents": [{"role": "user", "parts": [{"text": "hi"}]}]}),
+}
+
+
+@pytest.mark.parametrize("route", list(EVERY_ROUTE))
+def test_an_upstream_503_with_retry_after_reaches_the_client_with_it_on_every_route(upstream, serve, route):
+    upstream.handler = lambda rec: Reply(status=503, body=b'{"error":{"message":"loading the model"}}',
+                                         headers={"Retry-After": "7"})
+    live = serve(make_app(settings_doc(keyed(upstream, keys=KEYS[:2]))))
+    path, body = EVERY_ROUTE[route]
+    for _ in range(2):  # a 503 cools nothing: each request asks both keys, and answers the last one's 503
+        answer = requests.post(live.url + path, json=body, headers=AUTH, timeout=10)
+        assert answer.status_code == (529 if route.startswith("messages") else 503), answer.text
+        assert answer.headers["Retry-After"] == "7"
+    assert len(upstream.requests) == 4
+
+
+@pytest.mark.parametrize("route", list(EVERY_ROUTE))
+def test_an_upstream_429_and_then_every_key_cooling_give_retry_after_on_every_route(upstream, serve, route):
+    upstream.handler = lambda rec: Reply(status=429, body=b'{"error":{"message":"quota"}}',
+                                         headers={"Retry-After": "40"})
+    live = serve(make_app(settings_doc(provider(upstream))))
+    path, body = EVERY_ROUTE[route]
+    first = requests.post(live.url + path, json=body, headers=AUTH, timeout=10)
+    assert first.status_code == 429 and first.headers["Retry-After"] == "40"  # the upstream's
+    second = requests.post(live.url + path, json=body, headers=AUTH, timeout=10)
+    assert second.status_code == 429 and 35 <= int(second.headers["Retry-After"]) <= 40  # the key's cooldown
+    assert len(upstream.requests) == 1
+
+
+@pytest.mark.parametrize("header, sent", [("12", "12"), ("0.2", "1"), ("inf", "120"), ("soon", None), ("nan", None)])
+def test_a_503_retry_after_reaches_the_client_in_whole_seconds_within_max_cooldown(upstream, serve, header, sent):
+    upstream.handler = lambda rec: Reply(status=503, body=b'{"error":{"message":"busy"}}',
+                                         headers={"Retry-After": header})
+    live = serve(make_app(settings_doc(provider(upstream), **{"max-cooldown": 120})))
+    answer = requests.post(live.url + "/v1/chat/completions", json=CHAT, headers=AUTH, timeout=10)
+    assert answer.status_code == 503
+    assert answer.headers.get("Retry-After") == sent
+
+
 @pytest.mark.parametrize("status", [500, 502, 503, 504])
 def test_5xx_moves_to_the_next_key(upstream, status):
     upstream.handler = lambda rec: Reply(status=status, body=b'{"error":{"message":"x"}}') if rec.key == KEYS[0] \
