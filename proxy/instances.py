@@ -1,11 +1,11 @@
 """Which instances share this Redis, for the operator page's overview.
 
 Every worker of an instance refreshes one short-lived record,
-``streamfold:instance:<host>:<master pid>`` (so all workers of one gunicorn
-instance write the same key), every ``INTERVAL`` seconds from a daemon thread
-of its Redis link (``shared.py``, which holds every Redis command of it); an
-instance that stops is gone from the list within ``TTL`` seconds. Nothing
-here runs on the request path, and a Redis outage only makes the list unknown.
+``instance:<host>:<master pid>`` in the shared state store (so all workers of
+one gunicorn instance write the same key), every ``INTERVAL`` seconds from
+the store's background tick; an instance that stops is gone from the list
+within ``TTL`` seconds. Nothing here runs on the request path, and while the
+store does not answer the list is unknown.
 """
 from __future__ import annotations
 
@@ -13,9 +13,12 @@ import os
 import socket
 import time
 
-from .shared import INSTANCE_PREFIX, Shared
+import orjson
 
-KEY_PREFIX = INSTANCE_PREFIX
+from .shared import Shared
+from .state import StoreUnavailable
+
+KEY_PREFIX = "instance:"
 INTERVAL, TTL = 10.0, 30
 
 
@@ -25,21 +28,39 @@ def instance_id() -> str:
 
 
 def start(shared: Shared) -> None:
-    """Announce this instance now and every ``INTERVAL`` seconds, until ``shared`` is stopped."""
-    started = time.time()
+    """Announce this instance now and every ``INTERVAL`` seconds (on the store's tick)."""
+    started, store = time.time(), shared.store
+    due = 0.0
 
     def beat() -> None:
-        shared.announce(instance_id(), {"id": instance_id(), "host": socket.gethostname(), "started": started,
-                                        "seen": time.time(), "providers-version": shared.version}, TTL)
+        nonlocal due
+        if time.monotonic() < due:
+            return
+        due = time.monotonic() + INTERVAL
+        record = {"id": instance_id(), "host": socket.gethostname(), "started": started, "seen": time.time(),
+                  "providers-version": shared.version}
+        try:
+            store.announce(KEY_PREFIX + instance_id(), orjson.dumps(record), TTL)
+        except StoreUnavailable:
+            pass  # the store says it is down, and is probed until it is back
 
     beat()
-    shared.every(INTERVAL, beat, "streamfold-instance")
+    store.on_tick(beat)
 
 
 def listing(shared: Shared) -> list[dict] | None:
-    """The instances seen in the last ``TTL`` seconds (None when Redis cannot be asked)."""
-    found = shared.instances()
-    if found is None:
+    """The instances seen in the last ``TTL`` seconds (None when the store cannot be asked)."""
+    try:
+        found = shared.store.announced(KEY_PREFIX)
+    except StoreUnavailable:
         return None
     this = instance_id()
-    return [{**record, "this": record.get("id") == this} for record in found]
+    out = []
+    for _, raw in sorted(found):
+        try:
+            record = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            out.append({**record, "this": record.get("id") == this})
+    return out

@@ -12,9 +12,6 @@ process). Shared, each layered over what the instance has locally:
   provider backing off after a connect failure, is written as an expiring key
   (``streamfold:cool:<provider>:<key id>``, the key id being a hash, never the
   key) and announced, so every worker of every instance skips it too.
-* **The instance list.** Each instance refreshes an expiring record
-  (``streamfold:instance:<host>:<master pid>``) for the operator page
-  (``instances.py`` says what is in it and when).
 
 Each worker runs one background thread that listens to the channel, polls the
 version once a second in case a message was missed, and on (re)connecting
@@ -41,7 +38,6 @@ PREFIX = "streamfold:"
 PROVIDERS_KEY = PREFIX + "providers"
 CHANNEL = PREFIX + "events"
 COOL_PREFIX = PREFIX + "cool:"
-INSTANCE_PREFIX = PREFIX + "instance:"
 POLL_INTERVAL = 1.0
 BACKOFF_MAX = 30.0
 
@@ -82,13 +78,6 @@ class Shared:
     def stop(self) -> None:
         self._stop.set()
 
-    def every(self, interval: float, job: Callable[[], None], name: str) -> None:
-        """Run ``job`` every ``interval`` seconds on a daemon thread, until this link is stopped."""
-        def run() -> None:
-            while not self._stop.wait(interval):
-                job()
-        threading.Thread(target=run, name=name, daemon=True).start()
-
     # -- writes (request path / management) --------------------------------
     def store_providers(self, providers: list) -> int:
         """Store a new runtime provider list; returns its version. Raises ``SharedUnavailable``."""
@@ -117,31 +106,6 @@ class Shared:
         except (redis.RedisError, OSError):
             self.up = False
             log.error("shared state: redis unreachable while sharing a cooldown; it stays local to this worker")
-
-    def announce(self, name: str, record: dict, ttl: int) -> None:
-        """Set instance ``name``'s record, expiring after ``ttl`` seconds; skipped when Redis does not answer
-        (the listener thread says when it is down)."""
-        try:
-            self.client.set(INSTANCE_PREFIX + name, orjson.dumps(record), ex=ttl)
-        except (redis.RedisError, OSError):
-            pass
-
-    def instances(self) -> list[dict] | None:
-        """The instance records that have not expired (None when Redis cannot be asked)."""
-        try:
-            keys = sorted(self.client.scan_iter(match=INSTANCE_PREFIX + "*", count=100))
-            values = self.client.mget(keys) if keys else []
-        except (redis.RedisError, OSError):
-            return None
-        out = []
-        for raw in values:
-            try:
-                found = orjson.loads(raw) if raw else None
-            except orjson.JSONDecodeError:
-                continue
-            if isinstance(found, dict):
-                out.append(found)
-        return out
 
     # -- the listener thread -------------------------------------------------
     def _listen(self) -> None:

@@ -320,7 +320,7 @@ def test_overview_lists_the_instances_sharing_redis(upstream, tmp_path):
             "remote-management": {"secret-key": SECRET}, "redis-url": server.url}))
         app = create_app({"PROXY_SETTINGS": str(path), "ENVIRON": {}})
         other = {"id": "gpu-host-2:4242", "host": "gpu-host-2", "started": 1.0, "seen": 2.0, "providers-version": 0}
-        app.extensions["streamfold"].shared.client.set(KEY_PREFIX + other["id"], orjson.dumps(other), ex=TTL)
+        app.extensions["streamfold.state"].announce(KEY_PREFIX + other["id"], orjson.dumps(other), TTL)  # as it would
         found = app.test_client().get("/v0/management/overview", headers=MGMT).get_json()
         assert found["redis"]["state"] == "up"
         assert {i["id"]: i["this"] for i in found["instances"]} == {instance_id(): True, "gpu-host-2:4242": False}

@@ -9,7 +9,7 @@ their total), ``usage:<day>`` (a hash per UTC day; field = JSON
 total), ``slots:<name>`` (a sorted set of held slot tokens scored by lease
 expiry), ``identity-secret`` (the deployment's, ``identity.py``); shared by
 instances: ``auth:<address>`` (``mark``: a sorted set of times, the management
-lockout's failures). Window and slot updates are Lua scripts using Redis's own clock, so
+lockout's failures) and expiring strings (``announce``): ``instance:<host>:<pid>``. Window and slot updates are Lua scripts using Redis's own clock, so
 the check and the add are one atomic step and instances' clocks need not
 agree.
 """
@@ -384,6 +384,17 @@ class RedisStore(Store):
         found = self._run(lambda: self.client.zrangebyscore(PREFIX + name, time.time() - keep, "+inf",
                                                             withscores=True))
         return [score for _, score in found]
+
+    def _announce(self, name: str, value: bytes, ttl: float) -> None:
+        self._run(lambda: self.client.set(PREFIX + name, value, px=max(1, int(ttl * 1000))))
+
+    def _announced(self, prefix: str) -> list[tuple[str, bytes]]:
+        def read() -> list[tuple[str, bytes]]:
+            keys = list(self.client.scan_iter(match=PREFIX + prefix + "*", count=1000))
+            values = self.client.mget(keys) if keys else []
+            return [(key.decode("utf-8", "replace")[len(PREFIX):], value)
+                    for key, value in zip(keys, values, strict=True) if value is not None]
+        return self._run(read)
 
 
 def _days(first_day: str, last_day: str):

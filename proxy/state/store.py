@@ -189,6 +189,15 @@ class Store:
         """The times (epoch seconds) of the marks of ``name`` made at any instance in the last ``keep`` seconds."""
         return self._guard(self._marks, name, keep)
 
+    def announce(self, name: str, value: bytes, ttl: float) -> None:
+        """Keep ``value`` under ``name`` for ``ttl`` seconds (replacing what was there), for every instance."""
+        self._guard(self._announce, name, value, ttl)
+
+    def announced(self, prefix: str) -> list[tuple[str, bytes]]:
+        """Every ``(name, value)`` announced by any instance whose name starts with ``prefix`` and has not
+        expired, in no particular order."""
+        return self._guard(self._announced, prefix)
+
     def _guard(self, operation, *args):
         if not self.up:
             raise StoreUnavailable(f"the {self.kind} state store is down")
@@ -289,6 +298,12 @@ class Store:
         raise NotImplementedError
 
     def _marks(self, name: str, keep: float) -> list[float]:
+        raise NotImplementedError
+
+    def _announce(self, name: str, value: bytes, ttl: float) -> None:
+        raise NotImplementedError
+
+    def _announced(self, prefix: str) -> list[tuple[str, bytes]]:
         raise NotImplementedError
 
     def _unreserve(self, name: str, amount: int, nonce: str) -> None:
