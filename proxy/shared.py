@@ -31,13 +31,13 @@ from typing import Callable
 import orjson
 import redis
 
-from .state import Store
+from .state import Store, StoreUnavailable
 
 log = logging.getLogger(__name__)
 PREFIX = "streamfold:"
 PROVIDERS_KEY = PREFIX + "providers"
 CHANNEL = PREFIX + "events"
-COOL_PREFIX = PREFIX + "cool:"
+COOL_PREFIX = "cool:"  # a store name (streamfold:cool:... in Redis)
 POLL_INTERVAL = 1.0
 BACKOFF_MAX = 30.0
 
@@ -69,7 +69,7 @@ class Shared:
             self._catch_up()
             self.up = True
             log.info("shared state: connected to redis at %s (providers version %d)", self.safe_url, self.version)
-        except (redis.RedisError, OSError) as exc:
+        except (redis.RedisError, OSError, StoreUnavailable) as exc:
             log.error("shared state: REDIS IS UNREACHABLE at %s (%s); starting from the settings file and "
                       "local cooldowns, will keep retrying", self.safe_url, type(exc).__name__)
         self._thread = threading.Thread(target=self._listen, name="streamfold-redis", daemon=True)
@@ -89,7 +89,7 @@ class Shared:
             version = pipe.execute()[0]
             self.revision, self.version, self.providers = revision, version, providers
             self.client.publish(CHANNEL, orjson.dumps({"kind": "providers", "version": version}))
-        except (redis.RedisError, OSError) as exc:
+        except (redis.RedisError, OSError, StoreUnavailable) as exc:
             self.up = False
             raise SharedUnavailable(f"redis is unreachable ({type(exc).__name__})") from None
         return version
@@ -101,9 +101,9 @@ class Shared:
         until = time.time() + seconds
         message = orjson.dumps({"kind": kind, "provider": provider, "key": key_id, "until": until})
         try:
-            self.client.set(f"{COOL_PREFIX}{kind}:{provider}:{key_id}", message, px=max(1, int(seconds * 1000)))
-            self.client.publish(CHANNEL, message)
-        except (redis.RedisError, OSError):
+            self.store.announce(f"{COOL_PREFIX}{kind}:{provider}:{key_id}", message, seconds)  # for newcomers
+            self.store.publish(message)
+        except StoreUnavailable:
             self.up = False
             log.error("shared state: redis unreachable while sharing a cooldown; it stays local to this worker")
 
@@ -131,7 +131,7 @@ class Shared:
                     if time.monotonic() >= next_poll:
                         self._poll_version()
                         next_poll = time.monotonic() + POLL_INTERVAL
-            except (redis.RedisError, OSError) as exc:
+            except (redis.RedisError, OSError, StoreUnavailable) as exc:
                 if self.up:
                     log.error("shared state: lost redis at %s (%s); serving with the last known config and local "
                               "cooldowns, retrying", self.safe_url, type(exc).__name__)
@@ -147,10 +147,8 @@ class Shared:
 
     def _catch_up(self) -> None:
         self._poll_version(force=True)
-        for key in self.client.scan_iter(match=COOL_PREFIX + "*", count=500):
-            raw = self.client.get(key)
-            if raw:
-                self._handle(raw)
+        for _, raw in self.store.announced(COOL_PREFIX):
+            self._handle(raw)
 
     def _poll_version(self, force: bool = False) -> None:
         revision = self.client.hget(PROVIDERS_KEY, "revision")

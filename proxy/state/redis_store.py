@@ -9,7 +9,8 @@ their total), ``usage:<day>`` (a hash per UTC day; field = JSON
 total), ``slots:<name>`` (a sorted set of held slot tokens scored by lease
 expiry), ``identity-secret`` (the deployment's, ``identity.py``); shared by
 instances: ``auth:<address>`` (``mark``: a sorted set of times, the management
-lockout's failures) and expiring strings (``announce``): ``instance:<host>:<pid>``. Window and slot updates are Lua scripts using Redis's own clock, so
+lockout's failures), expiring strings (``announce``): ``instance:<host>:<pid>``,
+``cool:<kind>:<provider>:<key id>``, and the pub/sub channel ``events`` (``publish``). Window and slot updates are Lua scripts using Redis's own clock, so
 the check and the add are one atomic step and instances' clocks need not
 agree.
 """
@@ -29,6 +30,7 @@ from ..config.file import redact_url
 from .store import COUNTERS, Store, StoreUnavailable, UsageKey
 
 PREFIX = "streamfold:"
+CHANNEL = PREFIX + "events"  # what ``publish`` sends and ``subscribe`` hears
 USAGE_TTL = 400 * 86400  # usage days kept in Redis (a year and a bit)
 
 # KEYS: window, total. ARGV: limit (-1 = record without a check), span s, cost, nonce.
@@ -395,6 +397,9 @@ class RedisStore(Store):
             return [(key.decode("utf-8", "replace")[len(PREFIX):], value)
                     for key, value in zip(keys, values, strict=True) if value is not None]
         return self._run(read)
+
+    def _publish(self, message: bytes) -> None:
+        self._run(self.client.publish, CHANNEL, message)
 
 
 def _days(first_day: str, last_day: str):

@@ -198,6 +198,11 @@ class Store:
         expired, in no particular order."""
         return self._guard(self._announced, prefix)
 
+    def publish(self, message: bytes) -> None:
+        """Tell every instance listening now (``subscribe``); lost for those that are not (announce what a
+        newcomer must know as well)."""
+        self._guard(self._publish, message)
+
     def _guard(self, operation, *args):
         if not self.up:
             raise StoreUnavailable(f"the {self.kind} state store is down")
@@ -304,6 +309,9 @@ class Store:
         raise NotImplementedError
 
     def _announced(self, prefix: str) -> list[tuple[str, bytes]]:
+        raise NotImplementedError
+
+    def _publish(self, message: bytes) -> None:
         raise NotImplementedError
 
     def _unreserve(self, name: str, amount: int, nonce: str) -> None:
