@@ -202,6 +202,9 @@ def test_code_lines_skip_blanks_comments_and_docstrings(tmp_path):
 # (a second definition, by name, is a second reader), and the fold and the bridges' reader both use it.
 ONE_DEFINITION = {
     "call_slot": "proxy.fold.tool_calls",              # which tool call a delta belongs to (index rules)
+    "ToolCalls": "proxy.fold.tool_calls",              # the one tool-call assembler (late names, arguments)
+    "ToolCall": "proxy.fold.tool_calls",               # what a call holds as its deltas arrive
+    "Halves": "proxy.fold.guard",                      # surrogate halves split between streamed fragments
     "slow_json": "proxy.fold.base",                    # what orjson refuses, read with the fold's guards
     "repair_surrogates": "proxy.fold.guard",           # UTF-16 halves joined or replaced
     "completion_as_chunk": "proxy.translate.chat_stream",  # a JSON answer to a stream request, as one chunk
@@ -235,3 +238,35 @@ def test_each_chat_stream_rule_is_defined_once_and_shared():
     assert {"proxy.fold.chat", "proxy.translate.chat_stream"} <= users
     parsers = {edge.source for edge in EXTERNAL if edge.target == "json"}
     assert parsers <= STDLIB_JSON, f"a second slow JSON path: {sorted(parsers - STDLIB_JSON)}"
+
+
+def _argument_bookkeeping(path) -> list[int]:
+    """Lines of ``path`` that accumulate a tool call's arguments: ``<x>.args.append/extend/insert(...)``,
+    ``<x>.args += ...``, ``<x>["arguments"] += ...``, or an import of the index rule ``call_slot``."""
+    import ast
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
+                and node.func.attr in ("append", "extend", "insert") \
+                and isinstance(node.func.value, ast.Attribute) and node.func.value.attr == "args":
+            found.append(node.lineno)
+        elif isinstance(node, ast.AugAssign) and (
+                (isinstance(node.target, ast.Attribute) and node.target.attr == "args")
+                or (isinstance(node.target, ast.Subscript) and isinstance(node.target.slice, ast.Constant)
+                    and node.target.slice.value == "arguments")):
+            found.append(node.lineno)
+        elif isinstance(node, ast.ImportFrom) and any(alias.name == "call_slot" for alias in node.names):
+            found.append(node.lineno)
+    return found
+
+
+def test_tool_calls_are_assembled_in_one_place():
+    # A second tool-call bookkeeping (a reader keeping its own per-call argument fragments, or its own use of
+    # the index rule) is a second reader: every reader takes its calls from fold/tool_calls.ToolCalls.
+    assembler = ONE_DEFINITION["ToolCalls"]
+    elsewhere = {module: lines for module, path in MODULES.items()
+                 if module != assembler and (lines := _argument_bookkeeping(path))}
+    assert not elsewhere, f"tool-call arguments accumulated outside {assembler}: {elsewhere}"
+    assert _argument_bookkeeping(MODULES[assembler])  # the check sees the one place it allows
+    users = {edge.source for edge in INTERNAL if edge.target == assembler}
+    assert {"proxy.fold.chat", "proxy.fold.choice", "proxy.translate.chat_stream"} <= users

@@ -145,3 +145,30 @@ def test_fold_over_max_aggregate_bytes_is_502(upstream):
     response = app.test_client().post("/v1/chat/completions", json=CHAT, headers=AUTH)
     assert response.status_code == 502
     assert "max-aggregate-bytes" in response.get_json()["error"]["message"]
+
+
+def test_tool_arguments_sent_as_an_object_are_folded_into_their_json_text(forced_app, upstream, serve):
+    # Some servers send function.arguments as a JSON object; the bridges always took its JSON text, the fold
+    # answered 502. One assembler (fold/tool_calls.py) now reads it the same way for both.
+    upstream.handler = lambda rec: Reply(events=sse(
+        chunk({"role": "assistant", "tool_calls": [{"index": 0, "id": "call_o1", "type": "function",
+                                                    "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]}),
+        chunk({}, finish="tool_calls")))
+    result = sdk(serve(forced_app)).chat.completions.create(model="m", messages=CHAT["messages"])
+    call = result.choices[0].message.tool_calls[0]
+    assert (call.id, call.function.name, json.loads(call.function.arguments)) == ("call_o1", "get_weather",
+                                                                                 {"city": "Oslo"})
+
+
+def test_a_tool_name_that_is_not_a_string_in_a_forced_stream_is_502(forced_app, upstream):
+    # A JSON answer with such a name is refused (translate/completion.check_relayed), and so were the bridges'
+    # streams; the fold passed {"name": 7} on to the client as the tool's name.
+    upstream.handler = lambda rec: Reply(events=sse(
+        chunk({"role": "assistant", "tool_calls": [{"index": 0, "id": "call_n1", "type": "function",
+                                                    "function": {"name": 7, "arguments": "{}"}}]}),
+        chunk({}, finish="tool_calls")))
+    response = forced_app.test_client().post("/v1/chat/completions", json=CHAT, headers=AUTH)
+    assert response.status_code == 502
+    assert response.get_json()["error"]["message"] == ("upstream sent a chunk of the wrong shape: "
+                                                        "choices[0].delta.tool_calls[0].function.name is a number, "
+                                                        "not a string")

@@ -30,11 +30,10 @@ from ..errors import StreamError
 from . import guard
 from .base import DEFAULT_MAX_BYTES, preview, run_fold, slow_json, stream_error
 from .choice import Choice as _Choice
-from .choice import ToolCall as _ToolCall
 from .choice import render_choice as _render_choice
 from .guard import CONTAINER_FACTOR, EXACT_ABOVE, FRAGMENT, Budget, held
 from .sse import batches_from_lines, iter_event_batches
-from .tool_calls import call_slot
+from .tool_calls import ToolCalls
 
 __all__ = ["DEFAULT_MAX_BYTES", "ChatFold", "fold_chat", "fold_chat_chunks", "run_fold", "stream_error"]
 
@@ -186,9 +185,7 @@ class ChatFold(Budget):
                     self.size += len(value) + FRAGMENT
             elif key == "function_call":
                 if value:
-                    if state.function_call is None:
-                        state.function_call = _ToolCall()
-                    self._merge_function(state.function_call, value)
+                    (state.tools or self._new_tools(state)).legacy(value)
             elif key == "audio":
                 if value is not None:
                     self._audio(state, value)
@@ -213,41 +210,13 @@ class ChatFold(Budget):
                 self._keep(other, key, value)
 
     def _tool_calls(self, state: _Choice, deltas: list) -> None:
-        calls = state.calls
+        add = (state.tools or self._new_tools(state)).add  # the one assembler (fold/tool_calls.py)
         for delta in deltas:
-            call, index = call_slot(calls, state.last_call, delta.get("index"), delta.get("id"))
-            if call is None:
-                call = self._new_call(calls, index)
-            state.last_call = call
-            for key, value in delta.items():
-                if key == "function":
-                    if value:
-                        self._merge_function(call, value)
-                elif key == "id":
-                    if value and call.id is None:
-                        call.id = value
-                        self.size += held(value)
-                elif key == "type":
-                    if value and call.type is None:
-                        call.type = value
-                        self.size += held(value)
-                elif key != "index":
-                    self._keep(call.extra, key, value)
+            add(delta)
 
-    def _new_call(self, calls: dict[int, _ToolCall], index: int) -> _ToolCall:
-        self.size += guard.CALL_COST
-        call = calls[index] = _ToolCall()
-        return call
-
-    def _merge_function(self, call: _ToolCall, function: dict) -> None:
-        name = function.get("name")
-        if name and call.name is None:
-            call.name = name
-            self.size += held(name)
-        arguments = function.get("arguments")
-        if arguments:
-            call.args.append(arguments)
-            self.size += len(arguments) + FRAGMENT
+    def _new_tools(self, state: _Choice) -> ToolCalls:
+        tools = state.tools = ToolCalls(self, self._keep)  # charged to this fold; unknown fields kept
+        return tools
 
     def _logprobs(self, state: _Choice, logprobs: dict) -> None:
         """As the SDK does: the first logprobs object is taken as sent (``content: []`` stays a list),

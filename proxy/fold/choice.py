@@ -1,48 +1,29 @@
 """What one choice of a chat stream accumulates, and the ``choices[i]`` it renders to.
 
-Plain state holders for ``chat.ChatFold`` (``__slots__``: one per choice and
-tool call of every folded stream). Text arrives in fragments kept in lists
-and joined once, when the answer is rendered.
+Plain state holders for ``chat.ChatFold`` (``__slots__``: one per choice of
+every folded stream; its tool calls are the one assembler's, ``tool_calls.py``).
+Text arrives in fragments kept in lists and joined once, when the answer is
+rendered.
 """
 from __future__ import annotations
 
 from typing import Any
 
-
-class ToolCall:
-    """One tool call (or legacy function_call) of a choice, merged over its deltas."""
-
-    __slots__ = ("id", "type", "name", "args", "extra")
-
-    def __init__(self) -> None:
-        self.id = None
-        self.type = None
-        self.name = None
-        self.args: list[str] = []
-        self.extra: dict[str, Any] = {}
-
-    def render(self) -> dict:
-        out = {} if self.id is None else {"id": self.id}
-        out["type"] = self.type or "function"
-        out["function"] = {"name": self.name, "arguments": "".join(self.args)}
-        out.update(self.extra)
-        return out
+from .tool_calls import ToolCalls
 
 
 class Choice:
     """What one choice ``index`` has accumulated so far."""
 
-    __slots__ = ("role", "content", "texts", "refusal", "calls", "last_call", "function_call",
-                 "finish", "logprobs", "extra", "message_extra", "audio")
+    __slots__ = ("role", "content", "texts", "refusal", "tools", "finish", "logprobs", "extra",
+                 "message_extra", "audio")
 
     def __init__(self) -> None:
         self.role = None
         self.content: list[str] = []
         self.texts: dict[str, list[str]] = {}  # reasoning_content / reasoning, as the upstream named it
         self.refusal: list[str] | None = None
-        self.calls: dict[int, ToolCall] = {}
-        self.last_call: ToolCall | None = None
-        self.function_call: ToolCall | None = None
+        self.tools: ToolCalls | None = None  # tool calls and the legacy function_call, once one arrives
         self.finish = None
         self.logprobs: dict[str, list | None] | None = None
         self.extra: dict[str, Any] = {}
@@ -61,17 +42,20 @@ def render_choice(index: int, state: Choice) -> dict:
     if state.audio is not None:
         texts, other = state.audio
         message["audio"] = {**other, **{key: "".join(parts) for key, parts in texts.items()}}
-    if state.calls:
-        message["tool_calls"] = [state.calls[i].render() for i in sorted(state.calls)]
-    if state.function_call is not None:
-        call = state.function_call
-        message["function_call"] = {"name": call.name, "arguments": "".join(call.args)}
+    tools = state.tools
+    calls = legacy = None
+    if tools is not None:
+        calls, legacy = tools.calls, tools.function_call
+        if calls:
+            message["tool_calls"] = [calls[i].render() for i in sorted(calls)]
+        if legacy is not None:
+            message["function_call"] = {"name": legacy.name, "arguments": legacy.arguments}
     for key, value in state.message_extra.items():
         message.setdefault(key, value)
     finish = state.finish
     if finish is None:
         # The SPEC's rule: a choice that only called tools finished with tool_calls, not stop.
-        finish = "tool_calls" if state.calls else "function_call" if state.function_call else "stop"
+        finish = "tool_calls" if calls else "function_call" if legacy is not None else "stop"
     choice = {"index": index, "message": message, "logprobs": state.logprobs, "finish_reason": finish}
     for key, value in state.extra.items():
         choice.setdefault(key, value)

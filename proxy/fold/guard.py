@@ -12,6 +12,7 @@ takes ~120 bytes for 4 bytes of JSON, a 1-character text fragment ~57.
 """
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from ..errors import StreamError
@@ -111,12 +112,17 @@ def shape_problem(chunk: Any) -> str:
                 return f"{where}.delta.tool_calls[{k}] is {_kind(call)}, not an object"
             if call.get("index") is not None and type(call["index"]) is not int:
                 return f"{where}.delta.tool_calls[{k}].index is {_kind(call['index'])}, not an integer"
+            if call.get("id") and not isinstance(call["id"], str):
+                return f"{where}.delta.tool_calls[{k}].id is {_kind(call['id'])}, not a string"
             function = call.get("function")
             if function is not None and not isinstance(function, dict):
                 return f"{where}.delta.tool_calls[{k}].function is {_kind(function)}, not an object"
-            arguments = (function or {}).get("arguments")
-            if arguments is not None and not isinstance(arguments, str):
-                return f"{where}.delta.tool_calls[{k}].function.arguments is {_kind(arguments)}, not a string"
+            name = (function or {}).get("name")
+            if name and not isinstance(name, str):
+                return f"{where}.delta.tool_calls[{k}].function.name is {_kind(name)}, not a string"
+        legacy = delta.get("function_call")
+        if legacy and isinstance(legacy, dict) and legacy.get("name") and not isinstance(legacy["name"], str):
+            return f"{where}.delta.function_call.name is {_kind(legacy['name'])}, not a string"
         for name in ("content", "refusal"):
             items = (choice.get("logprobs") or {}).get(name)
             if items is not None and not isinstance(items, list):
@@ -127,6 +133,53 @@ def shape_problem(chunk: Any) -> str:
 def _kind(value: Any) -> str:
     return {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
             type(None): "null"}.get(type(value), "a number")
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+REPLACEMENT = "\ufffd"
+
+
+def has_surrogates(text: str) -> bool:
+    """Whether ``text`` holds a UTF-16 surrogate half (only the slow JSON path produces them)."""
+    return not text.isascii() and _SURROGATE.search(text) is not None
+
+
+def clean(text: str) -> str:
+    """``text`` with surrogate halves joined or replaced (``repair_surrogates``), so ``orjson`` can write it."""
+    return repair_surrogates(text) if has_surrogates(text) else text
+
+
+class Halves:
+    """Surrogate halves split between the fragments of one streamed field: the joining a reader that passes
+    fragments on as they come needs (the fold joins its whole answer once, with ``repair_surrogates``).
+
+    A fragment that ends with the first half of a pair (an emoji escaped as ``"\\ud83d"`` at the end of one
+    chunk, ``"\\ude00"`` at the start of the next) has that half held back in ``waiting`` under the field's
+    key until the field's next fragment; what cannot be joined becomes U+FFFD, as ``repair_surrogates``
+    makes it. A caller asks ``join`` only when something waits or the fragment is not ASCII.
+    """
+
+    __slots__ = ("waiting",)
+
+    def __init__(self) -> None:
+        self.waiting: dict[Any, str] = {}
+
+    def join(self, key: Any, text: str) -> str:
+        """``text`` with a waiting half before it joined, its own last half held back, lone halves replaced."""
+        half = self.waiting.pop(key, None)
+        if half is not None:
+            text = half + text
+        elif _SURROGATE.search(text) is None:
+            return text
+        if "\ud800" <= text[-1] <= "\udbff":
+            self.waiting[key] = text[-1]
+            text = text[:-1]
+        return repair_surrogates(text)
+
+    def flush(self) -> list:
+        """The keys whose half still waits, forgotten: the field has ended, each half is one U+FFFD."""
+        waiting, self.waiting = self.waiting, {}
+        return list(waiting)
 
 
 def repair_surrogates(value: Any) -> Any:

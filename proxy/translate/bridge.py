@@ -32,7 +32,7 @@ stream into the protocol's event bytes.
 ``chat_events`` turns a batch into ``chat_stream.ChatStream`` events):
 
     ("reasoning", text)        ("text", text)
-    ("tool_start", tool)       ("tool_args", tool, fragment)    tool: chat_stream.ToolCall
+    ("tool_start", tool)       ("tool_args", tool, fragment)    tool: fold/tool_calls.ToolCall
     ("finish", reason, stop)   ("usage", usage)                 stop: vLLM's matched stop string, else None
     ("run", TextRun)           a run of plain "text"/"reasoning" deltas as JSON string-literal bodies,
                                still escaped and without quotes (the measured fast path; a writer

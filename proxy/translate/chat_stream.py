@@ -1,12 +1,15 @@
 """Read a chat-completion event stream as the bridges need it: semantic events, not chunks.
 
-Both bridges (Anthropic Messages, Responses) turn an upstream's chat chunks
-into another protocol's events. What they share lives here: decoding the SSE
-(the same framing and in-stream error rules as the chat fold) and the
-bookkeeping that real servers make hard: tool-call deltas without ``index``,
-indexes that start at 1, a name or id that arrives late or never, a whole
-call in one delta, usage on every chunk or only on a trailer, ``finish_reason:
-""`` on every chunk, content and finish in the same chunk.
+Every bridge (Anthropic Messages, Responses, Gemini) turns an upstream's chat
+chunks into another protocol's events. What they share lives here: decoding
+the SSE (the same framing, slow JSON path and in-stream error rules as the
+chat fold) and the bookkeeping that real servers make hard: usage on every
+chunk or only on a trailer, ``finish_reason: ""`` on every chunk, content and
+finish in the same chunk, a tool call's name or id that arrives late or never.
+The tool calls themselves (deltas without ``index``, indexes that start at 1,
+a whole call in one delta, arguments sent as an object) are assembled by the
+fold's assembler, ``fold/tool_calls.ToolCalls``; surrogate halves split between
+fragments are joined by ``fold/guard.Halves``.
 
 Pure: bytes and dicts in, tuples out; no Flask, no requests. Only choice 0 is
 read (the bridged protocols have no ``n``).
@@ -21,33 +24,23 @@ text, tools, finish; usage whenever it comes):
 from __future__ import annotations
 
 import os
-import re
 from typing import Any, Iterable, Iterator
 
 import orjson
 
 from ..errors import StreamError
 from ..fold.base import slow_json, stream_error
-from ..fold.guard import FRAGMENT, repair_surrogates
+from ..fold import guard
+from ..fold.guard import FRAGMENT, REPLACEMENT, Halves, clean, has_surrogates
 from ..fold.sse import iter_event_batches
-from ..fold.tool_calls import call_slot
+from ..fold.tool_calls import ToolCall, ToolCalls
 from .completion import first_choice, load
 
 DONE = "[DONE]"
 _DONE_DATA = (b" [DONE]", b"[DONE]")  # "data: [DONE]" and "data:[DONE]" (iter_event_batches keeps the space)
 _REASONING = ("reasoning_content", "reasoning")
-_SURROGATE = re.compile("[\ud800-\udfff]")
-_REPLACEMENT = "\ufffd"
-
-
-def has_surrogates(text: str) -> bool:
-    """Whether ``text`` holds a UTF-16 surrogate half (only the slow JSON path produces them)."""
-    return not text.isascii() and _SURROGATE.search(text) is not None
-
-
-def clean(text: str) -> str:
-    """``text`` with surrogate halves joined or replaced (the fold's repair), so ``orjson`` can write it."""
-    return repair_surrogates(text) if has_surrogates(text) else text
+__all__ = ["DONE", "ChatStream", "Held", "ToolCall", "clean", "completion_as_chunk", "decode_event",
+           "has_surrogates", "iter_chat_chunks"]
 
 
 def iter_chat_chunks(reads: Iterable[bytes], max_bytes: int) -> Iterator[dict | str]:
@@ -129,7 +122,8 @@ class Held:
     200 MB tool call was held whole (+824 MB RSS on /v1/messages, +2.2 GB on
     /v1/responses); past the bound the stream ends with its protocol's error
     event instead. Charged as the fold charges: each fragment with its
-    overhead (``FRAGMENT``), so a stream of 1-byte fragments is bounded too.
+    overhead (``FRAGMENT``), so a stream of 1-byte fragments is bounded too;
+    the tool-call assembler charges each call and its name and id as the fold does.
     """
 
     __slots__ = ("size", "max_bytes")
@@ -141,35 +135,24 @@ class Held:
     def charge(self, text: str) -> None:
         self.size += FRAGMENT + len(text)
         if self.size > self.max_bytes:
-            raise StreamError(f"the answer holds more than max-aggregate-bytes ({self.max_bytes} bytes) "
-                              "of tool arguments and text", code="aggregate_too_large")
+            self.over()
 
-
-class ToolCall:
-    """One tool call of the answer as it accumulates."""
-
-    __slots__ = ("index", "id", "name", "args", "started")
-
-    def __init__(self, index: int) -> None:
-        self.index = index
-        self.id: str | None = None
-        self.name: str | None = None
-        self.args: list[str] = []
-        self.started = False
-
-    @property
-    def arguments(self) -> str:
-        return "".join(self.args)
+    def over(self) -> None:
+        """The ``StreamError`` for a stream that holds more than the bound (``size`` was charged past it)."""
+        raise StreamError(f"the answer holds more than max-aggregate-bytes ({self.max_bytes} bytes) "
+                          "of tool arguments and text", code="aggregate_too_large")
 
 
 class ChatStream:
-    """Turns chat chunks (choice 0) into the events both bridges translate; see the module docstring."""
+    """Turns chat chunks (choice 0) into the events both bridges translate; see the module docstring.
 
-    __slots__ = ("meta", "usage", "finish_reason", "tools", "ended_early", "plain", "held", "_calls", "_last",
-                 "_pending", "_halves")
+    Its tool calls are the one assembler's (``fold/tool_calls.ToolCalls``, as the fold's), charged to
+    ``held``; surrogate halves split between fragments are joined by ``fold/guard.Halves``."""
+
+    __slots__ = ("meta", "usage", "finish_reason", "tools", "ended_early", "plain", "held", "calls", "halves")
 
     def __init__(self, held: Held | None = None) -> None:
-        self.held = held                         # charged with every tool-argument fragment kept
+        self.held = held if held is not None else Held(1 << 62)  # charged with what the tool calls hold
         self.meta: dict[str, Any] = {}
         # True once plain text/reasoning chunks change nothing here (the meta is known, no surrogate half is
         # waiting for its other half): the bridges may then write such chunks without feeding them
@@ -178,14 +161,10 @@ class ChatStream:
         self.finish_reason: str | None = None
         self.tools: list[ToolCall] = []          # in start order
         self.ended_early = False
-        self._calls: dict[int, ToolCall] = {}   # by upstream index (or our own for index-less deltas)
-        self._last: ToolCall | None = None
-        self._pending: dict[int, list[str]] = {}  # args that arrived before their call could start
-        # A fragment that ends with the first half of a UTF-16 surrogate pair (an emoji escaped as "\ud83d" at
-        # the end of one chunk, "\ude00" at the start of the next): the half waits here for the next fragment
-        # of the same field ("text", "reasoning" or a ToolCall), and what cannot be joined becomes U+FFFD,
-        # as the fold joins and replaces them.
-        self._halves: dict[Any, str] = {}
+        # A fragment's trailing surrogate half waits for the next fragment of the same field ("text",
+        # "reasoning" or a ToolCall)
+        self.halves = Halves()
+        self.calls = ToolCalls(self.held, halves=self.halves)
 
     def feed(self, chunk: dict) -> list[tuple]:
         """The events one chunk carries."""
@@ -202,24 +181,26 @@ class ChatStream:
                 if type(choice) is not dict:
                     raise StreamError("upstream chunk has a choice that is not an object")
                 if choice.get("index", 0) == 0:
-                    self._choice(choice, events)
+                    try:
+                        self._choice(choice, events)
+                    except (AttributeError, TypeError):  # a tool call of the wrong shape (the assembler's)
+                        raise guard.wrong_shape(chunk) from None
         usage = chunk.get("usage")
         if usage:
             if type(usage) is not dict:
                 raise StreamError("upstream chunk has `usage` that is not an object")
             self.usage = usage
             events.append(("usage", usage))
-        self.plain = len(meta) == 3 and not self._halves
+        self.plain = len(meta) == 3 and not self.halves.waiting
         return events
 
     def close(self, done: bool) -> list[tuple]:
         """At ``[DONE]`` (``done``) or end of stream: start the calls that never got a name or id."""
         events: list[tuple] = []
         self._flush_halves(events)
-        for index in sorted(self._calls):
-            call = self._calls[index]
+        for call in self.calls.ordered():
             if not call.started:
-                call.name = call.name or f"tool_{index}"
+                call.name = call.name or f"tool_{call.index}"
                 call.id = call.id or f"call_{os.urandom(8).hex()}"
                 self._start(call, events)
         self.ended_early = not done and self.finish_reason is None
@@ -231,31 +212,35 @@ class ChatStream:
         if delta:
             if type(delta) is not dict:
                 raise StreamError("upstream chunk has a `delta` that is not an object")
+            halves = self.halves
             for key in _REASONING:
                 text = delta.get(key)
                 if text:
                     text = _text(text, key)
-                    if self._halves or not text.isascii():
-                        text = self._whole("reasoning", text)
+                    if halves.waiting or not text.isascii():
+                        text = halves.join("reasoning", text)
                     if text:
                         events.append(("reasoning", text))
                     break
             text = delta.get("content")
             if text:
                 text = _text(text, "content")
-                if self._halves or not text.isascii():
-                    text = self._whole("text", text)
+                if halves.waiting or not text.isascii():
+                    text = halves.join("text", text)
                 if text:
                     events.append(("text", text))
             calls = delta.get("tool_calls")
             if calls:
                 if type(calls) is not list:
                     raise StreamError("upstream chunk has `tool_calls` that is not a list")
+                add = self.calls.add
                 for call in calls:
-                    self._tool_delta(call, events)
+                    if type(call) is not dict:
+                        raise StreamError("upstream chunk has a tool call that is not an object")
+                    self._tool(*add(call), events)
             legacy = delta.get("function_call")
             if legacy:
-                self._tool_delta({"index": -1, "function": legacy}, events)
+                self._tool(*self.calls.legacy(legacy), events)
         finish = choice.get("finish_reason")
         if finish and self.finish_reason is None:
             if type(finish) is not str:
@@ -265,75 +250,33 @@ class ChatStream:
             stop = choice.get("stop_reason")  # vLLM: the stop string that ended it (an int for a stop token)
             events.append(("finish", finish, stop if type(stop) is str else None))
 
-    def _tool_delta(self, delta: Any, events: list[tuple]) -> None:
-        if type(delta) is not dict:
-            raise StreamError("upstream chunk has a tool call that is not an object")
-        call_id = delta.get("id")
-        calls = self._calls
-        call, index = call_slot(calls, self._last, delta.get("index"), call_id)  # the fold's rule
-        if call is None:
-            call = calls[index] = ToolCall(index)
-        self._last = call
-        if call_id and call.id is None:
-            if type(call_id) is not str:
-                raise StreamError("upstream chunk has a tool-call `id` that is not a string")
-            call.id = clean(call_id)
-        function = delta.get("function") or {}
-        if type(function) is not dict:
-            raise StreamError("upstream chunk has a tool-call `function` that is not an object")
-        name = function.get("name")
-        if name and call.name is None:
-            if type(name) is not str:
-                raise StreamError("upstream chunk has a tool name that is not a string")
-            call.name = clean(name)  # never overwritten once known
-        fragment = function.get("arguments")
-        if fragment:
-            if type(fragment) is not str:
-                # some servers send the arguments as an object; the bridges need JSON text
-                fragment = orjson.dumps(fragment).decode()
-            elif self._halves or not fragment.isascii():
-                fragment = self._whole(call, fragment)
-        if fragment:
-            if self.held is not None:
-                self.held.charge(fragment)
-            call.args.append(fragment)
-            if call.started:
+    def _tool(self, call: ToolCall, fragment: str, events: list[tuple]) -> None:
+        """The events of one tool-call delta the assembler merged into ``call`` (``fragment``: its arguments)."""
+        held = self.held
+        if held.size > held.max_bytes:
+            held.over()
+        if call.started:
+            if fragment:
                 events.append(("tool_args", call, fragment))
-            else:
-                self._pending.setdefault(call.index, []).append(fragment)
-        if not call.started and call.id and call.name:
+        elif call.id and call.name:
             self._start(call, events)
-
-    def _whole(self, key: Any, text: str) -> str:
-        """``text`` with a waiting half before it joined, its own last half held back, lone halves replaced."""
-        half = self._halves.pop(key, None)
-        if half is not None:
-            text = half + text
-        elif _SURROGATE.search(text) is None:
-            return text
-        if "\ud800" <= text[-1] <= "\udbff":
-            self._halves[key] = text[-1]
-            text = text[:-1]
-        return repair_surrogates(text)
 
     def _flush_halves(self, events: list[tuple]) -> None:
         """The answer's end (or its finish): a half still waiting has no other half, it is U+FFFD."""
-        halves, self._halves = self._halves, {}
-        for key in halves:
+        for key in self.halves.flush():
             if type(key) is str:
-                events.append((key, _REPLACEMENT))
+                events.append((key, REPLACEMENT))
                 continue
-            key.args.append(_REPLACEMENT)
+            self.calls.append(key, REPLACEMENT)
             if key.started:
-                events.append(("tool_args", key, _REPLACEMENT))
-            else:
-                self._pending.setdefault(key.index, []).append(_REPLACEMENT)
+                events.append(("tool_args", key, REPLACEMENT))
 
     def _start(self, call: ToolCall, events: list[tuple]) -> None:
+        """Announce ``call`` (its name and id are known), then the arguments that came before."""
         call.started = True
         self.tools.append(call)
         events.append(("tool_start", call))
-        for fragment in self._pending.pop(call.index, ()):
+        for fragment in call.args:
             events.append(("tool_args", call, fragment))
 
 
