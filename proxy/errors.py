@@ -22,9 +22,10 @@ class ProxyError(Exception):
 
     def __init__(self, message: str, *, status: int | None = None,
                  type: str | None = None, code: str | int | None = None,
-                 param: str | None = None, headers: dict | None = None) -> None:
+                 param: str | None = None, headers: dict | None = None, detail: str | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.detail = detail  # what the operator reads instead (log, operator page): may name hosts
         if status is not None:
             self.status = status
         if type is not None:

@@ -10,6 +10,7 @@ upstream error passed through.
 from __future__ import annotations
 
 import email.utils
+import logging
 import math
 import threading
 import time
@@ -23,7 +24,7 @@ from urllib3 import HTTPResponse
 
 from . import hop, metrics, upstream
 from .config.model import KeyEntry, Settings, redact
-from .errors import BadRequest, ProxyError, RateLimited, StreamError, UpstreamUnavailable, error_body
+from .errors import BadRequest, ProxyError, RateLimited, StreamError, UpstreamUnavailable, error_body, loggable
 from .keys import RATE_LIMIT_DEFAULT, REFUSED_KEY_COOLDOWN, KeyPool
 from .models import Call, Outcome, Plan
 from .routing import Target
@@ -32,6 +33,7 @@ from .state.usage import answer_counts
 if TYPE_CHECKING:
     from .balance.balancer import Balancer
 
+log = logging.getLogger(__name__)
 RETRY_STATUSES = frozenset((429, 500, 502, 503, 504))
 REFUSED_STATUSES = frozenset((401, 403))
 BACK_OFF_STATUSES = frozenset((429, 503))  # whose Retry-After the client gets (RFC 9110 10.2.3, RFC 6585)
@@ -89,6 +91,8 @@ def execute(settings: Settings, sessions: upstream.Sessions, keys: KeyPool,
         except ProxyError as exc:
             if balancer is not None:
                 balancer.end(target, column)
+            if exc.detail is not None:  # where the upstream is, which the client's message does not say
+                log.warning("request_id=%s attempt=%d %s", call.request_id, record.attempts, loggable(exc.detail, 400))
             if not getattr(exc, "retryable", True):
                 raise
             failure = exc

@@ -134,7 +134,7 @@ def probe(sessions: Sessions, provider: Provider, entry: KeyEntry | None, timeou
                                    entry or KeyEntry(""), replace(timeouts, read=min(timeouts.read, TEST_TIMEOUT)),
                                    TEST_BYTES)
     except ProxyError as exc:
-        result.update(ok=False, status=None, error=exc.message)  # which host, and what the socket said
+        result.update(ok=False, status=None, error=exc.detail or exc.message)  # which host, what the socket said
         return result
     finally:
         result["ms"] = round((time.perf_counter() - started) * 1000, 1)

@@ -46,7 +46,7 @@ from requests.adapters import HTTPAdapter
 from urllib3 import HTTPResponse
 
 from .config.model import KeyEntry, Provider, Timeouts
-from .errors import UpstreamTimeout, UpstreamUnavailable
+from .errors import ProxyError, UpstreamTimeout, UpstreamUnavailable
 
 READ_SIZE = 65536
 # ``finish``: how long to wait for, and how many bytes to read past an answer's end ([DONE]) to keep its
@@ -174,6 +174,13 @@ def _where(provider: Provider, entry: KeyEntry) -> str:
     where = f"provider {provider.name!r} at {f'[{host}]' if ':' in host else host}:" \
             f"{port or (443 if parts.scheme == 'https' else 80)} (base-url)"
     return where + (" through its proxy-url" if entry.proxy_url else "")
+
+
+def _failed(error: type[ProxyError], provider: Provider, entry: KeyEntry, before: str, after: str) -> ProxyError:
+    """``error`` naming the provider by its configured name for the client, and for the operator (its
+    ``detail``: the log line, the operator page) by its host and the setting too; a client is not told
+    where the proxy's upstreams are."""
+    return error(f"{before}provider {provider.name!r}{after}", detail=f"{before}{_where(provider, entry)}{after}")
 
 
 def _reason(exc: Exception) -> str:
@@ -330,13 +337,13 @@ def _open(sessions: Sessions, provider: Provider, method: str, url: str, body: b
                             assert_same_host=not via_http_proxy, preload_content=False,
                             timeout=urllib3.Timeout(connect=timeouts.connect, read=timeouts.read))
     except urllib3.exceptions.NewConnectionError as exc:  # a subclass of ConnectTimeoutError in urllib3
-        raise UpstreamUnavailable(f"could not connect to {_where(provider, entry)}: {_reason(exc)}") from None
+        raise _failed(UpstreamUnavailable, provider, entry, "could not connect to ", f": {_reason(exc)}") from None
     except urllib3.exceptions.ConnectTimeoutError:
-        raise UpstreamTimeout(f"could not connect to {_where(provider, entry)} within timeouts.connect "
-                              f"({timeouts.connect:g} s)") from None
+        raise _failed(UpstreamTimeout, provider, entry, "could not connect to ",
+                      f" within timeouts.connect ({timeouts.connect:g} s)") from None
     except urllib3.exceptions.TimeoutError:
-        raise UpstreamTimeout(f"{_where(provider, entry)} sent no answer within timeouts.read "
-                              f"({timeouts.read:g} s)") from None
+        raise _failed(UpstreamTimeout, provider, entry, "",
+                      f" sent no answer within timeouts.read ({timeouts.read:g} s)") from None
     except (urllib3.exceptions.HTTPError, OSError) as exc:
         if provider.ca_bundle and not os.path.isfile(provider.ca_bundle):  # deleted since the settings took it
             raise UpstreamUnavailable(f"could not reach upstream {provider.name!r}: the file its ca-bundle "
