@@ -1,6 +1,6 @@
 """Instructions per request of two commits' app, in-process under callgrind: a measure this VM's load cannot move.
 
-    python bench/instructions.py [A] [B] [--requests 200] [--only json,fold,stream]
+    python bench/instructions.py [A] [B] [--requests 200] [--only json,fold,stream] [--keep DIR]
 
 A defaults to 778ffcc (the Part 1 code), B to HEAD. Each commit is checked out
 into a temporary worktree (as bench/ab.py does) and its Flask app is built in
@@ -80,7 +80,8 @@ def child(root: str, settings: str, body: bytes, key: str, count: int, toggle: s
     switch.stop()
 
 
-def count(bench, root: Path, settings: Path, scenario: str, requests: int, toggle: Path) -> float:
+def count(bench, root: Path, settings: Path, scenario: str, requests: int, toggle: Path,
+          keep: Path | None = None) -> float:
     import json
     model, stream = MODELS[scenario]
     body = json.dumps({**bench.BODY, "model": model, "stream": stream})
@@ -95,6 +96,10 @@ def count(bench, root: Path, settings: Path, scenario: str, requests: int, toggl
             for line in path.read_text().splitlines():
                 if line.startswith("totals:"):
                     total += int(line.split()[1])
+        if keep is not None:  # for callgrind_annotate: the main thread's profile, per function
+            keep.mkdir(parents=True, exist_ok=True)
+            for path in out.glob("cg.out*-01"):
+                shutil.copy(path, keep / path.name.replace("cg.out", f"{scenario}-{root.name}"))
         return total / requests
     finally:
         shutil.rmtree(out, ignore_errors=True)
@@ -113,6 +118,8 @@ def main() -> None:
     parser.add_argument("b", nargs="?", default="HEAD")
     parser.add_argument("--requests", type=int, default=200, help="requests counted per scenario and commit")
     parser.add_argument("--only", default="json,fold,stream")
+    parser.add_argument("--keep", type=Path, help="copy each run's callgrind profile (main thread) into this "
+                        "folder, named <scenario>-<side>, for callgrind_annotate")
     args = parser.parse_args()
     for tool in ("valgrind", "gcc", "nginx"):
         if shutil.which(tool) is None:
@@ -128,7 +135,7 @@ def main() -> None:
         settings = [side.write_settings(nginx_port) for side in sides]
         print(f"A = {sides[0].sha[:9]}, B = {sides[1].sha[:9]}; instructions per request, main thread, in-process")
         for scenario in args.only.split(","):
-            a, b = (count(bench, side.tree, path, scenario, args.requests, toggle)
+            a, b = (count(bench, side.tree, path, scenario, args.requests, toggle, args.keep)
                     for side, path in zip(sides, settings))
             print(f"{scenario:8} A {a:12,.0f}  B {b:12,.0f}  B/A {b / a:.3f}")
     finally:

@@ -11,12 +11,13 @@ import re
 import time
 
 from . import activity, metrics
+from .logline import AccessLog
 from .models import Record
 from .state.limits import Limiter
 from .state.usage import Recorder, Tokens, estimate_tokens, usage_counts
 
 log = logging.getLogger(__name__)
-access_log = logging.getLogger("streamfold.access")
+access_log = AccessLog("streamfold.access")  # written directly while only the proxy's own handler takes it
 LOG_VALUE_LIMIT = 256  # characters per logged value; longer ones are cut and end in "..."
 # A value made only of these goes out bare; anything else is quoted and escaped (logfmt).
 _BARE = re.compile(r"[A-Za-z0-9_./:,+*@%?&~^!#$()\[\]{}|<>;'-]+")

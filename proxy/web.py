@@ -4,7 +4,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import time
 from http import HTTPStatus
 from typing import Any, Mapping
 
@@ -13,7 +12,7 @@ from flask import Flask, Response, current_app, g, request
 from werkzeug.exceptions import HTTPException, NotFound
 from werkzeug.serving import WSGIRequestHandler
 
-from . import activity, hop, instances
+from . import activity, hop, instances, logline
 from .balance.balancer import Balancer
 from .balance.remote import RemoteLink
 from .config.live import ConfigHolder
@@ -59,7 +58,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     environ = app.config["ENVIRON"] if app.config["ENVIRON"] is not None else dict(os.environ)
     given: Settings | None = app.config["SETTINGS"]
     path = None if given is not None else (app.config["PROXY_SETTINGS"] or settings_path(environ))
-    _configure_logging()  # first: the holder may already log (Redis unreachable, ...)
+    logline.configure()  # first: the holder may already log (Redis unreachable, ...)
     app.extensions["streamfold"] = config = ConfigHolder(path, environ, settings=given)
     # Usage, limit windows, stored responses, the identity secret and, when instances share it (Redis), what
     # they tell each other. Chosen once: changing state-path or redis-url needs a restart.
@@ -236,35 +235,6 @@ def _render_unexpected(exc: Exception) -> Response:
     # Log the type and where, never the request body (it holds message content).
     log.error("unhandled %s in %s", type(exc).__name__, logfmt(request.path), exc_info=exc)
     return _error(ProxyError("The proxy hit an internal error; see its log for details."))
-
-
-def _configure_logging() -> None:
-    """Give streamfold's loggers ("streamfold.*" and the "proxy" package) a handler unless the host did."""
-    for name in ("streamfold", "proxy"):
-        logger = logging.getLogger(name)
-        if not logger.handlers and not logging.getLogger().handlers:
-            handler = logging.StreamHandler()
-            handler.setFormatter(_LineFormatter("%(asctime)s [%(process)d] %(levelname)s %(name)s %(message)s"))
-            logger.addHandler(handler)
-        if logger.level == logging.NOTSET:
-            logger.setLevel(logging.INFO)
-
-
-class _LineFormatter(logging.Formatter):
-    """logging's default line, with the date and time part formatted once a second instead of on every line
-    (each request writes one: the access log)."""
-
-    _cached = (-1, "")  # (second, its text), replaced whole so threads never pair one's second with another's text
-
-    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        if datefmt is not None:
-            return super().formatTime(record, datefmt)
-        second, text = self._cached
-        if second != int(record.created):
-            second = int(record.created)
-            text = time.strftime(self.default_time_format, self.converter(second))
-            self._cached = (second, text)
-        return self.default_msec_format % (text, record.msecs)
 
 
 def _warn_about(settings: Settings) -> None:

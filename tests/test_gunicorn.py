@@ -1,6 +1,7 @@
 """The proxy as deployed: gunicorn with the shipped gunicorn.conf.py, several workers."""
 from __future__ import annotations
 
+import re
 import signal
 import threading
 import time
@@ -40,6 +41,19 @@ def test_sdk_works_through_gunicorn_workers(gunicorn, upstream):
     streamed = client.chat.completions.create(model="m", messages=CHAT["messages"], stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == "folded answer"
     assert [m.id for m in client.models.list()] == ["m"]
+    # each request's access line is logging's default line from the worker, whole (proxy/logline.py writes it
+    # directly when only its own handler would take it, as here)
+    lines = [line for line in server.output().splitlines() if " streamfold.access " in line]
+    shape = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),\d{3} \[(\d+)\] INFO streamfold\.access request_id=[0-9a-f]{24} "
+                       r"route=(\S+) model=(\S+) provider=(\S+) status=(\d+) upstream_ms=(-|[\d.]+) forced_stream=(yes|no) "
+                       r"folded=(yes|no) attempts=\d+ keys=\S+ client=(?:-|key-[0-9a-f]{8}) result=\S+")
+    matches = [shape.fullmatch(line) for line in lines]
+    assert all(matches), [line for line, m in zip(lines, matches) if not m]
+    chats = [m.groups()[2:] for m in matches if m[3] == "/v1/chat/completions"]
+    assert [c[:4] for c in chats] == [("/v1/chat/completions", "m", "up", "200")] * 7
+    assert [c[5:] for c in chats] == [("yes", "yes")] * 6 + [("no", "no")]
+    assert {int(m[2]) for m in matches} <= set(server.worker_pids())
+    assert all(abs(time.mktime(time.strptime(m[1], "%Y-%m-%d %H:%M:%S")) - time.time()) < 60 for m in matches)
 
 
 def test_client_disconnect_under_gunicorn_closes_upstream(gunicorn, upstream):
