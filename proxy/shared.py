@@ -1,24 +1,29 @@
-"""State shared by several instances through Redis (``REDIS_URL`` or ``redis-url``).
+"""State shared by several instances through the state store when instances share it (Redis: ``REDIS_URL``
+or ``redis-url``).
 
-It talks to Redis through the state store's client (``state/redis_store.py``: one client per
-process). Shared, each layered over what the instance has locally:
+Every command goes through the store's interface (``state/store.py``: announce,
+publish, subscribe, versioned documents), and the store's up/down flag and
+probe are the only ones: while it is down each instance decides alone.
+Shared, each layered over what the instance has locally:
 
 * **Runtime provider changes.** With Redis on, management writes store the
-  whole ``openai-compatibility`` list (as written, ``${VAR}`` unresolved) under
-  ``streamfold:providers`` with a version number, and announce the version on
-  the ``streamfold:events`` channel. That list replaces the settings file's
-  list; everything else still comes from the file.
+  whole ``openai-compatibility`` list (as written, ``${VAR}`` unresolved) as the
+  versioned document ``providers`` (``streamfold:providers`` in Redis), and
+  publish the version. That list replaces the settings file's list;
+  everything else still comes from the file.
 * **Cooldowns and back-offs.** A key cooled by a 429 or a refusal, or a
-  provider backing off after a connect failure, is written as an expiring key
-  (``streamfold:cool:<provider>:<key id>``, the key id being a hash, never the
-  key) and announced, so every worker of every instance skips it too.
+  provider backing off after a connect failure, is announced as an expiring
+  record (``cool:<kind>:<provider>:<key id>``, the key id being a hash, never the
+  key) and published, so every worker of every instance skips it too.
 
-Each worker runs one background thread that listens to the channel, polls the
-version once a second in case a message was missed, and on (re)connecting
-loads the current version and cooldowns. The request path never waits for
-Redis: it reads local copies, and only a cooldown (rare) is written through,
-with a short socket timeout. If Redis is down, the worker keeps its last known
-config and local cooldowns, says so in the log, and retries with back-off.
+Each worker runs one background thread that listens to the store's events
+(the ``streamfold:events`` channel), polls the version once a second in case a
+message was missed, and on (re)subscribing loads the current version and
+cooldowns. The request path never waits for the store: it reads local
+copies, and only a cooldown (rare) is written through, with a short socket
+timeout. While the store is down, the worker keeps its last known config and
+local cooldowns, says so in the log, and subscribes again once the store's
+probe (about once a second) finds it back.
 """
 from __future__ import annotations
 
@@ -29,25 +34,21 @@ import time
 from typing import Callable
 
 import orjson
-import redis
 
 from .state import Store, StoreUnavailable
 
 log = logging.getLogger(__name__)
-PREFIX = "streamfold:"
-PROVIDERS_KEY = PREFIX + "providers"
-CHANNEL = PREFIX + "events"
-COOL_PREFIX = "cool:"  # a store name (streamfold:cool:... in Redis)
+PROVIDERS = "providers"  # the versioned document of the runtime provider list
+COOL_PREFIX = "cool:"  # announced cooldowns (streamfold:cool:... in Redis)
 POLL_INTERVAL = 1.0
-BACKOFF_MAX = 30.0
 
 
 class SharedUnavailable(Exception):
-    """Redis could not be reached for a write that must be shared."""
+    """The store could not be reached for a write that must be shared."""
 
 
 class Shared:
-    """One worker's link to Redis: a command client and a listener thread."""
+    """One worker's view of what instances share: the provider list, cooldowns, and a listener thread."""
 
     def __init__(self, store: Store, on_providers: Callable[[int, list | None], None],
                  on_cooldown: Callable[[str, str, float, str], None]) -> None:
@@ -55,23 +56,27 @@ class Shared:
         self.safe_url = store.where  # the URL without its password
         self.on_providers = on_providers
         self.on_cooldown = on_cooldown
-        self.client = store.client
         self.version = 0
         self.revision: bytes | None = None  # random id of the list last applied (numbers restart with Redis)
         self.providers: list | None = None
-        self.up = False
+        self._following = False  # the listener is subscribed and caught up
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+
+    @property
+    def up(self) -> bool:
+        """The store's own flag: one up/down state for everything the instance keeps there."""
+        return self.store.up
 
     # -- lifecycle ---------------------------------------------------------
     def start(self) -> None:
         try:
             self._catch_up()
-            self.up = True
+            self._following = True
             log.info("shared state: connected to redis at %s (providers version %d)", self.safe_url, self.version)
-        except (redis.RedisError, OSError, StoreUnavailable) as exc:
+        except StoreUnavailable as exc:
             log.error("shared state: REDIS IS UNREACHABLE at %s (%s); starting from the settings file and "
-                      "local cooldowns, will keep retrying", self.safe_url, type(exc).__name__)
+                      "local cooldowns, will keep retrying", self.safe_url, exc)
         self._thread = threading.Thread(target=self._listen, name="streamfold-redis", daemon=True)
         self._thread.start()
 
@@ -83,20 +88,16 @@ class Shared:
         """Store a new runtime provider list; returns its version. Raises ``SharedUnavailable``."""
         revision = os.urandom(8).hex().encode()
         try:
-            pipe = self.client.pipeline()  # MULTI/EXEC: readers never see a half-written version
-            pipe.hincrby(PROVIDERS_KEY, "version", 1)
-            pipe.hset(PROVIDERS_KEY, mapping={"providers": orjson.dumps(providers), "revision": revision})
-            version = pipe.execute()[0]
+            version = self.store.put_versioned(PROVIDERS, orjson.dumps(providers), revision)
             self.revision, self.version, self.providers = revision, version, providers
-            self.client.publish(CHANNEL, orjson.dumps({"kind": "providers", "version": version}))
-        except (redis.RedisError, OSError, StoreUnavailable) as exc:
-            self.up = False
-            raise SharedUnavailable(f"redis is unreachable ({type(exc).__name__})") from None
+            self.store.publish(orjson.dumps({"kind": "providers", "version": version}))
+        except StoreUnavailable as exc:
+            raise SharedUnavailable(f"redis is unreachable ({exc})") from None
         return version
 
     def publish_cooldown(self, provider: str, key_id: str, seconds: float, kind: str) -> None:
-        """Share a cooldown; skipped (local only) while Redis is known to be down."""
-        if not self.up:
+        """Share a cooldown; skipped (local only) while the store is known to be down."""
+        if not self.store.up:
             return
         until = time.time() + seconds
         message = orjson.dumps({"kind": kind, "provider": provider, "key": key_id, "until": until})
@@ -104,46 +105,41 @@ class Shared:
             self.store.announce(f"{COOL_PREFIX}{kind}:{provider}:{key_id}", message, seconds)  # for newcomers
             self.store.publish(message)
         except StoreUnavailable:
-            self.up = False
             log.error("shared state: redis unreachable while sharing a cooldown; it stays local to this worker")
 
     # -- the listener thread -------------------------------------------------
     def _listen(self) -> None:
-        backoff = 0.5
         while not self._stop.is_set():
-            pubsub = None
+            subscription = None
             try:
-                pubsub = self.client.pubsub(ignore_subscribe_messages=True)
-                pubsub.subscribe(CHANNEL)
+                subscription = self.store.subscribe()
                 # What was announced before this subscription took effect would
                 # be missed: read the current version and cooldowns once now.
                 self._catch_up()
-                if not self.up:
-                    self.up = True
+                if not self._following:
+                    self._following = True
                     log.warning("shared state: redis at %s is reachable again; caught up to providers version %d",
                                 self.safe_url, self.version)
-                backoff = 0.5
                 next_poll = time.monotonic() + POLL_INTERVAL
                 while not self._stop.is_set():
-                    message = pubsub.get_message(timeout=POLL_INTERVAL)
-                    if message is not None and message.get("type") == "message":
-                        self._handle(message["data"])
+                    message = subscription.get(POLL_INTERVAL)
+                    if message is not None:
+                        self._handle(message)
                     if time.monotonic() >= next_poll:
                         self._poll_version()
                         next_poll = time.monotonic() + POLL_INTERVAL
-            except (redis.RedisError, OSError, StoreUnavailable) as exc:
-                if self.up:
+            except StoreUnavailable as exc:
+                self.store.mark_down(exc)  # a lost subscription says so too
+                if self._following:
                     log.error("shared state: lost redis at %s (%s); serving with the last known config and local "
-                              "cooldowns, retrying", self.safe_url, type(exc).__name__)
-                self.up = False
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, BACKOFF_MAX)
+                              "cooldowns, retrying", self.safe_url, exc)
+                self._following = False
+                self._stop.wait(0.5)
+                while not self.store.up and not self._stop.wait(0.25):
+                    pass  # the store's tick probes it about once a second
             finally:
-                if pubsub is not None:
-                    try:
-                        pubsub.close()
-                    except (redis.RedisError, OSError):
-                        pass
+                if subscription is not None:
+                    subscription.close()
 
     def _catch_up(self) -> None:
         self._poll_version(force=True)
@@ -151,21 +147,20 @@ class Shared:
             self._handle(raw)
 
     def _poll_version(self, force: bool = False) -> None:
-        revision = self.client.hget(PROVIDERS_KEY, "revision")
+        revision = self.store.revision(PROVIDERS)
         if revision == self.revision and not force:
             return
         if revision is None and self.providers is not None:
-            # Redis came back empty (restarted without persistence): put the
+            # The store came back empty (Redis restarted without persistence): put the
             # last known list back rather than silently reverting to the file.
-            if self.client.hsetnx(PROVIDERS_KEY, "revision", self.revision or b"reseeded"):
-                self.client.hset(PROVIDERS_KEY, mapping={"providers": orjson.dumps(self.providers),
-                                                         "version": self.version})
+            if self.store.reseed(PROVIDERS, orjson.dumps(self.providers), self.version,
+                                 self.revision or b"reseeded"):
                 log.warning("shared state: redis had no provider list; restored providers version %d",
                             self.version)
             return
-        version, raw = self.client.hmget(PROVIDERS_KEY, ["version", "providers"])
+        version, raw = self.store.versioned(PROVIDERS)
         self.revision = revision
-        self.version = int(version) if version else 0
+        self.version = version
         self.providers = orjson.loads(raw) if raw else None
         self.on_providers(self.version, self.providers)
 

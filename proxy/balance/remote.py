@@ -24,9 +24,10 @@ import threading
 import orjson
 import redis
 
-from ..shared import PREFIX, Shared
+from ..shared import Shared
 
 log = logging.getLogger(__name__)
+PREFIX = "streamfold:"
 BUSY_PREFIX = PREFIX + "fleet:busy:"
 SESSION_PREFIX = PREFIX + "fleet:session:"
 INTERVAL = 0.25
@@ -36,7 +37,7 @@ TTL_MS = 2000
 class RemoteLink:
     def __init__(self, shared: Shared, instance: str) -> None:
         self.shared = shared
-        self.client = shared.client
+        self.client = shared.store.client
         self.instance = instance
         self.busy: dict[str, int] = {}   # replica name -> requests in flight at the other instances
         self.counts = None               # set by the balancer: () -> {replica name: this worker's count}

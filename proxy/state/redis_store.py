@@ -10,7 +10,9 @@ total), ``slots:<name>`` (a sorted set of held slot tokens scored by lease
 expiry), ``identity-secret`` (the deployment's, ``identity.py``); shared by
 instances: ``auth:<address>`` (``mark``: a sorted set of times, the management
 lockout's failures), expiring strings (``announce``): ``instance:<host>:<pid>``,
-``cool:<kind>:<provider>:<key id>``, and the pub/sub channel ``events`` (``publish``). Window and slot updates are Lua scripts using Redis's own clock, so
+``cool:<kind>:<provider>:<key id>``, the pub/sub channel ``events`` (``publish``,
+``subscribe``) and versioned documents (a hash of ``version``, ``revision`` and
+the value under the document's name): ``providers``. Window and slot updates are Lua scripts using Redis's own clock, so
 the check and the add are one atomic step and instances' clocks need not
 agree.
 """
@@ -400,6 +402,57 @@ class RedisStore(Store):
 
     def _publish(self, message: bytes) -> None:
         self._run(self.client.publish, CHANNEL, message)
+
+    def _subscribe(self) -> _Subscription:
+        return self._run(_Subscription, self.client)
+
+    def _put_versioned(self, name: str, value: bytes, revision: bytes) -> int:
+        def write() -> int:
+            pipe = self.client.pipeline()  # MULTI/EXEC: readers never see a half-written version
+            pipe.hincrby(PREFIX + name, "version", 1)
+            pipe.hset(PREFIX + name, mapping={name: value, "revision": revision})
+            return pipe.execute()[0]
+        return self._run(write)
+
+    def _revision(self, name: str) -> bytes | None:
+        return self._run(self.client.hget, PREFIX + name, "revision")
+
+    def _versioned(self, name: str) -> tuple[int, bytes | None]:
+        version, value = self._run(self.client.hmget, PREFIX + name, ["version", name])
+        return (int(version) if version else 0), value
+
+    def _reseed(self, name: str, value: bytes, version: int, revision: bytes) -> bool:
+        def write() -> bool:
+            if not self.client.hsetnx(PREFIX + name, "revision", revision):
+                return False
+            self.client.hset(PREFIX + name, mapping={name: value, "version": version})
+            return True
+        return self._run(write)
+
+
+class _Subscription:
+    """The events channel, on a connection of its own from the store client's pool."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.pubsub = client.pubsub(ignore_subscribe_messages=True)
+        try:
+            self.pubsub.subscribe(CHANNEL)
+        except BaseException:
+            self.close()
+            raise
+
+    def get(self, timeout: float) -> bytes | None:
+        try:
+            message = self.pubsub.get_message(timeout=timeout)
+        except (redis.RedisError, OSError) as exc:
+            raise StoreUnavailable(type(exc).__name__) from None
+        return message["data"] if message is not None and message.get("type") == "message" else None
+
+    def close(self) -> None:
+        try:
+            self.pubsub.close()
+        except (redis.RedisError, OSError):
+            pass
 
 
 def _days(first_day: str, last_day: str):

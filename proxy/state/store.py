@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Protocol, Sequence
 
 from . import ticker
 
@@ -46,6 +46,16 @@ UsageKey = tuple[str, str, str, str]  # (day "YYYY-MM-DD" UTC, client, model, pr
 
 class StoreUnavailable(Exception):
     """The backend cannot be reached or written right now."""
+
+
+class Subscription(Protocol):
+    """What ``Store.subscribe`` returns: messages published by any instance since it was made."""
+
+    def get(self, timeout: float) -> bytes | None:
+        """The next message, or None after ``timeout`` seconds without one; raises ``StoreUnavailable``."""
+
+    def close(self) -> None:
+        """Stop hearing (never raises)."""
 
 
 class Store:
@@ -203,6 +213,29 @@ class Store:
         newcomer must know as well)."""
         self._guard(self._publish, message)
 
+    def subscribe(self) -> Subscription:
+        """Start hearing what any instance publishes from now on."""
+        return self._guard(self._subscribe)
+
+    # A versioned document: one value every instance follows, with a version number that counts its writes and a
+    # random revision that tells a rewrite apart (a store that lost its data counts from 0 again).
+    def put_versioned(self, name: str, value: bytes, revision: bytes) -> int:
+        """Write the document ``name`` in one step; its new version."""
+        return self._guard(self._put_versioned, name, value, revision)
+
+    def revision(self, name: str) -> bytes | None:
+        """The revision of the document ``name`` (None: there is none)."""
+        return self._guard(self._revision, name)
+
+    def versioned(self, name: str) -> tuple[int, bytes | None]:
+        """The version and value of the document ``name`` (0, None when there is none)."""
+        return self._guard(self._versioned, name)
+
+    def reseed(self, name: str, value: bytes, version: int, revision: bytes) -> bool:
+        """Put back the document ``name`` as this instance last knew it, unless another instance already did (or
+        it was written meanwhile); True when this call put it back."""
+        return self._guard(self._reseed, name, value, version, revision)
+
     def _guard(self, operation, *args):
         if not self.up:
             raise StoreUnavailable(f"the {self.kind} state store is down")
@@ -312,6 +345,21 @@ class Store:
         raise NotImplementedError
 
     def _publish(self, message: bytes) -> None:
+        raise NotImplementedError
+
+    def _subscribe(self) -> Subscription:
+        raise NotImplementedError
+
+    def _put_versioned(self, name: str, value: bytes, revision: bytes) -> int:
+        raise NotImplementedError
+
+    def _revision(self, name: str) -> bytes | None:
+        raise NotImplementedError
+
+    def _versioned(self, name: str) -> tuple[int, bytes | None]:
+        raise NotImplementedError
+
+    def _reseed(self, name: str, value: bytes, version: int, revision: bytes) -> bool:
         raise NotImplementedError
 
     def _unreserve(self, name: str, amount: int, nonce: str) -> None:
