@@ -130,16 +130,22 @@ class Router:
 
     def resolve(self, model: str) -> Replicas:
         """Targets for ``model``; a round-robin set rotated so each call starts at the next replica."""
-        key, targets = model, self._table.get(model)
-        if targets is None:
-            key, targets = self.match_glob(model)
-        if targets is None:
-            raise model_not_found(model)
-        turns = self._turns.get(key)
+        targets = self.named(model)
+        turns = self._turns.get(targets.name)
         if turns is None:
             return targets
         start = next(turns) % len(targets)
         return narrowed(targets, targets[start:] + targets[:start])
+
+    def named(self, model: str) -> Replicas:
+        """The targets ``model`` names, in file order, taking no round-robin turn (what only describes a
+        model, as ``GET /v1beta/models`` does, is no routed request)."""
+        targets = self._table.get(model)
+        if targets is None:
+            targets = self.match_glob(model)[1]
+        if targets is None:
+            raise model_not_found(model)
+        return targets
 
     def match_glob(self, model: str) -> tuple[str, Replicas | None]:
         """The first glob alias (in file order) that matches ``model``, and its targets."""

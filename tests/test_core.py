@@ -119,6 +119,22 @@ def test_one_alias_on_two_providers_goes_round_robin(upstream):
     assert keys == [PROVIDER_KEY, "sk-b-key-0000", PROVIDER_KEY, "sk-b-key-0000"]
 
 
+def test_listing_models_takes_no_round_robin_turn(upstream):
+    app = make_app(settings_doc(provider(upstream, name="a"),
+                                provider(upstream, name="b", **{"api-key-entries": [{"api-key": "sk-b-key-0000"}]}),
+                                fleet={"balance": "round-robin"}))
+    client = app.test_client()
+    gemini = {"x-goog-api-key": CLIENT_KEY}
+    for _ in range(4):
+        assert client.post("/v1/chat/completions", json=CHAT, headers=AUTH).status_code == 200
+        assert client.get("/v1beta/models", headers=gemini).get_json()["models"][0]["name"] == "models/m"
+        assert client.get("/v1beta/models/m", headers=gemini).status_code == 200
+        assert client.get("/v1/models/m", headers=gemini).status_code == 200
+        assert client.get("/v1/models", headers=AUTH).status_code == 200
+    keys = [rec.key for rec in upstream.requests]
+    assert keys == [PROVIDER_KEY, "sk-b-key-0000", PROVIDER_KEY, "sk-b-key-0000"]
+
+
 def test_unknown_model_is_404_and_names_no_keys(client, upstream):
     response = client.post("/v1/chat/completions", json=dict(CHAT, model="gpt-9"), headers=AUTH)
     assert response.status_code == 404

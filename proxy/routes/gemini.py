@@ -97,5 +97,5 @@ def _models(name: str | None) -> Response:
 
 
 def _resource(runtime, name: str) -> dict:
-    spec = runtime.router.resolve(name)[0].spec
+    spec = runtime.router.named(name)[0].spec
     return model_resource(name, spec.context_length if spec else 0, spec.max_output_tokens if spec else 0)
