@@ -150,6 +150,16 @@ def test_hopeless_tool_arguments_become_an_empty_object(live, upstream):
     assert check_stream(stream(live, upstream, events)).tools[0]["input"] == {}
 
 
+def test_tool_arguments_with_a_raw_tab_and_a_number_past_64_bits_become_the_tool_input(live, upstream):
+    # llama.cpp writes raw control characters into strings; orjson refuses those, and the repair read the text
+    # with its own json.loads, which keeps 12345678901234567890123 an int no JSON writer takes: the stream
+    # ended with an internal error. The one slow path (fold/base.slow_json) reads the number as orjson does.
+    arguments = '{"command": "ls\t-l", "limit": 12345678901234567890123}'
+    events = sse(chunk(tool_delta(0, "call_1", "Bash", arguments)), chunk(finish="tool_calls"))
+    assert check_stream(stream(live, upstream, events)).tools[0]["input"] == {"command": "ls\t-l",
+                                                                              "limit": 1.2345678901234568e22}
+
+
 def test_tool_only_stream_without_finish_reason_ends_with_tool_use(live, upstream):
     events = sse(chunk(tool_delta(0, "call_1", "Bash", '{"command":"ls"}')),
                  chunk(tool_delta(1, "call_2", "Read", '{"path":"x"}')), usage_chunk(30, 9))

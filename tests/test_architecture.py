@@ -212,11 +212,10 @@ ONE_DEFINITION = {
     "read_batches": "proxy.translate.chat_reads",      # upstream reads -> batches (framing + fast path)
     "chat_events": "proxy.translate.chat_reads",       # a batch -> the events every bridge's writer takes
 }
-# Modules that may parse JSON with the standard library: the slow path itself, the repair of a model's broken
-# tool arguments, the shape check of a native answer relayed as it came, and the usage found in a native
-# Gemini answer's text (raw_decode at an offset); no chat stream is read in any of them.
-STDLIB_JSON = {"proxy.fold.base", "proxy.translate.tools", "proxy.translate.completion",
-               "proxy.translate.gemini.response"}
+# Modules that may parse JSON with the standard library: the one slow path itself (the repair of a model's
+# tool arguments and the check of an answer relayed as it came use it too), and the usage found in a native
+# Gemini answer's text (raw_decode at an offset: a scan for the last usageMetadata, no chat stream).
+STDLIB_JSON = {"proxy.fold.base", "proxy.translate.gemini.response"}
 
 
 def _defined_names(path) -> set[str]:

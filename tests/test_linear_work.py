@@ -18,6 +18,7 @@ import orjson
 import pytest
 import requests
 
+from proxy.fold.base import slow_json
 from proxy.translate import tools
 from tests.conftest import AUTH, make_app, provider, settings_doc
 from tests.upstream import Reply, completion, tool_call
@@ -65,7 +66,7 @@ def test_merging_responses_input_items_is_linear_in_their_number(upstream, shape
 
 
 class _Counting:
-    """Stands in for a JSON module inside ``proxy.translate.tools``: counts the characters parsed."""
+    """Stands in for orjson inside ``proxy.translate.tools``: counts the characters parsed."""
 
     def __init__(self, module, counter: list) -> None:
         self.module, self.counter = module, counter
@@ -80,7 +81,12 @@ def test_repairing_broken_tool_arguments_parses_the_text_a_few_times_not_once_pe
                                                                                             monkeypatch):
     parsed = [0]
     monkeypatch.setattr(tools, "orjson", _Counting(orjson, parsed))
-    monkeypatch.setattr(tools, "json", _Counting(json, parsed))
+
+    def slow(text, *args, **kwargs):  # the one slow JSON path (fold/base.slow_json), as tools calls it
+        parsed[0] += len(text)
+        return slow_json(text, *args, **kwargs)
+
+    monkeypatch.setattr(tools, "slow_json", slow)
     # Cut off inside a long key: closing it leaves a key without a value, so the repair must cut back
     # past all of it, to the end of the last complete value.
     arguments = '{"path": "notes.txt", "content": "' + "x" * 50_000 + '", "' + "k" * 50_000

@@ -17,22 +17,31 @@ DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 _CODE_LIMIT = 200  # characters of an upstream error code kept when it is not a plain string or number
 
 
-def slow_json(data: bytes) -> dict | list | object:
-    """Parse a data line orjson refused: raw newlines in strings, lone surrogate escapes, huge integers.
+def slow_json(data: bytes | str, strict: bool = False) -> dict | list | object:
+    """Parse JSON orjson refused: raw newlines in strings, lone surrogate escapes, huge integers.
 
-    Deeply nested JSON (orjson stops at 1,024 levels) is refused up front,
-    before the recursive parser can spend its stack on it.
+    The ONE slow JSON path of the proxy: the fold and the bridges' reader for a data line, a bridge
+    for a JSON answer (``translate/completion.load``), the check of a JSON answer relayed as it came
+    (``strict``: raw control characters in strings and bytes that are not UTF-8 are refused, as a
+    client's parser refuses them), and the repair of a model's tool arguments (``translate/tools.py``).
+    Deeply nested JSON (orjson stops at 1,024 levels) is refused up front, before the recursive
+    parser can spend its stack on it. Anything it cannot read is a ``StreamError``.
     """
-    head = data.lstrip()[:1025]
-    if len(head) > 1024 and head.count(b"[") + head.count(b"{") > 1024:
+    try:
+        text = data if type(data) is str else data.decode("utf-8-sig", "strict") if strict \
+            else data.decode("utf-8", "replace")
+    except UnicodeDecodeError:
+        raise StreamError(f"upstream sent a data line that is not JSON: {preview(data)}") from None
+    head = text.lstrip()[:1025]
+    if len(head) > 1024 and head.count("[") + head.count("{") > 1024:
         raise StreamError("upstream sent JSON nested deeper than 1024 levels", code="upstream_bad_chunk")
     try:
         # strict=False accepts control characters inside strings (llama.cpp verbose mode);
         # integers too long for 64 bits become floats, as orjson reads them, and numbers
         # no float can hold (a 400-digit prompt_tokens, 1e400, NaN) become null: an
         # infinity would break whoever adds the usage up later.
-        return json.loads(data.decode("utf-8", "replace"), strict=False, parse_int=_parse_int,
-                          parse_float=_parse_float, parse_constant=_no_number)
+        return json.loads(text, strict=strict, parse_int=_parse_int, parse_float=_parse_float,
+                          parse_constant=_no_number)
     except RecursionError:
         raise StreamError("upstream sent JSON nested too deeply", code="upstream_bad_chunk") from None
     except ValueError:
@@ -79,8 +88,8 @@ def _text(value: object) -> str:
         return "(unprintable value)"
 
 
-def preview(data: bytes) -> str:
-    text = data[:80].decode("utf-8", "replace")
+def preview(data: bytes | str) -> str:
+    text = data[:80] if type(data) is str else data[:80].decode("utf-8", "replace")
     return repr(text + ("..." if len(data) > 80 else ""))
 
 

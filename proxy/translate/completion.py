@@ -11,7 +11,6 @@ serving a protocol natively ``check_message`` and ``check_response`` (also for `
 """
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import orjson
@@ -153,8 +152,8 @@ def _parsed(body: bytes) -> Any:
         return orjson.loads(body)
     except orjson.JSONDecodeError:
         try:  # orjson refuses numbers past a double (a 400-digit count): JSON all the same, relayed as sent
-            return json.loads(body)
-        except (ValueError, RecursionError):
+            return slow_json(body, strict=True)
+        except StreamError:
             raise _bad("the answer is not JSON") from None
 
 

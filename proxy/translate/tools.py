@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 from typing import Any, NamedTuple
 
 import orjson
+
+from ..errors import StreamError
+from ..fold.base import slow_json
 
 _UNSAFE_ID = re.compile(r"[^A-Za-z0-9_-]")
 MAX_NAME = 64  # what OpenAI-style servers (and vLLM's validators) accept for a function name
@@ -64,9 +66,9 @@ def _loads(text: str) -> Any:
         return orjson.loads(text)
     except orjson.JSONDecodeError:
         pass
-    try:
-        return json.loads(text, strict=False)
-    except (ValueError, RecursionError):
+    try:  # the one slow path and its guards: a number past 64 bits is a float, as orjson reads it
+        return slow_json(text)
+    except StreamError:
         return _MISSING
 
 
