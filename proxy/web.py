@@ -25,7 +25,7 @@ from .models import Record
 from .routes import anthropic, demo, gemini, metrics_api, openai, page, responses
 from .routes.manage import client_keys, fleet, providers, status, traffic
 from .routes.manage import usage as usage_api
-from .state import open_store
+from .state import Store, open_store
 from .state.identity import Identities
 from .state.limits import Limiter
 from .state.usage import Recorder
@@ -66,7 +66,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     if store.shares:
         config.share(store)  # the shared provider list and cooldowns (shared.py), before the first request
     settings = config.runtime.settings
-    config.balancer = balancer(settings, config)
+    config.balancer = balancer(settings, store)
     identities = app.extensions["streamfold.identity"] = Identities(store)  # who each client key is
     recorder = app.extensions["streamfold.usage"] = Recorder(store, identities.settled)
     limiter = app.extensions["streamfold.limits"] = Limiter(store)
@@ -101,15 +101,15 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     return app
 
 
-def balancer(settings: Settings, config: ConfigHolder) -> Balancer:
+def balancer(settings: Settings, store: Store) -> Balancer:
     """The instance's balancer: state shared by the workers in the activity directory, by instances in Redis.
 
     Its sizes (``fleet.max-sessions``, ``max-prefix-blocks``) are fixed here: changing them takes a restart.
     """
     folder = activity.directory()
     found = Balancer(os.path.join(folder, "fleet.shm") if folder else None, settings.fleet)
-    if config.shared is not None:
-        found.remote = RemoteLink(config.shared, instances.instance_id())
+    if store.shares:
+        found.remote = RemoteLink(store, instances.instance_id())
         found.remote.counts = found.table.mine
         found.remote.start()
     return found

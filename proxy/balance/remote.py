@@ -1,17 +1,18 @@
-"""The balancer across instances sharing Redis: in-flight counts and session affinity.
+"""The balancer across instances sharing the state store (Redis): in-flight counts and session affinity.
 
-The request path talks to Redis once per session an instance has not seen:
-one MULTI/EXEC that puts the session on the replica this instance would pick
+Everything goes through the store's interface (``state/store.py``). The
+request path asks the store once per session an instance has not seen:
+one ``claim`` that puts the session on the replica this instance would pick
 unless another instance already put it somewhere, and reads back the winner
-(``streamfold:fleet:session:<hash>``, expiring after ``fleet.session-ttl``),
+(``fleet:session:<hash>``, expiring after ``fleet.session-ttl``),
 so two instances that see a session's first turns at once agree; and once
 more when a session moves off a failed replica. In-flight counts never wait:
-every ``INTERVAL`` seconds a daemon thread per worker writes this worker's
-counts per replica to ``streamfold:fleet:busy:<instance>:<pid>`` (expiring
-after ``TTL_MS``) and sums the other instances' keys into ``busy``, which the
+every ``INTERVAL`` seconds a daemon thread per worker announces this worker's
+counts per replica as ``fleet:busy:<instance>:<pid>`` (expiring after
+``TTL``) and sums the other instances' records into ``busy``, which the
 balancer adds to the instance's own live counts.
 
-While Redis does not answer, ``busy`` is emptied and nothing is queued or
+While the store does not answer (its one up/down flag), ``busy`` is emptied and nothing is queued or
 asked: each instance decides alone, with its own counts and sessions, and
 catches up when Redis is back.
 """
@@ -22,22 +23,19 @@ import os
 import threading
 
 import orjson
-import redis
 
-from ..shared import Shared
+from ..state import Store, StoreUnavailable
 
 log = logging.getLogger(__name__)
-PREFIX = "streamfold:"
-BUSY_PREFIX = PREFIX + "fleet:busy:"
-SESSION_PREFIX = PREFIX + "fleet:session:"
+BUSY_PREFIX = "fleet:busy:"
+SESSION_PREFIX = "fleet:session:"
 INTERVAL = 0.25
-TTL_MS = 2000
+TTL = 2.0
 
 
 class RemoteLink:
-    def __init__(self, shared: Shared, instance: str) -> None:
-        self.shared = shared
-        self.client = shared.store.client
+    def __init__(self, store: Store, instance: str) -> None:
+        self.store = store
         self.instance = instance
         self.busy: dict[str, int] = {}   # replica name -> requests in flight at the other instances
         self.counts = None               # set by the balancer: () -> {replica name: this worker's count}
@@ -61,7 +59,7 @@ class RemoteLink:
 
     @property
     def up(self) -> bool:
-        return self.shared.up
+        return self.store.up
 
     # -- request path -------------------------------------------------------------
     def claim(self, session: int, replica: int, ttl: float) -> int:
@@ -70,13 +68,9 @@ class RemoteLink:
         if not self.up:
             return 0
         self.start()
-        key = f"{SESSION_PREFIX}{session:x}"
         try:
-            pipe = self.client.pipeline()  # MULTI/EXEC: set-if-absent and read back, atomically
-            pipe.set(key, replica, px=max(1, int(ttl * 1000)), nx=True)
-            pipe.get(key)
-            found = pipe.execute()[1]
-        except (redis.RedisError, OSError):
+            found = self.store.claim(f"{SESSION_PREFIX}{session:x}", b"%d" % replica, ttl)
+        except StoreUnavailable:
             return 0
         try:
             return int(found) if found else 0
@@ -84,12 +78,12 @@ class RemoteLink:
             return 0
 
     def move(self, session: int, replica: int, ttl: float) -> None:
-        """The session is on ``replica`` now (its old one failed here); skipped while Redis is down."""
+        """The session is on ``replica`` now (its old one failed here); skipped while the store is down."""
         if not self.up:
             return
         try:
-            self.client.set(f"{SESSION_PREFIX}{session:x}", replica, px=max(1, int(ttl * 1000)))
-        except (redis.RedisError, OSError):
+            self.store.announce(f"{SESSION_PREFIX}{session:x}", b"%d" % replica, ttl)
+        except StoreUnavailable:
             pass
 
     # -- the thread -------------------------------------------------------------------
@@ -104,27 +98,24 @@ class RemoteLink:
                 continue
             try:
                 counts = self.counts() if self.counts is not None else {}
-                self.client.set(key, orjson.dumps(counts), px=TTL_MS)
+                self.store.announce(key, orjson.dumps(counts), TTL)
                 busy: dict[str, int] = {}
-                names = [k for k in self.client.scan_iter(match=BUSY_PREFIX + "*", count=1000)
-                         if not k.decode("utf-8", "replace").startswith(mine)]
-                for raw in self.client.mget(names) if names else ():
-                    if not raw:
+                for name, raw in self.store.announced(BUSY_PREFIX):
+                    if name.startswith(mine):
                         continue
                     try:
                         found = orjson.loads(raw)
                     except orjson.JSONDecodeError:
                         continue
                     if isinstance(found, dict):
-                        for name, count in found.items():
-                            if isinstance(name, str) and isinstance(count, int) and 0 < count < 1 << 20:
-                                busy[name] = busy.get(name, 0) + count
+                        for replica, count in found.items():
+                            if isinstance(replica, str) and isinstance(count, int) and 0 < count < 1 << 20:
+                                busy[replica] = busy.get(replica, 0) + count
                 self.busy = busy
                 self._failing = False
-            except (redis.RedisError, OSError) as exc:
+            except StoreUnavailable as exc:
                 self.busy = {}
                 if not self._failing:
-                    log.warning("fleet: redis did not answer (%s); this instance balances alone until it does",
-                                type(exc).__name__)
+                    log.warning("fleet: redis did not answer (%s); this instance balances alone until it does", exc)
                 self._failing = True
                 self._stop.wait(1.0)

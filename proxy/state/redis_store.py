@@ -9,8 +9,8 @@ their total), ``usage:<day>`` (a hash per UTC day; field = JSON
 total), ``slots:<name>`` (a sorted set of held slot tokens scored by lease
 expiry), ``identity-secret`` (the deployment's, ``identity.py``); shared by
 instances: ``auth:<address>`` (``mark``: a sorted set of times, the management
-lockout's failures), expiring strings (``announce``): ``instance:<host>:<pid>``,
-``cool:<kind>:<provider>:<key id>``, the pub/sub channel ``events`` (``publish``,
+lockout's failures), expiring strings (``announce``, ``claim``): ``instance:<host>:<pid>``,
+``cool:<kind>:<provider>:<key id>``, ``fleet:session:<hash>``, ``fleet:busy:<instance>:<pid>``, the pub/sub channel ``events`` (``publish``,
 ``subscribe``) and versioned documents (a hash of ``version``, ``revision`` and
 the value under the document's name): ``providers``. Window and slot updates are Lua scripts using Redis's own clock, so
 the check and the add are one atomic step and instances' clocks need not
@@ -399,6 +399,14 @@ class RedisStore(Store):
             return [(key.decode("utf-8", "replace")[len(PREFIX):], value)
                     for key, value in zip(keys, values, strict=True) if value is not None]
         return self._run(read)
+
+    def _claim(self, name: str, value: bytes, ttl: float) -> bytes | None:
+        def write() -> bytes | None:
+            pipe = self.client.pipeline()  # MULTI/EXEC: set-if-absent and read back, atomically
+            pipe.set(PREFIX + name, value, px=max(1, int(ttl * 1000)), nx=True)
+            pipe.get(PREFIX + name)
+            return pipe.execute()[1]
+        return self._run(write)
 
     def _publish(self, message: bytes) -> None:
         self._run(self.client.publish, CHANNEL, message)

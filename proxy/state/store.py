@@ -208,6 +208,10 @@ class Store:
         expired, in no particular order."""
         return self._guard(self._announced, prefix)
 
+    def claim(self, name: str, value: bytes, ttl: float) -> bytes | None:
+        """Announce ``value`` under ``name`` unless something is there already, in one step; what is there now."""
+        return self._guard(self._claim, name, value, ttl)
+
     def publish(self, message: bytes) -> None:
         """Tell every instance listening now (``subscribe``); lost for those that are not (announce what a
         newcomer must know as well)."""
@@ -342,6 +346,9 @@ class Store:
         raise NotImplementedError
 
     def _announced(self, prefix: str) -> list[tuple[str, bytes]]:
+        raise NotImplementedError
+
+    def _claim(self, name: str, value: bytes, ttl: float) -> bytes | None:
         raise NotImplementedError
 
     def _publish(self, message: bytes) -> None:
