@@ -29,8 +29,9 @@ in order. While ``ChatStream`` still needs whole chunks (the answer's
 
 This module with ``chat_stream`` is the one reader of a chat stream for the
 bridges: ``read_batches`` frames and decodes, ``chat_events`` turns a batch
-into ``ChatStream`` events (the tool-call assembler, surrogate joining and
-in-stream errors live there), so every bridge reads a stream the same way.
+into ``ChatStream`` events (in-stream errors; its tool calls come from the
+fold's assembler ``fold/tool_calls.py``, surrogate halves are joined by
+``fold/guard.py``), so every bridge reads a stream the same way.
 
 Pure: bytes in, lists out; no Flask, no requests.
 """
@@ -43,7 +44,8 @@ from typing import Generator, Iterable, Iterator
 import orjson
 
 from ..errors import ProxyError, StreamError
-from .chat_stream import DONE, ChatStream, decode_event, has_surrogates, iter_chat_chunks
+from ..fold.guard import has_surrogates
+from .chat_stream import DONE, ChatStream, decode_event, iter_chat_chunks
 
 
 class TextRun(tuple):

@@ -29,9 +29,9 @@ from typing import Any, Iterable, Iterator
 import orjson
 
 from ..errors import StreamError
-from ..fold.base import slow_json, stream_error
 from ..fold import guard
-from ..fold.guard import FRAGMENT, REPLACEMENT, Halves, clean, has_surrogates
+from ..fold.base import slow_json, stream_error
+from ..fold.guard import FRAGMENT, REPLACEMENT, Halves
 from ..fold.sse import iter_event_batches
 from ..fold.tool_calls import ToolCall, ToolCalls
 from .completion import first_choice, load
@@ -39,8 +39,6 @@ from .completion import first_choice, load
 DONE = "[DONE]"
 _DONE_DATA = (b" [DONE]", b"[DONE]")  # "data: [DONE]" and "data:[DONE]" (iter_event_batches keeps the space)
 _REASONING = ("reasoning_content", "reasoning")
-__all__ = ["DONE", "ChatStream", "Held", "ToolCall", "clean", "completion_as_chunk", "decode_event",
-           "has_surrogates", "iter_chat_chunks"]
 
 
 def iter_chat_chunks(reads: Iterable[bytes], max_bytes: int) -> Iterator[dict | str]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import orjson
 
 from ...errors import ProxyError, UpstreamTimeout, UpstreamUnavailable
-from ..chat_stream import clean
+from ...fold.guard import clean
 from ..completion import upstream_message
 from ..tools import is_context_overflow
 

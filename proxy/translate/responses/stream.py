@@ -24,7 +24,9 @@ from itertools import repeat
 
 import orjson
 
-from ..chat_stream import Held, ToolCall, clean
+from ...fold.guard import clean
+from ...fold.tool_calls import ToolCall
+from ..chat_stream import Held
 from .response import Context, call_item, envelope, message_item, overflow, reasoning_item, status_of, usage_of
 
 
