@@ -26,7 +26,7 @@ from . import hop, metrics, upstream
 from .config.model import KeyEntry, Settings, redact
 from .errors import BadRequest, ProxyError, RateLimited, StreamError, UpstreamUnavailable, error_body, loggable
 from .keys import RATE_LIMIT_DEFAULT, REFUSED_KEY_COOLDOWN, KeyPool
-from .models import Call, Outcome, Plan
+from .models import Call, Outcome
 from .routing import Target
 from .state.usage import answer_counts
 

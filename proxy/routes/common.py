@@ -28,12 +28,12 @@ def holder() -> ConfigHolder:
     return current_app.extensions["streamfold"]
 
 
-def authenticate(runtime: Runtime, *, account: bool = True, query: str | None = None) -> str:
-    """The client key's label (its name or ``key-`` plus 8 digits of its identity), or ``-`` for an open proxy.
+def authenticate(runtime: Runtime, *, account: bool = True, query: str | None = None) -> None:
+    """Check the client key (401 without a known one, unless the proxy is open) and keep who the client is on
+    the request's record (``Record.client``: its label, the key's name or ``key-`` plus 8 digits of its identity).
 
     ``query``: the name of a query parameter that may carry the key instead (Gemini clients' ``?key=``).
-    Also keeps who the client is on the request's record (``Record.client``)
-    for ``admit`` and the stored responses and, with ``account`` (every
+    The record's client serves ``admit`` and the stored responses and, with ``account`` (every
     proxied route; not ``/v1/models``), logs it and arranges for the request's
     usage to be recorded under the key's identity once its answer has gone out.
     """
@@ -53,7 +53,6 @@ def authenticate(runtime: Runtime, *, account: bool = True, query: str | None = 
     record.client = client
     if account:
         record.account(client)
-    return client.label
 
 
 def admit(model: str, targets: tuple[Target, ...], body: dict | None = None,
