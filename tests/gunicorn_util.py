@@ -60,7 +60,7 @@ class Gunicorn:
             time.sleep(0.05)
 
     def output(self) -> str:
-        self.log.flush()
+        """What gunicorn and its workers wrote (stdout and stderr), also once stopped: a failed boot shows why."""
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> None:

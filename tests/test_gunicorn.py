@@ -92,3 +92,11 @@ def test_sigterm_lets_running_streams_finish(gunicorn, upstream):
     assert server.proc.wait(20) == 0
     with pytest.raises(requests.ConnectionError):
         requests.get(server.url + "/healthz", timeout=1)
+
+
+def test_a_gunicorn_that_cannot_boot_fails_the_test_with_its_own_words(tmp_path):
+    # tests/gunicorn_util: the error used to be "flush of closed file", hiding why gunicorn stopped
+    path = write_settings(tmp_path / "bad.yaml", settings_doc(provider("http://127.0.0.1:9/v1", name="Bad Name")))
+    with pytest.raises(RuntimeError, match="gunicorn did not start") as failed:
+        Gunicorn(path)
+    assert "openai-compatibility[0].name: use only a-z, 0-9" in str(failed.value)
