@@ -153,6 +153,12 @@ def test_losing_redis_never_fails_a_request_and_changes_flow_again_after_it_retu
     assert refused.status_code == 503  # not applied anywhere rather than applied on one instance only
     wrong = requests.get(a.url + "/v0/management/overview", headers={"Authorization": "Bearer wrong"}, timeout=10)
     assert wrong.status_code == 401  # the lockout counts locally while Redis is gone
+    # each instance decides alone: five wrong secrets at A (its two workers count together) lock the address
+    # out at A, and B, which saw none of them, still lets it in
+    bad = {"Authorization": "Bearer wrong", "Connection": "close"}
+    assert [from_address(a, "127.0.3.3", bad).status for _ in range(5)] == [401] * 5
+    assert from_address(a, "127.0.3.3", MGMT).status == 429
+    assert from_address(b, "127.0.3.3", MGMT).status == 200
     restarted = RedisServer(port=redis_server.port)
     try:
         def patch_lands():

@@ -187,3 +187,62 @@ def test_an_existing_state_file_gets_its_blob_totals_from_the_blobs_already_ther
         assert store.get_blob("capped", "new") is not None
     finally:
         store.close()
+
+
+@pytest.fixture(params=["redis"])
+def two_instances_store(request):
+    """Two stores on the same backend, as two instances hold them: the backends whose ``shares`` is True (a new
+    shared backend adds its name here)."""
+    made = [opened(request.param, request) for _ in range(2)]
+    yield made
+    for store in made:
+        store.close()
+
+
+def test_what_one_instance_puts_in_a_shared_store_the_other_reads(two_instances_store):
+    a, b = two_instances_store
+    assert a.shares and b.shares and not MemoryStore.shares and not SQLiteStore.shares
+    tag = os.urandom(4).hex()  # the module's Redis is shared by these tests
+    a.mark(f"auth:{tag}", 120)
+    b.mark(f"auth:{tag}", 120)
+    assert len(a.marks(f"auth:{tag}", 120)) == 2 and all(abs(t - time.time()) < 5 for t in b.marks(f"auth:{tag}", 120))
+    a.announce(f"{tag}:a", b"1", 60)
+    b.announce(f"{tag}:b", b"2", 0.05)
+    assert sorted(b.announced(tag)) == [(f"{tag}:a", b"1"), (f"{tag}:b", b"2")]
+    time.sleep(0.1)
+    assert a.announced(tag) == [(f"{tag}:a", b"1")]  # expired
+    assert a.claim(f"{tag}:s", b"7", 60) == b"7" and b.claim(f"{tag}:s", b"9", 60) == b"7"  # the first one stands
+    heard = b.subscribe()
+    try:
+        a.publish(b"hello " + tag.encode())
+        got = [heard.get(0.2) for _ in range(10)]
+        assert b"hello " + tag.encode() in got
+    finally:
+        heard.close()
+    assert b.revision(tag) is None and b.versioned(tag) == (0, None)
+    assert a.put_versioned(tag, b"v1", b"r1") == 1 and a.put_versioned(tag, b"v2", b"r2") == 2
+    assert b.revision(tag) == b"r2" and b.versioned(tag) == (2, b"v2")
+    assert not b.reseed(tag, b"old", 1, b"r1")  # there is one: nothing put back
+
+
+def test_shared_operations_raise_at_once_while_the_store_is_down_and_work_again_after_the_probe():
+    server = RedisServer()
+    store = RedisStore(server.url)
+    try:
+        store.announce("instance:x", b"1", 60)
+        server.stop()
+        with pytest.raises(StoreUnavailable):
+            store.marks("auth:x", 120)  # the first failure marks the store down ...
+        assert not store.up
+        for operation in (lambda: store.mark("auth:x", 120), lambda: store.announced("instance:"),
+                          lambda: store.claim("s", b"1", 60), lambda: store.publish(b"m"), store.subscribe,
+                          lambda: store.revision("providers")):
+            with pytest.raises(StoreUnavailable):  # ... and the others do not ask it until the probe says so
+                operation()
+        server = RedisServer(port=server.port)
+        store.tick()
+        assert store.up and store.announced("instance:") == []  # a new, empty Redis
+        assert store.reseed("providers", b"[]", 3, b"r") and store.versioned("providers") == (3, b"[]")
+    finally:
+        server.stop()
+        store.close()
