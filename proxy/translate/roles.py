@@ -8,6 +8,10 @@ user turns, system messages in the middle, a turn that is only tool results
 then text; Responses: items in any order), so the last step of both is
 ``alternate``: neighbours with the same role become one message. Tool
 messages stay one per call (several in a row answer parallel calls).
+
+A user turn that answers tool calls is, in chat, the tool messages and then
+one user message: the results' images (``result_images``; chat takes images
+in user messages only), then the user's own parts (``user_message``).
 """
 from __future__ import annotations
 
@@ -45,3 +49,21 @@ def _merged(run: list[dict]) -> dict:
     if reasoning:
         merged["reasoning_content"] = "\n\n".join(reasoning)
     return merged
+
+
+def result_images(call_id: str, images: list[dict] | None) -> list[dict]:
+    """A tool result's images for the user message after the tool messages, behind a text naming the call
+    (nothing when the result has none)."""
+    if not images:
+        return []
+    return [{"type": "text", "text": f"[images from the result of tool call {call_id}]"}, *images]
+
+
+def user_message(parts: list[dict]) -> dict | None:
+    """A user turn's chat parts as one message: the texts joined by a blank line when all are text (a string
+    every template reads), else the parts array; None when nothing is left to say."""
+    if not parts:
+        return None
+    if all(p["type"] == "text" for p in parts):
+        return {"role": "user", "content": "\n\n".join(p["text"] for p in parts)}
+    return {"role": "user", "content": parts}

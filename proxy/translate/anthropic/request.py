@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 
 from ..effort import DEFAULT_LEVELS, for_provider, from_anthropic
-from ..roles import alternate
+from ..roles import alternate, result_images, user_message
 from ..tools import ToolNames, chat_schema
 
 BILLING_HEADER = "x-anthropic-billing-header:"
@@ -119,9 +119,7 @@ def _message(message: dict, out: list[dict], names: ToolNames, replay: bool, vis
             call_id = str(block.get("tool_use_id") or "")
             found = [] if vision else None
             out.append({"role": "tool", "tool_call_id": call_id, "content": _tool_result_text(block, found)})
-            if found:
-                images.append({"type": "text", "text": f"[images from the result of tool call {call_id}]"})
-                images += found
+            images += result_images(call_id, found)
         elif kind == "text":
             if block["text"].strip():
                 parts.append({"type": "text", "text": block["text"]})
@@ -134,13 +132,9 @@ def _message(message: dict, out: list[dict], names: ToolNames, replay: bool, vis
             if text:
                 parts.append({"type": "text", "text": text})
         # tool_use / thinking in a user turn: ignored (never injected as calls)
-    parts = images + parts  # one user message after the tool messages: the results' images, then the user's own
-    if not parts:
-        return
-    if all(p["type"] == "text" for p in parts):
-        out.append({"role": "user", "content": "\n\n".join(p["text"] for p in parts)})
-    else:
-        out.append({"role": "user", "content": parts})
+    message = user_message(images + parts)  # after the tool messages: the results' images, then the user's own
+    if message is not None:
+        out.append(message)
 
 
 def _assistant(blocks: list, names: ToolNames, replay: bool) -> dict:

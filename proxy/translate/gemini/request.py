@@ -41,7 +41,7 @@ import orjson
 
 from ...errors import BadRequest
 from ..effort import DEFAULT_LEVELS, for_provider, from_gemini
-from ..roles import alternate
+from ..roles import alternate, result_images, user_message
 from ..tools import ToolNames, chat_schema
 
 
@@ -155,20 +155,14 @@ def _user_turn(parts: list, turn: int, out: list[dict], calls: dict, vision: boo
             found: list[dict] | None = [] if vision else None
             text = _response_text(response, found, f"contents[{turn}].parts[{index}].functionResponse.response")
             out.append({"role": "tool", "tool_call_id": call_id, "content": text})
-            if found:
-                images.append({"type": "text", "text": f"[images from the result of tool call {call_id}]"})
-                images += found
+            images += result_images(call_id, found)
         elif not part.get("thought"):
             item = _media_or_text(part, vision)
             if item is not None:
                 own.append(item)
-    own = images + own
-    if not own:
-        return
-    if all(p["type"] == "text" for p in own):
-        out.append({"role": "user", "content": "\n\n".join(p["text"] for p in own)})
-    else:
-        out.append({"role": "user", "content": own})
+    message = user_message(images + own)
+    if message is not None:
+        out.append(message)
 
 
 def _answered_call(response: dict, calls: dict, turn: int, index: int) -> str:
