@@ -1,4 +1,5 @@
-"""The state store (usage, limit windows, stored responses): SQLite by default, Redis with ``REDIS_URL``.
+"""The state store (usage, limit windows, stored responses, what instances share): SQLite by default, Redis with
+``REDIS_URL``.
 
 ``open_store(settings)`` picks the backend; ``web.create_app`` keeps one per
 app at ``app.extensions["streamfold.state"]``. See ``store.py`` for the

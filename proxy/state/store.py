@@ -1,4 +1,5 @@
-"""The state store interface: usage counters, limit windows and small keyed blobs, with outage handling.
+"""The state store interface: usage counters, limit windows, small keyed blobs and, in a store instances share,
+what they tell each other; with outage handling.
 
 One ``Store`` per app (``app.extensions["streamfold.state"]``), backed by
 SQLite (``sqlite.py``, the default, one file per instance) or Redis
@@ -24,6 +25,12 @@ Two kinds of callers, two contracts:
   memory, count limits per worker). While the backend is known to be down
   they raise at once, without a network or disk round trip; the tick probes
   the backend about once a second and announces its return.
+* The operations instances share (``mark``, ``announce``, ``claim``,
+  ``publish``, ``subscribe``, the versioned document; only a store whose
+  ``shares`` is True has them) raise ``StoreUnavailable`` the same way, and
+  their owners (``lockout.py``, ``instances.py``, ``shared.py``,
+  ``balance/remote.py``) go on with what the instance knows alone. ``up`` is the
+  one up/down flag of all of them, the tick the one probe.
 
 The transition to down and back is logged once each, loudly.
 """
