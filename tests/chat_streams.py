@@ -2,7 +2,8 @@
 
 ``chat_streams()`` draws one answer (choice 0): optional reasoning, optional
 text, 0-3 tool calls with arguments split anywhere (sometimes without
-``index``, sometimes the whole call in one delta, sometimes the name late),
+``index``, sometimes the whole call in one delta, its arguments then
+sometimes sent as an object, sometimes the name late),
 a finish_reason or none, usage on a trailer chunk or on the finish chunk or
 not at all, ``[DONE]`` or not; framed as SSE and cut into network reads at
 random byte offsets. It returns ``(reads, parts)`` where ``parts`` says what
@@ -54,9 +55,10 @@ def chat_streams(draw):
     for k, call in enumerate(calls):
         index = {} if no_index else {"index": k}
         args = _split(draw, call["arguments"])
-        if draw(st.booleans()):  # the whole call in one delta (Groq, Ollama)
+        if draw(st.booleans()):  # the whole call in one delta (Groq, Ollama), the arguments sometimes an object
+            arguments = call["arguments"] if draw(st.booleans()) else json.loads(call["arguments"])
             deltas.append({"tool_calls": [{**index, "id": call["id"], "type": "function",
-                                           "function": {"name": call["name"], "arguments": call["arguments"]}}]})
+                                           "function": {"name": call["name"], "arguments": arguments}}]})
             continue
         late_name = not no_index and draw(st.booleans())
         first = {**index, "id": call["id"], "type": "function",
