@@ -106,13 +106,20 @@ def openai_request(runtime: Runtime) -> tuple[dict, str]:
     return body, model
 
 
-def read_json_body(limit: int) -> dict:
+def read_capped(limit: int) -> bytes:
+    """The request's body, read at most ``limit`` bytes, else 413: by its Content-Length before reading,
+    and by reading one byte past the limit (a chunked body has no length to check first)."""
     length = request.content_length
     if length is not None and length > limit:
         raise PayloadTooLarge(f"Request body is {length} bytes; the limit is {limit} bytes.")
     raw = request.stream.read(limit + 1)
     if len(raw) > limit:
         raise PayloadTooLarge(f"Request body exceeds the limit of {limit} bytes.")
+    return raw
+
+
+def read_json_body(limit: int) -> dict:
+    raw = read_capped(limit)
     # what the request weighs, chunked or not (a continued conversation adds its history)
     g.record.body_bytes = len(raw)
     try:

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import orjson
-from flask import Response, request
+from flask import Response
 
 from ...config import file as settings_file
 from ...config.model import Settings
-from ...errors import BadRequest, PayloadTooLarge
-from ..common import holder
+from ...errors import BadRequest
+from ..common import holder, read_capped
 
 
 def json_response(body, status: int = 200) -> Response:
@@ -16,13 +16,7 @@ def json_response(body, status: int = 200) -> Response:
 
 def read_body():
     """The request's JSON body, read at most ``max-request-bytes`` (with or without Content-Length)."""
-    limit = holder().runtime.settings.max_request_bytes
-    if (request.content_length or 0) > limit:
-        raise PayloadTooLarge(f"Request body exceeds the limit of {limit} bytes.")
-    # Read through the stream with a cap: a chunked body has no Content-Length to check first.
-    raw = request.stream.read(limit + 1)
-    if len(raw) > limit:
-        raise PayloadTooLarge(f"Request body exceeds the limit of {limit} bytes.")
+    raw = read_capped(holder().runtime.settings.max_request_bytes)
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError:
