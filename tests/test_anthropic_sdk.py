@@ -10,7 +10,7 @@ import pytest
 from tests.anthropic_invariants import check_stream
 from tests.conftest import CLIENT_KEY, provider, settings_doc
 from tests.gunicorn_util import Gunicorn, write_settings
-from tests.upstream import Reply, described, sse, text_chunks, tool_call
+from tests.upstream import Reply, described, streamed_text, tool_call
 
 PNG = base64.b64encode(bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010806000000"
                                      "1f15c4890000000d49444154789c6360000002000100e221bc330000000049454e44ae426082"
@@ -31,9 +31,7 @@ def answer(rec) -> Reply:
     if body.get("tools") and "use a tool" in text:
         return tool_call("Bash", '{"command":"ls"}')
     if body.get("stream"):
-        return Reply(events=sse(*text_chunks(["Hello", " from", " the stream"],
-                                             usage={"prompt_tokens": 12, "completion_tokens": 3,
-                                                    "total_tokens": 15})))
+        return streamed_text()
     return described(body)
 
 

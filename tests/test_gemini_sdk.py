@@ -15,7 +15,7 @@ from google.genai import errors, types
 from tests.conftest import CLIENT_KEY, provider, settings_doc
 from tests.gemini_invariants import check_stream
 from tests.gunicorn_util import Gunicorn, write_settings
-from tests.upstream import FakeUpstream, Reply, completion, described, sse, text_chunks, tool_call
+from tests.upstream import FakeUpstream, Reply, completion, described, sse, streamed_text, text_chunks, tool_call
 
 PNG = bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010806000000"
                     "1f15c4890000000d49444154789c6360000002000100e221bc330000000049454e44ae426082")
@@ -57,9 +57,7 @@ def answer(rec) -> Reply:
     if body.get("tools") and "weather" in last:
         return tool_call("get_weather", '{"city": "Paris"}')
     if body.get("stream"):
-        return Reply(events=sse(*text_chunks(["Hello", " from", " the stream"],
-                                             usage={"prompt_tokens": 12, "completion_tokens": 3,
-                                                    "total_tokens": 15})))
+        return streamed_text()
     if body.get("response_format"):
         return Reply(body=json.dumps(completion('{"name": "Ada", "age": 36}')).encode())
     return described(body)

@@ -98,6 +98,13 @@ def described(body: dict) -> Reply:
     return Reply(body=json.dumps(completion(f"system={system} images={images}")).encode())
 
 
+def streamed_text() -> Reply:
+    """A chat stream saying ``Hello from the stream`` in three deltas, usage 12 prompt + 3 completion tokens
+    (the SDK tests' stream)."""
+    return Reply(events=sse(*text_chunks(["Hello", " from", " the stream"],
+                                         usage={"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15})))
+
+
 def tool_call(name: str, arguments: str, call_id: str = "call_7") -> Reply:
     """A completion that calls one tool, ``name`` with ``arguments`` (a JSON string as chat servers send it),
     finish_reason ``tool_calls`` (the SDK tests' tool turn)."""
