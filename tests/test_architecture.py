@@ -206,6 +206,7 @@ ONE_DEFINITION = {
     "ToolCall": "proxy.fold.tool_calls",               # what a call holds as its deltas arrive
     "Halves": "proxy.fold.guard",                      # surrogate halves split between streamed fragments
     "slow_json": "proxy.fold.base",                    # what orjson refuses, read with the fold's guards
+    "refused_data": "proxy.fold.base",                 # a data line orjson refused: blank, [DONE] or slow JSON
     "repair_surrogates": "proxy.fold.guard",           # UTF-16 halves joined or replaced
     "completion_as_chunk": "proxy.translate.chat_stream",  # a JSON answer to a stream request, as one chunk
     "TextRun": "proxy.translate.chat_reads",           # the fast path's one event

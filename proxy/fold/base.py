@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Iterable
+from typing import Any, Iterable
 
 import orjson
 
 from ..errors import StreamError
 
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+DONE = "[DONE]"  # the end of a chat stream, as ``refused_data`` (and the bridges' reader) give it
 _CODE_LIMIT = 200  # characters of an upstream error code kept when it is not a plain string or number
 
 
@@ -46,6 +47,18 @@ def slow_json(data: bytes | str, strict: bool = False) -> dict | list | object:
         raise StreamError("upstream sent JSON nested too deeply", code="upstream_bad_chunk") from None
     except ValueError:
         raise StreamError(f"upstream sent a data line that is not JSON: {preview(data)}") from None
+
+
+def refused_data(data: bytes) -> Any:
+    """A data line orjson refused, as every chat-stream reader (the fold, the bridges') reads it: None for
+    blank data (some servers send empty ``data:`` lines; not an error), ``DONE`` for ``[DONE]``, else what
+    ``slow_json`` reads."""
+    stripped = data.strip()
+    if not stripped:
+        return None
+    if stripped == b"[DONE]":
+        return DONE
+    return slow_json(data)
 
 
 def _parse_int(text: str) -> int | float | None:

@@ -28,7 +28,7 @@ import orjson
 
 from ..errors import StreamError
 from . import guard
-from .base import DEFAULT_MAX_BYTES, preview, run_fold, slow_json, stream_error
+from .base import DEFAULT_MAX_BYTES, DONE, preview, refused_data, run_fold, stream_error
 from .choice import Choice as _Choice
 from .choice import render_choice as _render_choice
 from .guard import CONTAINER_FACTOR, EXACT_ABOVE, FRAGMENT, Budget, held
@@ -68,9 +68,12 @@ class ChatFold(Budget):
         try:
             chunk = orjson.loads(data)
         except orjson.JSONDecodeError:
-            chunk = self._unusual_data(data)
-            if chunk is None:
+            chunk = refused_data(data)  # blank data, [DONE], or JSON only the slow parser reads
+            if chunk is None or chunk is DONE:
+                if chunk is DONE:
+                    self.done = True
                 return self.done
+            self.repair = True  # the slow JSON path ran: strings may hold UTF-16 surrogates to join
         if type(chunk) is not dict:
             raise StreamError(f"upstream sent an event that is not a JSON object: {preview(data)}")
         if event == b"error":
@@ -113,17 +116,6 @@ class ChatFold(Budget):
             self.event = b""
             raise guard.too_large(self.max_bytes)
         return False
-
-    def _unusual_data(self, data: bytes) -> dict | None:
-        """Handle what orjson refused: blank data, ``[DONE]``, or JSON only the slow parser reads."""
-        stripped = data.strip()
-        if not stripped:
-            return None  # some servers send empty data: lines; not an error
-        if stripped == b"[DONE]":
-            self.done = True
-            return None
-        self.repair = True
-        return slow_json(data)
 
     def _choices(self, choices: list) -> None:
         states = self.choices

@@ -30,13 +30,12 @@ import orjson
 
 from ..errors import StreamError
 from ..fold import guard
-from ..fold.base import slow_json, stream_error
+from ..fold.base import DONE, refused_data, stream_error
 from ..fold.guard import FRAGMENT, REPLACEMENT, Halves
 from ..fold.sse import iter_event_batches
 from ..fold.tool_calls import ToolCall, ToolCalls
 from .completion import first_choice, load
 
-DONE = "[DONE]"
 _DONE_DATA = (b" [DONE]", b"[DONE]")  # "data: [DONE]" and "data:[DONE]" (iter_event_batches keeps the space)
 _REASONING = ("reasoning_content", "reasoning")
 
@@ -68,12 +67,9 @@ def decode_event(event: bytes, data: bytes, max_bytes: int) -> dict | str | None
     try:
         chunk = orjson.loads(data)
     except orjson.JSONDecodeError:
-        stripped = data.strip()
-        if not stripped:
-            return None  # blank data: lines are sent by some servers; not an error
-        if stripped == b"[DONE]":
-            return DONE
-        chunk = slow_json(data)  # the fold's slow path and its guards (llama.cpp's raw control characters ...)
+        chunk = refused_data(data)  # as the fold reads it: blank, [DONE], or the slow path and its guards
+        if chunk is None or chunk is DONE:
+            return chunk
     if type(chunk) is not dict:
         raise StreamError("upstream sent an event that is not a JSON object")
     if event == b"error" or chunk.get("error") is not None:
