@@ -17,8 +17,8 @@ from ..models import Client, Record
 from ..routing import Target
 from ..state.identity import OPEN, label
 from ..state.limits import Limiter
-from ..translate.tokens import body_tokens
 from ..translate.openai import requested_model
+from ..translate.tokens import body_tokens
 
 DEFAULT_OUTPUT_RESERVE = 1024  # tokens reserved for the answer of a request that names no output bound (tpm)
 OPEN_CLIENT = Client(None, OPEN, "-")

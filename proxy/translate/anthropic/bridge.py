@@ -12,7 +12,6 @@ Pure: no Flask, no requests.
 """
 from __future__ import annotations
 
-
 import orjson
 
 from ...errors import BadRequest, ProxyError
