@@ -74,7 +74,7 @@ def execute(settings: Settings, sessions: upstream.Sessions, keys: KeyPool,
     failure: ProxyError | Outcome | None = None
     choice = None
     if balancer is not None:
-        choice = balancer.route(targets, call.body, call.client_headers, keys, settings.fleet)
+        choice = balancer.route(targets, call.body, call.client_headers, keys, settings.fleet, call.raw)
         targets = choice.targets
     for target, entry in keys.plan(targets):
         if record.attempts >= budget:

@@ -66,6 +66,7 @@ class Call:
     record: Record | None = None   # the request's record: the executor writes the target, attempts, timings
     adapt: Callable[[Target], Plan] | None = None  # per-target request (bridged routes), else the above
     check: Callable[[bytes], Any] | None = None  # raises for a relayed 200 JSON answer of the wrong shape
+    raw: bytes | None = None  # the body as the client sent it (the fleet's prefix index keys it)
 
 
 @dataclass(slots=True)

@@ -22,7 +22,7 @@ from proxy import create_app
 from proxy.balance import remote
 from proxy.config.load import build_settings
 from proxy.config.model import SettingsError
-from tests.conftest import AUTH, make_app, provider, settings_doc
+from tests.conftest import AUTH, CLIENT_KEY, make_app, provider, settings_doc
 from tests.gunicorn_util import Gunicorn, write_settings
 from tests.redis_util import RedisServer
 from tests.test_routes import EMBEDDING, TEXT_COMPLETION, fixture_events, responses_json
@@ -505,42 +505,52 @@ def test_affinity_holds_across_two_instances_sharing_redis_and_each_goes_on_alon
             instance.stop()
 
 
-def test_the_prefix_index_keys_the_blocks_of_the_prompt_as_the_model_reads_it_whatever_shape_the_history_has():
-    """The block keys are those of the rendered prompt's text cut into blocks, whether a plain history took the
-    fast path or a mixed one was walked message by message, and each block is cut from the parts it spans."""
+def test_the_prefix_index_keys_the_blocks_of_the_body_as_the_client_sent_it():
+    """A block's key is the CRC-32 of its bytes of the body as received, with its position, whichever order the
+    search asks for them in; the trailing partial block is not keyed."""
     import random
     import zlib
 
     from proxy.balance import hints
 
     rng = random.Random(7)
-    for number in range(300):
-        messages = []
-        alphabet = "ab \n" if number % 2 else "ab\u00e9\U0001F600 \n"  # ASCII prompts are keyed from their bytes
-        for _ in range(rng.randint(1, 30)):
-            text = "".join(rng.choice(alphabet) for _ in range(rng.choice([0, 1, 7, 50, 300])))
-            kind = rng.random()
-            messages.append({"role": "user", "content": text} if kind < 0.7 else
-                            {"role": "tool", "content": text, "tool_call_id": "c1"} if kind < 0.8 else
-                            {"role": "assistant", "content": None,
-                             "tool_calls": [{"function": {"name": "f", "arguments": text}}]} if kind < 0.9 else
-                            {"role": "user", "content": [{"type": "text", "text": text}]})
-        body = {"messages": messages, **({"system": "sys " * rng.randint(1, 30)} if rng.random() < 0.5 else {})}
-        walked: list[str] = []
-        for field in ("system", "messages"):
-            if body.get(field):
-                hints._text(body[field], walked.append)
-        text, size = "\x1e".join(walked), rng.choice([1, 16, 64])
-        blocks = hints.Blocks(*hints.render(body), size)
-        assert blocks.length == len(text) and blocks.count == len(text) // size
-        wanted = [zlib.crc32(text[i * size:(i + 1) * size].encode("utf-8", "surrogatepass")) | (i + 1) << 32
-                  for i in range(blocks.count)]
-        # asked for in any order (a search probes from the end, then bisects: starts are walked back part by
-        # part, or, far back, all worked out at once)
+    for _ in range(300):
+        raw, size = rng.randbytes(rng.choice([0, 1, 15, 64, 1000, 5000])), rng.choice([1, 16, 64, 2048])
+        blocks = hints.Blocks(raw, size)
+        assert blocks.length == len(raw) and blocks.count == min(len(raw) // size, hints.MAX_BLOCKS)
+        wanted = [zlib.crc32(raw[i * size:(i + 1) * size]) | (i + 1) << 32 for i in range(blocks.count)]
         probes = rng.sample(range(blocks.count), min(blocks.count, rng.randint(0, 6)))
         assert [blocks.key(i) for i in probes] == [wanted[i] for i in probes]
         start = rng.randint(0, blocks.count)
         assert [blocks.key(i) for i in range(start)] + blocks.keys_from(start) == wanted
+
+
+def test_hintless_anthropic_sdk_conversations_keep_their_replicas_though_system_prompt_and_tools_follow_the_history(
+        replicas, serve):
+    """The Anthropic SDK sends ``system`` and ``tools`` after ``messages``, so every body ends with the same 24 KB:
+    those count towards ``cache-threshold`` (the replica holds them too), and a conversation whose history has
+    the same length as another's is not taken for it because their bodies end alike. Without the first, a
+    turn's share is under the threshold and the turns spread; without the second, the second and third
+    conversations follow the first to its replica."""
+    import anthropic
+
+    server = serve(make_app(fleet_doc(replicas)))
+    system = "You are a coding agent working in a repository. " * 80
+    tools = [{"name": f"tool_{n}", "description": "Runs a thing in the workspace and returns its output. " * 30,
+              "input_schema": {"type": "object", "properties": {"path": {"type": "string"}}}} for n in range(12)]
+    names = ("conv-a", "conv-b", "conv-c")  # three a round over four replicas: ties do not repeat a replica
+    with anthropic.Anthropic(base_url=server.url, api_key=CLIENT_KEY, max_retries=0, timeout=20) as client:
+        histories = {name: [{"role": "user", "content": f"{name}: fix the bug in this file\n"
+                             + "".join(f"{name} = {n}\n" for n in range(300))}] for name in names}
+        for number in range(5):
+            for name, history in histories.items():
+                answer = client.messages.create(model="m", max_tokens=64 + number, messages=history,
+                                                system=system, tools=tools)
+                history += [{"role": "assistant", "content": answer.content[0].text},
+                            {"role": "user", "content": f"{name} step {number}: " + "output line\n" * 40}]
+    holders = [{n for n, fake in enumerate(replicas) if any(f"{name}: fix" in json.dumps(r.body) for r in fake.requests)}
+               for name in names]
+    assert all(len(found) == 1 for found in holders) and len(set().union(*holders)) == 3, holders
 
 
 def test_memory_is_bounded_by_the_settings_with_100k_distinct_sessions():

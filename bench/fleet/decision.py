@@ -30,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 
+import orjson
+
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
@@ -78,7 +80,12 @@ def timed(step, seconds: float) -> tuple[float, float]:
     return statistics.median(samples), statistics.median(routes)
 
 
-def timed_once(step, bodies: list[dict]) -> tuple[float, float]:
+def as_sent(body: dict) -> tuple[dict, bytes]:
+    """The body parsed and as a client sends it (what the routes hand the balancer)."""
+    return body, orjson.dumps(body)
+
+
+def timed_once(step, bodies: list[tuple[dict, bytes]]) -> tuple[float, float]:
     """(median, median of its route part) CPU microseconds per call over loops of 50 calls, each body sent
     once, in order."""
     samples, routes = [], []
@@ -122,15 +129,17 @@ def main() -> None:
     for count in (4, 32):
         balancer = Balancer(None, fleet)
         targets = replica_set(count)
-        hinted = agent_body(args.prompt_kb, 1)
+        hinted = as_sent(agent_body(args.prompt_kb, 1))
         headers = {"x-claude-code-session-id": "abc"}
-        short = {"model": "m", "messages": [{"role": "user", "content": "What is 2+2?"}]}
+        short = as_sent({"model": "m", "messages": [{"role": "user", "content": "What is 2+2?"}]})
         firsts, rounds = next_turns(args.prompt_kb, 40, 12)
-        fresh = [agent_body(args.prompt_kb, 1000 + n) for n in range(100)]
+        firsts, rounds = list(map(as_sent, firsts)), list(map(as_sent, rounds))
+        fresh = [as_sent(agent_body(args.prompt_kb, 1000 + n)) for n in range(100)]
 
-        def request(body: dict, hint: dict) -> None:
+        def request(sent: tuple[dict, bytes], hint: dict) -> None:
+            body, raw = sent
             started = time.thread_time()
-            choice = balancer.route(targets, body, hint, keys, fleet)
+            choice = balancer.route(targets, body, hint, keys, fleet, raw)
             ROUTE[0] += time.thread_time() - started
             target = choice.targets[0]
             column = balancer.begin(target)

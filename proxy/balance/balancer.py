@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any, Iterable
 
+import orjson
+
 from .. import metrics
 from ..routing import Replicas
 from . import hints
@@ -124,8 +126,10 @@ class Balancer:
         return [(providers[name], name, count) for name, count in zip(names, counts)]
 
     # -- choosing -----------------------------------------------------------------
-    def route(self, targets: tuple, body: dict, headers: dict[str, str], keys: KeyPool, fleet: Fleet) -> Choice:
-        """The order to try ``targets`` in for this request, and why the first one."""
+    def route(self, targets: tuple, body: dict, headers: dict[str, str], keys: KeyPool, fleet: Fleet,
+              raw: bytes | None = None) -> Choice:
+        """The order to try ``targets`` in for this request, and why the first one (``raw``: the body as the
+        client sent it, which the prefix index keys; serialised from ``body`` when not given)."""
         policy = getattr(targets, "policy", "round-robin")
         if len(targets) < 2 or policy == "round-robin":
             choice = Choice(tuple(targets), policy, "round-robin")
@@ -179,7 +183,9 @@ class Balancer:
                 else:
                     choice.reason = "failover"  # its replica is resting or gone: the next best takes it
         else:
-            choice.blocks = blocks = hints.Blocks(*hints.render(body), fleet.block_chars)
+            if raw is None:
+                raw = orjson.dumps(body)
+            choice.blocks = blocks = hints.Blocks(raw, fleet.block_chars, *hints.history_span(body, raw))
             if blocks.count:
                 _, _, _, bits, wanted = self._known(targets)
                 choice.matched, choice.mask = matched, mask = self._longest(blocks, wanted, choice.stale)

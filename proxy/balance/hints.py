@@ -1,4 +1,4 @@
-"""What a request says about its session, and the block hashes of its prompt (no tokenizer, no copies kept).
+"""What a request says about its session, and the block hashes of its body (no tokenizer, no copies kept).
 
 The session key comes from the client's own hints, in this order:
 ``x-claude-code-session-id`` (Claude Code), Anthropic ``metadata.user_id``
@@ -7,35 +7,36 @@ The session key comes from the client's own hints, in this order:
 ``x-session-affinity`` for any other client. Keys are hashed at once; none is
 kept or logged.
 
-The prompt is rendered as the text a model would read, in order: system (or
-``instructions``), tools, then the messages (or ``input`` items, or a
-completions ``prompt``): content text, tool calls and tool results; no
-``cache_control``, no sampling fields, so a turn that only moves cache marks or
-changes ``max_tokens`` renders the same. It is cut into fixed-size blocks of
-``block-chars`` characters. A block's key is the CRC-32 of its text with its
-position (``Blocks.key``), as llm-d's approximate scorer keys blocks of
-characters; unlike vLLM's prefix cache the keys are not chained through every
-earlier block, so a request hashes only the blocks it looks at: the dozen or
-so a binary search for the longest run the index holds probes, and the new
-blocks a replica is sent (the tail a conversation added since its last
-turn), not the whole prompt every time. Two prompts that differ only inside
-blocks the search skipped are taken as sharing them: that can cost a cache
-miss, never a wrong answer. The trailing partial block is not indexed: it
-cannot be a prefix of a later, longer prompt's blocks.
+The prompt is the request body exactly as the client sent it, as bytes: a
+client serialises a conversation the same way on every turn, so a next turn's
+body starts with the bytes of the last one up to where the new messages (or
+moved cache marks) begin, and conversations sharing a system prompt sent as
+their first message share the bytes of it. Nothing is parsed, rendered or
+copied for it: the body is cut into fixed-size blocks of ``block-chars``
+bytes, and a block's key is the CRC-32 of its bytes with its position
+(``Blocks.key``), llm-d's approximate scorer keying blocks of the rendered
+prompt, done on the bytes the proxy already holds. Unlike vLLM's prefix cache
+the keys are not chained through every earlier block, so a request hashes
+only the blocks it looks at: the few a search for the longest run the index
+holds probes, and the new blocks a replica is sent (the tail a conversation
+added since its last turn), not the whole prompt every time. Two prompts that
+differ only inside blocks the search skipped are taken as sharing them (a
+field before the history that changes every turn, such as ``max_tokens``, is
+skipped that way): that can cost a cache miss, never a wrong answer. The
+trailing partial block is not indexed: it cannot be a prefix of a later,
+longer prompt's blocks. The bodies of different protocols (a chat and an
+Anthropic client on one replica set) never match each other.
 """
 from __future__ import annotations
 
-import operator
 import zlib
-from bisect import bisect_right
-from typing import Any
 
 import orjson
 
 from .table import stable_hash
 
 SESSION_HEADERS = ("x-claude-code-session-id", "x-session-affinity")
-MAX_BLOCKS = 4096  # blocks indexed per prompt (8 M characters at the default block size); the rest is not
+MAX_BLOCKS = 4096  # blocks indexed per prompt (8 MB at the default block size); the rest is not
 
 
 def session_key(body: dict, headers: dict[str, str]) -> str | None:
@@ -69,158 +70,60 @@ def session_hash(group: str, key: str) -> int:
     return stable_hash(group + "\x00" + key)
 
 
-def render(body: dict) -> tuple[list[str], int]:
-    """The prompt as the model reads it (see the module docstring): its parts, read joined by U+001E, and
-    their characters (separators not counted)."""
-    parts: list[str] = []
-    add = parts.append
-    for field in ("system", "instructions"):
-        value = body.get(field)
-        if value:
-            _text(value, add)
-    tools = body.get("tools")
-    if tools:
-        add(orjson.dumps(tools).decode())
-    chars, counted = 0, []  # characters of plain histories, and where their parts are
-    for field in ("messages", "input", "prompt"):
-        value = body.get(field)
-        if value:
-            if type(value) is list:
-                start = len(parts)
-                found = _plain(value, parts)
-                if found >= 0:
-                    chars += found
-                    counted.append((start, len(parts)))
-                    continue
-            _text(value, add)
-    at = 0
-    for start, end in counted:
-        chars += sum(map(len, parts[at:start]))
-        at = end
-    return parts, chars + sum(map(len, parts[at:]))
+# the field a body's conversation is in (chat and Anthropic, Responses, Gemini, completions), as a client names it
+HISTORIES = {name: b'"%s"' % name.encode() for name in ("messages", "input", "contents", "prompt")}
 
 
-_CONTENT = operator.itemgetter("content")
-_LENGTH = str.__len__  # TypeError for anything but a string
-
-
-def _plain(messages: list, parts: list[str]) -> int:
-    """A history of ``{"role", "content": str}`` messages only (most of a chat history), rendered in a few C
-    calls exactly as ``_text`` renders it message by message: its characters; -1 (nothing added) for any
-    other shape."""
-    try:
-        if max(map(len, messages)) > 2:
-            return -1
-        contents = list(map(_CONTENT, messages))
-        chars = sum(map(_LENGTH, contents))
-    except (TypeError, KeyError, IndexError):
-        return -1
-    parts += contents
-    return chars
-
-
-_TEXT_KEYS = frozenset(("content", "text", "output", "input", "arguments", "name", "tool_calls", "function",
-                        "refusal", "reasoning_content"))
-_OBJECT_KEYS = frozenset(("input", "arguments"))  # a tool call's arguments: any keys, rendered as JSON
-
-
-def _text(node: Any, add) -> None:
-    """Append the text a model sees in ``node`` (strings, content parts, tool calls and results)."""
-    if type(node) is str:
-        add(node)
-    elif type(node) is list:
-        for item in node:
-            if type(item) is dict:
-                content = item.get("content")
-                if type(content) is str and len(item) <= 2:  # {"role", "content"}: most of a history
-                    add(content)
-                    continue
-            _text(item, add)
-    elif type(node) is dict:
-        for key, value in node.items():
-            if key in _TEXT_KEYS and value:
-                if type(value) is dict and key in _OBJECT_KEYS:
-                    add(orjson.dumps(value).decode())
-                elif isinstance(value, (str, list, dict)):
-                    _text(value, add)
-                else:
-                    add(str(value))
+def history_span(body: dict, raw: bytes) -> tuple[int, int]:
+    """Where the history of ``body`` starts and ends in ``raw`` (``body`` as sent), about: what a client sends
+    before it (``max_tokens``, ``model``, ...) and after it (the OpenAI SDK its ``tools``, the Anthropic SDK
+    its ``system`` and ``tools``, sampling fields) is no part of the conversation's growing prefix, may change
+    from turn to turn, and ends the bodies of every conversation of one client alike. The start is where the
+    history's name is, the end where the name of the field after it is (found back from how long those
+    fields are when serialised again; serialising them is the only cost that grows with their size)."""
+    names = list(body)
+    for at, name in enumerate(names):
+        needle = HISTORIES.get(name)
+        if needle is not None:
+            start = max(raw.find(needle), 0)
+            later = names[at + 1:]
+            if not later:
+                return start, len(raw)
+            # the client's bytes of those fields are at least as many as orjson's (no spaces, UTF-8 as is), so
+            # their first name is at most that far from the end: the last time it is named up to there
+            end = len(raw) - len(orjson.dumps({field: body[field] for field in later}))
+            needle = b'"%s"' % later[0].encode("utf-8", "surrogatepass")
+            found = raw.rfind(needle, start, end + len(needle) + 1)
+            return start, found if found > start else max(start, end)
+    return 0, len(raw)
 
 
 class Blocks:
-    """The full ``size``-character blocks of a rendered prompt, each keyed when first asked for.
+    """The full ``size``-byte blocks of a request body as the client sent it, each keyed when first asked for.
 
-    The prompt is its parts joined by U+001E, but never joined here (a
-    history of a few hundred kilobytes would be copied on every request): a
-    block is cut from the parts it spans, found from where each part starts,
-    worked out from the end back only as far as a block asked for needs (the
-    blocks looked at are mostly the last few).
+    A block's key is the CRC-32 of its bytes, read from a view of the body
+    (no copy), with its position above it; only the blocks a search probes
+    or a replica is sent are keyed.
     """
 
-    __slots__ = ("parts", "size", "length", "count", "_keys", "_starts", "_from")
+    __slots__ = ("data", "size", "length", "count", "_keys")
 
-    def __init__(self, parts: list[str], chars: int, size: int) -> None:
-        """``parts`` as ``render`` returns them, ``chars`` their characters."""
-        self.parts, self.size = parts, size
-        self.length = chars + len(parts) - 1 if parts else 0
+    def __init__(self, data: bytes, size: int, start: int = 0, end: int | None = None) -> None:
+        """The blocks of ``data[start:end]``."""
+        self.data, self.size = memoryview(data)[start:end], size
+        self.length = len(self.data)
         self.count = min(self.length // size, MAX_BLOCKS)
         self._keys = [0] * self.count
-        self._starts = [0] * len(parts) + [self.length + 1]  # where part j starts, known for j >= _from
-        self._from = len(parts)
-
-    def _part(self, position: int) -> int:
-        """The part holding ``position`` of the joined text (a separator belongs to the part before it)."""
-        starts, at = self._starts, self._from
-        if starts[at] <= position:
-            return bisect_right(starts, position, at) - 1
-        parts = self.parts
-        while starts[at] > position:
-            at -= 1
-            starts[at] = starts[at + 1] - len(parts[at]) - 1
-        self._from = at
-        return at
-
-    def text(self, index: int) -> str:
-        """Block ``index``'s characters."""
-        parts, starts, size = self.parts, self._starts, self.size
-        begin = index * size
-        last = self._part(begin + size - 1)  # the end first: the walk back then covers the beginning too
-        first = self._part(begin)
-        if first == last:
-            text = parts[first][begin - starts[first]:begin + size - starts[first]]
-        else:
-            text = "\x1e".join([parts[first][begin - starts[first]:], *parts[first + 1:last],
-                                 parts[last][:begin + size - starts[last]]])
-        return text if len(text) == size else text + "\x1e"  # it ends with the separator after a part
 
     def key(self, index: int) -> int:
-        """Block ``index``'s key (never 0): the CRC-32 of its UTF-8 text, and its position above it."""
+        """Block ``index``'s key (never 0): the CRC-32 of its bytes, and its position above it."""
         found = self._keys[index]
         if not found:
-            data = self.text(index).encode("utf-8", "surrogatepass")
-            found = self._keys[index] = zlib.crc32(data) | (index + 1) << 32
+            at = index * self.size
+            found = self._keys[index] = zlib.crc32(self.data[at:at + self.size]) | (index + 1) << 32
         return found
 
     def keys_from(self, start: int) -> list[int]:
-        """The keys of blocks ``start`` to the last; many at once are cut from the parts they span joined
-        once (the first turn of a conversation enters all its blocks)."""
-        if self.count - start < 8:
-            return [self.key(index) for index in range(start, self.count)]
-        size, keys, crc32 = self.size, self._keys, zlib.crc32
-        first = self._part(start * size)
-        text = "\x1e".join(self.parts[first:])
-        offset = start * size - self._starts[first]
-        if text.isascii():
-            # a character is a byte: encoded once, each block's CRC read from a view of its bytes (no copies)
-            data = memoryview(text.encode("ascii"))
-            for index in range(start, self.count):
-                if not keys[index]:
-                    keys[index] = crc32(data[offset:offset + size]) | (index + 1) << 32
-                offset += size
-            return keys[start:]
-        for index in range(start, self.count):
-            if not keys[index]:
-                data = text[offset:offset + size].encode("utf-8", "surrogatepass")
-                keys[index] = crc32(data) | (index + 1) << 32
-            offset += size
-        return keys[start:]
+        """The keys of blocks ``start`` to the last."""
+        key = self.key
+        return [key(index) for index in range(start, self.count)]

@@ -36,7 +36,7 @@ from ..relay import SSE_HEADERS, padded_answer, to_response
 from ..routing import Target
 from ..state.usage import Tokens, counts
 from ..translate.bridge import Exchange, Incoming, Protocol
-from .common import admit, authenticate, holder, read_json_body
+from .common import admit, authenticate, holder, read_json
 
 JSON = {"Content-Type": "application/json"}
 
@@ -58,7 +58,7 @@ def serve(protocol: Protocol, **path_args: str) -> Response:
     settings = runtime.settings
     record: Record = g.record
     authenticate(runtime, query=protocol.key_query)
-    body = read_json_body(settings.max_request_bytes)
+    body, raw = read_json(settings.max_request_bytes)
     incoming = Incoming(client_headers(request.environ), record.request_id, record.client.identity, path_args, settings,
                         current_app.extensions["streamfold.state"], record.body_bytes)
     model = protocol.model_of(body, incoming)
@@ -68,7 +68,7 @@ def serve(protocol: Protocol, **path_args: str) -> Response:
     # the key's policy: allowed targets, rpm, tpm, concurrency
     targets = exchange.targets(admit(exchange.model, runtime.router.resolve(exchange.model), body))
     call = Call("/chat/completions", body, exchange.stream, record.request_id, incoming.headers, record=record,
-                adapt=exchange.plan)
+                adapt=exchange.plan, raw=raw)
 
     def run() -> Outcome:
         return execute(settings, config.sessions, config.keys, targets, call, config.balancer)

@@ -97,13 +97,14 @@ def reservation(body: dict, targets: tuple[Target, ...], answers: bool = True) -
     return body_tokens(body) + (output if answers else 0)
 
 
-def openai_request(runtime: Runtime) -> tuple[dict, str]:
-    """The start of every OpenAI-shaped route: authenticate, read the JSON body, check and log its ``model``."""
+def openai_request(runtime: Runtime) -> tuple[dict, str, bytes]:
+    """The start of every OpenAI-shaped route: authenticate, read the JSON body, check and log its ``model``;
+    the body parsed, its model, and the body as sent."""
     authenticate(runtime)
-    body = read_json_body(runtime.settings.max_request_bytes)
+    body, raw = read_json(runtime.settings.max_request_bytes)
     model = requested_model(body)
     g.record.model = loggable(model)
-    return body, model
+    return body, model, raw
 
 
 def read_capped(limit: int) -> bytes:
@@ -119,6 +120,11 @@ def read_capped(limit: int) -> bytes:
 
 
 def read_json_body(limit: int) -> dict:
+    return read_json(limit)[0]
+
+
+def read_json(limit: int) -> tuple[dict, bytes]:
+    """The request's JSON object, and its bytes as sent (the fleet's prefix index keys those)."""
     raw = read_capped(limit)
     # what the request weighs, chunked or not (a continued conversation adds its history)
     g.record.body_bytes = len(raw)
@@ -129,4 +135,4 @@ def read_json_body(limit: int) -> dict:
                          "(HINT: This likely means you aren't using your HTTP library correctly.)") from None
     if not isinstance(body, dict):
         raise BadRequest("The request body must be a JSON object.")
-    return body
+    return body, raw

@@ -92,7 +92,7 @@ def proxy_request(route: Route) -> Response:
     config = holder()
     runtime = config.current()
     settings = runtime.settings
-    body, model = openai_request(runtime)
+    body, model, raw = openai_request(runtime)
     targets = admit(model, runtime.router.resolve(model), body, answers=route is not EMBEDDINGS)
     if route is COMPACT:  # compacting a conversation the key may not continue: as for an unknown id
         store = current_app.extensions["streamfold.state"]
@@ -110,7 +110,7 @@ def proxy_request(route: Route) -> Response:
     fold = route.fold
     record = g.record
     call = Call(route.path, body, stream, record.request_id, client_headers(request.environ), fold,
-                route.usage_option, record, check=route.check)
+                route.usage_option, record, check=route.check, raw=raw)
 
     def run():
         return execute(settings, config.sessions, config.keys, targets, call, config.balancer)
