@@ -213,8 +213,7 @@ def _attempt(settings: Settings, sessions: upstream.Sessions, keys: KeyPool,
         # Like nginx: a redirect is never followed with the key nor relayed as
         # an answer; an API client cannot use an upstream's internal redirect.
         with closing(response):
-            raise UpstreamUnavailable(_not_final(provider.name, response),
-                                      code="upstream_redirect" if status >= 300 else "upstream_bad_status")
+            raise _not_final(provider.name, response)
     if status >= 400:
         with closing(response):
             if status == 429:
@@ -274,13 +273,18 @@ def _success(settings: Settings, response: HTTPResponse, call: Call, fold: Calla
     return Outcome(response.status, content_type or "application/json", body)
 
 
-def _not_final(provider: str, response: HTTPResponse) -> str:
+def _not_final(provider: str, response: HTTPResponse) -> UpstreamUnavailable:
+    """The 502 for a status that is no answer: a redirect names its ``Location`` to the operator only (its
+    ``detail``), as a connect failure names the host: where the upstream sends it is no business of the client's."""
     status = response.status
     if status < 300:
-        return f"upstream {provider!r} answered HTTP {status}, which is not a final answer"
+        return UpstreamUnavailable(f"upstream {provider!r} answered HTTP {status}, which is not a final answer",
+                                   code="upstream_bad_status")
     location = upstream.header_value(response.headers.get("Location"), 300) or "(none)"
-    return (f"upstream {provider!r} answered HTTP {status} redirecting to {location}; the proxy does not "
-            "follow upstream redirects: point base-url at the final address")
+    head, advice = f"upstream {provider!r} answered HTTP {status}", ("the proxy does not follow upstream "
+                                                                      "redirects: point base-url at the final address")
+    return UpstreamUnavailable(f"{head}, a redirect; {advice}", code="upstream_redirect",
+                               detail=f"{head} redirecting to {location}; {advice}")
 
 
 def passthrough_error(response: HTTPResponse, max_cooldown: float = 3600.0) -> Outcome:
