@@ -110,7 +110,7 @@ def execute(settings: Settings, sessions: upstream.Sessions, keys: KeyPool,
             continue
         if balancer is not None:
             if outcome.status < 400:
-                balancer.served(choice, target, settings.fleet)
+                balancer.served(choice, target, settings.fleet, settings.max_request_bytes)
             if outcome.stream is None:
                 balancer.end(target, column)
             else:  # in flight until the stream is over: the access log releases it (or, failing that, GC)

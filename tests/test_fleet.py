@@ -583,6 +583,37 @@ def test_memory_is_bounded_by_the_settings_with_100k_distinct_sessions():
     assert len(old) < 50  # ... the oldest were evicted to stay within max-sessions
 
 
+def test_prompts_waiting_for_the_index_thread_are_bounded_and_the_next_request_finds_them_all():
+    """Entering a prompt's blocks is left to the index thread while the bodies waiting for it come to at most the
+    bound ``served`` is given (the executor gives ``max-request-bytes``); past it the request enters its own, and
+    a request routed by the index first enters whatever still waits."""
+    from proxy.balance.balancer import Balancer
+    from proxy.config.model import Fleet, Model, Provider
+    from proxy.keys import KeyPool
+    from proxy.routing import Replicas, Target
+
+    fleet, keys = Fleet(), KeyPool()
+    urls = tuple(f"http://10.0.0.{n}/v1" for n in range(4))
+    gpu = Provider(name="gpu", base_url=urls[0], base_urls=urls)
+    targets = Replicas(Target(gpu, "m", Model("m"), url, f"gpu#{n + 1}") for n, url in enumerate(urls))
+    targets.name, targets.policy = "m", "cache-aware"
+    balancer = Balancer(None, fleet)
+    bodies = [{"messages": [{"role": "user", "content": "".join(f"conversation {n} line {i}\n" for i in range(1200))}]}
+              for n in range(12)]
+    choices = [balancer.route(targets, body, {}, keys, fleet) for body in bodies]
+    placed = [choice.targets[0] for choice in choices]
+    with balancer._entering:  # the index thread is held: nothing it was given is entered yet
+        for choice in choices:
+            balancer.served(choice, choice.targets[0], fleet, 70_000)
+            assert balancer._waiting_bytes <= 70_000
+        assert len(balancer._waiting) == 2  # two 30 KB bodies fit in 70 KB; the other ten were entered at once
+    for number, body in enumerate(bodies):
+        choice = balancer.route(targets, {"messages": body["messages"] + [{"role": "user", "content": "more"}]},
+                                {}, keys, fleet)
+        assert choice.reason == "prefix" and choice.targets[0] is placed[number]
+    assert not balancer._waiting and balancer._waiting_bytes == 0
+
+
 def test_operator_api_shows_each_replicas_load_and_the_routing_decisions(replicas, serve):
     pair = replicas[:2]
     release = hold_slow_requests(pair)

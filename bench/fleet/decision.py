@@ -3,24 +3,26 @@
     .venv/bin/python bench/fleet/decision.py [--prompt-kb 120] [--seconds 2]
 
 For 4 and 32 replicas, four kinds of request, agent-sized (``--prompt-kb`` of
-rendered text: a system prompt shared by every conversation, then a long
-history of its own):
+JSON body: a system prompt shared by every conversation, then a long history
+of its own):
 
-* a Claude Code turn with its session header (the affinity path: the prompt
-  is never rendered);
+* a Claude Code turn with its session header (the affinity path: the body is
+  never looked at);
 * the next turn of a conversation without any hint, whose last turn the
-  index has seen (the prefix path: rendered, its last blocks looked up, its
-  new tail of about 2 KB entered); 40 conversations take 12 turns each, in turn;
+  index has seen (the prefix path: its last blocks looked up, its new tail of
+  about 2 KB entered); 40 conversations take 12 turns each, in turn;
 * the first turn of a conversation without any hint (everything after the
   shared system prompt is entered into the index);
 * a short one-off prompt.
 
-Prints microseconds per request: the CPU time this thread spent (so the time
-other jobs on a shared machine take from it does not count, but what they do
-to its caches does), median of loops of 50 and, in brackets, the part of it
-``route`` took (the decision proper, before the upstream request is sent; the
-rest is ``served`` entering the prompt's blocks once the replica answered,
-and the in-flight counts); and the shared table's size.
+Prints microseconds per request, as CPU time of the thread that spent it (so
+the time other jobs on a shared machine take from it does not count, but what
+they do to its caches does), medians of loops of 50: what the request's own
+thread spends (``route``, ``begin``, ``served``, ``end``), in brackets the
+part of it ``route`` took (the decision proper, before the upstream request
+is sent), and after ``+`` what entering the prompt's blocks into the index
+took, which the index thread does off the request's path; and the shared
+table's size.
 """
 from __future__ import annotations
 
@@ -63,21 +65,27 @@ def agent_body(kb: int, session: int) -> dict:
             "messages": [{"role": "system", "content": system}, {"role": "user", "content": "task"}, *history]}
 
 
-ROUTE = [0.0]  # CPU seconds spent in route, summed by ``request``
+SPENT = {"path": 0.0, "route": 0.0, "index": 0.0}  # CPU seconds, summed by ``request`` and the index thread
 
 
-def timed(step, seconds: float) -> tuple[float, float]:
-    """(median, median of its route part) CPU microseconds per call over repeated loops of 50 calls lasting
-    ``seconds`` in all."""
-    samples, routes, deadline = [], [], time.perf_counter() + seconds
+def loop(run) -> tuple[float, float, float]:
+    """(on the path, route, index) CPU microseconds per request for 50 requests made by ``run``."""
+    for part in SPENT:
+        SPENT[part] = 0.0
+    run()
+    return SPENT["path"] / 50 * 1e6, SPENT["route"] / 50 * 1e6, SPENT["index"] / 50 * 1e6
+
+
+def medians(samples: list[tuple[float, float, float]]) -> tuple[float, ...]:
+    return tuple(statistics.median(sample[n] for sample in samples) for n in range(3))
+
+
+def timed(step, seconds: float) -> tuple[float, ...]:
+    """Medians over repeated loops of 50 calls of ``step`` lasting ``seconds`` in all."""
+    samples, deadline = [], time.perf_counter() + seconds
     while time.perf_counter() < deadline:
-        ROUTE[0] = 0.0
-        started = time.thread_time()
-        for _ in range(50):
-            step()
-        samples.append((time.thread_time() - started) / 50 * 1e6)
-        routes.append(ROUTE[0] / 50 * 1e6)
-    return statistics.median(samples), statistics.median(routes)
+        samples.append(loop(lambda: [step() for _ in range(50)]))
+    return medians(samples)
 
 
 def as_sent(body: dict) -> tuple[dict, bytes]:
@@ -85,19 +93,10 @@ def as_sent(body: dict) -> tuple[dict, bytes]:
     return body, orjson.dumps(body)
 
 
-def timed_once(step, bodies: list[tuple[dict, bytes]]) -> tuple[float, float]:
-    """(median, median of its route part) CPU microseconds per call over loops of 50 calls, each body sent
-    once, in order."""
-    samples, routes = [], []
-    for start in range(0, len(bodies) - 49, 50):
-        batch = bodies[start:start + 50]
-        ROUTE[0] = 0.0
-        started = time.thread_time()
-        for body in batch:
-            step(body)
-        samples.append((time.thread_time() - started) / 50 * 1e6)
-        routes.append(ROUTE[0] / 50 * 1e6)
-    return statistics.median(samples), statistics.median(routes)
+def timed_once(step, bodies: list[tuple[dict, bytes]]) -> tuple[float, ...]:
+    """Medians over loops of 50 calls of ``step``, each body sent once, in order."""
+    return medians([loop(lambda: [step(body) for body in bodies[start:start + 50]])
+                    for start in range(0, len(bodies) - 49, 50)])
 
 
 def next_turns(kb: int, conversations: int, turns: int) -> tuple[list[dict], list[dict]]:
@@ -121,9 +120,10 @@ def main() -> None:
     args = p.parse_args()
     fleet = Fleet()
     keys = KeyPool()
-    print(f"routing decision, in process; prompt {args.prompt_kb} KB rendered, block-chars {fleet.block_chars}")
-    print("CPU microseconds per request (this thread's CPU time, so other jobs on the machine do not count): "
-          "median loop of 50 (of which route: the decision before the upstream request is sent)")
+    print(f"routing decision, in process; body {args.prompt_kb} KB, block-chars {fleet.block_chars}")
+    print("CPU microseconds per request (each thread's CPU time, so other jobs on the machine do not count), "
+          "medians of loops of 50: on the request's path (of which route: the decision before the upstream "
+          "request is sent) + entering the prompt's blocks, off the path (the index thread)")
     print(f"{'replicas':>8}{'with session hint':>22}{'next turn, no hint':>22}{'new conv., no hint':>22}"
           f"{'short one-off':>22}")
     for count in (4, 32):
@@ -136,15 +136,27 @@ def main() -> None:
         firsts, rounds = list(map(as_sent, firsts)), list(map(as_sent, rounds))
         fresh = [as_sent(agent_body(args.prompt_kb, 1000 + n)) for n in range(100)]
 
+        inner = balancer._enter
+
+        def enter(*job) -> None:  # in whichever thread enters a prompt's blocks (the index thread, mostly)
+            started = time.thread_time()
+            inner(*job)
+            SPENT["index"] += time.thread_time() - started
+
+        balancer._enter = enter
+
         def request(sent: tuple[dict, bytes], hint: dict) -> None:
             body, raw = sent
             started = time.thread_time()
             choice = balancer.route(targets, body, hint, keys, fleet, raw)
-            ROUTE[0] += time.thread_time() - started
+            routed = time.thread_time()
             target = choice.targets[0]
             column = balancer.begin(target)
-            balancer.served(choice, target, fleet)
+            balancer.served(choice, target, fleet, 10 * 1024 * 1024)  # max-request-bytes' default
             balancer.end(target, column)
+            SPENT["path"] += time.thread_time() - started
+            SPENT["route"] += routed - started
+            balancer.settle()  # the next turn comes seconds later: the index thread is done by then
 
         request(hinted, headers)
         for body in firsts:
@@ -153,7 +165,7 @@ def main() -> None:
                    timed_once(lambda body: request(body, {}), rounds),
                    timed_once(lambda body: request(body, {}), fresh),
                    timed(lambda: request(short, {}), args.seconds)]
-        print(f"{count:>8}" + "".join(f"{median:>14.1f} ({route:>5.1f})" for median, route in results))
+        print(f"{count:>8}" + "".join(f"{path:>7.1f} ({route:>5.1f}) +{index:>5.1f}" for path, route, index in results))
     print(f"shared table: {balancer.table.size / 1e6:.1f} MB for max-sessions {fleet.max_sessions}, "
           f"max-prefix-blocks {fleet.max_prefix_blocks}")
 

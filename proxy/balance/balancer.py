@@ -35,7 +35,10 @@ disabled provider is not in the set at all. Ties go round-robin.
 from __future__ import annotations
 
 import itertools
+import os
+import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any, Iterable
@@ -82,6 +85,13 @@ class Balancer:
         self._turn = itertools.count(self.table.me() * 7919)
         self._hashes: dict[str, int] = {}
         self._counters: dict[tuple[str, str, str], Any] = {}
+        # prompts whose blocks wait for this process's index thread (``served``), and their bytes
+        self._waiting: deque[tuple] = deque()
+        self._waiting_bytes = 0
+        self._waiting_lock = threading.Lock()
+        self._entering = threading.Lock()
+        self._wake = threading.Event()
+        self._thread_pid = 0
 
     # -- in flight --------------------------------------------------------------
     def _known(self, targets: tuple) -> tuple:
@@ -183,6 +193,8 @@ class Balancer:
                 else:
                     choice.reason = "failover"  # its replica is resting or gone: the next best takes it
         else:
+            if self._waiting or self._entering.locked():
+                self.settle()  # what earlier requests sent, first (the index thread has not got to it yet)
             if raw is None:
                 raw = orjson.dumps(body)
             choice.blocks = blocks = hints.Blocks(raw, fleet.block_chars, *hints.history_span(body, raw))
@@ -237,8 +249,16 @@ class Balancer:
                 high, step = length - 1, step * 2
         return low, mask & (wanted | BRANCHES)
 
-    def served(self, choice: Choice, target: Target, fleet: Fleet) -> None:
-        """A replica accepted the request: its session and its prompt's blocks are on that replica now."""
+    def served(self, choice: Choice, target: Target, fleet: Fleet, waiting: int = 0) -> None:
+        """A replica accepted the request: its session and its prompt's blocks are on that replica now.
+
+        The session is written at once; the blocks are entered by this
+        process's index thread, off the request's path, while the bodies
+        waiting for it come to at most ``waiting`` bytes (``max-request-bytes``
+        from the executor; past that, and with 0, here). A request routed
+        by the index first enters whatever is still waiting (``settle``), so
+        the next turn finds this one's blocks however soon it comes.
+        """
         if choice.policy != "cache-aware":
             return
         if choice.session:
@@ -249,21 +269,52 @@ class Balancer:
             if self.remote is not None and replica not in (choice.session_replica, choice.claimed):
                 self.remote.move(choice.session, replica, fleet.session_ttl)  # it moved (or Redis said nothing)
         blocks = choice.blocks
-        if blocks is not None and blocks.count:
-            bit = 1 << self._bit(target)
-            put, key = self.table.put, blocks.key
-            # The blocks this replica already held are only touched (those the search found stale, for the
-            # LRU); the rest are entered. An entry counts the different blocks seen after it (its top byte): a
-            # new block counts one more after the block before it, which a block entered here starts with.
-            start = choice.matched if choice.mask & bit else 0
-            for block in choice.stale if start else ():
-                put(False, block, bit, merge=True)
-            previous, entered, last = key(start - 1) if start else 0, False, blocks.count - 1
-            for index, block in enumerate(blocks.keys_from(start), start):
-                new = put(False, block, bit, merge=True, first=BRANCH if index < last else 0)
-                if new and previous and not entered:
-                    put(False, previous, bit, merge=True, bump=1)
-                previous, entered = block, new
+        if blocks is None or not blocks.count:
+            return
+        choice.blocks = None
+        job = (blocks, choice.matched, choice.mask, choice.stale, 1 << self._bit(target))
+        with self._waiting_lock:
+            if self._waiting_bytes + blocks.length <= waiting:
+                self._waiting_bytes += blocks.length
+                self._waiting.append(job)
+                if self._thread_pid != os.getpid():  # first use in this process (a gunicorn worker forks)
+                    self._thread_pid = os.getpid()
+                    threading.Thread(target=self._index_thread, name="fleet-index", daemon=True).start()
+                self._wake.set()
+                return
+        self._enter(*job)
+
+    def settle(self) -> None:
+        """Enter every prompt still waiting for the index thread (and wait for the one it is entering)."""
+        with self._entering:
+            waiting = self._waiting
+            while waiting:
+                job = waiting.popleft()
+                with self._waiting_lock:
+                    self._waiting_bytes -= job[0].length
+                self._enter(*job)
+
+    def _index_thread(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            self.settle()
+
+    def _enter(self, blocks: hints.Blocks, matched: int, mask: int, stale: list[int], bit: int) -> None:
+        """Enter a prompt's blocks as sent to the replica of ``bit``."""
+        put, key = self.table.put, blocks.key
+        # The blocks this replica already held are only touched (those the search found stale, for the
+        # LRU); the rest are entered. An entry counts the different blocks seen after it (its top byte): a
+        # new block counts one more after the block before it, which a block entered here starts with.
+        start = matched if mask & bit else 0
+        for block in stale if start else ():
+            put(False, block, bit, merge=True)
+        previous, entered, last = key(start - 1) if start else 0, False, blocks.count - 1
+        for index, block in enumerate(blocks.keys_from(start), start):
+            new = put(False, block, bit, merge=True, first=BRANCH if index < last else 0)
+            if new and previous and not entered:
+                put(False, previous, bit, merge=True, bump=1)
+            previous, entered = block, new
 
     def forget_session(self, choice: Choice) -> None:
         if choice.session:
