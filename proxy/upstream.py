@@ -24,6 +24,8 @@ deflate, br and zstd only when their optional modules are installed); an
 answer in an encoding that cannot be decoded is a 502, never bytes relayed
 without their ``Content-Encoding``.
 
+A request's head and body (up to ``ONE_WRITE_BYTES``) go out in one write,
+not urllib3's two: one system call, and the upstream wakes once per request.
 Header sections are read into the message http.client's email parser would
 make, but a plain one (every line ``Name: value`` in printable ASCII) without
 that parser, which costs more than the rest of a relayed request's upstream
@@ -68,6 +70,7 @@ DECODABLE = frozenset(HTTPResponse.CONTENT_DECODERS) | {"identity"}
 # Interim responses skipped before the final one; more is a broken upstream.
 MAX_INTERIM = 16
 _MAX_LINE = 65536
+ONE_WRITE_BYTES = 64 * 1024  # a request body up to this size goes out in one write with its head
 _MAX_HEADERS = 100  # header lines per answer, as http.client
 _PLAIN_BYTES = bytes(range(0x20, 0x7f)) + b"\t\r\n"  # a header section of only these may skip the email parser
 _UNSAFE = re.compile(r"[^\t\x20-\x7e]")
@@ -111,7 +114,7 @@ class Sessions:
                 pool = adapter.get_connection_with_tls_context(prepared, session.verify, proxies=proxies)
             except (requests.RequestException, urllib3.exceptions.HTTPError, ValueError) as exc:
                 raise UpstreamUnavailable(f"cannot use the upstream or its proxy: {type(exc).__name__}") from None
-            pool.ConnectionCls = _skipping_interim(pool.ConnectionCls)
+            pool.ConnectionCls = _connection_class(pool.ConnectionCls)
             route = self._routes[key] = (pool, adapter.request_url(prepared, proxies),
                                          bool(entry.proxy_url) and not entry.proxy_url.startswith("socks"))
         return route
@@ -195,17 +198,50 @@ def _begin_with(parse_headers: Callable) -> Callable:
 
 
 _FinalResponse.begin = _begin_with(_parse_headers)
-_SKIPPING: dict[type, type] = {}
 
 
-def _skipping_interim(connection_class: type) -> type:
-    """``connection_class`` (plain, TLS or SOCKS) with ``_FinalResponse`` as its response class."""
+class _OneWrite:
+    """A connection that writes a request's head and a small body in one ``send`` (one system call, one TCP
+    segment) where urllib3 writes them in two, so the upstream reads the whole request at once instead of
+    waking for the head and again for the body. The bytes sent are the same."""
+
+    _held: bytes | None = None  # while a request is sent: b"" until the head comes, then the head
+
+    def request(self, method, url, body=None, headers=None, **kwargs) -> None:
+        if isinstance(body, bytes) and 0 < len(body) <= ONE_WRITE_BYTES:
+            self._held = b""
+        try:
+            super().request(method, url, body, headers, **kwargs)
+        except BaseException:
+            self._held = None
+            raise
+        head, self._held = self._held, None
+        if head:  # no body came after all: the head as urllib3 would have sent it
+            super().send(head)
+
+    def send(self, data) -> None:
+        head = self._held
+        if head is None:
+            return super().send(data)
+        if not head:
+            self._held = data  # the head (http.client writes it whole): kept for the body
+            return None
+        self._held = None
+        return super().send(head + data)
+
+
+_CONNECTIONS: dict[type, type] = {}
+
+
+def _connection_class(connection_class: type) -> type:
+    """``connection_class`` (plain, TLS or SOCKS) with ``_FinalResponse`` as its response class, writing a
+    request in one send (``_OneWrite``)."""
     if getattr(connection_class, "response_class", None) is _FinalResponse:
         return connection_class
-    made = _SKIPPING.get(connection_class)
+    made = _CONNECTIONS.get(connection_class)
     if made is None:
-        made = _SKIPPING[connection_class] = type(connection_class.__name__, (connection_class,),
-                                                  {"response_class": _FinalResponse})
+        made = _CONNECTIONS[connection_class] = type(connection_class.__name__, (_OneWrite, connection_class),
+                                                     {"response_class": _FinalResponse})
     return made
 
 

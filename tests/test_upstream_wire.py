@@ -1,4 +1,6 @@
-"""Property: an upstream answer's header section is read into exactly the message http.client's email parser makes.
+"""How the proxy speaks HTTP to upstreams: a request written in one piece, answers' headers read as http.client does.
+
+Property: an upstream answer's header section is read into exactly the message http.client's email parser makes.
 
 proxy/upstream.py reads plain ``Name: value`` lines itself (the email parser
 costs a tenth of a relayed request) and hands every other section to the
@@ -12,13 +14,15 @@ from __future__ import annotations
 import http.client
 import io
 import json
+import socket
+import threading
 
 import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from proxy.upstream import _parse_headers
-from tests.conftest import AUTH, CHAT
+from tests.conftest import AUTH, CHAT, make_app, provider, settings_doc
 from tests.upstream import Reply, completion
 
 # mostly what servers send (every line a plain token, a colon and printable ASCII), sometimes anything else
@@ -92,3 +96,45 @@ def test_headers_the_fast_reader_leaves_to_the_email_parser_still_reach_the_clie
     response = requests.post(live.url + "/v1/chat/completions", json=CHAT, headers=AUTH, timeout=10)
     assert response.status_code == 200 and response.headers["Content-Type"] == "application/json"
     assert response.json()["choices"][0]["message"]["content"] == "hi"
+
+
+def test_a_request_reaches_the_upstream_in_one_write(serve):
+    """Head and body in one send: an upstream that answers from a single read of each request gets it whole
+    every time (urllib3 alone writes the head, then the body: the read often held the head only)."""
+    answer = json.dumps(completion("hi")).encode()
+    listener = socket.create_server(("127.0.0.1", 0))
+    whole: list[bool] = []
+
+    def serve_connection(conn: socket.socket) -> None:
+        with conn:
+            while True:
+                got = conn.recv(1 << 20)  # one read per request
+                if not got:
+                    return
+                head, _, body = got.partition(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                whole.append(len(body) == length)
+                while len(body) < length:
+                    body += conn.recv(1 << 20)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%b"
+                             % (len(answer), answer))
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve_connection, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
+        live = serve(make_app(settings_doc(provider(url))))
+        for i in range(20):
+            body = dict(CHAT, messages=[{"role": "user", "content": "x" * (i * 500)}])
+            response = requests.post(live.url + "/v1/chat/completions", json=body, headers=AUTH, timeout=10)
+            assert response.status_code == 200
+        assert whole == [True] * 20
+    finally:
+        listener.close()
