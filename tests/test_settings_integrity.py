@@ -166,7 +166,8 @@ def test_a_worker_booted_from_a_copy_whose_ca_bundle_was_deleted_serves_it_and_f
     try:
         path.write_bytes(yaml.safe_dump(doc, sort_keys=False).encode())
         deadline = time.monotonic() + 10
-        while str(bundle).encode() not in copy.read_bytes():  # a worker took it: the copy names the bundle
+        # a worker took it: the copy (none yet under load) names the bundle
+        while not copy.is_file() or str(bundle).encode() not in copy.read_bytes():
             assert time.monotonic() < deadline
             time.sleep(0.05)
         bundle.unlink()
