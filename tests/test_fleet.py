@@ -553,6 +553,24 @@ def test_hintless_anthropic_sdk_conversations_keep_their_replicas_though_system_
     assert all(len(found) == 1 for found in holders) and len(set().union(*holders)) == 3, holders
 
 
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/messages"])
+def test_a_field_after_the_history_nested_too_deep_to_serialise_again_is_answered_as_without_the_prefix_index(
+        replicas, path):
+    """The history's end is found from the length of the fields after it serialised again: a field orjson reads
+    (1,024 levels) but will not write (254) leaves the history running to the end of the body, and the request
+    is answered as round-robin answers it (the chat route's 400 for a body it cannot forward, the Anthropic
+    route's answer), not with a 500."""
+    history = json.dumps([{"role": "user", "content": "the same long question\n" * 400}])
+    raw = '{"model":"m","max_tokens":16,"messages":%s,"metadata":{"deep":%s}}' % (history, "[" * 300 + "]" * 300)
+    answers = []
+    for policy in ("round-robin", "cache-aware"):
+        client = make_app(fleet_doc(replicas[:2], policy)).test_client()
+        response = client.post(path, data=raw, headers={**AUTH, "Content-Type": "application/json"})
+        body = response.get_json()
+        answers.append((response.status_code, body.get("error"), body.get("content")))
+    assert answers[0][0] < 500 and answers[1] == answers[0]
+
+
 def test_memory_is_bounded_by_the_settings_with_100k_distinct_sessions():
     from proxy.balance.balancer import Balancer
     from proxy.config.model import Fleet, Model, Provider

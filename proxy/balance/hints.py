@@ -91,7 +91,10 @@ def history_span(body: dict, raw: bytes) -> tuple[int, int]:
                 return start, len(raw)
             # the client's bytes of those fields are at least as many as orjson's (no spaces, UTF-8 as is), so
             # their first name is at most that far from the end: the last time it is named up to there
-            end = len(raw) - len(orjson.dumps({field: body[field] for field in later}))
+            try:
+                end = len(raw) - len(orjson.dumps({field: body[field] for field in later}))
+            except orjson.JSONEncodeError:  # nested past orjson's 254 levels (it reads 1,024): to the end
+                return start, len(raw)
             needle = b'"%s"' % later[0].encode("utf-8", "surrogatepass")
             found = raw.rfind(needle, start, end + len(needle) + 1)
             return start, found if found > start else max(start, end)
