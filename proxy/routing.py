@@ -139,7 +139,7 @@ class Router:
 
     def named(self, model: str) -> Replicas:
         """The targets ``model`` names, in file order, taking no round-robin turn (what only describes a
-        model, as ``GET /v1beta/models`` does, is no routed request)."""
+        model or counts its tokens, ``GET /v1beta/models`` or ``count_tokens``, is no routed request)."""
         targets = self._table.get(model)
         if targets is None:
             targets = self.match_glob(model)[1]

@@ -119,18 +119,27 @@ def test_one_alias_on_two_providers_goes_round_robin(upstream):
     assert keys == [PROVIDER_KEY, "sk-b-key-0000", PROVIDER_KEY, "sk-b-key-0000"]
 
 
-def test_listing_models_takes_no_round_robin_turn(upstream):
+def test_listing_models_and_counting_tokens_take_no_round_robin_turn(upstream):
+    # Claude Code and Gemini CLI count tokens between turns: each count took a turn, so every turn of theirs
+    # went to the same replica of a set of two
     app = make_app(settings_doc(provider(upstream, name="a"),
                                 provider(upstream, name="b", **{"api-key-entries": [{"api-key": "sk-b-key-0000"}]}),
                                 fleet={"balance": "round-robin"}))
     client = app.test_client()
     gemini = {"x-goog-api-key": CLIENT_KEY}
-    for _ in range(4):
+    for turn in range(4):
         assert client.post("/v1/chat/completions", json=CHAT, headers=AUTH).status_code == 200
         assert client.get("/v1beta/models", headers=gemini).get_json()["models"][0]["name"] == "models/m"
         assert client.get("/v1beta/models/m", headers=gemini).status_code == 200
         assert client.get("/v1/models/m", headers=gemini).status_code == 200
         assert client.get("/v1/models", headers=AUTH).status_code == 200
+        if turn % 2:  # one count between two turns (two would hide a turn each takes)
+            counted = client.post("/v1/messages/count_tokens", headers=AUTH, json={
+                "model": "m", "messages": [{"role": "user", "content": "hi"}]})
+        else:
+            counted = client.post("/v1beta/models/m:countTokens", headers=gemini, json={
+                "contents": [{"role": "user", "parts": [{"text": "hi"}]}]})
+        assert counted.status_code == 200
     keys = [rec.key for rec in upstream.requests]
     assert keys == [PROVIDER_KEY, "sk-b-key-0000", PROVIDER_KEY, "sk-b-key-0000"]
 

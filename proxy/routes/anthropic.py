@@ -42,7 +42,7 @@ def count_tokens() -> Response:
     validate(body, need_max_tokens=False)
     g.record.model = loggable(body["model"])
     try:
-        targets = runtime.router.resolve(body["model"])
+        targets = runtime.router.named(body["model"])  # a count is no routed request: it takes no turn
     except ModelNotFound:
         targets = ()  # still answered: a count must never make a model look missing (CLIProxyAPI#4410)
     # The same policy as /v1/messages: a model the key may not use is refused (it may reach the upstream's

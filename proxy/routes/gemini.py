@@ -46,7 +46,7 @@ def count_tokens(model: str) -> Response:
     g.record.model = loggable(model)
     body = count_body(read_json_body(runtime.settings.max_request_bytes))
     try:
-        targets = runtime.router.resolve(model)
+        targets = runtime.router.named(model)  # a count is no routed request: it takes no turn
     except ModelNotFound:
         targets = ()  # still answered: a count must never make a model look missing (CLIProxyAPI#4410)
     targets = admit(model, targets)  # the key's policy, as for a generation
