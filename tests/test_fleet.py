@@ -632,6 +632,45 @@ def test_prompts_waiting_for_the_index_thread_are_bounded_and_the_next_request_f
     assert not balancer._waiting and balancer._waiting_bytes == 0
 
 
+def test_prompts_waiting_for_the_index_thread_hold_at_most_the_bound_of_request_bodies():
+    """A waiting prompt's blocks are a view of the whole body as received: what follows the history (the
+    Anthropic SDK's system and tools, any padding a client adds) is held until the index thread gets to it, so
+    the bound counts the bodies, not the histories in them."""
+    from proxy.balance import hints
+    from proxy.balance.balancer import Balancer
+    from proxy.config.model import Fleet, Model, Provider
+    from proxy.keys import KeyPool
+    from proxy.routing import Replicas, Target
+
+    fleet, keys = Fleet(), KeyPool()
+    urls = tuple(f"http://10.0.0.{n}/v1" for n in range(4))
+    gpu = Provider(name="gpu", base_url=urls[0], base_urls=urls)
+    targets = Replicas(Target(gpu, "m", Model("m"), url, f"gpu#{n + 1}") for n, url in enumerate(urls))
+    targets.name, targets.policy = "m", "cache-aware"
+    balancer = Balancer(None, fleet)
+
+    def held() -> int:  # the bodies the waiting prompts keep alive
+        found, todo = 0, list(balancer._waiting)
+        while todo:
+            item = todo.pop()
+            if isinstance(item, tuple):
+                todo += item
+            elif isinstance(item, hints.Blocks):
+                found += len(item.data.obj)
+        return found
+
+    bodies = [{"messages": [{"role": "user", "content": f"conversation {n} " * 600}], "system": "x" * 100_000}
+              for n in range(12)]
+    choices = [balancer.route(targets, body, {}, keys, fleet) for body in bodies]
+    with balancer._entering:  # the index thread is held
+        for choice in choices:
+            balancer.served(choice, choice.targets[0], fleet, 250_000)
+            assert held() <= 250_000
+        assert balancer._waiting  # two 110 KB bodies fit
+    balancer.settle()
+    assert not balancer._waiting and balancer._waiting_bytes == 0
+
+
 def test_operator_api_shows_each_replicas_load_and_the_routing_decisions(replicas, serve):
     pair = replicas[:2]
     release = hold_slow_requests(pair)

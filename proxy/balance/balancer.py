@@ -273,10 +273,11 @@ class Balancer:
             return
         choice.blocks = None
         job = (blocks, choice.matched, choice.mask, choice.stale, 1 << self._bit(target))
+        held = len(blocks.data.obj)  # a waiting prompt holds the whole body, not only its history's bytes
         with self._waiting_lock:
-            if self._waiting_bytes + blocks.length <= waiting:
-                self._waiting_bytes += blocks.length
-                self._waiting.append(job)
+            if self._waiting_bytes + held <= waiting:
+                self._waiting_bytes += held
+                self._waiting.append((held, job))
                 if self._thread_pid != os.getpid():  # first use in this process (a gunicorn worker forks)
                     self._thread_pid = os.getpid()
                     threading.Thread(target=self._index_thread, name="fleet-index", daemon=True).start()
@@ -289,9 +290,9 @@ class Balancer:
         with self._entering:
             waiting = self._waiting
             while waiting:
-                job = waiting.popleft()
+                held, job = waiting.popleft()
                 with self._waiting_lock:
-                    self._waiting_bytes -= job[0].length
+                    self._waiting_bytes -= held
                 self._enter(*job)
 
     def _index_thread(self) -> None:
