@@ -418,14 +418,24 @@ def get(sessions: Sessions, provider: Provider, url: str, headers: dict, entry: 
     return response.status, b"".join(parts)
 
 
+# What urlopen makes of retries=False, and a timeout per setting, made once: urllib3 never changes either (it
+# clones the timeout per request, and counting an attempt makes a new Retry)
+_NO_RETRIES = urllib3.Retry(False, redirect=False)
+_TIMEOUTS: dict[Timeouts, urllib3.Timeout] = {}
+
+
 def _open(sessions: Sessions, provider: Provider, method: str, url: str, body: bytes | None, headers: dict,
           entry: KeyEntry, timeouts: Timeouts) -> HTTPResponse:
     """Send one request on the pooled connection; its response's body unread. Transport errors become ours."""
     pool, target, via_http_proxy = sessions.route(provider, url, entry)
+    timeout = _TIMEOUTS.get(timeouts)
+    if timeout is None:
+        if len(_TIMEOUTS) >= 64:  # settings reloaded many times over
+            _TIMEOUTS.clear()
+        timeout = _TIMEOUTS[timeouts] = urllib3.Timeout(connect=timeouts.connect, read=timeouts.read)
     try:
-        return pool.urlopen(method, target, body=body, headers=headers, retries=False, redirect=False,
-                            assert_same_host=not via_http_proxy, preload_content=False,
-                            timeout=urllib3.Timeout(connect=timeouts.connect, read=timeouts.read))
+        return pool.urlopen(method, target, body=body, headers=headers, retries=_NO_RETRIES, redirect=False,
+                            assert_same_host=not via_http_proxy, preload_content=False, timeout=timeout)
     except urllib3.exceptions.NewConnectionError as exc:  # a subclass of ConnectTimeoutError in urllib3
         raise _failed(UpstreamUnavailable, provider, entry, "could not connect to ", f": {_reason(exc)}") from None
     except urllib3.exceptions.ConnectTimeoutError:
