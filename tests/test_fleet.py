@@ -571,17 +571,25 @@ def test_a_field_after_the_history_nested_too_deep_to_serialise_again_is_answere
     assert answers[0][0] < 500 and answers[1] == answers[0]
 
 
-def test_memory_is_bounded_by_the_settings_with_100k_distinct_sessions():
-    from proxy.balance.balancer import Balancer
-    from proxy.config.model import Fleet, Model, Provider
-    from proxy.keys import KeyPool
+def four_replicas():
+    """A cache-aware replica set of four (addresses never reached) for the balancer's own tests."""
+    from proxy.config.model import Model, Provider
     from proxy.routing import Replicas, Target
 
-    fleet = Fleet(max_sessions=4096, max_prefix_blocks=4096)
     urls = tuple(f"http://10.0.0.{n}/v1" for n in range(4))
     gpu = Provider(name="gpu", base_url=urls[0], base_urls=urls)
     targets = Replicas(Target(gpu, "m", Model("m"), url, f"gpu#{n + 1}") for n, url in enumerate(urls))
     targets.name, targets.policy = "m", "cache-aware"
+    return targets
+
+
+def test_memory_is_bounded_by_the_settings_with_100k_distinct_sessions():
+    from proxy.balance.balancer import Balancer
+    from proxy.config.model import Fleet
+    from proxy.keys import KeyPool
+
+    fleet = Fleet(max_sessions=4096, max_prefix_blocks=4096)
+    targets = four_replicas()
     balancer, keys = Balancer(None, fleet), KeyPool()
     size = len(balancer.table.buffer)
     for number in range(100_000):
@@ -606,15 +614,11 @@ def test_prompts_waiting_for_the_index_thread_are_bounded_and_the_next_request_f
     bound ``served`` is given (the executor gives ``max-request-bytes``); past it the request enters its own, and
     a request routed by the index first enters whatever still waits."""
     from proxy.balance.balancer import Balancer
-    from proxy.config.model import Fleet, Model, Provider
+    from proxy.config.model import Fleet
     from proxy.keys import KeyPool
-    from proxy.routing import Replicas, Target
 
     fleet, keys = Fleet(), KeyPool()
-    urls = tuple(f"http://10.0.0.{n}/v1" for n in range(4))
-    gpu = Provider(name="gpu", base_url=urls[0], base_urls=urls)
-    targets = Replicas(Target(gpu, "m", Model("m"), url, f"gpu#{n + 1}") for n, url in enumerate(urls))
-    targets.name, targets.policy = "m", "cache-aware"
+    targets = four_replicas()
     balancer = Balancer(None, fleet)
     bodies = [{"messages": [{"role": "user", "content": "".join(f"conversation {n} line {i}\n" for i in range(1200))}]}
               for n in range(12)]
@@ -638,15 +642,11 @@ def test_prompts_waiting_for_the_index_thread_hold_at_most_the_bound_of_request_
     the bound counts the bodies, not the histories in them."""
     from proxy.balance import hints
     from proxy.balance.balancer import Balancer
-    from proxy.config.model import Fleet, Model, Provider
+    from proxy.config.model import Fleet
     from proxy.keys import KeyPool
-    from proxy.routing import Replicas, Target
 
     fleet, keys = Fleet(), KeyPool()
-    urls = tuple(f"http://10.0.0.{n}/v1" for n in range(4))
-    gpu = Provider(name="gpu", base_url=urls[0], base_urls=urls)
-    targets = Replicas(Target(gpu, "m", Model("m"), url, f"gpu#{n + 1}") for n, url in enumerate(urls))
-    targets.name, targets.policy = "m", "cache-aware"
+    targets = four_replicas()
     balancer = Balancer(None, fleet)
 
     def held() -> int:  # the bodies the waiting prompts keep alive
