@@ -267,10 +267,12 @@ def _where(provider: Provider, entry: KeyEntry) -> str:
 
 
 def _failed(error: type[ProxyError], provider: Provider, entry: KeyEntry, before: str, after: str) -> ProxyError:
-    """``error`` naming the provider by its configured name for the client, and for the operator (its
-    ``detail``: the log line, the operator page) by its host and the setting too; a client is not told
-    where the proxy's upstreams are."""
-    return error(f"{before}provider {provider.name!r}{after}", detail=f"{before}{_where(provider, entry)}{after}")
+    """``error`` naming the provider, its host and the setting to fix, for the client as for the operator (its
+    ``detail``: the log line per attempt, the operator page). Issue 21 asked for the host in the client's
+    message (a newcomer's curl read "could not connect to upstream 'local': NewConnectionError" and could not
+    tell what to fix); credentials in the URL never appear."""
+    where = f"{before}{_where(provider, entry)}{after}"
+    return error(where, detail=where)
 
 
 def _reason(exc: Exception) -> str:
