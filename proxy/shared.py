@@ -158,10 +158,17 @@ class Shared:
                 log.warning("shared state: redis had no provider list; restored providers version %d",
                             self.version)
             return
-        version, raw = self.store.versioned(PROVIDERS)
+        try:
+            version, raw = self.store.versioned(PROVIDERS)
+            providers = orjson.loads(raw) if raw else None
+        except ValueError:  # a version that is no number, a list that is no JSON (not written by an instance)
+            self.revision = revision  # said once per revision; the running config stays, as for one that
+            log.error("shared state: the provider list in the state store is not readable (not JSON or its "
+                      "version not a number); keeping the running config")  # does not validate
+            return
         self.revision = revision
         self.version = version
-        self.providers = orjson.loads(raw) if raw else None
+        self.providers = providers
         self.on_providers(self.version, self.providers)
 
     def _handle(self, data: bytes) -> None:

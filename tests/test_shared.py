@@ -198,3 +198,35 @@ def test_redis_url_from_the_environment(upstream, tmp_path, redis_server):
         assert app.extensions["streamfold"].shared.up
     finally:
         app.extensions["streamfold"].shared.stop()
+
+
+@pytest.mark.parametrize("stored", [{"providers": b"{not json", "version": b"3"},
+                                    {"providers": b"[" * 1100 + b"]" * 1100, "version": b"3"},
+                                    {"providers": b"[]", "version": b"three"}],
+                         ids=["not-json", "too-deep", "version-not-a-number"])
+def test_an_unreadable_provider_list_in_redis_is_refused_at_boot_and_while_running_and_changes_still_flow(
+        upstream, tmp_path, redis_server, caplog, stored):
+    """Whatever sits in streamfold:providers (another deployment, a hand edit) is refused like a list that does
+    not validate: the worker boots from the file and serves, one ERROR line says so, and the listener goes on
+    to take the next good list another instance writes."""
+    upstream.handler = fold_or_json
+    client = redis.Redis.from_url(redis_server.url)
+    client.hset("streamfold:providers", mapping={**stored, "revision": b"hand-edit-1"})
+    path = write_settings(tmp_path / "s.yaml", shared_doc(upstream, redis_server.url))
+    apps = [create_app({"PROXY_SETTINGS": str(path), "ENVIRON": {}}) for _ in range(2)]
+    try:
+        a, b = (app.test_client() for app in apps)
+        assert a.post("/v1/chat/completions", json=CHAT, headers=AUTH).status_code == 200
+        assert "provider list in the state store is not readable" in caplog.text
+        client.hset("streamfold:providers", mapping={**stored, "revision": b"hand-edit-2"})
+        client.publish("streamfold:events", b'{"kind": "providers", "version": 4}')
+        time.sleep(0.3)  # both listeners read it (and refuse it)
+        client.hset("streamfold:providers", "version", b"3")  # a number again, so the next write can count on
+        patched = b.patch("/v0/management/openai-compatibility", headers=MGMT,
+                          json={"name": "up", "value": {"force-upstream-stream": True}})
+        assert patched.status_code == 200, patched.get_data(as_text=True)
+        wait_until(lambda: a.post("/v1/chat/completions", json=CHAT, headers=AUTH).status_code == 200
+                   and upstream.requests[-1].body.get("stream") is True, 5.0)
+    finally:
+        for app in apps:
+            app.extensions["streamfold"].shared.stop()
