@@ -11,8 +11,12 @@ of its own):
 * the next turn of a conversation without any hint, whose last turn the
   index has seen (the prefix path: its last blocks looked up, its new tail of
   about 2 KB entered); 40 conversations take 12 turns each, in turn;
-* the first turn of a conversation without any hint (everything after the
-  shared system prompt is entered into the index);
+* the first turn of a conversation without any hint: the shared system
+  prompt and a first message of about 1 KB;
+* a whole conversation without any hint that the index has not seen (a
+  conversation that went on elsewhere, or whose blocks were evicted):
+  the worst case, everything after the shared system prompt is looked up
+  and entered;
 * a short one-off prompt.
 
 Prints microseconds per request, as CPU time of the thread that spent it (so
@@ -66,6 +70,16 @@ def agent_body(kb: int, session: int) -> dict:
 
 
 SPENT = {"path": 0.0, "route": 0.0, "index": 0.0}  # CPU seconds, summed by ``request`` and the index thread
+CLOCK = [0.0]  # CPU seconds that reading the thread's CPU clock twice adds to what is between (a system call)
+
+
+def calibrate() -> float:
+    """The median CPU time between two reads of the thread's clock with nothing between them."""
+    spans = []
+    for _ in range(2001):
+        started = time.thread_time()
+        spans.append(time.thread_time() - started)
+    return statistics.median(spans)
 
 
 def loop(run) -> tuple[float, float, float]:
@@ -99,6 +113,13 @@ def timed_once(step, bodies: list[tuple[dict, bytes]]) -> tuple[float, ...]:
                     for start in range(0, len(bodies) - 49, 50)])
 
 
+def first_turn(kb: int, session: int) -> dict:
+    """The first turn of a conversation: the shared system prompt and a first message of about 1 KB."""
+    body = agent_body(kb, session)
+    task = f"session {session}: " + "describe the task in a few lines\n" * 30
+    return {**body, "messages": [body["messages"][0], {"role": "user", "content": task}]}
+
+
 def next_turns(kb: int, conversations: int, turns: int) -> tuple[list[dict], list[dict]]:
     """(first turns, then each conversation's next turns in rounds): each turn adds about 2 KB."""
     firsts = [agent_body(kb, 100 + n) for n in range(conversations)]
@@ -124,8 +145,10 @@ def main() -> None:
     print("CPU microseconds per request (each thread's CPU time, so other jobs on the machine do not count), "
           "medians of loops of 50: on the request's path (of which route: the decision before the upstream "
           "request is sent) + entering the prompt's blocks, off the path (the index thread)")
-    print(f"{'replicas':>8}{'with session hint':>22}{'next turn, no hint':>22}{'new conv., no hint':>22}"
-          f"{'short one-off':>22}")
+    print(f"{'replicas':>8}{'with session hint':>25}{'next turn, no hint':>25}{'first turn, no hint':>25}"
+          f"{'unseen conv., no hint':>25}{'short one-off':>25}")
+    CLOCK[0] = calibrate()
+    print(f"reading the thread's CPU clock costs {CLOCK[0] * 1e6:.1f} us here (a system call), taken off each span")
     for count in (4, 32):
         balancer = Balancer(None, fleet)
         targets = replica_set(count)
@@ -135,13 +158,14 @@ def main() -> None:
         firsts, rounds = next_turns(args.prompt_kb, 40, 12)
         firsts, rounds = list(map(as_sent, firsts)), list(map(as_sent, rounds))
         fresh = [as_sent(agent_body(args.prompt_kb, 1000 + n)) for n in range(100)]
+        opening = [as_sent(first_turn(args.prompt_kb, 2000 + n)) for n in range(100)]
 
         inner = balancer._enter
 
         def enter(*job) -> None:  # in whichever thread enters a prompt's blocks (the index thread, mostly)
             started = time.thread_time()
             inner(*job)
-            SPENT["index"] += time.thread_time() - started
+            SPENT["index"] += time.thread_time() - started - CLOCK[0]
 
         balancer._enter = enter
 
@@ -150,12 +174,14 @@ def main() -> None:
             started = time.thread_time()
             choice = balancer.route(targets, body, hint, keys, fleet, raw)
             routed = time.thread_time()
+            again = time.thread_time()
             target = choice.targets[0]
             column = balancer.begin(target)
             balancer.served(choice, target, fleet, 10 * 1024 * 1024)  # max-request-bytes' default
             balancer.end(target, column)
-            SPENT["path"] += time.thread_time() - started
-            SPENT["route"] += routed - started
+            done = time.thread_time()
+            SPENT["route"] += routed - started - CLOCK[0]
+            SPENT["path"] += routed - started + done - again - 2 * CLOCK[0]
             balancer.settle()  # the next turn comes seconds later: the index thread is done by then
 
         request(hinted, headers)
@@ -163,6 +189,7 @@ def main() -> None:
             request(body, {})
         results = [timed(lambda: request(hinted, headers), args.seconds),
                    timed_once(lambda body: request(body, {}), rounds),
+                   timed_once(lambda body: request(body, {}), opening),
                    timed_once(lambda body: request(body, {}), fresh),
                    timed(lambda: request(short, {}), args.seconds)]
         print(f"{count:>8}" + "".join(f"{path:>7.1f} ({route:>5.1f}) +{index:>5.1f}" for path, route, index in results))
