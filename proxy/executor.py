@@ -73,8 +73,9 @@ def execute(settings: Settings, sessions: upstream.Sessions, keys: KeyPool,
     record = call.record
     failure: ProxyError | Outcome | None = None
     choice = None
+    raw, call.raw = call.raw, None  # the body's bytes are kept no longer than the request is being routed
     if balancer is not None:
-        choice = balancer.route(targets, call.body, call.client_headers, keys, settings.fleet, call.raw)
+        choice = balancer.route(targets, call.body, call.client_headers, keys, settings.fleet, raw)
         targets = choice.targets
     for target, entry in keys.plan(targets):
         if record.attempts >= budget:

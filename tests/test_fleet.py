@@ -527,11 +527,11 @@ def test_the_prefix_index_keys_the_blocks_of_the_body_as_the_client_sent_it():
 
 def test_hintless_anthropic_sdk_conversations_keep_their_replicas_though_system_prompt_and_tools_follow_the_history(
         replicas, serve):
-    """The Anthropic SDK sends ``system`` and ``tools`` after ``messages``, so every body ends with the same 24 KB:
-    those count towards ``cache-threshold`` (the replica holds them too), and a conversation whose history has
-    the same length as another's is not taken for it because their bodies end alike. Without the first, a
-    turn's share is under the threshold and the turns spread; without the second, the second and third
-    conversations follow the first to its replica."""
+    """The Anthropic SDK sends ``system`` and ``tools`` after ``messages``, so every body ends with the same 24 KB,
+    and ``max_tokens`` before them. The prefix index cuts only the history: a next turn's share of it is what its
+    last turn sent, and a conversation whose history is as long as another's is not taken for it because their
+    bodies end alike. Cutting the whole body instead, the turns' shares are under ``cache-threshold`` and
+    they spread, and the second and third conversations follow the first to its replica."""
     import anthropic
 
     server = serve(make_app(fleet_doc(replicas)))

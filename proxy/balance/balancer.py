@@ -35,7 +35,7 @@ disabled provider is not in the set at all. Ties go round-robin.
 from __future__ import annotations
 
 import itertools
-import os
+import queue
 import threading
 import time
 from collections import deque
@@ -48,7 +48,7 @@ import orjson
 from .. import metrics
 from ..routing import Replicas
 from . import hints
-from .table import Table, stable_hash
+from .table import Table, current_pid, stable_hash
 
 if TYPE_CHECKING:
     from ..config.model import Fleet
@@ -90,7 +90,8 @@ class Balancer:
         self._waiting_bytes = 0
         self._waiting_lock = threading.Lock()
         self._entering = threading.Lock()
-        self._wake = threading.Event()
+        self._wake: queue.SimpleQueue = queue.SimpleQueue()  # the index thread waits on it
+        self._woken = False
         self._thread_pid = 0
 
     # -- in flight --------------------------------------------------------------
@@ -280,11 +281,13 @@ class Balancer:
                 self._waiting_bytes += held
                 idle = not self._waiting  # else the thread is woken already and takes this one too
                 self._waiting.append((held, job))
-                if self._thread_pid != os.getpid():  # first use in this process (a gunicorn worker forks)
-                    self._thread_pid = os.getpid()
+                if self._thread_pid != current_pid():  # first use in this process (a gunicorn worker forks)
+                    self._thread_pid = current_pid()
+                    self._wake, self._woken = queue.SimpleQueue(), False
                     threading.Thread(target=self._index_thread, name="fleet-index", daemon=True).start()
-                if idle:
-                    self._wake.set()
+                if idle and not self._woken:
+                    self._woken = True  # one wake-up at a time: the queue holds at most one
+                    self._wake.put(None)
                 return
         self._enter(*job)
 
@@ -299,9 +302,10 @@ class Balancer:
                 self._enter(*job)
 
     def _index_thread(self) -> None:
+        wake = self._wake
         while True:
-            self._wake.wait()
-            self._wake.clear()
+            wake.get()
+            self._woken = False
             self.settle()
 
     def _enter(self, blocks: hints.Blocks, matched: int, mask: int, stale: list[int], bit: int) -> None:
