@@ -147,17 +147,19 @@ def test_fold_over_max_aggregate_bytes_is_502(upstream):
     assert "max-aggregate-bytes" in response.get_json()["error"]["message"]
 
 
-def test_tool_arguments_sent_as_an_object_are_folded_into_their_json_text(forced_app, upstream, serve):
+@pytest.mark.parametrize("arguments", [{"city": "Oslo"}, {}], ids=["object", "empty-object"])
+def test_tool_arguments_sent_as_an_object_are_folded_into_their_json_text(forced_app, upstream, serve, arguments):
     # Some servers send function.arguments as a JSON object; the bridges always took its JSON text, the fold
-    # answered 502. One assembler (fold/tool_calls.py) now reads it the same way for both.
+    # answered 502. One assembler (fold/tool_calls.py) now reads it the same way for both. An empty object (a
+    # tool without parameters) is "{}" too: it was dropped as if no arguments came, and the client read "".
     upstream.handler = lambda rec: Reply(events=sse(
         chunk({"role": "assistant", "tool_calls": [{"index": 0, "id": "call_o1", "type": "function",
-                                                    "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]}),
+                                                    "function": {"name": "get_weather", "arguments": arguments}}]}),
         chunk({}, finish="tool_calls")))
     result = sdk(serve(forced_app)).chat.completions.create(model="m", messages=CHAT["messages"])
     call = result.choices[0].message.tool_calls[0]
     assert (call.id, call.function.name, json.loads(call.function.arguments)) == ("call_o1", "get_weather",
-                                                                                 {"city": "Oslo"})
+                                                                                 arguments)
 
 
 def test_a_tool_name_that_is_not_a_string_in_a_forced_stream_is_502(forced_app, upstream):

@@ -141,10 +141,12 @@ class ToolCalls:
         if name and call.name is None:
             call.name = self._label(name)
         fragment = function.get("arguments")
+        if type(fragment) is not str:
+            if fragment is None:
+                return ""
+            fragment = _json_text(fragment)  # an empty object too: a call with no arguments is "{}", not ""
         if not fragment:
             return ""
-        if type(fragment) is not str:
-            fragment = _json_text(fragment)
         halves = self.halves
         if halves is not None and (halves.waiting or not fragment.isascii()):
             fragment = halves.join(call, fragment)
