@@ -229,16 +229,17 @@ class Balancer:
 
         A replica sent block i of a prompt was sent every block before it, so
         the end of the run is searched for, keying only the blocks probed:
-        first back from the end in steps growing fourfold (a conversation's
-        next turn is its last turn plus a tail of a block or two, so a couple
-        of probes find it), then by bisection (about 10 probes for 72 blocks
-        whose first third is held, a conversation the index has not seen).
+        first two blocks short of the end (a conversation's next turn is its
+        last turn plus a tail of one to four blocks: two or three probes find
+        where it stops), then back in steps growing fourfold, then by
+        bisection (about 10 probes for 72 blocks whose first third is held, a
+        conversation the index has not seen).
         Held blocks found not used for a while go into ``stale``, to be touched
         once a replica takes the request.
         """
         probe = self.table.probe
         key = blocks.key
-        low, high, mask, step = 0, blocks.count, 0, 1  # the run is at least low and at most high blocks long
+        low, high, mask, step = 0, blocks.count, 0, 3  # the run is at least low and at most high blocks long
         while low < high:
             length = max(1, high + 1 - step) if step else (low + high + 1) // 2
             block = key(length - 1)
@@ -248,7 +249,7 @@ class Balancer:
                 if old:
                     stale.append(block)
             else:
-                high, step = length - 1, step * 4
+                high, step = length - 1, 2 if step == 3 else step * 4
         return low, mask & (wanted | BRANCHES)
 
     def served(self, choice: Choice, target: Target, fleet: Fleet, waiting: int = 0) -> None:
