@@ -72,6 +72,9 @@ def call_slot(calls: dict[int, Any], last: Any, index: Any, call_id: Any) -> tup
     return (call, 0) if call is not None else (None, index)
 
 
+_KNOWN = frozenset(("index", "id", "type", "function"))  # a tool-call delta's fields; others are kept as sent
+
+
 class ToolCalls:
     """The tool calls of one choice as their deltas arrive (see the module docstring).
 
@@ -93,28 +96,48 @@ class ToolCalls:
         self.keep = keep
         self.halves = halves
 
-    def add(self, delta: dict) -> tuple[ToolCall, str]:
-        """Merge one ``tool_calls`` delta: ``(its call, the argument fragment it added, else "")``."""
-        calls = self.calls
-        call, index = call_slot(calls, self.last, delta.get("index"), delta.get("id"))
+    def add(self, delta: dict, call: ToolCall | None = None) -> tuple[ToolCall, str]:
+        """Merge one ``tool_calls`` delta: ``(its call, the argument fragment it added, else "")``. ``call``:
+        merge into this call instead of the one ``call_slot`` names (the legacy ``function_call``)."""
+        call_id, given = delta.get("id"), delta.get("index")
         if call is None:
-            call = calls[index] = ToolCall(index)
-            self.budget.size += CALL_COST
-        self.last = call
-        fragment = ""
-        for key, value in delta.items():
-            if key == "function":
-                if value:
-                    fragment = self._function(call, value)
-            elif key == "id":
-                if value and call.id is None:
-                    call.id = self._label(value)
-            elif key == "type":
-                if value and call.type is None:
-                    call.type = value
-                    self.budget.size += held(value)
-            elif key != "index" and self.keep is not None:
-                self.keep(call.extra, key, value)
+            calls = self.calls
+            call, index = call_slot(calls, self.last, given, call_id)
+            if call is None:
+                call = calls[index] = ToolCall(index)
+                self.budget.size += CALL_COST
+            self.last = call
+        if call_id and call.id is None:
+            call.id = self._label(call_id)
+        kind = delta.get("type")
+        if kind and call.type is None:
+            call.type = kind
+            self.budget.size += held(kind)
+        function = delta.get("function")
+        # unknown fields, for a reader that keeps them; not looked for in the usual {index, function} delta
+        if self.keep is not None and (len(delta) != 2 or given is None or function is None):
+            for key, value in delta.items():
+                if key not in _KNOWN:
+                    self.keep(call.extra, key, value)
+        if not function:
+            return call, ""
+        name = function.get("name")
+        if name and call.name is None:
+            call.name = self._label(name)
+        fragment = function.get("arguments")
+        if type(fragment) is not str:
+            if fragment is None:
+                return call, ""
+            fragment = _json_text(fragment)  # an empty object too: a call with no arguments is "{}", not ""
+        if not fragment:
+            return call, ""
+        halves = self.halves
+        if halves is not None and (halves.waiting or not fragment.isascii()):
+            fragment = halves.join(call, fragment)
+            if not fragment:
+                return call, ""
+        call.args.append(fragment)
+        self.budget.size += len(fragment) + FRAGMENT
         return call, fragment
 
     def legacy(self, function: dict) -> tuple[ToolCall, str]:
@@ -123,7 +146,7 @@ class ToolCalls:
         if call is None:
             call = self.function_call = ToolCall(-1)
             self.budget.size += CALL_COST
-        return call, self._function(call, function)
+        return self.add({"function": function}, call)
 
     def ordered(self) -> list[ToolCall]:
         """Every call: the legacy ``function_call`` first, then the tool calls by index."""
@@ -132,28 +155,9 @@ class ToolCalls:
         return found if self.function_call is None else [self.function_call, *found]
 
     def append(self, call: ToolCall, fragment: str) -> None:
-        """Add an argument fragment to ``call`` (charged): every fragment a call holds is added here."""
+        """Add an argument fragment to ``call`` (charged), as ``add`` adds a delta's (inline: it runs per delta)."""
         call.args.append(fragment)
         self.budget.size += len(fragment) + FRAGMENT
-
-    def _function(self, call: ToolCall, function: dict) -> str:
-        name = function.get("name")
-        if name and call.name is None:
-            call.name = self._label(name)
-        fragment = function.get("arguments")
-        if type(fragment) is not str:
-            if fragment is None:
-                return ""
-            fragment = _json_text(fragment)  # an empty object too: a call with no arguments is "{}", not ""
-        if not fragment:
-            return ""
-        halves = self.halves
-        if halves is not None and (halves.waiting or not fragment.isascii()):
-            fragment = halves.join(call, fragment)
-            if not fragment:
-                return ""
-        self.append(call, fragment)
-        return fragment
 
     def _label(self, value: Any) -> str:
         """A call's name or id: a string (else ``TypeError``), charged, halves repaired for the bridges."""

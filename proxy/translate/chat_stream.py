@@ -227,14 +227,23 @@ class ChatStream:
             if calls:
                 if type(calls) is not list:
                     raise StreamError("upstream chunk has `tool_calls` that is not a list")
-                add = self.calls.add
+                add, held = self.calls.add, self.held
                 for call in calls:
                     if type(call) is not dict:
                         raise StreamError("upstream chunk has a tool call that is not an object")
-                    self._tool(*add(call), events)
+                    call, fragment = add(call)
+                    if held.size > held.max_bytes:
+                        held.over()
+                    if call.started:
+                        if fragment:
+                            events.append(("tool_args", call, fragment))
+                    elif call.id and call.name:
+                        self._start(call, events)
             legacy = delta.get("function_call")
             if legacy:
-                self._tool(*self.calls.legacy(legacy), events)
+                self.calls.legacy(legacy)  # no id ever comes: the call starts at close, with one made up
+                if self.held.size > self.held.max_bytes:
+                    self.held.over()
         finish = choice.get("finish_reason")
         if finish and self.finish_reason is None:
             if type(finish) is not str:
@@ -243,17 +252,6 @@ class ChatStream:
             self.finish_reason = finish
             stop = choice.get("stop_reason")  # vLLM: the stop string that ended it (an int for a stop token)
             events.append(("finish", finish, stop if type(stop) is str else None))
-
-    def _tool(self, call: ToolCall, fragment: str, events: list[tuple]) -> None:
-        """The events of one tool-call delta the assembler merged into ``call`` (``fragment``: its arguments)."""
-        held = self.held
-        if held.size > held.max_bytes:
-            held.over()
-        if call.started:
-            if fragment:
-                events.append(("tool_args", call, fragment))
-        elif call.id and call.name:
-            self._start(call, events)
 
     def _flush_halves(self, events: list[tuple]) -> None:
         """The answer's end (or its finish): a half still waiting has no other half, it is U+FFFD."""
