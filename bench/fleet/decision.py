@@ -2,9 +2,9 @@
 
     .venv/bin/python bench/fleet/decision.py [--prompt-kb 120] [--seconds 2]
 
-For 4 and 32 replicas, four kinds of request, agent-sized (``--prompt-kb`` of
-JSON body: a system prompt shared by every conversation, then a long history
-of its own):
+For 4 and 32 replicas, five kinds of request, agent-sized (about
+``--prompt-kb`` of JSON body: an 18 KB system prompt shared by every
+conversation, then a long history of its own):
 
 * a Claude Code turn with its session header (the affinity path: the body is
   never looked at);
