@@ -1,8 +1,10 @@
 """Instructions per request of two commits' app, in-process under callgrind: a measure this VM's load cannot move.
 
-    python bench/instructions.py [A] [B] [--requests 200] [--only json,fold,stream] [--keep DIR]
+    python bench/instructions.py [A] [B] [--requests 200] [--only json,fold,stream,...] [--keep DIR]
 
-A defaults to 778ffcc (the Part 1 code), B to HEAD. Each commit is checked out
+A defaults to 778ffcc (the Part 1 code), B to HEAD. Scenarios: json, fold,
+stream (chat), and the bridges (responses, responses-fold, messages,
+messages-fold) for commits that have them. Each commit is checked out
 into a temporary worktree (as bench/ab.py does) and its Flask app is built in
 a child process run by ``valgrind --tool=callgrind``, against the same nginx
 upstream and settings as the A/B. The child sends warm-up requests through
@@ -26,7 +28,14 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-MODELS = {"json": ("bench-json", False), "fold": ("bench-fold", False), "stream": ("bench-stream", True)}
+# scenario: (path, model, stream, body template name in bench/run.py); the bridges' rows need native-apis
+CHAT = "/v1/chat/completions"
+MODELS = {"json": (CHAT, "bench-json", False, "BODY"), "fold": (CHAT, "bench-fold", False, "BODY"),
+          "stream": (CHAT, "bench-stream", True, "BODY"),
+          "responses": ("/v1/responses", "bench-bridge", True, "RESPONSES_BODY"),
+          "responses-fold": ("/v1/responses", "bench-bridge-fold", False, "RESPONSES_BODY"),
+          "messages": ("/v1/messages", "bench-stream", True, "BODY"),
+          "messages-fold": ("/v1/messages", "bench-fold", False, "BODY")}
 HELPER = """#include <valgrind/callgrind.h>
 void start(void) { CALLGRIND_ZERO_STATS; CALLGRIND_START_INSTRUMENTATION; }
 void stop(void) { CALLGRIND_STOP_INSTRUMENTATION; CALLGRIND_DUMP_STATS; }
@@ -43,7 +52,7 @@ def helper(bench) -> Path:
     return made
 
 
-def child(root: str, settings: str, body: bytes, key: str, count: int, toggle: str) -> None:
+def child(root: str, settings: str, body: bytes, key: str, count: int, toggle: str, path: str = CHAT) -> None:
     """In the valgrind'ed process: the commit's app, warm-up requests, then ``count`` counted ones. Imports
     nothing of the bench, so the process holds what a worker holds."""
     import ctypes
@@ -57,7 +66,7 @@ def child(root: str, settings: str, body: bytes, key: str, count: int, toggle: s
     statuses = []
 
     def one() -> None:
-        environ = {"REQUEST_METHOD": "POST", "PATH_INFO": "/v1/chat/completions", "SCRIPT_NAME": "",
+        environ = {"REQUEST_METHOD": "POST", "PATH_INFO": path, "SCRIPT_NAME": "",
                    "QUERY_STRING": "", "SERVER_NAME": "127.0.0.1", "SERVER_PORT": "8317",
                    "SERVER_PROTOCOL": "HTTP/1.1", "REMOTE_ADDR": "127.0.0.1", "wsgi.url_scheme": "http",
                    "wsgi.input": io.BytesIO(body), "wsgi.errors": sys.stderr, "wsgi.multithread": True,
@@ -81,34 +90,93 @@ def child(root: str, settings: str, body: bytes, key: str, count: int, toggle: s
 
 
 def count(bench, root: Path, settings: Path, scenario: str, requests: int, toggle: Path,
-          keep: Path | None = None) -> float:
+          keep: Path | None = None, threads: str = "-01") -> float:
     import json
-    model, stream = MODELS[scenario]
-    body = json.dumps({**bench.BODY, "model": model, "stream": stream})
+    path, model, stream, template = MODELS[scenario]
+    body = json.dumps({**getattr(bench, template), "model": model, "stream": stream})
     out = Path(tempfile.mkdtemp(prefix="sf-callgrind-"))
     try:
         subprocess.run(["valgrind", "--tool=callgrind", "--separate-threads=yes", "--instr-atstart=no",
                         f"--callgrind-out-file={out}/cg.out", sys.executable, __file__, "--child", str(root),
-                        str(settings), body, bench.KEY, str(requests), str(toggle)],
+                        str(settings), body, bench.KEY, str(requests), str(toggle), path],
                        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         total = 0
-        for path in out.glob("cg.out*-01"):  # the main thread (background ticks are other threads)
+        for path in out.glob(f"cg.out*{threads}"):  # -01: the main thread (background ticks are other threads)
             for line in path.read_text().splitlines():
                 if line.startswith("totals:"):
                     total += int(line.split()[1])
         if keep is not None:  # for callgrind_annotate: the main thread's profile, per function
             keep.mkdir(parents=True, exist_ok=True)
-            for path in out.glob("cg.out*-01"):
+            for path in out.glob(f"cg.out*{threads}"):
                 shutil.copy(path, keep / path.name.replace("cg.out", f"{scenario}-{root.name}"))
         return total / requests
     finally:
         shutil.rmtree(out, ignore_errors=True)
 
 
+def count_worker(bench, root: Path, settings: Path, scenario: str, requests: int) -> float:
+    """``--gunicorn``: the whole of one gunicorn worker (event loop, request threads, background threads) per
+    request, the commit's own gunicorn.conf.py with one worker, requests one at a time on one keep-alive
+    connection (as the c1 row), counted between callgrind_control's zeroing and dump."""
+    import json
+    import socket
+    path, model, stream, template = MODELS[scenario]
+    body = json.dumps({**getattr(bench, template), "model": model, "stream": stream}).encode()
+    port = bench.free_port()
+    out = Path(tempfile.mkdtemp(prefix="sf-callgrind-"))
+    environ = dict(os.environ, PROXY_SETTINGS=str(settings), LOG_LEVEL="warning", WEB_CONCURRENCY="1",
+                   GUNICORN_THREADS="8")
+    for name in ("PORT", "PROMETHEUS_MULTIPROC_DIR", "REDIS_URL"):
+        environ.pop(name, None)
+    proc = subprocess.Popen(["valgrind", "--tool=callgrind", "--trace-children=yes", "--separate-threads=yes",
+                             f"--callgrind-out-file={out}/cg.%p", sys.executable, "-m", "gunicorn", "app:app",
+                             "--bind", f"127.0.0.1:{port}"], cwd=root, env=environ,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        bench.wait_port(port, path="/healthz", timeout=900)
+        request = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {bench.KEY}\r\n"
+                   f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            def one() -> None:  # head and body in one write, as wrk sends them; the answer read whole
+                sock.sendall(request)
+                got = b""
+                while True:
+                    data = sock.recv(65536)
+                    if not data:
+                        sys.exit("the proxy closed the connection")
+                    got += data
+                    head, _, rest = got.partition(b"\r\n\r\n")
+                    if not head.startswith(b"HTTP/1.1 200"):
+                        sys.exit(f"the proxy answered {head[:40]!r}")
+                    if b"content-length:" in head.lower():
+                        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                        if len(rest) >= length:
+                            return
+                    elif rest.endswith(b"0\r\n\r\n"):  # chunked: its last chunk
+                        return
+
+            for _ in range(50):
+                one()
+            worker = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0]
+            subprocess.run(["callgrind_control", "-z", worker], check=True, capture_output=True)
+            for _ in range(requests):
+                one()
+            subprocess.run(["callgrind_control", "-d", worker], check=True, capture_output=True)
+        total = 0
+        for dump in out.glob(f"cg.{worker}.*"):  # the dump asked for, every thread of the worker
+            for line in dump.read_text(errors="replace").splitlines():
+                if line.startswith("totals:"):
+                    total += int(line.split()[1])
+        return total / requests
+    finally:
+        bench.stop(proc)
+        shutil.rmtree(out, ignore_errors=True)
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        root, settings, body, key, requests, toggle = sys.argv[2:8]
-        child(root, settings, body.encode(), key, int(requests), toggle)
+        root, settings, body, key, requests, toggle, path = sys.argv[2:9]
+        child(root, settings, body.encode(), key, int(requests), toggle, path)
         return
     sys.path.insert(0, str(HERE))
     import ab
@@ -117,7 +185,14 @@ def main() -> None:
     parser.add_argument("a", nargs="?", default="778ffcc")
     parser.add_argument("b", nargs="?", default="HEAD")
     parser.add_argument("--requests", type=int, default=200, help="requests counted per scenario and commit")
-    parser.add_argument("--only", default="json,fold,stream")
+    parser.add_argument("--only", default="json,fold,stream",
+                        help=f"scenarios: {','.join(MODELS)} (the bridges need a commit with native-apis on both sides)")
+    parser.add_argument("--all-threads", action="store_true",
+                        help="count every thread, not the main thread only: for a route that reads on helper "
+                             "threads (the Anthropic bridge's pump); background ticks then add a little")
+    parser.add_argument("--gunicorn", action="store_true",
+                        help="count the whole of one gunicorn worker instead (all its threads, the commit's own "
+                             "worker class), requests one at a time on a keep-alive connection; slow to start")
     parser.add_argument("--keep", type=Path, help="copy each run's callgrind profile (main thread) into this "
                         "folder, named <scenario>-<side>, for callgrind_annotate")
     args = parser.parse_args()
@@ -133,10 +208,17 @@ def main() -> None:
     try:
         sides = [ab.Side("A", args.a, parent), ab.Side("B", args.b, parent)]
         settings = [side.write_settings(nginx_port) for side in sides]
-        print(f"A = {sides[0].sha[:9]}, B = {sides[1].sha[:9]}; instructions per request, main thread, in-process")
+        what = ("one gunicorn worker, all threads" if args.gunicorn else
+                f"{'all threads' if args.all_threads else 'main thread'}, in-process")
+        print(f"A = {sides[0].sha[:9]}, B = {sides[1].sha[:9]}; instructions per request, {what}")
         for scenario in args.only.split(","):
-            a, b = (count(bench, side.tree, path, scenario, args.requests, toggle, args.keep)
-                    for side, path in zip(sides, settings))
+            if args.gunicorn:
+                a, b = (count_worker(bench, side.tree, path, scenario, args.requests)
+                        for side, path in zip(sides, settings))
+            else:
+                a, b = (count(bench, side.tree, path, scenario, args.requests, toggle, args.keep,
+                              "" if args.all_threads else "-01")
+                        for side, path in zip(sides, settings))
             print(f"{scenario:8} A {a:12,.0f}  B {b:12,.0f}  B/A {b / a:.3f}")
     finally:
         for side in sides:
