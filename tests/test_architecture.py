@@ -207,16 +207,17 @@ ONE_DEFINITION = {
     "Halves": "proxy.fold.guard",                      # surrogate halves split between streamed fragments
     "slow_json": "proxy.fold.base",                    # what orjson refuses, read with the fold's guards
     "refused_data": "proxy.fold.base",                 # a data line orjson refused: blank, [DONE] or slow JSON
+    "json_at": "proxy.fold.base",                      # a JSON value at an offset, numbers as slow_json reads them
     "repair_surrogates": "proxy.fold.guard",           # UTF-16 halves joined or replaced
     "completion_as_chunk": "proxy.translate.chat_stream",  # a JSON answer to a stream request, as one chunk
     "TextRun": "proxy.translate.chat_reads",           # the fast path's one event
     "read_batches": "proxy.translate.chat_reads",      # upstream reads -> batches (framing + fast path)
     "chat_events": "proxy.translate.chat_reads",       # a batch -> the events every bridge's writer takes
 }
-# Modules that may parse JSON with the standard library: the one slow path itself (the repair of a model's
-# tool arguments and the check of an answer relayed as it came use it too), and the usage found in a native
-# Gemini answer's text (raw_decode at an offset: a scan for the last usageMetadata, no chat stream).
-STDLIB_JSON = {"proxy.fold.base", "proxy.translate.gemini.response"}
+# The one module that may parse JSON with the standard library: the slow path (the readers of chat streams,
+# a JSON answer, the check of an answer relayed as it came, the repair of a model's tool arguments) and the
+# value at an offset (the usage scan of a native Gemini stream's tail) all read numbers with its guards.
+STDLIB_JSON = {"proxy.fold.base"}
 
 
 def _defined_names(path) -> set[str]:

@@ -116,3 +116,29 @@ def test_sanitized_ids_and_long_names_round_trip():
 ])
 def test_tool_arguments_are_repaired_into_an_object(text, expected):
     assert repair_json_object(text) == expected
+
+
+@pytest.mark.parametrize("forced", [False, True], ids=["json-answer", "forced-stream"])
+def test_a_legacy_function_call_reaches_every_bridge_as_its_tool_call_as_a_streamed_one_does(upstream, forced):
+    """A server answering with the legacy ``message.function_call``: a streamed answer's reader always made it
+    a tool call (fold/tool_calls.py), the bridges' whole answers dropped it (an empty Anthropic content)."""
+    from tests.conftest import AUTH, make_app, provider, settings_doc
+    from tests.upstream import Reply, completion
+
+    answer = completion(None)
+    answer["choices"][0]["message"]["function_call"] = {"name": "lookup", "arguments": '{"q": 1}'}
+    answer["choices"][0]["finish_reason"] = "function_call"
+    upstream.handler = lambda rec: Reply(body=json.dumps(answer).encode())
+    client = make_app(settings_doc(provider(upstream, **{"force-upstream-stream": forced,
+                                                         "native-apis": ["chat"]}))).test_client()
+    text = [{"role": "user", "content": "look it up"}]
+    messages = client.post("/v1/messages", json={"model": "m", "max_tokens": 16, "messages": text},
+                           headers=AUTH).get_json()
+    assert [(b["type"], b["name"], b["input"]) for b in messages["content"]] == [("tool_use", "lookup", {"q": 1})]
+    gemini = client.post("/v1beta/models/m:generateContent", headers=AUTH,
+                         json={"contents": [{"role": "user", "parts": [{"text": "look it up"}]}]}).get_json()
+    parts = gemini["candidates"][0]["content"]["parts"]
+    assert [(p["functionCall"]["name"], p["functionCall"]["args"]) for p in parts] == [("lookup", {"q": 1})]
+    responses = client.post("/v1/responses", json={"model": "m", "input": "look it up"}, headers=AUTH).get_json()
+    assert [(i["type"], i["name"], json.loads(i["arguments"])) for i in responses["output"]] == [
+        ("function_call", "lookup", {"q": 1})]

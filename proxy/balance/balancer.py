@@ -35,6 +35,7 @@ disabled provider is not in the set at all. Ties go round-robin.
 from __future__ import annotations
 
 import itertools
+import math
 import queue
 import threading
 import time
@@ -201,7 +202,8 @@ class Balancer:
             choice.blocks = blocks = hints.Blocks(raw, fleet.block_chars, *hints.history_span(body, raw))
             if blocks.count:
                 _, _, _, bits, wanted = self._known(targets)
-                choice.matched, choice.mask = matched, mask = self._longest(blocks, wanted, choice.stale)
+                least = math.ceil(fleet.cache_threshold * blocks.length / fleet.block_chars)
+                choice.matched, choice.mask = matched, mask = self._longest(blocks, wanted, choice.stale, least)
                 # a match that ends where many prompts branched off is a shared prefix (a system prompt
                 # and tools), not this conversation: it does not pin the request to the replicas holding it
                 if (matched and mask >> 56 < 2
@@ -223,24 +225,27 @@ class Balancer:
         self._count(targets, choice)
         return choice
 
-    def _longest(self, blocks: hints.Blocks, wanted: int, stale: list[int]) -> tuple[int, int]:
+    def _longest(self, blocks: hints.Blocks, wanted: int, stale: list[int], least: int = 0) -> tuple[int, int]:
         """(number of leading blocks some replica of the set (``wanted``: their bits) holds, bit mask of those
-        replicas).
+        replicas), or, once the run is known to be shorter than ``least`` blocks (too short to route by), a run
+        at least that long is held (the request's blocks are then entered from there: those held already are
+        only touched).
 
         A replica sent block i of a prompt was sent every block before it, so
         the end of the run is searched for, keying only the blocks probed:
         first two blocks short of the end (a conversation's next turn is its
         last turn plus a tail of one to four blocks: two or three probes find
         where it stops), then back in steps growing fourfold, then by
-        bisection (about 10 probes for 72 blocks whose first third is held, a
-        conversation the index has not seen).
+        bisection, unless the run is already known to be too short to route
+        by (a conversation the index has not seen, whose shared system prompt
+        is a small part of it: about four probes).
         Held blocks found not used for a while go into ``stale``, to be touched
         once a replica takes the request.
         """
         probe = self.table.probe
         key = blocks.key
         low, high, mask, step = 0, blocks.count, 0, 3  # the run is at least low and at most high blocks long
-        while low < high:
+        while low < high and high >= least:
             length = max(1, high + 1 - step) if step else (low + high + 1) // 2
             block = key(length - 1)
             found, old = probe(block)

@@ -49,6 +49,13 @@ def slow_json(data: bytes | str, strict: bool = False) -> dict | list | object:
         raise StreamError(f"upstream sent a data line that is not JSON: {preview(data)}") from None
 
 
+def json_at(text: str, start: int) -> Any:
+    """The JSON value that starts at ``start`` of ``text`` (what follows it is ignored), its numbers read as
+    ``slow_json`` reads them; ``ValueError`` when none does (cut off), ``RecursionError`` when nested past
+    the stack. For a scan through text that is not one JSON document (a native stream's tail)."""
+    return _AT.raw_decode(text, start)[0]
+
+
 def refused_data(data: bytes) -> Any:
     """A data line orjson refused, as every chat-stream reader (the fold, the bridges') reads it: None for
     blank data (some servers send empty ``data:`` lines; not an error), ``DONE`` for ``[DONE]``, else what
@@ -72,6 +79,9 @@ def _parse_float(text: str) -> float | None:
 
 def _no_number(_: str) -> None:
     return None
+
+
+_AT = json.JSONDecoder(parse_int=_parse_int, parse_float=_parse_float, parse_constant=_no_number)
 
 
 def stream_error(payload: dict) -> StreamError:

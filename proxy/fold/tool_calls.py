@@ -57,13 +57,14 @@ class ToolCall:
         return out
 
 
-def call_slot(calls: dict[int, Any], last: Any, index: Any, call_id: Any) -> tuple[Any, int]:
+def call_slot(calls: dict[int, Any], last: Any, index: Any, call_id: Any, top: int) -> tuple[Any, int]:
     """``(call, 0)`` when the delta continues ``call`` (one of ``calls``, by index), ``(None, index)`` when it
     starts a new call at ``index``. ``last`` is the call the previous delta went to (or None); a call has
-    an ``id`` attribute. A non-integer index is the upstream's mistake (502)."""
+    an ``id`` attribute; ``top`` is the highest index of ``calls`` from 0 up (-1: none), which a call
+    without an index follows. A non-integer index is the upstream's mistake (502)."""
     if index is None:
         if last is None or (call_id and call_id != last.id):
-            return None, max((i for i in calls if i >= 0), default=-1) + 1
+            return None, top + 1
         return last, 0
     if type(index) is not int:
         raise StreamError(f"upstream sent a chunk of the wrong shape: a tool call index is {index!r}, "
@@ -85,12 +86,13 @@ class ToolCalls:
     ``AttributeError`` or ``TypeError``, which the reader turns into its 502 naming the field.
     """
 
-    __slots__ = ("calls", "last", "function_call", "budget", "keep", "halves")
+    __slots__ = ("calls", "last", "top", "function_call", "budget", "keep", "halves")
 
     def __init__(self, budget: Any, keep: Callable[[dict, str, Any], None] | None = None,
                  halves: Halves | None = None) -> None:
         self.calls: dict[int, ToolCall] = {}   # by upstream index (or the assembler's own, see call_slot)
         self.last: ToolCall | None = None      # the call the previous delta went to
+        self.top = -1                          # the highest index of ``calls`` from 0 up (see call_slot)
         self.function_call: ToolCall | None = None  # the legacy ``delta.function_call``
         self.budget = budget
         self.keep = keep
@@ -102,10 +104,12 @@ class ToolCalls:
         call_id, given = delta.get("id"), delta.get("index")
         if call is None:
             calls = self.calls
-            call, index = call_slot(calls, self.last, given, call_id)
+            call, index = call_slot(calls, self.last, given, call_id, self.top)
             if call is None:
                 call = calls[index] = ToolCall(index)
                 self.budget.size += CALL_COST
+                if index > self.top:
+                    self.top = index
             self.last = call
         if call_id and call.id is None:
             call.id = self._label(call_id)

@@ -63,17 +63,28 @@ def message_text(content: Any) -> str:
     return ""
 
 
+def message_functions(message: dict) -> list[tuple[int, Any, dict]]:
+    """``(index, id, function)`` of each call of a message: the legacy ``function_call`` first (index -1, no
+    id), then each of its ``tool_calls``, as a streamed answer's reader orders them (``fold/tool_calls.py``),
+    so a bridge answers the same whether the upstream streamed or not."""
+    found: list[tuple[int, Any, dict]] = []
+    legacy = message.get("function_call")
+    if isinstance(legacy, dict) and legacy:
+        found.append((-1, None, legacy))
+    calls = message.get("tool_calls")
+    for i, call in enumerate(calls if isinstance(calls, list) else ()):
+        if isinstance(call, dict):
+            found.append((i, call.get("id"), call.get("function") if isinstance(call.get("function"), dict) else {}))
+    return found
+
+
 def message_calls(message: dict, names: ToolNames) -> list[tuple[int, str, str, Any]]:
     """``(index, id, name, arguments)`` of each tool call of a message ``first_choice`` checked: the id as
     sent ("" when none), the name as the client knows it (``tool_<index>`` when the model gave none)."""
-    calls = message.get("tool_calls")
     found = []
-    for i, call in enumerate(calls if isinstance(calls, list) else ()):
-        if not isinstance(call, dict):
-            continue
-        function = call.get("function") if isinstance(call.get("function"), dict) else {}
+    for i, call_id, function in message_functions(message):
         name = function.get("name")
-        found.append((i, str(call.get("id") or ""), names.to_client(name) if isinstance(name, str) and name
+        found.append((i, str(call_id or ""), names.to_client(name) if isinstance(name, str) and name
                       else f"tool_{i}", function.get("arguments")))
     return found
 

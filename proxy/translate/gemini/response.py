@@ -10,13 +10,13 @@ model the client asked for, ``responseId`` ours.
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
 import orjson
 
 from ...errors import StreamError
+from ...fold.base import json_at
 from ..completion import first_choice, message_calls, message_text, usage_count
 from ..tokens import body_tokens
 from ..tools import ToolNames, repair_json_object
@@ -121,14 +121,11 @@ def streamed_usage(tail: bytes) -> dict | None:
         start = text.find("{", at)
         if start >= 0:
             try:
-                return _chat_usage(_DECODER.raw_decode(text, start)[0])
+                return _chat_usage(json_at(text, start))
             except (ValueError, RecursionError):
                 pass  # cut off at the end of what came so far (or nested past the stack): the one before, if any
         at = text.rfind('"usageMetadata"', 0, at)
     return None
-
-
-_DECODER = json.JSONDecoder()
 
 
 def _chat_usage(metadata: Any) -> dict | None:

@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 
 from ...errors import BadRequest
-from ..completion import first_choice
+from ..completion import first_choice, message_functions
 from ..tools import is_context_overflow as overflow  # noqa: F401 - the stream and route ask it here
 from ..tools import repair_json_object
 from .toolmap import ToolMap
@@ -174,13 +174,10 @@ def answer_parts(completion: Any, ctx: Context) -> tuple[str, str, list[tuple[st
     choice, message = first_choice(completion)
     reasoning = _text(message.get("reasoning_content")) or _text(message.get("reasoning"))
     calls = []
-    for i, call in enumerate(message.get("tool_calls") or ()):
-        function = call.get("function") if isinstance(call, dict) else None
-        if not isinstance(function, dict):
-            continue
+    for i, call_id, function in message_functions(message):
         args = function.get("arguments")
         args = args if isinstance(args, str) else (orjson.dumps(args).decode() if args is not None else "")
-        call_id = call.get("id") if isinstance(call.get("id"), str) and call.get("id") else f"call_{ctx.suffix}_{i}"
+        call_id = call_id if isinstance(call_id, str) and call_id else f"call_{ctx.suffix}_{i}"
         name = function.get("name") if isinstance(function.get("name"), str) and function.get("name") else f"tool_{i}"
         calls.append((call_id, name, args))
     finish = choice.get("finish_reason")
