@@ -285,6 +285,28 @@ def test_redis_killed_requests_succeed_and_usage_lands_when_it_returns(upstream,
         redis_server.stop()
 
 
+def test_usage_fields_in_redis_this_proxy_did_not_write_are_left_out_of_the_report(upstream, serve, tmp_path):
+    """Another deployment on the same Redis, or a hand edit, may leave fields in a day's usage hash that are no
+    [client, model, provider, counter] JSON or no count: the report leaves them out instead of answering 500."""
+    import datetime
+
+    import redis
+    redis_server = RedisServer()
+    try:
+        upstream.handler = openai_like
+        path = write_settings(tmp_path / "r.yaml", usage_doc(upstream, **{"redis-url": redis_server.url}))
+        live = serve(create_app({"PROXY_SETTINGS": str(path), "ENVIRON": {}}))
+        today = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+        redis.Redis.from_url(redis_server.url).hset(f"streamfold:usage:{today}", mapping={
+            b"{not json": 1, b'["team-a", "qwen"]': 1, b'[["team-a"], "qwen", "gpu", "requests"]': 1,
+            b'["team-a", "qwen", "gpu", "requests"]': b"many"})
+        assert chat(live.url, KEY_A, "qwen").status_code == 200
+        body = wait_for_usage(live.url, 1, **{"group-by": "client,model"})
+        assert [(r["client"], r["model"], r["requests"]) for r in body["data"]] == [("team-a", "qwen", 1)]
+    finally:
+        redis_server.stop()
+
+
 def test_gunicorn_three_workers_300_requests_survive_a_restart_exactly(upstream, tmp_path):
     upstream.handler = openai_like
     path = write_settings(tmp_path / "usage.yaml", usage_doc(upstream))

@@ -296,10 +296,16 @@ class RedisStore(Store):
         rows: dict[tuple, list[int]] = {}
         for day, fields in zip(days, self._run(read), strict=True):
             for field, value in fields.items():
-                client, model, provider, counter = orjson.loads(field)
+                try:  # a field this proxy did not write (another deployment, a hand edit) is left out
+                    client, model, provider, counter = found = orjson.loads(field)
+                    amount = int(value)
+                except (ValueError, TypeError):  # not JSON, not four values, not a count
+                    continue
+                if not all(type(part) is str for part in found):
+                    continue
                 counts = rows.setdefault((day, client, model, provider), [0] * len(COUNTERS))
                 if counter in COUNTERS:
-                    counts[COUNTERS.index(counter)] += int(value)
+                    counts[COUNTERS.index(counter)] += amount
         return [(*key, *counts) for key, counts in sorted(rows.items())]
 
     # -- limits ------------------------------------------------------------------
