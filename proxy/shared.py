@@ -163,8 +163,8 @@ class Shared:
             providers = orjson.loads(raw) if raw else None
         except ValueError:  # a version that is no number, a list that is no JSON (not written by an instance)
             self.revision = revision  # said once per revision; the running config stays, as for one that
-            log.error("shared state: the provider list in the state store is not readable (not JSON or its "
-                      "version not a number); keeping the running config")  # does not validate
+            log.error("shared state: the provider list in the state store is not readable (not a hash, not JSON "
+                      "or its version not a number); keeping the running config")  # does not validate
             return
         self.revision = revision
         self.version = version

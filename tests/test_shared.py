@@ -230,3 +230,30 @@ def test_an_unreadable_provider_list_in_redis_is_refused_at_boot_and_while_runni
     finally:
         for app in apps:
             app.extensions["streamfold"].shared.stop()
+
+
+def test_a_provider_list_key_of_another_type_in_redis_is_refused_without_taking_the_store_down(
+        upstream, tmp_path, redis_server, caplog):
+    """streamfold:providers holding a string (another program on the same Redis) is an unreadable list, refused
+    once like one that is no JSON: Redis answered, so the store stays up (it was marked down at every read, and
+    came back at the next probe, about once a second: usage went to memory, limits counted per worker)."""
+    upstream.handler = fold_or_json
+    client = redis.Redis.from_url(redis_server.url)
+    client.set("streamfold:providers", b"not a hash")
+    path = write_settings(tmp_path / "s.yaml", shared_doc(upstream, redis_server.url))
+    app = create_app({"PROXY_SETTINGS": str(path), "ENVIRON": {}})
+    try:
+        proxy = app.test_client()
+        for _ in range(3):  # the listener polls the version once a second
+            assert proxy.post("/v1/chat/completions", json=CHAT, headers=AUTH).status_code == 200
+            time.sleep(0.6)
+        assert app.extensions["streamfold"].shared.up
+        assert "UNAVAILABLE" not in caplog.text and "UNREACHABLE" not in caplog.text
+        # said at start and when the listener subscribes (each reads the list whatever its revision), not per poll
+        assert caplog.text.count("provider list in the state store is not readable") == 2
+        client.delete("streamfold:providers")  # the operator moves the other program away: changes flow again
+        patched = proxy.patch("/v0/management/openai-compatibility", headers=MGMT,
+                              json={"name": "up", "value": {"force-upstream-stream": True}})
+        assert patched.status_code == 200, patched.get_data(as_text=True)
+    finally:
+        app.extensions["streamfold"].shared.stop()

@@ -32,6 +32,7 @@ from ..config.file import redact_url
 from .store import COUNTERS, Store, StoreUnavailable, UsageKey
 
 PREFIX = "streamfold:"
+NOT_A_DOCUMENT = b"(not a hash)"  # the revision of a versioned document's key that holds another type
 CHANNEL = PREFIX + "events"  # what ``publish`` sends and ``subscribe`` hears
 USAGE_TTL = 400 * 86400  # usage days kept in Redis (a year and a bit)
 
@@ -429,10 +430,20 @@ class RedisStore(Store):
         return self._run(write)
 
     def _revision(self, name: str) -> bytes | None:
-        return self._run(self.client.hget, PREFIX + name, "revision")
+        def read() -> bytes | None:
+            try:
+                return self.client.hget(PREFIX + name, "revision")
+            except redis.ResponseError:  # the key holds another type: Redis is up, the document unreadable
+                return NOT_A_DOCUMENT
+        return self._run(read)
 
     def _versioned(self, name: str) -> tuple[int, bytes | None]:
-        version, value = self._run(self.client.hmget, PREFIX + name, ["version", name])
+        def read() -> list:
+            try:
+                return self.client.hmget(PREFIX + name, ["version", name])
+            except redis.ResponseError:
+                raise ValueError(f"{PREFIX}{name} is not a hash") from None  # what a reader refuses
+        version, value = self._run(read)
         return (int(version) if version else 0), value
 
     def _reseed(self, name: str, value: bytes, version: int, revision: bytes) -> bool:
