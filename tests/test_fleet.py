@@ -583,6 +583,28 @@ def four_replicas():
     return targets
 
 
+def test_a_body_routed_without_its_bytes_is_serialised_and_one_too_deep_for_that_goes_least_busy():
+    """The routes hand the balancer the body as received; a caller that does not gets it serialised again, and a
+    body nested past orjson's 254 levels (its parser reads 1,024) is routed least-busy instead of raising."""
+    from proxy.balance.balancer import Balancer
+    from proxy.config.model import Fleet
+    from proxy.keys import KeyPool
+
+    fleet, keys, targets = Fleet(), KeyPool(), four_replicas()
+    balancer = Balancer(None, fleet)
+    deep: list = []
+    for _ in range(300):
+        deep = [deep]
+    body = {"messages": [{"role": "user", "content": "x" * 5000, "extra": deep}]}
+    assert balancer.route(targets, body, {}, keys, fleet).reason == "least-busy"
+    plain = {"messages": [{"role": "user", "content": "".join(f"line {n}\n" for n in range(1000))}]}
+    choice = balancer.route(targets, plain, {}, keys, fleet)
+    balancer.served(choice, choice.targets[0], fleet)
+    again = balancer.route(targets, {"messages": plain["messages"] + [{"role": "user", "content": "more"}]}, {},
+                           keys, fleet)
+    assert again.reason == "prefix" and again.targets[0] is choice.targets[0]
+
+
 def test_memory_is_bounded_by_the_settings_with_100k_distinct_sessions():
     from proxy.balance.balancer import Balancer
     from proxy.config.model import Fleet

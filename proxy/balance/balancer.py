@@ -197,8 +197,11 @@ class Balancer:
         else:
             if self._waiting or self._entering.locked():
                 self.settle()  # what earlier requests sent, first (the index thread has not got to it yet)
-            if raw is None:
-                raw = orjson.dumps(body)
+            if raw is None:  # a caller without the body as sent (the routes pass it)
+                try:
+                    raw = orjson.dumps(body)
+                except orjson.JSONEncodeError:  # nested past orjson's 254 levels: nothing to key
+                    raw = b""
             choice.blocks = blocks = hints.Blocks(raw, fleet.block_chars, *hints.history_span(body, raw))
             if blocks.count:
                 _, _, _, bits, wanted = self._known(targets)

@@ -12,17 +12,17 @@ client serialises a conversation the same way on every turn, so a next turn's
 body starts with the bytes of the last one up to where the new messages (or
 moved cache marks) begin, and conversations sharing a system prompt sent as
 their first message share the bytes of it. Nothing is parsed, rendered or
-copied for it: the body is cut into fixed-size blocks of ``block-chars``
-bytes, and a block's key is the CRC-32 of its bytes with its position
+copied for it: the body's history, from where the body names it to where it
+names the field after it (``history_span``), is cut into fixed-size blocks of
+``block-chars`` bytes, and a block's key is the CRC-32 of its bytes with its position
 (``Blocks.key``), llm-d's approximate scorer keying blocks of the rendered
 prompt, done on the bytes the proxy already holds. Unlike vLLM's prefix cache
 the keys are not chained through every earlier block, so a request hashes
 only the blocks it looks at: the few a search for the longest run the index
 holds probes, and the new blocks a replica is sent (the tail a conversation
 added since its last turn), not the whole prompt every time. Two prompts that
-differ only inside blocks the search skipped are taken as sharing them (a
-field before the history that changes every turn, such as ``max_tokens``, is
-skipped that way): that can cost a cache miss, never a wrong answer. The
+differ only inside blocks the search skipped are taken as sharing them:
+that can cost a cache miss, never a wrong answer. The
 trailing partial block is not indexed: it cannot be a prefix of a later,
 longer prompt's blocks. The bodies of different protocols (a chat and an
 Anthropic client on one replica set) never match each other.
