@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import itertools
 import math
-import queue
+import os
 import threading
 import time
 from collections import deque
@@ -49,7 +49,7 @@ import orjson
 from .. import metrics
 from ..routing import Replicas
 from . import hints
-from .table import Table, current_pid, stable_hash
+from .table import Table, stable_hash
 
 if TYPE_CHECKING:
     from ..config.model import Fleet
@@ -91,8 +91,7 @@ class Balancer:
         self._waiting_bytes = 0
         self._waiting_lock = threading.Lock()
         self._entering = threading.Lock()
-        self._wake: queue.SimpleQueue = queue.SimpleQueue()  # the index thread waits on it
-        self._woken = False
+        self._wake = threading.Event()
         self._thread_pid = 0
 
     # -- in flight --------------------------------------------------------------
@@ -290,13 +289,11 @@ class Balancer:
                 self._waiting_bytes += held
                 idle = not self._waiting  # else the thread is woken already and takes this one too
                 self._waiting.append((held, job))
-                if self._thread_pid != current_pid():  # first use in this process (a gunicorn worker forks)
-                    self._thread_pid = current_pid()
-                    self._wake, self._woken = queue.SimpleQueue(), False
+                if self._thread_pid != os.getpid():  # first use in this process (a gunicorn worker forks)
+                    self._thread_pid = os.getpid()
                     threading.Thread(target=self._index_thread, name="fleet-index", daemon=True).start()
-                if idle and not self._woken:
-                    self._woken = True  # one wake-up at a time: the queue holds at most one
-                    self._wake.put(None)
+                if idle:
+                    self._wake.set()
                 return
         self._enter(*job)
 
@@ -311,10 +308,9 @@ class Balancer:
                 self._enter(*job)
 
     def _index_thread(self) -> None:
-        wake = self._wake
         while True:
-            wake.get()
-            self._woken = False
+            self._wake.wait()
+            self._wake.clear()
             self.settle()
 
     def _enter(self, blocks: hints.Blocks, matched: int, mask: int, stale: list[int], bit: int) -> None:

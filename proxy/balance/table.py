@@ -57,15 +57,6 @@ SWEEP_INTERVAL = 1.0
 FRESH = 30.0  # seconds a merged entry's last use may lag before it is written again
 
 
-_PID = [os.getpid()]  # this process's id, without a system call per request (set again in a forked child)
-os.register_at_fork(after_in_child=lambda: _PID.__setitem__(0, os.getpid()))
-
-
-def current_pid() -> int:
-    """``os.getpid()``, read from memory (it is a system call, ~1-2 us on a loaded VM, and ``add`` needs it)."""
-    return _PID[0]
-
-
 def stable_hash(text: str) -> int:
     """A 64-bit hash that is the same in every process and instance (never 0)."""
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(),
@@ -153,7 +144,7 @@ class Table:
     # -- worker slots ---------------------------------------------------------
     def me(self) -> int:
         """This process's worker slot (claimed on first use, again after a fork)."""
-        pid = _PID[0]
+        pid = os.getpid()
         if pid != self._pid:
             with self._lock:
                 if pid != self._pid:
