@@ -25,7 +25,7 @@ class ProxyError(Exception):
                  param: str | None = None, headers: dict | None = None, detail: str | None = None) -> None:
         super().__init__(message)
         self.message = message
-        self.detail = detail  # what the operator reads instead (log, operator page): may name hosts
+        self.detail = detail  # what the operator reads (log, operator page), which may say more than the message
         if status is not None:
             self.status = status
         if type is not None:

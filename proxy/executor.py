@@ -92,7 +92,8 @@ def execute(settings: Settings, sessions: upstream.Sessions, keys: KeyPool,
         except ProxyError as exc:
             if balancer is not None:
                 balancer.end(target, column)
-            if exc.detail is not None:  # where the upstream is, which the client's message does not say
+            if exc.detail is not None:  # every failed attempt's upstream and setting, for the operator (only the
+                # last failure reaches the client; a redirect's Location is in the detail alone)
                 log.warning("request_id=%s attempt=%d %s", call.request_id, record.attempts, loggable(exc.detail, 400))
             if not getattr(exc, "retryable", True):
                 raise
