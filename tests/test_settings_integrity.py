@@ -147,7 +147,7 @@ def test_a_respawned_or_hup_booted_worker_never_serves_a_broken_open_or_half_wri
 
 
 def test_a_worker_booted_from_a_copy_whose_ca_bundle_was_deleted_serves_it_and_fails_only_that_provider(
-        deployed, certificate, tmp_path):
+        deployed, certificate, tmp_path):  # noqa: F811 - the fixture imported above
     """Red team of issue 21: the last good copy names a ca-bundle deleted since, so it no longer validates; every
     worker gunicorn booted from it failed ("Worker failed to boot"), which halts gunicorn. Now the worker boots
     from the copy (its keys still required), logs why, and only that provider's requests fail, with a 502."""

@@ -27,7 +27,7 @@ from typing import Any, Collection, Iterable
 import orjson
 
 from ..tools import ToolNames, sanitize_tool_id
-from .errors import FIXED_ERROR_EVENT, INTERNAL, error_event
+from .errors import FIXED_ERROR_EVENT, error_event
 from .response import new_message_id, stop_fields, tool_input, usage
 
 PING = b'event: ping\ndata: {"type":"ping"}\n\n'
