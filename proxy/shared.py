@@ -73,7 +73,8 @@ class Shared:
         try:
             self._catch_up()
             self._following = True
-            log.info("shared state: connected to redis at %s (providers version %d)", self.safe_url, self.version)
+            log.info("shared state: connected to redis at %s, namespace %s (providers version %d)", self.safe_url,
+                     self.store.redis_namespace or "(none: keys under streamfold:)", self.version)
         except StoreUnavailable as exc:
             log.error("shared state: REDIS IS UNREACHABLE at %s (%s); starting from the settings file and "
                       "local cooldowns, will keep retrying", self.safe_url, exc)

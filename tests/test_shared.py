@@ -9,6 +9,8 @@ import redis
 import requests
 
 from proxy import create_app
+from proxy.config.load import build_settings
+from proxy.config.model import SettingsError
 from tests.conftest import AUTH, CHAT, provider, settings_doc
 from tests.gunicorn_util import Gunicorn, write_settings
 from tests.redis_util import RedisServer
@@ -175,6 +177,90 @@ def test_losing_redis_never_fails_a_request_and_changes_flow_again_after_it_retu
         assert "REDIS IS UNREACHABLE" in a.output() or "lost redis" in a.output()
     finally:
         restarted.stop()
+
+
+def test_deployments_on_one_redis_with_other_namespaces_share_nothing_and_one_namespace_shares_everything(
+        upstream, tmp_path, redis_server, serve):
+    """Red team: two deployments (staging and prod) on one Redis shared the runtime provider list, the management
+    lockout, cooldowns, client limits, the instance list and the fleet's keys. With redis-namespace each keeps
+    its own; two instances of one deployment (same namespace) still share all of it."""
+    limited = "sk-limited-client-7777"
+    apps = {}
+    for name, namespace in (("prod-a", "prod"), ("prod-b", "prod"), ("staging", "staging")):
+        doc = shared_doc(upstream, redis_server.url)
+        doc["api-keys"] = [*doc["api-keys"], {"key": limited, "name": "limited", "rpm": 2}]
+        doc["redis-namespace"] = namespace
+        path = write_settings(tmp_path / f"{name}.yaml", doc)
+        apps[name] = create_app({"PROXY_SETTINGS": str(path), "ENVIRON": {}})
+    try:
+        prod_a, prod_b, staging = (serve(app) for app in apps.values())
+        upstream.handler = fold_or_json
+        # runtime providers: staging removes "extra", prod folds "up"; each deployment sees its own change only
+        deleted = requests.delete(staging.url + "/v0/management/openai-compatibility?name=extra", headers=MGMT,
+                                  timeout=10)
+        assert deleted.status_code == 200
+        patched = requests.patch(prod_a.url + "/v0/management/openai-compatibility", headers=MGMT, timeout=10,
+                                 json={"name": "up", "value": {"force-upstream-stream": True}})
+        assert patched.status_code == 200
+        wait_until(lambda: all_folded_via(prod_b, upstream), 3.0)  # prod-b follows prod-a
+        assert chat(staging, "x").status_code == 404
+        assert chat(prod_a, "x").status_code == 200 and chat(prod_b, "x").status_code == 200
+        first = len(upstream.requests)
+        assert chat(staging).status_code == 200 and not upstream.requests[first].body.get("stream")
+        config = requests.get(prod_b.url + "/v0/management/config", headers=MGMT, timeout=10).json()
+        assert config["provider-sources"] == {"up": "runtime", "extra": "file"}
+        assert config["redis-namespace"] == "prod"
+        overview = requests.get(staging.url + "/v0/management/overview", headers=MGMT, timeout=10).json()
+        assert overview["redis"]["namespace"] == "staging"
+        # client limits: the key's 2 a minute spent at prod-a are spent at prod-b, not at staging
+        limited_auth = {"Authorization": f"Bearer {limited}", "Connection": "close"}
+
+        def limited_chat(instance) -> int:
+            return requests.post(instance.url + "/v1/chat/completions", json=CHAT, headers=limited_auth,
+                                 timeout=10).status_code
+        assert [limited_chat(prod_a) for _ in range(2)] == [200, 200]
+        assert limited_chat(prod_b) == 429
+        assert [limited_chat(staging) for _ in range(2)] == [200, 200]
+        # cooldowns: a key refused with a 429 at staging is skipped by staging only
+        upstream.handler = lambda rec: (Reply(status=429, body=b'{"error":{"message":"slow"}}',
+                                              headers={"Retry-After": "30"}) if rec.key == KEYS[0]
+                                        else fold_or_json(rec))
+        for _ in range(2):  # round-robin: one of these starts on key 1, gets the 429 and fails over
+            assert chat(staging).status_code == 200
+        upstream.handler = fold_or_json
+        time.sleep(0.3)  # an announcement would travel through pub/sub meanwhile
+        first = len(upstream.requests)
+        for _ in range(4):
+            assert chat(prod_b).status_code == 200
+        assert KEYS[0] in {rec.key for rec in upstream.requests[first:]}
+        # the management lockout: five wrong secrets at staging lock that address out of staging only
+        wrong = {"Authorization": "Bearer not-the-secret"}
+        assert [from_address(staging, "127.0.4.4", wrong).status for _ in range(5)] == [401] * 5
+        assert from_address(staging, "127.0.4.4", MGMT).status == 429
+        assert from_address(prod_a, "127.0.4.4", MGMT).status == 200
+        # and nothing of either deployment's (usage, instances, the fleet's, ...) is left outside its namespace,
+        # the events channel included
+        client = redis.Redis.from_url(redis_server.url)
+        keys = {key.decode() for key in client.scan_iter(count=1000)}
+        assert {key.split(":", 1)[0] for key in keys} == {"prod", "staging"}
+        assert {key.split(":", 2)[1] for key in keys} == {"streamfold"}
+        assert any(key.startswith("prod:streamfold:providers") for key in keys)
+        assert any(key.startswith("staging:streamfold:cool:") for key in keys)
+        assert {c.decode() for c in client.pubsub_channels()} == {"prod:streamfold:events",
+                                                                  "staging:streamfold:events"}
+    finally:
+        for app in apps.values():
+            app.extensions["streamfold"].shared.stop()
+
+
+@pytest.mark.parametrize("namespace", ["prod:eu", "prod*", "Prod", "x" * 65, 7],
+                         ids=["colon", "glob", "upper-case", "too-long", "not-a-string"])
+def test_a_redis_namespace_that_is_no_short_safe_token_is_refused_by_name(namespace):
+    with pytest.raises(SettingsError) as caught:
+        build_settings({"redis-namespace": namespace}, {})
+    expected = ("must be a string, not an integer" if namespace == 7
+                else "use only a-z, 0-9, '-' and '_', at most 64 characters")
+    assert caught.value.problems == [f"redis-namespace: {expected}"]
 
 
 def test_unreachable_redis_at_startup_still_serves_from_the_file(upstream, tmp_path, caplog):

@@ -254,7 +254,8 @@ class ConfigHolder:
         changes = describe_changes(old, settings)
         # The store and the shared state were opened at start: the running ones stay in force (and /config
         # shows them) until a restart; the log line says the change waits for one.
-        settings = replace(settings, state_path=old.state_path, redis_url=old.redis_url)
+        settings = replace(settings, state_path=old.state_path, redis_url=old.redis_url,
+                           redis_namespace=old.redis_namespace)
         self.runtime = Runtime(settings, _router(settings), document,
                                _sources(self.file_document, self.runtime_providers))
         self.keys.max_cooldown = settings.max_cooldown
@@ -342,7 +343,8 @@ def describe_changes(old: Settings, new: Settings) -> str:
             parts.append(f"{label} changed")
     if old.management != new.management:
         parts.append("remote-management changed")
-    for attribute, label in (("state_path", "state-path"), ("redis_url", "redis-url")):
+    for attribute, label in (("state_path", "state-path"), ("redis_url", "redis-url"),
+                             ("redis_namespace", "redis-namespace")):
         if getattr(old, attribute) != getattr(new, attribute):
             parts.append(f"{label} changed: NEEDS A RESTART (the running one stays in use until then)")
     return "; ".join(parts) or "no effective change"

@@ -137,6 +137,7 @@ class Settings:
     nonstream_keepalive_interval: float = 0.0
     management: Management = field(default_factory=Management)
     redis_url: str = ""
+    redis_namespace: str = ""               # prefix of every Redis key: deployments sharing one Redis apart
     providers: tuple[Provider, ...] = ()
     state_path: str = DEFAULT_STATE_PATH    # embedded SQLite store (usage, stored responses)
     responses_store_ttl: int = 3600         # seconds a stored response can be continued

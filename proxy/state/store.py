@@ -70,6 +70,7 @@ class Store:
 
     kind = "none"
     shares = False  # True when other instances reach the same store (the operations under "shared by instances")
+    redis_namespace = ""  # what every key of a shared store starts with, for the deployment's instances alone
 
     def __init__(self, where: str) -> None:
         self.where = where            # for log lines: a path, or a Redis URL without its password
