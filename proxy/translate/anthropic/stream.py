@@ -195,7 +195,7 @@ class MessageStream:
         self.emitted_tool = True
         name = self.names.to_client(tool.name) if tool.name else f"tool_{tool.index}"
         block = {"type": "tool_use", "id": sanitize_tool_id(tool.id or ""), "name": name, "input": {}}
-        arguments = orjson.dumps(tool_input("".join(tool.args))).decode()
+        arguments = orjson.dumps(tool_input(tool.arguments)).decode()
         return (frame("content_block_start", {"type": "content_block_start", "index": index, "content_block": block})
                 + frame("content_block_delta", {"type": "content_block_delta", "index": index,
                                                 "delta": {"type": "input_json_delta", "partial_json": arguments}})

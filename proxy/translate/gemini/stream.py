@@ -108,7 +108,7 @@ class GeminiStream:
             return self.fail(502, "upstream stream ended early")
         body = self.feed(events)
         parts = [function_call(tool.id or "", self.names.to_client(tool.name) if tool.name else f"tool_{tool.index}",
-                               "".join(tool.args)) for tool in self.tools]
+                               tool.arguments) for tool in self.tools]
         self.tools = []
         record = {"candidates": [{"content": {"role": "model", "parts": parts},
                                   "finishReason": finish_reason(self.finish), "index": 0}],
