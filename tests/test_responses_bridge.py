@@ -406,6 +406,17 @@ def test_r21_length_is_incomplete_and_codex_still_gets_response_completed(bridge
     assert codex["response"]["incomplete_details"] == {"reason": "max_output_tokens"}
 
 
+def test_a_trailing_stop_after_length_leaves_the_answer_incomplete_streamed_or_folded(bridged, upstream):
+    # a second finish_reason does not replace the first (fold/base.kept_finish): the stream closed its items
+    # as incomplete at the length; the folded answer of a non-stream request (the upstream answers SSE anyway)
+    # kept the trailing stop and said completed
+    events = sse(*LENGTH[:2], chunk(finish="stop"), LENGTH[2])
+    upstream.handler = lambda rec: Reply(events=events)
+    result = post(bridged, {"model": "m", "input": "hi"}).json()
+    assert result["status"] == "incomplete" and result["output"][0]["status"] == "incomplete"
+    assert stream(bridged, {"model": "m", "input": "hi"})["type"] == "response.incomplete"
+
+
 def test_r22_an_answer_without_deltas_still_completes_with_empty_output(bridged, upstream):
     upstream.handler = answer(chunk({"role": "assistant", "content": ""}))
     for codex in (False, True):
