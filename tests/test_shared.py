@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 
 import pytest
 import redis
 import requests
+import yaml
 
 from proxy import create_app
 from proxy.config.load import build_settings
@@ -251,6 +254,33 @@ def test_deployments_on_one_redis_with_other_namespaces_share_nothing_and_one_na
     finally:
         for app in apps.values():
             app.extensions["streamfold"].shared.stop()
+
+
+def test_workers_booted_after_a_namespace_edit_stay_on_the_store_the_instance_started_with(
+        upstream, tmp_path, redis_server):
+    """Changing redis-namespace (like redis-url or state-path) needs a restart: the running workers keep their
+    store. A worker gunicorn booted since (one died, a HUP) took the edited file's from the last good copy, so
+    one instance kept its limits, usage and provider list in two places."""
+    upstream.handler = fold_or_json
+    doc = {**shared_doc(upstream, redis_server.url), "redis-namespace": "prod"}
+    path = write_settings(tmp_path / "s.yaml", doc)
+    server = Gunicorn(path, workers=2, threads=4)
+    try:
+        path.write_text(yaml.safe_dump({**doc, "redis-namespace": "staging"}, sort_keys=False))
+        wait_until(lambda: server.output().count("redis-namespace changed: NEEDS A RESTART") == 2, 5.0)
+        booted = server.output().count("streamfold ready")
+        os.kill(server.worker_pids()[0], signal.SIGKILL)
+        server.wait_ready(booted + 1)
+        os.kill(server.proc.pid, signal.SIGHUP)
+        server.wait_ready(booted + 3)
+        assert all(chat(server).status_code == 200 for _ in range(6))
+        client = redis.Redis.from_url(redis_server.url)
+        time.sleep(0.5)  # each worker announces itself at boot and its in-flight counts every 0.25 s
+        assert not list(client.scan_iter(match="staging:*"))
+        assert any(client.scan_iter(match="prod:streamfold:instance:*"))
+        assert "redis-namespace changed since the instance started: NEEDS A RESTART" in server.output()
+    finally:
+        server.stop()
 
 
 @pytest.mark.parametrize("namespace", ["prod:eu", "prod*", "Prod", "x" * 65, 7],

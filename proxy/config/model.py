@@ -127,6 +127,11 @@ class Management:
     allow_remote: bool = False
 
 
+# The settings of the state store (Settings field, settings key): chosen when the instance starts. A reload that
+# changes them keeps the running ones, and so does every worker gunicorn boots later (last_good.py).
+STORE_FIELDS = (("state_path", "state-path"), ("redis_url", "redis-url"), ("redis_namespace", "redis-namespace"))
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     api_keys: tuple[ClientKey, ...] = ()
