@@ -113,7 +113,7 @@ class ResponsesStream:
     def literals(self, out: list[bytes], kind: str, bodies: list[bytes]) -> None:
         """Text or reasoning deltas given as JSON string literal bodies (a ``chat_reads.TextRun``): written as
         they came (each is what ``orjson.dumps`` of its text gives), their text decoded once."""
-        if b"" in bodies:
+        if not all(bodies):
             bodies = [body for body in bodies if body]
             if not bodies:
                 return
