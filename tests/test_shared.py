@@ -182,6 +182,44 @@ def test_losing_redis_never_fails_a_request_and_changes_flow_again_after_it_retu
         restarted.stop()
 
 
+@pytest.mark.parametrize("stored", ["version-not-a-number", "not-a-hash"])
+def test_a_management_write_over_a_provider_list_redis_cannot_count_on_is_a_clear_409_and_the_store_stays_up(
+        upstream, tmp_path, redis_server, serve, caplog, stored):
+    """A version that is no number (a hand edit) or a key of another type where the list goes: the write was a 503
+    "redis is unreachable", marked the whole store down until the next probe (usage to memory, limits per worker)
+    and, for the version, still wrote the list and its revision beside it (MULTI/EXEC does not roll back). Now
+    nothing is written, the answer says what is wrong and how to fix it, and Redis stays up."""
+    upstream.handler = fold_or_json
+    client = redis.Redis.from_url(redis_server.url)
+    if stored == "not-a-hash":
+        client.set("streamfold:providers", b"not a hash")
+    else:
+        client.hset("streamfold:providers", mapping={"providers": b"[]", "version": b"three", "revision": b"hand"})
+    before = client.dump("streamfold:providers")
+    app = create_app({"PROXY_SETTINGS": str(write_settings(tmp_path / "s.yaml", shared_doc(upstream,
+                                                                                             redis_server.url))),
+                      "ENVIRON": {}})
+    try:
+        live = serve(app)
+
+        def patch() -> requests.Response:
+            return requests.patch(live.url + "/v0/management/openai-compatibility", headers=MGMT, timeout=10,
+                                  json={"name": "up", "value": {"force-upstream-stream": True}})
+        refused = patch()
+        assert refused.status_code == 409, refused.text
+        message = refused.json()["error"]["message"]
+        assert "streamfold:providers" in message and "nothing was changed" in message and "DEL" in message
+        assert client.dump("streamfold:providers") == before  # nothing written beside what was there
+        assert app.extensions["streamfold.state"].up and app.extensions["streamfold"].shared.up
+        assert "UNAVAILABLE" not in caplog.text
+        assert chat(live).status_code == 200 and not upstream.requests[-1].body.get("stream")
+        client.delete("streamfold:providers")  # what the answer says to do
+        assert patch().status_code == 200
+        wait_until(lambda: chat(live).status_code == 200 and upstream.requests[-1].body.get("stream") is True, 3.0)
+    finally:
+        app.extensions["streamfold"].shared.stop()
+
+
 def test_deployments_on_one_redis_with_other_namespaces_share_nothing_and_one_namespace_shares_everything(
         upstream, tmp_path, redis_server, serve):
     """Red team: two deployments (staging and prod) on one Redis shared the runtime provider list, the management

@@ -229,6 +229,16 @@ redis.call('SET', KEYS[4], total, 'PX', ttl + 1000)
 return count
 """
 
+# KEYS: a versioned document. ARGV: its value's field (the document's name), value, revision. Counts the version and
+# writes value and revision in one step; or writes nothing and returns Redis's error when the key is no hash or its
+# version no integer (MULTI/EXEC would have written them beside the failed count).
+_PUT_VERSIONED = """
+local version = redis.pcall('HINCRBY', KEYS[1], 'version', 1)
+if type(version) == 'table' then return {version['err']} end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2], 'revision', ARGV[3])
+return version
+"""
+
 
 class RedisStore(Store):
     kind = "redis"
@@ -250,6 +260,7 @@ class RedisStore(Store):
         self._admit_script = self.client.register_script(_ADMIT)
         self._unreserve_script = self.client.register_script(_UNRESERVE)
         self._put_capped_script = self.client.register_script(_PUT_CAPPED)
+        self._put_versioned_script = self.client.register_script(_PUT_VERSIONED)
 
     def _run(self, operation, *args):
         try:
@@ -432,12 +443,16 @@ class RedisStore(Store):
         return self._run(_Subscription, self.client, self.channel)
 
     def _put_versioned(self, name: str, value: bytes, revision: bytes) -> int:
-        def write() -> int:
-            pipe = self.client.pipeline()  # MULTI/EXEC: readers never see a half-written version
-            pipe.hincrby(self.prefix + name, "version", 1)
-            pipe.hset(self.prefix + name, mapping={name: value, "revision": revision})
-            return pipe.execute()[0]
-        return self._run(write)
+        key = self.prefix + name
+        # one script: readers never see a half-written version, and nothing is written over what it cannot count on
+        answer = self._run(self._put_versioned_script, [key], [name, value, revision])
+        if isinstance(answer, list):  # Redis answered: the key is there but no store wrote it so
+            error = answer[0].decode("utf-8", "replace") if isinstance(answer[0], bytes) else str(answer[0])
+            what = "holds another type than a hash" if error.startswith("WRONGTYPE") else \
+                "has a version that is no integer"
+            raise ValueError(f"{key} {what} (not written by streamfold: a hand edit, another program on this Redis); "
+                             f"look at it, then delete it (redis-cli DEL {key}) and write again")
+        return int(answer)
 
     def _revision(self, name: str) -> bytes | None:
         def read() -> bytes | None:

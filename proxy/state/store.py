@@ -232,7 +232,9 @@ class Store:
     # A versioned document: one value every instance follows, with a version number that counts its writes and a
     # random revision that tells a rewrite apart (a store that lost its data counts from 0 again).
     def put_versioned(self, name: str, value: bytes, revision: bytes) -> int:
-        """Write the document ``name`` in one step; its new version."""
+        """Write the document ``name`` in one step; its new version. Raises ``ValueError`` (the store is up, nothing
+        was written) when what is there under ``name`` was not written by a store (another type, a version that is
+        no number: a hand edit, another program)."""
         return self._guard(self._put_versioned, name, value, revision)
 
     def revision(self, name: str) -> bytes | None:
