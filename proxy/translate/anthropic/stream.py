@@ -116,7 +116,7 @@ class MessageStream:
                     if self.open_kind != "thinking":
                         out.append(self._open("thinking", _THINKING_START))
                     pre, post = _THINKING_PRE % self.open_index, _TEXT_POST
-                out.append(pre + (post + pre).join(run[1]) + post)  # = one _TEXT_DELTA per body
+                out += (pre, (post + pre).join(run[1]), post)  # = one _TEXT_DELTA per body, joined once by the runner
             elif kind == "text":
                 if self.open_kind != "text":
                     out.append(self._open("text", _TEXT_START))

@@ -84,7 +84,7 @@ class GeminiStream:
                 run = event[1]
                 if run.kind == "text" or self.thoughts:
                     pre, post = self._text if run.kind == "text" else self._thought
-                    out.append(self._lead + pre + (post + self._next_lead + pre).join(run.bodies) + post)
+                    out += (self._lead, pre, (post + self._next_lead + pre).join(run.bodies), post)
                     self._lead = self._next_lead
             elif kind == "text" or (kind == "reasoning" and self.thoughts):
                 pre, post = self._text if kind == "text" else self._thought

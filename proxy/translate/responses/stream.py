@@ -112,11 +112,8 @@ class ResponsesStream:
 
     def literals(self, out: list[bytes], kind: str, bodies: list[bytes]) -> None:
         """Text or reasoning deltas given as JSON string literal bodies (a ``chat_reads.TextRun``): written as
-        they came (each is what ``orjson.dumps`` of its text gives), their text decoded once."""
-        if not all(bodies):
-            bodies = [body for body in bodies if body]
-            if not bodies:
-                return
+        they came (each is what ``orjson.dumps`` of its text gives), their text decoded once; never empty (the
+        reader leaves empty ones out of a run)."""
         text = orjson.loads(b'"%s"' % b"".join(bodies))
         if self.held is not None:
             self.held.charge(text)
