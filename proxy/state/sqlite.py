@@ -24,6 +24,8 @@ from collections import deque
 from contextlib import contextmanager
 from typing import Iterator, Mapping, Sequence
 
+import orjson
+
 from .store import Store, StoreUnavailable, UsageKey
 
 log = logging.getLogger(__name__)
@@ -70,8 +72,12 @@ CREATE TABLE IF NOT EXISTS slots (token TEXT PRIMARY KEY, name TEXT NOT NULL, un
 CREATE INDEX IF NOT EXISTS slots_name ON slots (name);
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v) WITHOUT ROWID;
 """
+# All of a flush's rows (a JSON array of [day, client, model, provider, *counters]) in one statement: see _one.
 _ADD_USAGE = """
-INSERT INTO usage VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+INSERT INTO usage SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]'),
+    json_extract(value, '$[3]'), json_extract(value, '$[4]'), json_extract(value, '$[5]'), json_extract(value, '$[6]'),
+    json_extract(value, '$[7]'), json_extract(value, '$[8]'), json_extract(value, '$[9]')
+FROM json_each(?) WHERE true
 ON CONFLICT (day, client, model, provider) DO UPDATE SET
     requests = requests + excluded.requests, errors = errors + excluded.errors,
     prompt_tokens = prompt_tokens + excluded.prompt_tokens,
@@ -200,14 +206,12 @@ class SQLiteStore(Store):
                 raise StoreUnavailable("the state file was deleted or replaced")
 
     def _probe(self) -> None:
-        with self._tx(immediate=True) as db:
-            db.execute("INSERT OR REPLACE INTO meta VALUES ('probe', ?)", (_now(),))
+        self._one("INSERT OR REPLACE INTO meta VALUES ('probe', ?)", (_now(),))
 
     def _expire(self, now: float) -> None:
-        with self._tx(immediate=True) as db:
-            db.execute("DELETE FROM blobs WHERE expires <= ?", (now,))
-            db.execute("DELETE FROM windows WHERE at <= ?", (now - 3600,))  # windows nobody checks any more
-            db.execute("DELETE FROM slots WHERE until <= ?", (now,))
+        self._one("DELETE FROM blobs WHERE expires <= ?", (now,))
+        self._one("DELETE FROM windows WHERE at <= ?", (now - 3600,))  # windows nobody checks any more
+        self._one("DELETE FROM slots WHERE until <= ?", (now,))
 
     # -- blobs -------------------------------------------------------------------
     def _put_blob(self, namespace: str, key: str, value: bytes, expires: float) -> None:
@@ -228,8 +232,7 @@ class SQLiteStore(Store):
 
     # -- usage -------------------------------------------------------------------
     def _add_usage(self, rows: Mapping[UsageKey, Sequence[int]]) -> None:
-        with self._tx(immediate=True) as db:
-            db.executemany(_ADD_USAGE, [(*key, *counts) for key, counts in rows.items()])
+        self._one(_ADD_USAGE, (orjson.dumps([(*key, *counts) for key, counts in rows.items()]).decode(),))
 
     def _usage(self, first_day: str, last_day: str) -> list[tuple]:
         with self._tx() as db:
@@ -239,9 +242,13 @@ class SQLiteStore(Store):
     # -- limits ------------------------------------------------------------------
     # Every step is ONE statement in its own (autocommit) transaction: atomic,
     # and the write lock is never held while this thread waits to get the GIL
-    # back between statements (with busy request threads that wait can take
-    # milliseconds, and every other worker would queue behind it). Window
-    # totals are kept by triggers, so a check costs the same whatever the limit.
+    # back between statements (the sqlite3 module lets the GIL go around each
+    # step; with busy request threads getting it back takes ~100 ms, past a
+    # second at times, and every other worker would queue behind it: their
+    # limit steps then ran out of BUSY_TIMEOUT and the store was marked down).
+    # The usage flush, the slots' renewal and the expiry are single statements
+    # for the same reason. Window totals are kept by triggers, so a check costs
+    # the same whatever the limit.
     def _one(self, sql: str, parameters: tuple) -> sqlite3.Cursor:
         with self._held(True) as db:
             return db.execute(sql, parameters)
@@ -274,9 +281,8 @@ class SQLiteStore(Store):
 
     def _renew(self, held: list[tuple[str, str]], lease: float) -> None:
         if held:
-            until = _now() + lease
-            with self._tx(immediate=True) as db:
-                db.executemany("UPDATE slots SET until = ? WHERE token = ?", [(until, token) for _, token in held])
+            self._one("UPDATE slots SET until = ? WHERE token IN (SELECT value FROM json_each(?))",
+                      (_now() + lease, orjson.dumps([token for _, token in held]).decode()))
 
     # -- identity secret ---------------------------------------------------------
     def _secret(self, candidate: bytes | None) -> bytes | None:
