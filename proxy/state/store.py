@@ -10,8 +10,11 @@ Two kinds of callers, two contracts:
 * ``put_blob`` / ``get_blob`` never raise. A namespace may be capped
   (``cap``: at most so many blobs and so many bytes together); a put past the
   cap drops the oldest blobs (those that expire first) of the
-  owner holding the most (the key's part before its first ``/``) in the same
-  transaction, so the store holds neither more nor fewer than it says. While the backend is down a put is
+  owner holding the most (the key's part before its first ``/``): Redis in
+  the same script, so the store holds neither more nor fewer than it says;
+  SQLite right after the put, chosen without the file's write lock held, so
+  puts from several workers at once may leave it past the cap by those puts
+  (or one under) until the next put. While the backend is down a put is
   kept in this process's memory (served to ``get_blob`` from there) and written
   by the background tick once the backend is back; it is dropped when its TTL
   passes first, or when the memory copy grows past ``PENDING_LIMIT`` bytes
