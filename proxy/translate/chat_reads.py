@@ -11,10 +11,10 @@ recognised by a strict pattern over the usual compact layouts (vLLM, SGLang,
 llama.cpp, OpenAI: any order of the plain members, ``"finish_reason":null``,
 ``usage`` absent or null, no tool calls, no error, exactly one delta key);
 its bytes before and after the string literal become the stream's template
-(head, tail). Later reads are split at every tail + blank line in one C
-call; when every piece starts with the head (the read rebuilt from the
-pieces without their heads comes back byte for byte) the pieces are the
-literals' bodies (one slice per event, nothing decoded), and a run
+(head, tail). Later reads, up to their last tail + blank line, are split
+at the blank lines in one C call; when every piece is head + body + tail
+(the read rebuilt from the bodies comes back byte for byte) the bodies are
+the literals' (one slice per event, nothing decoded), and a run
 of them is handed over undecoded as one ``TextRun`` (the only place one is
 made; ``chat_events`` passes it on as the event ``("run", run)``, which a
 bridge's writer takes in one method). Only bodies that ``orjson.dumps`` writes
@@ -252,7 +252,7 @@ def _scan(data: bytes, max_bytes: int, template: list, batch: list) -> None:
         rest = parts.pop()
         run: list[bytes] = []
         for part in parts:
-            if part.startswith(head) and b"\n" not in part:
+            if part.startswith(head) and part.find(b"\n") < 0:
                 run.append(part[skip:])
                 continue
             if run and _run(run, max_bytes, (head, tail, kind), batch):
@@ -342,7 +342,7 @@ def _utf8(body: bytes) -> bool:
 
 def _slow(run: list[bytes], max_bytes: int, batch: list) -> bool:
     """Decode ``run`` (complete events) into ``batch``; True when it ended with ``DONE``."""
-    if all(event.startswith(b"data:") and b"\n" not in event for event in run):
+    if all(event.startswith(b"data:") and event.find(b"\n") < 0 for event in run):
         # one data line each (the usual first, finish and usage chunks): no SSE parser needed
         for event in run:
             chunk = decode_event(b"", event[5:], max_bytes)
