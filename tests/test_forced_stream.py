@@ -188,10 +188,10 @@ SECOND_FINISH = {
 
 
 @pytest.mark.parametrize("name", SECOND_FINISH)
-def test_a_second_finish_reason_does_not_replace_the_first(forced_app, upstream, serve, name):
-    # The fold kept the last one (stop: a client that runs tools only on tool_calls dropped the call, and a cut
-    # answer read as complete) where the bridges keep the first; fold/base.kept_finish is now both's rule.
+def test_a_second_finish_reason_replaces_the_first(forced_app, upstream, serve, name):
+    # SPEC: the upstream's last explicit value, what the openai SDK's accumulator gives for the same stream (and
+    # what the bridges end with: fold/base.kept_finish is every reader's rule)
     events = sse(*SECOND_FINISH[name])
     upstream.handler = lambda rec: Reply(events=events)
     result = sdk(serve(forced_app)).chat.completions.create(model="m", messages=CHAT["messages"])
-    assert result.choices[0].finish_reason == name.split()[0]
+    assert result.choices[0].finish_reason == name.split()[-1]

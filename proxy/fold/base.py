@@ -86,17 +86,17 @@ _AT = json.JSONDecoder(parse_int=_parse_int, parse_float=_parse_float, parse_con
 
 def kept_finish(held: Any, sent: Any) -> Any:
     """The ``finish_reason`` a choice keeps when a chunk says ``sent`` and it kept ``held`` before (None: none
-    yet): the FIRST explicit one. null and ``""`` (Ollama's on every non-final chunk) are none.
+    yet): the LAST explicit one (SPEC, "Folding SSE": "the upstream's last explicit value"). null and ``""``
+    (Ollama's on every non-final chunk) are none.
 
     The ONE rule of every reader (the folds, ``fold/chat.py`` and ``fold/text.py``, and the bridges'
-    ``translate/chat_stream.ChatStream``), so a client gets the same ending from a folded answer as from a
-    bridged stream. vLLM, llama.cpp and Ollama send one reason per choice; a second, different one comes from
-    a layer that ends every stream with its own ``stop`` after the real reason (``tool_calls`` then ``stop``:
-    RayBytes/ChatMock#114, where clients that kept the last dropped the tool calls; ``length`` then ``stop``
-    hides that the answer was cut). The first is also the one a bridge has acted on by then: the Responses
-    stream closes its items with the status it implies. The openai SDK's accumulator keeps the last.
+    ``translate/chat_stream.ChatStream``, which passes each new one on, so a bridge ends with it), so a client
+    gets the same ending from a folded answer as from a bridged stream, and the one the openai SDK's own
+    stream accumulator gives for the same stream. vLLM, llama.cpp and Ollama send one reason per choice; a
+    layer that ends every stream with its own ``stop`` after the real reason (RayBytes/ChatMock#114) is read
+    as it says, the way the SDK reads it.
     """
-    return sent if held is None and sent else held
+    return sent if sent else held
 
 
 def stream_error(payload: dict) -> StreamError:

@@ -131,7 +131,7 @@ class ChatFold(Budget):
                     continue
                 elif key == "finish_reason":
                     if value:  # Ollama sends "" on every non-final chunk
-                        state.finish = kept_finish(state.finish, value)  # the first (base.kept_finish says why)
+                        state.finish = kept_finish(state.finish, value)  # the last (base.kept_finish)
                         self.size += held(value)  # sent once per choice, normally
                 elif key == "logprobs":
                     if value is not None:

@@ -1,7 +1,7 @@
 """Fold a legacy ``/v1/completions`` event stream into one ``text_completion``.
 
 Same framing and top-level rules as the chat fold (it reuses ``ChatFold``);
-per choice ``text`` is concatenated, ``finish_reason`` is the first explicit
+per choice ``text`` is concatenated, ``finish_reason`` is the last explicit
 value (``base.kept_finish``; ``stop`` after ``[DONE]`` when none was sent), and the legacy
 ``logprobs`` lists (``tokens``, ``token_logprobs``, ``top_logprobs``,
 ``text_offset``) are appended.

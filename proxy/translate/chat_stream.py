@@ -245,8 +245,8 @@ class ChatStream:
                 if self.held.size > self.held.max_bytes:
                     self.held.over()
         finish = choice.get("finish_reason")
-        # the first explicit one, as the fold keeps it (fold/base.kept_finish: the one rule, and why)
-        if finish and kept_finish(self.finish_reason, finish) is not self.finish_reason:
+        # each new explicit one is passed on: the last is kept, as the fold keeps it (fold/base.kept_finish)
+        if finish and kept_finish(self.finish_reason, finish) != self.finish_reason:
             if type(finish) is not str:
                 raise StreamError("upstream chunk has a `finish_reason` that is not a string")
             self._flush_halves(events)

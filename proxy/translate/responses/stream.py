@@ -173,8 +173,7 @@ class ResponsesStream:
             elif kind == "tool_start":
                 self._start_tool(out, event[1])
             elif kind == "finish":
-                self.finish = event[1]
-                self._close_all(out, status_of(self.finish)[0])
+                self.finish = event[1]  # items are closed at the end, with the status of the last one
             elif kind == "usage":
                 self.usage = event[1]
 
