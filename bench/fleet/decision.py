@@ -3,8 +3,9 @@
     .venv/bin/python bench/fleet/decision.py [--prompt-kb 120] [--seconds 2]
 
 For 4 and 32 replicas, five kinds of request, agent-sized (about
-``--prompt-kb`` of JSON body: an 18 KB system prompt shared by every
-conversation, then a long history of its own):
+``--prompt-kb`` of history: a system prompt of a third of it shared by every
+conversation, then a history of its own; and about 20 KB of tools after it,
+in the OpenAI SDK's order of fields):
 
 * a Claude Code turn with its session header (the affinity path: the body is
   never looked at);
@@ -56,7 +57,19 @@ def replica_set(count: int) -> Replicas:
     return group
 
 
+# an agent's tool list (about 20 KB), which the OpenAI SDK sends after the history, as it orders a body's fields
+TOOLS = [{"type": "function", "function": {
+    "name": f"tool_{n}", "description": f"Tool {n} of the agent: " + "what it does and when to use it. " * 14,
+    "parameters": {"type": "object", "properties": {
+        "path": {"type": "string", "description": "The file or directory the tool works on."},
+        "pattern": {"type": "string", "description": "What to look for, as a regular expression."},
+        "limit": {"type": "integer", "description": "At most this many results."}},
+        "required": ["path"]}}} for n in range(24)]
+
+
 def agent_body(kb: int, session: int) -> dict:
+    """A chat body as the OpenAI SDK sends an agent's turn: ``messages`` (a system prompt of a third of ``kb``
+    shared by every conversation, then a history of its own), then the other fields and the tools."""
     system = ("You are Claude Code, an interactive CLI tool. " * 400)[: kb * 1024 // 3]
     history, size = [], len(system)
     turn = 0
@@ -65,8 +78,8 @@ def agent_body(kb: int, session: int) -> dict:
         history += [{"role": "assistant", "content": f"calling a tool {turn}"}, {"role": "user", "content": text}]
         size += len(text) + 20
         turn += 1
-    return {"model": "m", "max_tokens": 32000, "stream": True,
-            "messages": [{"role": "system", "content": system}, {"role": "user", "content": "task"}, *history]}
+    return {"messages": [{"role": "system", "content": system}, {"role": "user", "content": "task"}, *history],
+            "model": "m", "max_tokens": 32000, "stream": True, "tools": TOOLS}
 
 
 SPENT = {"path": 0.0, "route": 0.0, "index": 0.0}  # CPU seconds, summed by ``request`` and the index thread

@@ -39,8 +39,9 @@ import math
 import os
 import threading
 import time
+import weakref
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any, Iterable
 
@@ -58,6 +59,8 @@ if TYPE_CHECKING:
 
 BRANCHES = 0xFF << 56  # a prefix entry's top byte: how many different blocks came after it (saturating)
 BRANCH = 1 << 56
+_BALANCERS: weakref.WeakSet = weakref.WeakSet()
+os.register_at_fork(after_in_child=lambda: [balancer._forked() for balancer in list(_BALANCERS)])
 REASONS = ("round-robin", "least-busy", "affinity", "prefix", "imbalance", "failover")
 
 
@@ -74,7 +77,25 @@ class Choice:
     blocks: hints.Blocks | None = None     # the prompt's blocks, keyed as they are looked at (cache-aware)
     matched: int = 0                       # leading blocks the index held, and for which replicas
     mask: int = 0
-    stale: list[int] = field(default_factory=list)  # keys of held blocks the search saw not used for a while
+    stale: list[int] | None = None         # keys of held blocks the search saw not used for a while
+
+
+class _Known:
+    """What the balancer looks up once per replica set (a router's replica set keeps it, as ``columns``)."""
+
+    __slots__ = ("table", "names", "columns", "busy", "bits", "wanted", "hashes", "rotations", "counters")
+
+    def __init__(self, table: Table, targets: tuple) -> None:
+        self.table = table
+        self.names = [target.replica_name for target in targets]
+        self.columns = tuple(table.column(name) for name in self.names)  # in the table's in-flight cells
+        self.busy = table.counter(self.columns)                          # () -> their counts
+        self.bits = [column % 56 for column in self.columns]             # in a prefix entry
+        self.wanted = sum({1 << bit for bit in self.bits})
+        self.hashes = [stable_hash(name) for name in self.names]         # what affinity stores
+        count = len(targets)
+        self.rotations = [(*range(turn, count), *range(turn)) for turn in range(count)]
+        self.counters: dict[str, Any] = {}  # reason -> its routing-decisions counter for this set and policy
 
 
 class Balancer:
@@ -85,45 +106,49 @@ class Balancer:
         # same moment seldom pick alike, and one process always starts at the first replica
         self._turn = itertools.count(self.table.me() * 7919)
         self._hashes: dict[str, int] = {}
-        self._counters: dict[tuple[str, str, str], Any] = {}
+        self._forked()
+        _BALANCERS.add(self)
+
+    def _forked(self) -> None:
+        """The index thread's state, new (a forked gunicorn worker has none of its parent's threads)."""
         # prompts whose blocks wait for this process's index thread (``served``), and their bytes
         self._waiting: deque[tuple] = deque()
         self._waiting_bytes = 0
         self._waiting_lock = threading.Lock()
         self._entering = threading.Lock()
-        self._wake = threading.Event()
-        self._thread_pid = 0
+        # the index thread sleeps on this lock; ``served`` releases it when the thread is not already awake (a
+        # lock, not an Event: releasing one is a C call, setting an Event takes a Python-level Condition)
+        self._signal = threading.Lock()
+        self._signal.acquire()
+        self._awake = False     # the thread has been (or will be) woken and has not found the queue empty since
+        self._indexing = False  # the thread runs in this process
 
     # -- in flight --------------------------------------------------------------
-    def _known(self, targets: tuple) -> tuple:
-        """(table, replica names, their columns, their bits in a prefix entry, those bits together), looked
-        up once per replica set (a router's replica set keeps them)."""
+    def _known(self, targets: tuple) -> _Known:
+        """The replica set's names, columns, bits, hashes and turns (``_Known``), looked up once per replica set."""
         known = getattr(targets, "columns", None)
-        if known is None or known[0] is not self.table:
-            names = [t.replica_name for t in targets]
-            columns = [self.table.column(name) for name in names]
-            bits = [column % 56 for column in columns]
-            known = (self.table, names, columns, bits, sum({1 << bit for bit in bits}))
+        if known is None or known.table is not self.table:
+            known = _Known(self.table, targets)
             if isinstance(targets, Replicas):
                 targets.columns = known
         return known
 
-    def loads(self, targets: tuple) -> list[int]:
+    def loads(self, targets: tuple, known: _Known | None = None) -> list[int]:
         """Requests in flight to each target's replica: this instance's workers, plus other instances'."""
-        _, names, columns, _, _ = self._known(targets)
-        found = self.table.busy(columns)
+        if known is None:
+            known = self._known(targets)
+        found = known.busy()
         remote = self.remote
         if remote is not None and remote.busy:
-            found = [count + remote.busy.get(name, 0) for count, name in zip(found, names)]
+            found = [count + remote.busy.get(name, 0) for count, name in zip(found, known.names)]
         return found
 
     def begin(self, target: Target) -> int:
-        column = self.table.column(target.replica_name)
-        self.table.add(column, 1)
-        return column
+        """Count the request in flight at ``target``'s replica; what ``end`` takes when it is over."""
+        return self.table.begin(target.replica_name)
 
-    def end(self, target: Target, column: int) -> None:
-        self.table.add(column, -1)
+    def end(self, target: Target, cell: int) -> None:
+        self.table.end(cell)
 
     def in_flight(self, targets: Iterable[Target]) -> list[tuple[str, str, int]]:
         """(provider, replica, requests in flight from this instance's workers) for each replica of ``targets``:
@@ -153,42 +178,43 @@ class Balancer:
                     choice.session = hints.session_hash(getattr(targets, "name", "") or targets[0].model, key)
             return choice
         self.table.sweep(time.monotonic())
-        loads = self.loads(targets)
+        known = self._known(targets)
+        loads = self.loads(targets, known)
         count = len(targets)
-        turn = next(self._turn) % count
         # least busy first, usable before resting, ties in turn: a stable sort of the indices from this turn on
-        rotated = [*range(turn, count), *range(turn)]
+        rotated = known.rotations[next(self._turn) % count]
         if keys.sitting_out():
             resting = [keys.resting(t) for t in targets]
             order = sorted(rotated, key=lambda i: (resting[i], loads[i]))
         else:
-            resting = [False] * count
-            order = sorted(rotated, key=loads.__getitem__)
+            resting = None
+            # (all as busy, as when the fleet is idle: the turn's order as it is)
+            order = list(rotated) if loads.count(loads[0]) == count else sorted(rotated, key=loads.__getitem__)
         if policy == "least-busy":
             choice = Choice(itemgetter(*order)(targets), policy, "least-busy")
-            self._count(targets, choice)
+            self._count(targets, choice, known)
             return choice
         choice = Choice((), policy, "least-busy")
         chosen = -1
-        group = getattr(targets, "name", "") or targets[0].model
         key = hints.session_key(body, headers)
         if key is not None:
             # A hinted session goes where it went before; a new one (or one whose replica cannot take it
             # now) to the least busy replica: with a hint, a prefix match could only be a prefix shared
             # with other sessions, and spreading sessions is worth more than one more copy of it.
-            choice.session = hints.session_hash(group, key)
+            choice.session = hints.session_hash(getattr(targets, "name", "") or targets[0].model, key)
             replica = self.table.get(True, choice.session, fleet.session_ttl)
             if not replica and self.remote is not None:
                 # new here: put it on the least busy replica unless another instance already placed it
                 # (one atomic step in Redis, so two instances seeing its first turns agree)
-                ours = self._hash(targets[order[0]])
+                ours = known.hashes[order[0]]
                 replica = choice.claimed = self.remote.claim(choice.session, ours, fleet.session_ttl)
                 if replica == ours:
                     replica = 0  # ours: placed below like any new session
             choice.session_replica = replica
             if replica:
+                hashes = known.hashes
                 for i in range(count):
-                    if not resting[i] and self._hash(targets[i]) == replica:
+                    if hashes[i] == replica and not (resting and resting[i]):
                         chosen, choice.reason = i, "affinity"
                         break
                 else:
@@ -203,61 +229,73 @@ class Balancer:
                     raw = b""
             choice.blocks = blocks = hints.Blocks(raw, fleet.block_chars, *hints.history_span(body, raw))
             if blocks.count:
-                _, _, _, bits, wanted = self._known(targets)
                 least = math.ceil(fleet.cache_threshold * blocks.length / fleet.block_chars)
-                choice.matched, choice.mask = matched, mask = self._longest(blocks, wanted, choice.stale, least)
+                matched, mask, choice.stale = self._longest(blocks, known.wanted, least)
+                choice.matched, choice.mask = matched, mask
                 # a match that ends where many prompts branched off is a shared prefix (a system prompt
                 # and tools), not this conversation: it does not pin the request to the replicas holding it
                 if (matched and mask >> 56 < 2
                         and matched * fleet.block_chars >= fleet.cache_threshold * blocks.length):
-                    holders = [i for i in order if not resting[i] and mask >> bits[i] & 1]
-                    if holders:
-                        chosen, choice.reason = holders[0], "prefix"
-        if chosen >= 0 and choice.reason in ("affinity", "prefix"):
-            idlest = loads[order[0]]
+                    bits = known.bits
+                    for i in order:
+                        if mask >> bits[i] & 1 and not (resting and resting[i]):
+                            chosen, choice.reason = i, "prefix"
+                            break
+        first = order[0]
+        if chosen >= 0:
+            idlest = loads[first]
             if (loads[chosen] - idlest > fleet.balance_abs_threshold
                     and loads[chosen] > fleet.balance_rel_threshold * idlest):
-                chosen, choice.reason = -1, "imbalance"
-        if chosen < 0:
-            chosen = order[0]
-        ordered = itemgetter(*order)(targets)
-        if chosen != order[0]:
-            ordered = (targets[chosen], *(target for target in ordered if target is not targets[chosen]))
-        choice.targets = ordered
-        self._count(targets, choice)
+                chosen, choice.reason = first, "imbalance"
+            elif chosen != first:
+                order.remove(chosen)
+                order.insert(0, chosen)
+        choice.targets = itemgetter(*order)(targets)
+        self._count(targets, choice, known)
         return choice
 
-    def _longest(self, blocks: hints.Blocks, wanted: int, stale: list[int], least: int = 0) -> tuple[int, int]:
-        """(number of leading blocks some replica of the set (``wanted``: their bits) holds, bit mask of those
-        replicas), or, once the run is known to be shorter than ``least`` blocks (too short to route by), a run
-        at least that long is held (the request's blocks are then entered from there: those held already are
-        only touched).
+    def _longest(self, blocks: hints.Blocks, wanted: int, least: int = 1) -> tuple[int, int, list[int] | None]:
+        """(a number of leading blocks some replicas of the set (``wanted``: their bits) hold, bit mask of those
+        replicas, the held blocks it found not used for a while or None): the longest such run, or a run found long enough to route by (``least`` blocks) that one
+        replica alone holds and that is no branching point (a longer one could only be that replica's too:
+        the choice would be the same), or, once the run is known to be shorter than ``least``, whatever was
+        found (the request's blocks are entered from there: those held already are only touched).
 
         A replica sent block i of a prompt was sent every block before it, so
         the end of the run is searched for, keying only the blocks probed:
         first two blocks short of the end (a conversation's next turn is its
-        last turn plus a tail of one to four blocks: two or three probes find
-        where it stops), then back in steps growing fourfold, then by
-        bisection, unless the run is already known to be too short to route
-        by (a conversation the index has not seen, whose shared system prompt
-        is a small part of it: about four probes).
-        Held blocks found not used for a while go into ``stale``, to be touched
-        once a replica takes the request.
+        last turn plus a tail of new messages: when that tail is under two
+        blocks this one probe decides), then four blocks further back, then
+        at ``least`` (a conversation the index has not seen is known to be
+        too short to route by after three probes), and once a block is found
+        by bisection towards the last block not found, unless the run found
+        is already enough to decide.
+        Held blocks found not used for a while are touched once a replica
+        takes the request.
         """
-        probe = self.table.probe
-        key = blocks.key
-        low, high, mask, step = 0, blocks.count, 0, 3  # the run is at least low and at most high blocks long
-        while low < high and high >= least:
-            length = max(1, high + 1 - step) if step else (low + high + 1) // 2
+        probe, key = self.table.probe, blocks.key
+        least = least if least > 1 else 1
+        low, high, mask, stale = 0, blocks.count, 0, None  # the run is at least low and at most high blocks long
+        length, misses = high - 2 if high > 3 else 1, 0
+        while True:
             block = key(length - 1)
             found, old = probe(block)
-            if found & wanted:
-                low, mask, step = length, found, 0  # found from the end: bisect from here on
+            held = found & wanted
+            if held:
+                low, mask = length, found
                 if old:
-                    stale.append(block)
+                    stale = [*stale, block] if stale else [block]
+                if length >= least and not held & (held - 1) and found >> 56 < 2:
+                    break  # one replica, not a branching point, long enough: probing further changes nothing
             else:
-                high, step = length - 1, 2 if step == 3 else step * 4
-        return low, mask & (wanted | BRANCHES)
+                high, misses = length - 1, misses + 1
+            if low >= high or high < least:
+                break
+            if mask:
+                length = (low + high + 1) // 2
+            else:  # none found yet: back from the end, then straight to the shortest run worth routing by
+                length = high - 3 if misses == 1 and high - 3 > least else least
+        return low, mask & (wanted | BRANCHES), stale
 
     def served(self, choice: Choice, target: Target, fleet: Fleet, waiting: int = 0) -> None:
         """A replica accepted the request: its session and its prompt's blocks are on that replica now.
@@ -283,19 +321,20 @@ class Balancer:
             return
         choice.blocks = None
         job = (blocks, choice.matched, choice.mask, choice.stale, 1 << self._bit(target))
-        held = len(blocks.data.obj)  # a waiting prompt holds the whole body, not only its history's bytes
+        held = len(blocks.data)  # a waiting prompt holds the whole body, not only its history's bytes
         with self._waiting_lock:
-            if self._waiting_bytes + held <= waiting:
+            queued = self._waiting_bytes + held <= waiting
+            if queued:
                 self._waiting_bytes += held
-                idle = not self._waiting  # else the thread is woken already and takes this one too
                 self._waiting.append((held, job))
-                if self._thread_pid != os.getpid():  # first use in this process (a gunicorn worker forks)
-                    self._thread_pid = os.getpid()
-                    threading.Thread(target=self._index_thread, name="fleet-index", daemon=True).start()
-                if idle:
-                    self._wake.set()
-                return
-        self._enter(*job)
+                wake, self._awake = not self._awake, True
+        if not queued:
+            self._enter(*job)
+        elif wake:
+            if not self._indexing:  # first use in this process (a gunicorn worker forks)
+                self._indexing = True
+                threading.Thread(target=self._index_thread, name="fleet-index", daemon=True).start()
+            self._signal.release()
 
     def settle(self) -> None:
         """Enter every prompt still waiting for the index thread (and wait for the one it is entering)."""
@@ -309,9 +348,15 @@ class Balancer:
 
     def _index_thread(self) -> None:
         while True:
-            self._wake.wait()
-            self._wake.clear()
-            self.settle()
+            self._signal.acquire()
+            while True:
+                self.settle()
+                # asleep only once the queue is seen empty under the lock ``served`` appends under: a prompt
+                # appended after that wakes the thread again, none is left waiting for a request to settle it
+                with self._waiting_lock:
+                    if not self._waiting:
+                        self._awake = False
+                        break
 
     def _enter(self, blocks: hints.Blocks, matched: int, mask: int, stale: list[int], bit: int) -> None:
         """Enter a prompt's blocks as sent to the replica of ``bit``."""
@@ -320,7 +365,7 @@ class Balancer:
         # LRU); the rest are entered. An entry counts the different blocks seen after it (its top byte): a
         # new block counts one more after the block before it, which a block entered here starts with.
         start = matched if mask & bit else 0
-        for block in stale if start else ():
+        for block in stale if start and stale else ():
             put(False, block, bit, merge=True)
         previous, entered, last = key(start - 1) if start else 0, False, blocks.count - 1
         for index, block in enumerate(blocks.keys_from(start), start):
@@ -343,9 +388,12 @@ class Balancer:
     def _bit(self, target: Target) -> int:
         return self.table.column(target.replica_name) % 56
 
-    def _count(self, targets: tuple, choice: Choice) -> None:
-        key = (getattr(targets, "name", "") or "-", choice.policy, choice.reason)
-        found = self._counters.get(key)
-        if found is None:
-            found = self._counters[key] = metrics.ROUTING.labels(*key)
+    def _count(self, targets: tuple, choice: Choice, known: _Known | None = None) -> None:
+        if known is not None:  # the set's own counters, by reason
+            found = known.counters.get(choice.reason)
+            if found is None:
+                found = known.counters[choice.reason] = metrics.child(
+                    metrics.ROUTING, getattr(targets, "name", "") or "-", choice.policy, choice.reason)
+        else:
+            found = metrics.child(metrics.ROUTING, getattr(targets, "name", "") or "-", choice.policy, choice.reason)
         found.inc()

@@ -37,6 +37,10 @@ from .table import stable_hash
 
 SESSION_HEADERS = ("x-claude-code-session-id", "x-session-affinity")
 MAX_BLOCKS = 4096  # blocks indexed per prompt (8 MB at the default block size); the rest is not
+SAMPLE = 256       # a block's key is the CRC-32 of its last SAMPLE bytes (of all of it when shorter)
+
+
+_BODY_HINTS = frozenset(("metadata", "prompt_cache_key", "user", "safety_identifier"))
 
 
 def session_key(body: dict, headers: dict[str, str]) -> str | None:
@@ -44,34 +48,51 @@ def session_key(body: dict, headers: dict[str, str]) -> str | None:
     found = headers.get("x-claude-code-session-id")
     if found:
         return "cc:" + found
-    metadata = body.get("metadata")
-    if isinstance(metadata, dict):
-        user = metadata.get("user_id")
-        if isinstance(user, str) and user:
-            # Claude Code: "user_<hash>_account_<uuid>_session_<uuid>" (or a JSON object naming session_id)
-            at = user.rfind("session_")
-            if user.startswith("{"):
-                try:
-                    parsed = orjson.loads(user)
-                except orjson.JSONDecodeError:
-                    parsed = None
-                if isinstance(parsed, dict) and isinstance(parsed.get("session_id"), str):
-                    return "as:" + parsed["session_id"]
-            return "as:" + (user[at:] if at >= 0 else user)
-    for field in ("prompt_cache_key", "user", "safety_identifier"):
-        value = body.get(field)
-        if isinstance(value, str) and value:
-            return f"{field[:2]}:{value}"
+    if not _BODY_HINTS.isdisjoint(body):  # (most bodies have none of these: one look at the body's names)
+        metadata = body.get("metadata")
+        if isinstance(metadata, dict):
+            user = metadata.get("user_id")
+            if isinstance(user, str) and user:
+                # Claude Code: "user_<hash>_account_<uuid>_session_<uuid>" (or a JSON object naming session_id)
+                at = user.rfind("session_")
+                if user.startswith("{"):
+                    try:
+                        parsed = orjson.loads(user)
+                    except orjson.JSONDecodeError:
+                        parsed = None
+                    if isinstance(parsed, dict) and isinstance(parsed.get("session_id"), str):
+                        return "as:" + parsed["session_id"]
+                return "as:" + (user[at:] if at >= 0 else user)
+        for field in ("prompt_cache_key", "user", "safety_identifier"):
+            value = body.get(field)
+            if isinstance(value, str) and value:
+                return f"{field[:2]}:{value}"
     found = headers.get("x-session-affinity")
     return "sa:" + found if found else None
 
 
+_HASHED: dict[str, int] = {}  # recent sessions' hashes (a session's every turn hashes the same key)
+
+
 def session_hash(group: str, key: str) -> int:
-    return stable_hash(group + "\x00" + key)
+    text = group + "\x00" + key
+    found = _HASHED.get(text)
+    if found is None:
+        found = stable_hash(text)
+        if len(text) <= 256:  # (bounded: at most 4,096 keys of at most 256 characters)
+            if len(_HASHED) >= 4096:
+                _HASHED.clear()
+            _HASHED[text] = found
+    return found
 
 
 # the field a body's conversation is in (chat and Anthropic, Responses, Gemini, completions), as a client names it
 HISTORIES = {name: b'"%s"' % name.encode() for name in ("messages", "input", "contents", "prompt")}
+
+
+_ENDS: dict[tuple[bytes, str], int] = {}  # (a body's last bytes, the field after its history) -> that field's name,
+_TAIL = 64                                # counted back from the end; at most _MAX_ENDS of them
+_MAX_ENDS = 1024
 
 
 def history_span(body: dict, raw: bytes) -> tuple[int, int]:
@@ -80,50 +101,66 @@ def history_span(body: dict, raw: bytes) -> tuple[int, int]:
     its ``system`` and ``tools``, sampling fields) is no part of the conversation's growing prefix, may change
     from turn to turn, and ends the bodies of every conversation of one client alike. The start is where the
     history's name is, the end where the name of the field after it is (found back from how long those
-    fields are when serialised again; serialising them is the only cost that grows with their size)."""
-    names = list(body)
-    for at, name in enumerate(names):
+    fields are when serialised again, the only cost that grows with their size: a client ends every
+    request alike, so where that name was in a body ending in the same bytes is remembered and, found there
+    again, taken)."""
+    at = 0
+    for name in body:
         needle = HISTORIES.get(name)
         if needle is not None:
-            start = max(raw.find(needle), 0)
-            later = names[at + 1:]
-            if not later:
+            start = raw.find(needle)
+            if start < 0:
+                start = 0
+            if at + 1 == len(body):
                 return start, len(raw)
+            later = list(body)[at + 1:]
+            needle = b'"%s"' % later[0].encode("utf-8", "surrogatepass")
+            tail = (raw[-_TAIL:], later[0])
+            back = _ENDS.get(tail)
+            if back is not None and raw.startswith(needle, len(raw) - back) and len(raw) - back > start:
+                return start, len(raw) - back
             # the client's bytes of those fields are at least as many as orjson's (no spaces, UTF-8 as is), so
             # their first name is at most that far from the end: the last time it is named up to there
             try:
                 end = len(raw) - len(orjson.dumps({field: body[field] for field in later}))
             except orjson.JSONEncodeError:  # nested past orjson's 254 levels (it reads 1,024): to the end
                 return start, len(raw)
-            needle = b'"%s"' % later[0].encode("utf-8", "surrogatepass")
             found = raw.rfind(needle, start, end + len(needle) + 1)
-            return start, found if found > start else max(start, end)
+            if found <= start:
+                return start, max(start, end)
+            if len(_ENDS) >= _MAX_ENDS:
+                _ENDS.clear()
+            _ENDS[tail] = len(raw) - found
+            return start, found
+        at += 1
     return 0, len(raw)
 
 
 class Blocks:
     """The full ``size``-byte blocks of a request body as the client sent it, each keyed when first asked for.
 
-    A block's key is the CRC-32 of its bytes, read from a view of the body
-    (no copy), with its position above it; only the blocks a search probes
-    or a replica is sent are keyed.
+    A block's key is the CRC-32 of its bytes with its position above it;
+    only the blocks a search probes or a replica is sent are keyed. The body
+    is kept as it came (no copy) until the blocks are entered.
     """
 
-    __slots__ = ("data", "size", "length", "count", "_keys")
+    __slots__ = ("data", "start", "size", "window", "length", "count", "_keys")
 
     def __init__(self, data: bytes, size: int, start: int = 0, end: int | None = None) -> None:
         """The blocks of ``data[start:end]``."""
-        self.data, self.size = memoryview(data)[start:end], size
-        self.length = len(self.data)
-        self.count = min(self.length // size, MAX_BLOCKS)
-        self._keys = [0] * self.count
+        self.data, self.start, self.size = data, start, size
+        self.window = size if size < SAMPLE else SAMPLE
+        self.length = (len(data) if end is None else end) - start
+        count = self.length // size
+        self.count = count if count < MAX_BLOCKS else MAX_BLOCKS
+        self._keys: dict[int, int] = {}
 
     def key(self, index: int) -> int:
         """Block ``index``'s key (never 0): the CRC-32 of its bytes, and its position above it."""
-        found = self._keys[index]
-        if not found:
-            at = index * self.size
-            found = self._keys[index] = zlib.crc32(self.data[at:at + self.size]) | (index + 1) << 32
+        found = self._keys.get(index)
+        if found is None:
+            at = self.start + (index + 1) * self.size  # the block's end
+            found = self._keys[index] = zlib.crc32(self.data[at - self.window:at]) | (index + 1) << 32
         return found
 
     def keys_from(self, start: int) -> list[int]:

@@ -38,8 +38,9 @@ import os
 import struct
 import threading
 import time
+import weakref
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 from ..activity import alive as _alive
 
@@ -55,6 +56,17 @@ _BUCKET = struct.Struct(f"{WAYS}Q{WAYS}Q{WAYS}d")  # keys, values, last use
 _WORDS = _BUCKET.size // 8
 SWEEP_INTERVAL = 1.0
 FRESH = 30.0  # seconds a merged entry's last use may lag before it is written again
+
+
+_TABLES: weakref.WeakSet = weakref.WeakSet()
+
+
+def _forked() -> None:
+    for table in list(_TABLES):
+        table._pid = 0  # a forked worker claims its own slot on first use
+
+
+os.register_at_fork(after_in_child=_forked)  # rather than asking the kernel for the pid on every request
 
 
 def stable_hash(text: str) -> int:
@@ -74,6 +86,7 @@ class Table:
         self._pid = 0
         self._me = 0
         self._next_sweep = 0.0
+        _TABLES.add(self)
         if path:
             try:
                 self._open(path, session_buckets, block_buckets)
@@ -144,11 +157,10 @@ class Table:
     # -- worker slots ---------------------------------------------------------
     def me(self) -> int:
         """This process's worker slot (claimed on first use, again after a fork)."""
-        pid = os.getpid()
-        if pid != self._pid:
+        if not self._pid:
             with self._lock:
-                if pid != self._pid:
-                    self._claim(pid)
+                if not self._pid:
+                    self._claim(os.getpid())
         return self._me
 
     def _claim(self, pid: int) -> None:
@@ -204,18 +216,64 @@ class Table:
         return column
 
     # -- in-flight ------------------------------------------------------------
-    def add(self, column: int, delta: int) -> None:
+    def begin(self, replica: str) -> int:
+        """Count a request in flight to ``replica`` in this worker's cell of its column; the cell (-1: not counted)."""
+        column = self._slots.get(replica)
+        if column is None:
+            column = self.column(replica)
         if column < 0:
-            return
-        cell = column * WORKERS + self.me()
-        with self._lock:
-            self.cells[cell] += delta
+            return -1
+        cell = column * WORKERS + (self._me if self._pid else self.me())
+        lock = self._lock  # (acquire and release: a ``with`` costs a third of this method; nothing between raises)
+        lock.acquire()
+        self.cells[cell] += 1
+        lock.release()
+        return cell
 
-    def busy(self, columns: list[int]) -> list[int]:
+    def end(self, cell: int) -> None:
+        """The request counted in ``cell`` (``begin``'s) is over."""
+        if cell >= 0:
+            lock = self._lock
+            lock.acquire()
+            self.cells[cell] -= 1
+            lock.release()
+
+    def busy(self, columns: list[int] | tuple[int, ...]) -> list[int]:
         """Requests in flight to each of these replicas from every worker of the instance."""
-        claimed = _CLAIMED.unpack_from(self.buffer, 20)[0] or 1
-        cells = self.cells
-        return [max(0, sum(cells[c * WORKERS:c * WORKERS + claimed])) if c >= 0 else 0 for c in columns]
+        return self.counter(columns)()
+
+    def counter(self, columns: list[int] | tuple[int, ...]) -> Callable[[], list[int]]:
+        """What reads the in-flight counts of ``columns`` (each summed over the workers) with one unpack: a
+        replica set keeps one (``balancer._Known``)."""
+        buffer, cells_at, claimed_at = self.buffer, self.cells_at, _CLAIMED.unpack_from
+        known: list = [0, None, None]  # claimed slots, unpack and order for them
+
+        def read() -> list[int]:
+            claimed = claimed_at(buffer, 20)[0] or 1
+            if claimed != known[0]:
+                known[:] = claimed, *self._reader(columns, claimed)
+            cells = known[1](buffer, cells_at)  # the claimed cells of every column, in one call
+            if claimed > 1:
+                cells = [sum(cells[at:at + claimed]) for at in range(0, len(cells), claimed)]
+            found = known[2](cells) if known[2] is not None else cells
+            return [max(0, count) for count in found] if found and min(found) < 0 else list(found)
+        return read
+
+    def _reader(self, columns, claimed: int) -> tuple:
+        """(unpack: the claimed cells of the distinct columns in ascending order; what puts their sums in
+        ``columns``' order, or None when they are in it)."""
+        present = sorted({column for column in columns if column >= 0})
+        layout, at = [], 0
+        for column in present:
+            start = column * WORKERS * 4
+            layout.append(f"{start - at}x{claimed}i")
+            at = start + claimed * 4
+        unpack = struct.Struct("=" + "".join(layout)).unpack_from
+        where = {column: n for n, column in enumerate(present)}
+        picks = [where.get(column, len(present)) for column in columns]
+        if picks == list(range(len(columns))) and -1 not in columns:
+            return unpack, None
+        return unpack, lambda cells: [(*cells, 0)[n] for n in picks]
 
     def mine(self) -> dict[str, int]:
         """This worker's non-zero counts by replica name (what it reports to other instances)."""
@@ -230,12 +288,14 @@ class Table:
 
     def get(self, sessions: bool, key: int, ttl: float = 0.0) -> int:
         """The value stored under ``key`` (0: none); a session entry older than ``ttl`` counts as none."""
-        offset, bucket = self._find(*self._where(sessions), key)
-        for way in range(WAYS):
-            if bucket[way] == key:
-                if ttl and bucket[2 * WAYS + way] < time.time() - ttl:
+        words = self.words
+        at = (0 if sessions else self._block_words) + key % (
+            self.session_buckets if sessions else self.block_buckets) * _WORDS
+        for way in range(at, at + WAYS):
+            if words[way] == key:
+                if ttl and self.floats[way + 2 * WAYS] < time.time() - ttl:
                     return 0
-                return bucket[WAYS + way]
+                return words[way + WAYS]
         return 0
 
     def probe(self, key: int) -> tuple[int, bool]:

@@ -112,8 +112,11 @@ class ResponsesStream:
 
     def literals(self, out: list[bytes], kind: str, bodies: list[bytes]) -> None:
         """Text or reasoning deltas given as JSON string literal bodies (a ``chat_reads.TextRun``): written as
-        they came (each is what ``orjson.dumps`` of its text gives), their text decoded once; never empty (the
-        reader leaves empty ones out of a run)."""
+        they came (each is what ``orjson.dumps`` of its text gives), their text decoded once."""
+        if b"" in bodies:
+            bodies = [body for body in bodies if body]
+            if not bodies:
+                return
         text = orjson.loads(b'"%s"' % b"".join(bodies))
         if self.held is not None:
             self.held.charge(text)
@@ -173,7 +176,8 @@ class ResponsesStream:
             elif kind == "tool_start":
                 self._start_tool(out, event[1])
             elif kind == "finish":
-                self.finish = event[1]  # items are closed at the end, with the status of the last one
+                self.finish = event[1]
+                self._close_all(out, status_of(self.finish)[0])
             elif kind == "usage":
                 self.usage = event[1]
 
