@@ -749,3 +749,20 @@ def test_the_fleet_bench_and_the_decision_bench_run_end_to_end_in_smoke_mode():
                 bench.wait(5)
         assert bench.returncode == 0, stdout
         assert all(needle in stdout for needle in needles), stdout
+
+
+def test_history_ends_remembered_for_hostile_field_names_stay_bounded(replicas, serve):
+    """The end of a body's history is remembered by its last bytes and the name of the field after it; that name
+    is the client's. Bodies (each under max-request-bytes) whose field after the history has a 200 KB name, each
+    ending differently, must not each leave their name in memory (1,024 of them: 10 GB at 10 MiB bodies)."""
+    from proxy.balance import hints
+
+    server = serve(make_app(fleet_doc(replicas[:2])))
+    history = [{"role": "user", "content": "a long question\n" * 400}]
+    for number in range(40):
+        raw = json.dumps({"model": "m", "messages": history, f"{number:04d}" + "x" * 200_000: number})
+        answer = requests.post(f"{server.url}/v1/chat/completions", data=raw, timeout=20,
+                               headers={**AUTH, "Content-Type": "application/json"})
+        assert answer.status_code == 200, answer.text
+    kept = sum(len(raw_tail) + len(name) for raw_tail, name in hints._ENDS)
+    assert kept <= len(hints._ENDS) * 2 * 256

@@ -128,9 +128,10 @@ def history_span(body: dict, raw: bytes) -> tuple[int, int]:
             found = raw.rfind(needle, start, end + len(needle) + 1)
             if found <= start:
                 return start, max(start, end)
-            if len(_ENDS) >= _MAX_ENDS:
-                _ENDS.clear()
-            _ENDS[tail] = len(raw) - found
+            if len(needle) <= _TAIL:  # (bounded: a name is the client's, up to a whole body long)
+                if len(_ENDS) >= _MAX_ENDS:
+                    _ENDS.clear()
+                _ENDS[tail] = len(raw) - found
             return start, found
         at += 1
     return 0, len(raw)
