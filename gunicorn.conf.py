@@ -84,7 +84,7 @@ def on_starting(server):
         # In the environment, not a global: a HUP re-reads this file.
         os.environ["STREAMFOLD_METRICS_DIR_MADE"] = made
     last_good.keep(os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], "settings.last-good.yaml"),
-                   document, fingerprint)
+                   settings, document, fingerprint)
 
 
 def child_exit(server, worker):

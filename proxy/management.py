@@ -25,7 +25,7 @@ from .config.live import ConfigHolder, layer, reload_refusal
 from .config.load import build_settings
 from .config.model import Settings, SettingsError
 from .errors import InvalidSettings, NotFound, ProxyError
-from .shared import SharedUnavailable
+from .shared import SharedRefused, SharedUnavailable
 
 Change = Callable[[dict], None]  # edits the settings document in place; raises a ProxyError for a bad target
 
@@ -79,6 +79,9 @@ def _share(holder: ConfigHolder, change: Change) -> tuple[Settings, int]:
     except SharedUnavailable as exc:
         raise ProxyError(f"shared state is unavailable, nothing was changed: {exc}", status=503,
                          type="server_error", code="shared_state_unavailable") from None
+    except SharedRefused as exc:  # what is there stays for the operator to look at: it may be another program's
+        raise ProxyError(f"the shared provider list cannot be written, nothing was changed: {exc}", status=409,
+                         type="invalid_request_error", code="shared_state_conflict") from None
     holder.apply_runtime_providers(version, providers)
     return settings, version
 

@@ -47,6 +47,10 @@ class SharedUnavailable(Exception):
     """The store could not be reached for a write that must be shared."""
 
 
+class SharedRefused(Exception):
+    """The store answered, but holds a provider list no instance wrote, which a write must not count on."""
+
+
 class Shared:
     """One worker's view of what instances share: the provider list, cooldowns, and a listener thread."""
 
@@ -73,7 +77,8 @@ class Shared:
         try:
             self._catch_up()
             self._following = True
-            log.info("shared state: connected to redis at %s (providers version %d)", self.safe_url, self.version)
+            log.info("shared state: connected to redis at %s, namespace %s (providers version %d)", self.safe_url,
+                     self.store.redis_namespace or "(none: keys under streamfold:)", self.version)
         except StoreUnavailable as exc:
             log.error("shared state: REDIS IS UNREACHABLE at %s (%s); starting from the settings file and "
                       "local cooldowns, will keep retrying", self.safe_url, exc)
@@ -85,7 +90,8 @@ class Shared:
 
     # -- writes (request path / management) --------------------------------
     def store_providers(self, providers: list) -> int:
-        """Store a new runtime provider list; returns its version. Raises ``SharedUnavailable``."""
+        """Store a new runtime provider list; returns its version. Raises ``SharedUnavailable`` or
+        ``SharedRefused``."""
         revision = os.urandom(8).hex().encode()
         try:
             version = self.store.put_versioned(PROVIDERS, orjson.dumps(providers), revision)
@@ -93,6 +99,9 @@ class Shared:
             self.store.publish(orjson.dumps({"kind": "providers", "version": version}))
         except StoreUnavailable as exc:
             raise SharedUnavailable(f"redis is unreachable ({exc})") from None
+        except ValueError as exc:  # Redis is up: what sits there is refused, as every reader refuses it
+            log.error("shared state: a provider list write was refused, nothing was changed: %s", exc)
+            raise SharedRefused(str(exc)) from None
         return version
 
     def publish_cooldown(self, provider: str, key_id: str, seconds: float, kind: str) -> None:

@@ -4,7 +4,8 @@
 text, 0-3 tool calls with arguments split anywhere (sometimes without
 ``index``, sometimes the whole call in one delta, its arguments then
 sometimes sent as an object, sometimes the name late),
-a finish_reason or none, usage on a trailer chunk or on the finish chunk or
+a finish_reason or none (sometimes a second, different one after it: the
+last is the answer's), usage on a trailer chunk or on the finish chunk or
 not at all, ``[DONE]`` or not; framed as SSE and cut into network reads at
 random byte offsets. It returns ``(reads, parts)`` where ``parts`` says what
 was streamed, so a test can check what any translator produced.
@@ -38,6 +39,9 @@ def chat_streams(draw):
     calls = [{"id": f"call_{draw(NAME)}_{k}", "name": draw(NAME), "arguments": json.dumps(draw(ARGS))}
              for k in range(draw(st.integers(0, 3)))]
     finish = draw(st.sampled_from([None, "stop", "length", "tool_calls" if calls else "stop"]))
+    # a second, different finish_reason after the first (a layer's trailing stop): the last is the answer's
+    later = draw(st.sampled_from([None, *(r for r in ("stop", "length", "tool_calls") if r != finish)])) \
+        if finish else None
     usage = None
     if draw(st.booleans()):
         p, c = draw(st.integers(0, 10**5)), draw(st.integers(0, 10**5))
@@ -74,6 +78,8 @@ def chat_streams(draw):
         if usage is not None and usage_on_finish:
             last["usage"] = usage
         chunks.append(last)
+        if later is not None:
+            chunks.append(dict(head, choices=[{"index": 0, "delta": {}, "logprobs": None, "finish_reason": later}]))
     if usage is not None and not (finish is not None and usage_on_finish):
         chunks.append(dict(head, choices=[], usage=usage))
     done = finish is None or draw(st.booleans())  # without a finish_reason only [DONE] ends it honestly
@@ -83,7 +89,7 @@ def chat_streams(draw):
     cuts = sorted(set(draw(st.lists(st.integers(1, max(1, len(body) - 1)), max_size=20))))
     bounds = [0, *cuts, len(body)]
     reads = [body[a:b] for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
-    parts = {"reasoning": reasoning, "content": content, "calls": calls, "finish": finish, "usage": usage,
+    parts = {"reasoning": reasoning, "content": content, "calls": calls, "finish": later or finish, "usage": usage,
              "done": done}
     return reads, parts
 

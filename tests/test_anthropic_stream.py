@@ -140,6 +140,17 @@ def test_a20_content_and_finish_in_one_chunk_keeps_the_content(live, upstream):
     assert checked.text == "Hi" and checked.stop_reason == "end_turn"
 
 
+def test_a_second_finish_reason_ends_the_stream_and_the_folded_message_alike(live, upstream):
+    # length, then a layer's trailing stop: the stream kept the first (max_tokens) while the folded answer of a
+    # non-stream request (the upstream answers SSE anyway) kept the last; both keep the last now (the SPEC's rule)
+    events = sse(chunk({"role": "assistant", "content": "cut sh"}), chunk(finish="length"), chunk(finish="stop"),
+                 usage_chunk())
+    assert check_stream(stream(live, upstream, events)).stop_reason == "end_turn"
+    response = requests.post(live.url + "/v1/messages", json=MESSAGES, headers=AUTH, timeout=20)
+    assert response.status_code == 200, response.text
+    assert response.json()["stop_reason"] == "end_turn" and response.json()["content"][0]["text"] == "cut sh"
+
+
 def test_broken_tool_argument_json_is_repaired_in_the_stream(live, upstream):
     events = sse(chunk(tool_delta(0, "call_1", "Bash", '{"command":"ls')), chunk(finish="tool_calls"))
     assert check_stream(stream(live, upstream, events)).tools[0]["input"] == {"command": "ls"}

@@ -208,6 +208,7 @@ ONE_DEFINITION = {
     "slow_json": "proxy.fold.base",                    # what orjson refuses, read with the fold's guards
     "refused_data": "proxy.fold.base",                 # a data line orjson refused: blank, [DONE] or slow JSON
     "json_at": "proxy.fold.base",                      # a JSON value at an offset, numbers as slow_json reads them
+    "kept_finish": "proxy.fold.base",                  # which finish_reason a choice keeps (the last explicit)
     "repair_surrogates": "proxy.fold.guard",           # UTF-16 halves joined or replaced
     "completion_as_chunk": "proxy.translate.chat_stream",  # a JSON answer to a stream request, as one chunk
     "TextRun": "proxy.translate.chat_reads",           # the fast path's one event

@@ -19,9 +19,7 @@ import requests
 from proxy import pump
 from proxy.fold.chat import fold_chat_chunks
 from proxy.translate import chat_reads, chat_stream
-from proxy.translate.anthropic import response as anthropic_response
 from proxy.translate.anthropic import stream as anthropic_stream
-from proxy.translate.responses import response as responses_response
 from proxy.translate.responses import stream as responses_stream
 from tests import responses_invariants
 from tests.anthropic_invariants import check_stream

@@ -174,3 +174,24 @@ def test_a_tool_name_that_is_not_a_string_in_a_forced_stream_is_502(forced_app, 
     assert response.get_json()["error"]["message"] == ("upstream sent a chunk of the wrong shape: "
                                                         "choices[0].delta.tool_calls[0].function.name is a number, "
                                                         "not a string")
+
+
+SECOND_FINISH = {
+    # a layer that ends every stream with its own stop after the real reason (RayBytes/ChatMock#114)
+    "tool_calls then stop": (chunk({"role": "assistant", "content": "Let me look."}),
+                             chunk({"tool_calls": [{"index": 0, "id": "call_s1", "type": "function",
+                                                    "function": {"name": "get_weather", "arguments": "{}"}}]}),
+                             chunk({}, finish="tool_calls"), chunk({}, finish="stop")),
+    "length then stop": (chunk({"role": "assistant", "content": "cut sh"}), chunk({}, finish="length"),
+                         chunk({}, finish="stop", usage=USAGE)),
+}
+
+
+@pytest.mark.parametrize("name", SECOND_FINISH)
+def test_a_second_finish_reason_replaces_the_first(forced_app, upstream, serve, name):
+    # SPEC: the upstream's last explicit value, what the openai SDK's accumulator gives for the same stream (and
+    # what the bridges end with: fold/base.kept_finish is every reader's rule)
+    events = sse(*SECOND_FINISH[name])
+    upstream.handler = lambda rec: Reply(events=events)
+    result = sdk(serve(forced_app)).chat.completions.create(model="m", messages=CHAT["messages"])
+    assert result.choices[0].finish_reason == name.split()[-1]

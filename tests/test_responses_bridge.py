@@ -406,6 +406,18 @@ def test_r21_length_is_incomplete_and_codex_still_gets_response_completed(bridge
     assert codex["response"]["incomplete_details"] == {"reason": "max_output_tokens"}
 
 
+def test_a_trailing_stop_after_length_ends_the_answer_as_the_last_finish_says_streamed_or_folded(bridged, upstream):
+    # the last explicit finish_reason is the answer's (SPEC; fold/base.kept_finish), streamed or folded alike:
+    # the stream had closed its items as incomplete at the length and still ended completed
+    events = sse(*LENGTH[:2], chunk(finish="stop"), LENGTH[2])
+    upstream.handler = lambda rec: Reply(events=events)
+    result = post(bridged, {"model": "m", "input": "hi"}).json()
+    assert result["status"] == "completed" and result["output"][0]["status"] == "completed"
+    terminal = stream(bridged, {"model": "m", "input": "hi"})
+    assert terminal["type"] == "response.completed"
+    assert terminal["response"]["output"][0]["status"] == "completed"
+
+
 def test_r22_an_answer_without_deltas_still_completes_with_empty_output(bridged, upstream):
     upstream.handler = answer(chunk({"role": "assistant", "content": ""}))
     for codex in (False, True):

@@ -63,6 +63,18 @@ def test_forced_completions_fold_into_a_text_completion(forced, upstream):
     assert sent["stream"] is True and sent["stream_options"] == {"include_usage": True}
 
 
+def test_forced_completions_keep_the_last_finish_reason(forced, upstream):
+    # length, then a trailing stop: the text fold keeps the last explicit one, as the chat fold and the bridges
+    # do (fold/base.kept_finish)
+    head = {"id": "cmpl-2f", "object": "text_completion", "created": 1764300000, "model": "upstream-model"}
+    upstream.handler = lambda rec: Reply(events=sse(
+        dict(head, choices=[{"index": 0, "text": " cut sh", "logprobs": None, "finish_reason": None}]),
+        dict(head, choices=[{"index": 0, "text": "", "logprobs": None, "finish_reason": "length"}]),
+        dict(head, choices=[{"index": 0, "text": "", "logprobs": None, "finish_reason": "stop"}])))
+    choice = sdk(forced).completions.create(model="m", prompt="Once").choices[0]
+    assert (choice.text, choice.finish_reason) == (" cut sh", "stop")
+
+
 def test_embeddings_are_relayed_and_never_streamed(forced, upstream):
     upstream.handler = lambda rec: Reply(body=json.dumps(EMBEDDING).encode())
     result = sdk(forced).embeddings.create(model="m", input="hi")

@@ -65,6 +65,7 @@ BROKEN = {
     "not-yaml": lambda good: good + b"timeouts: {connect: [\n",
     "invalid": lambda good: good.replace(b"read: 10", b"read: soon") + b"bogus-key: 1\n",
     "no-api-keys": without_api_keys,
+    "bad-redis-namespace": lambda good: good + b"redis-namespace: 'prod:*'\n",  # would reach into other keys
 }
 
 
@@ -147,7 +148,7 @@ def test_a_respawned_or_hup_booted_worker_never_serves_a_broken_open_or_half_wri
 
 
 def test_a_worker_booted_from_a_copy_whose_ca_bundle_was_deleted_serves_it_and_fails_only_that_provider(
-        deployed, certificate, tmp_path):
+        deployed, certificate, tmp_path):  # noqa: F811 - the fixture imported above
     """Red team of issue 21: the last good copy names a ca-bundle deleted since, so it no longer validates; every
     worker gunicorn booted from it failed ("Worker failed to boot"), which halts gunicorn. Now the worker boots
     from the copy (its keys still required), logs why, and only that provider's requests fail, with a 502."""
@@ -240,7 +241,8 @@ def test_seconds_that_are_infinite_nan_or_past_any_sensible_time_are_refused_by_
         "timeouts.connect", "timeouts.read", "client-timeout", "max-cooldown")]
 
 
-@pytest.mark.parametrize("key, value", [("state-path", "elsewhere.db"), ("redis-url", "redis://127.0.0.1:1/0")])
+@pytest.mark.parametrize("key, value", [("state-path", "elsewhere.db"), ("redis-url", "redis://127.0.0.1:1/0"),
+                                        ("redis-namespace", "staging")])
 def test_a_state_path_or_redis_url_edit_is_reported_as_needing_a_restart_and_not_shown_as_in_effect(
         managed, caplog, key, value):
     path, live = managed
@@ -252,6 +254,31 @@ def test_a_state_path_or_redis_url_edit_is_reported_as_needing_a_restart_and_not
     assert config[key] == running
     assert any(f"{key} changed: NEEDS A RESTART" in r.getMessage() for r in caplog.records)
     assert requests.post(live.url + "/v1/chat/completions", json=CHAT, headers=AUTH, timeout=10).status_code == 200
+
+
+def test_a_redis_namespace_that_does_not_validate_is_refused_by_the_reload_and_the_running_config_kept(managed):
+    path, live = managed
+    good = path.read_text()
+    path.write_text(good + "redis-namespace: 'prod:*'\nrequest-retry: 0\n")
+    deadline = time.monotonic() + 10
+    while (error := requests.get(live.url + "/v0/management/overview", headers=MGMT, timeout=10)
+           .json()["reload-error"]) is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert "redis-namespace: use only a-z, 0-9, '-' and '_', at most 64 characters" in error["message"]
+    config = requests.get(live.url + "/v0/management/config", headers=MGMT, timeout=10).json()
+    assert config["redis-namespace"] == "" and config["request-retry"] == 2  # nothing of that file was taken
+    assert requests.post(live.url + "/v1/chat/completions", json=CHAT, headers=AUTH, timeout=10).status_code == 200
+
+
+def test_a_redis_namespace_that_does_not_validate_stops_a_start_naming_it(tmp_path, upstream):
+    path = tmp_path / "settings.yaml"
+    path.write_bytes(settings_text(upstream.url, tmp_path / "s.db") + b"redis-namespace: 'prod eu'\n")
+    started = subprocess.run([sys.executable, "-m", "gunicorn", "app:app", "--bind", f"127.0.0.1:{free_port()}"],
+                             cwd=ROOT, env=dict(os.environ, PROXY_SETTINGS=str(path)), capture_output=True,
+                             text=True, timeout=30)
+    assert started.returncode == 1 and "Traceback" not in started.stderr
+    assert "redis-namespace: use only a-z, 0-9, '-' and '_', at most 64 characters" in started.stderr
 
 
 # -- finding 15: the published development key never serves a public address ----------------------------

@@ -2,13 +2,18 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 
 import pytest
 import redis
 import requests
+import yaml
 
 from proxy import create_app
+from proxy.config.load import build_settings
+from proxy.config.model import SettingsError
 from tests.conftest import AUTH, CHAT, provider, settings_doc
 from tests.gunicorn_util import Gunicorn, write_settings
 from tests.redis_util import RedisServer
@@ -175,6 +180,155 @@ def test_losing_redis_never_fails_a_request_and_changes_flow_again_after_it_retu
         assert "REDIS IS UNREACHABLE" in a.output() or "lost redis" in a.output()
     finally:
         restarted.stop()
+
+
+@pytest.mark.parametrize("stored", ["version-not-a-number", "not-a-hash"])
+def test_a_management_write_over_a_provider_list_redis_cannot_count_on_is_a_clear_409_and_the_store_stays_up(
+        upstream, tmp_path, redis_server, serve, caplog, stored):
+    """A version that is no number (a hand edit) or a key of another type where the list goes: the write was a 503
+    "redis is unreachable", marked the whole store down until the next probe (usage to memory, limits per worker)
+    and, for the version, still wrote the list and its revision beside it (MULTI/EXEC does not roll back). Now
+    nothing is written, the answer says what is wrong and how to fix it, and Redis stays up."""
+    upstream.handler = fold_or_json
+    client = redis.Redis.from_url(redis_server.url)
+    if stored == "not-a-hash":
+        client.set("streamfold:providers", b"not a hash")
+    else:
+        client.hset("streamfold:providers", mapping={"providers": b"[]", "version": b"three", "revision": b"hand"})
+    before = client.dump("streamfold:providers")
+    app = create_app({"PROXY_SETTINGS": str(write_settings(tmp_path / "s.yaml", shared_doc(upstream,
+                                                                                             redis_server.url))),
+                      "ENVIRON": {}})
+    try:
+        live = serve(app)
+
+        def patch() -> requests.Response:
+            return requests.patch(live.url + "/v0/management/openai-compatibility", headers=MGMT, timeout=10,
+                                  json={"name": "up", "value": {"force-upstream-stream": True}})
+        refused = patch()
+        assert refused.status_code == 409, refused.text
+        message = refused.json()["error"]["message"]
+        assert "streamfold:providers" in message and "nothing was changed" in message and "DEL" in message
+        assert client.dump("streamfold:providers") == before  # nothing written beside what was there
+        assert app.extensions["streamfold.state"].up and app.extensions["streamfold"].shared.up
+        assert "UNAVAILABLE" not in caplog.text
+        assert chat(live).status_code == 200 and not upstream.requests[-1].body.get("stream")
+        client.delete("streamfold:providers")  # what the answer says to do
+        assert patch().status_code == 200
+        wait_until(lambda: chat(live).status_code == 200 and upstream.requests[-1].body.get("stream") is True, 3.0)
+    finally:
+        app.extensions["streamfold"].shared.stop()
+
+
+def test_deployments_on_one_redis_with_other_namespaces_share_nothing_and_one_namespace_shares_everything(
+        upstream, tmp_path, redis_server, serve):
+    """Red team: two deployments (staging and prod) on one Redis shared the runtime provider list, the management
+    lockout, cooldowns, client limits, the instance list and the fleet's keys. With redis-namespace each keeps
+    its own; two instances of one deployment (same namespace) still share all of it."""
+    limited = "sk-limited-client-7777"
+    apps = {}
+    for name, namespace in (("prod-a", "prod"), ("prod-b", "prod"), ("staging", "staging")):
+        doc = shared_doc(upstream, redis_server.url)
+        doc["api-keys"] = [*doc["api-keys"], {"key": limited, "name": "limited", "rpm": 2}]
+        doc["redis-namespace"] = namespace
+        path = write_settings(tmp_path / f"{name}.yaml", doc)
+        apps[name] = create_app({"PROXY_SETTINGS": str(path), "ENVIRON": {}})
+    try:
+        prod_a, prod_b, staging = (serve(app) for app in apps.values())
+        upstream.handler = fold_or_json
+        # runtime providers: staging removes "extra", prod folds "up"; each deployment sees its own change only
+        deleted = requests.delete(staging.url + "/v0/management/openai-compatibility?name=extra", headers=MGMT,
+                                  timeout=10)
+        assert deleted.status_code == 200
+        patched = requests.patch(prod_a.url + "/v0/management/openai-compatibility", headers=MGMT, timeout=10,
+                                 json={"name": "up", "value": {"force-upstream-stream": True}})
+        assert patched.status_code == 200
+        wait_until(lambda: all_folded_via(prod_b, upstream), 3.0)  # prod-b follows prod-a
+        assert chat(staging, "x").status_code == 404
+        assert chat(prod_a, "x").status_code == 200 and chat(prod_b, "x").status_code == 200
+        first = len(upstream.requests)
+        assert chat(staging).status_code == 200 and not upstream.requests[first].body.get("stream")
+        config = requests.get(prod_b.url + "/v0/management/config", headers=MGMT, timeout=10).json()
+        assert config["provider-sources"] == {"up": "runtime", "extra": "file"}
+        assert config["redis-namespace"] == "prod"
+        overview = requests.get(staging.url + "/v0/management/overview", headers=MGMT, timeout=10).json()
+        assert overview["redis"]["namespace"] == "staging"
+        # client limits: the key's 2 a minute spent at prod-a are spent at prod-b, not at staging
+        limited_auth = {"Authorization": f"Bearer {limited}", "Connection": "close"}
+
+        def limited_chat(instance) -> int:
+            return requests.post(instance.url + "/v1/chat/completions", json=CHAT, headers=limited_auth,
+                                 timeout=10).status_code
+        assert [limited_chat(prod_a) for _ in range(2)] == [200, 200]
+        assert limited_chat(prod_b) == 429
+        assert [limited_chat(staging) for _ in range(2)] == [200, 200]
+        # cooldowns: a key refused with a 429 at staging is skipped by staging only
+        upstream.handler = lambda rec: (Reply(status=429, body=b'{"error":{"message":"slow"}}',
+                                              headers={"Retry-After": "30"}) if rec.key == KEYS[0]
+                                        else fold_or_json(rec))
+        for _ in range(2):  # round-robin: one of these starts on key 1, gets the 429 and fails over
+            assert chat(staging).status_code == 200
+        upstream.handler = fold_or_json
+        time.sleep(0.3)  # an announcement would travel through pub/sub meanwhile
+        first = len(upstream.requests)
+        for _ in range(4):
+            assert chat(prod_b).status_code == 200
+        assert KEYS[0] in {rec.key for rec in upstream.requests[first:]}
+        # the management lockout: five wrong secrets at staging lock that address out of staging only
+        wrong = {"Authorization": "Bearer not-the-secret"}
+        assert [from_address(staging, "127.0.4.4", wrong).status for _ in range(5)] == [401] * 5
+        assert from_address(staging, "127.0.4.4", MGMT).status == 429
+        assert from_address(prod_a, "127.0.4.4", MGMT).status == 200
+        # and nothing of either deployment's (usage, instances, the fleet's, ...) is left outside its namespace,
+        # the events channel included
+        client = redis.Redis.from_url(redis_server.url)
+        keys = {key.decode() for key in client.scan_iter(count=1000)}
+        assert {key.split(":", 1)[0] for key in keys} == {"prod", "staging"}
+        assert {key.split(":", 2)[1] for key in keys} == {"streamfold"}
+        assert any(key.startswith("prod:streamfold:providers") for key in keys)
+        assert any(key.startswith("staging:streamfold:cool:") for key in keys)
+        assert {c.decode() for c in client.pubsub_channels()} == {"prod:streamfold:events",
+                                                                  "staging:streamfold:events"}
+    finally:
+        for app in apps.values():
+            app.extensions["streamfold"].shared.stop()
+
+
+def test_workers_booted_after_a_namespace_edit_stay_on_the_store_the_instance_started_with(
+        upstream, tmp_path, redis_server):
+    """Changing redis-namespace (like redis-url or state-path) needs a restart: the running workers keep their
+    store. A worker gunicorn booted since (one died, a HUP) took the edited file's from the last good copy, so
+    one instance kept its limits, usage and provider list in two places."""
+    upstream.handler = fold_or_json
+    doc = {**shared_doc(upstream, redis_server.url), "redis-namespace": "prod"}
+    path = write_settings(tmp_path / "s.yaml", doc)
+    server = Gunicorn(path, workers=2, threads=4)
+    try:
+        path.write_text(yaml.safe_dump({**doc, "redis-namespace": "staging"}, sort_keys=False))
+        wait_until(lambda: server.output().count("redis-namespace changed: NEEDS A RESTART") == 2, 5.0)
+        booted = server.output().count("streamfold ready")
+        os.kill(server.worker_pids()[0], signal.SIGKILL)
+        server.wait_ready(booted + 1)
+        os.kill(server.proc.pid, signal.SIGHUP)
+        server.wait_ready(booted + 3)
+        assert all(chat(server).status_code == 200 for _ in range(6))
+        client = redis.Redis.from_url(redis_server.url)
+        time.sleep(0.5)  # each worker announces itself at boot and its in-flight counts every 0.25 s
+        assert not list(client.scan_iter(match="staging:*"))
+        assert any(client.scan_iter(match="prod:streamfold:instance:*"))
+        assert "redis-namespace changed since the instance started: NEEDS A RESTART" in server.output()
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("namespace", ["prod:eu", "prod*", "Prod", "x" * 65, 7],
+                         ids=["colon", "glob", "upper-case", "too-long", "not-a-string"])
+def test_a_redis_namespace_that_is_no_short_safe_token_is_refused_by_name(namespace):
+    with pytest.raises(SettingsError) as caught:
+        build_settings({"redis-namespace": namespace}, {})
+    expected = ("must be a string, not an integer" if namespace == 7
+                else "use only a-z, 0-9, '-' and '_', at most 64 characters")
+    assert caught.value.problems == [f"redis-namespace: {expected}"]
 
 
 def test_unreachable_redis_at_startup_still_serves_from_the_file(upstream, tmp_path, caplog):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import threading
 import time
 
 import pytest
@@ -14,6 +15,7 @@ import pytest
 from proxy.state import Store, StoreUnavailable, open_store
 from proxy.state.memory import MemoryStore
 from proxy.state.redis_store import RedisStore
+from proxy.state import sqlite
 from proxy.state.sqlite import SQLiteStore
 from tests.conftest import make_app, provider, settings_doc, state_path
 from tests.redis_util import RedisServer
@@ -187,6 +189,49 @@ def test_an_existing_state_file_gets_its_blob_totals_from_the_blobs_already_ther
         assert store.get_blob("capped", "new") is not None
     finally:
         store.close()
+
+
+def test_a_write_stalled_between_statements_leaves_the_other_workers_limit_steps_going(monkeypatch):
+    """Flake under load (test_rpm_60_across_three_gunicorn_workers): a worker's usage flush held SQLite's write lock
+    across its statements, and the sqlite3 module lets the GIL go around each one: with busy request threads the
+    flusher waited for it again (~100 ms, past a second at times) holding the lock, another worker's limit step
+    ran out of BUSY_TIMEOUT and the store was marked down (limits per worker). So did the renewal of slots and a
+    put into a full capped namespace (one step per blob read: 2-10 s at 10,000 blobs). The stall is simulated
+    where the thread waits: as a statement begins, before it has taken any lock of its own."""
+    monkeypatch.setattr(sqlite, "BUSY_TIMEOUT", 0.2)
+    path = state_path()
+    writer, other = SQLiteStore(path), SQLiteStore(path)  # two workers' connections to the instance's file
+    try:
+        assert writer.acquire("slots:team", "token-1", 4, 60) and other.take("rpm:team", 60, 60) == 0.0
+        writer.cap("capped", 2, 1 << 20)
+        for key in ("alice/1", "bob/1"):
+            writer.put_blob("capped", key, b"x" * 10, 60)
+        stalled = threading.Event()
+
+        def stall(sql: str) -> None:
+            if any(write in sql for write in ("INSERT INTO usage", "UPDATE slots", "INSERT INTO blobs")):
+                stalled.set()
+                time.sleep(1.0)
+        writer._connection().set_trace_callback(stall)
+        day = time.strftime("%Y-%m-%d", time.gmtime())
+        for write in (lambda: writer.add_usage({(day, "team", "m", "up"): [1, 0, 3, 4, 0, 0],
+                                                (day, "ops", "m", "up"): [2, 1, 0, 0, 0, 0]}),
+                      lambda: writer.renew([("slots:team", "token-1")], 60),
+                      lambda: writer.put_blob("capped", "bob/2", b"y" * 10, 120)):
+            stalled.clear()
+            thread = threading.Thread(target=write)
+            thread.start()
+            assert stalled.wait(5)
+            assert other.take("rpm:team", 60, 60) == 0.0  # another worker's limit step meanwhile
+            thread.join()
+        assert writer.up and other.up
+        assert writer.usage(day, day) == [(day, "ops", "m", "up", 2, 1, 0, 0, 0, 0),
+                                          (day, "team", "m", "up", 1, 0, 3, 4, 0, 0)]
+        assert not other.acquire("slots:team", "token-2", 1, 60)  # token-1's slot is still held
+        assert [writer.get_blob("capped", key) for key in ("alice/1", "bob/1", "bob/2")] == [b"x" * 10, None, b"y" * 10]
+    finally:
+        writer.close()
+        other.close()
 
 
 @pytest.fixture(params=["redis"])

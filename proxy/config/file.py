@@ -222,6 +222,7 @@ def public_config(settings: Settings) -> dict[str, Any]:
         "remote-management": {"secret-key": redact(settings.management.secret_key),
                               "allow-remote": settings.management.allow_remote},
         "redis-url": redact_url(settings.redis_url),
+        "redis-namespace": settings.redis_namespace,
         "openai-compatibility": [public_provider(p) for p in settings.providers],
         "state-path": settings.state_path,
         "responses-store-ttl": settings.responses_store_ttl,

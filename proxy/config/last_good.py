@@ -18,7 +18,9 @@ through the hot reload's own check (``ConfigHolder.check_file``): a file that
 is still changing, does not validate, would turn client auth off or would
 drop every provider is refused with an ERROR line, and the worker serves the
 last good config (or, if the copy is gone, the config the master started
-with, which workers inherit through fork). Without ``STREAMFOLD_LAST_GOOD``
+with, which workers inherit through fork). Whatever the copy says, a worker
+uses the state store the instance started with (``state-path``, ``redis-url``,
+``redis-namespace``): changing it needs a restart. Without ``STREAMFOLD_LAST_GOOD``
 (``python app.py``, tests) there is one process and no respawn: the file is
 read as before.
 """
@@ -30,13 +32,14 @@ import logging
 import os
 import sys
 import time
+from dataclasses import replace
 from typing import Any, Mapping
 
 import yaml
 
 from .file import locked, to_yaml, write_atomically
 from .load import build_settings, parse_document, print_problems, settings_path
-from .model import Settings, SettingsError
+from .model import STORE_FIELDS, Settings, SettingsError
 
 log = logging.getLogger(__name__)
 ENV = "STREAMFOLD_LAST_GOOD"
@@ -44,6 +47,7 @@ STABLE_DELAY = 0.2    # the file must read the same again after this long (as th
 STABLE_WAIT = 10.0    # a fresh start gives up on a file that keeps changing for this long
 _HEADER = b"# streamfold last good settings, taken from a file with mtime_ns size sha256: "
 _STARTED: tuple[Any, tuple] | None = None  # set in the master by ``keep``; its workers inherit it through fork
+_STARTED_STORE: dict[str, str] | None = None  # the store the master started with (``STORE_FIELDS``), inherited too
 
 
 def take(environ: Any = os.environ) -> tuple[Settings, Any, tuple]:
@@ -63,14 +67,15 @@ def take(environ: Any = os.environ) -> tuple[Settings, Any, tuple]:
         sys.exit(1)
 
 
-def keep(copy_path: str, document: Any, fingerprint: tuple, environ: Any = os.environ) -> None:
+def keep(copy_path: str, settings: Settings, document: Any, fingerprint: tuple, environ: Any = os.environ) -> None:
     """Make ``copy_path`` the instance's last good copy, starting from what ``take`` read."""
     with contextlib.suppress(FileNotFoundError):
         os.unlink(copy_path)  # a run directory the operator gave may hold an earlier run's copy
     save(copy_path, document, fingerprint)
     environ[ENV] = copy_path
-    global _STARTED
+    global _STARTED, _STARTED_STORE
     _STARTED = (document, fingerprint)
+    _STARTED_STORE = {name: getattr(settings, name) for name, _ in STORE_FIELDS}
 
 
 def read_stable(path: str) -> tuple[bytes, tuple]:
@@ -128,13 +133,26 @@ def build(document: Any, environ: Mapping[str, str]) -> Settings:
     no config left that is known to be safe).
     """
     try:
-        return build_settings(document, environ)
+        settings = build_settings(document, environ)
     except SettingsError as exc:
         settings = build_settings(document, environ, check_files=False)
         for problem in exc.problems:
             log.error("the last good settings no longer validate: %s; booting from them anyway (the files they "
                       "name are not checked again); fix it in the settings file", problem)
+    return on_started_store(settings)
+
+
+def on_started_store(settings: Settings) -> Settings:
+    """``settings`` with the state store the instance started with: a reload that changed it (it needs a restart)
+    took the copy along, and a worker booted from that copy would keep limits, usage and the provider list
+    apart from its siblings."""
+    if _STARTED_STORE is None:
         return settings
+    changed = [label for name, label in STORE_FIELDS if getattr(settings, name) != _STARTED_STORE[name]]
+    if changed:
+        log.warning("%s changed since the instance started: NEEDS A RESTART; this worker uses the instance's "
+                    "running store, as the others do", ", ".join(changed))
+    return replace(settings, **_STARTED_STORE)
 
 
 def save_taken(environ: Mapping[str, str], document: Any, fingerprint: tuple) -> None:

@@ -49,7 +49,7 @@ from . import last_good
 from .exposure import EXPOSED_ENV, published_key_refusal
 from .file import redact_url
 from .load import build_settings
-from .model import Settings, SettingsError
+from .model import STORE_FIELDS, Settings, SettingsError
 
 log = logging.getLogger(__name__)
 POLL_INTERVAL = 0.25  # seconds between checks of the file (a stat; the file is read only when it changed)
@@ -254,7 +254,7 @@ class ConfigHolder:
         changes = describe_changes(old, settings)
         # The store and the shared state were opened at start: the running ones stay in force (and /config
         # shows them) until a restart; the log line says the change waits for one.
-        settings = replace(settings, state_path=old.state_path, redis_url=old.redis_url)
+        settings = replace(settings, **{name: getattr(old, name) for name, _ in STORE_FIELDS})
         self.runtime = Runtime(settings, _router(settings), document,
                                _sources(self.file_document, self.runtime_providers))
         self.keys.max_cooldown = settings.max_cooldown
@@ -342,7 +342,7 @@ def describe_changes(old: Settings, new: Settings) -> str:
             parts.append(f"{label} changed")
     if old.management != new.management:
         parts.append("remote-management changed")
-    for attribute, label in (("state_path", "state-path"), ("redis_url", "redis-url")):
+    for attribute, label in STORE_FIELDS:
         if getattr(old, attribute) != getattr(new, attribute):
             parts.append(f"{label} changed: NEEDS A RESTART (the running one stays in use until then)")
     return "; ".join(parts) or "no effective change"

@@ -78,6 +78,7 @@ def build_settings(document: Any, environ: Mapping[str, str] | None = None, chec
         nonstream_keepalive_interval=v.number(doc, "", "nonstream-keepalive-interval", 0.0, minimum=0),
         management=v.management(doc.get("remote-management"), "remote-management", environ),
         redis_url=v.string(doc, "", "redis-url", "") or environ.get("REDIS_URL", ""),
+        redis_namespace=v.redis_namespace(doc, "", "redis-namespace"),
         providers=v.providers(doc.get("openai-compatibility"), "openai-compatibility"),
         state_path=v.string(doc, "", "state-path", DEFAULT_STATE_PATH) or DEFAULT_STATE_PATH,
         responses_store_ttl=v.integer(doc, "", "responses-store-ttl", 3600, minimum=1),

@@ -127,6 +127,11 @@ class Management:
     allow_remote: bool = False
 
 
+# The settings of the state store (Settings field, settings key): chosen when the instance starts. A reload that
+# changes them keeps the running ones, and so does every worker gunicorn boots later (last_good.py).
+STORE_FIELDS = (("state_path", "state-path"), ("redis_url", "redis-url"), ("redis_namespace", "redis-namespace"))
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     api_keys: tuple[ClientKey, ...] = ()
@@ -137,6 +142,7 @@ class Settings:
     nonstream_keepalive_interval: float = 0.0
     management: Management = field(default_factory=Management)
     redis_url: str = ""
+    redis_namespace: str = ""               # prefix of every Redis key: deployments sharing one Redis apart
     providers: tuple[Provider, ...] = ()
     state_path: str = DEFAULT_STATE_PATH    # embedded SQLite store (usage, stored responses)
     responses_store_ttl: int = 3600         # seconds a stored response can be continued

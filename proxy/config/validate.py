@@ -33,13 +33,14 @@ MAX_INTEGER = 2**53 - 1
 # Every float setting is seconds: past ~31 years a value is a mistake, and inf, nan or 1e400 would overflow
 # sleeps, socket timeouts and expiry times.
 MAX_SECONDS = 10**9
+MAX_NAMESPACE = 64  # characters of redis-namespace
 _NAME = re.compile(r"[a-z0-9_-]+")  # used with fullmatch: "$" would accept a trailing newline
 _PROXY_SCHEMES = ("http", "https", "socks5", "socks5h", "socks4", "socks4a")
 
 TOP_KEYS = {"api-keys", "request-retry", "timeouts", "max-request-bytes", "max-aggregate-bytes",
-            "nonstream-keepalive-interval", "remote-management", "redis-url", "openai-compatibility",
-            "state-path", "responses-store-ttl", "demo-upstream", "client-timeout", "max-cooldown",
-            "max-inflight-bytes", "responses-store-max-bytes", "responses-store-max-count", "fleet"}
+            "nonstream-keepalive-interval", "remote-management", "redis-url", "redis-namespace",
+            "openai-compatibility", "state-path", "responses-store-ttl", "demo-upstream", "client-timeout",
+            "max-cooldown", "max-inflight-bytes", "responses-store-max-bytes", "responses-store-max-count", "fleet"}
 PROVIDER_KEYS = {"name", "base-url", "disabled", "prefix", "request-retry", "api-key-entries",
                  "headers", "ca-bundle", "verify-tls", "force-upstream-stream", "models",
                  "native-apis", "tokenizer", "reasoning-replay", "stream-usage", "base-urls", "balance",
@@ -94,6 +95,15 @@ class Validator:
         if not isinstance(value, str):
             self.problem(join_path(path, key), f"must be a string, not {_kind(value)}")
             return default or ""
+        return value
+
+    def redis_namespace(self, mapping: dict, path: str, key: str) -> str:
+        """A token every Redis key starts with (``<namespace>:streamfold:``): no ':' (so no namespace's keys are
+        another's), no glob characters (the store lists keys by pattern), bounded; "" for none."""
+        value = self.string(mapping, path, key, "")
+        if value and (len(value) > MAX_NAMESPACE or not _NAME.fullmatch(value)):
+            self.problem(join_path(path, key), f"use only a-z, 0-9, '-' and '_', at most {MAX_NAMESPACE} characters")
+            return ""
         return value
 
     def boolean(self, mapping: dict, path: str, key: str, default: bool) -> bool:

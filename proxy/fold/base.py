@@ -84,6 +84,21 @@ def _no_number(_: str) -> None:
 _AT = json.JSONDecoder(parse_int=_parse_int, parse_float=_parse_float, parse_constant=_no_number)
 
 
+def kept_finish(held: Any, sent: Any) -> Any:
+    """The ``finish_reason`` a choice keeps when a chunk says ``sent`` and it kept ``held`` before (None: none
+    yet): the LAST explicit one (SPEC, "Folding SSE": "the upstream's last explicit value"). null and ``""``
+    (Ollama's on every non-final chunk) are none.
+
+    The ONE rule of every reader (the folds, ``fold/chat.py`` and ``fold/text.py``, and the bridges'
+    ``translate/chat_stream.ChatStream``, which passes each new one on, so a bridge ends with it), so a client
+    gets the same ending from a folded answer as from a bridged stream, and the one the openai SDK's own
+    stream accumulator gives for the same stream. vLLM, llama.cpp and Ollama send one reason per choice; a
+    layer that ends every stream with its own ``stop`` after the real reason (RayBytes/ChatMock#114) is read
+    as it says, the way the SDK reads it.
+    """
+    return sent if sent else held
+
+
 def stream_error(payload: dict) -> StreamError:
     """Turn an in-stream error event into the error the client gets (429 stays 429, else 502)."""
     error = payload.get("error", payload)

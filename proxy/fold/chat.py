@@ -28,7 +28,7 @@ import orjson
 
 from ..errors import StreamError
 from . import guard
-from .base import DEFAULT_MAX_BYTES, DONE, preview, refused_data, run_fold, stream_error
+from .base import DEFAULT_MAX_BYTES, DONE, kept_finish, preview, refused_data, run_fold, stream_error
 from .choice import Choice as _Choice
 from .choice import render_choice as _render_choice
 from .guard import CONTAINER_FACTOR, EXACT_ABOVE, FRAGMENT, Budget, held
@@ -131,8 +131,8 @@ class ChatFold(Budget):
                     continue
                 elif key == "finish_reason":
                     if value:  # Ollama sends "" on every non-final chunk
-                        state.finish = value
-                        self.size += held(value)  # set once per choice, normally
+                        state.finish = kept_finish(state.finish, value)  # the last (base.kept_finish)
+                        self.size += held(value)  # sent once per choice, normally
                 elif key == "logprobs":
                     if value is not None:
                         self._logprobs(state, value)

@@ -2,7 +2,7 @@
 
 Same framing and top-level rules as the chat fold (it reuses ``ChatFold``);
 per choice ``text`` is concatenated, ``finish_reason`` is the last explicit
-value (``stop`` after ``[DONE]`` when none was sent), and the legacy
+value (``base.kept_finish``; ``stop`` after ``[DONE]`` when none was sent), and the legacy
 ``logprobs`` lists (``tokens``, ``token_logprobs``, ``top_logprobs``,
 ``text_offset``) are appended.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Iterable
 
 from ..errors import StreamError
+from .base import kept_finish
 from .chat import DEFAULT_MAX_BYTES, ChatFold, run_fold
 from .choice import Choice
 from .guard import FRAGMENT, held
@@ -29,8 +30,8 @@ class TextFold(ChatFold):
                         self.size += len(value) + FRAGMENT
                 elif key == "finish_reason":
                     if value:
-                        state.finish = value
-                        self.size += held(value)  # set once per choice, normally
+                        state.finish = kept_finish(state.finish, value)
+                        self.size += held(value)  # sent once per choice, normally
                 elif key == "logprobs":
                     if value:
                         self._legacy_logprobs(state, value)

@@ -46,13 +46,14 @@ class ToolCall:
 
     @property
     def arguments(self) -> str:
+        """The arguments as text: the fragments joined (the one place that joins them)."""
         return "".join(self.args)
 
     def render(self) -> dict:
         """The call as a ``chat.completion`` message lists it."""
         out = {} if self.id is None else {"id": self.id}
         out["type"] = self.type or "function"
-        out["function"] = {"name": self.name, "arguments": "".join(self.args)}
+        out["function"] = {"name": self.name, "arguments": self.arguments}
         out.update(self.extra)
         return out
 

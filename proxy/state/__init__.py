@@ -18,7 +18,7 @@ def open_store(settings: Settings) -> Store:
     if settings.redis_url:
         from .redis_store import RedisStore
 
-        return RedisStore(settings.redis_url)
+        return RedisStore(settings.redis_url, settings.redis_namespace)
     from .sqlite import SQLiteStore
 
     return SQLiteStore(settings.state_path)

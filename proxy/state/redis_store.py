@@ -1,6 +1,8 @@
 """The shared state store: Redis (``REDIS_URL``), so usage and limits are the same for every instance.
 
-Keys (all under ``streamfold:``): ``blob:<namespace>:<key>`` (expiring
+Keys (all under ``streamfold:``, or ``<redis-namespace>:streamfold:`` when the setting is given, the channel
+too, so deployments sharing one Redis with different namespaces never see each other's; the names below are
+without it): ``blob:<namespace>:<key>`` (expiring
 strings; a capped namespace also keeps ``blobindex:<namespace>``, its blobs
 by expiry, ``blobsizes:<namespace>``, their sizes, and ``blobbytes:<namespace>``,
 their total), ``usage:<day>`` (a hash per UTC day; field = JSON
@@ -31,9 +33,8 @@ from redis.retry import Retry
 from ..config.file import redact_url
 from .store import COUNTERS, Store, StoreUnavailable, UsageKey
 
-PREFIX = "streamfold:"
+PREFIX = "streamfold:"  # of every key without a namespace; ``<namespace>:streamfold:`` with one
 NOT_A_DOCUMENT = b"(not a hash)"  # the revision of a versioned document's key that holds another type
-CHANNEL = PREFIX + "events"  # what ``publish`` sends and ``subscribe`` hears
 USAGE_TTL = 400 * 86400  # usage days kept in Redis (a year and a bit)
 
 # KEYS: window, total. ARGV: limit (-1 = record without a check), span s, cost, nonce.
@@ -228,13 +229,28 @@ redis.call('SET', KEYS[4], total, 'PX', ttl + 1000)
 return count
 """
 
+# KEYS: a versioned document. ARGV: its value's field (the document's name), value, revision. Counts the version and
+# writes value and revision in one step; or writes nothing and returns Redis's error when the key is no hash or its
+# version no integer (MULTI/EXEC would have written them beside the failed count).
+_PUT_VERSIONED = """
+local version = redis.pcall('HINCRBY', KEYS[1], 'version', 1)
+if type(version) == 'table' then return {version['err']} end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2], 'revision', ARGV[3])
+return version
+"""
+
 
 class RedisStore(Store):
     kind = "redis"
     shares = True
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, redis_namespace: str = "") -> None:
         super().__init__(redact_url(url))
+        # Every key and the channel start with this: deployments sharing one Redis with different namespaces
+        # never see each other's (``redis-namespace``; validated: no ':' nor glob characters in it).
+        self.redis_namespace = redis_namespace
+        self.prefix = f"{redis_namespace}:{PREFIX}" if redis_namespace else PREFIX
+        self.channel = self.prefix + "events"  # what ``publish`` sends and ``subscribe`` hears
         # Short timeouts and no retries: a request thread must not wait on a lost Redis.
         self.client = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5,
                                            retry_on_timeout=False, retry=Retry(NoBackoff(), 0))
@@ -244,12 +260,17 @@ class RedisStore(Store):
         self._admit_script = self.client.register_script(_ADMIT)
         self._unreserve_script = self.client.register_script(_UNRESERVE)
         self._put_capped_script = self.client.register_script(_PUT_CAPPED)
+        self._put_versioned_script = self.client.register_script(_PUT_VERSIONED)
 
     def _run(self, operation, *args):
         try:
             return operation(*args)
         except (redis.RedisError, OSError) as exc:
             raise StoreUnavailable(type(exc).__name__) from None
+
+    def _window(self, name: str) -> list[str]:
+        """A sliding window's keys: its entries and their running total."""
+        return [f"{self.prefix}win:{name}", f"{self.prefix}wintotal:{name}"]
 
     def _probe(self) -> None:
         self._run(self.client.ping)
@@ -259,15 +280,15 @@ class RedisStore(Store):
         ttl_ms = max(1, int((expires - time.time()) * 1000))
         cap = self.caps.get(namespace)
         if cap is None:
-            self._run(lambda: self.client.set(f"{PREFIX}blob:{namespace}:{key}", value, px=ttl_ms))
+            self._run(lambda: self.client.set(f"{self.prefix}blob:{namespace}:{key}", value, px=ttl_ms))
             return
-        keys = [f"{PREFIX}blob:{namespace}:{key}", f"{PREFIX}blobindex:{namespace}", f"{PREFIX}blobsizes:{namespace}",
-                f"{PREFIX}blobbytes:{namespace}"]
-        skip = len(f"{PREFIX}blob:{namespace}:".encode())
+        keys = [f"{self.prefix}blob:{namespace}:{key}", f"{self.prefix}blobindex:{namespace}",
+                f"{self.prefix}blobsizes:{namespace}", f"{self.prefix}blobbytes:{namespace}"]
+        skip = len(f"{self.prefix}blob:{namespace}:".encode())
         self._run(lambda: self._put_capped_script(keys=keys, args=[value, ttl_ms, cap[0], cap[1], skip]))
 
     def _get_blob(self, namespace: str, key: str, now: float) -> bytes | None:
-        return self._run(self.client.get, f"{PREFIX}blob:{namespace}:{key}")
+        return self._run(self.client.get, f"{self.prefix}blob:{namespace}:{key}")
 
     # -- usage -------------------------------------------------------------------
     def _add_usage(self, rows: Mapping[UsageKey, Sequence[int]]) -> None:
@@ -277,11 +298,11 @@ class RedisStore(Store):
             for (day, client, model, provider), counts in rows.items():
                 for counter, amount in zip(COUNTERS, counts, strict=True):
                     if amount:
-                        pipe.hincrby(f"{PREFIX}usage:{day}", orjson.dumps([client, model, provider, counter]),
+                        pipe.hincrby(f"{self.prefix}usage:{day}", orjson.dumps([client, model, provider, counter]),
                                      amount)
                 days.add(day)
             for day in days:
-                pipe.expire(f"{PREFIX}usage:{day}", USAGE_TTL)
+                pipe.expire(f"{self.prefix}usage:{day}", USAGE_TTL)
             pipe.execute()
         self._run(write)
 
@@ -291,7 +312,7 @@ class RedisStore(Store):
         def read() -> list[dict]:
             pipe = self.client.pipeline(transaction=False)
             for day in days:
-                pipe.hgetall(f"{PREFIX}usage:{day}")
+                pipe.hgetall(f"{self.prefix}usage:{day}")
             return pipe.execute()
 
         rows: dict[tuple, list[int]] = {}
@@ -311,7 +332,7 @@ class RedisStore(Store):
 
     # -- limits ------------------------------------------------------------------
     def _take(self, name: str, limit: int, span: float, cost: int) -> float:
-        answer = self._run(self._take_script, [f"{PREFIX}win:{name}", f"{PREFIX}wintotal:{name}"],
+        answer = self._run(self._take_script, self._window(name),
                            [limit, span, cost, os.urandom(6).hex()])
         return float(answer)
 
@@ -319,20 +340,20 @@ class RedisStore(Store):
         self._take(name, -1, span, amount)
 
     def _acquire(self, name: str, token: str, limit: int, lease: float) -> bool:
-        return bool(self._run(self._acquire_script, [f"{PREFIX}slots:{name}"], [limit, lease, token]))
+        return bool(self._run(self._acquire_script, [f"{self.prefix}slots:{name}"], [limit, lease, token]))
 
     def _release(self, name: str, token: str) -> None:
-        self._run(self.client.zrem, f"{PREFIX}slots:{name}", token)
+        self._run(self.client.zrem, f"{self.prefix}slots:{name}", token)
 
     def _admit(self, checks, slot, counts, span: float, lease: float, nonce: str = "") -> tuple[str, float] | None:
         keys, limits = [], []
         for name, limit, _ in checks:
-            keys += [f"{PREFIX}win:{name}", f"{PREFIX}wintotal:{name}"]
+            keys += self._window(name)
             limits.append(limit)
         if slot is not None:
-            keys.append(f"{PREFIX}slots:{slot[0]}")
+            keys.append(f"{self.prefix}slots:{slot[0]}")
         for name, limit in counts:
-            keys += [f"{PREFIX}win:{name}", f"{PREFIX}wintotal:{name}"]
+            keys += self._window(name)
             limits.append(limit)
         token, slot_limit = (slot[1], slot[2]) if slot is not None else ("", 0)
         answer = self._run(self._admit_script, keys, [span, lease, nonce or os.urandom(6).hex(), token, slot_limit,
@@ -345,30 +366,30 @@ class RedisStore(Store):
 
     def _unreserve(self, name: str, amount: int, nonce: str) -> None:
         # the only check is tpm's, so its reservation is entry 1 (see _ADMIT)
-        self._run(self._unreserve_script, [f"{PREFIX}win:{name}", f"{PREFIX}wintotal:{name}"], [f"{nonce}r1:{amount}"])
+        self._run(self._unreserve_script, self._window(name), [f"{nonce}r1:{amount}"])
 
     def _settle(self, release, record, span: float, unreserve=None) -> None:
         def both() -> None:
             pipe = self.client.pipeline(transaction=False)  # one round trip
             if release is not None:
-                pipe.zrem(f"{PREFIX}slots:{release[0]}", release[1])
+                pipe.zrem(f"{self.prefix}slots:{release[0]}", release[1])
             if unreserve is not None:
                 name, amount, nonce = unreserve
-                self._unreserve_script(keys=[f"{PREFIX}win:{name}", f"{PREFIX}wintotal:{name}"],
+                self._unreserve_script(keys=self._window(name),
                                        args=[f"{nonce}r1:{amount}"], client=pipe)
             if record is not None:
-                self._take_script(keys=[f"{PREFIX}win:{record[0]}", f"{PREFIX}wintotal:{record[0]}"],
+                self._take_script(keys=self._window(record[0]),
                                   args=[-1, span, record[1], os.urandom(6).hex()], client=pipe)
             pipe.execute()
         self._run(both)
 
     def _renew(self, held: list[tuple[str, str]], lease: float) -> None:
         if held:
-            self._run(self._renew_script, [f"{PREFIX}slots:{name}" for name, _ in held],
+            self._run(self._renew_script, [f"{self.prefix}slots:{name}" for name, _ in held],
                       [lease, *(token for _, token in held)])
 
     def _secret(self, candidate: bytes | None) -> bytes | None:
-        key = f"{PREFIX}identity-secret"
+        key = f"{self.prefix}identity-secret"
 
         def read() -> bytes | None:
             if candidate is None:
@@ -381,7 +402,7 @@ class RedisStore(Store):
 
     # -- shared by instances -------------------------------------------------------
     def _mark(self, name: str, keep: float) -> None:
-        now, key = time.time(), PREFIX + name
+        now, key = time.time(), self.prefix + name
 
         def write() -> None:
             pipe = self.client.pipeline()  # a sorted set of times, each member tagged so equal times both count
@@ -392,47 +413,51 @@ class RedisStore(Store):
         self._run(write)
 
     def _marks(self, name: str, keep: float) -> list[float]:
-        found = self._run(lambda: self.client.zrangebyscore(PREFIX + name, time.time() - keep, "+inf",
+        found = self._run(lambda: self.client.zrangebyscore(self.prefix + name, time.time() - keep, "+inf",
                                                             withscores=True))
         return [score for _, score in found]
 
     def _announce(self, name: str, value: bytes, ttl: float) -> None:
-        self._run(lambda: self.client.set(PREFIX + name, value, px=max(1, int(ttl * 1000))))
+        self._run(lambda: self.client.set(self.prefix + name, value, px=max(1, int(ttl * 1000))))
 
     def _announced(self, prefix: str) -> list[tuple[str, bytes]]:
         def read() -> list[tuple[str, bytes]]:
-            keys = list(self.client.scan_iter(match=PREFIX + prefix + "*", count=1000))
+            keys = list(self.client.scan_iter(match=self.prefix + prefix + "*", count=1000))
             values = self.client.mget(keys) if keys else []
-            return [(key.decode("utf-8", "replace")[len(PREFIX):], value)
+            return [(key.decode("utf-8", "replace")[len(self.prefix):], value)
                     for key, value in zip(keys, values, strict=True) if value is not None]
         return self._run(read)
 
     def _claim(self, name: str, value: bytes, ttl: float) -> bytes | None:
         def write() -> bytes | None:
             pipe = self.client.pipeline()  # MULTI/EXEC: set-if-absent and read back, atomically
-            pipe.set(PREFIX + name, value, px=max(1, int(ttl * 1000)), nx=True)
-            pipe.get(PREFIX + name)
+            pipe.set(self.prefix + name, value, px=max(1, int(ttl * 1000)), nx=True)
+            pipe.get(self.prefix + name)
             return pipe.execute()[1]
         return self._run(write)
 
     def _publish(self, message: bytes) -> None:
-        self._run(self.client.publish, CHANNEL, message)
+        self._run(self.client.publish, self.channel, message)
 
     def _subscribe(self) -> _Subscription:
-        return self._run(_Subscription, self.client)
+        return self._run(_Subscription, self.client, self.channel)
 
     def _put_versioned(self, name: str, value: bytes, revision: bytes) -> int:
-        def write() -> int:
-            pipe = self.client.pipeline()  # MULTI/EXEC: readers never see a half-written version
-            pipe.hincrby(PREFIX + name, "version", 1)
-            pipe.hset(PREFIX + name, mapping={name: value, "revision": revision})
-            return pipe.execute()[0]
-        return self._run(write)
+        key = self.prefix + name
+        # one script: readers never see a half-written version, and nothing is written over what it cannot count on
+        answer = self._run(self._put_versioned_script, [key], [name, value, revision])
+        if isinstance(answer, list):  # Redis answered: the key is there but no store wrote it so
+            error = answer[0].decode("utf-8", "replace") if isinstance(answer[0], bytes) else str(answer[0])
+            what = "holds another type than a hash" if error.startswith("WRONGTYPE") else \
+                "has a version that is no integer"
+            raise ValueError(f"{key} {what} (not written by streamfold: a hand edit, another program on this Redis); "
+                             f"look at it, then delete it (redis-cli DEL {key}) and write again")
+        return int(answer)
 
     def _revision(self, name: str) -> bytes | None:
         def read() -> bytes | None:
             try:
-                return self.client.hget(PREFIX + name, "revision")
+                return self.client.hget(self.prefix + name, "revision")
             except redis.ResponseError:  # the key holds another type: Redis is up, the document unreadable
                 return NOT_A_DOCUMENT
         return self._run(read)
@@ -440,17 +465,17 @@ class RedisStore(Store):
     def _versioned(self, name: str) -> tuple[int, bytes | None]:
         def read() -> list:
             try:
-                return self.client.hmget(PREFIX + name, ["version", name])
+                return self.client.hmget(self.prefix + name, ["version", name])
             except redis.ResponseError:
-                raise ValueError(f"{PREFIX}{name} is not a hash") from None  # what a reader refuses
+                raise ValueError(f"{self.prefix}{name} is not a hash") from None  # what a reader refuses
         version, value = self._run(read)
         return (int(version) if version else 0), value
 
     def _reseed(self, name: str, value: bytes, version: int, revision: bytes) -> bool:
         def write() -> bool:
-            if not self.client.hsetnx(PREFIX + name, "revision", revision):
+            if not self.client.hsetnx(self.prefix + name, "revision", revision):
                 return False
-            self.client.hset(PREFIX + name, mapping={name: value, "version": version})
+            self.client.hset(self.prefix + name, mapping={name: value, "version": version})
             return True
         return self._run(write)
 
@@ -458,10 +483,10 @@ class RedisStore(Store):
 class _Subscription:
     """The events channel, on a connection of its own from the store client's pool."""
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, channel: str) -> None:
         self.pubsub = client.pubsub(ignore_subscribe_messages=True)
         try:
-            self.pubsub.subscribe(CHANNEL)
+            self.pubsub.subscribe(channel)
         except BaseException:
             self.close()
             raise

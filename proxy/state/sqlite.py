@@ -24,6 +24,8 @@ from collections import deque
 from contextlib import contextmanager
 from typing import Iterator, Mapping, Sequence
 
+import orjson
+
 from .store import Store, StoreUnavailable, UsageKey
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,9 @@ CREATE TRIGGER IF NOT EXISTS blob_added AFTER INSERT ON blobs BEGIN
 END;
 CREATE TRIGGER IF NOT EXISTS blob_gone AFTER DELETE ON blobs BEGIN
     UPDATE blob_totals SET count = count - 1, bytes = bytes - length(OLD.value) WHERE namespace = OLD.namespace;
+END;
+CREATE TRIGGER IF NOT EXISTS blob_replaced AFTER UPDATE OF value ON blobs BEGIN
+    UPDATE blob_totals SET bytes = bytes - length(OLD.value) + length(NEW.value) WHERE namespace = NEW.namespace;
 END;
 INSERT OR IGNORE INTO blob_totals SELECT namespace, count(*), total(length(value)) FROM blobs GROUP BY namespace;
 COMMIT;
@@ -70,8 +75,12 @@ CREATE TABLE IF NOT EXISTS slots (token TEXT PRIMARY KEY, name TEXT NOT NULL, un
 CREATE INDEX IF NOT EXISTS slots_name ON slots (name);
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v) WITHOUT ROWID;
 """
+# All of a flush's rows (a JSON array of [day, client, model, provider, *counters]) in one statement: see _one.
 _ADD_USAGE = """
-INSERT INTO usage VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+INSERT INTO usage SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]'),
+    json_extract(value, '$[3]'), json_extract(value, '$[4]'), json_extract(value, '$[5]'), json_extract(value, '$[6]'),
+    json_extract(value, '$[7]'), json_extract(value, '$[8]'), json_extract(value, '$[9]')
+FROM json_each(?) WHERE true
 ON CONFLICT (day, client, model, provider) DO UPDATE SET
     requests = requests + excluded.requests, errors = errors + excluded.errors,
     prompt_tokens = prompt_tokens + excluded.prompt_tokens,
@@ -200,25 +209,44 @@ class SQLiteStore(Store):
                 raise StoreUnavailable("the state file was deleted or replaced")
 
     def _probe(self) -> None:
-        with self._tx(immediate=True) as db:
-            db.execute("INSERT OR REPLACE INTO meta VALUES ('probe', ?)", (_now(),))
+        self._one("INSERT OR REPLACE INTO meta VALUES ('probe', ?)", (_now(),))
 
     def _expire(self, now: float) -> None:
-        with self._tx(immediate=True) as db:
-            db.execute("DELETE FROM blobs WHERE expires <= ?", (now,))
-            db.execute("DELETE FROM windows WHERE at <= ?", (now - 3600,))  # windows nobody checks any more
-            db.execute("DELETE FROM slots WHERE until <= ?", (now,))
+        self._one("DELETE FROM blobs WHERE expires <= ?", (now,))
+        self._one("DELETE FROM windows WHERE at <= ?", (now - 3600,))  # windows nobody checks any more
+        self._one("DELETE FROM slots WHERE until <= ?", (now,))
 
     # -- blobs -------------------------------------------------------------------
     def _put_blob(self, namespace: str, key: str, value: bytes, expires: float) -> None:
         self._check()  # a write into a deleted file would be lost without a trace
+        # One statement (see _one); not INSERT OR REPLACE: the row it replaces would not fire blob_gone.
+        self._one("INSERT INTO blobs VALUES (?, ?, ?, ?) ON CONFLICT (namespace, key) DO UPDATE SET "
+                  "value = excluded.value, expires = excluded.expires", (namespace, key, value, expires))
         cap = self.caps.get(namespace)
-        with self._tx(immediate=cap is not None) as db:
-            # not INSERT OR REPLACE: the row it replaces would leave blob_totals without firing blob_gone
-            db.execute("DELETE FROM blobs WHERE namespace = ? AND key = ?", (namespace, key))
-            db.execute("INSERT INTO blobs VALUES (?, ?, ?, ?)", (namespace, key, value, expires))
-            if cap is not None:
-                _drop_oldest(db, namespace, *cap)
+        if cap is not None:
+            self._drop_oldest(namespace, *cap)
+
+    def _drop_oldest(self, namespace: str, max_count: int, max_bytes: int) -> None:
+        """Bring ``namespace`` within its caps: expired blobs first, then the victims ``_victims`` chooses from a
+        snapshot read without the write lock, deleted in one statement. (In one transaction, the choice held the
+        lock: with 10,000 blobs and busy request threads a put held it 2-10 s.) Puts from several workers at once
+        may leave the namespace past its cap by those puts, or one under it, until the next put."""
+        totals = "SELECT count, bytes FROM blob_totals WHERE namespace = ?"
+        with self._tx() as db:
+            count, total = db.execute(totals, (namespace,)).fetchone() or (0, 0)
+        if count <= max_count and total <= max_bytes:
+            return
+        self._one("DELETE FROM blobs WHERE namespace = ? AND expires <= ?", (namespace, _now()))
+        with self._tx() as db:  # one consistent snapshot, each row read in the one step of an aggregate
+            count, total = db.execute(totals, (namespace,)).fetchone() or (0, 0)
+            if count <= max_count and total <= max_bytes:
+                return
+            (rows,) = db.execute("SELECT json_group_array(json_array(key, size, expires)) FROM (SELECT key, "
+                                 "length(value) AS size, expires FROM blobs WHERE namespace = ?)",
+                                 (namespace,)).fetchone()
+        drop = _victims(orjson.loads(rows), count, total, max_count, max_bytes)
+        self._one("DELETE FROM blobs WHERE namespace = ? AND key IN (SELECT value FROM json_each(?))",
+                  (namespace, orjson.dumps(drop).decode()))
 
     def _get_blob(self, namespace: str, key: str, now: float) -> bytes | None:
         with self._tx() as db:
@@ -228,8 +256,7 @@ class SQLiteStore(Store):
 
     # -- usage -------------------------------------------------------------------
     def _add_usage(self, rows: Mapping[UsageKey, Sequence[int]]) -> None:
-        with self._tx(immediate=True) as db:
-            db.executemany(_ADD_USAGE, [(*key, *counts) for key, counts in rows.items()])
+        self._one(_ADD_USAGE, (orjson.dumps([(*key, *counts) for key, counts in rows.items()]).decode(),))
 
     def _usage(self, first_day: str, last_day: str) -> list[tuple]:
         with self._tx() as db:
@@ -239,9 +266,13 @@ class SQLiteStore(Store):
     # -- limits ------------------------------------------------------------------
     # Every step is ONE statement in its own (autocommit) transaction: atomic,
     # and the write lock is never held while this thread waits to get the GIL
-    # back between statements (with busy request threads that wait can take
-    # milliseconds, and every other worker would queue behind it). Window
-    # totals are kept by triggers, so a check costs the same whatever the limit.
+    # back between statements (the sqlite3 module lets the GIL go around each
+    # step; with busy request threads getting it back takes ~100 ms, past a
+    # second at times, and every other worker would queue behind it: their
+    # limit steps then ran out of BUSY_TIMEOUT and the store was marked down).
+    # The usage flush, the slots' renewal and the expiry are single statements
+    # for the same reason. Window totals are kept by triggers, so a check costs
+    # the same whatever the limit.
     def _one(self, sql: str, parameters: tuple) -> sqlite3.Cursor:
         with self._held(True) as db:
             return db.execute(sql, parameters)
@@ -274,9 +305,8 @@ class SQLiteStore(Store):
 
     def _renew(self, held: list[tuple[str, str]], lease: float) -> None:
         if held:
-            until = _now() + lease
-            with self._tx(immediate=True) as db:
-                db.executemany("UPDATE slots SET until = ? WHERE token = ?", [(until, token) for _, token in held])
+            self._one("UPDATE slots SET until = ? WHERE token IN (SELECT value FROM json_each(?))",
+                      (_now() + lease, orjson.dumps([token for _, token in held]).decode()))
 
     # -- identity secret ---------------------------------------------------------
     def _secret(self, candidate: bytes | None) -> bytes | None:
@@ -305,18 +335,13 @@ def owner_of(key: str) -> str:
     return key.split("/", 1)[0] if "/" in key else ""
 
 
-def _drop_oldest(db: sqlite3.Connection, namespace: str, max_count: int, max_bytes: int) -> None:
-    """Delete ``namespace``'s blobs until at most ``max_count`` and ``max_bytes`` remain: expired ones first of
-    all, then, one at a time, the oldest (first to expire) of the owner holding the most blobs (bytes, for
-    the bytes cap; of those, the one with the oldest blob), so one tenant's flood drops its own answers, not
-    another's. ``length`` reads a blob's size without its content."""
-    db.execute("DELETE FROM blobs WHERE namespace = ? AND expires <= ?", (namespace, _now()))
-    count, total = db.execute("SELECT count, bytes FROM blob_totals WHERE namespace = ?", (namespace,)).fetchone()
-    if count <= max_count and total <= max_bytes:
-        return
+def _victims(rows: list, count: int, total: int, max_count: int, max_bytes: int) -> list[str]:
+    """The keys to delete from a namespace holding ``rows`` ([key, size, expires]; ``count`` blobs, ``total``
+    bytes) until at most ``max_count`` and ``max_bytes`` remain: one at a time, the oldest (first to expire) of
+    the owner holding the most blobs (bytes, for the bytes cap; of those, the one with the oldest blob), so one
+    tenant's flood drops its own answers, not another's. ``length`` read a blob's size without its content."""
     held: dict[str, list] = {}  # owner -> [count, bytes, its blobs (key, size, expires) oldest first]
-    for key, size, expires in db.execute("SELECT key, length(value), expires FROM blobs WHERE namespace = ? "
-                                         "ORDER BY expires", (namespace,)):
+    for key, size, expires in sorted(rows, key=lambda row: row[2]):
         entry = held.setdefault(owner_of(key), [0, 0, deque()])
         entry[0], entry[1] = entry[0] + 1, entry[1] + size
         entry[2].append((key, size, expires))
@@ -326,9 +351,9 @@ def _drop_oldest(db: sqlite3.Connection, namespace: str, max_count: int, max_byt
         victim = max(held, key=lambda owner: (held[owner][field], -held[owner][2][0][2]))
         entry = held[victim]
         key, size, _ = entry[2].popleft()
-        drop.append((namespace, key))
+        drop.append(key)
         count, total = count - 1, total - size
         entry[0], entry[1] = entry[0] - 1, entry[1] - size
         if not entry[2]:
             del held[victim]
-    db.executemany("DELETE FROM blobs WHERE namespace = ? AND key = ?", drop)
+    return drop

@@ -10,8 +10,11 @@ Two kinds of callers, two contracts:
 * ``put_blob`` / ``get_blob`` never raise. A namespace may be capped
   (``cap``: at most so many blobs and so many bytes together); a put past the
   cap drops the oldest blobs (those that expire first) of the
-  owner holding the most (the key's part before its first ``/``) in the same
-  transaction, so the store holds neither more nor fewer than it says. While the backend is down a put is
+  owner holding the most (the key's part before its first ``/``): Redis in
+  the same script, so the store holds neither more nor fewer than it says;
+  SQLite right after the put, chosen without the file's write lock held, so
+  puts from several workers at once may leave it past the cap by those puts
+  (or one under) until the next put. While the backend is down a put is
   kept in this process's memory (served to ``get_blob`` from there) and written
   by the background tick once the backend is back; it is dropped when its TTL
   passes first, or when the memory copy grows past ``PENDING_LIMIT`` bytes
@@ -70,6 +73,7 @@ class Store:
 
     kind = "none"
     shares = False  # True when other instances reach the same store (the operations under "shared by instances")
+    redis_namespace = ""  # what every key of a shared store starts with, for the deployment's instances alone
 
     def __init__(self, where: str) -> None:
         self.where = where            # for log lines: a path, or a Redis URL without its password
@@ -231,7 +235,9 @@ class Store:
     # A versioned document: one value every instance follows, with a version number that counts its writes and a
     # random revision that tells a rewrite apart (a store that lost its data counts from 0 again).
     def put_versioned(self, name: str, value: bytes, revision: bytes) -> int:
-        """Write the document ``name`` in one step; its new version."""
+        """Write the document ``name`` in one step; its new version. Raises ``ValueError`` (the store is up, nothing
+        was written) when what is there under ``name`` was not written by a store (another type, a version that is
+        no number: a hand edit, another program)."""
         return self._guard(self._put_versioned, name, value, revision)
 
     def revision(self, name: str) -> bytes | None:

@@ -11,10 +11,10 @@ recognised by a strict pattern over the usual compact layouts (vLLM, SGLang,
 llama.cpp, OpenAI: any order of the plain members, ``"finish_reason":null``,
 ``usage`` absent or null, no tool calls, no error, exactly one delta key);
 its bytes before and after the string literal become the stream's template
-(head, tail). Later reads are split at every tail + blank line in one C
-call; when every piece starts with the head (the read rebuilt from the
-pieces without their heads comes back byte for byte) the pieces are the
-literals' bodies (one slice per event, nothing decoded), and a run
+(head, tail). Later reads, up to their last tail + blank line, are split
+at the blank lines in one C call; when every piece is head + body + tail
+(the read rebuilt from the bodies comes back byte for byte) the bodies are
+the literals' (one slice per event, nothing decoded), and a run
 of them is handed over undecoded as one ``TextRun`` (the only place one is
 made; ``chat_events`` passes it on as the event ``("run", run)``, which a
 bridge's writer takes in one method). Only bodies that ``orjson.dumps`` writes
@@ -38,7 +38,8 @@ Pure: bytes in, lists out; no Flask, no requests.
 from __future__ import annotations
 
 import re
-from operator import itemgetter
+from itertools import repeat
+from operator import getitem, itemgetter
 from typing import Generator, Iterable, Iterator
 
 import orjson
@@ -85,6 +86,7 @@ _FAST = re.compile(rb'data: ?\{(?:(?:%s),)*%s(?:,(?:%s))*\}' % (_PLAIN, _CHOICES
 _LITERAL_BODY = re.compile(rb'(?:[^"\\\x00-\x1f]|\\["\\bfnrt])*')
 _DELTA_KEY = re.compile(rb'"delta":\{"(?:content|reasoning)')  # cheap test before _FAST: no match, no template
 _SPECIAL = re.compile(rb'["\\\x00-\x1f]')  # a literal body without these is plain text
+_PLAIN_BYTES = bytes(c for c in range(0x20, 0x80) if c not in b'"\\')  # ... and ASCII: only these bytes
 _KINDS = {b"content": "text", b"reasoning_content": "reasoning", b"reasoning": "reasoning"}
 _SEPARATORS = (b"\n\n", b"\r\n\r\n", b"\r\r", b"\n\r\n")
 
@@ -146,7 +148,7 @@ def chat_events(chat: ChatStream, batch: list, events: list[tuple]) -> bool:
         if type(chunk) is TextRun:
             if plain:
                 bodies = chunk[1]
-                if b"" in bodies:
+                if not all(bodies):  # an empty delta ("content":""): nothing to write
                     bodies = [body for body in bodies if body]
                     chunk = _run_of(TextRun, (chunk[0], bodies, chunk[2], chunk[3]))
                 if bodies:
@@ -185,7 +187,7 @@ def _plain_text(chunk: dict) -> str | None:
 
 def _events_end(data: bytes) -> int:
     """Where the last complete event of ``data`` ends (just after a blank line), 0 if none has."""
-    if b"\r" not in data:
+    if data.find(b"\r") < 0:  # not ``in``: on bytes it tries the needle as an int first and raises (~5x)
         at = data.rfind(b"\n\n")
         return at + 2 if at >= 0 else 0
     end = 0
@@ -199,7 +201,7 @@ def _events_end(data: bytes) -> int:
 def _decoded(data: bytes, max_bytes: int, template: list | None) -> Generator[list, None, list]:
     batch: list = []
     try:
-        if template is not None and b"\r" not in data:
+        if template is not None and data.find(b"\r") < 0:
             _scan(data, max_bytes, template, batch)
         else:
             batch.extend(iter_chat_chunks((data,), max_bytes))
@@ -214,8 +216,8 @@ def _decoded(data: bytes, max_bytes: int, template: list | None) -> Generator[li
 
 def _scan(data: bytes, max_bytes: int, template: list, batch: list) -> None:
     """Complete events ``data`` (no CR in it) into ``batch``: runs of plain deltas as ``TextRun``, other
-    events decoded. Once the stream's template is known, the read is split at every "end of one plain
-    delta, start of the next" in one C call, so a run of plain deltas costs no Python per event."""
+    events decoded. Once the stream's template is known, a read of plain deltas is split and checked in a
+    few C calls, so a run of them costs no Python per event but one slice."""
     at = 0
     if len(data) > max_bytes:
         _by_event(data, max_bytes, template, batch)  # it checks each event's size
@@ -227,20 +229,30 @@ def _scan(data: bytes, max_bytes: int, template: list, batch: list) -> None:
     head, tail, kind = template
     end, skip = tail + b"\n\n", len(head)
     region = data[at:] if at else data
-    parts = region.split(end)  # a plain delta is now head + body; whatever follows the last one is ``rest``
-    rest = parts.pop()
-    bodies = [part[skip:] for part in parts]
-    if parts and region.startswith(b"%s%s%s" % (head, (end + head).join(bodies), end)):
-        # Every part starts with the head: rebuilt from the bodies, the read's bytes come back. A part at
-        # least as long as the head is then head + body at its place; a shorter one (its "body" empty)
-        # would make the rebuilt read longer unless the head ended the way tail + blank line starts, and
-        # it cannot: the head ends with ':"' and holds no '"}', the tail starts with '"}'.
+    last = region.rfind(end)  # from the end: only the events after the last plain delta are scanned
+    if last < 0:
+        _by_event(region, max_bytes, template, batch)
+        return
+    cut = last + len(end)
+    # Up to ``cut``, the usual read is nothing but plain deltas. Split at the tail's last two bytes and the
+    # blank line (a 4-byte separator of rare bytes is found several times faster than the whole tail's
+    # ~45), then check the read as a whole: rebuilt from the bodies, it must come back byte for byte. When
+    # it does, every piece was one event, head + body + tail, so the bodies are the ones the split at every
+    # tail + blank line below finds: the separator cannot overlap itself, and no body holds it.
+    events = (region[:cut] if cut < len(region) else region).split(end[-4:])
+    events.pop()  # what follows the last separator: nothing
+    bodies = list(map(getitem, events, repeat(slice(skip, 2 - len(tail)))))  # ~1.6x cheaper than a listcomp
+    joined = (end + head).join(bodies)
+    if skip + len(joined) + len(end) == cut and region.startswith(head) and region.startswith(joined, skip):
         if _run(bodies, max_bytes, (head, tail, kind), batch):
             return
+        rest = region[cut:]
     else:  # other events among them: the plain runs between those, each event else on its own
+        parts = region.split(end)  # a plain delta is now head + body; whatever follows the last one is ``rest``
+        rest = parts.pop()
         run: list[bytes] = []
         for part in parts:
-            if part.startswith(head) and b"\n" not in part:
+            if part.startswith(head) and part.find(b"\n") < 0:
                 run.append(part[skip:])
                 continue
             if run and _run(run, max_bytes, (head, tail, kind), batch):
@@ -258,8 +270,7 @@ def _run(bodies: list[bytes], max_bytes: int, template: tuple, batch: list) -> b
     """A run of bodies that stood between the template's head and tail: one ``TextRun`` for the ones that
     are canonical literal bodies, the others decoded in order. True when the stream ended (``DONE``)."""
     head, tail, kind = template
-    joined = b"".join(bodies)
-    if _SPECIAL.search(joined) is None and joined.isascii():
+    if not b"".join(bodies).translate(None, _PLAIN_BYTES):  # ~10x cheaper than _SPECIAL.search
         batch.append(_run_of(TextRun, (kind, bodies, head, tail)))
         return False
     good: list[bytes] = []
@@ -331,7 +342,7 @@ def _utf8(body: bytes) -> bool:
 
 def _slow(run: list[bytes], max_bytes: int, batch: list) -> bool:
     """Decode ``run`` (complete events) into ``batch``; True when it ended with ``DONE``."""
-    if all(event.startswith(b"data:") and b"\n" not in event for event in run):
+    if all(event.startswith(b"data:") and event.find(b"\n") < 0 for event in run):
         # one data line each (the usual first, finish and usage chunks): no SSE parser needed
         for event in run:
             chunk = decode_event(b"", event[5:], max_bytes)

@@ -30,7 +30,7 @@ import orjson
 
 from ..errors import StreamError
 from ..fold import guard
-from ..fold.base import DONE, refused_data, stream_error
+from ..fold.base import DONE, kept_finish, refused_data, stream_error
 from ..fold.guard import FRAGMENT, REPLACEMENT, Halves
 from ..fold.sse import iter_event_batches
 from ..fold.tool_calls import ToolCall, ToolCalls
@@ -245,7 +245,8 @@ class ChatStream:
                 if self.held.size > self.held.max_bytes:
                     self.held.over()
         finish = choice.get("finish_reason")
-        if finish and self.finish_reason is None:
+        # each new explicit one is passed on: the last is kept, as the fold keeps it (fold/base.kept_finish)
+        if finish and kept_finish(self.finish_reason, finish) != self.finish_reason:
             if type(finish) is not str:
                 raise StreamError("upstream chunk has a `finish_reason` that is not a string")
             self._flush_halves(events)

@@ -35,7 +35,7 @@ def overview() -> Response:
         "reload-error": {"at": error[0], "message": error[1]} if error else None,
         "redis": ({"state": "off"} if shared is None else
                   {"state": "up" if shared.up else "down", "url": shared.safe_url,
-                   "providers-version": shared.version}),
+                   "namespace": shared.store.redis_namespace, "providers-version": shared.version}),
         "instances": None if shared is None else instances.listing(shared),
         "workers": workers,
     })

@@ -27,7 +27,7 @@ from typing import Any, Collection, Iterable
 import orjson
 
 from ..tools import ToolNames, sanitize_tool_id
-from .errors import FIXED_ERROR_EVENT, INTERNAL, error_event
+from .errors import FIXED_ERROR_EVENT, error_event
 from .response import new_message_id, stop_fields, tool_input, usage
 
 PING = b'event: ping\ndata: {"type":"ping"}\n\n'
@@ -116,7 +116,7 @@ class MessageStream:
                     if self.open_kind != "thinking":
                         out.append(self._open("thinking", _THINKING_START))
                     pre, post = _THINKING_PRE % self.open_index, _TEXT_POST
-                out.append(pre + (post + pre).join(run[1]) + post)  # = one _TEXT_DELTA per body
+                out += (pre, (post + pre).join(run[1]), post)  # = one _TEXT_DELTA per body, joined once by the runner
             elif kind == "text":
                 if self.open_kind != "text":
                     out.append(self._open("text", _TEXT_START))
@@ -195,7 +195,7 @@ class MessageStream:
         self.emitted_tool = True
         name = self.names.to_client(tool.name) if tool.name else f"tool_{tool.index}"
         block = {"type": "tool_use", "id": sanitize_tool_id(tool.id or ""), "name": name, "input": {}}
-        arguments = orjson.dumps(tool_input("".join(tool.args))).decode()
+        arguments = orjson.dumps(tool_input(tool.arguments)).decode()
         return (frame("content_block_start", {"type": "content_block_start", "index": index, "content_block": block})
                 + frame("content_block_delta", {"type": "content_block_delta", "index": index,
                                                 "delta": {"type": "input_json_delta", "partial_json": arguments}})

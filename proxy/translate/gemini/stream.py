@@ -84,7 +84,7 @@ class GeminiStream:
                 run = event[1]
                 if run.kind == "text" or self.thoughts:
                     pre, post = self._text if run.kind == "text" else self._thought
-                    out.append(self._lead + pre + (post + self._next_lead + pre).join(run.bodies) + post)
+                    out += (self._lead, pre, (post + self._next_lead + pre).join(run.bodies), post)
                     self._lead = self._next_lead
             elif kind == "text" or (kind == "reasoning" and self.thoughts):
                 pre, post = self._text if kind == "text" else self._thought
@@ -108,7 +108,7 @@ class GeminiStream:
             return self.fail(502, "upstream stream ended early")
         body = self.feed(events)
         parts = [function_call(tool.id or "", self.names.to_client(tool.name) if tool.name else f"tool_{tool.index}",
-                               "".join(tool.args)) for tool in self.tools]
+                               tool.arguments) for tool in self.tools]
         self.tools = []
         record = {"candidates": [{"content": {"role": "model", "parts": parts},
                                   "finishReason": finish_reason(self.finish), "index": 0}],

@@ -160,12 +160,16 @@ class ResponsesWriter(MachineWriter):
 
     def close(self, out: list[bytes], events: Iterable[Any], ended_early: bool) -> None:
         stream, closing = self.stream, []
+        items = list(stream.items)
         try:
             stream.close_into(closing, events, ended_early)
             if stream.error is None and self.save is not None:
                 self.save(stream.history_parts())
         except BaseException:
-            stream.ended = False  # its terminal event was built but never went out
+            # its terminal event was built but never went out, nor the done events of the items closed here: a
+            # failure lists only the items done before
+            stream.ended = False
+            stream.items[:] = items
             raise
         out += closing
 

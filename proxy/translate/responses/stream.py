@@ -112,11 +112,8 @@ class ResponsesStream:
 
     def literals(self, out: list[bytes], kind: str, bodies: list[bytes]) -> None:
         """Text or reasoning deltas given as JSON string literal bodies (a ``chat_reads.TextRun``): written as
-        they came (each is what ``orjson.dumps`` of its text gives), their text decoded once."""
-        if b"" in bodies:
-            bodies = [body for body in bodies if body]
-            if not bodies:
-                return
+        they came (each is what ``orjson.dumps`` of its text gives), their text decoded once; never empty (the
+        reader leaves empty ones out of a run)."""
         text = orjson.loads(b'"%s"' % b"".join(bodies))
         if self.held is not None:
             self.held.charge(text)
@@ -176,8 +173,7 @@ class ResponsesStream:
             elif kind == "tool_start":
                 self._start_tool(out, event[1])
             elif kind == "finish":
-                self.finish = event[1]
-                self._close_all(out, status_of(self.finish)[0])
+                self.finish = event[1]  # items are closed at the end, with the status of the last one
             elif kind == "usage":
                 self.usage = event[1]
 
