@@ -265,18 +265,18 @@ class Balancer:
         the end of the run is searched for, keying only the blocks probed:
         first two blocks short of the end (a conversation's next turn is its
         last turn plus a tail of new messages: when that tail is under two
-        blocks this one probe decides), then four blocks further back, then
-        at ``least`` (a conversation the index has not seen is known to be
-        too short to route by after three probes), and once a block is found
-        by bisection towards the last block not found, unless the run found
-        is already enough to decide.
+        blocks this one probe decides), then at ``least`` (a longer tail's
+        conversation is found there, and one the index has not seen is known
+        to be too short to route by after two probes), and once a block is
+        found by bisection towards the last block not found, unless the run
+        found is already enough to decide.
         Held blocks found not used for a while are touched once a replica
         takes the request.
         """
         probe, key = self.table.probe, blocks.key
         least = least if least > 1 else 1
         low, high, mask, stale = 0, blocks.count, 0, None  # the run is at least low and at most high blocks long
-        length, misses = high - 2 if high > 3 else 1, 0
+        length = high - 2 if high > 3 else 1
         while True:
             block = key(length - 1)
             found, old = probe(block)
@@ -288,13 +288,11 @@ class Balancer:
                 if length >= least and not held & (held - 1) and found >> 56 < 2:
                     break  # one replica, not a branching point, long enough: probing further changes nothing
             else:
-                high, misses = length - 1, misses + 1
+                high = length - 1
             if low >= high or high < least:
                 break
-            if mask:
-                length = (low + high + 1) // 2
-            else:  # none found yet: back from the end, then straight to the shortest run worth routing by
-                length = high - 3 if misses == 1 and high - 3 > least else least
+            # none found yet: straight to the shortest run worth routing by; else bisect
+            length = (low + high + 1) // 2 if mask else least
         return low, mask & (wanted | BRANCHES), stale
 
     def served(self, choice: Choice, target: Target, fleet: Fleet, waiting: int = 0) -> None:

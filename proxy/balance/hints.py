@@ -37,7 +37,6 @@ from .table import stable_hash
 
 SESSION_HEADERS = ("x-claude-code-session-id", "x-session-affinity")
 MAX_BLOCKS = 4096  # blocks indexed per prompt (8 MB at the default block size); the rest is not
-SAMPLE = 256       # a block's key is the CRC-32 of its last SAMPLE bytes (of all of it when shorter)
 
 
 _BODY_HINTS = frozenset(("metadata", "prompt_cache_key", "user", "safety_identifier"))
@@ -145,12 +144,11 @@ class Blocks:
     is kept as it came (no copy) until the blocks are entered.
     """
 
-    __slots__ = ("data", "start", "size", "window", "length", "count", "_keys")
+    __slots__ = ("data", "start", "size", "length", "count", "_keys")
 
     def __init__(self, data: bytes, size: int, start: int = 0, end: int | None = None) -> None:
         """The blocks of ``data[start:end]``."""
         self.data, self.start, self.size = data, start, size
-        self.window = size if size < SAMPLE else SAMPLE
         self.length = (len(data) if end is None else end) - start
         count = self.length // size
         self.count = count if count < MAX_BLOCKS else MAX_BLOCKS
@@ -160,8 +158,8 @@ class Blocks:
         """Block ``index``'s key (never 0): the CRC-32 of its bytes, and its position above it."""
         found = self._keys.get(index)
         if found is None:
-            at = self.start + (index + 1) * self.size  # the block's end
-            found = self._keys[index] = zlib.crc32(self.data[at - self.window:at]) | (index + 1) << 32
+            at = self.start + index * self.size
+            found = self._keys[index] = zlib.crc32(self.data[at:at + self.size]) | (index + 1) << 32
         return found
 
     def keys_from(self, start: int) -> list[int]:
