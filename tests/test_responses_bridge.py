@@ -645,3 +645,25 @@ def test_an_internal_error_mid_stream_still_opens_with_response_created(bridged,
         assert [p["sequence_number"] for _, p in terminal["events"]] == list(range(len(terminal["events"])))
         assert terminal["events"][-1][0] == ("response.failed" if codex else "error")
     assert post(bridged, {"model": "m", "input": "hi"}).status_code == 200  # the worker is fine
+
+
+def test_deltas_after_a_finish_reason_stay_in_their_open_items_streamed_and_folded_alike(bridged, upstream):
+    """An upstream that goes on after its finish_reason (arguments, a second call, text, then a second finish):
+    items close only at the end, so the late arguments are deltas of the call's open item and every item ends
+    with the last finish's status, streamed (plain and Codex) as folded."""
+    chunks = (chunk({"role": "assistant", "tool_calls": [call(0, "call_a", "read", '{"pa')]}),
+              chunk(finish="tool_calls"),
+              chunk({"tool_calls": [{"index": 0, "function": {"arguments": 'th":"x"}'}}]}),
+              chunk({"tool_calls": [call(1, "call_b", "grep", '{"q":1}')]}),
+              chunk({"content": "late"}),
+              chunk(finish="length"), usage())
+    upstream.handler = answer(*chunks)
+    folded = post(bridged, {"model": "m", "input": "hi"}).json()
+    for codex in (False, True):
+        terminal = stream(bridged, {"model": "m", "input": "hi"}, codex=codex)
+        assert terminal["response"]["status"] == folded["status"] == "incomplete"
+        calls = [(item["call_id"], item["arguments"], item["status"]) for item in terminal["response"]["output"]
+                 if item["type"] == "function_call"]
+        assert calls == [(item["call_id"], item["arguments"], item["status"]) for item in folded["output"]
+                         if item["type"] == "function_call"]
+        assert calls == [("call_a", '{"path":"x"}', "incomplete"), ("call_b", '{"q":1}', "incomplete")]

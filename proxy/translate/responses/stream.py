@@ -166,8 +166,8 @@ class ResponsesStream:
                 self._delta(out, _SUMMARY_DELTA, self.middle, orjson.dumps(event[1]), _TAIL)
             elif kind == "tool_args":
                 entry = self.tools.get(id(event[1]))
-                # A custom call's input is sent whole at the end (it is unwrapped from JSON); arguments for a
-                # call already finished (an upstream that goes on after its finish_reason) have no item to join.
+                # A custom call's input is sent whole at the end (it is unwrapped from JSON). Items close only
+                # at the end, so arguments after a finish_reason are still deltas of the call's open item.
                 if entry is not None and not entry[2]:
                     self._delta(out, _ARGS_DELTA, entry[3], orjson.dumps(event[2]), _TAIL)
             elif kind == "tool_start":
