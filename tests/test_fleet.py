@@ -765,3 +765,41 @@ def test_history_ends_remembered_for_hostile_field_names_stay_bounded(replicas, 
         assert answer.status_code == 200, answer.text
     kept = sum(len(raw_tail) + len(name) for raw_tail, name in hints._ENDS)
     assert kept <= len(hints._ENDS) * 2 * 256
+
+
+def test_the_remembered_end_of_a_history_is_where_serialising_the_fields_after_it_finds_it():
+    """Where a body's history ends is found by serialising the fields after it the first time a client's body ends
+    in some bytes, and taken from memory for later bodies ending alike (checked in place). Random clients (the
+    OpenAI SDK's order: tools and sampling fields after the messages, sometimes indented), turn after turn, and
+    clients whose bodies end in the same bytes with other fields before them: the remembered span is always the one
+    found afresh."""
+    import random
+
+    from proxy.balance import hints
+
+    rng = random.Random(11)
+    words = ["tools", "model", "stream", "x", '"quoted"', "\u00e9t\u00e9", "{[", "\\"]
+
+    def text(n: int) -> str:
+        return " ".join(rng.choice(words) for _ in range(n))
+
+    for client in range(60):
+        tools = [{"type": "function", "function": {"name": f"t{n}", "description": text(rng.randint(0, 40))}}
+                 for n in range(rng.randint(0, 6))]
+        tail = {"temperature": 0.2} if rng.random() < 0.5 else {}
+        indent = rng.choice([None, 2])
+        history = [{"role": "system", "content": text(30)}]
+        for turn in range(6):
+            history += [{"role": "user", "content": text(rng.randint(1, 60))}]
+            body = {"messages": history, "model": "m", **({"tools": tools} if tools else {}), **tail}
+            raw = json.dumps(body, indent=indent).encode()
+            remembered = hints.history_span(body, raw)
+            hints._ENDS.clear()
+            assert remembered == hints.history_span(body, raw), (client, turn)
+            if rng.random() < 0.3:  # another client's body ending in the same bytes, another field before them
+                other = {"messages": history, "model": "m", "n": 1, **({"tools": tools} if tools else {}), **tail}
+                raw = json.dumps(other, indent=indent).encode()
+                hints.history_span(body, json.dumps(body, indent=indent).encode())  # remembered again
+                remembered = hints.history_span(other, raw)
+                hints._ENDS.clear()
+                assert remembered == hints.history_span(other, raw), (client, turn, "other")
