@@ -75,7 +75,9 @@ def execute(settings: Settings, sessions: upstream.Sessions, keys: KeyPool,
     choice = None
     raw, call.raw = call.raw, None  # the body's bytes are kept no longer than the request is being routed
     if balancer is not None:
-        choice = balancer.route(targets, call.body, call.client_headers, keys, settings.fleet, raw)
+        client = record.client
+        choice = balancer.route(targets, call.body, call.client_headers, keys, settings.fleet, raw,
+                                client.identity if client is not None else "")
         targets = choice.targets
     for target, entry in keys.plan(targets):
         if record.attempts >= budget:

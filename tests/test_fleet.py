@@ -803,3 +803,58 @@ def test_the_remembered_end_of_a_history_is_where_serialising_the_fields_after_i
                 remembered = hints.history_span(other, raw)
                 hints._ENDS.clear()
                 assert remembered == hints.history_span(other, raw), (client, turn, "other")
+
+
+def test_replicas_of_one_set_keep_their_own_bits_however_the_table_numbered_them():
+    """A prefix entry names its holders by a bit each. It was the replica's column in the instance's table modulo
+    56, so two replicas of one set whose names the table first saw 56 apart (others in between: other sets'
+    replicas, a replica added later) shared a bit, and a conversation placed on one was sent on to the other.
+    Each replica's bit is now its place in its set."""
+    from proxy.balance.balancer import Balancer
+    from proxy.config.model import Fleet
+    from proxy.keys import KeyPool
+
+    fleet, keys = Fleet(), KeyPool()
+    balancer = Balancer(None, fleet)
+    balancer.table.column("gpu#1")
+    for number in range(55):  # another set's replicas, seen before the rest of this one
+        balancer.table.column(f"other#{number}")
+    targets = four_replicas()
+    placed, moved = {}, []
+    for conversation in range(16):
+        first = "".join(f"conversation {conversation} line {i}\n" for i in range(600))
+        for turn_number in range(3):
+            messages = [{"role": "user", "content": first}] + [{"role": "assistant", "content": "ok"},
+                                                               {"role": "user", "content": "more"}] * turn_number
+            choice = balancer.route(targets, {"model": "m", "messages": messages}, {}, keys, fleet)
+            where = choice.targets[0].replica_name
+            balancer.served(choice, choice.targets[0], fleet)
+            if placed.setdefault(conversation, where) != where:
+                moved.append((conversation, placed[conversation], where))
+    assert not moved, moved
+
+
+def test_two_tenants_sending_one_session_hint_or_one_conversation_are_routed_apart(replicas):
+    """A tenant is its key's identity: a session hint or a prompt another client key sent does not steer this
+    key's requests (both would pin them to the replica the other tenant's requests went to: a tenant could
+    choose where another's sessions go, and read from its own answers' timing what another sent)."""
+    pair = replicas[:2]
+    other_key = "sk-client-test-0002"
+    doc = fleet_doc(pair)
+    doc["api-keys"] = [CLIENT_KEY, other_key]
+    client = make_app(doc).test_client()
+    tenants = {"a": AUTH, "b": {"Authorization": f"Bearer {other_key}"}}
+
+    def send(tenant: str, body: dict, **headers) -> str:
+        response = client.post("/v1/chat/completions", json=body, headers={**tenants[tenant], **headers})
+        assert response.status_code == 200, response.get_data(as_text=True)
+        return response.get_json()["choices"][0]["message"]["content"]
+
+    # one session hint: each tenant's session stays where its own first turn went, and the two went apart
+    hinted = {tenant: [send(tenant, turn("s", n), **{"x-session-affinity": "same"}) for n in range(3)]
+              for tenant in ("a", "b")}
+    assert len(set(hinted["a"])) == 1 and len(set(hinted["b"])) == 1 and hinted["a"][0] != hinted["b"][0]
+    # one conversation, no hint: tenant b's copy of a's conversation is new to the index, not a's next turn
+    first = send("a", turn("c", 2))
+    assert send("b", turn("c", 2)) != first
+    assert send("a", turn("c", 3)) == first

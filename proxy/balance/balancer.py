@@ -40,6 +40,7 @@ import os
 import threading
 import time
 import weakref
+import zlib
 from collections import deque
 from dataclasses import dataclass
 from operator import itemgetter
@@ -78,24 +79,42 @@ class Choice:
     matched: int = 0                       # leading blocks the index held, and for which replicas
     mask: int = 0
     stale: list[int] | None = None         # keys of held blocks the search saw not used for a while
+    bits: dict[str, int] | None = None     # each replica's bit in the prefix index (the set's)
 
 
 class _Known:
     """What the balancer looks up once per replica set (a router's replica set keeps it, as ``columns``)."""
 
-    __slots__ = ("table", "names", "columns", "busy", "bits", "wanted", "hashes", "rotations", "counters")
+    __slots__ = ("table", "names", "columns", "busy", "bits", "bit_of", "wanted", "hashes", "rotations",
+                 "counters", "name", "seeds")
 
     def __init__(self, table: Table, targets: tuple) -> None:
         self.table = table
+        self.name = getattr(targets, "name", "") or (targets[0].model if targets else "")
         self.names = [target.replica_name for target in targets]
         self.columns = tuple(table.column(name) for name in self.names)  # in the table's in-flight cells
         self.busy = table.counter(self.columns)                          # () -> their counts
-        self.bits = [column % 56 for column in self.columns]             # in a prefix entry
+        # each replica's bit in a prefix entry: its place in the set (the blocks are keyed from the set's name,
+        # so no other set's entries are read); a set of more than 56 replicas shares some
+        self.bit_of: dict[str, int] = {}
+        for name in self.names:
+            self.bit_of.setdefault(name, len(self.bit_of) % 56)
+        self.bits = [self.bit_of[name] for name in self.names]
         self.wanted = sum({1 << bit for bit in self.bits})
         self.hashes = [stable_hash(name) for name in self.names]         # what affinity stores
         count = len(targets)
         self.rotations = [(*range(turn, count), *range(turn)) for turn in range(count)]
         self.counters: dict[str, Any] = {}  # reason -> its routing-decisions counter for this set and policy
+        self.seeds: dict[str, int] = {}     # tenant -> where its blocks' keys start (the set's and its own)
+
+    def seed(self, tenant: str) -> int:
+        found = self.seeds.get(tenant)
+        if found is None:
+            if len(self.seeds) >= 4096:  # (tenants are configured keys; bounded all the same)
+                self.seeds.clear()
+            found = self.seeds[tenant] = zlib.crc32(
+                (self.name + "\x00" + tenant).encode("utf-8", "surrogatepass"))
+        return found
 
 
 class Balancer:
@@ -163,9 +182,10 @@ class Balancer:
 
     # -- choosing -----------------------------------------------------------------
     def route(self, targets: tuple, body: dict, headers: dict[str, str], keys: KeyPool, fleet: Fleet,
-              raw: bytes | None = None) -> Choice:
+              raw: bytes | None = None, tenant: str = "") -> Choice:
         """The order to try ``targets`` in for this request, and why the first one (``raw``: the body as the
-        client sent it, which the prefix index keys; serialised from ``body`` when not given)."""
+        client sent it, which the prefix index keys; serialised from ``body`` when not given; ``tenant``: the
+        client key's identity, whose sessions and prompts are its own)."""
         policy = getattr(targets, "policy", "round-robin")
         if len(targets) < 2 or policy == "round-robin":
             choice = Choice(tuple(targets), policy, "round-robin")
@@ -175,7 +195,8 @@ class Balancer:
                 # the only replica left (the others disabled) takes over its sessions for when they return
                 key = hints.session_key(body, headers)
                 if key is not None:
-                    choice.session = hints.session_hash(getattr(targets, "name", "") or targets[0].model, key)
+                    choice.session = hints.session_hash(getattr(targets, "name", "") or targets[0].model, key,
+                                                        tenant)
             return choice
         self.table.sweep(time.monotonic())
         known = self._known(targets)
@@ -201,7 +222,7 @@ class Balancer:
             # A hinted session goes where it went before; a new one (or one whose replica cannot take it
             # now) to the least busy replica: with a hint, a prefix match could only be a prefix shared
             # with other sessions, and spreading sessions is worth more than one more copy of it.
-            choice.session = hints.session_hash(getattr(targets, "name", "") or targets[0].model, key)
+            choice.session = hints.session_hash(known.name, key, tenant)
             replica = self.table.get(True, choice.session, fleet.session_ttl)
             if not replica and self.remote is not None:
                 # new here: put it on the least busy replica unless another instance already placed it
@@ -227,7 +248,9 @@ class Balancer:
                     raw = orjson.dumps(body)
                 except orjson.JSONEncodeError:  # nested past orjson's 254 levels: nothing to key
                     raw = b""
-            choice.blocks = blocks = hints.Blocks(raw, fleet.block_chars, *hints.history_span(body, raw))
+            start, end = hints.history_span(body, raw)
+            choice.blocks = blocks = hints.Blocks(raw, fleet.block_chars, start, end, known.seed(tenant))
+            choice.bits = known.bit_of
             if blocks.count:
                 least = math.ceil(fleet.cache_threshold * blocks.length / fleet.block_chars)
                 matched, mask, choice.stale = self._longest(blocks, known.wanted, least)
@@ -318,7 +341,7 @@ class Balancer:
         if blocks is None or not blocks.count:
             return
         choice.blocks = None
-        job = (blocks, choice.matched, choice.mask, choice.stale, 1 << self._bit(target))
+        job = (blocks, choice.matched, choice.mask, choice.stale, 1 << choice.bits.get(target.replica_name, 0))
         held = len(blocks.data)  # a waiting prompt holds the whole body, not only its history's bytes
         with self._waiting_lock:
             queued = self._waiting_bytes + held <= waiting
@@ -382,9 +405,6 @@ class Balancer:
         if found is None:
             found = self._hashes[name] = stable_hash(name)
         return found
-
-    def _bit(self, target: Target) -> int:
-        return self.table.column(target.replica_name) % 56
 
     def _count(self, targets: tuple, choice: Choice, known: _Known | None = None) -> None:
         if known is not None:  # the set's own counters, by reason

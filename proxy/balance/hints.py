@@ -73,8 +73,10 @@ def session_key(body: dict, headers: dict[str, str]) -> str | None:
 _HASHED: dict[str, int] = {}  # recent sessions' hashes (a session's every turn hashes the same key)
 
 
-def session_hash(group: str, key: str) -> int:
-    text = group + "\x00" + key
+def session_hash(group: str, key: str, tenant: str = "") -> int:
+    """The session's hash: its key's within the replica set and the client key's identity (two tenants sending
+    one hint are two sessions)."""
+    text = group + "\x00" + tenant + "\x00" + key
     found = _HASHED.get(text)
     if found is None:
         found = stable_hash(text)
@@ -144,11 +146,12 @@ class Blocks:
     is kept as it came (no copy) until the blocks are entered.
     """
 
-    __slots__ = ("data", "start", "size", "length", "count", "_keys")
+    __slots__ = ("data", "start", "size", "seed", "length", "count", "_keys")
 
-    def __init__(self, data: bytes, size: int, start: int = 0, end: int | None = None) -> None:
-        """The blocks of ``data[start:end]``."""
-        self.data, self.start, self.size = data, start, size
+    def __init__(self, data: bytes, size: int, start: int = 0, end: int | None = None, seed: int = 0) -> None:
+        """The blocks of ``data[start:end]``, keyed from ``seed`` (the replica set's and the tenant's: one's
+        prompts never match another's)."""
+        self.data, self.start, self.size, self.seed = data, start, size, seed
         self.length = (len(data) if end is None else end) - start
         count = self.length // size
         self.count = count if count < MAX_BLOCKS else MAX_BLOCKS
@@ -159,7 +162,7 @@ class Blocks:
         found = self._keys.get(index)
         if found is None:
             at = self.start + index * self.size
-            found = self._keys[index] = zlib.crc32(self.data[at:at + self.size]) | (index + 1) << 32
+            found = self._keys[index] = zlib.crc32(self.data[at:at + self.size], self.seed) | (index + 1) << 32
         return found
 
     def keys_from(self, start: int) -> list[int]:

@@ -246,16 +246,18 @@ class Table:
         """What reads the in-flight counts of ``columns`` (each summed over the workers) with one unpack: a
         replica set keeps one (``balancer._Known``)."""
         buffer, cells_at, claimed_at = self.buffer, self.cells_at, _CLAIMED.unpack_from
-        known: list = [0, None, None]  # claimed slots, unpack and order for them
+        known = [(0, None, None)]  # (claimed slots, unpack and order for them): one tuple, read once a call
 
         def read() -> list[int]:
             claimed = claimed_at(buffer, 20)[0] or 1
-            if claimed != known[0]:
-                known[:] = claimed, *self._reader(columns, claimed)
-            cells = known[1](buffer, cells_at)  # the claimed cells of every column, in one call
+            layout = known[0]
+            if claimed != layout[0]:
+                layout = known[0] = (claimed, *self._reader(columns, claimed))
+            _, unpack, order = layout
+            cells = unpack(buffer, cells_at)  # the claimed cells of every column, in one call
             if claimed > 1:
                 cells = [sum(cells[at:at + claimed]) for at in range(0, len(cells), claimed)]
-            found = known[2](cells) if known[2] is not None else cells
+            found = order(cells) if order is not None else cells
             return [max(0, count) for count in found] if found and min(found) < 0 else list(found)
         return read
 
