@@ -172,6 +172,30 @@ def test_a_capped_namespace_keeps_its_newest_blobs_within_count_and_bytes(store)
     assert store.get_blob("other", "free") is not None
 
 
+def test_a_blob_put_again_while_a_capped_put_chooses_its_victims_is_kept(monkeypatch):
+    """A capped put chooses what to drop from a snapshot read without the write lock, then deletes it: a blob put
+    again between the two (a stored answer written again after an outage) is a new blob and stays."""
+    store = SQLiteStore(state_path())
+    try:
+        store.cap("capped", 2, 10_000)
+        store.put_blob("capped", "k0", b"x" * 100, ttl=60)
+        store.put_blob("capped", "k1", b"x" * 100, ttl=61)
+        choose = sqlite._victims
+
+        def victims(*args):
+            drop = choose(*args)
+            with store._tx() as db:  # k0, the victim, put again before the delete (as another worker would)
+                db.execute("UPDATE blobs SET value = ?, expires = ? WHERE namespace = 'capped' AND key = 'k0'",
+                           (b"new" * 10, time.time() + 600))
+            return drop
+
+        monkeypatch.setattr(sqlite, "_victims", victims)
+        store.put_blob("capped", "k2", b"x" * 100, ttl=62)
+        assert store.get_blob("capped", "k0") == b"new" * 10
+    finally:
+        store.close()
+
+
 def test_an_existing_state_file_gets_its_blob_totals_from_the_blobs_already_there():
     import sqlite3
 

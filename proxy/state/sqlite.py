@@ -245,7 +245,11 @@ class SQLiteStore(Store):
                                  "length(value) AS size, expires FROM blobs WHERE namespace = ?)",
                                  (namespace,)).fetchone()
         drop = _victims(orjson.loads(rows), count, total, max_count, max_bytes)
-        self._one("DELETE FROM blobs WHERE namespace = ? AND key IN (SELECT value FROM json_each(?))",
+        # each victim as the snapshot saw it, its key and expiry (as SQLite's JSON wrote it: 15 digits): one put
+        # again since then expires later and is a new blob, kept
+        self._one("DELETE FROM blobs WHERE namespace = ?1 AND key IN (SELECT json_extract(value, '$[0]') FROM "
+                  "json_each(?2)) AND EXISTS (SELECT 1 FROM json_each(?2) WHERE json_extract(value, '$[0]') = "
+                  "blobs.key AND abs(json_extract(value, '$[1]') - blobs.expires) < 0.001)",
                   (namespace, orjson.dumps(drop).decode()))
 
     def _get_blob(self, namespace: str, key: str, now: float) -> bytes | None:
@@ -335,8 +339,8 @@ def owner_of(key: str) -> str:
     return key.split("/", 1)[0] if "/" in key else ""
 
 
-def _victims(rows: list, count: int, total: int, max_count: int, max_bytes: int) -> list[str]:
-    """The keys to delete from a namespace holding ``rows`` ([key, size, expires]; ``count`` blobs, ``total``
+def _victims(rows: list, count: int, total: int, max_count: int, max_bytes: int) -> list[tuple[str, float]]:
+    """The (key, expiry) of each blob to delete from a namespace holding ``rows`` ([key, size, expires]; ``count`` blobs, ``total``
     bytes) until at most ``max_count`` and ``max_bytes`` remain: one at a time, the oldest (first to expire) of
     the owner holding the most blobs (bytes, for the bytes cap; of those, the one with the oldest blob), so one
     tenant's flood drops its own answers, not another's. ``length`` read a blob's size without its content."""
@@ -350,8 +354,8 @@ def _victims(rows: list, count: int, total: int, max_count: int, max_bytes: int)
         field = 0 if count > max_count else 1
         victim = max(held, key=lambda owner: (held[owner][field], -held[owner][2][0][2]))
         entry = held[victim]
-        key, size, _ = entry[2].popleft()
-        drop.append(key)
+        key, size, expires = entry[2].popleft()
+        drop.append((key, expires))
         count, total = count - 1, total - size
         entry[0], entry[1] = entry[0] - 1, entry[1] - size
         if not entry[2]:
