@@ -279,10 +279,11 @@ class Balancer:
 
     def _longest(self, blocks: hints.Blocks, wanted: int, least: int = 1) -> tuple[int, int, list[int] | None]:
         """(a number of leading blocks some replicas of the set (``wanted``: their bits) hold, bit mask of those
-        replicas, the held blocks it found not used for a while or None): the longest such run, or a run found long enough to route by (``least`` blocks) that one
-        replica alone holds and that is no branching point (a longer one could only be that replica's too:
-        the choice would be the same), or, once the run is known to be shorter than ``least``, whatever was
-        found (the request's blocks are entered from there: those held already are only touched).
+        replicas, the held blocks it found not used for a while or None): the longest such run, or a run found
+        long enough to route by (``least`` blocks) that one replica alone holds and that is no branching point
+        (a longer one could only be that replica's too: the choice would be the same), or, once the run is
+        known to be shorter than ``least``, whatever was found (the request's blocks are entered from there:
+        those held already are only touched).
 
         A replica sent block i of a prompt was sent every block before it, so
         the end of the run is searched for, keying only the blocks probed:
@@ -307,7 +308,9 @@ class Balancer:
             if held:
                 low, mask = length, found
                 if old:
-                    stale = [*stale, block] if stale else [block]
+                    if stale is None:
+                        stale = []
+                    stale.append(block)
                 if length >= least and not held & (held - 1) and found >> 56 < 2:
                     break  # one replica, not a branching point, long enough: probing further changes nothing
             else:

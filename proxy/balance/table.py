@@ -275,7 +275,11 @@ class Table:
         picks = [where.get(column, len(present)) for column in columns]
         if picks == list(range(len(columns))) and -1 not in columns:
             return unpack, None
-        return unpack, lambda cells: [(*cells, 0)[n] for n in picks]
+
+        def order(cells) -> list[int]:
+            padded = (*cells, 0)  # a column -1 (not counted) reads the 0 past the end
+            return [padded[n] for n in picks]
+        return unpack, order
 
     def mine(self) -> dict[str, int]:
         """This worker's non-zero counts by replica name (what it reports to other instances)."""
@@ -284,15 +288,16 @@ class Table:
                 if column >= 0 and cells[column * WORKERS + me] > 0}
 
     # -- the two maps -----------------------------------------------------------
-    def _find(self, base: int, buckets: int, key: int) -> tuple[int, tuple]:
-        offset = base + (key % buckets) * _BUCKET.size
-        return offset, _BUCKET.unpack_from(self.buffer, offset)
+    def _bucket(self, sessions: bool, key: int) -> int:
+        """The word where ``key``'s bucket starts in ``words`` (its keys, then values, then last uses)."""
+        if sessions:
+            return key % self.session_buckets * _WORDS
+        return self._block_words + key % self.block_buckets * _WORDS
 
     def get(self, sessions: bool, key: int, ttl: float = 0.0) -> int:
         """The value stored under ``key`` (0: none); a session entry older than ``ttl`` counts as none."""
         words = self.words
-        at = (0 if sessions else self._block_words) + key % (
-            self.session_buckets if sessions else self.block_buckets) * _WORDS
+        at = self._bucket(sessions, key)
         for way in range(at, at + WAYS):
             if words[way] == key:
                 if ttl and self.floats[way + 2 * WAYS] < time.time() - ttl:
@@ -303,7 +308,7 @@ class Table:
     def probe(self, key: int) -> tuple[int, bool]:
         """A prefix block's value (0: none), and whether its last use is older than ``FRESH`` (worth a touch)."""
         words = self.words
-        at = self._block_words + (key % self.block_buckets) * _WORDS
+        at = self._block_words + key % self.block_buckets * _WORDS  # (``_bucket``'s, inlined: once a probe)
         for way in range(at, at + WAYS):
             if words[way] == key:
                 return words[way + WAYS], self.floats[way + 2 * WAYS] < time.time() - FRESH
@@ -313,8 +318,7 @@ class Table:
         """Store ``value`` (or OR it into the one there, with ``merge``, and add ``bump``; a new entry gets
         ``first`` added), evicting the bucket's oldest entry; True when ``key`` was not there before."""
         words, floats = self.words, self.floats
-        at = (0 if sessions else self._block_words) + key % (
-            self.session_buckets if sessions else self.block_buckets) * _WORDS
+        at = self._bucket(sessions, key)
         now = time.time()
         for way in range(at, at + WAYS):
             if words[way] == key:
@@ -336,11 +340,9 @@ class Table:
         return True
 
     def drop(self, sessions: bool, key: int) -> None:
-        offset, bucket = self._find(*self._where(sessions), key)
-        for way in range(WAYS):
-            if bucket[way] == key:
-                struct.pack_into("Q", self.buffer, offset + 8 * way, 0)
-
-    def _where(self, sessions: bool) -> tuple[int, int]:
-        return (self.sessions_at, self.session_buckets) if sessions else (self.blocks_at, self.block_buckets)
+        words = self.words
+        at = self._bucket(sessions, key)
+        for way in range(at, at + WAYS):
+            if words[way] == key:
+                words[way] = 0
 
